@@ -1,0 +1,11 @@
+"""Fused ops with backend dispatch. Each op lives in its own module with its math in the
+docstring, the pure-PyTorch reference and the backends (see ``_backend`` for selection)."""
+from ._backend import BACKENDS, get_backend, resolve, use_backend
+from .ctr_graph_conv import ctr_graph_conv, ctr_graph_conv_reference
+from .deformable_temporal_conv import deformable_temporal_conv, deformable_temporal_conv_reference
+
+__all__ = [
+    "BACKENDS", "get_backend", "resolve", "use_backend",
+    "ctr_graph_conv", "ctr_graph_conv_reference",
+    "deformable_temporal_conv", "deformable_temporal_conv_reference",
+]

@@ -1,0 +1,101 @@
+"""Backend selection shared by every fused op.
+
+Backends: ``reference`` (pure PyTorch, the numerical ground truth), ``triton`` (Triton
+kernels; on CPU only under ``TRITON_INTERPRET=1``), ``cpp`` (the C++/CUDA extension) and
+``auto`` (the fastest backend that can run on the tensor's device, falling back to
+``reference``). The choice is made per call (``backend=``), per layer (``impl=``) or globally
+(:func:`use_backend`, environment variable ``BHARNET_BACKEND``), in that order of precedence.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Dict, Optional
+
+BACKENDS = ("reference", "triton", "cpp", "auto")
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+
+_global_backend: Optional[str] = None
+# op name -> backend name -> callable returning None when usable or a reason string
+_availability: Dict[str, Dict[str, Callable[[str], Optional[str]]]] = {}
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The global default backend: :func:`use_backend`, else ``$BHARNET_BACKEND``, else auto."""
+    if _global_backend is not None:
+        return _global_backend
+    return _check_name(os.environ.get("BHARNET_BACKEND", "auto"))
+
+
+class use_backend(contextlib.ContextDecorator):
+    """Set the global backend; also usable as a context manager that restores the old one.
+
+    >>> bharnet.ops.use_backend("reference")          # from now on
+    >>> with bharnet.ops.use_backend("triton"): ...    # only inside the block
+    """
+
+    def __init__(self, name: str):
+        global _global_backend
+        self._previous = _global_backend
+        _global_backend = _check_name(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _global_backend
+        _global_backend = self._previous
+        return False
+
+
+def register_backend(op: str, backend: str, availability: Callable[[str], Optional[str]]) -> None:
+    """Declare that ``op`` has ``backend``; ``availability(device_type)`` returns None if it can
+    run on that device type, else a one-line reason."""
+    _availability.setdefault(op, {})[_check_name(backend)] = availability
+
+
+def unavailable_reason(op: str, backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on ``device_type`` (None when it can)."""
+    if backend == "reference":
+        return None
+    check = _availability.get(op, {}).get(backend)
+    if check is None:
+        return f"{op} has no {backend!r} backend"
+    return check(device_type)
+
+
+def resolve(op: str, backend: Optional[str], device_type: str) -> str:
+    """Turn a requested backend (None = global default) into a concrete one for ``device_type``.
+
+    An explicitly requested backend that cannot run raises ``RuntimeError`` with the reason;
+    ``auto`` picks the first usable backend in a fixed preference order.
+    """
+    name = _check_name(backend) if backend is not None else get_backend()
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
+            if unavailable_reason(op, candidate, device_type) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(op, name, device_type)
+    if reason is not None:
+        raise RuntimeError(f"bharnet: backend {name!r} cannot run {op} on {device_type}: {reason}")
+    return name
+
+
+def triton_availability(device_type: str) -> Optional[str]:
+    """Shared availability rule for Triton backends."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device_type}"

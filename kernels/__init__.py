@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``bharnet.kernels`` (one op per module)."""
