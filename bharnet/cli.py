@@ -1,0 +1,55 @@
+"""The ``bharnet`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _info(args) -> int:
+    import torch
+
+    from . import __version__
+    from .info import format_table, model_table
+    from .ops._backend import unavailable_reason
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"bharnet {__version__}  torch {torch.__version__}  triton {triton_version}  "
+          f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
+    for op in ("ctr_graph_conv", "deformable_temporal_conv", "bone"):
+        states = []
+        for backend in ("triton", "cpp"):
+            for device in ("cpu", "cuda"):
+                reason = unavailable_reason(op, backend, device)
+                if reason is None:
+                    states.append(f"{backend}/{device}")
+        print(f"  {op:<26} reference" + "".join(f", {s}" for s in states))
+    print(f"\nVariants at NTU shapes (T={args.frames}, M={args.persons}, {args.classes} classes, "
+          f"preset {args.preset}); FLOPs count a multiply-add as 2, one clip, forward only:\n")
+    print(format_table(model_table(args.classes, args.frames, args.persons, args.preset)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bharnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, available backends, model sizes and FLOPs")
+    info.add_argument("--classes", type=int, default=120)
+    info.add_argument("--frames", type=int, default=64)
+    info.add_argument("--persons", type=int, default=2)
+    info.add_argument("--preset", default="full", choices=["full", "small"])
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The BHaRNet variants and their single-expert baselines (DESIGN.md section 4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..graphs import BODY, HANDS, UNIFIED
+from ..nn import CrossAttention, PoolingAttention, global_pool
+from .backbone import Expert, check_input
+from .config import ModelConfig
+from .losses import cross_entropy, noisy_or_log_probs, smoothed_nll
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` (N, K): the fused class scores (argmax = prediction); ``parts``: each part's
+    logits by name (e.g. ``z_B``, ``z_H``, ``z_BE``...)."""
+
+    logits: torch.Tensor
+    parts: Dict[str, torch.Tensor]
+
+
+class Classifier(nn.Module):
+    """Pooled per-person features (N·M, C) → mean over persons → dropout → Linear → (N, K)."""
+
+    def __init__(self, channels: int, num_classes: int, num_person: int, dropout: float):
+        super().__init__()
+        self.num_person = num_person
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        per_clip = pooled.view(-1, self.num_person, pooled.shape[-1]).mean(dim=1)
+        return self.fc(self.dropout(per_clip))
+
+
+class _Variant(nn.Module):
+    def __init__(self, num_classes: int, config: ModelConfig):
+        super().__init__()
+        self.num_classes = num_classes
+        self.config = config
+
+    def _checked(self, body, hand):
+        if self.uses_body:
+            check_input(body, "body", self.config, BODY.num_nodes)
+        if self.uses_hand:
+            check_input(hand, "hand", self.config, HANDS.num_nodes)
+        if self.uses_body and self.uses_hand and (body.shape[0], body.shape[2]) != (hand.shape[0], hand.shape[2]):
+            raise ValueError(f"body and hand must agree in N and T, got {tuple(body.shape)} and {tuple(hand.shape)}")
+
+    def _ce(self, logits, target):
+        return cross_entropy(logits, target, self.config.label_smoothing)
+
+
+class SingleExpert(_Variant):
+    """``body``, ``hand`` (one expert alone) or ``unified`` (one expert on the 67-node graph,
+    body and hand joints concatenated)."""
+
+    def __init__(self, modality: str, num_classes: int, config: ModelConfig):
+        super().__init__(num_classes, config)
+        self.modality = modality
+        self.uses_body = modality in ("body", "unified")
+        self.uses_hand = modality in ("hand", "unified")
+        graph = {"body": BODY, "hand": HANDS, "unified": UNIFIED}[modality]
+        self.expert = Expert(graph, config)
+        self.head = Classifier(self.expert.out_channels, num_classes, config.num_person, config.dropout)
+
+    def forward(self, body: Optional[torch.Tensor] = None, hand: Optional[torch.Tensor] = None) -> ModelOutput:
+        self._checked(body, hand)
+        x = {"body": body, "hand": hand}.get(self.modality)
+        if x is None:
+            x = torch.cat([body, hand], dim=3)
+        z = self.head(global_pool(self.expert(x)))
+        return ModelOutput(z, {f"z_{self.modality}": z})
+
+    def loss(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+        return self._ce(out.logits, target)
+
+
+class _TwoExperts(_Variant):
+    uses_body = uses_hand = True
+
+    def ensemble_loss(self, z_body, z_hand, target):
+        """``L_cpl + L_B + L_H = CE(z_B + z_H) + CE(z_B) + CE(z_H)``."""
+        return self._ce(z_body + z_hand, target) + self._ce(z_body, target) + self._ce(z_hand, target)
+
+
+class BHaRNetVanilla(_TwoExperts):
+    """Body and hand experts, logits summed; loss ``CE(z_B + z_H) + CE(z_B) + CE(z_H)``."""
+
+    def __init__(self, num_classes: int, config: ModelConfig):
+        super().__init__(num_classes, config)
+        self.body_expert, self.hand_expert = Expert(BODY, config), Expert(HANDS, config)
+        width = self.body_expert.out_channels
+        self.body_head = Classifier(width, num_classes, config.num_person, config.dropout)
+        self.hand_head = Classifier(width, num_classes, config.num_person, config.dropout)
+
+    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
+        self._checked(body, hand)
+        z_b = self.body_head(global_pool(self.body_expert(body)))
+        z_h = self.hand_head(global_pool(self.hand_expert(hand)))
+        return ModelOutput(z_b + z_h, {"z_B": z_b, "z_H": z_h})
+
+    def loss(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+        return self.ensemble_loss(out.parts["z_B"], out.parts["z_H"], target)
+
+
+class BHaRNetPAM(BHaRNetVanilla):
+    """Vanilla BHaRNet whose global pooling is replaced by the Pooling-Attention Module
+    (*reconstruction*): each modality pools with attention to the other."""
+
+    def __init__(self, num_classes: int, config: ModelConfig):
+        super().__init__(num_classes, config)
+        width = self.body_expert.out_channels
+        self.body_pam = PoolingAttention(width, config.heads)
+        self.hand_pam = PoolingAttention(width, config.heads)
+
+    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
+        self._checked(body, hand)
+        f_b, f_h = self.body_expert(body), self.hand_expert(hand)
+        z_b = self.body_head(self.body_pam(f_b, f_h))
+        z_h = self.hand_head(self.hand_pam(f_h, f_b))
+        return ModelOutput(z_b + z_h, {"z_B": z_b, "z_H": z_h})
+
+
+class BHaRNetE(_TwoExperts):
+    """BHaRNet-E: per modality a stem (blocks 1..stem_depth), then an expertized branch and an
+    interactive branch (the remaining blocks each). The interactive branches exchange
+    information by bidirectional cross-attention (*reconstruction*: pre-LN MHA with residual at
+    the end of the branches). Parts ``z_BE, z_BI, z_HI, z_HE``; fused logits are their sum;
+    loss ``CE(Σ z) + CE(z_BE + z_BI) + CE(z_HE + z_HI)``."""
+
+    def __init__(self, num_classes: int, config: ModelConfig):
+        super().__init__(num_classes, config)
+        split, depth = config.stem_depth, len(config.channels)
+        heads = {}
+        for name, graph in (("body", BODY), ("hand", HANDS)):
+            setattr(self, f"{name}_stem", Expert(graph, config, (0, split)))
+            for branch in ("expert", "inter"):
+                setattr(self, f"{name}_{branch}", Expert(graph, config, (split, depth)))
+                heads[f"{name}_{branch}"] = Classifier(config.channels[-1], num_classes,
+                                                       config.num_person, config.dropout)
+        self.heads = nn.ModuleDict(heads)
+        self.body_attention = CrossAttention(config.channels[-1], config.heads, config.attention_mode)
+        self.hand_attention = CrossAttention(config.channels[-1], config.heads, config.attention_mode)
+
+    def part_logits(self, body: torch.Tensor, hand: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self._checked(body, hand)
+        s_b, s_h = self.body_stem(body), self.hand_stem(hand)
+        i_b, i_h = self.body_inter(s_b), self.hand_inter(s_h)
+        features = {
+            "body_expert": self.body_expert(s_b),
+            "body_inter": self.body_attention(i_b, i_h),
+            "hand_inter": self.hand_attention(i_h, i_b),
+            "hand_expert": self.hand_expert(s_h),
+        }
+        names = {"body_expert": "z_BE", "body_inter": "z_BI", "hand_inter": "z_HI", "hand_expert": "z_HE"}
+        return {names[k]: self.heads[k](global_pool(f)) for k, f in features.items()}
+
+    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
+        parts = self.part_logits(body, hand)
+        return ModelOutput(sum(parts.values()), parts)
+
+    def loss(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+        p = out.parts
+        return self.ensemble_loss(p["z_BE"] + p["z_BI"], p["z_HE"] + p["z_HI"], target)
+
+
+class BHaRNetP(BHaRNetE):
+    """BHaRNet-P: BHaRNet-E's interactive branches with Noisy-OR fusion (*reconstruction*) of
+    ``z_B = z_BE + z_BI`` and ``z_H = z_HE + z_HI``: ``p = 1 − (1 − softmax z_B)(1 − softmax z_H)``.
+    ``logits`` are ``log(p / Σp)`` (argmax p is the prediction); loss
+    ``NLL(p / Σp) + CE(z_B) + CE(z_H)``."""
+
+    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
+        parts = self.part_logits(body, hand)
+        parts["z_B"] = parts["z_BE"] + parts["z_BI"]
+        parts["z_H"] = parts["z_HE"] + parts["z_HI"]
+        return ModelOutput(noisy_or_log_probs(parts["z_B"], parts["z_H"]), parts)
+
+    def loss(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+        fused = smoothed_nll(out.logits, target, self.config.label_smoothing)
+        return fused + self._ce(out.parts["z_B"], target) + self._ce(out.parts["z_H"], target)

@@ -1,0 +1,81 @@
+"""Spatial graph convolutions: ST-GC (static, learnable adjacency) and CTR-GC.
+
+Both produce ``v = conv_v(x)`` of shape (B, H, C_out, T, V) with one 1x1 convolution for all H
+subsets and aggregate it with :func:`bharnet.ops.ctr_graph_conv`, then batch-normalise. The
+aggregation backend is ``impl`` (None = the global backend, see ``bharnet.ops.use_backend``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import ctr_graph_conv
+
+
+def _adjacency_parameter(A) -> nn.Parameter:
+    A = torch.as_tensor(A, dtype=torch.float32)
+    if A.dim() != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"A must have shape (H, V, V), got {tuple(A.shape)}")
+    return nn.Parameter(A.clone())
+
+
+class STGraphConv(nn.Module):
+    r"""ST-GC: ``y[b,c,t,i] = sum_h sum_j A[h,i,j] · (W_h x)[b,c,t,j]``, then BN.
+
+    ``A`` (H, V, V) is learnable, initialised from the graph's partitions.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, A, impl: Optional[str] = None):
+        super().__init__()
+        self.A = _adjacency_parameter(A)
+        self.num_subsets = self.A.shape[0]
+        self.out_channels = out_channels
+        self.conv_v = nn.Conv2d(in_channels, self.num_subsets * out_channels, 1)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, T, V = x.shape
+        v = self.conv_v(x).view(B, self.num_subsets, self.out_channels, T, V)
+        return self.bn(ctr_graph_conv(v, self.A, backend=self.impl))
+
+
+class CTRGraphConv(nn.Module):
+    r"""CTR-GC (channel-wise topology refinement), H subsets, G channel groups.
+
+    ``q = mean_T(conv_q x)``, ``k = mean_T(conv_k x)`` of shape (B, H, R, V), ``v = conv_v x``;
+    ``Aref[b,h,g,i,j] = alpha·(sum_r W[h,g,r]·tanh(q[b,h,r,i] − k[b,h,r,j]) + b[h,g]) + A[h,i,j]``;
+    ``y[b,c,t,i] = sum_h sum_j Aref[b,h,g(c),i,j] · v[b,h,c,t,j]``, then BN.
+
+    ``R = in_channels // rel_reduction`` (8 when ``in_channels`` is 3 or 9, as in CTR-GCN).
+    ``groups = out_channels`` gives CTR-GCN's per-channel topologies; the default of 4 groups
+    follows the design (channels of a group share one refined topology).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, A, rel_reduction: int = 8,
+                 groups: int = 4, impl: Optional[str] = None):
+        super().__init__()
+        if out_channels % groups != 0:
+            raise ValueError(f"out_channels={out_channels} must be a multiple of groups={groups}")
+        self.A = _adjacency_parameter(A)
+        H = self.num_subsets = self.A.shape[0]
+        R = self.rel_channels = 8 if in_channels in (3, 9) else max(1, in_channels // rel_reduction)
+        self.out_channels = out_channels
+        self.conv_qk = nn.Conv2d(in_channels, 2 * H * R, 1)
+        self.conv_v = nn.Conv2d(in_channels, H * out_channels, 1)
+        self.weight = nn.Parameter(torch.empty(H, groups, R))
+        self.bias = nn.Parameter(torch.zeros(H, groups))
+        self.alpha = nn.Parameter(torch.zeros(1))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, T, V = x.shape
+        H, R = self.num_subsets, self.rel_channels
+        q, k = self.conv_qk(x).mean(dim=2).view(B, 2, H, R, V).unbind(1)
+        v = self.conv_v(x).view(B, H, self.out_channels, T, V)
+        y = ctr_graph_conv(v, self.A, q, k, self.weight, self.bias, self.alpha, backend=self.impl)
+        return self.bn(y)

@@ -1,0 +1,43 @@
+"""Global pooling and the Pooling-Attention Module (PAM, *reconstruction*)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import TokenCrossAttention
+
+
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over time and joints: (B, C, T, V) → (B, C)."""
+    return x.mean(dim=(2, 3))
+
+
+class PoolingAttention(nn.Module):
+    """PAM: pools one modality's features with attention to the other modality.
+
+    For ``x`` (B, C, T, V) and the other modality ``other`` (B, C, T, V'):
+
+    * time path: tokens ``mean_V x`` (B, T, C) cross-attend ``mean_V other``; mean over T;
+    * joint path: tokens ``mean_T x`` (B, V, C) cross-attend ``mean_T other`` (B, V', C); mean over V;
+    * channel path: ``sigmoid(W₂ act(W₁ mean_{T,V} other)) ⊙ mean_{T,V} x``.
+
+    The three (B, C) vectors are summed. The paper describes the module only in outline; this
+    is our reconstruction and is configurable through ``heads``.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, reduction: int = 4):
+        super().__init__()
+        self.time_attention = TokenCrossAttention(dim, heads)
+        self.joint_attention = TokenCrossAttention(dim, heads)
+        hidden = max(1, dim // reduction)
+        self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.1),
+                                  nn.Linear(hidden, dim), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or other.dim() != 4 or x.shape[:3] != other.shape[:3]:
+            raise ValueError(f"x and other must be (B, C, T, V) with equal B, C, T, "
+                             f"got {tuple(x.shape)} and {tuple(other.shape)}")
+        time_tokens = self.time_attention(x.mean(3).transpose(1, 2), other.mean(3).transpose(1, 2))
+        joint_tokens = self.joint_attention(x.mean(2).transpose(1, 2), other.mean(2).transpose(1, 2))
+        channel = self.gate(global_pool(other)) * global_pool(x)
+        return time_tokens.mean(1) + joint_tokens.mean(1) + channel

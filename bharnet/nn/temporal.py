@@ -1,0 +1,72 @@
+"""Temporal modelling: the deformable temporal convolution (DeTGC) and the multi-scale TCN."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import deformable_temporal_conv
+
+
+class DeformableTemporalConv(nn.Module):
+    r"""DeTGC: ``num_offsets`` learnable sampling offsets in time, then a channel mix, then BN.
+
+    For output time t': ``p_e = clamp(t'·stride + tau_e, 0, T−1)``, linear interpolation of
+    ``x`` at ``p_e``, then the (E, 1, 1) convolution over the E samples (see
+    :func:`bharnet.ops.deformable_temporal_conv`). ``tau`` is initialised to
+    ``linspace(−ref, ref, E)`` with ``ref = (k + (k−1)(d−1) − 1) // 2``, i.e. the reach of a
+    dilated kernel of size ``k``; gradients reach ``tau``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5,
+                 dilation: int = 1, stride: int = 1, num_offsets: int = 4,
+                 impl: Optional[str] = None):
+        super().__init__()
+        ref = (kernel_size + (kernel_size - 1) * (dilation - 1) - 1) // 2
+        self.offsets = nn.Parameter(torch.linspace(-ref, ref, num_offsets))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, num_offsets))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.stride = stride
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = deformable_temporal_conv(x, self.offsets, self.weight, self.bias, self.stride,
+                                     backend=self.impl)
+        return self.bn(y)
+
+
+def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """1x1 convolution (temporal stride ``stride``) followed by BN."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1)),
+                         nn.BatchNorm2d(out_channels))
+
+
+class MultiScaleTemporalConv(nn.Module):
+    """MSTCN: four branches of ``out_channels / 4`` channels, concatenated.
+
+    [1x1+BN, act, DeTGC(k=5, d=1)], [1x1+BN, act, DeTGC(k=5, d=2)],
+    [1x1+BN, act, MaxPool(3x1, stride), BN], [1x1 (stride)+BN].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 kernel_size: int = 5, dilations=(1, 2), impl: Optional[str] = None):
+        super().__init__()
+        num_branches = len(dilations) + 2
+        if out_channels % num_branches != 0:
+            raise ValueError(f"out_channels={out_channels} must be a multiple of {num_branches}")
+        c = out_channels // num_branches
+        act = nn.LeakyReLU(0.1)
+        self.branches = nn.ModuleList(
+            nn.Sequential(conv_bn(in_channels, c), act,
+                          DeformableTemporalConv(c, c, kernel_size, d, stride, impl=impl))
+            for d in dilations)
+        self.branches.append(nn.Sequential(
+            conv_bn(in_channels, c), act,
+            nn.MaxPool2d((3, 1), stride=(stride, 1), padding=(1, 0)), nn.BatchNorm2d(c)))
+        self.branches.append(conv_bn(in_channels, c, stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self.branches], dim=1)

@@ -1,0 +1,72 @@
+r"""Bone features: the vector from each joint's parent to the joint.
+
+Math, along dimension ``dim`` of ``x`` (the joint axis V)::
+
+    y[..., v, ...] = x[..., v, ...] − x[..., parents[v], ...]
+
+A root is its own parent, so its bone is zero. Backward:
+``dx = dy − index_add(dim, parents, dy)`` (each joint also receives −dy of its children).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .._ext import cpp_availability, load
+from ._backend import register_backend, resolve
+
+OP_NAME = "bone"
+
+
+def bone_reference(x: torch.Tensor, parents: torch.Tensor, dim: int) -> torch.Tensor:
+    """Pure-PyTorch ground truth."""
+    return x - x.index_select(dim, parents)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_op():
+    """Load the extension and give ``bharnet::bone`` its fake (meta) kernel and autograd."""
+    load()
+
+    @torch.library.register_fake("bharnet::bone")
+    def _(x, parents, dim):
+        return torch.empty_like(x)
+
+    def setup_context(ctx, inputs, output):
+        _, parents, dim = inputs
+        ctx.save_for_backward(parents)
+        ctx.dim = dim
+
+    def backward(ctx, grad):
+        (parents,) = ctx.saved_tensors
+        return grad - torch.zeros_like(grad).index_add(ctx.dim, parents, grad), None, None
+
+    torch.library.register_autograd("bharnet::bone", backward, setup_context=setup_context)
+    return torch.ops.bharnet.bone.default
+
+
+def _bone_cpp(x, parents, dim):
+    return _cpp_op()(x, parents, dim)
+
+
+_IMPLS = {"reference": bone_reference, "cpp": _bone_cpp}
+register_backend(OP_NAME, "cpp", cpp_availability)
+
+
+def bone(x: torch.Tensor, parents, dim: int = -2, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Bone vectors of ``x`` along the joint dimension ``dim`` (default -2, the V of
+    (C, T, V, M) and (N, C, T, V, M)); ``parents`` is a sequence or int64 tensor of length V."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"bone: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0:
+        raise ValueError("bone: x must have at least one dimension")
+    dim = dim % x.dim()
+    parents = torch.as_tensor(parents, dtype=torch.long, device=x.device)
+    if parents.dim() != 1 or parents.shape[0] != x.shape[dim]:
+        raise ValueError(f"bone: parents must have shape ({x.shape[dim]},) for x of shape "
+                         f"{tuple(x.shape)} along dim {dim}, got {tuple(parents.shape)}")
+    if parents.numel() and (parents.min() < 0 or parents.max() >= x.shape[dim]):
+        raise ValueError(f"bone: parents must lie in [0, {x.shape[dim]}), got {parents.tolist()}")
+    return _IMPLS[resolve(OP_NAME, backend, x.device.type)](x, parents, dim)

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+import bharnet
+from bharnet.models import noisy_or_log_probs
+from bharnet.nn import CTRGraphConv
+
+SMALL = dict(preset="small")
+
+
+def inputs(n=2, t=12, m=2, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, t, 25, m, generator=g), torch.randn(n, c, t, 42, m, generator=g)
+
+
+def wake_refinements(model):
+    """CTR-GCN initialises alpha at 0, which gives the refinement weights zero gradient at first."""
+    for module in model.modules():
+        if isinstance(module, CTRGraphConv):
+            module.alpha.data.fill_(0.5)
+
+
+EXPECTED_PARTS = {
+    "body": ["z_body"], "hand": ["z_hand"], "unified": ["z_unified"],
+    "bharnet-vanilla": ["z_B", "z_H"], "bharnet-pam": ["z_B", "z_H"],
+    "bharnet-e": ["z_BE", "z_BI", "z_HI", "z_HE"],
+    "bharnet-p": ["z_BE", "z_BI", "z_HI", "z_HE", "z_B", "z_H"],
+}
+
+
+@pytest.mark.parametrize("name", list(bharnet.MODELS))
+def test_forward_backward_every_parameter_gets_gradient(name):
+    torch.manual_seed(0)
+    model = bharnet.create_model(name, 7, **SMALL)
+    wake_refinements(model)
+    body, hand = inputs()
+    out = model(body, hand)
+    assert out.logits.shape == (2, 7)
+    assert sorted(out.parts) == sorted(EXPECTED_PARTS[name])
+    assert all(z.shape == (2, 7) for z in out.parts.values())
+    loss = model.loss(out, torch.tensor([1, 5]))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_full_size_bharnet_e_at_ntu_width():
+    model = bharnet.create_model("bharnet-e", 120)
+    body, hand = inputs(n=1, t=16)
+    out = model(body, hand)
+    assert out.logits.shape == (1, 120)
+    model.loss(out, torch.tensor([3])).backward()
+    assert 5e6 < sum(p.numel() for p in model.parameters()) < 7e6
+
+
+def test_sequence_attention_mode():
+    model = bharnet.create_model("bharnet-e", 5, attention_mode="sequence", **SMALL)
+    assert model(*inputs()).logits.shape == (2, 5)
+
+
+def test_single_modality_models_accept_none():
+    body, hand = inputs()
+    assert bharnet.create_model("body", 4, **SMALL)(body).logits.shape == (2, 4)
+    assert bharnet.create_model("hand", 4, **SMALL)(None, hand).logits.shape == (2, 4)
+
+
+def test_determinism_with_fixed_seed():
+    results = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = bharnet.create_model("bharnet-p", 6, **SMALL)
+        out = model(*inputs(seed=4))
+        results.append((out.logits, model.loss(out, torch.tensor([0, 2]))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_noisy_or_probabilities():
+    torch.manual_seed(0)
+    z_b, z_h = torch.randn(2, 8, 11) * 3
+    log_q = noisy_or_log_probs(z_b, z_h)
+    p_b, p_h = z_b.softmax(1), z_h.softmax(1)
+    p = 1 - (1 - p_b) * (1 - p_h)
+    assert torch.all((p >= 0) & (p <= 1))
+    assert torch.all(p >= torch.maximum(p_b, p_h) - 1e-7)
+    torch.testing.assert_close(log_q.exp(), p / p.sum(1, keepdim=True))
+    torch.testing.assert_close(log_q.exp().sum(1), torch.ones(8))
+
+
+def test_bharnet_p_prediction_and_loss():
+    torch.manual_seed(0)
+    model = bharnet.create_model("bharnet-p", 6, label_smoothing=0.0, **SMALL)
+    out = model(*inputs())
+    target = torch.tensor([1, 4])
+    z_b, z_h = out.parts["z_B"], out.parts["z_H"]
+    p = 1 - (1 - z_b.softmax(1)) * (1 - z_h.softmax(1))
+    torch.testing.assert_close(out.logits.argmax(1), p.argmax(1))
+    ce = torch.nn.functional.cross_entropy
+    expected = -(p / p.sum(1, keepdim=True)).log()[torch.arange(2), target].mean() + ce(z_b, target) + ce(z_h, target)
+    torch.testing.assert_close(model.loss(out, target), expected)
+
+
+def test_bharnet_e_loss_is_ensemble_of_modalities():
+    torch.manual_seed(0)
+    model = bharnet.create_model("bharnet-e", 6, label_smoothing=0.1, **SMALL)
+    out = model(*inputs())
+    target = torch.tensor([1, 4])
+    ce = lambda z: torch.nn.functional.cross_entropy(z, target, label_smoothing=0.1)  # noqa: E731
+    p = out.parts
+    expected = ce(p["z_BE"] + p["z_BI"] + p["z_HE"] + p["z_HI"]) + ce(p["z_BE"] + p["z_BI"]) + ce(p["z_HE"] + p["z_HI"])
+    torch.testing.assert_close(out.logits, p["z_BE"] + p["z_BI"] + p["z_HE"] + p["z_HI"])
+    torch.testing.assert_close(model.loss(out, target), expected)
+
+
+def test_training_steps_reduce_loss():
+    torch.manual_seed(0)
+    model = bharnet.create_model("bharnet-e", 4, **SMALL)
+    body, hand = inputs(n=4)
+    target = torch.tensor([0, 1, 2, 3])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model.loss(model(body, hand), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_clear_errors():
+    model = bharnet.create_model("bharnet-e", 6, **SMALL)
+    body, hand = inputs()
+    with pytest.raises(ValueError, match=r"hand must have shape \(N, 3, T, 42, 2\)"):
+        model(body, hand[:, :, :, :21])
+    with pytest.raises(ValueError, match=r"body must have shape \(N, 3, T, 25, 2\)"):
+        model(body[..., :1], hand)
+    with pytest.raises(ValueError, match="agree in N and T"):
+        model(body, hand[:, :, :6])
+    with pytest.raises(TypeError, match="floating-point"):
+        model(body.long(), hand)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        bharnet.create_model("body", 6, **SMALL)(None, hand)
+    with pytest.raises(ValueError, match="unknown model 'bharnet-x'"):
+        bharnet.create_model("bharnet-x", 6)
+    with pytest.raises(TypeError, match=r"unknown model option\(s\) \['width'\]"):
+        bharnet.create_model("body", 6, width=3)
+    with pytest.raises(ValueError, match="stem_depth"):
+        bharnet.create_model("bharnet-e", 6, stem_depth=10)

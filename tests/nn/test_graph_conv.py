@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from bharnet.graphs import BODY
+from bharnet.nn import CTRGraphConv, STGraphConv
+from bharnet.ops import ctr_graph_conv_reference
+
+
+def ctrgcn_original_form(x3, A, q, k, W4, b4, alpha):
+    """CTR-GCN's own formulation, subset by subset, with per-channel topologies:
+    x1 = tanh(q.unsqueeze(-1) - k.unsqueeze(-2)); x1 = conv4(x1)·alpha + A[h];
+    out += einsum('ncuv,nctv->nctu', x1, x3[h])."""
+    out = 0
+    for h in range(A.shape[0]):
+        rel = torch.tanh(q[:, h].unsqueeze(-1) - k[:, h].unsqueeze(-2))  # (N, R, V, V)
+        topo = torch.einsum("cr,nruv->ncuv", W4[h], rel) + b4[h][None, :, None, None]
+        topo = topo * alpha + A[h]
+        out = out + torch.einsum("ncuv,nctv->nctu", topo, x3[:, h])
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_ctr_graph_conv_matches_ctrgcn_einsum(groups):
+    torch.manual_seed(0)
+    B, H, C, T, V, R = 2, 3, 6, 5, 7, 4
+    v = torch.randn(B, H, C, T, V, dtype=torch.float64)
+    A = torch.randn(H, V, V, dtype=torch.float64)
+    q, k = torch.randn(2, B, H, R, V, dtype=torch.float64)
+    W = torch.randn(H, groups, R, dtype=torch.float64)
+    b = torch.randn(H, groups, dtype=torch.float64)
+    alpha = torch.tensor([0.7], dtype=torch.float64)
+    per_channel = C // groups  # channel c uses group c // per_channel
+    W_full = W.repeat_interleave(per_channel, dim=1)
+    b_full = b.repeat_interleave(per_channel, dim=1)
+    expected = ctrgcn_original_form(v, A, q, k, W_full, b_full, alpha)
+    torch.testing.assert_close(ctr_graph_conv_reference(v, A, q, k, W, b, alpha), expected)
+
+
+def test_static_mode_is_sum_of_adjacency_products():
+    v = torch.randn(2, 3, 4, 5, 25, dtype=torch.float64)
+    A = torch.as_tensor(BODY.adjacency(), dtype=torch.float64)
+    expected = sum(torch.einsum("uv,nctv->nctu", A[h], v[:, h]) for h in range(3))
+    torch.testing.assert_close(ctr_graph_conv_reference(v, A), expected)
+
+
+@pytest.mark.parametrize("module", [STGraphConv, CTRGraphConv])
+def test_graph_conv_shapes_and_gradients(module):
+    layer = module(16, 24, BODY.adjacency())
+    if isinstance(layer, CTRGraphConv):
+        layer.alpha.data.fill_(0.5)  # CTR-GCN initialises alpha at 0, which zeroes the refinement's gradient
+    x = torch.randn(2, 16, 9, 25)
+    y = layer(x)
+    assert y.shape == (2, 24, 9, 25)
+    y.square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_ctr_graph_conv_rejects_bad_shapes():
+    from bharnet.ops import ctr_graph_conv
+    v = torch.randn(2, 3, 8, 5, 25)
+    with pytest.raises(ValueError, match=r"A must have shape \(3, 25, 25\)"):
+        ctr_graph_conv(v, torch.randn(3, 21, 21))
+    with pytest.raises(ValueError, match=r"v must have shape \(B, H, C, T, V\)"):
+        ctr_graph_conv(v[0], torch.randn(3, 25, 25))
+    with pytest.raises(ValueError, match="all None"):
+        ctr_graph_conv(v, torch.randn(3, 25, 25), q=torch.randn(2, 3, 2, 25))
+    with pytest.raises(ValueError, match="multiple of the groups"):
+        ctr_graph_conv(v, torch.randn(3, 25, 25), torch.randn(2, 3, 2, 25), torch.randn(2, 3, 2, 25),
+                       torch.randn(3, 3, 2), torch.randn(3, 3), torch.ones(1))
+    with pytest.raises(ValueError, match="out_channels=10 must be a multiple of groups=4"):
+        CTRGraphConv(8, 10, BODY.adjacency())

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from bharnet.graphs import BODY, HANDS
+from bharnet.ops import bone, bone_reference
+
+
+@pytest.mark.parametrize("shape, dim, parents", [
+    ((3, 7, 25, 2), 2, BODY.parents),
+    ((2, 3, 5, 42, 1), 3, HANDS.parents),
+    ((25,), 0, BODY.parents),
+])
+def test_cpp_matches_reference_forward_and_backward(shape, dim, parents):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    parents = torch.as_tensor(parents)
+    out = bone(x, parents, dim, backend="cpp")
+    ref = bone_reference(x, parents, dim)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    (dx_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_root_bone_is_zero_and_float32_matches():
+    x = torch.randn(3, 4, 25, 2)
+    out = bone(x, BODY.parents, backend="cpp")
+    assert torch.all(out[:, :, 20] == 0)  # spine shoulder is the root
+    torch.testing.assert_close(out, bone_reference(x, torch.as_tensor(BODY.parents), 2))
+
+
+def test_non_contiguous_input():
+    x = torch.randn(3, 25, 4, 2).transpose(1, 2)  # (3, 4, 25, 2), non-contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(bone(x, BODY.parents, backend="cpp"),
+                               bone_reference(x, torch.as_tensor(BODY.parents), 2))
+
+
+def test_opcheck():
+    bone(torch.randn(2, 25, 1), BODY.parents, 1, backend="cpp")  # loads the op
+    x = torch.randn(3, 5, 25, 2, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.bharnet.bone.default, (x, torch.as_tensor(BODY.parents), 2))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"parents must have shape \(25,\)"):
+        bone(torch.randn(3, 4, 25, 2), HANDS.parents)
+    with pytest.raises(ValueError, match="parents must lie in"):
+        bone(torch.randn(4, 3), [0, 1, 2, 7])
+    with pytest.raises(TypeError, match="floating-point"):
+        bone(torch.ones(3, 4, dtype=torch.long), [0, 0, 1, 2])
