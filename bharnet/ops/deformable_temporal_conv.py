@@ -10,6 +10,24 @@ Math (E offsets ``tau``, stride ``s``, ``T_out = (T - 1) // s + 1``)::
 The (E, 1, 1) convolution over the E samples is the channel mix with ``weight``. Gradients
 reach ``tau`` through ``w`` (``dxs/dp = x[p1] - x[p0]`` inside the clamp range, 0 outside).
 
+Backward (``dy`` = dL/dy, ``g[b, c, t', e, v] = sum_o weight[o, c, e] * dy[b, o, t', v]``)::
+
+    dbias[o]        = sum_{b, t', v} dy[b, o, t', v]
+    dweight[o, c, e] = sum_{b, t', v} dy[b, o, t', v] * xs[b, c, t', e, v]
+    dx[b, c, t, v]  = sum_{t', e: p0 = t} (1 - w) * g  +  sum_{t', e: p1 = t} w * g
+    doffsets[e]     = sum_{b, c, t', v} g * 1[0 <= t' * s + tau[e] <= T - 1] * (x[p1] - x[p0])
+
+The indicator's value at exactly r = 0 or r = T-1 follows the installed torch's
+``torch.clamp`` (as the reference does): 1 in older releases, 0 after pytorch#191142
+(minimum-norm subgradient; torch 2.14.1 gives 0). Only the lower bound matters (at p = T-1,
+x[p1] - x[p0] = 0), and integer offsets such as the DeTGC initialisation
+``linspace(-2, 2, 4)`` hit it exactly.
+
+Backends: ``reference`` (below) and ``triton`` (``bharnet.kernels.deformable_temporal_conv``,
+registered as the custom ops ``bharnet::deformable_temporal_conv`` and
+``bharnet::deformable_temporal_conv_backward`` with autograd and fake impls, so that
+``torch.compile(fullgraph=True)`` traces callers without graph breaks).
+
 Shapes: ``x`` (B, C_in, T, V); ``offsets`` (E,); ``weight`` (C_out, C_in, E); ``bias``
 (C_out,) or None. Output (B, C_out, T_out, V).
 """
@@ -19,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import resolve
+from ._backend import register_backend, resolve, triton_availability
 
 OP_NAME = "deformable_temporal_conv"
 
@@ -44,7 +62,84 @@ def deformable_temporal_conv_reference(x, offsets, weight, bias=None, stride=1):
     return y
 
 
-_IMPLS = {"reference": deformable_temporal_conv_reference}
+# --- triton backend -------------------------------------------------------------------------
+# torch.library.custom_op rather than triton_op: under TRITON_INTERPRET=1 wrap_triton returns the
+# bare interpreted kernel, which cannot run on fake tensors, so triton_op's traced fake impl and
+# compile-time decomposition fail on CPU. The custom op is opaque to torch.compile instead.
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _kernels():
+    from bharnet.kernels import deformable_temporal_conv as kernels  # imports triton lazily
+    return kernels
+
+
+@torch.library.custom_op("bharnet::deformable_temporal_conv", mutates_args=())
+def _triton_forward(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
+    """Forward with the fused Triton kernel; output (B, C_out, T_out, V) in x's dtype."""
+    return _kernels().forward(x, offsets, weight, bias, stride)
+
+
+@_triton_forward.register_fake
+def _triton_forward_fake(x, offsets, weight, bias, stride):
+    B, _, T, V = x.shape
+    return x.new_empty((B, weight.shape[0], output_length(T, stride), V))
+
+
+@torch.library.custom_op("bharnet::deformable_temporal_conv_backward", mutates_args=())
+def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
+                     weight: torch.Tensor, stride: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, doffsets, dweight, dbias) with the Triton kernels (math in the module docstring).
+
+    dx has x's dtype, doffsets offsets', dweight and dbias weight's."""
+    dx, doffsets, dweight, dbias = _kernels().backward(grad_y, x, offsets, weight, stride)
+    return dx, doffsets.to(offsets.dtype), dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+@_triton_backward.register_fake
+def _triton_backward_fake(grad_y, x, offsets, weight, stride):
+    return (x.new_empty(x.shape), offsets.new_empty(offsets.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[:1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, offsets, weight, bias, stride = inputs
+    ctx.save_for_backward(x, offsets, weight)
+    ctx.stride = stride
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_y):
+    x, offsets, weight = ctx.saved_tensors
+    dx, doffsets, dweight, dbias = _triton_backward(grad_y, x, offsets, weight, ctx.stride)
+    dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+    return dx, doffsets, dweight, dbias, None
+
+
+_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
+    """The ``triton`` backend: the custom op ``bharnet::deformable_temporal_conv`` (with autograd).
+
+    x may be float16/bfloat16/float32/float64 (bfloat16 only on CUDA: the CPU interpreter's bf16
+    ``tl.dot`` is wrong); offsets, weight and bias any float dtype (weight is used in x's
+    dtype as in the reference, positions in float32, float64 if x or offsets is float64)."""
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"deformable_temporal_conv: the triton backend supports x of dtype "
+                        f"{', '.join(map(str, TRITON_DTYPES))}; got {x.dtype}")
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError("deformable_temporal_conv: the triton backend cannot run bfloat16 on CPU "
+                        "(the Triton interpreter's bf16 tl.dot is wrong); use float32 or CUDA")
+    return _triton_forward(x, offsets, weight, bias, stride)
+
+
+_IMPLS = {"reference": deformable_temporal_conv_reference,
+          "triton": deformable_temporal_conv_triton}
+register_backend(OP_NAME, "triton", triton_availability)
 
 
 def validate(x, offsets, weight, bias, stride):
