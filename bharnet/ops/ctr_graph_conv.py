@@ -12,14 +12,42 @@ Static mode (``q = k = weight = bias = alpha = None``) is ST-GC: ``y = sum_h A[h
 
 Shapes: ``v`` (B, H, C, T, V); ``A`` (H, V, V); ``q``, ``k`` (B, H, R, V); ``weight`` (H, G, R);
 ``bias`` (H, G); ``alpha`` a one-element tensor. Output ``y`` (B, C, T, V).
+
+Gradients (``dy = dL/dy``; ``dAref`` is the gradient of the refined topology;
+``th_r = tanh(q[b, h, r, i] - k[b, h, r, j])``)::
+
+    dv[b, h, c, t, j]    = sum_i Aref[b, h, g(c), i, j] * dy[b, c, t, i]
+    dAref[b, h, g, i, j] = sum_{c in g} sum_t dy[b, c, t, i] * v[b, h, c, t, j]
+    dA[h, i, j]          = sum_b sum_g dAref[b, h, g, i, j]
+    dq[b, h, r, i]       =  alpha * sum_g W[h, g, r] sum_j dAref[b, h, g, i, j] * (1 - th_r^2)
+    dk[b, h, r, j]       = -alpha * sum_g W[h, g, r] sum_i dAref[b, h, g, i, j] * (1 - th_r^2)
+    dW[h, g, r]          =  alpha * sum_{b, i, j} dAref[b, h, g, i, j] * th_r
+    dbias[h, g]          =  alpha * sum_{b, i, j} dAref[b, h, g, i, j]
+    dalpha               =  sum_{b, h, g, i, j} dAref[b, h, g, i, j]
+                                * (sum_r W[h, g, r] * th_r + bias[h, g])
+
+Backends: ``reference`` (below) and ``triton`` (``bharnet.kernels.ctr_graph_conv``). The Triton
+kernels recompute the topology wherever they need it, forward and backward, and never store
+it; the backward keeps only its gradient dAref, (B, H, G, V, V) in float32. Limits: V <= 128;
+float16/bfloat16/float32/float64 inputs, fp32 accumulation (fp64 for fp64 ``v``); ``v``'s dtype
+is the compute and output dtype, the other inputs may have their own (e.g. fp32 parameters
+with fp16 features) and get gradients in it. The backend is the custom op
+``torch.ops.bharnet.ctr_graph_conv`` (a ``torch.library.triton_op`` on the GPU, so that
+``torch.compile`` sees its kernels; an opaque ``custom_op`` under the Triton interpreter) with
+autograd through ``torch.ops.bharnet.ctr_graph_conv_backward`` (and
+``ctr_graph_conv_static_backward`` for ST-GC). Double backward is not supported.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import os
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
-from ._backend import resolve
+from ._backend import register_backend, resolve, triton_availability
 
 OP_NAME = "ctr_graph_conv"
 
@@ -37,7 +65,204 @@ def ctr_graph_conv_reference(v, A, q=None, k=None, weight=None, bias=None, alpha
     return torch.einsum("bhgij,bhgctj->bgcti", topo.to(v.dtype), vg).reshape(B, C, T, V)
 
 
-_IMPLS = {"reference": ctr_graph_conv_reference}
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_MAX_JOINTS = 128  # one padded V x V topology tile per program (kernels.joint_block)
+
+# Tests set this to fill every Triton output with NaN before the kernels run, so that an
+# element a kernel forgets to write cannot pass for a correct one.
+POISON_OUTPUTS = False
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernels, imported on first use (after TRITON_INTERPRET has been chosen)."""
+    from bharnet.kernels import ctr_graph_conv as kernels
+    return kernels
+
+
+def _new_output(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _accumulates_in_fp64(v: Tensor) -> bool:
+    return v.dtype == torch.float64
+
+
+def _exact_dot(v: Tensor) -> bool:
+    """fp32/fp64 inputs take exact ``tl.dot`` products (no TF32), to match fp64 closely."""
+    return v.dtype in (torch.float32, torch.float64)
+
+
+def _gemm_launch(kernels, v: Tensor, weight: Optional[Tensor], rows: int) -> dict:
+    """Constexpr flags, block sizes and launch options of the two GEMM kernels."""
+    exact = _exact_dot(v)
+    return dict(DYNAMIC=weight is not None, ACC_FP64=_accumulates_in_fp64(v), EXACT_DOT=exact,
+                **kernels.gemm_config(v.shape[-1], rows, fma_dot=exact))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _refinement_pointers(A, q, k, weight, bias, alpha):
+    """The kernels' q, k, weight, bias, alpha pointers; in static mode (all None) the kernels
+    never read them, and ``A`` stands in so every pointer argument is a real tensor."""
+    return (A,) * 5 if weight is None else (q, k, weight, bias, alpha)
+
+
+def _launch_sizes(v: Tensor, weight: Optional[Tensor]):
+    """(B, H, C, T, V, R, G) with G = 1 (all channels share A[h]) in static mode."""
+    B, H, C, T, V = v.shape
+    G = 1 if weight is None else weight.shape[1]
+    R = 0 if weight is None else weight.shape[2]
+    return B, H, C, T, V, R, G
+
+
+def _custom_op(name: str, fake):
+    """Register the decorated function as the custom op ``bharnet::<name>``.
+
+    With Triton compiling for a GPU it is a ``triton_op``: ``torch.compile`` traces into it and
+    sees its kernels (the function itself serves as the fake impl). Under TRITON_INTERPRET=1,
+    ``wrap_triton`` hands back the interpreted kernel, which would run on the fake tensors that
+    tracing uses, so there the op is an opaque ``custom_op`` whose fake impl is ``fake``."""
+    def register(fn):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            op = torch.library.custom_op(f"bharnet::{name}", fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return triton_op(f"bharnet::{name}", fn, mutates_args=())
+    return register
+
+
+def _forward_fake(v, A, q, k, weight, bias, alpha):
+    B, H, C, T, V = v.shape
+    return v.new_empty((B, C, T, V))
+
+
+def _static_backward_fake(dy, v, A):
+    return v.new_empty(v.shape), A.new_empty(A.shape)
+
+
+def _backward_fake(dy, v, A, q, k, weight, bias, alpha):
+    return tuple(t.new_empty(t.shape) for t in (v, A, q, k, weight, bias, alpha))
+
+
+@_custom_op("ctr_graph_conv", _forward_fake)
+def _ctr_graph_conv_op(v: Tensor, A: Tensor, q: Optional[Tensor], k: Optional[Tensor],
+                       weight: Optional[Tensor], bias: Optional[Tensor],
+                       alpha: Optional[Tensor]) -> Tensor:
+    """Fused forward: y = sum_h Aref[h] v[:, h], Aref recomputed in-kernel (module docstring).
+
+    Grid (cdiv(C/G * T, BLOCK_M), G, B); each program owns a (BLOCK_M rows (c, t), V) tile of y."""
+    kernels = _kernels()
+    v, A, q, k, weight, bias, alpha = _contiguous(v, A, q, k, weight, bias, alpha)
+    B, H, C, T, V, R, G = _launch_sizes(v, weight)
+    y = _new_output((B, C, T, V), v.dtype, v.device)
+    launch = _gemm_launch(kernels, v, weight, rows=C // G * T)
+    grid = (_cdiv(C // G * T, launch["BLOCK_M"]), G, B)
+    wrap_triton(kernels.ctr_graph_conv_fwd_kernel)[grid](
+        v, A, *_refinement_pointers(A, q, k, weight, bias, alpha), y, H, C, T, V, R, G, **launch)
+    return y
+
+
+def _topology_grad(dy, v, A, q, k, weight, bias, alpha) -> Tuple[Tensor, Tensor]:
+    """dv (like v) and dAref (B, H, G, V, V) in the accumulation dtype, in one kernel.
+
+    Grid (cdiv(V, BLOCK_J), H * G, B); each program loops over the C/G * T rows of its group."""
+    kernels = _kernels()
+    B, H, C, T, V, R, G = _launch_sizes(v, weight)
+    acc_dtype = torch.float64 if _accumulates_in_fp64(v) else torch.float32
+    dv = _new_output(v.shape, v.dtype, v.device)
+    dtopo = _new_output((B, H, G, V, V), acc_dtype, v.device)
+    launch = _gemm_launch(kernels, v, weight, rows=C // G * T)
+    grid = (_cdiv(V, launch["BLOCK_J"]), H * G, B)
+    wrap_triton(kernels.topology_grad_kernel)[grid](
+        dy, v, A, *_refinement_pointers(A, q, k, weight, bias, alpha), dv, dtopo, H, C, T, V, R, G,
+        **launch)
+    return dv, dtopo
+
+
+@_custom_op("ctr_graph_conv_static_backward", _static_backward_fake)
+def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
+    """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]."""
+    dy, v, A = _contiguous(dy.to(v.dtype), v, A)
+    dv, dtopo = _topology_grad(dy, v, A, None, None, None, None, None)
+    return dv, dtopo.sum(dim=(0, 2)).to(A.dtype)
+
+
+@_custom_op("ctr_graph_conv_backward", _backward_fake)
+def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight: Tensor,
+                 bias: Tensor, alpha: Tensor
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """CTR-GC backward: (dv, dA, dq, dk, dweight, dbias, dalpha), formulas in the module docstring.
+
+    Two kernels: ``topology_grad_kernel`` (dv and dAref) and ``refinement_grad_kernel`` (dq,
+    and per-i-tile partials of dk and P = sum_ij dAref * th_r, grid (cdiv(V, 32), H, B)).
+    Torch finishes the small reductions: dA and S = sum_ij dAref over the (B, H, G, V, V)
+    buffer, dk and P over the i-tiles, then dW = alpha sum_b P, dbias = alpha sum_b S,
+    dalpha = sum W * sum_b P + sum bias * sum_b S."""
+    kernels = _kernels()
+    dy, v, A, q, k, weight, bias, alpha = _contiguous(dy.to(v.dtype), v, A, q, k, weight, bias, alpha)
+    B, H, C, T, V, R, G = _launch_sizes(v, weight)
+    dv, dtopo = _topology_grad(dy, v, A, q, k, weight, bias, alpha)
+    launch = kernels.refinement_config(V)
+    i_tiles = _cdiv(V, launch["BLOCK_I"])
+    dq = _new_output(q.shape, q.dtype, q.device)
+    dk_part = _new_output((i_tiles, B, H, R, V), dtopo.dtype, v.device)
+    p_part = _new_output((i_tiles, B, H, G, R), dtopo.dtype, v.device)
+    wrap_triton(kernels.refinement_grad_kernel)[(i_tiles, H, B)](
+        dtopo, q, k, weight, alpha, dq, dk_part, p_part, B, H, V, R, G,
+        ACC_FP64=_accumulates_in_fp64(v), **launch)
+    p_sum = p_part.sum(dim=(0, 1))  # (H, G, R)
+    s_sum = dtopo.sum(dim=(0, 3, 4))  # (H, G)
+    alpha_value = alpha.reshape(()).to(dtopo.dtype)
+    dalpha = (weight.to(dtopo.dtype) * p_sum).sum() + (bias.to(dtopo.dtype) * s_sum).sum()
+    return (dv, dtopo.sum(dim=(0, 2)).to(A.dtype), dq, dk_part.sum(dim=0).to(k.dtype),
+            (alpha_value * p_sum).to(weight.dtype), (alpha_value * s_sum).to(bias.dtype),
+            dalpha.reshape(alpha.shape).to(alpha.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    """Recompute-everything backward: only the inputs are saved, never the topology."""
+    v, A, q, k, weight, bias, alpha = ctx.saved_tensors
+    if weight is None:
+        dv, dA = torch.ops.bharnet.ctr_graph_conv_static_backward(dy, v, A)
+        return dv, dA, None, None, None, None, None
+    return torch.ops.bharnet.ctr_graph_conv_backward(dy, v, A, q, k, weight, bias, alpha)
+
+
+_ctr_graph_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_triton_inputs(v, *others):
+    V = v.shape[-1]
+    if V > TRITON_MAX_JOINTS:
+        raise ValueError(f"ctr_graph_conv: the triton backend supports V <= {TRITON_MAX_JOINTS} joints, "
+                         f"got V={V} (v of shape {tuple(v.shape)}); use backend='reference'")
+    for name, t in zip(("v", "A", "q", "k", "weight", "bias", "alpha"), (v, *others)):
+        if t is not None and t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"ctr_graph_conv: the triton backend takes {name} in float16, bfloat16, "
+                            f"float32 or float64, got {t.dtype}")
+
+
+def ctr_graph_conv_triton(v, A, q=None, k=None, weight=None, bias=None, alpha=None):
+    """Triton backend (custom op ``bharnet::ctr_graph_conv`` with autograd)."""
+    _check_triton_inputs(v, A, q, k, weight, bias, alpha)
+    return torch.ops.bharnet.ctr_graph_conv(v, A, q, k, weight, bias, alpha)
+
+
+_IMPLS = {"reference": ctr_graph_conv_reference, "triton": ctr_graph_conv_triton}
+register_backend(OP_NAME, "triton", triton_availability)
 
 
 def _expect(name, t, shape, ref):
