@@ -196,7 +196,8 @@ class SkeletonDataset(torch.utils.data.Dataset):
 
     Randomness: with ``seed=None`` each item draws from torch's global generator (which
     DataLoader seeds per worker); with an integer ``seed`` item ``i`` of epoch ``e`` (see
-    :meth:`set_epoch`) is a pure function of ``(seed, e, i)``, whatever the worker layout.
+    :meth:`set_epoch`; call it every epoch) is a pure function of ``(seed, e, i)``, whatever
+    the worker layout.
 
     Arrays are memory-mapped on first access in each process, so the dataset pickles cheaply
     into DataLoader workers.
@@ -218,7 +219,9 @@ class SkeletonDataset(torch.utils.data.Dataset):
             raise ValueError(f"window must be >= 1, got {window}")
         self.root, self.split, self.modality, self.window = os.fspath(root), split, modality, window
         self.train = split == "train" if train is None else bool(train)
-        self.preprocessing, self.seed, self.epoch = preprocessing, seed, 0
+        self.preprocessing, self.seed = preprocessing, seed
+        # In shared memory so that set_epoch reaches persistent DataLoader workers too.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.crop_ratio, self.test_crop_ratio, self.max_rotation = (
             tuple(crop_ratio), test_crop_ratio, max_rotation)
         self.manifest = read_manifest(self.root)
@@ -250,9 +253,14 @@ class SkeletonDataset(torch.utils.data.Dataset):
     def hand_centric_classes(self) -> Sequence[int]:
         return self.manifest["hand_centric_classes"]
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch that seeds augmentation when ``seed`` is an integer."""
-        self.epoch = int(epoch)
+        """Choose the epoch that seeds augmentation when ``seed`` is an integer (seen by
+        DataLoader workers, persistent ones included)."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -78,6 +78,19 @@ def test_randomness_is_seeded_per_item_and_epoch(synthetic_small):
     assert not SkeletonDataset(synthetic_small, "train", train=False).train
 
 
+def test_set_epoch_reaches_persistent_dataloader_workers(synthetic_small):
+    data = SkeletonDataset(synthetic_small, "train", window=8, seed=5)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=1,
+                                         persistent_workers=True)
+    for epoch in range(2):
+        data.set_epoch(epoch)
+        body = next(iter(loader))[0]
+        torch.testing.assert_close(body[2], data[2][0])
+        if epoch == 0:
+            first_epoch = body
+    assert not torch.allclose(body, first_epoch)
+
+
 def test_lazy_memmaps_pickle_and_dataloader(synthetic_small):
     data = SkeletonDataset(synthetic_small, "test", window=16)
     assert data._arrays is None

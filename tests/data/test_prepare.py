@@ -239,3 +239,25 @@ def test_command_line_hooks(ntu_source, tmp_path, capsys):
     assert manifest["splits"]["train"]["count"] == 2  # cameras 2 and 3
     bad = parser.parse_args([str(tmp_path / "nowhere"), str(tmp_path / "o")])
     assert prepare.run(bad) == 2 and "error" in capsys.readouterr().err
+
+
+def test_image_space_hands_align_with_kinect_colour_coordinates(tmp_path, write_skeleton):
+    src, hand_dir = tmp_path / "src", tmp_path / "hands"
+    hand_dir.mkdir()
+    body = standing_body(FRAMES, seed=8)  # still: the one detection fits every frame
+    write_skeleton("S001C001P001R001A001", [[("1", b)] for b in body], src)
+    # ntu_samples writes colour coordinates = 100 * (x, y): a hand at the right wrist's pixel.
+    landmarks = np.zeros((21, 3), np.float32)
+    landmarks[:, :2] = 100 * body[0, 10, :2] + np.arange(21)[:, None]
+    hands.write_mediapipe_json(hand_dir / "S001C001P001R001A001.json",
+                               [[hands.HandDetection("left", landmarks)]])
+    out = tmp_path / "out"
+    prepare_ntu(src, out, hands_dir=hand_dir, hand_space="color", workers=0, progress=False,
+                handedness="nearest", hand_max_distance=5.0)
+    stored = np.load(out / "train" / "hand.npy")
+    np.testing.assert_allclose(stored[0, :, 0, 21:, 0], landmarks.T)  # right hand, pixels
+    assert np.load(out / "train" / "hand_valid.npy")[0, :FRAMES, 1, 0].all()  # every frame
+    with pytest.raises(ValueError, match="calibration-free"):
+        SkeletonDataset(out, "train")
+    body_item, hand_item, _ = SkeletonDataset(out, "train", preprocessing="calibration-free")[0]
+    assert hand_item.abs().max() > 10  # pixels, untouched
