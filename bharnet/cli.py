@@ -43,6 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--persons", type=int, default=2)
     info.add_argument("--preset", default="full", choices=["full", "small"])
     info.set_defaults(func=_info)
+
+    from .engine import commands
+
+    train = sub.add_parser("train", help="train a model (no --data: the built-in synthetic demo)")
+    commands.add_train_arguments(train)
+    train.set_defaults(func=commands.run_train)
+    evaluate = sub.add_parser("eval", help="evaluate a trained model on a prepared dataset")
+    commands.add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=commands.run_eval)
+    ensemble = sub.add_parser("ensemble", help="weighted score fusion of evaluated models")
+    commands.add_ensemble_arguments(ensemble)
+    ensemble.set_defaults(func=commands.run_ensemble)
+
+    from .data import prepare
+
+    prep = sub.add_parser("prepare", help="convert raw NTU RGB+D skeletons (+ hands) into a dataset")
+    prepare.add_arguments(prep)
+    prep.set_defaults(func=prepare.run)
     return parser
 
 

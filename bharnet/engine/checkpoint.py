@@ -1,0 +1,107 @@
+"""Checkpoints as safetensors files: tensors plus JSON metadata, never pickles.
+
+A checkpoint ``epoch-0007.safetensors`` holds the model weights (``model.*``), the optimizer's
+per-parameter state (``optim.<index>.<name>``), the grad scaler's scale and the RNG states
+(``rng.*``); its metadata holds ``{"epoch", "step", "config", "optimizer"}`` as JSON. Files are
+written under a temporary name and ``os.replace``d into place, so a kill never leaves a
+half-written checkpoint; only the newest ``keep`` are kept.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+PATTERN = re.compile(r"epoch-(\d+)\.safetensors$")
+
+
+def _contiguous(tensors: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """State dict without a DistributedDataParallel/compile wrapper prefix."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.state_dict()
+
+
+def save_atomically(path: str, tensors: dict, metadata: dict) -> None:
+    partial = path + ".partial"
+    save_file(_contiguous(tensors), partial, metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(partial, path)
+
+
+def save_checkpoint(directory: str, epoch: int, step: int, model, optimizer, scaler, config: dict,
+                    keep: int = 2) -> str:
+    os.makedirs(directory, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in model_state(model).items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    if scaler is not None and scaler.is_enabled():
+        tensors["scaler.scale"] = scaler.get_scale() * torch.ones(())
+    path = os.path.join(directory, f"epoch-{epoch:04d}.safetensors")
+    save_atomically(path, tensors, {"epoch": epoch, "step": step, "config": config,
+                                    "optimizer": {"param_groups": opt["param_groups"]}})
+    for old in list_checkpoints(directory)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(directory: str):
+    files = [p for p in glob.glob(os.path.join(directory, "epoch-*.safetensors")) if PATTERN.search(p)]
+    return sorted(files, key=lambda p: int(PATTERN.search(p).group(1)))
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+    files = list_checkpoints(directory)
+    return files[-1] if files else None
+
+
+def read_metadata(path: str) -> dict:
+    with safe_open(path, framework="pt") as handle:
+        return {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+
+
+def load_checkpoint(path: str, model, optimizer=None, scaler=None) -> Tuple[int, int]:
+    """Restore everything saved by :func:`save_checkpoint`; returns ``(epoch, step)``."""
+    tensors = load_file(path)
+    meta = read_metadata(path)
+    target = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    target.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None:
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    if scaler is not None and "scaler.scale" in tensors:
+        scaler.update(float(tensors["scaler.scale"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return meta["epoch"], meta["step"]
+
+
+def save_weights(path: str, model, metadata: dict) -> None:
+    """Weights only (for evaluation and deployment), with the model's description."""
+    save_atomically(path, model_state(model), metadata)
+
+
+def load_weights(path: str) -> Tuple[dict, dict]:
+    """``(state_dict, metadata)`` of a file written by :func:`save_weights`."""
+    return load_file(path), read_metadata(path)

@@ -1,0 +1,155 @@
+"""``bharnet train``, ``bharnet eval`` and ``bharnet ensemble``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import replace
+
+from .config import TrainConfig, parse_model_options, read_config_file
+
+# The built-in demo: small models that learn the synthetic dataset in minutes on two CPU cores.
+DEMO_MODELS = ("body", "bharnet-e")
+DEMO_CONFIG = dict(preset="small", window=32, epochs=12, batch_size=16, lr=0.05, warmup_epochs=1,
+                   weight_decay=4e-4)
+DEFAULT_SYNTHETIC_DIR = os.path.join(os.path.expanduser("~"), ".cache", "bharnet", "synthetic")
+
+_TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
+    "--model": ("model", str), "--data": ("data", str), "--out": ("out", str),
+    "--preset": ("preset", str), "--modality": ("modality", str),
+    "--preprocessing": ("preprocessing", str), "--window": ("window", int),
+    "--epochs": ("epochs", int), "--batch-size": ("batch_size", int), "--lr": ("lr", float),
+    "--weight-decay": ("weight_decay", float), "--warmup-epochs": ("warmup_epochs", int),
+    "--amp": ("amp", str), "--backend": ("backend", str), "--device": ("device", str),
+    "--workers": ("workers", int), "--seed": ("seed", int),
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON or TOML file of training options (flags override it)")
+    for flag, (name, kind) in _TRAIN_FLAGS.items():
+        default = getattr(TrainConfig(), name)
+        parser.add_argument(flag, dest=name, type=kind, default=None,
+                            help=f"(default: {default})" if default is not None else None)
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="train through torch.compile")
+    parser.add_argument("--model-option", dest="model_option", action="append", default=[],
+                        metavar="KEY=VALUE", help="model option, e.g. attention_mode=sequence (repeatable)")
+    parser.add_argument("--synthetic-dir", default=DEFAULT_SYNTHETIC_DIR,
+                        help="where the built-in synthetic dataset is generated and cached")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, base: dict) -> TrainConfig:
+    values = dict(base)
+    if args.config:
+        values.update(read_config_file(args.config))
+    for name, _ in _TRAIN_FLAGS.values():
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.compile:
+        values["compile"] = True
+    if args.model_option:
+        values["model_options"] = {**values.get("model_options", {}), **parse_model_options(args.model_option)}
+    return TrainConfig.from_dict(values)
+
+
+def _train_one(config: TrainConfig, progress: bool) -> dict:
+    from ..data.dataset import SkeletonDataset
+    from .evaluate import evaluate_run
+    from .trainer import train
+
+    common = dict(modality=config.modality, window=config.window, preprocessing=config.preprocessing)
+    train_set = SkeletonDataset(config.data, "train", seed=config.seed, **common)
+    train(config, train_set, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    test_set = SkeletonDataset(config.data, "test", **common)
+    return evaluate_run(os.path.join(config.out, "model.safetensors"), test_set,
+                        os.path.join(config.out, "eval"), config.batch_size, config.device,
+                        config.amp, config.backend, progress)
+
+
+def format_results(results: dict) -> str:
+    lines = [f"{'model':<16} {'top-1 (%)':>10} {'top-5 (%)':>10} {'hand-centric top-1 (%)':>23}",
+             "-" * 62]
+    for name, r in results.items():
+        hand = "-" if r["hand_centric_top1"] is None else f"{r['hand_centric_top1']:.1f}"
+        lines.append(f"{name:<16} {r['top1']:>10.1f} {r['top5']:>10.1f} {hand:>23}")
+    return "\n".join(lines)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..data.synthetic import make_synthetic
+
+    progress = not args.no_progress
+    demo = args.data is None and not (args.config and "data" in read_config_file(args.config))
+    config = config_from_args(args, DEMO_CONFIG if demo else {})
+    if demo:
+        print(f"no --data given: training on the built-in synthetic dataset ({args.synthetic_dir})")
+        config = replace(config, data=make_synthetic(args.synthetic_dir))
+    out = config.out or os.path.join("runs", "synthetic" if demo else f"{config.model}-{config.modality}")
+    models = DEMO_MODELS if demo and args.model is None else (config.model,)
+    results = {}
+    for name in models:
+        run_config = replace(config, model=name, out=os.path.join(out, name) if len(models) > 1 else out)
+        results[name] = _train_one(run_config, progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    summary = {"models": {name: {"top1": r["top1"], "top5": r["top5"],
+                                 "hand_centric_top1": r["hand_centric_top1"]} for name, r in results.items()},
+               "data": config.data, "config": {k: v for k, v in config.to_dict().items() if k not in ("model", "out")}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    print(f"\nTest results ({config.data}):\n")
+    print(format_results(results))
+    print(f"\nrun folder: {out} (metrics.json, per-model checkpoints, eval/ with scores and confusion.png)")
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", help="a run's model.safetensors")
+    parser.add_argument("--data", required=True, help="prepared dataset folder")
+    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--out", help="where scores, metrics.json and confusion.png go (default: beside the weights)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--backend", default=None, choices=["reference", "triton", "cpp", "auto"])
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..data.dataset import SkeletonDataset
+    from . import checkpoint
+    from .evaluate import evaluate_run
+
+    if not os.path.isfile(args.weights):
+        raise SystemExit(f"bharnet eval: {args.weights} does not exist")
+    meta = checkpoint.read_metadata(args.weights)
+    dataset = SkeletonDataset(args.data, args.split, modality=meta["modality"], window=meta["window"],
+                              preprocessing=meta["preprocessing"], train=False)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.weights)), f"eval-{args.split}")
+    result = evaluate_run(args.weights, dataset, out, args.batch_size, args.device, args.amp,
+                          args.backend, not args.no_progress)
+    print(format_results({meta["model"]: result}))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("eval_dirs", nargs="+", help="evaluation folders holding scores.npy and labels.npy")
+    parser.add_argument("--weights", type=float, nargs="+", help="one weight per folder (default: all 1)")
+    parser.add_argument("--data", help="the prepared dataset, to report hand-centric accuracy")
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from ..data.dataset import read_manifest
+    from .ensemble import ensemble_dirs
+
+    weights = args.weights or [1.0] * len(args.eval_dirs)
+    hand_centric = read_manifest(args.data)["hand_centric_classes"] if args.data else ()
+    result = ensemble_dirs(args.eval_dirs, weights, hand_centric)
+    print(format_results({f"ensemble of {len(args.eval_dirs)}": result}))
+    return 0

@@ -1,0 +1,34 @@
+"""Weighted score fusion across models (e.g. the joint, bone, joint-motion and bone-motion
+models of one architecture): ``s = Σ_m w_m · softmax(scores_m)``."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Sequence
+
+import numpy as np
+
+from .evaluate import metrics
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fuse(score_sets: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    if len(score_sets) != len(weights) or not score_sets:
+        raise ValueError(f"need one weight per score set, got {len(score_sets)} sets and {len(weights)} weights")
+    shapes = {s.shape for s in score_sets}
+    if len(shapes) != 1:
+        raise ValueError(f"score sets must have the same shape, got {sorted(shapes)}")
+    return sum(w * softmax(s) for s, w in zip(score_sets, weights))
+
+
+def ensemble_dirs(eval_dirs: Sequence[str], weights: Sequence[float], hand_centric=()) -> Dict:
+    """Fuse the ``scores.npy`` of several evaluation folders (their ``labels.npy`` must agree)."""
+    labels = [np.load(os.path.join(d, "labels.npy")) for d in eval_dirs]
+    if any(not np.array_equal(labels[0], other) for other in labels[1:]):
+        raise ValueError("the evaluation folders were made on different samples (labels.npy differ)")
+    fused = fuse([np.load(os.path.join(d, "scores.npy")) for d in eval_dirs], weights)
+    return metrics(fused, labels[0], hand_centric)

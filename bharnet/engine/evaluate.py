@@ -1,0 +1,113 @@
+"""Evaluation: scores, top-1/top-5, per-class accuracy, hand-centric accuracy, confusion matrix."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..fast import swap_layers
+from ..models import create_model
+from . import checkpoint
+from .config import TrainConfig
+from .trainer import autocast, resolve_device
+
+
+def load_model(path: str, device="cpu", backend: Optional[str] = None):
+    """Rebuild a model from ``model.safetensors`` (weights + description); returns
+    ``(model, description)``."""
+    state, meta = checkpoint.load_weights(path)
+    options = dict(meta["model_options"])
+    options.setdefault("label_smoothing", meta["label_smoothing"])
+    model = create_model(meta["model"], meta["num_classes"], preset=meta["preset"], **options)
+    model.load_state_dict(state)
+    if backend is not None:
+        swap_layers(model, backend)
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def predict(model, dataset, batch_size: int = 64, device="cpu", amp: str = "none",
+            progress: bool = True) -> np.ndarray:
+    """Class scores (N, K) as float32, in dataset order."""
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    config = TrainConfig(amp=amp)
+    scores = []
+    model.eval()
+    for body, hand, _ in tqdm(loader, desc="evaluating", leave=False, disable=not progress):
+        with autocast(config, device):
+            scores.append(model(body.to(device), hand.to(device)).logits.float().cpu())
+    return torch.cat(scores).numpy()
+
+
+def metrics(scores: np.ndarray, labels: np.ndarray, hand_centric: Sequence[int] = ()) -> Dict:
+    """Accuracies in percent: ``top1``, ``top5`` (top-k with k = min(5, K)), ``per_class``
+    (NaN-free: classes without samples are omitted as None), ``hand_centric_top1`` (over the
+    samples of the hand-centric classes; None when there are none), and ``confusion`` (K, K)
+    counts with rows = true class."""
+    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(f"scores must be (N, K) with N = len(labels), got {scores.shape} and {labels.shape}")
+    num_classes = scores.shape[1]
+    prediction = scores.argmax(1)
+    k = min(5, num_classes)
+    topk = np.argsort(-scores, axis=1)[:, :k]
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, prediction), 1)
+    support = confusion.sum(1)
+    per_class = [100.0 * confusion[c, c] / support[c] if support[c] else None for c in range(num_classes)]
+    hand_mask = np.isin(labels, np.asarray(list(hand_centric), dtype=np.int64))
+    return {
+        "top1": 100.0 * float((prediction == labels).mean()),
+        "top5": 100.0 * float((topk == labels[:, None]).any(1).mean()),
+        "hand_centric_top1": 100.0 * float((prediction[hand_mask] == labels[hand_mask]).mean())
+        if hand_mask.any() else None,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "samples": int(labels.shape[0]),
+    }
+
+
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, device="auto",
+                 amp: str = "none", backend: Optional[str] = None, progress: bool = True) -> Dict:
+    """Evaluate ``weights`` on ``dataset``; write ``scores.npy``, ``labels.npy``,
+    ``metrics.json`` and ``confusion.png`` to ``out_dir``; return the metrics."""
+    device = resolve_device(device)
+    model, meta = load_model(weights, device, backend)
+    scores = predict(model, dataset, batch_size, device, amp, progress)
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    result = metrics(scores, labels, dataset.hand_centric_classes)
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, "scores.npy"), scores)
+    np.save(os.path.join(out_dir, "labels.npy"), labels)
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump({"model": meta["model"], **result}, handle, indent=2)
+    plot_confusion(np.asarray(result["confusion"]), dataset.class_names,
+                   os.path.join(out_dir, "confusion.png"), f"{meta['model']}: top-1 {result['top1']:.1f}%")
+    return result

@@ -1,0 +1,155 @@
+"""The training loop: SGD (Nesterov) with warm-up + cosine, label smoothing, autocast,
+gradient scaling for fp16, optional torch.compile and fused layers, atomic checkpoints that
+resume to the same result, JSONL logs and a progress bar."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from ..fast import swap_layers
+from ..models import create_model
+from . import checkpoint, distributed
+from .config import TrainConfig
+from .schedule import warmup_cosine
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available")
+    return device
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    if config.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[config.amp])
+
+
+def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    options = dict(config.model_options)
+    options.setdefault("label_smoothing", config.label_smoothing)
+    model = create_model(config.model, num_classes, preset=config.preset, **options)
+    if config.backend is not None:
+        swap_layers(model, config.backend)
+    return model
+
+
+def model_description(config: TrainConfig, num_classes: int) -> dict:
+    """What :func:`bharnet.engine.evaluate.load_model` needs to rebuild the model."""
+    return {"model": config.model, "num_classes": num_classes, "preset": config.preset,
+            "model_options": dict(config.model_options), "label_smoothing": config.label_smoothing,
+            "modality": config.modality, "preprocessing": config.preprocessing, "window": config.window}
+
+
+class JsonlLog:
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _inputs(batch, device):
+    body, hand, label = batch
+    return body.to(device, non_blocking=True), hand.to(device, non_blocking=True), label.to(device)
+
+
+def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Module:
+    """Train ``config.model`` on ``train_set`` (a :class:`~bharnet.data.SkeletonDataset`),
+    resuming from the newest checkpoint in ``<out>/checkpoints`` when there is one. Writes
+    ``config.json``, ``log.jsonl``, checkpoints and the final ``model.safetensors`` to
+    ``config.out``. Returns the trained model (unwrapped)."""
+    if config.out is None:
+        raise ValueError("config.out (the run folder) must be set")
+    device = resolve_device(config.device)
+    context = distributed.init(device.type)
+    ckpt_dir = os.path.join(config.out, "checkpoints")
+    num_classes = train_set.num_classes
+    torch.manual_seed(config.seed)
+    model = build_model(config, num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=True, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    log = JsonlLog(os.path.join(config.out, "log.jsonl") if context.is_main else None)
+    start_epoch, step = 0, 0
+    latest = checkpoint.latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        finished_epoch, step = checkpoint.load_checkpoint(latest, model, optimizer, scaler)
+        start_epoch = finished_epoch + 1
+        if context.is_main:
+            print(f"resuming {config.model} from {latest} (epoch {start_epoch} of {config.epochs})")
+    elif context.is_main:
+        os.makedirs(config.out, exist_ok=True)
+        with open(os.path.join(config.out, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config.to_dict(), handle, indent=2)
+
+    per_rank_batch = max(1, config.batch_size // context.world_size)
+    sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank,
+                                 shuffle=True, seed=config.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,
+                        num_workers=config.workers, drop_last=len(sampler) > per_rank_batch,
+                        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = steps_per_epoch * config.warmup_epochs
+    runner = DistributedDataParallel(model) if context.distributed else model
+    runner = torch.compile(runner) if config.compile else runner
+    raw_model = model
+
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        runner.train()
+        started, loss_sum, correct, seen = time.time(), 0.0, 0, 0
+        bar = tqdm(loader, desc=f"{config.model} epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not (progress and context.is_main), dynamic_ncols=True)
+        for batch in bar:
+            lr = warmup_cosine(step, total_steps, warmup_steps, config.lr, config.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            body, hand, label = _inputs(batch, device)
+            with autocast(config, device):
+                out = runner(body, hand)
+                loss = raw_model.loss(out, label)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_sum += loss.item() * label.shape[0]
+            correct += int((out.logits.argmax(1) == label).sum())
+            seen += label.shape[0]
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+        record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
+                  "train_top1": 100.0 * correct / max(seen, 1), "lr": lr,
+                  "seconds": round(time.time() - started, 2)}
+        log.write(record)
+        if context.is_main:
+            if progress:
+                print(f"{config.model} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
+                      f"train top-1 {record['train_top1']:.1f}%, {record['seconds']:.1f} s")
+            checkpoint.save_checkpoint(ckpt_dir, epoch, step, raw_model, optimizer, scaler,
+                                       config.to_dict(), keep=config.keep_checkpoints)
+        distributed.barrier(context)
+
+    if context.is_main:
+        checkpoint.save_weights(os.path.join(config.out, "model.safetensors"), raw_model,
+                                model_description(config, num_classes))
+    distributed.barrier(context)
+    return raw_model

@@ -1,0 +1,140 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bharnet.cli import main
+from bharnet.data.dataset import SkeletonDataset
+from bharnet.engine import checkpoint
+from bharnet.engine.config import TrainConfig, parse_model_options
+from bharnet.engine.schedule import warmup_cosine
+from bharnet.engine.trainer import train
+
+FAST = dict(preset="small", window=8, batch_size=4, lr=0.05, warmup_epochs=1)
+
+
+def config(data, out, **kw):
+    return TrainConfig.from_dict({**FAST, "data": data, "out": str(out), "model": "body", **kw})
+
+
+def weights(run_dir):
+    return load_file(os.path.join(run_dir, "model.safetensors"))
+
+
+def test_warmup_cosine_schedule():
+    lrs = [warmup_cosine(s, 10, 2, 1.0, 0.1) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0)  # cosine starts at the base rate
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # then decays monotonically
+    assert warmup_cosine(10, 10, 2, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_dataset, tmp_path, monkeypatch):
+    dataset = SkeletonDataset(tiny_dataset, "train", window=8, seed=0)
+    straight = config(tiny_dataset, tmp_path / "straight", epochs=3)
+    train(straight, dataset, progress=False)
+
+    real_save = checkpoint.save_checkpoint
+    calls = []
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill after epoch 2")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    resumed = config(tiny_dataset, tmp_path / "resumed", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, SkeletonDataset(tiny_dataset, "train", window=8, seed=0), progress=False)
+    assert not os.path.exists(tmp_path / "resumed" / "model.safetensors")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    train(resumed, SkeletonDataset(tiny_dataset, "train", window=8, seed=0), progress=False)
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    log = [json.loads(line) for line in open(tmp_path / "resumed" / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["epoch-0001.safetensors", "epoch-0002.safetensors"]
+
+
+def test_checkpoints_hold_no_pickles_and_describe_the_model(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(config(tiny_dataset, run, epochs=1, model="bharnet-p"), SkeletonDataset(tiny_dataset, "train", window=8),
+          progress=False)
+    meta = checkpoint.read_metadata(str(run / "model.safetensors"))
+    assert meta["model"] == "bharnet-p" and meta["num_classes"] == 4 and meta["preset"] == "small"
+    with open(run / "model.safetensors", "rb") as handle:
+        assert b"\x80\x04" not in handle.read(64)  # a safetensors header, not a pickle stream
+
+
+def test_train_cli_then_eval_and_ensemble(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--data", tiny_dataset, "--model", "bharnet-e", "--preset", "small", "--window", "8",
+            "--epochs", "1", "--batch-size", "4", "--out", str(out), "--no-progress",
+            "--model-option", "attention_mode=sequence"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "bharnet-e" in printed and "hand-centric" in printed
+    summary = json.load(open(out / "metrics.json"))
+    result = summary["models"]["bharnet-e"]
+    assert 0 <= result["top1"] <= 100 and 0 <= result["hand_centric_top1"] <= 100
+    assert json.load(open(out / "config.json"))["model_options"] == {"attention_mode": "sequence"}
+    for name in ("scores.npy", "labels.npy", "metrics.json", "confusion.png"):
+        assert (out / "eval" / name).exists()
+
+    assert main(["eval", str(out / "model.safetensors"), "--data", tiny_dataset, "--no-progress"]) == 0
+    evaluated = json.load(open(out / "eval-test" / "metrics.json"))
+    assert evaluated["top1"] == pytest.approx(result["top1"])  # same weights, same test set
+    assert main(["ensemble", str(out / "eval"), str(out / "eval-test"), "--data", tiny_dataset]) == 0
+    assert "ensemble of 2" in capsys.readouterr().out
+
+
+def test_demo_path_trains_both_models(tiny_dataset, tmp_path, monkeypatch, capsys):
+    import bharnet.data.synthetic as synthetic
+    from bharnet.engine import commands
+
+    monkeypatch.setattr(synthetic, "make_synthetic", lambda directory: tiny_dataset)
+    monkeypatch.setattr(commands, "DEMO_CONFIG", {**FAST, "epochs": 1})
+    assert main(["train", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    summary = json.load(open(tmp_path / "demo" / "metrics.json"))
+    assert sorted(summary["models"]) == ["bharnet-e", "body"]
+    assert set(summary["models"]["body"]) == {"top1", "top5", "hand_centric_top1"}
+    table = capsys.readouterr().out
+    assert "body" in table and "bharnet-e" in table
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['epoch'\]"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="amp must be one of"):
+        TrainConfig.from_dict({"amp": "int8"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_model_options(["heads"])
+    assert parse_model_options(["heads=4", "attention_mode=sequence", "channels=[8,16]"]) == {
+        "heads": 4, "attention_mode": "sequence", "channels": [8, 16]}
+    path = tmp_path / "c.toml"
+    path.write_text('epochs = 3\nmodel = "body"\n')
+    from bharnet.engine.config import read_config_file
+    assert read_config_file(str(path)) == {"epochs": 3, "model": "body"}
+
+
+def test_distributed_training_with_two_gloo_processes(tiny_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+               "-m", "bharnet.cli", "train", "--data", tiny_dataset, "--model", "body", "--preset", "small",
+               "--window", "8", "--epochs", "1", "--batch-size", "8", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 1  # only rank 0 logs
+    assert log[0]["step"] == 2  # 16 samples, global batch 8 split over 2 ranks
+    assert (out / "model.safetensors").exists() and (out / "metrics.json").exists()
