@@ -1,22 +1,48 @@
 """The C++/CUDA extension built from ``csrc/``.
 
 ``setup.py`` builds it as ``bharnet/_C.so`` when torch is importable at install time
-(``pip install --no-build-isolation -e .``). Otherwise the first call of :func:`load`
-JIT-compiles the same sources with ``torch.utils.cpp_extension.load`` (cached under
-``$TORCH_EXTENSIONS_DIR``, about 5 s once). The ops register themselves with
-``TORCH_LIBRARY`` under ``torch.ops.bharnet``.
+(``pip install --no-build-isolation -e .``), with the CUDA kernels when torch is a CUDA build
+and nvcc is found. Otherwise the first call of :func:`load` JIT-compiles the same sources
+(``bharnet/_build.py`` lists them) with ``torch.utils.cpp_extension.load`` (cached under
+``$TORCH_EXTENSIONS_DIR``): the CPU kernels always, the CUDA kernels too when a GPU is visible
+and nvcc is found (if that CUDA build fails, the CPU-only build is used and a warning says
+why). The ops register themselves with ``TORCH_LIBRARY`` under ``torch.ops.bharnet``.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import _build
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = _PACKAGE_DIR.parent / "csrc"
+
+
+def _last_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else ""
+
+
+def _jit_build(cuda: bool) -> None:
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA_HOME notice
+    if cuda:
+        os.environ.setdefault("CUDA_HOME", _build.cuda_home())
+    from torch.utils import cpp_extension
+
+    if cuda and cpp_extension.CUDA_HOME is None:  # imported before CUDA_HOME was set
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    cpp_extension.load(name="bharnet_C_cuda" if cuda else "bharnet_C",
+                       sources=_build.sources(SOURCE_DIR, cuda), extra_cflags=_build.CXX_FLAGS,
+                       extra_cuda_cflags=_build.nvcc_flags() if cuda else None,
+                       extra_ldflags=_build.LINK_FLAGS, is_python_module=False, verbose=False,
+                       with_cuda=cuda)
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,22 +52,27 @@ def load() -> None:
     if prebuilt:
         torch.ops.load_library(str(prebuilt[0]))
         return
-    sources = sorted(str(p) for p in SOURCE_DIR.glob("*.cpp"))
-    if not sources:
+    if not _build.sources(SOURCE_DIR, cuda=False):
         raise RuntimeError(f"bharnet: no prebuilt extension and no C++ sources in {SOURCE_DIR}; "
                            "reinstall with `pip install --no-build-isolation .` to build it")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA_HOME notice
-    from torch.utils import cpp_extension
-
+    if torch.version.cuda and torch.cuda.is_available() and _build.cuda_home():
+        try:
+            _jit_build(cuda=True)
+            return
+        except Exception as error:  # keep the CPU kernels usable
+            warnings.warn(f"bharnet: building the CUDA kernels failed ({type(error).__name__}: "
+                          f"{_last_line(error)}); using the CPU-only C++ extension")
     try:
-        cpp_extension.load(name="bharnet_C", sources=sources, extra_cflags=["-O3", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        _jit_build(cuda=False)
     except Exception as error:  # compiler missing or failing: say so, keep the reference backend
         raise RuntimeError(f"bharnet: could not build the C++ extension from {SOURCE_DIR} "
-                           f"({type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
+                           f"({type(error).__name__}: {_last_line(error)}); "
                            "the 'reference' backend still works") from error
 
 
+# Availability is decided once, eagerly: torch.compile evaluates these at trace time and keeps
+# the answer as a constant instead of tracing into the build.
+@torch.compiler.assume_constant_result
 def cpp_availability(device_type: str) -> Optional[str]:
     """Backend availability rule for the C++ CPU kernels (None when usable)."""
     if device_type != "cpu":
@@ -50,4 +81,18 @@ def cpp_availability(device_type: str) -> Optional[str]:
         load()
     except RuntimeError as error:
         return str(error)
+    return None
+
+
+@torch.compiler.assume_constant_result
+def cuda_availability(op: str) -> Optional[str]:
+    """Why the CUDA kernel of the custom op ``bharnet::<op>`` cannot run (None when it can): the
+    extension must load and have been built with its CUDA kernels."""
+    try:
+        load()
+    except RuntimeError as error:
+        return str(error)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bharnet::{op}", "CUDA"):
+        return ("the C++ extension was built without CUDA kernels (needs a CUDA build of torch and "
+                "nvcc at build time, and a visible GPU for the JIT build)")
     return None

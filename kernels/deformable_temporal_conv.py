@@ -43,22 +43,14 @@ import torch
 import triton
 import triton.language as tl
 
+from bharnet.ops.deformable_temporal_conv import clamp_passes_gradient_at_bounds
+
 TARGET_PROGRAMS = 256  # enough programs along the split-K axis to fill a large GPU
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
                torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _clamp_passes_gradient_at_bounds() -> bool:
-    """Whether ``torch.clamp(r, lo, hi)`` has derivative 1 (not 0) at ``r == lo`` and ``r == hi``.
-
-    The reference inherits this convention, so the kernels follow it."""
-    with torch.inference_mode(False), torch.enable_grad():
-        r = torch.tensor([0.0, 1.0], requires_grad=True)
-        r.clamp(0, 1).sum().backward()
-    return bool((r.grad == 1).all())
-
-
-CLAMP_PASSES_GRADIENT_AT_BOUNDS = _clamp_passes_gradient_at_bounds()
+CLAMP_PASSES_GRADIENT_AT_BOUNDS = clamp_passes_gradient_at_bounds()
 
 
 @triton.jit

@@ -23,10 +23,13 @@ The indicator's value at exactly r = 0 or r = T-1 follows the installed torch's
 x[p1] - x[p0] = 0), and integer offsets such as the DeTGC initialisation
 ``linspace(-2, 2, 4)`` hit it exactly.
 
-Backends: ``reference`` (below) and ``triton`` (``bharnet.kernels.deformable_temporal_conv``,
+Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.deformable_temporal_conv``,
 registered as the custom ops ``bharnet::deformable_temporal_conv`` and
 ``bharnet::deformable_temporal_conv_backward`` with autograd and fake impls, so that
-``torch.compile(fullgraph=True)`` traces callers without graph breaks).
+``torch.compile(fullgraph=True)`` traces callers without graph breaks) and ``cpp``
+(``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
+``csrc/deformable_temporal_conv.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
+and ``..._cpp_backward``, see the cpp section below).
 
 Shapes: ``x`` (B, C_in, T, V); ``offsets`` (E,); ``weight`` (C_out, C_in, E); ``bias``
 (C_out,) or None. Output (B, C_out, T_out, V).
@@ -37,9 +40,24 @@ from typing import Optional
 
 import torch
 
+from .._ext import cpp_availability, cuda_availability, load
 from ._backend import register_backend, resolve, triton_availability
 
 OP_NAME = "deformable_temporal_conv"
+
+
+def clamp_passes_gradient_at_bounds() -> bool:
+    """Whether ``torch.clamp(r, lo, hi)`` has derivative 1 (not 0) at ``r == lo`` and ``r == hi``.
+
+    The reference inherits this convention, so the Triton and C++ kernels follow it."""
+    with torch.inference_mode(False), torch.enable_grad():
+        r = torch.tensor([0.0, 1.0], requires_grad=True)
+        r.clamp(0, 1).sum().backward()
+    return bool((r.grad == 1).all())
+
+
+# Read by the cpp backend's backward at each call (tests flip it to check both conventions).
+CLAMP_PASSES_GRADIENT_AT_BOUNDS = clamp_passes_gradient_at_bounds()
 
 
 def output_length(T: int, stride: int) -> int:
@@ -137,9 +155,77 @@ def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
     return _triton_forward(x, offsets, weight, bias, stride)
 
 
+# --- cpp backend ------------------------------------------------------------------------------
+# The C++ (CPU, csrc/deformable_temporal_conv.cpp) and CUDA (csrc/deformable_temporal_conv.cu)
+# kernels are the custom ops bharnet::deformable_temporal_conv_cpp and
+# bharnet::deformable_temporal_conv_cpp_backward. Issue 7 asked for the same op names for every
+# backend, but an op name has one schema and one kernel per dispatch key, and
+# bharnet::deformable_temporal_conv is the Triton op (defined from Python; on CPU it runs the
+# Triton interpreter, which the Triton tests rely on), so the C++ kernels get names of their own.
+
+CPP_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+_cpp_ops_registered = False
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly instead of tracing it
+def _register_cpp_ops() -> bool:
+    """Load the extension; give its ops fake impls and autograd (once)."""
+    global _cpp_ops_registered
+    if _cpp_ops_registered:
+        return True
+    load()
+
+    @torch.library.register_fake("bharnet::deformable_temporal_conv_cpp")
+    def _(x, offsets, weight, bias, stride):
+        return _triton_forward_fake(x, offsets, weight, bias, stride)
+
+    @torch.library.register_fake("bharnet::deformable_temporal_conv_cpp_backward")
+    def _(grad_y, x, offsets, weight, stride, bounds_pass_grad):
+        return _triton_backward_fake(grad_y, x, offsets, weight, stride)
+
+    def backward(ctx, grad_y):
+        x, offsets, weight = ctx.saved_tensors
+        dx, doffsets, dweight, dbias = torch.ops.bharnet.deformable_temporal_conv_cpp_backward(
+            grad_y.contiguous(), x, offsets, weight, ctx.stride, CLAMP_PASSES_GRADIENT_AT_BOUNDS)
+        return dx, doffsets, dweight, None if ctx.bias_dtype is None else dbias, None
+
+    torch.library.register_autograd("bharnet::deformable_temporal_conv_cpp", backward,
+                                    setup_context=_setup_context)
+    _cpp_ops_registered = True
+    return True
+
+
+def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):
+    """The ``cpp`` backend: the custom op ``bharnet::deformable_temporal_conv_cpp`` (with autograd).
+
+    Kernels compute in x's dtype with weight and bias cast to it (as the reference does) and
+    positions in float32 (float64 if x or offsets is float64); gradients flow back through the
+    casts in each input's own dtype. The CPU kernels take float32/float64: on CPU, float16/
+    bfloat16 x is computed in float32 and the output cast back to x's dtype."""
+    _register_cpp_ops()
+    ops = torch.ops.bharnet
+    compute = x.dtype
+    if x.device.type == "cpu" and compute not in CPP_CPU_DTYPES:
+        compute = torch.float32
+    positions = torch.float64 if torch.float64 in (compute, offsets.dtype) else torch.float32
+    y = ops.deformable_temporal_conv_cpp(x.to(compute), offsets.to(positions), weight.to(compute),
+                                         None if bias is None else bias.to(compute), stride)
+    return y.to(x.dtype)
+
+
+def _cpp_availability(device_type: str) -> Optional[str]:
+    if device_type == "cuda":
+        return cuda_availability("deformable_temporal_conv_cpp")
+    return cpp_availability(device_type)
+
+
 _IMPLS = {"reference": deformable_temporal_conv_reference,
-          "triton": deformable_temporal_conv_triton}
+          "triton": deformable_temporal_conv_triton,
+          "cpp": deformable_temporal_conv_cpp}
 register_backend(OP_NAME, "triton", triton_availability)
+register_backend(OP_NAME, "cpp", _cpp_availability)
 
 
 def validate(x, offsets, weight, bias, stride):

@@ -1,0 +1,51 @@
+"""How the C++/CUDA extension is built: sources and flags, shared by ``setup.py`` (which loads
+this file by path, without importing the package) and the JIT build in ``bharnet._ext``.
+
+CPU sources are ``csrc/*.cpp`` except the CUDA bindings ``csrc/*_cuda.cpp``; a CUDA build adds
+those and ``csrc/*.cu`` (torch-free kernels) and compiles device code for sm_80 and sm_90
+(plus sm_90 PTX for newer GPUs) unless ``TORCH_CUDA_ARCH_LIST`` says otherwise. The CPU
+kernels need no ``-march``: they carry per-ISA clones (``csrc/cpu_simd.h``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+GENCODE_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                 "-gencode=arch=compute_90,code=compute_90"]
+
+
+def sources(source_dir: Path, cuda: bool) -> List[str]:
+    """The extension's source files (absolute paths, sorted)."""
+    cpu = [p for p in sorted(source_dir.glob("*.cpp")) if not p.name.endswith("_cuda.cpp")]
+    if not cuda:
+        return [str(p) for p in cpu]
+    return [str(p) for p in cpu + sorted(source_dir.glob("*_cuda.cpp")) + sorted(source_dir.glob("*.cu"))]
+
+
+def nvcc_flags() -> List[str]:
+    """nvcc flags; explicit -gencode flags stop torch from probing for a GPU to pick the arch."""
+    flags = ["-O3"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        flags += GENCODE_FLAGS
+    return flags
+
+
+def cuda_home() -> Optional[str]:
+    """The CUDA toolkit root: $CUDA_HOME or $CUDA_PATH, else /usr/local/cuda, else the directory
+    above a real ``nvcc`` on PATH (the nvcc on PATH may be a wrapper, so /usr/local/cuda wins)."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(name):
+            return os.environ[name]
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = Path(nvcc).resolve().parent.parent
+        if (root / "include" / "cuda_runtime.h").exists():
+            return str(root)
+    return None

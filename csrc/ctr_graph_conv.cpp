@@ -1,0 +1,416 @@
+// CTR-GC / ST-GC aggregation on the CPU: bharnet::ctr_graph_conv_cpp and its backward ops.
+//
+// Math (bharnet/ops/ctr_graph_conv.py; channel c in group g(c) = c / (C/G)):
+//   th[b,h,r,i,j]   = tanh(q[b,h,r,i] - k[b,h,r,j])
+//   Aref[b,h,g,i,j] = alpha * (sum_r W[h,g,r] * th[b,h,r,i,j] + bias[h,g]) + A[h,i,j]
+//                     (static ST-GC: Aref[h] = A[h], one group)
+//   y[b,c,t,i]      = sum_h sum_j Aref[b,h,g(c),i,j] * v[b,h,c,t,j]
+// Backward:
+//   dv[b,h,c,t,j]    = sum_i Aref[b,h,g(c),i,j] * dy[b,c,t,i]
+//   dAref[b,h,g,i,j] = sum_{c in g, t} dy[b,c,t,i] * v[b,h,c,t,j]
+//   dA[h]            = sum_{b,g} dAref[b,h,g]
+//   with u_r = (sum_g W[h,g,r] dAref[b,h,g]) * (1 - th_r^2):
+//   dq[b,h,r,i] = alpha sum_j u_r[i,j],   dk[b,h,r,j] = -alpha sum_i u_r[i,j]
+//   P[b,h,g,r]  = sum_ij dAref[b,h,g] * th_r,   S[b,h,g] = sum_ij dAref[b,h,g]
+//   dW = alpha sum_b P,  dbias = alpha sum_b S,  dalpha = sum W * sum_b P + sum bias * sum_b S
+//
+// Structure. Inside one (b, g) the rows m = c_local * T + t of v[b, h, group g] and of
+// y[b, group g] are contiguous (M = C/G * T rows of V joints), so every product is a small GEMM
+// with V-wide rows:
+//   forward   y_g  (M x V) = sum_h v_hg (M x V) . Aref_h^T (V x V)
+//   backward  dv_hg(M x V) = dy_g (M x V) . Aref_h (V x V);  dAref_hg (V x V) = dy_g^T . v_hg
+// Phase 1 computes the topologies (B, H, G, V, Vp) once per (b, h) - tanh once per (b, h, r, i, j),
+// shared by all groups - into a zero-padded buffer (Vp = V rounded up to the micro-kernel's
+// column tile) that the GEMMs read as their B operand. Phase 2 runs the GEMMs with the
+// register-tiled micro-kernel of cpu_simd.h, parallel over (b, g, row blocks) forward and over
+// (b, h, g) backward. The backward keeps dAref (B, H, G, V, V) and finishes dq, dk, dW, dbias,
+// dalpha and dA from it (phases 3-4, parallel over (b, h) and (h, i)). Every output element is
+// written by exactly one task and every sum runs in a fixed order: results are deterministic.
+// Accumulation is in the compute dtype (float32 or float64).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_simd.h"
+#include "ctr_graph_conv.h"
+
+namespace bharnet {
+namespace {
+
+using simd::kTileRows;
+using simd::round_up;
+using simd::Tile;
+
+// Rows of one forward task (a block of one group's M rows).
+constexpr int64_t kForwardRowBlock = 256;
+
+// Refined topologies of one (b, h) for every group g, zero-padded to V x Vp:
+// aref[g, i, j] (row i, column j) and/or aref_t[g, j, i] (transposed); th receives the
+// R x V x V tanh values (th[r, i, j]).
+template <typename T>
+BHARNET_CLONES void refine_topology(const CtrSizes& s, int64_t Vp, int64_t b, int64_t h, const T* A, const T* q,
+                                    const T* k, const T* weight, const T* bias, T alpha, T* th, T* row, T* aref,
+                                    T* aref_t) {
+  const int64_t V = s.V, R = s.R, G = s.G;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* qr = q + ((b * s.H + h) * R + r) * V;
+    const T* kr = k + ((b * s.H + h) * R + r) * V;
+    if constexpr (std::is_same_v<T, float>) {
+      // Vectorised tanh (cpu_simd.h) on rows padded to whole vectors: row holds k, then tanh.
+      constexpr int L = simd::kLanes<float>;
+      for (int64_t j = 0; j < Vp; ++j) row[j] = j < V ? kr[j] : 0.0f;
+      for (int64_t i = 0; i < V; ++i) {
+        T* out = th + (r * V + i) * V;
+        int64_t j = 0;
+        for (; j + L <= V; j += L) simd::store(out + j, simd::tanh(qr[i] - simd::load(row + j)));
+        if (j < V) {
+          float tail[L];
+          simd::store(tail, simd::tanh(qr[i] - simd::load(row + j)));
+          for (int64_t jj = j; jj < V; ++jj) out[jj] = tail[jj - j];
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < V; ++i)
+        for (int64_t j = 0; j < V; ++j) th[(r * V + i) * V + j] = std::tanh(qr[i] - kr[j]);
+    }
+  }
+  const T* Ah = A + h * V * V;
+  for (int64_t g = 0; g < G; ++g) {
+    const T* w = weight + (h * G + g) * R;
+    const T bg = bias[h * G + g];
+    for (int64_t i = 0; i < V; ++i) {
+      for (int64_t j = 0; j < V; ++j) row[j] = T(0);
+      for (int64_t r = 0; r < R; ++r) {
+        const T* th_ri = th + (r * V + i) * V;
+        for (int64_t j = 0; j < V; ++j) row[j] += w[r] * th_ri[j];
+      }
+      for (int64_t j = 0; j < V; ++j) row[j] = alpha * (row[j] + bg) + Ah[i * V + j];
+      if (aref) {
+        T* out = aref + (g * V + i) * Vp;
+        for (int64_t j = 0; j < V; ++j) out[j] = row[j];
+        for (int64_t j = V; j < Vp; ++j) out[j] = T(0);
+      }
+      if (aref_t) {
+        for (int64_t j = 0; j < V; ++j) aref_t[(g * V + j) * Vp + i] = row[j];
+      }
+    }
+    if (aref_t) {
+      for (int64_t j = 0; j < V; ++j)
+        for (int64_t i = V; i < Vp; ++i) aref_t[(g * V + j) * Vp + i] = T(0);
+    }
+  }
+}
+
+// Static topology A[h], zero-padded: aref[h, i, j] and aref_t[h, j, i] (either may be null).
+template <typename T>
+void static_topology(const CtrSizes& s, int64_t Vp, const T* A, T* aref, T* aref_t) {
+  const int64_t V = s.V;
+  for (int64_t h = 0; h < s.H; ++h)
+    for (int64_t i = 0; i < Vp; ++i)
+      for (int64_t j = 0; j < Vp; ++j) {
+        const T value = (i < V && j < V) ? A[(h * V + i) * V + j] : T(0);
+        if (aref && i < V) aref[(h * V + i) * Vp + j] = value;
+        if (aref_t && j < V) aref_t[(h * V + j) * Vp + i] = value;
+      }
+}
+
+// Offset of topology (b, h, g) in a (B or 1, H, G, V, Vp) buffer (static mode: shared by all b).
+inline int64_t topology_offset(const CtrSizes& s, int64_t Vp, int64_t b, int64_t h, int64_t g) {
+  return (((s.dynamic ? b : 0) * s.H + h) * s.G + g) * s.V * Vp;
+}
+
+// Padded topologies of the whole batch (aref and/or aref_t; th: the (B, H, R, V, V) tanh values,
+// or null to keep them in a per-task scratch buffer).
+template <typename T>
+void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, const T* k, const T* weight,
+                        const T* bias, const T* alpha, T* aref, T* aref_t, T* th_all) {
+  if (!s.dynamic) {
+    static_topology(s, Vp, A, aref, aref_t);
+    return;
+  }
+  const T alpha_value = *alpha;
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> th_scratch(th_all ? 0 : s.R * s.V * s.V), row(Vp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.H, h = bh % s.H;
+      T* th = th_all ? th_all + bh * s.R * s.V * s.V : th_scratch.data();
+      refine_topology(s, Vp, b, h, A, q, k, weight, bias, alpha_value, th, row.data(),
+                      aref ? aref + topology_offset(s, Vp, b, h, 0) : nullptr,
+                      aref_t ? aref_t + topology_offset(s, Vp, b, h, 0) : nullptr);
+    }
+  });
+}
+
+// y rows [m0, m1) of group g in batch b: y_g[m, :] = sum_h v_hg[m, :] . Aref_h^T.
+template <typename T>
+BHARNET_CLONES void forward_rows(const CtrSizes& s, int64_t Vp, const T* v, const T* aref_t, int64_t b, int64_t g,
+                                 int64_t m0, int64_t m1, T* y) {
+  const int64_t V = s.V, CG = s.group_channels();
+  T* yg = y + (b * s.C + g * CG) * s.T * V;
+  for (int64_t m = m0; m < m1; m += kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+    for (int64_t n0 = 0; n0 < V; n0 += simd::kTileCols<T>) {
+      Tile<T> tile;
+      tile.zero();
+      for (int64_t h = 0; h < s.H; ++h) {
+        const T* vg = v + ((b * s.H + h) * s.C + g * CG) * s.T * V;
+        tile.fma(V, vg + m * V, V, 1, aref_t + topology_offset(s, Vp, b, h, g) + n0, Vp, rows);
+      }
+      tile.store_to(yg + m * V + n0, V, rows, static_cast<int>(std::min<int64_t>(simd::kTileCols<T>, V - n0)),
+                    false);
+    }
+  }
+}
+
+// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); packed: M x Vp scratch.
+template <typename T>
+BHARNET_CLONES void backward_group(const CtrSizes& s, int64_t Vp, const T* dy, const T* v, const T* aref, int64_t b,
+                                   int64_t h, int64_t g, T* dv, T* dtopo, T* packed) {
+  const int64_t V = s.V, CG = s.group_channels(), M = s.group_rows();
+  constexpr int NR = simd::kTileCols<T>;
+  const T* dyg = dy + (b * s.C + g * CG) * s.T * V;
+  const int64_t vg_offset = ((b * s.H + h) * s.C + g * CG) * s.T * V;
+  const T* vg = v + vg_offset;
+  T* dvg = dv + vg_offset;
+  const T* topo = aref + topology_offset(s, Vp, b, h, g);
+  for (int64_t m = 0; m < M; m += kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
+    for (int64_t n0 = 0; n0 < V; n0 += NR) {
+      Tile<T> tile;
+      tile.zero();
+      tile.fma(V, dyg + m * V, V, 1, topo + n0, Vp, rows);
+      tile.store_to(dvg + m * V + n0, V, rows, static_cast<int>(std::min<int64_t>(NR, V - n0)), false);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < V; ++j) packed[m * Vp + j] = vg[m * V + j];
+    for (int64_t j = V; j < Vp; ++j) packed[m * Vp + j] = T(0);
+  }
+  T* out = dtopo + ((b * s.H + h) * s.G + g) * V * V;
+  for (int64_t i = 0; i < V; i += kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, V - i));
+    for (int64_t n0 = 0; n0 < V; n0 += NR) {
+      Tile<T> tile;
+      tile.zero();
+      tile.fma(M, dyg + i, 1, V, packed + n0, Vp, rows);
+      tile.store_to(out + i * V + n0, V, rows, static_cast<int>(std::min<int64_t>(NR, V - n0)), false);
+    }
+  }
+}
+
+// dq, dk (R x V each), P (G x R) and S (G) of one (b, h) from its dAref (G x V x V) and th
+// (R x V x V); D: V x V scratch. The long sums run in vector lanes, then in double (cpu_simd.h).
+template <typename T>
+BHARNET_CLONES void refinement_grad(const CtrSizes& s, const T* dtopo, const T* th, const T* weight_h, T alpha,
+                                    T* dq, T* dk, T* P, T* S, T* D) {
+  const int64_t V = s.V, VV = s.V * s.V, R = s.R, G = s.G;
+  for (int64_t g = 0; g < G; ++g) S[g] = static_cast<T>(simd::sum(dtopo + g * VV, VV));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* th_r = th + r * VV;
+    for (int64_t e = 0; e < VV; ++e) D[e] = T(0);
+    for (int64_t g = 0; g < G; ++g) {
+      const T w = weight_h[g * R + r];
+      const T* dt = dtopo + g * VV;
+      for (int64_t e = 0; e < VV; ++e) D[e] += w * dt[e];
+      P[g * R + r] = static_cast<T>(simd::dot(dt, th_r, VV));
+    }
+    // D becomes u_r = D_r * (1 - th_r^2); dq sums its rows, dk its columns.
+    for (int64_t e = 0; e < VV; ++e) D[e] *= T(1) - th_r[e] * th_r[e];
+    T* dk_r = dk + r * V;
+    for (int64_t j = 0; j < V; ++j) dk_r[j] = T(0);
+    for (int64_t i = 0; i < V; ++i) {
+      dq[r * V + i] = alpha * static_cast<T>(simd::sum(D + i * V, V));
+      for (int64_t j = 0; j < V; ++j) dk_r[j] += D[i * V + j];
+    }
+    for (int64_t j = 0; j < V; ++j) dk_r[j] = -alpha * dk_r[j];
+  }
+}
+
+void check_cpu(const at::Tensor& v) {
+  TORCH_CHECK(v.device().is_cpu(), "bharnet::ctr_graph_conv_cpp (CPU kernel): expected CPU tensors, got ", v.device());
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
+              "bharnet::ctr_graph_conv_cpp: the CPU kernels take float32 or float64, got ", v.scalar_type());
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t ? t->contiguous() : at::Tensor();
+}
+
+at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std::optional<at::Tensor>& q_in,
+                       const std::optional<at::Tensor>& k_in, const std::optional<at::Tensor>& weight_in,
+                       const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& alpha_in) {
+  check_cpu(v_in);
+  const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
+  const auto v = v_in.contiguous(), A = A_in.contiguous();
+  const auto q = contiguous_or_undefined(q_in), k = contiguous_or_undefined(k_in);
+  const auto weight = contiguous_or_undefined(weight_in), bias = contiguous_or_undefined(bias_in);
+  const auto alpha = contiguous_or_undefined(alpha_in);
+  auto y = at::empty({s.B, s.C, s.T, s.V}, v.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp", [&] {
+    const int64_t Vp = round_up(s.V, simd::kTileCols<scalar_t>);
+    auto aref_t = at::empty({(s.dynamic ? s.B : 1) * s.H * s.G * s.V * Vp}, v.options());
+    compute_topologies<scalar_t>(s, Vp, A.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(q), ptr_or_null<scalar_t>(k),
+                                 ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias),
+                                 ptr_or_null<scalar_t>(alpha), nullptr, aref_t.data_ptr<scalar_t>(), nullptr);
+    const int64_t M = s.group_rows();
+    const int64_t blocks = (M + kForwardRowBlock - 1) / kForwardRowBlock;
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* tp = aref_t.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, s.B * s.G * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t block = task % blocks, bg = task / blocks;
+        const int64_t m0 = block * kForwardRowBlock;
+        forward_rows<scalar_t>(s, Vp, vp, tp, bg / s.G, bg % s.G, m0, std::min(M, m0 + kForwardRowBlock), yp);
+      }
+    });
+  });
+  return y;
+}
+
+// dv and dAref (B, H, G, V, V) for the whole batch; aref: the padded topologies.
+template <typename T>
+void topology_grad(const CtrSizes& s, int64_t Vp, const T* dy, const T* v, const T* aref, T* dv, T* dtopo) {
+  at::parallel_for(0, s.B * s.H * s.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> packed(s.group_rows() * Vp);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task % s.G, h = (task / s.G) % s.H, b = task / (s.G * s.H);
+      backward_group(s, Vp, dy, v, aref, b, h, g, dv, dtopo, packed.data());
+    }
+  });
+}
+
+// dA[h, i, j] = sum_{b, g} dtopo[b, h, g, i, j], in a fixed order.
+template <typename T>
+void adjacency_grad(const CtrSizes& s, const T* dtopo, T* dA) {
+  const int64_t V = s.V;
+  at::parallel_for(0, s.H * V, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t hi = begin; hi < end; ++hi) {
+      const int64_t h = hi / V, i = hi % V;
+      T* out = dA + hi * V;
+      for (int64_t j = 0; j < V; ++j) out[j] = T(0);
+      for (int64_t b = 0; b < s.B; ++b)
+        for (int64_t g = 0; g < s.G; ++g) {
+          const T* src = dtopo + (((b * s.H + h) * s.G + g) * V + i) * V;
+          for (int64_t j = 0; j < V; ++j) out[j] += src[j];
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> static_backward_cpu(const at::Tensor& dy_in, const at::Tensor& v_in,
+                                                       const at::Tensor& A_in) {
+  check_cpu(v_in);
+  const CtrSizes s = ctr_check(v_in, A_in, {}, {}, {}, {}, {});
+  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef({s.B, s.C, s.T, s.V}) && dy_in.scalar_type() == v_in.scalar_type() &&
+                  dy_in.device() == v_in.device(),
+              "bharnet::ctr_graph_conv_cpp_static_backward: dy must be like the output (", s.B, ", ", s.C, ", ",
+              s.T, ", ", s.V, ") in v's dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
+  const auto dy = dy_in.contiguous(), v = v_in.contiguous(), A = A_in.contiguous();
+  auto dv = at::empty_like(v);
+  auto dA = at::zeros_like(A);
+  if (v.numel() == 0) return {dv, dA};
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp_static_backward", [&] {
+    const int64_t Vp = round_up(s.V, simd::kTileCols<scalar_t>);
+    auto aref = at::empty({s.H * s.V * Vp}, v.options());
+    auto dtopo = at::empty({s.B, s.H, 1, s.V, s.V}, v.options());
+    static_topology<scalar_t>(s, Vp, A.data_ptr<scalar_t>(), aref.data_ptr<scalar_t>(), nullptr);
+    topology_grad<scalar_t>(s, Vp, dy.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), aref.data_ptr<scalar_t>(),
+                            dv.data_ptr<scalar_t>(), dtopo.data_ptr<scalar_t>());
+    adjacency_grad<scalar_t>(s, dtopo.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>());
+  });
+  return {dv, dA};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& v_in, const at::Tensor& A_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& weight_in, const at::Tensor& bias_in, const at::Tensor& alpha_in) {
+  check_cpu(v_in);
+  const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
+  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef({s.B, s.C, s.T, s.V}) && dy_in.scalar_type() == v_in.scalar_type() &&
+                  dy_in.device() == v_in.device(),
+              "bharnet::ctr_graph_conv_cpp_backward: dy must be like the output (", s.B, ", ", s.C, ", ", s.T,
+              ", ", s.V, ") in v's dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
+  const auto dy = dy_in.contiguous(), v = v_in.contiguous(), A = A_in.contiguous();
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), weight = weight_in.contiguous();
+  const auto bias = bias_in.contiguous(), alpha = alpha_in.contiguous();
+  auto dv = at::empty_like(v);
+  auto dA = at::zeros_like(A), dq = at::zeros_like(q), dk = at::zeros_like(k);
+  auto dweight = at::zeros_like(weight), dbias = at::zeros_like(bias), dalpha = at::zeros_like(alpha);
+  if (v.numel() == 0) return {dv, dA, dq, dk, dweight, dbias, dalpha};
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp_backward", [&] {
+    using T = scalar_t;
+    const int64_t Vp = round_up(s.V, simd::kTileCols<T>);
+    const int64_t VV = s.V * s.V;
+    auto aref = at::empty({s.B * s.H * s.G * s.V * Vp}, v.options());
+    auto th = at::empty({s.B * s.H * s.R * VV}, v.options());
+    auto dtopo = at::empty({s.B, s.H, s.G, s.V, s.V}, v.options());
+    auto P = at::empty({s.B, s.H, s.G, s.R}, v.options());
+    auto S = at::empty({s.B, s.H, s.G}, v.options());
+    const T* wp = weight.data_ptr<T>();
+    const T* bp = bias.data_ptr<T>();
+    const T alpha_value = *alpha.data_ptr<T>();
+    compute_topologies<T>(s, Vp, A.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), wp, bp, alpha.data_ptr<T>(),
+                          aref.data_ptr<T>(), nullptr, th.data_ptr<T>());
+    topology_grad<T>(s, Vp, dy.data_ptr<T>(), v.data_ptr<T>(), aref.data_ptr<T>(), dv.data_ptr<T>(),
+                     dtopo.data_ptr<T>());
+    const T* dtp = dtopo.data_ptr<T>();
+    at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> D(VV);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t h = bh % s.H;
+        refinement_grad(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * s.R * VV, wp + h * s.G * s.R, alpha_value,
+                        dq.data_ptr<T>() + bh * s.R * s.V, dk.data_ptr<T>() + bh * s.R * s.V,
+                        P.data_ptr<T>() + bh * s.G * s.R, S.data_ptr<T>() + bh * s.G, D.data());
+      }
+    });
+    adjacency_grad<T>(s, dtp, dA.data_ptr<T>());
+    // Tiny sums over b, in a fixed order, in double.
+    const int64_t HGR = s.H * s.G * s.R, HG = s.H * s.G;
+    const T* Pp = P.data_ptr<T>();
+    const T* Sp = S.data_ptr<T>();
+    T* dwp = dweight.data_ptr<T>();
+    T* dbp = dbias.data_ptr<T>();
+    double dalpha_value = 0.0;
+    for (int64_t e = 0; e < HGR; ++e) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < s.B; ++b) sum += Pp[b * HGR + e];
+      dwp[e] = static_cast<T>(alpha_value * sum);
+      dalpha_value += wp[e] * sum;
+    }
+    for (int64_t e = 0; e < HG; ++e) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < s.B; ++b) sum += Sp[b * HG + e];
+      dbp[e] = static_cast<T>(alpha_value * sum);
+      dalpha_value += bp[e] * sum;
+    }
+    *dalpha.data_ptr<T>() = static_cast<T>(dalpha_value);
+  });
+  return {dv, dA, dq, dk, dweight, dbias, dalpha};
+}
+
+}  // namespace
+}  // namespace bharnet
+
+TORCH_LIBRARY_FRAGMENT(bharnet, m) {
+  m.def("ctr_graph_conv_cpp(Tensor v, Tensor A, Tensor? q, Tensor? k, Tensor? weight, Tensor? bias, "
+        "Tensor? alpha) -> Tensor");
+  m.def("ctr_graph_conv_cpp_backward(Tensor dy, Tensor v, Tensor A, Tensor q, Tensor k, Tensor weight, "
+        "Tensor bias, Tensor alpha) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ctr_graph_conv_cpp_static_backward(Tensor dy, Tensor v, Tensor A) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bharnet, CPU, m) {
+  m.impl("ctr_graph_conv_cpp", &bharnet::forward_cpu);
+  m.impl("ctr_graph_conv_cpp_backward", &bharnet::backward_cpu);
+  m.impl("ctr_graph_conv_cpp_static_backward", &bharnet::static_backward_cpu);
+}

@@ -1,0 +1,121 @@
+// Shared CUDA building blocks (torch-free): dtype conversions and a shared-memory tiled GEMM
+// whose operands are read through a "problem" object, so that each op's gather (interpolated
+// samples, topology lookups, CSR tables) happens while the tiles are loaded and no
+// intermediate tensor is ever written.
+//
+// tiled_gemm<P, BM, BN, BK, TM, TN>: for every batch index (grid z, plus batch_base)
+//   C[m, n] = sum_{k < P.k_size(batch)} P.a(batch, m, k) * P.b(batch, k, n),  then P.store(batch, m, n, C)
+// for m < P.m_size(), n < P.n_size(). A block owns a BM x BN tile of C (grid y over m, x over
+// n); each of its (BM/TM)(BN/TN) threads accumulates a TM x TN micro-tile in registers, in the
+// accumulation type P::acc_t, over BK-deep slices of k staged in shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_launchers.h"
+
+namespace bharnet {
+namespace cuda {
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_of = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+template <typename T> __device__ __forceinline__ T from_acc(acc_of<T> x);
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+
+template <class P, int BM, int BN, int BK, int TM, int TN>
+__global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t batch_base) {
+  using acc_t = typename P::acc_t;
+  constexpr int kThreads = (BM / TM) * (BN / TN);
+  __shared__ acc_t As[BK][BM + 1];  // +1: the k-major stores below hit different banks
+  __shared__ acc_t Bs[BK][BN];
+  const int64_t batch = batch_base + blockIdx.z;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t M = p.m_size(), N = p.n_size(), K = p.k_size(batch);
+  const int tid = threadIdx.x;
+  const int tx = tid % (BN / TN), ty = tid / (BN / TN);
+  acc_t acc[TM][TN];
+#pragma unroll
+  for (int r = 0; r < TM; ++r)
+#pragma unroll
+    for (int c = 0; c < TN; ++c) acc[r][c] = acc_t(0);
+  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+    for (int e = tid; e < BM * BK; e += kThreads) {
+      // Consecutive threads walk the operand's contiguous dimension (coalesced loads).
+      const int mm = P::kAContiguousInK ? e / BK : e % BM;
+      const int kk = P::kAContiguousInK ? e % BK : e / BM;
+      const int64_t m = m0 + mm, k = k0 + kk;
+      As[kk][mm] = (m < M && k < K) ? p.a(batch, m, k) : acc_t(0);
+    }
+    for (int e = tid; e < BN * BK; e += kThreads) {
+      const int nn = e % BN, kk = e / BN;
+      const int64_t n = n0 + nn, k = k0 + kk;
+      Bs[kk][nn] = (n < N && k < K) ? p.b(batch, k, n) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      acc_t a[TM], b[TN];
+#pragma unroll
+      for (int r = 0; r < TM; ++r) a[r] = As[kk][ty * TM + r];
+#pragma unroll
+      for (int c = 0; c < TN; ++c) b[c] = Bs[kk][tx * TN + c];
+#pragma unroll
+      for (int r = 0; r < TM; ++r)
+#pragma unroll
+        for (int c = 0; c < TN; ++c) acc[r][c] += a[r] * b[c];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < TM; ++r)
+#pragma unroll
+    for (int c = 0; c < TN; ++c) {
+      const int64_t m = m0 + ty * TM + r, n = n0 + tx * TN + c;
+      if (m < M && n < N) p.store(batch, m, n, acc[r][c]);
+    }
+}
+
+// Launches tiled_gemm over `batches` batch indices (in chunks of at most 65535, the grid's z
+// limit) with an M x N output tile grid; returns the launch error.
+template <int BM, int BN, int BK, int TM, int TN, class P>
+cudaError_t launch_gemm(const P& p, int64_t M, int64_t N, int64_t batches, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return cudaSuccess;
+  constexpr int64_t kMaxZ = 65535;
+  const dim3 block((BM / TM) * (BN / TN));
+  for (int64_t base = 0; base < batches; base += kMaxZ) {
+    const int64_t count = batches - base < kMaxZ ? batches - base : kMaxZ;
+    const dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM),
+                    static_cast<unsigned>(count));
+    tiled_gemm<P, BM, BN, BK, TM, TN><<<grid, block, 0, stream>>>(p, base);
+  }
+  return cudaGetLastError();
+}
+
+// Calls fn(T()) with the storage type T of `dtype`.
+template <class Fn>
+cudaError_t dispatch(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat16: return fn(__half());
+    case DType::kBFloat16: return fn(__nv_bfloat16());
+    case DType::kFloat32: return fn(float());
+    case DType::kFloat64: return fn(double());
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace bharnet

@@ -1,0 +1,57 @@
+// Torch-free interface between the CUDA kernels (csrc/*.cu, compiled by nvcc without torch
+// headers) and their bindings (csrc/*_cuda.cpp): raw device pointers, sizes, a dtype code and
+// the stream to launch on. Every launcher returns the launch's cudaError_t.
+//
+// Dtypes: features (v, dy, x, y, dx, and DeTGC's weight and bias) have `dtype`; the
+// accumulation dtype "acc" is float64 for kFloat64 and float32 otherwise, and is also the
+// dtype of CTR-GC's topology inputs and of every buffer documented as "acc" below.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace bharnet {
+namespace cuda {
+
+enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
+
+// CTR-GC: v (B, H, C, T, V); topologies (B or 1, H, G, V, V) in acc (static mode: A itself,
+// shared by every b, G = 1).
+struct CtrShape {
+  int64_t B, H, C, T, V, R, G;
+  bool dynamic;
+};
+
+// topo[b, h, g, i, j] = alpha (sum_r W[h, g, r] tanh(q[b, h, r, i] - k[b, h, r, j]) + bias[h, g]) + A[h, i, j]
+cudaError_t ctr_topology(DType dtype, const CtrShape& s, const void* A, const void* q, const void* k,
+                         const void* weight, const void* bias, const void* alpha, void* topo, cudaStream_t stream);
+// y[b, c, t, i] = sum_h sum_j topo[b, h, g(c), i, j] v[b, h, c, t, j]
+cudaError_t ctr_forward(DType dtype, const CtrShape& s, const void* v, const void* topo, void* y, cudaStream_t stream);
+// dv[b, h, c, t, j] = sum_i topo[b, h, g(c), i, j] dy[b, c, t, i];
+// dtopo[b, h, g, i, j] (acc, (B, H, G, V, V)) = sum_{c in g, t} dy[b, c, t, i] v[b, h, c, t, j]
+cudaError_t ctr_backward(DType dtype, const CtrShape& s, const void* dy, const void* v, const void* topo, void* dv,
+                         void* dtopo, cudaStream_t stream);
+
+// DeTGC: x (B, C, T, V); weight (O, C, E); y (B, O, T_out, V). The sampling table has one
+// entry per (t', e): rows p0, p1 (int32) and the weight w (acc) of row p1.
+struct DetShape {
+  int64_t B, C, T, V, O, E, T_out;
+};
+
+// y[b, o, t', v] = bias[o] + sum_{c, e} weight[o, c, e] ((1 - w) x[b, c, p0, v] + w x[b, c, p1, v]); bias may be null
+cudaError_t det_forward(DType dtype, const DetShape& s, const void* x, const int32_t* p0, const int32_t* p1,
+                        const void* w, const void* weight, const void* bias, void* y, cudaStream_t stream);
+// out[split, o, k] (acc, (splits, O, C E)) = sum over split's share of (b, t', v) of dy[b, o, t', v] * s[b, k, t', v]
+// with s = the interpolated samples (inside == null), or inside[t', e] * (x[p1] - x[p0]) (inside: acc 0/1).
+cudaError_t det_param_grad(DType dtype, const DetShape& s, const void* dy, const void* x, const int32_t* p0,
+                           const int32_t* p1, const void* w, const void* inside, int64_t splits, void* out,
+                           cudaStream_t stream);
+// dx[b, c, t, v] = sum_{entries i of row t} coef[i] sum_o weight[o, c, e_i] dy[b, o, t'_i, v] with the CSR table
+// row_start (T + 1), src (t' E + e) and coef (acc).
+cudaError_t det_input_grad(DType dtype, const DetShape& s, const void* dy, const void* weight,
+                           const int32_t* row_start, const int32_t* src, const void* coef, void* dx,
+                           cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace bharnet

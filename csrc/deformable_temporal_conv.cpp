@@ -1,0 +1,339 @@
+// Deformable temporal convolution (DeTGC) on the CPU: bharnet::deformable_temporal_conv_cpp and
+// its backward.
+//
+// Math (bharnet/ops/deformable_temporal_conv.py; E offsets tau, stride s, T_out = (T-1)/s + 1,
+// k = c * E + e, K = C * E, n = t' * V + v, N = T_out * V):
+//   r[t',e] = t' * s + tau[e];  p = clamp(r, 0, T-1);  p0 = floor(p);  p1 = min(p0+1, T-1);  w = p - p0
+//   xs[b,k,n] = (1-w) * x[b,c,p0,v] + w * x[b,c,p1,v]
+//   y[b,o,n]  = bias[o] + sum_k W[o,k] * xs[b,k,n]
+// Backward (g[b,c,t',e,v] = sum_o W[o,c,e] dy[b,o,t',v]; dxs = inside(r) * (x[p1] - x[p0]) with
+// inside = 0 <= r <= T-1, or 0 < r < T-1 when torch's clamp has derivative 0 at its bounds,
+// `bounds_pass_grad`):
+//   dbias[o] = sum_{b,n} dy[b,o,n]
+//   dW[o,k]  = sum_{b,n} dy[b,o,n] * xs[b,k,n]
+//   dtau[e]  = sum_{b,c,t',v} g[b,c,t',e,v] * dxs[b,c,t',e,v]
+//   dx[b,c,t,v] = sum over the samples (t', e) that read row t (as p0 with coefficient 1-w, as p1
+//                 with coefficient w) of coef * g[b,c,t',e,v]
+//
+// Structure. The forward runs per (b, block of output times): it gathers and interpolates the
+// block's K x (block * V) samples into a zero-padded buffer and multiplies W (O x K) by it with
+// the register-tiled micro-kernel of cpu_simd.h (bias preloaded into the accumulators).
+// dW runs per (b, time block) too, with the samples gathered transposed (n-major, so that k is
+// the vector dimension): a GEMM dy (O x n) . xs^T (n x K) accumulated into one of a fixed number
+// of partial buffers (the tasks are split into slices independent of the thread count) that are
+// then summed in order. dx and dtau run per (b, block of 4 channels): for every (t', e) one
+// micro-kernel tile computes g for those channels, which is added to rows p0 and p1 of dx
+// (rows that only this task writes: no atomics) and dotted with dxs for dtau's per-task partial
+// sums (in double, summed in task order). Everything is deterministic. Accumulation is in the
+// compute dtype (float32 or float64); positions in float32, or float64 for float64 offsets.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu_simd.h"
+#include "deformable_temporal_conv.h"
+
+namespace bharnet {
+namespace {
+
+using simd::kTileRows;
+using simd::round_up;
+using simd::Tile;
+
+// Output-time blocks hold about this many columns n = (t', v).
+constexpr int64_t kColumnsPerBlock = 128;
+// The parameter gradients are reduced into at most this many partial buffers.
+constexpr int64_t kMaxSlices = 16;
+
+// One sample position: rows p0 and p1 of x, interpolation weight w, and whether the clamp
+// passes the gradient to tau.
+template <typename T>
+struct Sample {
+  int64_t p0, p1;
+  T w;
+  bool inside;
+};
+
+// Samples of every (t', e), in that order; positions in P exactly as the reference computes them.
+template <typename T, typename P>
+std::vector<Sample<T>> sample_table(const DetSizes& s, const P* tau, bool bounds_pass_grad) {
+  std::vector<Sample<T>> samples(s.T_out * s.E);
+  const P last = P(s.T - 1);
+  for (int64_t t = 0; t < s.T_out; ++t)
+    for (int64_t e = 0; e < s.E; ++e) {
+      const P r = P(t * s.stride) + tau[e];
+      const P p = r < P(0) ? P(0) : (r > last ? last : r);  // NaN stays NaN
+      const P floor_p = std::floor(p);
+      const int64_t p0 = floor_p >= P(0) ? std::min<int64_t>(static_cast<int64_t>(floor_p), s.T - 1) : 0;
+      const bool inside = bounds_pass_grad ? (r >= P(0) && r <= last) : (r > P(0) && r < last);
+      samples[t * s.E + e] = Sample<T>{p0, std::min<int64_t>(p0 + 1, s.T - 1), static_cast<T>(p - floor_p), inside};
+    }
+  return samples;
+}
+
+inline int64_t times_per_block(const DetSizes& s) { return std::max<int64_t>(1, kColumnsPerBlock / std::max<int64_t>(s.V, 1)); }
+
+// y[b, :, t0:t1, :] = bias + W . xs for one block of output times; xs: K x NBp scratch
+// (NBp = (t1 - t0) * V rounded up to the tile width; its padding columns are never stored).
+template <typename T>
+BHARNET_CLONES void forward_block(const DetSizes& s, const T* x, const T* weight, const T* bias,
+                                  const Sample<T>* samples, int64_t b, int64_t t0, int64_t t1, T* xs, T* y) {
+  constexpr int NR = simd::kTileCols<T>;
+  const int64_t V = s.V, K = s.C * s.E, N = s.T_out * V;
+  const int64_t NB = (t1 - t0) * V, NBp = simd::packed_ld<T>(NB);
+  for (int64_t c = 0; c < s.C; ++c) {
+    const T* xc = x + (b * s.C + c) * s.T * V;
+    for (int64_t e = 0; e < s.E; ++e) {
+      T* row = xs + (c * s.E + e) * NBp;
+      for (int64_t t = t0; t < t1; ++t) {
+        const Sample<T>& smp = samples[t * s.E + e];
+        const T* x0 = xc + smp.p0 * V;
+        const T* x1 = xc + smp.p1 * V;
+        const T w = smp.w, w0 = T(1) - smp.w;
+        T* out = row + (t - t0) * V;
+        for (int64_t v = 0; v < V; ++v) out[v] = x0[v] * w0 + x1[v] * w;
+      }
+      for (int64_t n = NB; n < NBp; ++n) row[n] = T(0);
+    }
+  }
+  T* yb = y + b * s.O * N + t0 * V;
+  for (int64_t o = 0; o < s.O; o += kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, s.O - o));
+    for (int64_t n0 = 0; n0 < NB; n0 += NR) {
+      Tile<T> tile;
+      if (bias) {
+        tile.fill_rows(bias + o, rows);
+      } else {
+        tile.zero();
+      }
+      tile.fma(K, weight + o * K, K, 1, xs + n0, NBp, rows);
+      tile.store_to(yb + o * N + n0, N, rows, static_cast<int>(std::min<int64_t>(NR, NB - n0)), false);
+    }
+  }
+}
+
+// Adds one (b, time block)'s terms to the partial sums dW (O x Kp) and dbias (O).
+// xst: NB x Kp scratch whose padding columns K..Kp are zero.
+template <typename T>
+BHARNET_CLONES void weight_grad_block(const DetSizes& s, const T* x, const T* dy, const Sample<T>* samples, int64_t b,
+                                      int64_t t0, int64_t t1, T* xst, T* dw, T* dbias) {
+  constexpr int NR = simd::kTileCols<T>;
+  const int64_t V = s.V, K = s.C * s.E, Kp = simd::packed_ld<T>(K), N = s.T_out * V;
+  const int64_t NB = (t1 - t0) * V;
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t e = 0; e < s.E; ++e) {
+      const Sample<T>& smp = samples[t * s.E + e];
+      const T w = smp.w, w0 = T(1) - smp.w;
+      for (int64_t c = 0; c < s.C; ++c) {
+        const T* xc = x + (b * s.C + c) * s.T * V;
+        const T* x0 = xc + smp.p0 * V;
+        const T* x1 = xc + smp.p1 * V;
+        T* out = xst + (t - t0) * V * Kp + c * s.E + e;
+        for (int64_t v = 0; v < V; ++v) out[v * Kp] = x0[v] * w0 + x1[v] * w;
+      }
+    }
+  const T* dyb = dy + b * s.O * N + t0 * V;
+  for (int64_t o = 0; o < s.O; o += kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, s.O - o));
+    for (int64_t k0 = 0; k0 < Kp; k0 += NR) {
+      Tile<T> tile;
+      tile.zero();
+      tile.fma(NB, dyb + o * N, N, 1, xst + k0, Kp, rows);
+      tile.store_to(dw + o * Kp + k0, Kp, rows, NR, true);
+    }
+  }
+  for (int64_t o = 0; o < s.O; ++o) {
+    T sum = T(0);
+    for (int64_t n = 0; n < NB; ++n) sum += dyb[o * N + n];
+    dbias[o] += sum;
+  }
+}
+
+// dx[b, c0:c1] and this block's share of dtau, for channels c0..c1 of batch b:
+// g[c, e, t', :] = sum_o W[o, c, e] dy[b, o, t', :] (one micro-kernel tile per (t', e)) is sent to
+// rows p0 (times 1-w) and p1 (times w) of dx[b, c], and dtau_part[e] += g . dxs. dyp: dy
+// transposed to (B, T_out, O, Vp), zero-padded rows of Vp.
+template <typename T>
+BHARNET_CLONES void input_grad_block(const DetSizes& s, int64_t Vp, const T* x, const T* dyp, const T* weight,
+                                     const Sample<T>* samples, int64_t b, int64_t c0, int64_t c1, T* dx,
+                                     double* dtau_part) {
+  constexpr int NR = simd::kTileCols<T>;
+  const int64_t V = s.V, K = s.C * s.E, TV = s.T * V;
+  const int rows = static_cast<int>(c1 - c0);
+  T* dxb = dx + (b * s.C + c0) * TV;
+  const T* xb = x + (b * s.C + c0) * TV;
+  for (int64_t i = 0; i < rows * TV; ++i) dxb[i] = T(0);
+  T g[kTileRows * NR];
+  for (int64_t t = 0; t < s.T_out; ++t)
+    for (int64_t e = 0; e < s.E; ++e) {
+      const Sample<T>& smp = samples[t * s.E + e];
+      const T w = smp.w, w0 = T(1) - smp.w;
+      T dot[NR] = {};  // per-lane partial sums of g . dxs (vectorisable)
+      for (int64_t v0 = 0; v0 < V; v0 += NR) {
+        const int cols = static_cast<int>(std::min<int64_t>(NR, V - v0));
+        Tile<T> tile;
+        tile.zero();
+        tile.fma(s.O, weight + c0 * s.E + e, s.E, K, dyp + (b * s.T_out + t) * s.O * Vp + v0, Vp, rows);
+        tile.store_to(g, NR, rows, NR, false);
+        for (int r = 0; r < rows; ++r) {
+          const T* gr = g + r * NR;
+          T* d0 = dxb + r * TV + smp.p0 * V + v0;
+          T* d1 = dxb + r * TV + smp.p1 * V + v0;
+          for (int v = 0; v < cols; ++v) d0[v] += w0 * gr[v];
+          for (int v = 0; v < cols; ++v) d1[v] += w * gr[v];
+          if (smp.inside) {
+            const T* x0 = xb + r * TV + smp.p0 * V + v0;
+            const T* x1 = xb + r * TV + smp.p1 * V + v0;
+            for (int v = 0; v < cols; ++v) dot[v] += gr[v] * (x1[v] - x0[v]);
+          }
+        }
+      }
+      for (int v = 0; v < NR; ++v) dtau_part[e] += dot[v];
+    }
+}
+
+constexpr const char* kForwardName = "bharnet::deformable_temporal_conv_cpp";
+constexpr const char* kBackwardName = "bharnet::deformable_temporal_conv_cpp_backward";
+
+void check_cpu(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): expected CPU tensors, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": the CPU kernels take float32 or float64, got ", x.scalar_type());
+}
+
+// Calls fn(T(), P()) for x's dtype T and the position dtype P (offsets' dtype).
+template <typename Fn>
+void dispatch_dtypes(const at::Tensor& x, const at::Tensor& offsets, Fn&& fn) {
+  if (x.scalar_type() == at::kDouble) {
+    fn(double(), double());
+  } else if (offsets.scalar_type() == at::kDouble) {
+    fn(float(), double());
+  } else {
+    fn(float(), float());
+  }
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weight_in,
+                       const std::optional<at::Tensor>& bias_in, int64_t stride) {
+  check_cpu(kForwardName, x_in);
+  const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride);
+  const auto x = x_in.contiguous(), offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
+  const auto bias = bias_in ? bias_in->contiguous() : at::Tensor();
+  auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options());
+  if (y.numel() == 0) return y;
+  dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {
+    using T = decltype(t_tag);
+    using P = decltype(p_tag);
+    const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), true);
+    const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
+    const int64_t scratch = s.C * s.E * simd::packed_ld<T>(tb * s.V);
+    const T* xp = x.data_ptr<T>();
+    const T* wp = weight.data_ptr<T>();
+    const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> xs(scratch);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, t0 = task % blocks * tb;
+        forward_block<T>(s, xp, wp, bp, samples.data(), b, t0, std::min(s.T_out, t0 + tb), xs.data(), yp);
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy_in,
+                                                                        const at::Tensor& x_in,
+                                                                        const at::Tensor& offsets_in,
+                                                                        const at::Tensor& weight_in, int64_t stride,
+                                                                        bool bounds_pass_grad) {
+  check_cpu(kBackwardName, x_in);
+  const DetSizes s = det_check(kBackwardName, x_in, offsets_in, weight_in, {}, stride);
+  det_check_grad(kBackwardName, dy_in, x_in, s);
+  const auto dy = dy_in.contiguous(), x = x_in.contiguous();
+  const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
+  auto dx = at::empty_like(x);
+  auto doffsets = at::zeros_like(offsets), dweight = at::zeros_like(weight);
+  auto dbias = at::zeros({s.O}, weight.options());
+  if (dy.numel() == 0 || x.numel() == 0) {
+    dx.zero_();
+    return {dx, doffsets, dweight, dbias};
+  }
+  dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {
+    using T = decltype(t_tag);
+    using P = decltype(p_tag);
+    constexpr int NR = simd::kTileCols<T>;
+    const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), bounds_pass_grad);
+    const T* xp = x.data_ptr<T>();
+    const T* dyp = dy.data_ptr<T>();
+    const T* wp = weight.data_ptr<T>();
+    const int64_t K = s.C * s.E, Kp = simd::packed_ld<T>(K);
+
+    // dW and dbias: tasks (b, time block), reduced into `slices` partial buffers.
+    const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
+    const int64_t tasks = s.B * blocks, slices = std::min(tasks, kMaxSlices);
+    std::vector<T> dw_part(slices * s.O * Kp, T(0)), dbias_part(slices * s.O, T(0));
+    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> xst(tb * s.V * Kp, T(0));
+      for (int64_t slice = begin; slice < end; ++slice)
+        for (int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
+          const int64_t b = task / blocks, t0 = task % blocks * tb;
+          weight_grad_block<T>(s, xp, dyp, samples.data(), b, t0, std::min(s.T_out, t0 + tb), xst.data(),
+                               dw_part.data() + slice * s.O * Kp, dbias_part.data() + slice * s.O);
+        }
+    });
+    T* dwp = dweight.data_ptr<T>();
+    T* dbp = dbias.data_ptr<T>();
+    for (int64_t slice = 0; slice < slices; ++slice)
+      for (int64_t o = 0; o < s.O; ++o) {
+        for (int64_t k = 0; k < K; ++k) dwp[o * K + k] += dw_part[(slice * s.O + o) * Kp + k];
+        dbp[o] += dbias_part[slice * s.O + o];
+      }
+
+    // dx and dtau: dy as (B, T_out, O, Vp) - the O rows of one time contiguous - then tasks (b, block of kTileRows channels), each
+    // with its own dtau partial sums (added in task order).
+    const int64_t Vp = round_up(s.V, NR);
+    std::vector<T> dy_padded(s.B * s.T_out * s.O * Vp);
+    at::parallel_for(0, s.B * s.O * s.T_out, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {  // row = (b, o, t') of dy
+        const int64_t b = row / (s.O * s.T_out), o = row / s.T_out % s.O, t = row % s.T_out;
+        T* out = dy_padded.data() + ((b * s.T_out + t) * s.O + o) * Vp;
+        for (int64_t v = 0; v < s.V; ++v) out[v] = dyp[row * s.V + v];
+        for (int64_t v = s.V; v < Vp; ++v) out[v] = T(0);
+      }
+    });
+    const int64_t c_blocks = (s.C + kTileRows - 1) / kTileRows;
+    std::vector<double> dtau_part(s.B * c_blocks * s.E, 0.0);
+    T* dxp = dx.data_ptr<T>();
+    at::parallel_for(0, s.B * c_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / c_blocks, c0 = task % c_blocks * kTileRows;
+        input_grad_block<T>(s, Vp, xp, dy_padded.data(), wp, samples.data(), b, c0, std::min(s.C, c0 + kTileRows),
+                            dxp, dtau_part.data() + task * s.E);
+      }
+    });
+    P* dtau = doffsets.data_ptr<P>();
+    for (int64_t e = 0; e < s.E; ++e) {
+      double sum = 0.0;
+      for (int64_t task = 0; task < s.B * c_blocks; ++task) sum += dtau_part[task * s.E + e];
+      dtau[e] = static_cast<P>(sum);
+    }
+  });
+  return {dx, doffsets, dweight, dbias};
+}
+
+}  // namespace
+}  // namespace bharnet
+
+TORCH_LIBRARY_FRAGMENT(bharnet, m) {
+  m.def("deformable_temporal_conv_cpp(Tensor x, Tensor offsets, Tensor weight, Tensor? bias, int stride) -> Tensor");
+  m.def("deformable_temporal_conv_cpp_backward(Tensor grad_y, Tensor x, Tensor offsets, Tensor weight, int stride, "
+        "bool bounds_pass_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bharnet, CPU, m) {
+  m.impl("deformable_temporal_conv_cpp", &bharnet::forward_cpu);
+  m.impl("deformable_temporal_conv_cpp_backward", &bharnet::backward_cpu);
+}
