@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network): the GPU tests, then the full benchmark on CUDA,
+# then a short summary table; about 6 minutes at most (GPU_CHECK_SECONDS, default 345).
+#
+#   bash bench/gpu_check.sh                       # from anywhere; uses the checkout it lives in
+#   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh  # rehearsal without a GPU (bench --quick)
+#
+# Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
+#   env      GPU, driver, Python, torch and triton versions
+#   setup    the source tree on PYTHONPATH through a shadow package that maps kernels/ to
+#            bharnet.kernels as setup.py does (nothing is built or installed); import check
+#   tests    pytest -m gpu (at most 150 s, leaving the benchmark about 3 minutes)
+#   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
+#            left: measurements that do not fit are listed as skipped, never half-run
+#   summary  the Performance tables of this run (bench/update_readme.py --stdout), printed last
+# The log, the CSV, the plots and the summary are copied to $OUT when it is set; results also
+# stay in bench/results/<device>.csv and bench/plots/ of this checkout.
+# Exit status: 0 when every stage passed, else 1 (the failed stages are listed at the end).
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+TOTAL=${GPU_CHECK_SECONDS:-345}
+WORK=$(mktemp -d)
+LOG=$WORK/gpu_check.log
+RESULTS=$ROOT/bench/results
+PLOTS=$ROOT/bench/plots
+export ROOT PY DEVICE WORK RESULTS
+export PYTHONPATH=$WORK/src${PYTHONPATH:+:$PYTHONPATH}
+FAILED=()
+cd "$WORK"  # never the checkout: its bharnet/ (without kernels/) would shadow the package
+
+left() { echo $((TOTAL - SECONDS)); }
+
+# stage NAME LIMIT_S COMMAND...: run under a timeout, log to $LOG; a failure is recorded, and
+# the script goes on to the next stage.
+stage() {
+  local name=$1 limit=$2 rc=0
+  shift 2
+  echo "=== [${SECONDS}s] stage $name (limit ${limit}s)" | tee -a "$LOG"
+  if ((limit < 5)); then
+    echo "=== $name: skipped, no time left" | tee -a "$LOG"
+    FAILED+=("$name")
+    return 0
+  fi
+  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG" || rc=$?
+  if ((rc == 0)); then
+    echo "=== $name: ok" | tee -a "$LOG"
+  else
+    echo "=== $name: FAILED (exit $rc; 124 = timed out)" | tee -a "$LOG"
+    FAILED+=("$name")
+  fi
+}
+
+environment() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nvidia-smi: not available"
+  "$PY" -c 'import sys, torch, triton
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda", torch.version.cuda, "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
+}
+
+setup_tree() {
+  local shadow=$WORK/src/bharnet entry
+  mkdir -p "$shadow"
+  for entry in "$ROOT"/bharnet/*; do ln -s "$entry" "$shadow/"; done
+  ln -s "$ROOT/kernels" "$shadow/kernels"
+  "$PY" -c 'import os, torch, bharnet, bharnet.kernels, bharnet.bench
+assert os.environ["DEVICE"] == "cpu" or torch.cuda.is_available(), "CUDA is not available"
+print("bharnet", bharnet.__version__, "from", bharnet.__path__[0])'
+}
+
+gpu_tests() {  # pytest exits 5 when no test is marked gpu: nothing to run is not a failure
+  local rc=0
+  "$PY" -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider || rc=$?
+  if ((rc == 5)); then echo "no GPU tests collected"; return 0; fi
+  return "$rc"
+}
+
+latest_csv() { ls -t "$RESULTS"/"$DEVICE"-*.csv 2>/dev/null | head -n 1; }
+
+summary() {
+  local csv
+  csv=$(latest_csv)
+  if [[ -z $csv ]]; then echo "no $DEVICE results in $RESULTS"; return 1; fi
+  "$PY" "$ROOT/bench/update_readme.py" --stdout "$csv" | tee "$WORK/summary.md"
+}
+
+copy_out() {
+  local csv pngs
+  mkdir -p "$OUT"
+  cp "$LOG" "$OUT/gpu_check.log"
+  csv=$(latest_csv || true)
+  if [[ -n $csv ]]; then cp "$csv" "$OUT/"; fi
+  if [[ -f $WORK/summary.md ]]; then cp "$WORK/summary.md" "$OUT/"; fi
+  mapfile -t pngs < <(ls "$PLOTS"/"$DEVICE"-*.png 2>/dev/null || true)
+  if ((${#pngs[@]} > 5)); then  # $OUT takes at most 8 files
+    tar -czf "$OUT/plots.tar.gz" -C "$PLOTS" "${pngs[@]##*/}"
+  elif ((${#pngs[@]} > 0)); then
+    cp "${pngs[@]}" "$OUT/"
+  fi
+  echo "copied to $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+}
+export -f environment setup_tree gpu_tests latest_csv summary
+
+if [[ $DEVICE == cpu ]]; then BENCH_OPTS=(--device cpu --quick); else BENCH_OPTS=(--device cuda --compile ops,infer); fi
+
+stage env 30 bash -c environment
+stage setup 60 bash -c setup_tree
+if [[ " ${FAILED[*]} " == *" setup "* ]]; then
+  echo "=== cannot import bharnet: stopping" | tee -a "$LOG"
+  if [[ -n ${OUT:-} ]]; then copy_out; fi
+  exit 1
+fi
+TEST_LIMIT=$(( $(left) - 190 < 150 ? $(left) - 190 : 150 ))
+stage tests "$TEST_LIMIT" bash -c gpu_tests
+BENCH_LIMIT=$(( $(left) - 30 ))
+stage bench "$BENCH_LIMIT" "$PY" "$ROOT/bench/run.py" "${BENCH_OPTS[@]}" \
+  --budget $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45)) --results-dir "$RESULTS" --plots-dir "$PLOTS"
+stage summary 20 bash -c summary
+if [[ -n ${OUT:-} ]]; then copy_out 2>&1 | tee -a "$LOG"; fi
+
+echo "=== gpu_check finished in ${SECONDS}s"
+if ((${#FAILED[@]})); then
+  echo "=== failed stages: ${FAILED[*]}"
+  exit 1
+fi
+echo "=== all stages passed"

@@ -1,0 +1,97 @@
+"""Whole-model cases: a training step and single-clip inference.
+
+* ``train``: ``optimizer.zero_grad(); loss = model.loss(model(body, hand), target);
+  loss.backward(); optimizer.step()`` with SGD (momentum 0.9, Nesterov, weight decay 4e-4),
+  batch ``clips`` x ``persons``; under ``torch.compile`` the forward and loss are compiled.
+* ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``.
+
+``bf16`` runs under ``torch.autocast`` (parameters stay float32). Inputs are random skeletons
+of the NTU layout (N, 3, T, V, M) with V = 25 body joints and V = 42 hand keypoints.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..graphs import BODY, HANDS
+from ..models import create_model
+from .providers import autocast, compiled
+
+MODEL_NAMES = ("bharnet-e", "body", "unified")
+INPUT_SETS = 2
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """``model`` in ``mode`` (``train`` or ``infer``) at a batch of ``clips`` x ``persons``."""
+
+    model: str
+    mode: str
+    preset: str
+    clips: int
+    persons: int
+    frames: int
+    classes: int = 120
+
+    @property
+    def x(self) -> str:
+        return f"N{self.clips} M{self.persons} T{self.frames}"
+
+    def config(self, dtype_name: str) -> str:
+        return (f"dtype={dtype_name};preset={self.preset};N={self.clips};M={self.persons};"
+                f"T={self.frames};classes={self.classes}")
+
+
+def model_cases(names, preset: str, clips: int, persons: int, frames: int):
+    """A training step at ``clips`` clips and single-clip inference for each model name."""
+    cases = []
+    for name in names:
+        cases.append(ModelCase(name, "train", preset, clips, persons, frames))
+        cases.append(ModelCase(name, "infer", preset, 1, persons, frames))
+    return cases
+
+
+def _batch(case: ModelCase, device: torch.device):
+    body = torch.randn(case.clips, 3, case.frames, BODY.num_nodes, case.persons, device=device)
+    hand = torch.randn(case.clips, 3, case.frames, HANDS.num_nodes, case.persons, device=device)
+    target = torch.randint(0, case.classes, (case.clips,), device=device)
+    return body, hand, target
+
+
+def make_step(case: ModelCase, device: torch.device, dtype_name: str,
+              compile_mode: Optional[str]) -> Callable[[], None]:
+    """A zero-argument callable running one step of ``case`` on fresh inputs (it cycles
+    through a few input sets). The ops' backend is the global one (``bharnet.ops.use_backend``)
+    in force when the step first runs (for compiled steps: when they are traced)."""
+    model = create_model(case.model, case.classes, preset=case.preset, num_person=case.persons).to(device)
+    batches = itertools.cycle([_batch(case, device) for _ in range(INPUT_SETS)])
+    if case.mode == "infer":
+        model.eval()
+        forward = compiled(model, compile_mode, fullgraph=False)
+
+        def infer_step():
+            body, hand, _ = next(batches)
+            with torch.no_grad(), autocast(device, dtype_name):
+                forward(body, hand)
+        return infer_step
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                weight_decay=4e-4)
+
+    def forward_loss(body, hand, target):
+        return model.loss(model(body, hand), target)
+
+    forward_loss = compiled(forward_loss, compile_mode, fullgraph=False)
+
+    def train_step():
+        body, hand, target = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype_name):
+            loss = forward_loss(body, hand, target)
+        loss.backward()
+        optimizer.step()
+    return train_step

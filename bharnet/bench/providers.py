@@ -1,0 +1,98 @@
+"""Providers: who computes an op or a model in a benchmark row.
+
+* ``eager``: the pure-PyTorch reference (backend ``reference``);
+* ``compile``: the reference under ``torch.compile`` (``compile:<mode>`` for a mode other than
+  the default, e.g. ``compile:max-autotune``);
+* ``<backend>``: each bharnet backend other than ``reference``/``auto`` (``triton``, ``cpp``,
+  and whatever ``bharnet.ops`` declares later), discovered at run time;
+* ``<backend>+compile`` (``<backend>+compile:<mode>``): that backend under ``torch.compile``.
+
+Whole models use ``eager``, ``compile``, ``auto`` and ``auto+compile``: ``auto`` runs each op
+on the fastest backend available for the device (``bharnet.ops.use_backend("auto")``), which
+is how bharnet is used; a single explicit backend would fail on a model using an op without it.
+
+A backend that cannot run is kept as a provider with a skip reason, so the report says why.
+On CPU the Triton backend is skipped: there it runs only in the Triton interpreter.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from ..ops._backend import BACKENDS, unavailable_reason
+
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRITON_ON_CPU = ("Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1), "
+                 "which is not a benchmark")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """``backend`` computes the ops; ``compile_mode`` is None for eager execution."""
+
+    backend: str
+    compile_mode: Optional[str] = None
+    skip: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        base = "eager" if self.backend == "reference" else self.backend
+        if self.compile_mode is None:
+            return base
+        suffix = "" if self.compile_mode == "default" else f":{self.compile_mode}"
+        return f"compile{suffix}" if self.backend == "reference" else f"{base}+compile{suffix}"
+
+
+def fused_backends() -> List[str]:
+    """The bharnet backends besides the reference (``auto`` only selects among them)."""
+    return [b for b in BACKENDS if b not in ("reference", "auto")]
+
+
+def backend_skip_reason(op: str, backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` is not benchmarked for ``op`` (None: benchmark it)."""
+    if backend == "triton" and device_type == "cpu":
+        return TRITON_ON_CPU
+    return unavailable_reason(op, backend, device_type)
+
+
+def model_providers(compile_modes: Sequence[str]) -> List[Provider]:
+    """eager, auto, and both under every mode in ``compile_modes``."""
+    return [Provider(backend, mode) for backend in ("reference", "auto") for mode in (None, *compile_modes)]
+
+
+def providers(op: str, device_type: str, compile_modes: Sequence[str]) -> List[Provider]:
+    """Every provider for ``op``: eager, each backend, and each of them under every mode in
+    ``compile_modes`` (an empty sequence: no compiled providers)."""
+    result = [Provider("reference")] + [Provider("reference", m) for m in compile_modes]
+    for backend in fused_backends():
+        skip = backend_skip_reason(op, backend, device_type)
+        result.append(Provider(backend, None, skip))
+        result += [Provider(backend, m, skip) for m in compile_modes]
+    return result
+
+
+def compiled(fn: Callable, mode: Optional[str], fullgraph: bool) -> Callable:
+    """``fn`` itself (``mode`` None) or ``torch.compile(fn)`` with static shapes; under
+    ``reduce-overhead`` (CUDA graphs) every call first marks a new step."""
+    if mode is None:
+        return fn
+    compiled_fn = torch.compile(fn, mode=None if mode == "default" else mode,
+                                fullgraph=fullgraph, dynamic=False)
+    if mode != "reduce-overhead":
+        return compiled_fn
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_fn(*args, **kwargs)
+    return call
+
+
+def autocast(device: torch.device, dtype_name: str):
+    """``torch.autocast`` to bfloat16 for ``bf16``; no-op context for ``fp32``."""
+    if dtype_name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype_name])

@@ -1,0 +1,179 @@
+"""The README's "Performance" section, generated from ``bench/results/*.csv``.
+
+For each device the latest run (the rows with its newest timestamp) becomes a short Markdown
+report: conditions (device, versions, threads, dtypes, shapes, date), op timings for fwd+bwd
+by provider with speedups over eager, and model training-step / inference timings with peak
+memory. The section replaces whatever lies between :data:`START` and :data:`END` in the README.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from .env import device_slug
+from .report import MODEL_MODES, Row, by_op, case_config, parse_config, read_csv, row_key, speedups
+
+START = "<!-- performance:start -->"
+END = "<!-- performance:end -->"
+_NOT_SHAPE = ("dtype", "threads", "run")
+
+
+def latest_runs(rows: Iterable[Row]) -> Dict[str, List[Row]]:
+    """Rows of each device's newest run (by timestamp), devices in order of appearance."""
+    by_device: Dict[str, List[Row]] = defaultdict(list)
+    for row in rows:
+        by_device[row.device].append(row)
+    latest = {}
+    for device, device_rows in by_device.items():
+        newest = max(r.timestamp for r in device_rows)
+        latest[device] = [r for r in device_rows if r.timestamp == newest]
+    return latest
+
+
+def _shape(config: str) -> str:
+    return " ".join(f"{k}={v}" for k, v in parse_config(config).items() if k not in _NOT_SHAPE)
+
+
+def _versions(row: Row) -> str:
+    return ", ".join(v.replace("=", " ") for v in row.versions.split(";"))
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> List[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+    return out + ["| " + " | ".join(line) + " |" for line in lines]
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def render_device(rows: Sequence[Row], plots: Sequence[str] = ()) -> List[str]:
+    """Markdown lines for one device's run, linking the ``plots`` (paths relative to the README)."""
+    first = rows[0]
+    config = parse_config(first.config)
+    quick = config.get("run") == "quick"
+    dtypes = sorted({parse_config(r.config).get("dtype", "") for r in rows if r.op != "copy"} - {""})
+    copy = next((r for r in rows if r.op == "copy"), None)
+    conditions = [f"{_versions(first)}", f"dtypes {', '.join(dtypes)} (bf16 = autocast, parameters fp32)"]
+    if "threads" in config:
+        cores = re.search(r"\((\d+) cores\)", first.device)
+        conditions.append(f"torch threads: {config['threads']}" + (f" of {cores.group(1)} cores" if cores else ""))
+    if copy is not None:
+        conditions.append(f"measured copy bandwidth {copy.p50:.3g} GB/s")
+    auto = next((parse_config(r.config)["auto"] for r in rows if "auto=" in r.config), None)
+    if auto is not None:
+        conditions.append("`auto` ran " + ", ".join(pair.replace(":", " on ") for pair in auto.split("/")))
+    lines = [f"### {first.device}, {first.timestamp[:10]}" + (" (`--quick`)" if quick else ""), "",
+             "; ".join(conditions) + "."]
+    if quick:
+        lines.append("A `--quick` run: tiny shapes and the `small` model preset, a smoke test of the "
+                     "whole benchmark rather than a ranking of providers.")
+    lines.append("Median of repeated calls in ms (speedup over eager); p20/p80 and more metrics are in the CSV.")
+    if plots:
+        names = [os.path.splitext(os.path.basename(p))[0].split("_", 1)[-1] for p in plots]
+        lines.append("Plots: " + ", ".join(f"[{name}]({p})" for name, p in zip(names, plots)) + ".")
+    lines += _op_lines(rows) + _model_lines(rows)
+    return lines
+
+
+def _providers(rows: Iterable[Row]) -> List[str]:
+    return list(dict.fromkeys(r.provider for r in rows))
+
+
+def _op_lines(rows: Sequence[Row]) -> List[str]:
+    """Two tables: fwd+bwd time per provider, and memory (saved for backward, fwd+bwd peak)."""
+    times = by_op(r for r in rows if r.metric == "time" and r.mode == "fwd+bwd")
+    if not times:
+        return []
+    ratio = speedups(rows, "eager")
+    metric = {(*row_key(r), r.metric): r.p50 for r in rows}
+    providers = _providers(times)
+    speed, memory = [], []
+    for op, x, config in dict.fromkeys((r.op, r.x, case_config(r.config)) for r in times):
+        case = [op, _shape(config), parse_config(config).get("dtype", "")]
+        cells, mem_cells = list(case), list(case)
+        for p in providers:
+            t = metric.get((op, p, "fwd+bwd", x, config, "time"))
+            speedup = ratio.get((op, p, "fwd+bwd", x, config))
+            cells.append("-" if t is None else _ms(t) + ("" if p == "eager" else f" ({speedup:.2f}x)"))
+            saved = metric.get((op, p, "fwd", x, config, "saved_mem"))
+            peak = metric.get((op, p, "fwd+bwd", x, config, "peak_mem"))
+            mem_cells.append("-" if saved is None else f"{saved:.3g} / " + ("-" if peak is None else f"{peak:.3g}"))
+        roof = [v for v in (metric.get((op, p, "fwd+bwd", x, config, "roofline")) for p in providers) if v is not None]
+        cells.append(f"{max(roof):.2g}%" if roof else "-")
+        speed.append(cells)
+        memory.append(mem_cells)
+    head = ["op", "shape", "dtype"]
+    return (["", "Ops, forward + backward, ms (speedup over eager); the last column is the best "
+             "provider's traffic (inputs read once, outputs written once) over its time, as a share "
+             "of the copy bandwidth:", ""]
+            + _table(head + providers + ["best % of copy BW"], speed)
+            + ["", "Ops, memory in MiB: saved for backward by the forward / peak of forward + backward "
+               "above the inputs:", ""]
+            + _table(head + providers, memory))
+
+
+def _model_lines(rows: Sequence[Row]) -> List[str]:
+    times = [r for r in rows if r.metric == "time" and r.mode in MODEL_MODES]
+    if not times:
+        return []
+    ratio = speedups(rows, "eager")
+    metric = {(*row_key(r), r.metric): r.p50 for r in rows}
+    providers = _providers(times)
+    body = []
+    for model, mode, x, config in dict.fromkeys((r.op, r.mode, r.x, case_config(r.config)) for r in times):
+        cells = [model, "training step" if mode == "train" else "inference, 1 clip",
+                 f"{parse_config(config).get('dtype', '')}, {_shape(config)}"]
+        for p in providers:
+            t = metric.get((model, p, mode, x, config, "time"))
+            peak = metric.get((model, p, mode, x, config, "peak_mem"))
+            speed = ratio.get((model, p, mode, x, config))
+            text = "-" if t is None else _ms(t) + ("" if p == "eager" else f" ({speed:.2f}x)")
+            cells.append(text + ("" if peak is None or t is None else f", {peak:.3g} MiB"))
+        body.append(cells)
+    return (["", "Models (time, and peak memory above the resident model, optimizer state and inputs):", ""]
+            + _table(["model", "step", "config"] + providers, body))
+
+
+def render(rows: Iterable[Row], plots_dir: Optional[str] = None, base_dir: str = ".") -> str:
+    """The whole generated section (heading included), without the markers. With
+    ``plots_dir``, each device's PNGs there (``<device slug>_*.png``, as ``bharnet bench``
+    names them) are linked, relative to ``base_dir`` (the README's directory)."""
+    lines = ["## Performance", "",
+             "Generated by `python bench/update_readme.py` from `bench/results/*.csv` (the latest "
+             "`bharnet bench` run per device); rerun both to refresh. Providers: `eager` (the "
+             "PyTorch reference), `compile` (`torch.compile` of it), each bharnet backend, and "
+             "`<backend>+compile`."]
+    runs = latest_runs(rows)
+    if not runs:
+        lines += ["", "No benchmark results yet: run `bharnet bench`."]
+    for device, device_rows in runs.items():
+        plots = [] if plots_dir is None else sorted(
+            os.path.relpath(p, base_dir) for p in glob.glob(os.path.join(plots_dir, f"{device_slug(device)}_*.png")))
+        lines += [""] + render_device(device_rows, plots)
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with the part between the markers replaced by ``section`` (markers and section
+    appended at the end when the markers are absent)."""
+    block = f"{START}\n{section}\n{END}"
+    start, end = text.find(START), text.find(END)
+    if start == -1 or end == -1 or end < start:
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    return text[:start] + block + text[end + len(END):]
+
+
+def update_readme(readme_path: str, csv_paths: Sequence[str], plots_dir: Optional[str] = None) -> str:
+    """Rewrite the section of ``readme_path`` from ``csv_paths`` (linking the plots in
+    ``plots_dir``); returns the section."""
+    rows = [row for path in sorted(csv_paths) for row in read_csv(path)]
+    section = render(rows, plots_dir, os.path.dirname(os.path.abspath(readme_path)))
+    with open(readme_path) as handle:
+        text = handle.read()
+    with open(readme_path, "w") as handle:
+        handle.write(replace_section(text, section))
+    return section

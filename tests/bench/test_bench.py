@@ -1,0 +1,230 @@
+"""`bharnet bench`: the --quick run end to end, and its measuring, reporting and README parts."""
+import argparse
+import csv
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bharnet.bench import add_arguments, run
+from bharnet.bench.memory import MIB, peak_memory, saved_tensor_bytes
+from bharnet.bench.providers import TRITON_ON_CPU, Provider, model_providers, providers
+from bharnet.bench.readme import END, START, render, replace_section, update_readme
+from bharnet.bench.report import CSV_COLUMNS, Row, read_csv, speedups, write_csv
+from bharnet.bench.roofline import gbps, roofline_percent, tensor_bytes
+from bharnet.bench.timing import TimerSettings, cpu_time, cuda_time, quantile
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv)))
+
+
+def only_csv(directory):
+    paths = list(Path(directory).glob("*.csv"))
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny ops on two threads stall for milliseconds when a shared CI machine
+    is oversubscribed (each parallel region waits for a descheduled worker)."""
+    threads = torch.get_num_threads()
+    yield "1"
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys, one_thread):
+    results, plots = tmp_path / "results", tmp_path / "plots"
+    argv = ["--quick", "--threads", one_thread, "--results-dir", str(results), "--plots-dir", str(plots)]
+    assert bench(*argv) == 0
+    out = capsys.readouterr().out
+    assert "vs eager" in out and "vs compile" in out and "copy bandwidth" in out
+    assert "skipped triton " in out and TRITON_ON_CPU in out  # on CPU, with the reason
+    assert "time budget" not in out
+
+    path = only_csv(results)
+    assert path.name.startswith("cpu-")
+    with open(path, newline="") as handle:
+        assert next(csv.reader(handle)) == CSV_COLUMNS
+    rows = read_csv(str(path))
+    assert len({(r.device, r.versions, r.timestamp) for r in rows}) == 1
+    assert "torch=" in rows[0].versions and "triton=" in rows[0].versions
+    for r in rows:
+        assert r.p20 <= r.p50 <= r.p80, r
+    times = {(r.op, r.provider, r.mode) for r in rows if r.metric == "time"}
+    for op in ("ctr_graph_conv", "deformable_temporal_conv", "bone"):
+        for provider in ("eager", "compile"):
+            assert {(op, provider, mode) for mode in ("fwd", "bwd", "fwd+bwd")} <= times
+    assert ("bone", "cpp", "fwd+bwd") in times  # the C++ backend runs on CPU
+    for model in ("bharnet-e", "body", "unified"):
+        assert {(model, p, m) for p in ("eager", "auto") for m in ("train", "infer")} <= times
+    ratios = {(op, provider, mode): value for (op, provider, mode, _, _), value in speedups(rows, "eager").items()}
+    assert ("body", "auto", "train") in ratios  # auto's backend choice does not split the case
+    metrics = {(r.op, r.metric) for r in rows}
+    assert {("copy", "bandwidth"), ("ctr_graph_conv", "roofline"), ("ctr_graph_conv", "gbps"),
+            ("ctr_graph_conv", "saved_mem"), ("ctr_graph_conv", "peak_mem"), ("ctr_graph_conv", "compile"),
+            ("body", "peak_mem")} <= metrics
+    op_rows = [r for r in rows if r.op != "copy"]
+    assert all("run=quick" in r.config and "dtype=fp32" in r.config and "threads=1" in r.config for r in op_rows)
+    assert all(r.unit == "s" and r.p50 > 0 for r in rows if r.metric == "compile")
+
+    pngs = sorted(plots.glob("*.png"))
+    assert {p.name.split("_", 1)[1] for p in pngs} >= {"ctr_graph_conv.png", "bone.png", "models.png"}
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
+
+
+def test_budget_skips_what_does_not_fit(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert bench("--quick", "--ops", "bone", "--models", "body", "--budget", "0.001",
+                 "--results-dir", str(results), "--no-plots") == 0
+    assert {r.op for r in read_csv(str(only_csv(results)))} == {"copy"}
+    out = capsys.readouterr().out
+    assert "time budget (--budget 0.001 s) spent" in out and "body train" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_gpu_is_a_one_line_error(tmp_path, capsys):
+    assert bench("--device", "cuda", "--results-dir", str(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda" in err and "CUDA is not available" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["--ops", "conv"], ["--dtypes", "fp16"], ["--compile", "everything"],
+                                  ["--batch", "0"], ["--compile-mode", "fast"]])
+def test_bad_options_exit_with_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench(*argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cpu_timer_measures_a_known_sleep():
+    t = cpu_time(lambda: time.sleep(0.01), TimerSettings(warmup=1, min_reps=5, min_time_s=0.0))
+    assert 10.0 <= t.p20 <= t.p50 <= t.p80
+    assert t.p50 < 60.0  # generous: shared CI machines oversleep
+
+
+def test_cpu_timer_leaves_setup_untimed():
+    t = cpu_time(lambda state: state, TimerSettings(warmup=1, min_reps=3, min_time_s=0.0),
+                 setup=lambda: time.sleep(0.02))
+    assert t.p80 < 10.0
+
+
+@pytest.mark.gpu
+def test_cuda_timer_orders_work_and_leaves_setup_untimed():
+    settings = TimerSettings(warmup=2, min_reps=10, min_time_s=0.05)
+    small, large = (torch.empty(n, device="cuda") for n in (1 << 20, 1 << 28))
+    t_small = cuda_time(lambda: small.mul_(1.0), settings)
+    t_large = cuda_time(lambda: large.mul_(1.0), settings)  # 256x the bytes
+    assert t_small.p20 <= t_small.p50 <= t_small.p80 < t_large.p20
+    untimed = cuda_time(lambda state: small.add_(1.0), settings, setup=lambda: torch.cuda._sleep(10_000_000))
+    assert untimed.p80 < t_large.p20
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_sees_a_large_temporary():
+    peak = peak_memory(lambda: torch.ones(16 << 20, device="cuda"), torch.device("cuda"))
+    assert peak >= 64 * MIB
+
+
+def test_quantile_interpolates_between_order_statistics():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert (quantile(values, 0.2), quantile(values, 0.5), quantile(values, 0.8)) == pytest.approx((1.8, 3.0, 4.2))
+    assert quantile([7.0], 0.8) == 7.0
+    with pytest.raises(ValueError, match="empty"):
+        quantile([], 0.5)
+
+
+def test_roofline_of_a_known_case():
+    x = torch.zeros(1000, dtype=torch.float32)   # 4000 bytes
+    y = torch.zeros(500, dtype=torch.bfloat16)   # 1000 bytes
+    assert tensor_bytes([x, 3, y, None]) == 5000
+    assert gbps(2_000_000_000, 1000.0) == pytest.approx(2.0)   # 2 GB in 1 s
+    assert roofline_percent(1_000_000_000, 1.0, 2000.0) == pytest.approx(50.0)  # 1 TB/s of 2 TB/s
+    with pytest.raises(ValueError, match="positive"):
+        gbps(1, 0.0)
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(1000, requires_grad=True)
+    assert saved_tensor_bytes(lambda: x * x) == x.nbytes            # x saved twice, one storage
+    assert saved_tensor_bytes(lambda: x.exp()) == 1000 * 4           # the result
+    assert saved_tensor_bytes(lambda: (x * 2).sum()) == 0            # nothing to save
+
+
+def test_peak_memory_sees_a_large_temporary():
+    peak = peak_memory(lambda: torch.ones(16 << 20), torch.device("cpu"))  # 64 MiB, touched
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs: RSS peaks cannot be measured here")
+    assert peak >= 0.9 * 64 * MIB
+
+
+def test_provider_names_and_cpu_rules():
+    assert Provider("reference").name == "eager"
+    assert Provider("reference", "default").name == "compile"
+    assert Provider("reference", "max-autotune").name == "compile:max-autotune"
+    assert Provider("triton", "default").name == "triton+compile"
+    assert [p.name for p in model_providers(["default"])] == ["eager", "compile", "auto", "auto+compile"]
+    cpu = {p.name: p.skip for p in providers("ctr_graph_conv", "cpu", ["default"])}
+    assert cpu["eager"] is None and cpu["compile"] is None
+    assert cpu["triton"] == TRITON_ON_CPU and cpu["triton+compile"] == TRITON_ON_CPU
+    assert "cpp" in cpu  # every backend is listed, usable or with the reason why not
+    assert [p.name for p in providers("bone", "cpu", [])][:1] == ["eager"]
+
+
+def fake_rows(timestamp, eager_ms, triton_ms):
+    common = dict(device="cuda: Fake GPU", versions="torch=2.11.0;triton=3.6.0;bharnet=0.1.0",
+                  timestamp=timestamp)
+    config = "dtype=bf16;B=128;C=64;T=64;V=25"
+    return [
+        Row("copy", "torch", "copy", "bandwidth", "GB/s", "1024 MiB", 2900.0, 2800.0, 3000.0, "dtype=fp32", **common),
+        Row("ctr_graph_conv", "eager", "fwd+bwd", "time", "ms", "C64 T64 V25", eager_ms, eager_ms, eager_ms, config, **common),
+        Row("ctr_graph_conv", "triton", "fwd+bwd", "time", "ms", "C64 T64 V25", triton_ms, triton_ms, triton_ms, config, **common),
+        Row("ctr_graph_conv", "triton", "fwd+bwd", "roofline", "%", "C64 T64 V25", 42.0, 40.0, 44.0, config, **common),
+        Row("body", "eager", "train", "time", "ms", "N32 M2 T64", 300.0, 290.0, 310.0,
+            "dtype=fp32;preset=full;N=32;M=2;T=64;classes=120", **common),
+        Row("body", "eager", "train", "peak_mem", "MiB", "N32 M2 T64", 1024.0, 1024.0, 1024.0,
+            "dtype=fp32;preset=full;N=32;M=2;T=64;classes=120", **common),
+    ]
+
+
+def test_readme_section_is_generated_from_the_latest_run(tmp_path):
+    path = tmp_path / "cuda-fake-gpu.csv"
+    write_csv(fake_rows("2026-01-01T00:00:00Z", 9.0, 3.0), str(path))
+    write_csv(fake_rows("2026-02-01T00:00:00Z", 4.5, 1.5), str(path))  # the newer run wins
+    section = render(read_csv(str(path)))
+    assert section.startswith("## Performance")
+    assert "### cuda: Fake GPU, 2026-02-01" in section and "2026-01-01" not in section
+    assert "torch 2.11.0, triton 3.6.0" in section and "dtypes bf16, fp32" in section
+    assert "| ctr_graph_conv | B=128 C=64 T=64 V=25 | bf16 | 4.5 | 1.5 (3.00x) | 42% |" in section
+    assert "| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB |" in section
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# project\n\nintro\n\n{START}\nold numbers\n{END}\n\n## After\n")
+    plots = tmp_path / "bench" / "plots"
+    plots.mkdir(parents=True)
+    (plots / "cuda-fake-gpu_models.png").write_bytes(PNG_MAGIC)
+    update_readme(str(readme), [str(path)], str(plots))
+    text = readme.read_text()
+    assert "old numbers" not in text and "1.5 (3.00x)" in text
+    assert "Plots: [models](bench/plots/cuda-fake-gpu_models.png)." in text
+    assert text.startswith("# project\n\nintro\n\n") and text.endswith(f"{END}\n\n## After\n")
+
+
+def test_readme_markers_are_added_when_missing():
+    text = replace_section("# project\n", "## Performance\n\nnumbers")
+    assert text == f"# project\n\n{START}\n## Performance\n\nnumbers\n{END}\n"
+
+
+def test_gpu_check_script_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
