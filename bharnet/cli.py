@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_ensemble_arguments(ensemble)
     ensemble.set_defaults(func=commands.run_ensemble)
 
+    from . import bench
+
+    bench_parser = sub.add_parser("bench", help="eager vs torch.compile vs bharnet backends, per op and per model")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.run)
+
     from .data import prepare
 
     prep = sub.add_parser("prepare", help="convert raw NTU RGB+D skeletons (+ hands) into a dataset")

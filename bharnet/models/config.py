@@ -9,7 +9,7 @@ PRESETS = {
     "full": dict(channels=(64, 64, 64, 64, 128, 128, 128, 256, 256, 256),
                  strides=(1, 1, 1, 1, 2, 1, 1, 2, 1, 1), stem_depth=4),
     # A small model that learns the synthetic demo in minutes on two CPU cores.
-    "small": dict(channels=(16, 32, 32, 64, 64), strides=(1, 2, 1, 2, 1), stem_depth=2, heads=4),
+    "small": dict(channels=(16, 32, 32, 64), strides=(1, 2, 1, 2), stem_depth=2, heads=4),
 }
 
 
