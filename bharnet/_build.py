@@ -2,8 +2,10 @@
 this file by path, without importing the package) and the JIT build in ``bharnet._ext``.
 
 CPU sources are ``csrc/*.cpp`` except the CUDA bindings ``csrc/*_cuda.cpp``; a CUDA build adds
-those and ``csrc/*.cu`` (torch-free kernels) and compiles device code for sm_80 and sm_90
-(plus sm_90 PTX for newer GPUs) unless ``TORCH_CUDA_ARCH_LIST`` says otherwise. The CPU
+those and ``csrc/*.cu`` (torch-free kernels, named ``*_kernels.cu``: setuptools names objects
+after the file's stem, so a ``.cu`` must not share one with a ``.cpp``) and compiles device
+code for sm_80 and sm_90 (plus sm_90 PTX for newer GPUs) unless ``TORCH_CUDA_ARCH_LIST`` says
+otherwise. The CPU
 kernels need no ``-march``: they carry per-ISA clones (``csrc/cpu_simd.h``).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// CUDA binding of bharnet::ctr_graph_conv_cpp* (kernels in csrc/ctr_graph_conv.cu; schemas in
+// CUDA binding of bharnet::ctr_graph_conv_cpp* (kernels in csrc/ctr_graph_conv_kernels.cu; schemas in
 // csrc/ctr_graph_conv.cpp). The heavy parts - the aggregation, dv and dAref - are CUDA
 // kernels; the small (B, H, R, V, V)-sized refinement gradients and the sums over b are ATen ops:
 //   th = tanh(q_i - k_j);  u_r = (sum_g W[h,g,r] dAref[b,h,g]) (1 - th_r^2)

@@ -1,5 +1,5 @@
 // CUDA binding of bharnet::deformable_temporal_conv_cpp* (kernels in
-// csrc/deformable_temporal_conv.cu; schemas in csrc/deformable_temporal_conv.cpp). Small ATen ops
+// csrc/deformable_temporal_conv_kernels.cu; schemas in csrc/deformable_temporal_conv.cpp). Small ATen ops
 // build the sampling table exactly as the reference computes positions
 //   r = t' s + tau[e] (in offsets' dtype);  p = clamp(r, 0, T-1);  p0 = floor(p);  w = (p - p0) in x's dtype
 // and the CSR table of which samples read each input row (coefficient 1-w at p0, w at p1),

@@ -27,8 +27,9 @@ Gradients (``dy = dL/dy``; ``dAref`` is the gradient of the refined topology;
                                 * (sum_r W[h, g, r] * th_r + bias[h, g])
 
 Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.ctr_graph_conv``) and ``cpp``
-(``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD; ``csrc/ctr_graph_conv.cu``
-on CUDA; custom ops ``bharnet::ctr_graph_conv_cpp*``, see the cpp section below). The Triton
+(``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
+``csrc/ctr_graph_conv_kernels.cu`` on CUDA; custom ops ``bharnet::ctr_graph_conv_cpp*``, see
+the cpp section below). The Triton
 kernels recompute the topology wherever they need it, forward and backward, and never store
 it; the backward keeps only its gradient dAref, (B, H, G, V, V) in float32. Limits: V <= 128;
 float16/bfloat16/float32/float64 inputs, fp32 accumulation (fp64 for fp64 ``v``); ``v``'s dtype
@@ -265,8 +266,8 @@ def ctr_graph_conv_triton(v, A, q=None, k=None, weight=None, bias=None, alpha=No
 
 
 # --- cpp backend ------------------------------------------------------------------------------
-# The C++ (CPU, csrc/ctr_graph_conv.cpp) and CUDA (csrc/ctr_graph_conv.cu) kernels are the custom
-# ops bharnet::ctr_graph_conv_cpp, ctr_graph_conv_cpp_backward and
+# The C++ (CPU, csrc/ctr_graph_conv.cpp) and CUDA (csrc/ctr_graph_conv_kernels.cu) kernels are
+# the custom ops bharnet::ctr_graph_conv_cpp, ctr_graph_conv_cpp_backward and
 # ctr_graph_conv_cpp_static_backward. Issue 7 asked for the same op names for every backend, but
 # an op name has one schema and one kernel per dispatch key, and bharnet::ctr_graph_conv is
 # the Triton op (defined from Python; on CPU it runs the Triton interpreter, which the Triton

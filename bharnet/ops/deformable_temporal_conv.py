@@ -28,7 +28,7 @@ registered as the custom ops ``bharnet::deformable_temporal_conv`` and
 ``bharnet::deformable_temporal_conv_backward`` with autograd and fake impls, so that
 ``torch.compile(fullgraph=True)`` traces callers without graph breaks) and ``cpp``
 (``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
-``csrc/deformable_temporal_conv.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
+``csrc/deformable_temporal_conv_kernels.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
 and ``..._cpp_backward``, see the cpp section below).
 
 Shapes: ``x`` (B, C_in, T, V); ``offsets`` (E,); ``weight`` (C_out, C_in, E); ``bias``
@@ -156,8 +156,8 @@ def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
 
 
 # --- cpp backend ------------------------------------------------------------------------------
-# The C++ (CPU, csrc/deformable_temporal_conv.cpp) and CUDA (csrc/deformable_temporal_conv.cu)
-# kernels are the custom ops bharnet::deformable_temporal_conv_cpp and
+# The C++ (CPU, csrc/deformable_temporal_conv.cpp) and CUDA
+# (csrc/deformable_temporal_conv_kernels.cu) kernels are the custom ops bharnet::deformable_temporal_conv_cpp and
 # bharnet::deformable_temporal_conv_cpp_backward. Issue 7 asked for the same op names for every
 # backend, but an op name has one schema and one kernel per dispatch key, and
 # bharnet::deformable_temporal_conv is the Triton op (defined from Python; on CPU it runs the
