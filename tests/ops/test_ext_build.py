@@ -1,0 +1,46 @@
+"""The C++ extension's build paths: a missing compiler leaves a clear reason and a working
+reference backend; the source lists shared by setup.py and the JIT build."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bharnet import _build, _ext
+
+NO_COMPILER = """
+import torch
+from bharnet import _ext
+from bharnet.ops import ctr_graph_conv, deformable_temporal_conv
+reason = _ext.cpp_availability("cpu")
+assert reason is not None and "could not build the C++ extension" in reason and "reference" in reason, reason
+v, A = torch.randn(1, 3, 4, 5, 25), torch.randn(3, 25, 25)
+y = ctr_graph_conv(v, A)  # auto: falls back to the reference
+assert torch.allclose(y, torch.einsum("hij,bhctj->bcti", A, v), atol=1e-5)
+deformable_temporal_conv(torch.randn(1, 2, 6, 5), torch.zeros(4), torch.randn(3, 2, 4))
+try:
+    ctr_graph_conv(v, A, backend="cpp")
+except RuntimeError as error:
+    assert "backend 'cpp' cannot run ctr_graph_conv" in str(error) and "could not build" in str(error)
+else:
+    raise AssertionError("the cpp backend ran without an extension")
+print("ok")
+"""
+
+
+def test_missing_compiler_gives_a_clear_reason_and_the_reference_still_works(tmp_path):
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    result = subprocess.run([sys.executable, "-c", NO_COMPILER], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_cpu_and_cuda_source_lists():
+    cpu = [Path(p).name for p in _build.sources(_ext.SOURCE_DIR, cuda=False)]
+    cuda = [Path(p).name for p in _build.sources(_ext.SOURCE_DIR, cuda=True)]
+    assert {"bone.cpp", "ctr_graph_conv.cpp", "deformable_temporal_conv.cpp"} <= set(cpu)
+    assert not any(name.endswith("_cuda.cpp") or name.endswith(".cu") for name in cpu)
+    assert set(cuda) - set(cpu) == {"ctr_graph_conv_cuda.cpp", "ctr_graph_conv_kernels.cu",
+                                    "deformable_temporal_conv_cuda.cpp", "deformable_temporal_conv_kernels.cu"}
+    stems = [Path(name).stem for name in cuda]  # setuptools names each object file after its stem
+    assert len(stems) == len(set(stems))
