@@ -9,61 +9,45 @@ attend Lk = V_kv joints) and ``sequence`` (one per b: Lq = T·V_q, Lk = T·V_kv)
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..ops.cross_attention import cross_attention, masked_softmax_attention
+
+__all__ = ["TOKEN_MODES", "masked_softmax_attention", "TokenCrossAttention", "CrossAttention",
+           "to_tokens", "from_tokens"]
+
 TOKEN_MODES = ("frame", "sequence")
 
 
-def masked_softmax_attention(q, k, v, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``softmax(q kᵀ / sqrt(d)) v`` over (N, heads, L, d) tensors.
-
-    ``key_mask`` (N, Lk) is True for keys that may be attended. A query whose keys are all
-    masked gets a zero output (so the residual passes its input through unchanged).
-    """
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if key_mask is None:
-        return scores.softmax(dim=-1) @ v
-    allowed = key_mask[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    any_allowed = allowed.any(dim=-1, keepdim=True)
-    weights = torch.where(any_allowed, scores, torch.zeros_like(scores)).softmax(dim=-1)
-    return (weights * any_allowed) @ v
-
-
 class TokenCrossAttention(nn.Module):
-    """Pre-LN multi-head cross-attention with residual on token tensors (N, L, dim)."""
+    """Pre-LN multi-head cross-attention with residual on token tensors (N, L, dim).
 
-    def __init__(self, dim: int, heads: int = 8):
+    Runs ``bharnet.ops.cross_attention`` with backend ``impl`` (None = the global backend, see
+    ``bharnet.ops.use_backend``); ``reference`` is the pure-PyTorch layer."""
+
+    def __init__(self, dim: int, heads: int = 8, impl: Optional[str] = None):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
         self.heads = heads
+        self.impl = impl
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.proj_q = nn.Linear(dim, dim)
         self.proj_kv = nn.Linear(dim, 2 * dim)
         self.proj_out = nn.Linear(dim, dim)
 
-    def _split_heads(self, x):
-        N, L, D = x.shape
-        return x.view(N, L, self.heads, D // self.heads).transpose(1, 2)
-
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor,
                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x_q.dim() != 3 or x_kv.dim() != 3 or x_q.shape[0] != x_kv.shape[0] or x_q.shape[2] != x_kv.shape[2]:
-            raise ValueError(f"x_q (N, Lq, dim) and x_kv (N, Lk, dim) must agree in N and dim, "
-                             f"got {tuple(x_q.shape)} and {tuple(x_kv.shape)}")
-        if key_mask is not None and tuple(key_mask.shape) != tuple(x_kv.shape[:2]):
-            raise ValueError(f"key_mask must have shape {tuple(x_kv.shape[:2])}, got {tuple(key_mask.shape)}")
-        q = self._split_heads(self.proj_q(self.norm_q(x_q)))
-        k, v = self.proj_kv(self.norm_kv(x_kv)).chunk(2, dim=-1)
-        attended = masked_softmax_attention(q, self._split_heads(k), self._split_heads(v), key_mask)
-        N, _, Lq, _ = attended.shape
-        return x_q + self.proj_out(attended.transpose(1, 2).reshape(N, Lq, -1))
+        """``x_q`` (N, Lq, dim), ``x_kv`` (N, Lk, dim), ``key_mask`` (N, Lk) bool or None."""
+        return cross_attention(
+            x_q, x_kv, self.heads, self.proj_q.weight, self.proj_q.bias, self.proj_kv.weight,
+            self.proj_kv.bias, self.proj_out.weight, self.proj_out.bias, key_mask,
+            self.norm_q.weight, self.norm_q.bias, self.norm_kv.weight, self.norm_kv.bias,
+            eps=self.norm_q.eps, backend=self.impl)
 
 
 def to_tokens(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -82,12 +66,12 @@ def from_tokens(tokens: torch.Tensor, shape) -> torch.Tensor:
 class CrossAttention(nn.Module):
     """Cross-attention between two (B, C, T, V) feature maps with the same B, C and T."""
 
-    def __init__(self, dim: int, heads: int = 8, mode: str = "frame"):
+    def __init__(self, dim: int, heads: int = 8, mode: str = "frame", impl: Optional[str] = None):
         super().__init__()
         if mode not in TOKEN_MODES:
             raise ValueError(f"mode must be one of {TOKEN_MODES}, got {mode!r}")
         self.mode = mode
-        self.attention = TokenCrossAttention(dim, heads)
+        self.attention = TokenCrossAttention(dim, heads, impl=impl)
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor,
                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Global pooling and the Pooling-Attention Module (PAM, *reconstruction*)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -22,13 +24,14 @@ class PoolingAttention(nn.Module):
     * channel path: ``sigmoid(W₂ act(W₁ mean_{T,V} other)) ⊙ mean_{T,V} x``.
 
     The three (B, C) vectors are summed. The paper describes the module only in outline; this
-    is our reconstruction and is configurable through ``heads``.
+    is our reconstruction and is configurable through ``heads``. Both attentions run
+    ``bharnet.ops.cross_attention`` with backend ``impl`` (see :class:`TokenCrossAttention`).
     """
 
-    def __init__(self, dim: int, heads: int = 8, reduction: int = 4):
+    def __init__(self, dim: int, heads: int = 8, reduction: int = 4, impl: Optional[str] = None):
         super().__init__()
-        self.time_attention = TokenCrossAttention(dim, heads)
-        self.joint_attention = TokenCrossAttention(dim, heads)
+        self.time_attention = TokenCrossAttention(dim, heads, impl=impl)
+        self.joint_attention = TokenCrossAttention(dim, heads, impl=impl)
         hidden = max(1, dim // reduction)
         self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.1),
                                   nn.Linear(hidden, dim), nn.Sigmoid())

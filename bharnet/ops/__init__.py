@@ -4,9 +4,11 @@ from ._backend import BACKENDS, get_backend, resolve, use_backend
 from .ctr_graph_conv import ctr_graph_conv, ctr_graph_conv_reference
 from .bone import bone, bone_reference
 from .deformable_temporal_conv import deformable_temporal_conv, deformable_temporal_conv_reference
+from .cross_attention import cross_attention, cross_attention_reference
 
 __all__ = [
     "BACKENDS", "get_backend", "resolve", "use_backend", "bone", "bone_reference",
     "ctr_graph_conv", "ctr_graph_conv_reference",
     "deformable_temporal_conv", "deformable_temporal_conv_reference",
+    "cross_attention", "cross_attention_reference",
 ]

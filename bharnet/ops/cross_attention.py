@@ -1,0 +1,402 @@
+r"""Pre-LayerNorm multi-head cross-attention with residual (the body-hand attention layer).
+
+Math, for queries ``x_q`` (N, Lq, D), keys/values ``x_kv`` (N, Lk, D), ``heads`` heads of
+``d = D / heads`` features, and an optional boolean ``key_mask`` (N, Lk), True where a key may
+be attended (a missing hand detection is False)::
+
+    a_q  = LN_q(x_q),  a_kv = LN_kv(x_kv)          (identity when pre_norm=False)
+    q    = a_q W_q^T + b_q                          (N, Lq, D)
+    kv   = a_kv W_kv^T + b_kv = [k | v]             (N, Lk, 2D): k = kv[..., :D], v = kv[..., D:]
+    per (n, h):  o_h = softmax(q_h k_h^T / sqrt(d) + log(mask)) v_h
+                 (a query whose keys are all masked gets o_h = 0)
+    y    = x_q + o W_o^T + b_o                      (N, Lq, D)
+
+so a fully masked query row gives ``y = x_q + b_o``. The reference below computes exactly
+this with pure-PyTorch ops and works in float64.
+
+Gradients of the attention core (``scale = 1/sqrt(d)``, P the attention weights, dO = dL/do)::
+
+    dV = P^T dO,  dP = dO V^T,  delta = rowsum(dO * O),  dS = P * (dP - delta),
+    dQ = scale dS K,  dK = scale dS^T Q
+
+the rest (projections, LayerNorm, residual) by the chain rule through ``F.linear`` and
+``F.layer_norm``.
+
+Backends: ``reference`` (below) and ``triton``. What the triton backend fuses, and why:
+
+* the attention core is one Triton kernel per direction (``bharnet.kernels.cross_attention``):
+  it reads q and the fused [k | v] projection output in their (N, L, heads * d) layouts (no
+  head split, no chunk, no copies), applies the key mask, a numerically stable base-2 online
+  softmax (fp32 accumulation) and writes the attention output already merged as (N, Lq, D)
+  plus the per-row log-sum-exp; the backward recomputes P from the log-sum-exp and writes dq
+  and d[k | v] in the same layouts (so no concatenation of dk and dv either);
+* the LayerNorms, the three projections and the residual stay torch ops (one cuBLAS GEMM per
+  projection, K and V in a single GEMM; ``F.linear`` fuses the biases): at the model's
+  D = 256 they are GEMMs of 256 to 512 columns over 10^4 to 10^5 token rows, which cuBLAS
+  already runs well, while fusing a projection into the attention kernel would make every
+  (n, head) program stream the whole (D, D) weight, and LayerNorm-into-GEMM-prologue fusion
+  is not available around cuBLAS. Under ``torch.compile`` inductor fuses the LayerNorm and
+  residual glue itself.
+
+The attention core is the custom op ``torch.ops.bharnet.cross_attention_core(q, kv, key_mask,
+heads) -> (o, lse)`` (a ``triton_op`` when Triton compiles for a GPU, so ``torch.compile`` sees
+its kernels; an opaque ``custom_op`` under ``TRITON_INTERPRET=1``), with autograd through
+``torch.ops.bharnet.cross_attention_core_backward``. Double backward is not supported.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ._backend import register_backend, resolve, triton_availability
+
+OP_NAME = "cross_attention"
+
+
+def masked_softmax_attention(q, k, v, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(q kᵀ / sqrt(d)) v`` over (N, heads, L, d) tensors.
+
+    ``key_mask`` (N, Lk) is True for keys that may be attended. A query whose keys are all
+    masked gets a zero output (so the residual passes its input through unchanged).
+    """
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if key_mask is None:
+        return scores.softmax(dim=-1) @ v
+    allowed = key_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    any_allowed = allowed.any(dim=-1, keepdim=True)
+    weights = torch.where(any_allowed, scores, torch.zeros_like(scores)).softmax(dim=-1)
+    return (weights * any_allowed) @ v
+
+
+def _layer(attend, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,
+           key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, pre_norm, eps):
+    """LN, projections, ``attend(q, kv, key_mask, heads) -> o (N, Lq, D)``, output projection
+    and residual: the part every backend shares."""
+    D = x_q.shape[-1]
+    a_q, a_kv = x_q, x_kv
+    if pre_norm:
+        a_q = F.layer_norm(x_q, (D,), norm_q_weight, norm_q_bias, eps)
+        a_kv = F.layer_norm(x_kv, (D,), norm_kv_weight, norm_kv_bias, eps)
+    q = F.linear(a_q, q_weight, q_bias)
+    kv = F.linear(a_kv, kv_weight, kv_bias)
+    return x_q + F.linear(attend(q, kv, key_mask, heads), out_weight, out_bias)
+
+
+def _split_heads(x, heads):
+    N, L, D = x.shape
+    return x.reshape(N, L, heads, D // heads).transpose(1, 2)
+
+
+def _reference_attend(q, kv, key_mask, heads):
+    k, v = kv.chunk(2, dim=-1)
+    attended = masked_softmax_attention(_split_heads(q, heads), _split_heads(k, heads),
+                                        _split_heads(v, heads), key_mask)
+    N, _, Lq, _ = attended.shape
+    return attended.transpose(1, 2).reshape(N, Lq, -1)
+
+
+def cross_attention_reference(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
+                              out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
+                              norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
+    """Pure-PyTorch ground truth (materialises the (N, heads, Lq, Lk) attention weights)."""
+    return _layer(_reference_attend, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias,
+                  out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight,
+                  norm_kv_bias, pre_norm, eps)
+
+
+# --- triton backend -------------------------------------------------------------------------
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_MAX_HEAD_DIM = 128
+# Block sizes (module attributes so tests can shrink them to reach every code path on tiny
+# shapes). Keys up to SINGLE_BLOCK_MAX_KEYS sit in one register tile per program (frame mode,
+# PAM); longer key sequences stream in KEY_BLOCK blocks. Queries come in QUERY_BLOCK blocks.
+# Both shrink for wide elements and large head dims (see _config).
+SINGLE_BLOCK_MAX_KEYS = 128
+KEY_BLOCK = 64
+QUERY_BLOCK = 64
+MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
+
+# Tests set this to fill every Triton output with NaN before the kernels run, so that an
+# element a kernel forgets to write cannot pass for a correct one.
+POISON_OUTPUTS = False
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernels, imported on first use (after TRITON_INTERPRET has been chosen)."""
+    from bharnet.kernels import cross_attention as kernels
+    return kernels
+
+
+def _pow2(n: int) -> int:
+    return max(MIN_DOT, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _config(Lq: int, Lk: int, head_dim: int, element_size: int):
+    """Tile sizes: (BLOCK_Q, BLOCK_K, BLOCK_D, fused_backward, num_warps).
+
+    Chosen so that the kernels keep their tiles in registers on an H100 (checked offline with
+    ptxas for sm_90, head dims 8 to 128): an operand tile holds at most 8192 elements, and a
+    program's work BLOCK_Q * BLOCK_K * BLOCK_D is at most 64^3 for 16-bit inputs (tensor
+    cores), 32 * 64 * 32 for float32 and 32^3 for float64, whose exact products run on the FMA
+    units. Four warps for small work (16-bit up to 64 * 64 * 32, float32 up to 32^3, head dims
+    <= 64), else eight. No 16-bit or float32 configuration spills more than 8 bytes; float64,
+    a validation dtype, spills in a few. Keys come first: the whole key range is one tile
+    when it fits (frame mode, PAM), else KEY_BLOCK keys stream; the backward is one fused
+    pass when every query and every key of an (n, head) fits one tile."""
+    block_d = _pow2(head_dim)
+    rows = 8192 // block_d
+    budget = {2: 64 * 64 * 64, 4: 32 * 64 * 32}.get(element_size, 32 * 32 * 32)
+    max_keys = max(MIN_DOT, min(SINGLE_BLOCK_MAX_KEYS, rows, budget // (MIN_DOT * block_d)))
+    block_k = _pow2(Lk) if Lk <= max_keys else max(MIN_DOT, min(KEY_BLOCK, max_keys))
+    block_q = max(MIN_DOT, min(_pow2(Lq), QUERY_BLOCK, rows, budget // (block_k * block_d)))
+    fused = Lq <= block_q and Lk <= block_k
+    four_warps = {2: 64 * 64 * 32, 4: 32 * 32 * 32}.get(element_size, 0)
+    num_warps = 4 if block_q * block_k * block_d <= four_warps and block_d <= 64 else 8
+    return block_q, block_k, block_d, fused, num_warps
+
+
+def _new_output(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _kernel_flags(x: Tensor, has_mask: bool):
+    """Constexpr flags shared by every kernel: fp64 accumulation only for fp64 inputs, exact
+    fp32 products (no TF32) for fp32 inputs."""
+    return dict(HAS_MASK=has_mask,
+                ACC_FP64=x.dtype == torch.float64,
+                DOT_PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32")
+
+
+def _rows_last(t: Tensor) -> Tensor:
+    """The kernels take any (n, l) strides but need unit stride along the features."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mask_args(key_mask: Optional[Tensor], kv: Tensor):
+    """(pointer tensor, stride_n, stride_l); the kernels never read the pointer without a mask.
+
+    A bool mask is read as bytes without a copy, except next to float64 data: Triton 3.8 fails
+    to compile (an MMAv2 lowering assertion for sm_90) a kernel that loads 8-bit values and
+    runs an fp64 ``tl.dot``, so float64 kernels get an int32 copy of the mask."""
+    if key_mask is None:
+        return kv, 0, 0
+    mask = key_mask.to(torch.int32) if kv.dtype == torch.float64 else key_mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def _custom_op(name: str, fake):
+    """Register the decorated function as the custom op ``bharnet::<name>``.
+
+    With Triton compiling for a GPU it is a ``triton_op``: ``torch.compile`` traces into it and
+    sees its kernels (the function itself serves as the fake impl). Under TRITON_INTERPRET=1,
+    ``wrap_triton`` hands back the interpreted kernel, which would run on the fake tensors that
+    tracing uses, so there the op is an opaque ``custom_op`` whose fake impl is ``fake``."""
+    def register(fn):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            op = torch.library.custom_op(f"bharnet::{name}", fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return triton_op(f"bharnet::{name}", fn, mutates_args=())
+    return register
+
+
+def _core_fake(q, kv, key_mask, heads):
+    N, Lq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((N, heads, Lq), dtype=_acc_dtype(q))
+
+
+def _core_backward_fake(grad_o, q, kv, o, lse, key_mask, heads):
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+@_custom_op("cross_attention_core", _core_fake)
+def _core_op(q: Tensor, kv: Tensor, key_mask: Optional[Tensor], heads: int) -> Tuple[Tensor, Tensor]:
+    """Attention core: ``o`` (N, Lq, D) with head h in features [h d, (h+1) d) and ``lse``
+    (N, heads, Lq), the log-sum-exp of each row's scaled scores (+inf for a fully
+    masked row). Grid (N * heads, cdiv(Lq, BLOCK_Q)); see ``bharnet.kernels.cross_attention``."""
+    kernels = _kernels()
+    q, kv = _rows_last(q), _rows_last(kv)
+    N, Lq, D = q.shape
+    Lk = kv.shape[1]
+    head_dim = D // heads
+    block_q, block_k, block_d, _, num_warps = _config(Lq, Lk, head_dim, q.element_size())
+    o = _new_output((N, Lq, D), q.dtype, q.device)
+    lse = _new_output((N, heads, Lq), _acc_dtype(q), q.device)
+    mask, stride_mn, stride_ml = _mask_args(key_mask, kv)
+    wrap_triton(kernels.cross_attention_fwd_kernel)[(N * heads, _cdiv(Lq, block_q))](
+        q, kv, mask, o, lse, heads, Lq, Lk, D, head_dim,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), stride_mn, stride_ml,
+        **_kernel_flags(q, key_mask is not None),
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
+    return o, lse
+
+
+@_custom_op("cross_attention_core_backward", _core_backward_fake)
+def _core_backward_op(grad_o: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Tensor,
+                      key_mask: Optional[Tensor], heads: int) -> Tuple[Tensor, Tensor]:
+    """(dq (N, Lq, D), dkv (N, Lk, 2D)) of the attention core, from P recomputed with ``lse``.
+
+    One fused kernel (grid (N * heads,)) when an (n, head) fits one tile; else a dq kernel
+    (grid (N * heads, cdiv(Lq, BLOCK_Q)), also writing delta = rowsum(dO * O)) then a dk/dv
+    kernel (grid (N * heads, cdiv(Lk, BLOCK_K)))."""
+    kernels = _kernels()
+    grad_o, q, kv = (_rows_last(t) for t in (grad_o.to(q.dtype), q, kv))
+    o, lse = o.contiguous(), lse.contiguous()
+    N, Lq, D = q.shape
+    Lk = kv.shape[1]
+    head_dim = D // heads
+    block_q, block_k, block_d, fused, num_warps = _config(Lq, Lk, head_dim, q.element_size())
+    dq = _new_output(q.shape, q.dtype, q.device)
+    dkv = _new_output((N, Lk, 2 * D), kv.dtype, kv.device)
+    mask, stride_mn, stride_ml = _mask_args(key_mask, kv)
+    strides = (q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), stride_mn, stride_ml,
+               grad_o.stride(0), grad_o.stride(1))
+    meta = dict(**_kernel_flags(q, key_mask is not None), BLOCK_Q=block_q, BLOCK_K=block_k,
+                BLOCK_D=block_d, num_warps=num_warps)
+    if fused:
+        wrap_triton(kernels.cross_attention_bwd_fused_kernel)[(N * heads,)](
+            q, kv, mask, grad_o, lse, dq, dkv, heads, Lq, Lk, D, head_dim, *strides, **meta)
+        return dq, dkv
+    delta = _new_output((N, heads, Lq), lse.dtype, q.device)
+    wrap_triton(kernels.cross_attention_bwd_dq_kernel)[(N * heads, _cdiv(Lq, block_q))](
+        q, kv, mask, o, grad_o, lse, delta, dq, heads, Lq, Lk, D, head_dim, *strides, **meta)
+    wrap_triton(kernels.cross_attention_bwd_dkdv_kernel)[(N * heads, _cdiv(Lk, block_k))](
+        q, kv, mask, grad_o, lse, delta, dkv, heads, Lq, Lk, D, head_dim, *strides, **meta)
+    return dq, dkv
+
+
+def _setup_context(ctx, inputs, output):
+    q, kv, key_mask, heads = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, kv, o, lse, key_mask)
+    ctx.heads = heads
+
+
+def _backward(ctx, grad_o, _grad_lse):
+    """Only q, kv, o and lse are saved (o is also the output projection's saved input)."""
+    q, kv, o, lse, key_mask = ctx.saved_tensors
+    if grad_o is None:
+        return None, None, None, None
+    dq, dkv = torch.ops.bharnet.cross_attention_core_backward(grad_o, q, kv, o, lse, key_mask, ctx.heads)
+    return dq, dkv, None, None
+
+
+_core_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_attend(q, kv, key_mask, heads):
+    for name, t in (("q", q), ("kv", kv)):
+        if t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"cross_attention: the triton backend takes {name} (the projection "
+                            f"output) in float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+            raise TypeError("cross_attention: the triton backend cannot run bfloat16 on CPU (the "
+                            "Triton interpreter's bf16 tl.dot is wrong); use float32 or CUDA")
+    if q.dtype != kv.dtype:
+        raise TypeError(f"cross_attention: the projected q ({q.dtype}) and kv ({kv.dtype}) must "
+                        "share a dtype")
+    return torch.ops.bharnet.cross_attention_core(q, kv, key_mask, heads)[0]
+
+
+def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
+                           out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
+                           norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
+    """Triton backend: torch LayerNorm/projections/residual around the fused attention core."""
+    head_dim = x_q.shape[-1] // heads
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"cross_attention: the triton backend supports head dims <= "
+                         f"{TRITON_MAX_HEAD_DIM}, got dim {x_q.shape[-1]} / heads {heads} = "
+                         f"{head_dim}; use backend='reference'")
+    return _layer(_triton_attend, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias,
+                  out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight,
+                  norm_kv_bias, pre_norm, eps)
+
+
+_IMPLS = {"reference": cross_attention_reference, "triton": cross_attention_triton}
+register_backend(OP_NAME, "triton", triton_availability)
+
+
+def _expect(name, t, shape, ref, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"cross_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"cross_attention: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"cross_attention: {name} is on {t.device}, expected {ref.device} like x_q")
+    if name != "key_mask" and not t.is_floating_point():
+        raise TypeError(f"cross_attention: {name} must be floating point, got {t.dtype}")
+
+
+def validate(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,
+             key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias):
+    if not isinstance(x_q, torch.Tensor) or x_q.dim() != 3:
+        got = tuple(x_q.shape) if isinstance(x_q, torch.Tensor) else type(x_q).__name__
+        raise ValueError(f"cross_attention: x_q must have shape (N, Lq, dim), got {got}")
+    N, Lq, D = x_q.shape
+    _expect("x_q", x_q, x_q.shape, x_q)
+    if not isinstance(x_kv, torch.Tensor) or x_kv.dim() != 3:
+        got = tuple(x_kv.shape) if isinstance(x_kv, torch.Tensor) else type(x_kv).__name__
+        raise ValueError(f"cross_attention: x_kv must have shape ({N}, Lk, {D}), got {got}")
+    Lk = x_kv.shape[1]
+    _expect("x_kv", x_kv, (N, Lk, D), x_q)
+    if Lq == 0 or Lk == 0:
+        raise ValueError(f"cross_attention: x_q and x_kv need at least one token, got Lq={Lq}, Lk={Lk}")
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or D % heads != 0:
+        raise ValueError(f"cross_attention: heads must be a positive int dividing dim={D}, got {heads!r}")
+    _expect("q_weight", q_weight, (D, D), x_q)
+    _expect("q_bias", q_bias, (D,), x_q, optional=True)
+    _expect("kv_weight", kv_weight, (2 * D, D), x_q)
+    _expect("kv_bias", kv_bias, (2 * D,), x_q, optional=True)
+    _expect("out_weight", out_weight, (D, D), x_q)
+    _expect("out_bias", out_bias, (D,), x_q, optional=True)
+    for name, t in (("norm_q_weight", norm_q_weight), ("norm_q_bias", norm_q_bias),
+                    ("norm_kv_weight", norm_kv_weight), ("norm_kv_bias", norm_kv_bias)):
+        _expect(name, t, (D,), x_q, optional=True)
+    _expect("key_mask", key_mask, (N, Lk), x_q, optional=True)
+    if key_mask is not None and key_mask.dtype != torch.bool:
+        raise TypeError(f"cross_attention: key_mask must be a bool tensor (True = may be "
+                        f"attended), got {key_mask.dtype}")
+
+
+def cross_attention(x_q: Tensor, x_kv: Tensor, heads: int, q_weight: Tensor,
+                    q_bias: Optional[Tensor], kv_weight: Tensor, kv_bias: Optional[Tensor],
+                    out_weight: Tensor, out_bias: Optional[Tensor],
+                    key_mask: Optional[Tensor] = None, norm_q_weight: Optional[Tensor] = None,
+                    norm_q_bias: Optional[Tensor] = None, norm_kv_weight: Optional[Tensor] = None,
+                    norm_kv_bias: Optional[Tensor] = None, pre_norm: bool = True, eps: float = 1e-5,
+                    *, backend: Optional[str] = None) -> Tensor:
+    """``x_q + MHA(LN_q(x_q), LN_kv(x_kv)) W_o^T + b_o`` (math and shapes in the module docstring).
+
+    ``x_q`` (N, Lq, dim), ``x_kv`` (N, Lk, dim); weights as in ``nn.Linear``: ``q_weight``
+    (dim, dim), ``kv_weight`` (2 dim, dim) producing [k | v], ``out_weight`` (dim, dim);
+    biases (and LayerNorm affine parameters, shape (dim,)) may be None; ``key_mask`` (N, Lk)
+    bool, True = may be attended. Returns (N, Lq, dim)."""
+    validate(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,
+             key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias)
+    impl = _IMPLS[resolve(OP_NAME, backend, x_q.device.type)]
+    return impl(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,
+                key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, pre_norm, eps)
