@@ -10,7 +10,7 @@ from .config import TrainConfig, parse_model_options, read_config_file
 
 # The built-in demo: small models that learn the synthetic dataset in minutes on two CPU cores.
 DEMO_MODELS = ("body", "bharnet-e")
-DEMO_CONFIG = dict(preset="small", window=32, epochs=12, batch_size=16, lr=0.05, warmup_epochs=1,
+DEMO_CONFIG = dict(preset="small", modality="bone", window=32, epochs=15, batch_size=16, lr=0.05, warmup_epochs=1,
                    weight_decay=4e-4)
 DEFAULT_SYNTHETIC_DIR = os.path.join(os.path.expanduser("~"), ".cache", "bharnet", "synthetic")
 
