@@ -115,8 +115,8 @@ class BHaRNetPAM(BHaRNetVanilla):
     def __init__(self, num_classes: int, config: ModelConfig):
         super().__init__(num_classes, config)
         width = self.body_expert.out_channels
-        self.body_pam = PoolingAttention(width, config.heads)
-        self.hand_pam = PoolingAttention(width, config.heads)
+        self.body_pam = PoolingAttention(width, config.heads, impl=config.impl)
+        self.hand_pam = PoolingAttention(width, config.heads, impl=config.impl)
 
     def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
         self._checked(body, hand)
@@ -144,8 +144,10 @@ class BHaRNetE(_TwoExperts):
                 heads[f"{name}_{branch}"] = Classifier(config.channels[-1], num_classes,
                                                        config.num_person, config.dropout)
         self.heads = nn.ModuleDict(heads)
-        self.body_attention = CrossAttention(config.channels[-1], config.heads, config.attention_mode)
-        self.hand_attention = CrossAttention(config.channels[-1], config.heads, config.attention_mode)
+        self.body_attention = CrossAttention(config.channels[-1], config.heads, config.attention_mode,
+                                             impl=config.impl)
+        self.hand_attention = CrossAttention(config.channels[-1], config.heads, config.attention_mode,
+                                             impl=config.impl)
 
     def part_logits(self, body: torch.Tensor, hand: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._checked(body, hand)

@@ -148,3 +148,10 @@ def test_clear_errors():
         bharnet.create_model("body", 6, width=3)
     with pytest.raises(ValueError, match="stem_depth"):
         bharnet.create_model("bharnet-e", 6, stem_depth=10)
+
+
+@pytest.mark.parametrize("name", ["bharnet-e", "bharnet-pam"])
+def test_impl_option_reaches_every_fused_layer(name):
+    model = bharnet.create_model(name, 5, impl="reference", **SMALL)
+    impls = [m.impl for m in model.modules() if hasattr(m, "impl")]
+    assert impls and set(impls) == {"reference"}
