@@ -1,8 +1,9 @@
 """Checkpoints as safetensors files: tensors plus JSON metadata, never pickles.
 
 A checkpoint ``epoch-0007.safetensors`` holds the model weights (``model.*``), the optimizer's
-per-parameter state (``optim.<index>.<name>``), the grad scaler's scale and the RNG states
-(``rng.*``); its metadata holds ``{"epoch", "step", "config", "optimizer"}`` as JSON. Files are
+per-parameter state (``optim.<index>.<name>``) and the RNG states (``rng.*``); its metadata
+holds ``{"epoch", "step", "config", "optimizer", "scaler"}`` as JSON (the optimizer's
+hyper-parameters and the fp16 gradient scaler's state). Files are
 written under a temporary name and ``os.replace``d into place, so a kill never leaves a
 half-written checkpoint; only the newest ``keep`` are kept.
 """
@@ -50,11 +51,11 @@ def save_checkpoint(directory: str, epoch: int, step: int, model, optimizer, sca
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
-    if scaler is not None and scaler.is_enabled():
-        tensors["scaler.scale"] = scaler.get_scale() * torch.ones(())
+    scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}
     path = os.path.join(directory, f"epoch-{epoch:04d}.safetensors")
     save_atomically(path, tensors, {"epoch": epoch, "step": step, "config": config,
-                                    "optimizer": {"param_groups": opt["param_groups"]}})
+                                    "optimizer": {"param_groups": opt["param_groups"]},
+                                    "scaler": scaler_state})
     for old in list_checkpoints(directory)[:-keep]:
         os.remove(old)
     return path
@@ -88,8 +89,8 @@ def load_checkpoint(path: str, model, optimizer=None, scaler=None) -> Tuple[int,
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    if scaler is not None and "scaler.scale" in tensors:
-        scaler.update(float(tensors["scaler.scale"]))
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():

@@ -138,3 +138,21 @@ def test_distributed_training_with_two_gloo_processes(tiny_dataset, tmp_path):
     assert len(log) == 1  # only rank 0 logs
     assert log[0]["step"] == 2  # 16 samples, global batch 8 split over 2 ranks
     assert (out / "model.safetensors").exists() and (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cpu(tiny_dataset, tmp_path, amp):
+    run = tmp_path / amp
+    train(config(tiny_dataset, run, epochs=1, amp=amp), SkeletonDataset(tiny_dataset, "train", window=8),
+          progress=False)
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert len(log) == 1 and log[0]["loss"] == log[0]["loss"] and log[0]["loss"] > 0  # finite, not NaN
+    state = weights(run)
+    assert all(v.dtype == torch.float32 or not v.is_floating_point() for v in state.values())  # master weights stay fp32
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    if amp == "fp16":  # the gradient scaler's state travels in the checkpoint and resumes
+        ckpt = checkpoint.latest_checkpoint(str(run / "checkpoints"))
+        assert checkpoint.read_metadata(ckpt)["scaler"]["scale"] > 0
+        train(config(tiny_dataset, run, epochs=2, amp=amp), SkeletonDataset(tiny_dataset, "train", window=8),
+              progress=False)
+        assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2]
