@@ -47,15 +47,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._backend import register_backend, resolve, triton_availability
+from ._custom_op import triton_custom_op
 
 OP_NAME = "cross_attention"
 
@@ -204,22 +204,6 @@ def _mask_args(key_mask: Optional[Tensor], kv: Tensor):
     return mask, mask.stride(0), mask.stride(1)
 
 
-def _custom_op(name: str, fake):
-    """Register the decorated function as the custom op ``bharnet::<name>``.
-
-    With Triton compiling for a GPU it is a ``triton_op``: ``torch.compile`` traces into it and
-    sees its kernels (the function itself serves as the fake impl). Under TRITON_INTERPRET=1,
-    ``wrap_triton`` hands back the interpreted kernel, which would run on the fake tensors that
-    tracing uses, so there the op is an opaque ``custom_op`` whose fake impl is ``fake``."""
-    def register(fn):
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            op = torch.library.custom_op(f"bharnet::{name}", fn, mutates_args=())
-            op.register_fake(fake)
-            return op
-        return triton_op(f"bharnet::{name}", fn, mutates_args=())
-    return register
-
-
 def _core_fake(q, kv, key_mask, heads):
     N, Lq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((N, heads, Lq), dtype=_acc_dtype(q))
@@ -229,7 +213,7 @@ def _core_backward_fake(grad_o, q, kv, o, lse, key_mask, heads):
     return q.new_empty(q.shape), kv.new_empty(kv.shape)
 
 
-@_custom_op("cross_attention_core", _core_fake)
+@triton_custom_op("cross_attention_core", _core_fake)
 def _core_op(q: Tensor, kv: Tensor, key_mask: Optional[Tensor], heads: int) -> Tuple[Tensor, Tensor]:
     """Attention core: ``o`` (N, Lq, D) with head h in features [h d, (h+1) d) and ``lse``
     (N, heads, Lq), the log-sum-exp of each row's scaled scores (+inf for a fully
@@ -251,7 +235,7 @@ def _core_op(q: Tensor, kv: Tensor, key_mask: Optional[Tensor], heads: int) -> T
     return o, lse
 
 
-@_custom_op("cross_attention_core_backward", _core_backward_fake)
+@triton_custom_op("cross_attention_core_backward", _core_backward_fake)
 def _core_backward_op(grad_o: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Tensor,
                       key_mask: Optional[Tensor], heads: int) -> Tuple[Tensor, Tensor]:
     """(dq (N, Lq, D), dkv (N, Lk, 2D)) of the attention core, from P recomputed with ``lse``.

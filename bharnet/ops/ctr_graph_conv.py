@@ -43,15 +43,15 @@ autograd through ``torch.ops.bharnet.ctr_graph_conv_backward`` (and
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .._ext import cpp_availability, cuda_availability, load
 from ._backend import register_backend, resolve, triton_availability
+from ._custom_op import triton_custom_op
 
 OP_NAME = "ctr_graph_conv"
 
@@ -128,22 +128,6 @@ def _launch_sizes(v: Tensor, weight: Optional[Tensor]):
     return B, H, C, T, V, R, G
 
 
-def _custom_op(name: str, fake):
-    """Register the decorated function as the custom op ``bharnet::<name>``.
-
-    With Triton compiling for a GPU it is a ``triton_op``: ``torch.compile`` traces into it and
-    sees its kernels (the function itself serves as the fake impl). Under TRITON_INTERPRET=1,
-    ``wrap_triton`` hands back the interpreted kernel, which would run on the fake tensors that
-    tracing uses, so there the op is an opaque ``custom_op`` whose fake impl is ``fake``."""
-    def register(fn):
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            op = torch.library.custom_op(f"bharnet::{name}", fn, mutates_args=())
-            op.register_fake(fake)
-            return op
-        return triton_op(f"bharnet::{name}", fn, mutates_args=())
-    return register
-
-
 def _forward_fake(v, A, q, k, weight, bias, alpha):
     B, H, C, T, V = v.shape
     return v.new_empty((B, C, T, V))
@@ -157,7 +141,7 @@ def _backward_fake(dy, v, A, q, k, weight, bias, alpha):
     return tuple(t.new_empty(t.shape) for t in (v, A, q, k, weight, bias, alpha))
 
 
-@_custom_op("ctr_graph_conv", _forward_fake)
+@triton_custom_op("ctr_graph_conv", _forward_fake)
 def _ctr_graph_conv_op(v: Tensor, A: Tensor, q: Optional[Tensor], k: Optional[Tensor],
                        weight: Optional[Tensor], bias: Optional[Tensor],
                        alpha: Optional[Tensor]) -> Tensor:
@@ -192,7 +176,7 @@ def _topology_grad(dy, v, A, q, k, weight, bias, alpha) -> Tuple[Tensor, Tensor]
     return dv, dtopo
 
 
-@_custom_op("ctr_graph_conv_static_backward", _static_backward_fake)
+@triton_custom_op("ctr_graph_conv_static_backward", _static_backward_fake)
 def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
     """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]."""
     dy, v, A = _contiguous(dy.to(v.dtype), v, A)
@@ -200,7 +184,7 @@ def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tenso
     return dv, dtopo.sum(dim=(0, 2)).to(A.dtype)
 
 
-@_custom_op("ctr_graph_conv_backward", _backward_fake)
+@triton_custom_op("ctr_graph_conv_backward", _backward_fake)
 def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight: Tensor,
                  bias: Tensor, alpha: Tensor
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

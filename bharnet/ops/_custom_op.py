@@ -1,0 +1,23 @@
+"""Registering Triton-backed functions as PyTorch custom ops."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.library import triton_op
+
+
+def triton_custom_op(name: str, fake):
+    """Register the decorated function as the custom op ``bharnet::<name>``.
+
+    With Triton compiling for a GPU it is a ``triton_op``: ``torch.compile`` traces into it and
+    sees its kernels (the function itself serves as the fake impl). Under TRITON_INTERPRET=1,
+    ``wrap_triton`` hands back the interpreted kernel, which would run on the fake tensors that
+    tracing uses, so there the op is an opaque ``custom_op`` whose fake impl is ``fake``."""
+    def register(fn):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            op = torch.library.custom_op(f"bharnet::{name}", fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return triton_op(f"bharnet::{name}", fn, mutates_args=())
+    return register
