@@ -16,6 +16,7 @@ import torch
 
 from .. import ops
 from ..graphs import BODY, HANDS, UNIFIED, Graph
+from .baselines import SDPA, sdpa_function
 
 GRAPH_BY_JOINTS: Dict[int, Graph] = {g.num_nodes: g for g in (BODY, HANDS, UNIFIED)}
 
@@ -37,9 +38,9 @@ class OpInputs:
 
 @dataclass(frozen=True)
 class OpCase:
-    """One op at one shape. ``x`` labels the shape on plots; ``sizes`` are its dimensions;
-    ``memory_bound`` ops get the roofline column (GB/s and % of copy bandwidth); an op with
-    ``fwd_flops`` gets TFLOP/s (backward counted as twice the forward)."""
+    """One op at one shape. ``x`` labels the shape on plots; ``sizes`` are its dimensions.
+    Every op gets achieved GB/s; ``memory_bound`` ops also get it as a % of the copy bandwidth;
+    an op with ``fwd_flops`` (and ``bwd_flops``, counted for the backward) gets TFLOP/s."""
 
     op: str
     x: str
@@ -47,12 +48,16 @@ class OpCase:
     make: Callable[[torch.device, torch.dtype], OpInputs] = field(repr=False)
     memory_bound: bool = True
     fwd_flops: int = 0
+    bwd_flops: int = 0
 
     def config(self, dtype_name: str) -> str:
         return ";".join([f"dtype={dtype_name}"] + [f"{k}={v}" for k, v in self.sizes.items()])
 
     def function(self, backend: str) -> Callable[..., torch.Tensor]:
-        """The op with ``backend`` fixed, called as ``function(*inputs.args)``."""
+        """The op with ``backend`` fixed, called as ``function(*inputs.args)``: a bharnet
+        backend, or an SDPA baseline (``sdpa``, ``sdpa-<SDPA backend>``, see baselines.py)."""
+        if backend.startswith(SDPA):
+            return sdpa_function(self.op, backend)
         return functools.partial(OP_FUNCTIONS[self.op], backend=backend)
 
 
@@ -109,8 +114,14 @@ def bone_case(N: int, T: int, V: int, M: int = 2) -> OpCase:
 
 
 def attention_case(N: int, Lq: int, Lk: int, D: int, heads: int) -> OpCase:
-    """Pre-LN cross-attention with residual: queries (N, Lq, D) attend keys/values (N, Lk, D).
-    FLOPs: the q, [k | v] and output projections and the two attention products."""
+    """Pre-LN cross-attention with residual: queries (N, Lq, D) attend keys/values (N, Lk, D),
+    no key mask (the models pass none).
+
+    FLOPs (multiply-adds count 2; LayerNorm, softmax, biases and residual not counted):
+    attention ``4 N heads Lq Lk d`` (d = D / heads) forward, 2.5x that backward (five
+    products of that size, QK^T recomputed: FlashAttention's convention, so fwd+bwd is 3.5x);
+    the q, [k | v] and output projection GEMMs ``2 N (Lq + 2 Lk + Lq) D^2`` forward, twice that
+    backward (input and weight gradients)."""
 
     def make(device, dtype):
         x_q, x_kv = _act(N, Lq, D, device=device, dtype=dtype), _act(N, Lk, D, device=device, dtype=dtype)
@@ -122,9 +133,11 @@ def attention_case(N: int, Lq: int, Lk: int, D: int, heads: int) -> OpCase:
         params = (q_w, q_b, kv_w, kv_b, out_w, out_b)
         return OpInputs((x_q, x_kv, heads, *params, None, *norms), (x_q, x_kv, *params, *norms))
 
-    flops = 4 * N * Lq * D * D + 4 * N * Lk * D * D + 4 * N * Lq * Lk * D
+    attention = 4 * N * heads * Lq * Lk * (D // heads)
+    projections = 2 * N * (Lq + 2 * Lk + Lq) * D * D
     return OpCase("cross_attention", f"N{N} Lq{Lq} Lk{Lk}", dict(N=N, Lq=Lq, Lk=Lk, D=D, heads=heads),
-                  make, memory_bound=False, fwd_flops=flops)
+                  make, memory_bound=False, fwd_flops=attention + projections,
+                  bwd_flops=attention * 5 // 2 + 2 * projections)
 
 
 def full_cases(op: str) -> List[OpCase]:

@@ -5,7 +5,11 @@
   the default, e.g. ``compile:max-autotune``);
 * ``<backend>``: each bharnet backend other than ``reference``/``auto`` (``triton``, ``cpp``,
   and whatever ``bharnet.ops`` declares later), discovered at run time;
-* ``<backend>+compile`` (``<backend>+compile:<mode>``): that backend under ``torch.compile``.
+* ``<backend>+compile`` (``<backend>+compile:<mode>``): that backend under ``torch.compile``;
+* for an op with an SDPA form (``cross_attention``, see :mod:`.baselines`): ``sdpa`` (PyTorch
+  picks the SDPA backend), ``sdpa+compile``, and ``sdpa-<name>`` with one SDPA backend forced
+  (``math``, ``efficient``, ``flash``, ``cudnn``; eager only). Whether a forced backend takes
+  the inputs is known only when it runs: one that rejects them is reported as skipped.
 
 Whole models use ``eager``, ``compile``, ``auto`` and ``auto+compile``: ``auto`` runs each op
 on the fastest backend available for the device (``bharnet.ops.use_backend("auto")``), which
@@ -23,6 +27,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ..ops._backend import BACKENDS, unavailable_reason
+from .baselines import SDPA, SDPA_FORMS, forced_sdpa_providers
 
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -32,7 +37,8 @@ TRITON_ON_CPU = ("Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1
 
 @dataclass(frozen=True)
 class Provider:
-    """``backend`` computes the ops; ``compile_mode`` is None for eager execution."""
+    """``backend`` computes the ops (a bharnet backend, or an SDPA provider name for an op's
+    SDPA form); ``compile_mode`` is None for eager execution."""
 
     backend: str
     compile_mode: Optional[str] = None
@@ -65,9 +71,13 @@ def model_providers(compile_modes: Sequence[str]) -> List[Provider]:
 
 
 def providers(op: str, device_type: str, compile_modes: Sequence[str]) -> List[Provider]:
-    """Every provider for ``op``: eager, each backend, and each of them under every mode in
-    ``compile_modes`` (an empty sequence: no compiled providers)."""
+    """Every provider for ``op``: eager, its SDPA form if it has one, each backend, and each of
+    them under every mode in ``compile_modes`` (an empty sequence: no compiled providers); the
+    forced SDPA backends run eager only."""
     result = [Provider("reference")] + [Provider("reference", m) for m in compile_modes]
+    if op in SDPA_FORMS:
+        result += [Provider(SDPA)] + [Provider(SDPA, m) for m in compile_modes]
+        result += [Provider(name) for name in forced_sdpa_providers()]
     for backend in fused_backends():
         skip = backend_skip_reason(op, backend, device_type)
         result.append(Provider(backend, None, skip))

@@ -2,7 +2,7 @@
 
 For each device the latest run (the rows with its newest timestamp) becomes a short Markdown
 report: conditions (device, versions, threads, dtypes, shapes, date), op timings for fwd+bwd
-by provider with speedups over eager, and model training-step / inference timings with peak
+by provider with speedups over each op's eager baseline (``report.baseline``), and model training-step / inference timings with peak
 memory. The section replaces whatever lies between :data:`START` and :data:`END` in the README.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .env import device_slug
-from .report import MODEL_MODES, Row, by_op, case_config, parse_config, read_csv, row_key, speedups
+from .report import (BASELINES, MODEL_MODES, Row, baseline, by_op, case_config, parse_config, read_csv,
+                     row_key, speedups)
 
 START = "<!-- performance:start -->"
 END = "<!-- performance:end -->"
@@ -71,12 +72,26 @@ def render_device(rows: Sequence[Row], plots: Sequence[str] = ()) -> List[str]:
     if quick:
         lines.append("A `--quick` run: tiny shapes and the `small` model preset, a smoke test of the "
                      "whole benchmark rather than a ranking of providers.")
-    lines.append("Median of repeated calls in ms (speedup over eager); p20/p80 and more metrics are in the CSV.")
+    lines.append(f"Median of repeated calls in ms (speedup over the baseline: {_baselines_text(rows)}); p20/p80 and more "
+                 "metrics are in the CSV.")
     if plots:
         names = [os.path.splitext(os.path.basename(p))[0].split("_", 1)[-1] for p in plots]
         lines.append("Plots: " + ", ".join(f"[{name}]({p})" for name, p in zip(names, plots)) + ".")
     lines += _op_lines(rows) + _model_lines(rows)
     return lines
+
+
+def _baselines_text(rows: Iterable[Row]) -> str:
+    """The eager baselines of the ops among ``rows``, e.g. ``eager; sdpa for cross_attention``."""
+    ops = dict.fromkeys(r.op for r in rows)
+    return "eager" + "".join(f"; {BASELINES[op][0]} for {op}" for op in ops if op in BASELINES)
+
+
+def _timed(t: Optional[float], speedup: Optional[float], is_baseline: bool) -> str:
+    """A time cell: ms, and the speedup unless it is the baseline's own (or unknown)."""
+    if t is None:
+        return "-"
+    return _ms(t) + ("" if is_baseline or speedup is None else f" ({speedup:.2f}x)")
 
 
 def _providers(rows: Iterable[Row]) -> List[str]:
@@ -88,7 +103,7 @@ def _op_lines(rows: Sequence[Row]) -> List[str]:
     times = by_op(r for r in rows if r.metric == "time" and r.mode == "fwd+bwd")
     if not times:
         return []
-    ratio = speedups(rows, "eager")
+    ratio = speedups(rows)
     metric = {(*row_key(r), r.metric): r.p50 for r in rows}
     providers = _providers(times)
     speed, memory = [], []
@@ -98,7 +113,7 @@ def _op_lines(rows: Sequence[Row]) -> List[str]:
         for p in providers:
             t = metric.get((op, p, "fwd+bwd", x, config, "time"))
             speedup = ratio.get((op, p, "fwd+bwd", x, config))
-            cells.append("-" if t is None else _ms(t) + ("" if p == "eager" else f" ({speedup:.2f}x)"))
+            cells.append(_timed(t, speedup, p == baseline(op)))
             saved = metric.get((op, p, "fwd", x, config, "saved_mem"))
             peak = metric.get((op, p, "fwd+bwd", x, config, "peak_mem"))
             mem_cells.append("-" if saved is None else f"{saved:.3g} / " + ("-" if peak is None else f"{peak:.3g}"))
@@ -107,7 +122,8 @@ def _op_lines(rows: Sequence[Row]) -> List[str]:
         speed.append(cells)
         memory.append(mem_cells)
     head = ["op", "shape", "dtype"]
-    return (["", "Ops, forward + backward, ms (speedup over eager); the last column is the best "
+    return (["", f"Ops, forward + backward, ms (speedup over the baseline: {_baselines_text(times)}); the last column "
+             "is the best "
              "provider's traffic (inputs read once, outputs written once) over its time, as a share "
              "of the copy bandwidth:", ""]
             + _table(head + providers + ["best % of copy BW"], speed)
@@ -120,7 +136,7 @@ def _model_lines(rows: Sequence[Row]) -> List[str]:
     times = [r for r in rows if r.metric == "time" and r.mode in MODEL_MODES]
     if not times:
         return []
-    ratio = speedups(rows, "eager")
+    ratio = speedups(rows)
     metric = {(*row_key(r), r.metric): r.p50 for r in rows}
     providers = _providers(times)
     body = []
@@ -131,7 +147,7 @@ def _model_lines(rows: Sequence[Row]) -> List[str]:
             t = metric.get((model, p, mode, x, config, "time"))
             peak = metric.get((model, p, mode, x, config, "peak_mem"))
             speed = ratio.get((model, p, mode, x, config))
-            text = "-" if t is None else _ms(t) + ("" if p == "eager" else f" ({speed:.2f}x)")
+            text = _timed(t, speed, p == baseline(model))
             cells.append(text + ("" if peak is None or t is None else f", {peak:.3g} MiB"))
         body.append(cells)
     return (["", "Models (time, and peak memory above the resident model, optimizer state and inputs):", ""]
@@ -146,7 +162,9 @@ def render(rows: Iterable[Row], plots_dir: Optional[str] = None, base_dir: str =
              "Generated by `python bench/update_readme.py` from `bench/results/*.csv` (the latest "
              "`bharnet bench` run per device); rerun both to refresh. Providers: `eager` (the "
              "PyTorch reference), `compile` (`torch.compile` of it), each bharnet backend, and "
-             "`<backend>+compile`."]
+             "`<backend>+compile`; for cross_attention also `sdpa` (the same layer with `nn.Linear` "
+             "projections around `scaled_dot_product_attention`, its baseline), `sdpa+compile` and "
+             "`sdpa-<backend>` (one SDPA backend forced)."]
     runs = latest_runs(rows)
     if not runs:
         lines += ["", "No benchmark results yet: run `bharnet bench`."]

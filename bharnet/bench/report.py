@@ -26,6 +26,17 @@ METRICS = {
 }
 MODEL_MODES = ("train", "infer")
 
+# The providers an op's (or model's) ratios are computed against, eager and compiled ("vs
+# eager", "vs compile"). By default the PyTorch reference and its torch.compile; cross_attention
+# is measured against the standard formulation with SDPA (issue 6's targets; baselines.py).
+DEFAULT_BASELINES = ("eager", "compile")
+BASELINES: Dict[str, Tuple[str, str]] = {"cross_attention": ("sdpa", "sdpa+compile")}
+
+
+def baseline(op: str, compiled: bool = False) -> str:
+    """The provider ``op``'s ratios are computed against, eager or ``compiled``."""
+    return BASELINES.get(op, DEFAULT_BASELINES)[compiled]
+
 
 @dataclass(frozen=True)
 class Row:
@@ -109,10 +120,11 @@ def read_csv(path: str) -> List[Row]:
                 for r in reader]
 
 
-def speedups(rows: Iterable[Row], baseline: str) -> Dict[Tuple, float]:
-    """``baseline``'s median time over each row's, keyed by :func:`row_key` (time rows only)."""
+def speedups(rows: Iterable[Row], compiled: bool = False) -> Dict[Tuple, float]:
+    """The median time of each op's :func:`baseline` (eager or ``compiled``) over each row's,
+    keyed by :func:`row_key` (time rows only)."""
     times = [r for r in rows if r.metric == "time"]
-    base = {_case(r): r.p50 for r in times if r.provider == baseline}
+    base = {_case(r): r.p50 for r in times if r.provider == baseline(r.op, compiled)}
     return {row_key(r): base[_case(r)] / r.p50 for r in times if _case(r) in base and r.p50 > 0}
 
 
@@ -132,10 +144,11 @@ def _fmt(value: Optional[float], spec: str = ".3g", suffix: str = "") -> str:
 
 
 def format_table(rows: Sequence[Row], notes: Sequence[Note]) -> str:
-    """One block per (op or model, shape, config); one line per (mode, provider); then the
-    providers that were skipped or failed, with the reason."""
+    """One block per (op or model, shape, config), its heading naming the providers the
+    ratios are against; one line per (mode, provider); then the providers that were skipped
+    or failed, with the reason."""
     value = {(row_key(r), r.metric): r.p50 for r in rows}
-    vs_eager, vs_compile = speedups(rows, "eager"), speedups(rows, "compile")
+    vs_eager, vs_compile = speedups(rows), speedups(rows, compiled=True)
     lines = []
     for r in rows:
         if r.op == "copy":
@@ -146,7 +159,8 @@ def format_table(rows: Sequence[Row], notes: Sequence[Note]) -> str:
             blocks[(r.op, r.x, case_config(r.config))].append(r)
     header = " ".join(f"{name:<{w}}" if i < 2 else f"{name:>{w}}" for i, (name, w) in enumerate(_COLUMNS))
     for (op, x, config), block in blocks.items():
-        lines += ["", f"{op}  {x}  [{config}]", header]
+        ratios_against = f"ratios vs {baseline(op)} / {baseline(op, compiled=True)}"
+        lines += ["", f"{op}  {x}  [{config}]  {ratios_against}", header]
         for r in block:
             key = row_key(r)
             compile_key = (r.op, r.provider, _compile_mode(r), r.x, key[-1])
@@ -178,15 +192,16 @@ def _compile_mode(row: Row) -> str:
 
 def write_plots(rows: Sequence[Row], plots_dir: str, slug: str) -> List[str]:
     """PNG plots (matplotlib, Agg backend), returning their paths: per op, the speedup over
-    eager per shape and dtype (one panel per mode, log scale); for the models, the speedup of
-    the training step and of inference, and the training step's peak memory, per model."""
+    its eager baseline per shape and dtype (one panel per mode, log scale); for the models, the
+    speedup of the training step and of inference over eager, and the training step's peak
+    memory, per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     os.makedirs(plots_dir, exist_ok=True)
-    ratios = speedups(rows, "eager")
+    ratios = speedups(rows)
     device = rows[0].device if rows else ""
     times = [r for r in rows if r.metric == "time" and r.op != "copy"]
     paths = []
@@ -195,30 +210,31 @@ def write_plots(rows: Sequence[Row], plots_dir: str, slug: str) -> List[str]:
         modes = list(dict.fromkeys(r.mode for r in op_rows))
         fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
         for ax, mode in zip(axes[0], modes):
-            _bars(ax, [r for r in op_rows if r.mode == mode], ratios, lambda r: r.x, log=True)
-            ax.set_title(f"{op} {mode}: speedup over eager")
+            _bars(ax, [r for r in op_rows if r.mode == mode], ratios, lambda r: r.x, baseline(op), log=True)
+            ax.set_title(f"{op} {mode}: speedup over {baseline(op)}")
         fig.suptitle(device, fontsize=9)
         paths.append(_save(fig, plt, os.path.join(plots_dir, f"{slug}_{op}.png")))
     model_times = [r for r in times if r.mode in MODEL_MODES]
     if model_times:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for ax, mode, title in zip(axes, MODEL_MODES, ("training step", "inference, one clip")):
-            _bars(ax, [r for r in model_times if r.mode == mode], ratios, lambda r: r.op, log=True)
+            _bars(ax, [r for r in model_times if r.mode == mode], ratios, lambda r: r.op, "eager", log=True)
             ax.set_title(f"{title}: speedup over eager")
         memory = [r for r in rows if r.metric == "peak_mem" and r.mode == "train"]
-        _bars(axes[2], memory, {row_key(r): r.p50 for r in memory}, lambda r: r.op, include_eager=True)
+        _bars(axes[2], memory, {row_key(r): r.p50 for r in memory}, lambda r: r.op)
         axes[2].set_title("training step: peak MiB above model and inputs")
         fig.suptitle(device, fontsize=9)
         paths.append(_save(fig, plt, os.path.join(plots_dir, f"{slug}_models.png")))
     return paths
 
 
-def _bars(ax, rows: Sequence[Row], values: Dict[Tuple, float], label, include_eager: bool = False,
+def _bars(ax, rows: Sequence[Row], values: Dict[Tuple, float], label, base: Optional[str] = None,
           log: bool = False) -> None:
-    """Grouped bars: one group per (label, dtype), one bar per provider (a missing value is
-    left out); ``log`` gives a log scale with a line at 1."""
+    """Grouped bars: one group per (label, dtype), one bar per provider except ``base`` (the
+    baseline of speedups; a missing value is left out); ``log`` gives a log scale with a line
+    at 1."""
     groups = list(dict.fromkeys((label(r), dtype_of(r.config)) for r in rows))
-    providers = [p for p in dict.fromkeys(r.provider for r in rows) if include_eager or p != "eager"]
+    providers = [p for p in dict.fromkeys(r.provider for r in rows) if p != base]
     width = 0.8 / max(1, len(providers))
     found = {(r.provider, label(r), dtype_of(r.config)): values.get(row_key(r)) for r in rows}
     for i, provider in enumerate(providers):
@@ -238,7 +254,7 @@ def _bars(ax, rows: Sequence[Row], values: Dict[Tuple, float], label, include_ea
     if providers:
         ax.legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, "eager only", ha="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"{base} only" if base else "no rows", ha="center", transform=ax.transAxes)
 
 
 def _save(fig, plt, path: str) -> str:

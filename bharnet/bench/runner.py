@@ -17,6 +17,7 @@ from ..models import MODELS
 from ..ops import use_backend
 from ..ops._backend import resolve
 from . import env
+from .baselines import Rejected
 from .memory import MIB, peak_memory, saved_tensor_bytes
 from .model_cases import MODEL_NAMES, ModelCase, make_step, model_cases
 from .op_cases import OP_FUNCTIONS, OpCase, full_cases, quick_cases
@@ -32,16 +33,24 @@ MIN_BUDGET_S = {"op": 0.0, "op+compile": 10.0, "model": 0.0, "model+compile": 60
 
 DESCRIPTION = """\
 Side-by-side benchmark: reference eager, torch.compile, every available bharnet backend and
-each backend under torch.compile; per op (fwd, bwd, fwd+bwd at the NTU shapes) and per model
-(training step, single-clip inference), in fp32 and bf16 autocast."""
+each backend under torch.compile (for cross_attention also PyTorch's SDPA, eager and compiled);
+per op (fwd, bwd, fwd+bwd at the NTU shapes) and per model (training step, single-clip
+inference), in fp32 and bf16 autocast."""
 
 EPILOG = """\
 Timing: CPU, repeated wall-clock calls (median, 20th/80th percentiles) after warm-up; CUDA,
 CUDA events with the L2 cache flushed before each call (triton.testing.do_bench's protocol).
 Calls cycle through several input sets. Compile time (the first call) is reported apart.
 Memory: peak above what was in use before the call (CUDA allocator, or process RSS on CPU)
-and, per op, bytes saved for backward. Memory-bound ops get achieved GB/s and % of the copy
-bandwidth measured in the same run; attention gets TFLOP/s.
+and, per op, bytes saved for backward. Ops get achieved GB/s (inputs read once, outputs
+written once), memory-bound ops also as % of the copy bandwidth measured in the same run;
+attention gets TFLOP/s.
+
+Ratios ("vs eager", "vs compile") are against each op's baseline, eager and compiled: the
+PyTorch reference and its torch.compile, except cross_attention, measured against "sdpa"
+(the same layer with nn.Linear projections around scaled_dot_product_attention, PyTorch
+choosing the SDPA backend) and "sdpa+compile". "sdpa-<backend>" forces one SDPA backend (math,
+efficient, flash, cudnn); one that rejects the inputs is reported as skipped.
 
 --quick: tiny op shapes, the "small" preset at 2 clips x 2 persons, T=16, fp32 only, and
 torch.compile for the first shape of each op only (a whole model's first compile costs a
@@ -207,9 +216,9 @@ class Bench:
 
     # --- ops ------------------------------------------------------------------------------
     def op_job(self, case: OpCase, dtype: str, provider: Provider) -> List[Row]:
-        """Compile time (compiled providers), then fwd, bwd and fwd+bwd: time, GB/s and %
-        of copy bandwidth (memory-bound ops) or TFLOP/s, peak memory of fwd+bwd, bytes saved
-        by fwd."""
+        """Compile time (compiled providers), then fwd, bwd and fwd+bwd: time, GB/s, % of
+        copy bandwidth (memory-bound ops), TFLOP/s (ops with a FLOP count), peak memory of
+        fwd+bwd, bytes saved by fwd."""
         device, settings, name = self.device, self.opts.settings, provider.name
         config = case.config(dtype)
         sets = [case.make(device, DTYPES[dtype]) for _ in range(INPUT_SETS)]
@@ -243,13 +252,14 @@ class Bench:
             t = measure(call, device, settings, setup)
             rows.append(self.row(case.op, name, mode, "time", case.x, config, t.p50, t.p20, t.p80))
             rate_times = (t.p50, t.p80, t.p20)  # a rate's p20 comes from the p80 time
+            rows.append(self.row(case.op, name, mode, "gbps", case.x, config,
+                                 *[gbps(moved[mode], ms) for ms in rate_times]))
             if case.memory_bound:
-                rows.append(self.row(case.op, name, mode, "gbps", case.x, config,
-                                     *[gbps(moved[mode], ms) for ms in rate_times]))
                 rows.append(self.row(case.op, name, mode, "roofline", case.x, config,
                                      *[roofline_percent(moved[mode], ms, self.copy_gbps) for ms in rate_times]))
             if case.fwd_flops:
-                flops = case.fwd_flops * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+                flops = {"fwd": case.fwd_flops, "bwd": case.bwd_flops,
+                         "fwd+bwd": case.fwd_flops + case.bwd_flops}[mode]
                 rows.append(self.row(case.op, name, mode, "tflops", case.x, config,
                                      *[flops / (ms * 1e-3) / 1e12 for ms in rate_times]))
         peak = peak_memory(fwd_bwd, device)
@@ -368,6 +378,9 @@ class Bench:
         try:
             self._record(job.work())
             return "ok"
+        except Rejected as reason:  # e.g. an SDPA backend without a kernel for these inputs
+            self.notes.append(Note("skipped", job.provider.name, job.what, str(reason)))
+            return "skipped"
         except Exception as error:  # a failing provider is a result, not a crash
             self.failed = True
             self.notes.append(Note("error", job.provider.name, job.what, _one_line(error)))

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from bharnet.bench import add_arguments, run
+from bharnet.bench.baselines import Rejected
 from bharnet.bench.memory import MIB, peak_memory, saved_tensor_bytes
+from bharnet.bench.op_cases import attention_case
 from bharnet.bench.providers import TRITON_ON_CPU, Provider, model_providers, providers
 from bharnet.bench.readme import END, START, render, replace_section, update_readme
-from bharnet.bench.report import CSV_COLUMNS, Row, read_csv, speedups, write_csv
+from bharnet.bench.report import (BASELINES, CSV_COLUMNS, Row, baseline, format_table, read_csv, speedups,
+                                  write_csv)
 from bharnet.bench.roofline import gbps, roofline_percent, tensor_bytes
 from bharnet.bench.timing import TimerSettings, cpu_time, cuda_time, quantile
 
@@ -63,11 +66,17 @@ def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys, o
     for op in ("ctr_graph_conv", "deformable_temporal_conv", "bone"):
         for provider in ("eager", "compile"):
             assert {(op, provider, mode) for mode in ("fwd", "bwd", "fwd+bwd")} <= times
+    for provider in ("eager", "compile", "sdpa", "sdpa+compile", "sdpa-math"):
+        assert {("cross_attention", provider, mode) for mode in ("fwd", "bwd", "fwd+bwd")} <= times
+    assert "ratios vs sdpa / sdpa+compile" in out
     assert ("bone", "cpp", "fwd+bwd") in times  # the C++ backend runs on CPU
     for model in ("bharnet-e", "body", "unified"):
         assert {(model, p, m) for p in ("eager", "auto") for m in ("train", "infer")} <= times
-    ratios = {(op, provider, mode): value for (op, provider, mode, _, _), value in speedups(rows, "eager").items()}
+    ratios = {(op, provider, mode): value for (op, provider, mode, _, _), value in speedups(rows).items()}
     assert ("body", "auto", "train") in ratios  # auto's backend choice does not split the case
+    assert ratios[("cross_attention", "sdpa", "fwd+bwd")] == 1.0  # the baseline of cross_attention
+    metrics = {(r.op, r.provider, r.metric) for r in rows if r.mode == "fwd+bwd"}
+    assert {("cross_attention", p, m) for p in ("sdpa", "sdpa+compile") for m in ("tflops", "gbps")} <= metrics
     metrics = {(r.op, r.metric) for r in rows}
     assert {("copy", "bandwidth"), ("ctr_graph_conv", "roofline"), ("ctr_graph_conv", "gbps"),
             ("ctr_graph_conv", "saved_mem"), ("ctr_graph_conv", "peak_mem"), ("ctr_graph_conv", "compile"),
@@ -179,6 +188,73 @@ def test_provider_names_and_cpu_rules():
     assert cpu["triton"] == TRITON_ON_CPU and cpu["triton+compile"] == TRITON_ON_CPU
     assert "cpp" in cpu  # every backend is listed, usable or with the reason why not
     assert [p.name for p in providers("bone", "cpu", [])][:1] == ["eager"]
+    attention = [p.name for p in providers("cross_attention", "cpu", ["default"])]
+    assert attention[:6] == ["eager", "compile", "sdpa", "sdpa+compile", "sdpa-math", "sdpa-efficient"]
+    assert {"sdpa-flash", "sdpa-cudnn"} <= set(attention)
+    assert not [name for name in cpu if name.startswith("sdpa")]  # only ops with an SDPA form
+
+
+def attention_args(mask):
+    """A tiny cross_attention call (N=3, Lq=5, Lk=7, dim 16, 4 heads, fp32) with ``mask``."""
+    case = attention_case(3, 5, 7, 16, 4)
+    inputs = case.make(torch.device("cpu"), torch.float32)
+    x_q, x_kv, heads, *params, _, n_qw, n_qb, n_kvw, n_kvb = inputs.args
+    return case, (x_q, x_kv, heads, *params, mask, n_qw, n_qb, n_kvw, n_kvb), inputs.grads
+
+
+@pytest.mark.parametrize("provider", ["sdpa", "sdpa-math", "sdpa-flash"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_provider_matches_the_op(provider, masked):
+    """Outputs and every gradient, without a mask and with a partial one (rows with some keys,
+    one key, no key: on CPU SDPA's math and flash kernels give a keyless row zero attention, as
+    the op does)."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, False, True, True, False, True, True],
+                         [False, False, False, False, False, False, True],
+                         [False] * 7]) if masked else None
+    case, args, grads = attention_args(mask)
+    y = case.function(provider)(*args)
+    expected = case.function("reference")(*args)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, grads, dy), torch.autograd.grad(expected, grads, dy)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rejecting_sdpa_backend_raises_rejected_with_the_reason():
+    case, args, _ = attention_args(None)
+    with pytest.raises(Rejected, match="EFFICIENT_ATTENTION has no cpu kernel for these inputs"):
+        case.function("sdpa-efficient")(*args)  # memory-efficient attention has no CPU kernel
+
+
+def time_row(op, provider, ms):
+    return Row(op, provider, "fwd+bwd", "time", "ms", "x", ms, ms, ms, "dtype=fp32", "cpu: Fake", "torch=2.11.0",
+               "2026-01-01T00:00:00Z")
+
+
+def test_cross_attention_ratios_are_against_sdpa_other_ops_against_eager():
+    assert (baseline("cross_attention"), baseline("cross_attention", compiled=True)) == ("sdpa", "sdpa+compile")
+    assert (baseline("ctr_graph_conv"), baseline("body", compiled=True)) == ("eager", "compile")
+    for op, names in BASELINES.items():  # every baseline is one of the op's providers
+        assert set(names) <= {p.name for p in providers(op, "cpu", ["default"])}
+    rows = [time_row("cross_attention", "eager", 12.0), time_row("cross_attention", "sdpa", 6.0),
+            time_row("cross_attention", "sdpa+compile", 4.0), time_row("cross_attention", "triton", 2.0),
+            time_row("ctr_graph_conv", "eager", 9.0), time_row("ctr_graph_conv", "compile", 6.0),
+            time_row("ctr_graph_conv", "triton", 3.0)]
+    eager = {(op, p): v for (op, p, _, _, _), v in speedups(rows).items()}
+    compiled = {(op, p): v for (op, p, _, _, _), v in speedups(rows, compiled=True).items()}
+    assert eager[("cross_attention", "triton")] == pytest.approx(3.0)      # 6 / 2, not 12 / 2
+    assert eager[("cross_attention", "eager")] == pytest.approx(0.5)
+    assert compiled[("cross_attention", "triton")] == pytest.approx(2.0)   # 4 / 2
+    assert eager[("ctr_graph_conv", "triton")] == pytest.approx(3.0)       # 9 / 3
+    assert compiled[("ctr_graph_conv", "triton")] == pytest.approx(2.0)    # 6 / 3
+    table = format_table(rows, [])
+    assert "cross_attention  x  [dtype=fp32]  ratios vs sdpa / sdpa+compile" in table
+    assert "ctr_graph_conv  x  [dtype=fp32]  ratios vs eager / compile" in table
+    section = render(rows)
+    assert "ms (speedup over the baseline: eager; sdpa for cross_attention)" in section
+    assert "| cross_attention |  | fp32 | 12 (0.50x) | 6 | 4 (1.50x) | 2 (3.00x) | - |" in section
+    assert "| ctr_graph_conv |  | fp32 | 9 | - | - | 3 (3.00x) | 6 (1.50x) |" in section
 
 
 def fake_rows(timestamp, eager_ms, triton_ms):
