@@ -13,89 +13,34 @@ import pytest
 import torch
 
 import bharnet
+import ctr_graph_conv_cases as cases
 from bharnet.nn import CTRGraphConv, STGraphConv
 from bharnet.nn.temporal import DeformableTemporalConv
-from bharnet.ops import ctr_graph_conv, ctr_graph_conv_reference
+from bharnet.ops import ctr_graph_conv_reference
+from ctr_graph_conv_cases import (GPU, NAMES, TOLERANCE, UNIT_ROUNDOFF, assert_close_to_reference,
+                                  assert_compiled_matches_eager, assert_matches_fp64_reference,
+                                  assert_within_low_precision_rule, backend_fn, make_inputs,
+                                  noncontiguous_inputs, output_grad, small_inputs)
+from op_testing import assert_independent_of_thread_count, cast, forward_backward, rel_err
 
-NAMES = ("y", "v", "A", "q", "k", "weight", "bias", "alpha")
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
-GPU = "cuda"
-
-
-def make_inputs(B, H, C, T, V, R, G, seed=0, dynamic=True):
-    """Random float64 inputs (v, A, q, k, weight, bias, alpha) with O(1) terms, alpha != 0."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-
-    v, A = randn(B, H, C, T, V), randn(H, V, V, scale=V ** -0.5)
-    if not dynamic:
-        return [v, A]
-    return [v, A, randn(B, H, R, V), randn(B, H, R, V), randn(H, G, R, scale=R ** -0.5),
-            randn(H, G), torch.tensor([0.7], dtype=torch.float64)]
-
-
-def output_grad(inputs, seed=1):
-    B, H, C, T, V = inputs[0].shape
-    return torch.randn(B, C, T, V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def cpp_backend(*args):
-    return ctr_graph_conv(*args, backend="cpp")
-
-
-def forward_backward(fn, inputs, dy):
-    """[y, dL/d input for every input] with L = <y, dy>."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    y = fn(*leaves)
-    return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def cast(inputs, dtype, device="cpu"):
-    return [t.to(device=device, dtype=dtype) for t in inputs]
-
-
-def assert_close_to_reference(inputs, dy, tolerance):
-    got = forward_backward(cpp_backend, inputs, dy)
-    ref = forward_backward(ctr_graph_conv_reference, [t.double().cpu() for t in inputs], dy.double().cpu())
-    for name, x, r, like in zip(NAMES, got, ref, [inputs[0], *inputs]):
-        assert x.dtype == like.dtype and x.shape == r.shape and x.device == like.device, name
-        assert torch.isfinite(x).all(), name
-        err = rel_err(x.cpu(), r)
-        assert err <= tolerance, f"{name}: relative error {err:.2e} > {tolerance:.0e}"
-
+cpp_backend = backend_fn("cpp")
 
 # (B, H, C, T, V, R, G): the Triton tests' odd shapes (V = 25, 5, 21, 42, 128; a per-channel
 # topology G = C), the unified graph's V = 67 with R = 4, and rows that are not a multiple of
 # the micro-kernel's 4 (C/G * T = 3 * 5 = 15).
-SHAPES = [
-    (2, 3, 8, 7, 25, 3, 4),
-    (2, 3, 12, 3, 5, 2, 4),
-    (1, 3, 12, 13, 21, 3, 2),
-    (1, 2, 8, 3, 42, 2, 8),
-    (1, 2, 4, 2, 128, 2, 2),
-    (2, 3, 16, 5, 67, 4, 4),
-    (3, 1, 12, 5, 25, 1, 4),
-]
+SHAPES = cases.SHAPES + [(2, 3, 16, 5, 67, 4, 4), (3, 1, 12, 5, 25, 1, 4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_ctr_gc_matches_fp64_reference(shape, dtype):
-    inputs = make_inputs(*shape)
-    assert_close_to_reference(cast(inputs, dtype), output_grad(inputs), TOLERANCE[dtype])
+    assert_matches_fp64_reference("cpp", shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[5]], ids=str)
 def test_static_st_gc_matches_fp64_reference(shape, dtype):
-    inputs = make_inputs(*shape, dynamic=False)
-    assert_close_to_reference(cast(inputs, dtype), output_grad(inputs), TOLERANCE[dtype])
+    assert_matches_fp64_reference("cpp", shape, dtype, dynamic=False)
 
 
 def test_parameters_in_other_dtypes_get_gradients_in_their_dtypes():
@@ -114,37 +59,14 @@ def test_parameters_in_other_dtypes_get_gradients_in_their_dtypes():
 
 
 def test_non_contiguous_inputs():
-    dense = make_inputs(2, 3, 8, 7, 25, 3, 4)
-    v = dense[0].transpose(2, 3).contiguous().transpose(2, 3)
-    A = dense[1].transpose(1, 2).contiguous().transpose(1, 2)
-    q = torch.stack([dense[2], dense[2]], dim=-1)[..., 0]
-    k = dense[3].transpose(2, 3).contiguous().transpose(2, 3)
-    weight = dense[4].transpose(0, 2).contiguous().transpose(0, 2)
-    bias = dense[5].t().contiguous().t()
-    inputs = [v, A, q, k, weight, bias, dense[6].reshape(())]
-    assert not any(t.is_contiguous() for t in inputs[:-1])
-    dy = output_grad(dense).transpose(1, 2).contiguous().transpose(1, 2)
-    assert_close_to_reference(inputs, dy, TOLERANCE[torch.float64])
+    assert_close_to_reference("cpp", *noncontiguous_inputs(), TOLERANCE[torch.float64])
 
 
 def test_results_do_not_depend_on_the_thread_count():
     """Every output element is computed by one task in a fixed order: bitwise identical."""
     inputs = cast(make_inputs(3, 3, 16, 9, 25, 4, 4), torch.float32)
     dy = output_grad(inputs).float()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = forward_backward(cpp_backend, inputs, dy)
-        torch.set_num_threads(max(2, threads))
-        many = forward_backward(cpp_backend, inputs, dy)
-    finally:
-        torch.set_num_threads(threads)
-    for name, a, b in zip(NAMES, one, many):
-        assert torch.equal(a, b), name
-
-
-def small_inputs(dynamic=True):
-    return [t.requires_grad_() for t in make_inputs(1, 2, 4, 3, 5, 2, 4, dynamic=dynamic)]
+    assert_independent_of_thread_count(lambda: forward_backward(cpp_backend, inputs, dy), NAMES)
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
@@ -171,20 +93,9 @@ def test_mismatched_parameter_dtype_is_a_clear_error():
         torch.ops.bharnet.ctr_graph_conv_cpp(*inputs)
 
 
-def loss_after_graph_conv(v, A, q, k, weight, bias, alpha):
-    return torch.sin(ctr_graph_conv(v, A, q, k, weight, bias, alpha, backend="cpp")).sum()
-
-
 def test_torch_compile_fullgraph():
     """The custom op traces through its fake impl: no graph break, same values and gradients."""
-    inputs = make_inputs(1, 2, 4, 3, 5, 2, 4)
-    torch._dynamo.reset()
-    compiled = torch.compile(loss_after_graph_conv, fullgraph=True)
-    one = torch.tensor(1.0, dtype=torch.float64)
-    expected = forward_backward(loss_after_graph_conv, inputs, one)
-    got = forward_backward(compiled, inputs, one)
-    for name, x, r in zip(("loss",) + NAMES[1:], got, expected):
-        torch.testing.assert_close(x, r, msg=lambda m: f"{name}: {m}")
+    assert_compiled_matches_eager("cpp", make_inputs(1, 2, 4, 3, 5, 2, 4))
 
 
 def test_whole_model_matches_reference_backend():
@@ -215,28 +126,20 @@ def test_whole_model_matches_reference_backend():
 
 
 # --- CUDA kernels (run by bench/gpu_check.sh) ---------------------------------------------------
-GPU_SHAPES = [
-    (8, 3, 64, 64, 25, 8, 4),
-    (8, 3, 256, 16, 42, 32, 4),
-    (8, 3, 64, 16, 67, 8, 4),
-    (2, 3, 32, 8, 128, 4, 4),
-    (2, 3, 12, 13, 21, 3, 12),
-]
+GPU_SHAPES = cases.GPU_SHAPES + [(2, 3, 12, 13, 21, 3, 12)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gpu_matches_fp64_reference(shape, dtype):
-    inputs = make_inputs(*shape)
-    assert_close_to_reference(cast(inputs, dtype, GPU), output_grad(inputs).to(GPU), TOLERANCE[dtype])
+    assert_matches_fp64_reference("cpp", shape, dtype, GPU)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gpu_static_matches_fp64_reference(dtype):
-    inputs = make_inputs(*GPU_SHAPES[0], dynamic=False)
-    assert_close_to_reference(cast(inputs, dtype, GPU), output_grad(inputs).to(GPU), TOLERANCE[dtype])
+    assert_matches_fp64_reference("cpp", GPU_SHAPES[0], dtype, GPU, dynamic=False)
 
 
 @pytest.mark.gpu
@@ -247,15 +150,9 @@ def test_gpu_low_precision_rule(shape, dtype):
     the kernel's error is at most 2x (3x for gradients) the reference's own in that precision,
     or one unit roundoff of the result's dtype."""
     inputs = make_inputs(*shape)
-    rounded = [inputs[0].to(GPU, dtype)] + cast(inputs[1:], torch.float32, GPU)
-    dy = output_grad(inputs).to(GPU, dtype)
-    ref = forward_backward(ctr_graph_conv_reference, [t.double() for t in rounded], dy.double())
-    ref_low = forward_backward(ctr_graph_conv_reference, rounded, dy)
-    got = forward_backward(cpp_backend, rounded, dy)
-    for name, x, r_low, r in zip(NAMES, got, ref_low, ref):
-        roundoff = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}.get(x.dtype, 2.0 ** -24)
-        bound = max((2.0 if name == "y" else 3.0) * rel_err(r_low, r), roundoff)
-        assert rel_err(x, r) <= bound, f"{name}: {rel_err(x, r):.2e} > {bound:.2e}"
+    dtypes = [dtype] + [torch.float32] * (len(inputs) - 1)
+    floor = {**UNIT_ROUNDOFF, torch.float32: 2.0 ** -24}
+    assert_within_low_precision_rule("cpp", inputs, output_grad(inputs), dtypes, GPU, floor)
 
 
 @pytest.mark.gpu
