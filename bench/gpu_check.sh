@@ -4,6 +4,8 @@
 #
 #   bash bench/gpu_check.sh                       # from anywhere; uses the checkout it lives in
 #   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh  # rehearsal without a GPU (bench --quick)
+#   GPU_CHECK_TESTS=none GPU_CHECK_BENCH_ARGS="--ops ctr_graph_conv --models none" bash bench/gpu_check.sh
+#                                                 # a narrower run: skip the tests, fewer cases
 #
 # Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
 #   env      GPU, driver, Python, torch and triton versions
@@ -73,6 +75,7 @@ print("bharnet", bharnet.__version__, "from", bharnet.__path__[0])'
 
 gpu_tests() {  # pytest exits 5 when no test is marked gpu: nothing to run is not a failure
   local rc=0
+  if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then echo "GPU tests skipped (GPU_CHECK_TESTS=none)"; return 0; fi
   "$PY" -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider || rc=$?
   if ((rc == 5)); then echo "no GPU tests collected"; return 0; fi
   return "$rc"
@@ -105,6 +108,8 @@ copy_out() {
 export -f environment setup_tree gpu_tests latest_csv summary
 
 if [[ $DEVICE == cpu ]]; then BENCH_OPTS=(--device cpu --quick); else BENCH_OPTS=(--device cuda --compile ops,infer); fi
+read -r -a EXTRA_BENCH_OPTS <<< "${GPU_CHECK_BENCH_ARGS:-}"
+BENCH_OPTS+=("${EXTRA_BENCH_OPTS[@]}")
 
 stage env 30 bash -c environment
 stage setup 60 bash -c setup_tree
@@ -114,6 +119,7 @@ if [[ " ${FAILED[*]} " == *" setup "* ]]; then
   exit 1
 fi
 TEST_LIMIT=$(( $(left) - 190 < 150 ? $(left) - 190 : 150 ))
+if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
 stage tests "$TEST_LIMIT" bash -c gpu_tests
 BENCH_LIMIT=$(( $(left) - 30 ))
 stage bench "$BENCH_LIMIT" "$PY" "$ROOT/bench/run.py" "${BENCH_OPTS[@]}" \
