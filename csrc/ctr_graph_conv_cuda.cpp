@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> static_backward_cuda(const at::Tensor& dy_in,
   const auto dy = dy_in.contiguous(), v = v_in.contiguous();
   if (v.numel() == 0) return {at::zeros_like(v), at::zeros_like(A)};
   auto [dv, dtopo] = topology_grad(s, dy, v, A.contiguous());
-  return {dv, dtopo.sum({0, 2})};
+  return {dv, dtopo.sum(at::IntArrayRef{0, 2})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -113,9 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto th = at::tanh(q.unsqueeze(-1) - k.unsqueeze(-2));                         // (B, H, R, V, V)
   const auto u = at::einsum("hgr,bhgij->bhrij", {weight, dtopo}) * (1 - th * th);
   const auto P = at::einsum("bhgij,bhrij->hgr", {dtopo, th});
-  const auto S = dtopo.sum({0, 3, 4});
+  const auto S = dtopo.sum(at::IntArrayRef{0, 3, 4});
   const auto dalpha = ((weight * P).sum() + (bias * S).sum()).reshape(alpha.sizes());
-  return {dv, dtopo.sum({0, 2}), a * u.sum(-1), -a * u.sum(-2), a * P, a * S, dalpha};
+  return {dv, dtopo.sum(at::IntArrayRef{0, 2}), a * u.sum(-1), -a * u.sum(-2), a * P, a * S, dalpha};
 }
 
 }  // namespace

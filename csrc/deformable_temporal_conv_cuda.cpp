@@ -109,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
   check_launch(cuda::det_param_grad(cuda_dtype(x), cuda_shape(s), dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
                                     inside.data_ptr(), splits, d_part.data_ptr(), stream));
   const auto D = d_part.sum(0).view({s.O, s.C, s.E});
-  const auto doffsets = (weight.to(acc) * D).sum({0, 1}).to(offsets.scalar_type());
+  const auto doffsets = (weight.to(acc) * D).sum(at::IntArrayRef{0, 1}).to(offsets.scalar_type());
   const auto dweight = dw_part.sum(0).view({s.O, s.C, s.E}).to(weight.scalar_type());
-  const auto dbias = dy.sum({0, 2, 3}, false, acc).to(weight.scalar_type());
+  const auto dbias = dy.sum(at::IntArrayRef{0, 2, 3}, false, acc).to(weight.scalar_type());
 
   // dx: CSR table of the samples reading each input row, then one GEMM per (b, t).
   const auto rows = at::cat({smp.p0.flatten(), smp.p1.flatten()}).to(at::kLong);
