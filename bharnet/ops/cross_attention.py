@@ -195,12 +195,14 @@ def _rows_last(t: Tensor) -> Tensor:
 def _mask_args(key_mask: Optional[Tensor], kv: Tensor):
     """(pointer tensor, stride_n, stride_l); the kernels never read the pointer without a mask.
 
-    A bool mask is read as bytes without a copy, except next to float64 data: Triton 3.8 fails
-    to compile (an MMAv2 lowering assertion for sm_90) a kernel that loads 8-bit values and
-    runs an fp64 ``tl.dot``, so float64 kernels get an int32 copy of the mask."""
+    The bool mask is passed as a uint8 copy (N·Lk bytes): a ``view(torch.uint8)`` would avoid
+    the copy, but inductor cannot trace a bool→uint8 view inside the ``triton_op`` (``torch.iinfo``
+    rejects bool; seen on the H100 under ``torch.compile``). Next to float64 data the copy is
+    int32: Triton 3.8 fails to compile (an MMAv2 lowering assertion for sm_90) a kernel that
+    loads 8-bit values and runs an fp64 ``tl.dot``."""
     if key_mask is None:
         return kv, 0, 0
-    mask = key_mask.to(torch.int32) if kv.dtype == torch.float64 else key_mask.view(torch.uint8)
+    mask = key_mask.to(torch.int32) if kv.dtype == torch.float64 else key_mask.to(torch.uint8)
     return mask, mask.stride(0), mask.stride(1)
 
 
