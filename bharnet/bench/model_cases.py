@@ -3,7 +3,8 @@
 * ``train``: ``optimizer.zero_grad(); loss = model.loss(model(body, hand), target);
   loss.backward(); optimizer.step()`` with SGD (momentum 0.9, Nesterov, weight decay 4e-4),
   batch ``clips`` x ``persons``; under ``torch.compile`` the forward and loss are compiled.
-* ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``.
+* ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``; with
+  ``fold``, on the model fused for inference (:func:`bharnet.fast.fuse_for_inference`).
 
 ``bf16`` runs under ``torch.autocast`` (parameters stay float32). Inputs are random skeletons
 of the NTU layout (N, 3, T, V, M) with V = 25 body joints and V = 42 hand keypoints.
@@ -16,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..fast import fuse_for_inference
 from ..graphs import BODY, HANDS
 from ..models import create_model
 from .providers import autocast, compiled
@@ -62,7 +64,7 @@ def _batch(case: ModelCase, device: torch.device):
 
 
 def make_step(case: ModelCase, device: torch.device, dtype_name: str,
-              compile_mode: Optional[str]) -> Callable[[], None]:
+              compile_mode: Optional[str], fold: bool = False) -> Callable[[], None]:
     """A zero-argument callable running one step of ``case`` on fresh inputs (it cycles
     through a few input sets). The ops' backend is the global one (``bharnet.ops.use_backend``)
     in force when the step first runs (for compiled steps: when they are traced)."""
@@ -70,6 +72,8 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
     batches = itertools.cycle([_batch(case, device) for _ in range(INPUT_SETS)])
     if case.mode == "infer":
         model.eval()
+        if fold:  # its layers keep the global backend (backend=None)
+            model = fuse_for_inference(model, backend=None)
         forward = compiled(model, compile_mode, fullgraph=False)
 
         def infer_step():

@@ -14,6 +14,8 @@
 Whole models use ``eager``, ``compile``, ``auto`` and ``auto+compile``: ``auto`` runs each op
 on the fastest backend available for the device (``bharnet.ops.use_backend("auto")``), which
 is how bharnet is used; a single explicit backend would fail on a model using an op without it.
+Inference adds ``auto+fold``: ``auto`` on the model fused for inference
+(:func:`bharnet.fast.fuse_for_inference`: BatchNorm folded, branch convolutions merged).
 
 A backend that cannot run is kept as a provider with a skip reason, so the report says why.
 On CPU the Triton backend is skipped: there it runs only in the Triton interpreter.
@@ -43,10 +45,13 @@ class Provider:
     backend: str
     compile_mode: Optional[str] = None
     skip: Optional[str] = None
+    fold: bool = False  # models only: run the model fused for inference
 
     @property
     def name(self) -> str:
         base = "eager" if self.backend == "reference" else self.backend
+        if self.fold:
+            base += "+fold"
         if self.compile_mode is None:
             return base
         suffix = "" if self.compile_mode == "default" else f":{self.compile_mode}"
@@ -65,9 +70,11 @@ def backend_skip_reason(op: str, backend: str, device_type: str) -> Optional[str
     return unavailable_reason(op, backend, device_type)
 
 
-def model_providers(compile_modes: Sequence[str]) -> List[Provider]:
-    """eager, auto, and both under every mode in ``compile_modes``."""
-    return [Provider(backend, mode) for backend in ("reference", "auto") for mode in (None, *compile_modes)]
+def model_providers(compile_modes: Sequence[str], infer: bool = False) -> List[Provider]:
+    """eager, auto, and both under every mode in ``compile_modes``; for inference also
+    ``auto+fold``."""
+    result = [Provider(backend, mode) for backend in ("reference", "auto") for mode in (None, *compile_modes)]
+    return result + [Provider("auto", fold=True)] if infer else result
 
 
 def providers(op: str, device_type: str, compile_modes: Sequence[str]) -> List[Provider]:

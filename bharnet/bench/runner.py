@@ -306,7 +306,7 @@ class Bench:
         if provider.backend == "auto":
             config += ";auto=" + "/".join(f"{op}:{resolve(op, 'auto', device.type)}" for op in OP_FUNCTIONS)
         with use_backend(provider.backend):
-            step = make_step(case, device, dtype, provider.compile_mode)
+            step = make_step(case, device, dtype, provider.compile_mode, provider.fold)
             first_s = first_call_seconds(step, device)
             rows = []
             if provider.compile_mode is not None:
@@ -342,7 +342,7 @@ class Bench:
                                         lambda c=case, d=dtype, p=provider: self.op_job(c, d, p)))
         for case in model_cases(opts.models, opts.preset, opts.batch, opts.persons, opts.frames):
             modes = opts.compile_modes if case.mode in opts.compile_scopes else []
-            for provider in model_providers(modes):
+            for provider in model_providers(modes, infer=case.mode == "infer"):
                 phase = 1 if provider.compile_mode is None else (3 if case.mode == "infer" else 4)
                 for dtype in opts.dtypes:
                     jobs.append(Job(phase, f"{case.model} {case.mode} {case.x} {dtype}", provider, "model",

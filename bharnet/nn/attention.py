@@ -28,6 +28,8 @@ class TokenCrossAttention(nn.Module):
     Runs ``bharnet.ops.cross_attention`` with backend ``impl`` (None = the global backend, see
     ``bharnet.ops.use_backend``); ``reference`` is the pure-PyTorch layer."""
 
+    fused_op = "cross_attention"  # the op behind ``impl`` (see bharnet.fast.swap_layers)
+
     def __init__(self, dim: int, heads: int = 8, impl: Optional[str] = None):
         super().__init__()
         if dim % heads != 0:

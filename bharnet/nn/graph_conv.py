@@ -27,6 +27,8 @@ class STGraphConv(nn.Module):
     ``A`` (H, V, V) is learnable, initialised from the graph's partitions.
     """
 
+    fused_op = "ctr_graph_conv"  # the op behind ``impl`` (see bharnet.fast.swap_layers)
+
     def __init__(self, in_channels: int, out_channels: int, A, impl: Optional[str] = None):
         super().__init__()
         self.A = _adjacency_parameter(A)
@@ -53,6 +55,8 @@ class CTRGraphConv(nn.Module):
     ``groups = out_channels`` gives CTR-GCN's per-channel topologies; the default of 4 groups
     follows the design (channels of a group share one refined topology).
     """
+
+    fused_op = "ctr_graph_conv"
 
     def __init__(self, in_channels: int, out_channels: int, A, rel_reduction: int = 8,
                  groups: int = 4, impl: Optional[str] = None):

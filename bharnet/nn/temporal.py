@@ -19,6 +19,8 @@ class DeformableTemporalConv(nn.Module):
     dilated kernel of size ``k``; gradients reach ``tau``.
     """
 
+    fused_op = "deformable_temporal_conv"  # the op behind ``impl`` (see bharnet.fast.swap_layers)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5,
                  dilation: int = 1, stride: int = 1, num_offsets: int = 4,
                  impl: Optional[str] = None):

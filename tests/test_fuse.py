@@ -1,0 +1,164 @@
+"""fuse_for_inference: BatchNorm folding is exact, the original model is untouched, the fused
+model runs on the C++ kernels, and training mode is refused."""
+import pytest
+import torch
+from torch import nn
+
+import bharnet
+from bharnet._ext import cpp_availability
+from bharnet.fast import ChannelBias, SharedInputBranches, TemporalMaxPool, fuse_for_inference, swap_layers
+from bharnet.models import MODELS
+from bharnet.nn import CTRGraphConv, DeformableTemporalConv, MultiScaleTemporalConv, TokenCrossAttention
+from bharnet.nn.graph_conv import STGraphConv
+
+needs_cpp = pytest.mark.skipif(cpp_availability("cpu") is not None,
+                               reason=f"C++ kernels unavailable: {cpp_availability('cpu')}")
+
+
+def trained_like(name, dtype=torch.float64):
+    """A small model in eval mode whose BatchNorms have non-trivial statistics and affine
+    parameters (at initialisation every BN is the identity and any fold would pass)."""
+    torch.manual_seed(0)
+    model = bharnet.create_model(name, 5, preset="small")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                module.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                module.weight.copy_(torch.randn(c, generator=g))
+                module.bias.copy_(torch.randn(c, generator=g) * 0.3)
+            elif isinstance(module, CTRGraphConv):
+                module.alpha.fill_(0.3)  # exercise the refinement path, zero at init
+            elif isinstance(module, DeformableTemporalConv):
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
+    return model.to(dtype).eval()
+
+
+def inputs(dtype=torch.float64, frames=8):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 3, frames, 25, 2, generator=g).to(dtype),
+            torch.randn(2, 3, frames, 42, 2, generator=g).to(dtype))
+
+
+def relative_error(out, ref):
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_folding_is_exact_in_float64(name):
+    model = swap_layers(trained_like(name), "reference")
+    fused = fuse_for_inference(model, "reference")
+    # Left: data_bn (BatchNorm1d) and the BN after each MSTCN's max-pool branch; nothing else.
+    assert count(fused, nn.BatchNorm1d) == count(model, nn.BatchNorm1d)
+    assert count(fused, nn.BatchNorm2d) == count(model, MultiScaleTemporalConv)
+    # The small preset has blocks with and without a residual convolution: both shift paths.
+    assert 0 < count(fused, ChannelBias) < count(fused, STGraphConv) + count(fused, CTRGraphConv)
+    assert count(fused, SharedInputBranches) == count(model, MultiScaleTemporalConv) > 0
+    assert count(fused, nn.MaxPool2d) == 0 and count(fused, TemporalMaxPool) > 0
+    body, hand = inputs()
+    with torch.no_grad():
+        ref, out = model(body, hand), fused(body, hand)
+    assert relative_error(out.logits, ref.logits) < 1e-10
+    assert ref.parts.keys() == out.parts.keys()
+    for part, logits in ref.parts.items():
+        assert relative_error(out.parts[part], logits) < 1e-10, part
+
+
+@pytest.mark.parametrize("frames,stride", [(8, 1), (7, 2), (13, 2), (2, 1), (9, 3)])
+def test_temporal_max_pool_equals_max_pool(frames, stride):
+    x = torch.randn(2, 3, frames, 5, dtype=torch.float64)
+    x[0, 1, frames // 2, 2] = float("nan")
+    x[1, 0, :, 1] = float("-inf")
+    pool = nn.MaxPool2d((3, 1), stride=(stride, 1), padding=(1, 0))
+    assert TemporalMaxPool.replaces(pool)
+    assert torch.equal(TemporalMaxPool(3, stride, 1)(x).isnan(), pool(x).isnan())
+    assert torch.equal(TemporalMaxPool(3, stride, 1)(x).nan_to_num(), pool(x).nan_to_num())
+    assert not TemporalMaxPool.replaces(nn.MaxPool2d((3, 3), stride=1, padding=1))  # pools over joints too
+    assert not TemporalMaxPool.replaces(nn.MaxPool2d((3, 1), stride=(2, 1), ceil_mode=True))
+
+
+def test_original_model_is_untouched():
+    model = swap_layers(trained_like("bharnet-e"), "reference")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    fused = fuse_for_inference(model, "cpp")
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"reference"}
+    assert not {p.data_ptr() for p in model.parameters()} & {p.data_ptr() for p in fused.parameters()}
+
+
+def test_training_mode_is_refused():
+    model = trained_like("bharnet-e")
+    model.train()
+    with pytest.raises(ValueError, match=r"eval mode \(call model.eval\(\) first\)"):
+        fuse_for_inference(model)
+    model.eval()
+    model.hand_stem.train()  # one submodule left in training mode is enough to refuse
+    with pytest.raises(ValueError, match="in training mode: hand_stem"):
+        fuse_for_inference(model)
+    model.eval()
+    fused = fuse_for_inference(model, "reference")
+    fused.train()
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        fused(*inputs())
+    fused.eval()
+    fused(*inputs())
+
+
+def test_batchnorm_without_running_statistics_is_refused():
+    model = trained_like("body")
+    bn = model.expert.blocks[1].gcn.bn
+    bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
+    with pytest.raises(ValueError, match=r"expert.blocks.1.gcn.bn has no running statistics"):
+        fuse_for_inference(model)
+
+
+@needs_cpp
+def test_swap_layers_cpp_leaves_ops_without_cpp_kernels_on_auto():
+    model = swap_layers(trained_like("bharnet-e", torch.float32), "cpp")
+    for module in model.modules():
+        if hasattr(module, "impl"):
+            assert module.impl == ("auto" if isinstance(module, TokenCrossAttention) else "cpp")
+    with torch.no_grad():
+        model(*inputs(torch.float32))
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["bharnet-e", "unified"])
+def test_fused_cpp_model_matches_the_reference_in_float32(name):
+    """Float32 tolerance, as in DESIGN.md section 6: against the float64 reference, the fused
+    C++ model's error may be at most 2x that of the unfused reference run in float32 (folding
+    reorders roundings, the kernels sum in another order; neither may lose more accuracy than
+    float32 itself does), with a floor of a few float32 ulps for the case where both are tiny."""
+    model64 = swap_layers(trained_like(name), "reference")
+    model32 = swap_layers(trained_like(name, torch.float32), "reference")
+    fused = fuse_for_inference(model32, "cpp")
+    assert {m.impl for m in fused.modules() if isinstance(m, (CTRGraphConv, DeformableTemporalConv))} == {"cpp"}
+    body, hand = inputs()
+    with torch.no_grad():
+        exact = model64(body, hand).logits
+        ref32 = model32(body.float(), hand.float()).logits
+        out = fused(body.float(), hand.float()).logits
+    assert out.dtype == torch.float32
+    budget = max(2 * relative_error(ref32.double(), exact), 5e-7)
+    assert relative_error(out.double(), exact) <= budget
+
+
+@needs_cpp
+def test_bench_has_a_fused_inference_provider():
+    from bharnet.bench.model_cases import ModelCase, make_step
+    from bharnet.bench.providers import model_providers
+    assert [p.name for p in model_providers([], infer=True)] == ["eager", "auto", "auto+fold"]
+    assert "auto+fold" not in [p.name for p in model_providers([])]  # training: nothing to fold
+    with bharnet.ops.use_backend("auto"):
+        make_step(ModelCase("bharnet-e", "infer", "small", 1, 2, 8, classes=5), torch.device("cpu"),
+                  "fp32", None, fold=True)()
