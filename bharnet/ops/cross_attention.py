@@ -55,6 +55,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ._backend import register_backend, resolve, triton_availability
+from ._checks import expect_tensor
 from ._custom_op import triton_custom_op
 
 OP_NAME = "cross_attention"
@@ -327,14 +328,7 @@ register_backend(OP_NAME, "triton", triton_availability)
 def _expect(name, t, shape, ref, optional=False):
     if t is None and optional:
         return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"cross_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"cross_attention: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != ref.device:
-        raise ValueError(f"cross_attention: {name} is on {t.device}, expected {ref.device} like x_q")
-    if name != "key_mask" and not t.is_floating_point():
-        raise TypeError(f"cross_attention: {name} must be floating point, got {t.dtype}")
+    expect_tensor(OP_NAME, name, t, shape, ref, "x_q", floating=name != "key_mask")
 
 
 def validate(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,

@@ -51,6 +51,7 @@ from torch.library import wrap_triton
 
 from .._ext import cpp_availability, cuda_availability, load
 from ._backend import register_backend, resolve, triton_availability
+from ._checks import expect_tensor
 from ._custom_op import triton_custom_op
 
 OP_NAME = "ctr_graph_conv"
@@ -326,14 +327,7 @@ register_backend(OP_NAME, "cpp", _cpp_availability)
 
 
 def _expect(name, t, shape, ref):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"ctr_graph_conv: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"ctr_graph_conv: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != ref.device:
-        raise ValueError(f"ctr_graph_conv: {name} is on {t.device}, expected {ref.device} like v")
-    if not t.is_floating_point():
-        raise TypeError(f"ctr_graph_conv: {name} must be floating point, got {t.dtype}")
+    expect_tensor(OP_NAME, name, t, shape, ref, "v")
 
 
 def validate(v, A, q, k, weight, bias, alpha):
