@@ -132,12 +132,13 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            loss_sum += loss.item() * label.shape[0]
-            correct += int((out.logits.argmax(1) == label).sum())
+            loss_value = loss.item()  # the one host sync per step (the progress bar shows it)
+            loss_sum += loss_value * label.shape[0]
+            correct += (out.logits.argmax(1) == label).sum()  # stays on the device until epoch end
             seen += label.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}")
         record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
-                  "train_top1": 100.0 * correct / max(seen, 1), "lr": lr,
+                  "train_top1": 100.0 * int(correct) / max(seen, 1), "lr": lr,
                   "seconds": round(time.time() - started, 2)}
         log.write(record)
         if context.is_main:
