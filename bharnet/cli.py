@@ -44,29 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="full", choices=["full", "small"])
     info.set_defaults(func=_info)
 
+    from . import bench
+    from .data import prepare
     from .engine import commands
 
-    train = sub.add_parser("train", help="train a model (no --data: the built-in synthetic demo)")
-    commands.add_train_arguments(train)
-    train.set_defaults(func=commands.run_train)
-    evaluate = sub.add_parser("eval", help="evaluate a trained model on a prepared dataset")
-    commands.add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=commands.run_eval)
-    ensemble = sub.add_parser("ensemble", help="weighted score fusion of evaluated models")
-    commands.add_ensemble_arguments(ensemble)
-    ensemble.set_defaults(func=commands.run_ensemble)
-
-    from . import bench
-
-    bench_parser = sub.add_parser("bench", help="eager vs torch.compile vs bharnet backends, per op and per model")
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(func=bench.run)
-
-    from .data import prepare
-
-    prep = sub.add_parser("prepare", help="convert raw NTU RGB+D skeletons (+ hands) into a dataset")
-    prepare.add_arguments(prep)
-    prep.set_defaults(func=prepare.run)
+    subcommands = [  # name, help, add_arguments, run
+        ("train", "train a model (no --data: the built-in synthetic demo)",
+         commands.add_train_arguments, commands.run_train),
+        ("eval", "evaluate a trained model on a prepared dataset", commands.add_eval_arguments, commands.run_eval),
+        ("ensemble", "weighted score fusion of evaluated models", commands.add_ensemble_arguments,
+         commands.run_ensemble),
+        ("bench", "eager vs torch.compile vs bharnet backends, per op and per model", bench.add_arguments, bench.run),
+        ("prepare", "convert raw NTU RGB+D skeletons (+ hands) into a dataset", prepare.add_arguments, prepare.run),
+    ]
+    for name, help_text, add_arguments, run in subcommands:
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
 
 
