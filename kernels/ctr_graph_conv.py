@@ -9,15 +9,15 @@ Notation as in ``bharnet/ops/ctr_graph_conv.py``: ``v`` (B, H, C, T, V), groups 
     y[b, c, t, i]       = sum_h sum_j Aref[b, h, g(c), i, j] * v[b, h, c, t, j]
 
 Inside one (b, g) the rows ``m = c_local * T + t`` of ``v[b, h, group g]`` and of ``y[b, group g]``
-are contiguous (CG * T rows of V joints), so the aggregation is, per (b, h, g), a GEMM
-``y_g (CG*T, V) += v_hg (CG*T, V) @ Aref^T (V, V)``. The kernels never write the
-(B, H, G, V, V) topology nor any (B, H, C, T, V) intermediate in the forward pass: every
-program recomputes the topology tile it needs from q, k, W, bias, alpha and A.
+are contiguous (CG * T rows of V joints), so the aggregation is, per (b, g), a GEMM
+``y_g (CG*T, V) = sum_h v_hg (CG*T, V) @ Aref[b, h, g]^T (V, V)``.
 
-Cost of the recomputation: R tanh (an exp and a division each, on CUDA cores) per topology
-element per row tile, against BLOCK_M multiply-adds of the GEMM (on tensor cores for 16-bit
-inputs). For wide layers (R = C_in / 8 = 32, C/G * T = 1024 rows) the forward's tanh work
-outweighs its GEMM; the backward computes each topology tile once per (b, h, g, j-tile).
+``topology_kernel`` evaluates the refined topologies once per call into a (B, H, G, V, V)
+buffer in the compute dtype (the reference casts its float32 topology to v's dtype before the
+product, so do the kernels): R tanh per topology element, B*H*G*R*V^2 in all, instead of once
+per row tile of every GEMM program. The buffer is small (G topologies per (b, h), not C) and
+L2-resident; no (B, H, C, V, V) or (B, H, C, T, V) intermediate is ever written. The static
+mode reads A directly (batch stride 0, G = 1).
 
 Backward (``dy`` = dL/dy, ``dAref`` = dL/dAref)::
 
@@ -32,10 +32,11 @@ Backward (``dy`` = dL/dy, ``dAref`` = dL/dAref)::
     dW[h, g, r] = alpha * sum_b P,   dbias[h, g] = alpha * sum_b S,
     dalpha      = sum_{h, g, r} W * sum_b P + sum_{h, g} bias * sum_b S
 
-``topology_grad_kernel`` produces ``dv`` and the small (B, H, G, V, V) ``dAref`` (one GEMM
-reduction over the CG * T rows); ``refinement_grad_kernel`` turns ``dAref`` into ``dq``,
-partial ``dk`` and partial ``P`` (one program per (i-tile, h, b)); the op wrapper finishes
-the tiny sums over b, g and i-tiles with torch.
+``topology_grad_kernel`` produces ``dv`` and ``dAref`` (the latter as per-chunk partial sums
+over the CG * T rows when the rows are split over several programs);
+``refinement_grad_kernel`` turns ``dAref`` into ``dq``, partial ``dk`` and partial ``P`` (one
+program per (i-tile, h, b)); the op wrapper finishes the tiny sums over b, g and tiles with
+torch.
 
 All accumulation is in float32 (float64 for float64 inputs); matrix products use ``tl.dot``.
 """
@@ -52,46 +53,43 @@ def _tanh(x):
 
 
 @triton.jit
-def _topology_tile(a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha, rows_i, cols_j, b, h, g,
-                   H, V, R, G, DYNAMIC: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Aref[b, h, g, i, j] at the broadcast of the 2-D index tensors ``rows_i`` and ``cols_j``
-    (e.g. (BI, 1) and (1, BJ) for a tile, (1, BI) and (BJ, 1) for its transpose); zero
-    outside the V x V range so padded rows/columns contribute nothing."""
-    inside = (rows_i < V) & (cols_j < V)
-    topo = tl.load(a_ptr + h * V * V + rows_i * V + cols_j, mask=inside, other=0.0).to(ACC_DTYPE)
-    if DYNAMIC:
-        qk_base = (b * H + h).to(tl.int64) * R * V
-        refine = tl.zeros(topo.shape, ACC_DTYPE)
-        for r in range(R):
-            q_r = tl.load(q_ptr + qk_base + r * V + rows_i, mask=rows_i < V, other=0.0).to(ACC_DTYPE)
-            k_r = tl.load(k_ptr + qk_base + r * V + cols_j, mask=cols_j < V, other=0.0).to(ACC_DTYPE)
-            w_r = tl.load(w_ptr + (h * G + g) * R + r).to(ACC_DTYPE)
-            refine += w_r * _tanh(q_r - k_r)
-        bias = tl.load(bias_ptr + h * G + g).to(ACC_DTYPE)
-        topo = tl.where(inside, topo + alpha * (refine + bias), 0.0)
-    return topo
+def topology_kernel(a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha_ptr, topo_ptr, H, V, R, G,
+                    ACC_FP64: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_V: tl.constexpr):
+    """topo[b, h, g, i-tile, :] = Aref[b, h, g, i-tile, :] (module docstring), stored in the
+    buffer's dtype. Grid (cdiv(V, BLOCK_I), H * G, B)."""
+    ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    pid_i = tl.program_id(0)
+    h = tl.program_id(1) // G
+    g = tl.program_id(1) % G
+    b = tl.program_id(2)
+    rows_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    cols_j = tl.arange(0, BLOCK_V)
+    inside = (rows_i[:, None] < V) & (cols_j[None, :] < V)
+    qk_base = (b * H + h).to(tl.int64) * R * V
+    refine = tl.zeros((BLOCK_I, BLOCK_V), ACC_DTYPE)
+    for r in range(R):
+        q_r = tl.load(q_ptr + qk_base + r * V + rows_i, mask=rows_i < V, other=0.0).to(ACC_DTYPE)
+        k_r = tl.load(k_ptr + qk_base + r * V + cols_j, mask=cols_j < V, other=0.0).to(ACC_DTYPE)
+        w_r = tl.load(w_ptr + (h * G + g) * R + r).to(ACC_DTYPE)
+        refine += w_r * _tanh(q_r[:, None] - k_r[None, :])
+    alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+    bias = tl.load(bias_ptr + h * G + g).to(ACC_DTYPE)
+    offsets = rows_i[:, None] * V + cols_j[None, :]
+    topo = tl.load(a_ptr + h * V * V + offsets, mask=inside, other=0.0).to(ACC_DTYPE)
+    topo += alpha * (refine + bias)
+    topo_base = ((b * H + h).to(tl.int64) * G + g) * V * V
+    tl.store(topo_ptr + topo_base + offsets, topo.to(topo_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _load_alpha(alpha_ptr, DYNAMIC: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """alpha in the accumulation dtype (unused, 0, in static mode)."""
-    if DYNAMIC:
-        alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
-    else:
-        alpha = 0.0
-    return alpha
+def ctr_graph_conv_fwd_kernel(v_ptr, topo_ptr, y_ptr, topo_batch_stride, H, C, T, V, G,
+                              ACC_FP64: tl.constexpr, EXACT_DOT: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr):
+    """y[b, group g, rows m-tile, :] = sum_h sum_{j-tiles} v_hg[m, j] @ topo[b, h, g]^T[j, :].
 
-
-@triton.jit
-def ctr_graph_conv_fwd_kernel(v_ptr, a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha_ptr, y_ptr,
-                              H, C, T, V, R, G,
-                              DYNAMIC: tl.constexpr, ACC_FP64: tl.constexpr,
-                              EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr):
-    """y[b, group g, rows m-tile, :] = sum_h sum_{j-tiles} v_hg[m, j] @ Aref[b, h, g]^T[j, :].
-
-    Grid (cdiv(CG*T, BLOCK_M), G, B). The (BLOCK_J, BLOCK_V) tile of Aref^T is recomputed per
-    (h, j-tile) and used at once by ``tl.dot``; the (BLOCK_M, BLOCK_V) accumulator sums over h."""
+    Grid (cdiv(CG*T, BLOCK_M), G, B); ``topo`` is the (B, H, G, V, V) buffer of
+    ``topology_kernel`` (``topo_batch_stride`` = H*G*V*V), or A itself in static mode (stride
+    0, G = 1). The (BLOCK_M, BLOCK_V) accumulator sums over h and the j-tiles."""
     ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     DOT_PRECISION: tl.constexpr = "ieee" if EXACT_DOT else "tf32"
     pid_m = tl.program_id(0)
@@ -101,17 +99,16 @@ def ctr_graph_conv_fwd_kernel(v_ptr, a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha
     group_rows = group_channels * T
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     joints_i = tl.arange(0, BLOCK_V)
-    alpha = _load_alpha(alpha_ptr, DYNAMIC, ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_V), ACC_DTYPE)
     for h in range(H):
         v_base = ((b * H + h).to(tl.int64) * C + g * group_channels) * T * V
+        topo_base = b.to(tl.int64) * topo_batch_stride + (h * G + g) * V * V
         for j0 in range(0, V, BLOCK_J):
             joints_j = j0 + tl.arange(0, BLOCK_J)
             v_tile = tl.load(v_ptr + v_base + rows[:, None] * V + joints_j[None, :],
                              mask=(rows[:, None] < group_rows) & (joints_j[None, :] < V), other=0.0)
-            topo_t = _topology_tile(a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha,
-                                    joints_i[None, :], joints_j[:, None], b, h, g,
-                                    H, V, R, G, DYNAMIC, ACC_DTYPE)
+            topo_t = tl.load(topo_ptr + topo_base + joints_i[None, :] * V + joints_j[:, None],
+                             mask=(joints_i[None, :] < V) & (joints_j[:, None] < V), other=0.0)
             acc = tl.dot(v_tile, topo_t.to(v_tile.dtype), acc, input_precision=DOT_PRECISION,
                          out_dtype=ACC_DTYPE)
     y_base = (b.to(tl.int64) * C + g * group_channels) * T * V
@@ -120,21 +117,23 @@ def ctr_graph_conv_fwd_kernel(v_ptr, a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha
 
 
 @triton.jit
-def topology_grad_kernel(dy_ptr, v_ptr, a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha_ptr,
-                         dv_ptr, dtopo_ptr, H, C, T, V, R, G,
-                         DYNAMIC: tl.constexpr, ACC_FP64: tl.constexpr,
-                         EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+def topology_grad_kernel(dy_ptr, v_ptr, topo_ptr, dv_ptr, dtopo_ptr, topo_batch_stride,
+                         B, H, C, T, V, G, ROW_TILES_PER_CHUNK,
+                         ACC_FP64: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_V: tl.constexpr, BLOCK_J: tl.constexpr):
-    """For one (b, h, g) and a tile of BLOCK_J columns j, loop over the CG*T rows in tiles:
+    """For one (b, h, g), a tile of BLOCK_J columns j and one chunk of row tiles:
 
-        dv_hg[m, j]   = dy_g[m, :] @ Aref[b, h, g][:, j]
-        dAref[:, j]  += dy_g[m-tile, :]^T @ v_hg[m-tile, j]
+        dv_hg[m, j]               = dy_g[m, :] @ topo[b, h, g][:, j]
+        dtopo[chunk, b, h, g][:, j] = sum_{m in chunk} dy_g[m, :]^T @ v_hg[m, j]
 
-    Grid (cdiv(V, BLOCK_J), H * G, B). The (BLOCK_V, BLOCK_J) Aref tile is computed once per
-    program. ``dtopo`` is (B, H, G, V, V) in the accumulation dtype."""
+    Grid (cdiv(V, BLOCK_J) * chunks, H * G, B); ``dtopo`` is (chunks, B, H, G, V, V) in the
+    accumulation dtype (the caller sums over chunks). The (BLOCK_V, BLOCK_J) topology tile is
+    loaded once per program."""
     ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     DOT_PRECISION: tl.constexpr = "ieee" if EXACT_DOT else "tf32"
-    pid_j = tl.program_id(0)
+    j_tiles = tl.cdiv(V, BLOCK_J)
+    pid_j = tl.program_id(0) % j_tiles
+    chunk = tl.program_id(0) // j_tiles
     h = tl.program_id(1) // G
     g = tl.program_id(1) % G
     b = tl.program_id(2)
@@ -142,14 +141,16 @@ def topology_grad_kernel(dy_ptr, v_ptr, a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, al
     group_rows = group_channels * T
     joints_i = tl.arange(0, BLOCK_V)
     joints_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    alpha = _load_alpha(alpha_ptr, DYNAMIC, ACC_DTYPE)
-    topo = _topology_tile(a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, alpha,
-                          joints_i[:, None], joints_j[None, :], b, h, g, H, V, R, G, DYNAMIC, ACC_DTYPE)
-    topo = topo.to(dy_ptr.dtype.element_ty)
+    topo_mask = (joints_i[:, None] < V) & (joints_j[None, :] < V)
+    topo_base = b.to(tl.int64) * topo_batch_stride + (h * G + g) * V * V
+    topo = tl.load(topo_ptr + topo_base + joints_i[:, None] * V + joints_j[None, :], mask=topo_mask,
+                   other=0.0).to(dy_ptr.dtype.element_ty)
     dy_base = (b.to(tl.int64) * C + g * group_channels) * T * V
     v_base = ((b * H + h).to(tl.int64) * C + g * group_channels) * T * V
     dtopo = tl.zeros((BLOCK_V, BLOCK_J), ACC_DTYPE)
-    for m0 in range(0, group_rows, BLOCK_M):
+    first_row = chunk * ROW_TILES_PER_CHUNK * BLOCK_M
+    last_row = tl.minimum(first_row + ROW_TILES_PER_CHUNK * BLOCK_M, group_rows)
+    for m0 in range(first_row, last_row, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         dy_tile = tl.load(dy_ptr + dy_base + rows[:, None] * V + joints_i[None, :],
                           mask=(rows[:, None] < group_rows) & (joints_i[None, :] < V), other=0.0)
@@ -161,9 +162,8 @@ def topology_grad_kernel(dy_ptr, v_ptr, a_ptr, q_ptr, k_ptr, w_ptr, bias_ptr, al
                  dv_tile.to(dv_ptr.dtype.element_ty), mask=tile_mask)
         dtopo = tl.dot(tl.trans(dy_tile), v_tile, dtopo, input_precision=DOT_PRECISION,
                        out_dtype=ACC_DTYPE)
-    dtopo_base = ((b * H + h).to(tl.int64) * G + g) * V * V
-    tl.store(dtopo_ptr + dtopo_base + joints_i[:, None] * V + joints_j[None, :], dtopo,
-             mask=(joints_i[:, None] < V) & (joints_j[None, :] < V))
+    dtopo_base = (((chunk * B + b) * H + h).to(tl.int64) * G + g) * V * V
+    tl.store(dtopo_ptr + dtopo_base + joints_i[:, None] * V + joints_j[None, :], dtopo, mask=topo_mask)
 
 
 @triton.jit
@@ -206,24 +206,47 @@ def refinement_grad_kernel(dtopo_ptr, q_ptr, k_ptr, w_ptr, alpha_ptr, dq_ptr, dk
                  mask=joints_j < V)
 
 
-def gemm_config(V: int, rows: int, fma_dot: bool) -> dict:
-    """Launch parameters of ``ctr_graph_conv_fwd_kernel`` and ``topology_grad_kernel``.
+# Programs wanted per topology_grad_kernel launch: a few per SM of the largest GPUs, so that
+# splitting the rows of a group over programs keeps every SM busy (132 SMs on an H100).
+TARGET_PROGRAMS = 2048
 
-    ``rows`` = CG * T rows per group; ``fma_dot`` for fp32/fp64 inputs, whose exact ("ieee")
-    ``tl.dot`` runs on FMA units and needs more registers than 16-bit tensor-core products.
-    With 8 warps these tiles compile for sm_90 at every V <= 128 without register spills
-    (12 bytes at most, fp32 static forward; checked with ptxas); larger row tiles mean fewer
-    recomputations of the topology in the forward kernel."""
+
+def forward_config(V: int, rows: int, fma_dot: bool) -> dict:
+    """Launch parameters of ``ctr_graph_conv_fwd_kernel``; ``rows`` = CG * T rows per group.
+
+    ``fma_dot`` for fp32/fp64 inputs, whose exact ("ieee") ``tl.dot`` runs on FMA units and
+    needs more registers than 16-bit tensor-core products. The topology is read from the
+    buffer, so row tiles stay small (many programs) and the j-tiles wide (few loop trips)."""
     block_v = joint_block(V)
-    return dict(BLOCK_M=min(_row_tile_cap(block_v, fma_dot), max(16, triton.next_power_of_2(rows))),
-                BLOCK_V=block_v, BLOCK_J=min(block_v, 32), num_warps=8,
+    return dict(BLOCK_M=min(32 if fma_dot else 64, max(16, triton.next_power_of_2(rows))),
+                BLOCK_V=block_v, BLOCK_J=min(block_v, 32 if fma_dot else 64),
+                num_warps=4 if block_v <= 32 else 8, num_stages=1 if fma_dot else 3)
+
+
+def grad_config(V: int, rows: int, fma_dot: bool, programs_per_chunk: int) -> dict:
+    """Launch parameters of ``topology_grad_kernel``: row tiles, j-tiles, and how many row
+    tiles each program walks (``ROW_TILES_PER_CHUNK``; ``chunks`` programs share a group's
+    rows and write partial dAref sums). ``programs_per_chunk`` = j-tiles * H * G * B."""
+    block_v = joint_block(V)
+    block_m = min(_grad_row_tile_cap(block_v, fma_dot), max(16, triton.next_power_of_2(rows)))
+    row_tiles = -(-rows // block_m)
+    wanted_chunks = max(1, -(-TARGET_PROGRAMS // programs_per_chunk))
+    per_chunk = -(-row_tiles // min(wanted_chunks, max(1, row_tiles // 2)))
+    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_J=min(block_v, 32 if fma_dot else 64),
+                ROW_TILES_PER_CHUNK=per_chunk, chunks=-(-row_tiles // per_chunk), num_warps=8,
                 num_stages=1 if fma_dot else 3)
 
 
-def _row_tile_cap(block_v: int, fma_dot: bool) -> int:
+def _grad_row_tile_cap(block_v: int, fma_dot: bool) -> int:
     if fma_dot:
         return 32 if block_v > 64 else 64
     return 128 if block_v <= 64 else 64
+
+
+def topology_config(V: int) -> dict:
+    """Launch parameters of ``topology_kernel``: tiles of up to 32 rows i by all V columns j."""
+    block_v = joint_block(V)
+    return dict(BLOCK_I=min(block_v, 32), BLOCK_V=block_v, num_warps=8 if block_v > 64 else 4)
 
 
 def refinement_config(V: int) -> dict:

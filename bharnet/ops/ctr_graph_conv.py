@@ -100,11 +100,8 @@ def _exact_dot(v: Tensor) -> bool:
     return v.dtype in (torch.float32, torch.float64)
 
 
-def _gemm_launch(kernels, v: Tensor, weight: Optional[Tensor], rows: int) -> dict:
-    """Constexpr flags, block sizes and launch options of the two GEMM kernels."""
-    exact = _exact_dot(v)
-    return dict(DYNAMIC=weight is not None, ACC_FP64=_accumulates_in_fp64(v), EXACT_DOT=exact,
-                **kernels.gemm_config(v.shape[-1], rows, fma_dot=exact))
+def _dot_flags(v: Tensor) -> dict:
+    return dict(ACC_FP64=_accumulates_in_fp64(v), EXACT_DOT=_exact_dot(v))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -115,18 +112,26 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def _refinement_pointers(A, q, k, weight, bias, alpha):
-    """The kernels' q, k, weight, bias, alpha pointers; in static mode (all None) the kernels
-    never read them, and ``A`` stands in so every pointer argument is a real tensor."""
-    return (A,) * 5 if weight is None else (q, k, weight, bias, alpha)
-
-
 def _launch_sizes(v: Tensor, weight: Optional[Tensor]):
-    """(B, H, C, T, V, R, G) with G = 1 (all channels share A[h]) in static mode."""
+    """(B, H, C, T, V, G) with G = 1 (all channels share A[h]) in static mode."""
     B, H, C, T, V = v.shape
     G = 1 if weight is None else weight.shape[1]
-    R = 0 if weight is None else weight.shape[2]
-    return B, H, C, T, V, R, G
+    return B, H, C, T, V, G
+
+
+def _topology(v, A, q, k, weight, bias, alpha) -> Tuple[Tensor, int]:
+    """The topologies the GEMM kernels read, and their batch stride: the refined (B, H, G, V, V)
+    buffer in v's dtype (one ``topology_kernel`` launch), or A itself in static mode."""
+    if weight is None:
+        return A, 0
+    kernels = _kernels()
+    B, H, C, T, V, G = _launch_sizes(v, weight)
+    topo = _new_output((B, H, G, V, V), v.dtype, v.device)
+    launch = kernels.topology_config(V)
+    wrap_triton(kernels.topology_kernel)[(_cdiv(V, launch["BLOCK_I"]), H * G, B)](
+        A, q, k, weight, bias, alpha, topo, H, V, weight.shape[2], G,
+        ACC_FP64=_accumulates_in_fp64(v), **launch)
+    return topo, H * G * V * V
 
 
 def _forward_fake(v, A, q, k, weight, bias, alpha):
@@ -146,42 +151,47 @@ def _backward_fake(dy, v, A, q, k, weight, bias, alpha):
 def _ctr_graph_conv_op(v: Tensor, A: Tensor, q: Optional[Tensor], k: Optional[Tensor],
                        weight: Optional[Tensor], bias: Optional[Tensor],
                        alpha: Optional[Tensor]) -> Tensor:
-    """Fused forward: y = sum_h Aref[h] v[:, h], Aref recomputed in-kernel (module docstring).
+    """Fused forward: y = sum_h Aref[h] v[:, h] (module docstring), in two launches: the
+    topologies (``topology_kernel``, skipped in static mode), then the aggregation.
 
     Grid (cdiv(C/G * T, BLOCK_M), G, B); each program owns a (BLOCK_M rows (c, t), V) tile of y."""
     kernels = _kernels()
     v, A, q, k, weight, bias, alpha = _contiguous(v, A, q, k, weight, bias, alpha)
-    B, H, C, T, V, R, G = _launch_sizes(v, weight)
+    B, H, C, T, V, G = _launch_sizes(v, weight)
+    topo, topo_stride = _topology(v, A, q, k, weight, bias, alpha)
     y = _new_output((B, C, T, V), v.dtype, v.device)
-    launch = _gemm_launch(kernels, v, weight, rows=C // G * T)
+    launch = kernels.forward_config(V, C // G * T, fma_dot=_exact_dot(v))
     grid = (_cdiv(C // G * T, launch["BLOCK_M"]), G, B)
     wrap_triton(kernels.ctr_graph_conv_fwd_kernel)[grid](
-        v, A, *_refinement_pointers(A, q, k, weight, bias, alpha), y, H, C, T, V, R, G, **launch)
+        v, topo, y, topo_stride, H, C, T, V, G, **_dot_flags(v), **launch)
     return y
 
 
-def _topology_grad(dy, v, A, q, k, weight, bias, alpha) -> Tuple[Tensor, Tensor]:
-    """dv (like v) and dAref (B, H, G, V, V) in the accumulation dtype, in one kernel.
+def _topology_grad(dy, v, topo, topo_stride, G) -> Tuple[Tensor, Tensor]:
+    """dv (like v) and dAref (B, H, G, V, V) in the accumulation dtype.
 
-    Grid (cdiv(V, BLOCK_J), H * G, B); each program loops over the C/G * T rows of its group."""
+    Grid (cdiv(V, BLOCK_J) * chunks, H * G, B): each program walks one chunk of a group's
+    C/G * T rows; with several chunks their partial dAref sums are added here."""
     kernels = _kernels()
-    B, H, C, T, V, R, G = _launch_sizes(v, weight)
+    B, H, C, T, V = v.shape
     acc_dtype = torch.float64 if _accumulates_in_fp64(v) else torch.float32
+    rows = C // G * T
+    block_j = kernels.grad_config(V, rows, _exact_dot(v), 1)["BLOCK_J"]
+    launch = kernels.grad_config(V, rows, _exact_dot(v), _cdiv(V, block_j) * H * G * B)
+    chunks = launch.pop("chunks")
     dv = _new_output(v.shape, v.dtype, v.device)
-    dtopo = _new_output((B, H, G, V, V), acc_dtype, v.device)
-    launch = _gemm_launch(kernels, v, weight, rows=C // G * T)
-    grid = (_cdiv(V, launch["BLOCK_J"]), H * G, B)
+    dtopo = _new_output((chunks, B, H, G, V, V), acc_dtype, v.device)
+    grid = (_cdiv(V, block_j) * chunks, H * G, B)
     wrap_triton(kernels.topology_grad_kernel)[grid](
-        dy, v, A, *_refinement_pointers(A, q, k, weight, bias, alpha), dv, dtopo, H, C, T, V, R, G,
-        **launch)
-    return dv, dtopo
+        dy, v, topo, dv, dtopo, topo_stride, B, H, C, T, V, G, **_dot_flags(v), **launch)
+    return dv, dtopo[0] if chunks == 1 else dtopo.sum(dim=0)
 
 
 @triton_custom_op("ctr_graph_conv_static_backward", _static_backward_fake)
 def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
     """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]."""
     dy, v, A = _contiguous(dy.to(v.dtype), v, A)
-    dv, dtopo = _topology_grad(dy, v, A, None, None, None, None, None)
+    dv, dtopo = _topology_grad(dy, v, A, 0, 1)
     return dv, dtopo.sum(dim=(0, 2)).to(A.dtype)
 
 
@@ -191,15 +201,19 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """CTR-GC backward: (dv, dA, dq, dk, dweight, dbias, dalpha), formulas in the module docstring.
 
-    Two kernels: ``topology_grad_kernel`` (dv and dAref) and ``refinement_grad_kernel`` (dq,
-    and per-i-tile partials of dk and P = sum_ij dAref * th_r, grid (cdiv(V, 32), H, B)).
+    Three kernels: ``topology_kernel`` (the refined topologies again: recomputing them is
+    cheaper than saving them), ``topology_grad_kernel`` (dv and dAref) and
+    ``refinement_grad_kernel`` (dq, and per-i-tile partials of dk and P = sum_ij dAref * th_r,
+    grid (cdiv(V, 32), H, B)).
     Torch finishes the small reductions: dA and S = sum_ij dAref over the (B, H, G, V, V)
     buffer, dk and P over the i-tiles, then dW = alpha sum_b P, dbias = alpha sum_b S,
     dalpha = sum W * sum_b P + sum bias * sum_b S."""
     kernels = _kernels()
     dy, v, A, q, k, weight, bias, alpha = _contiguous(dy.to(v.dtype), v, A, q, k, weight, bias, alpha)
-    B, H, C, T, V, R, G = _launch_sizes(v, weight)
-    dv, dtopo = _topology_grad(dy, v, A, q, k, weight, bias, alpha)
+    B, H, C, T, V, G = _launch_sizes(v, weight)
+    R = weight.shape[2]
+    topo, topo_stride = _topology(v, A, q, k, weight, bias, alpha)
+    dv, dtopo = _topology_grad(dy, v, topo, topo_stride, G)
     launch = kernels.refinement_config(V)
     i_tiles = _cdiv(V, launch["BLOCK_I"])
     dq = _new_output(q.shape, q.dtype, q.device)

@@ -56,6 +56,17 @@ def test_static_st_gc_matches_fp64_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+def test_rows_split_over_programs(dynamic):
+    """A group of 260 rows (5 row tiles) is split into two chunks of 3 and 2 row tiles whose
+    partial dAref sums are added: dA, dq, dk, dweight, dbias, dalpha must not miss either."""
+    shape = (1, 2, 4, 130, 5, 2, 2)
+    kernels = importlib.import_module("bharnet.kernels.ctr_graph_conv")
+    config = kernels.grad_config(5, rows=2 * 130, fma_dot=True, programs_per_chunk=1 * 2 * 2 * 1)
+    assert (config["chunks"], config["ROW_TILES_PER_CHUNK"]) == (2, 3)
+    assert_matches_fp64_reference("triton", shape, torch.float64, dynamic=dynamic)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
 def test_fp16_low_precision_rule(dynamic):
     """fp16 ``tl.dot`` is correct in the interpreter (bf16 is not: bf16 runs on the GPU only)."""
     inputs = make_inputs(2, 3, 8, 7, 25, 3, 4, dynamic=dynamic)
@@ -139,15 +150,16 @@ print(json.dumps(launches))
 
 
 def test_gpu_registration_traces_into_kernels():
-    """Without the interpreter the ops are ``triton_op``s: AOTAutograd sees the three kernel
-    launches, and torch's analysis of the kernels finds that they write only their outputs
+    """Without the interpreter the ops are ``triton_op``s: AOTAutograd sees the five kernel
+    launches (topology + aggregation forward; topology, dv/dAref, refinement backward), and torch's analysis of the kernels finds that they write only their outputs
     (so compiled graphs never copy the inputs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", TRACE_TRITON_OPS], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     launches = json.loads(result.stdout.strip().splitlines()[-1])
-    assert launches == [["y_ptr"], ["dtopo_ptr", "dv_ptr"], ["dk_part_ptr", "dq_ptr", "p_part_ptr"]]
+    assert launches == [["topo_ptr"], ["y_ptr"], ["topo_ptr"], ["dtopo_ptr", "dv_ptr"],
+                        ["dk_part_ptr", "dq_ptr", "p_part_ptr"]]
 
 
 def test_too_many_joints_is_a_value_error():

@@ -1,0 +1,100 @@
+"""Where an op's fwd+bwd time goes: per-kernel device time and the host overhead around it.
+
+    python bench/profile_ops.py --device cuda                       # the DESIGN.md shapes
+    python bench/profile_ops.py --device cuda --op ctr_graph_conv --backend triton --case 1
+
+For each (op case, backend) it runs fwd+bwd under ``torch.profiler`` (bf16 autocast as in
+``bharnet bench``) and prints: wall time per call (CUDA events, back to back, no cache flush),
+the summed device time of the kernels per call (wall minus that is launch and host overhead),
+and the kernels with the most device time. A tool for kernel work, not a benchmark: speed
+claims come from ``bharnet bench``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bharnet.bench.op_cases import full_cases, quick_cases
+from bharnet.bench.providers import autocast
+
+CASES = {"ctr_graph_conv": [0, 1], "deformable_temporal_conv": [0], "cross_attention": [0, 1]}
+BACKENDS = {"ctr_graph_conv": ["reference", "triton"], "deformable_temporal_conv": ["reference", "triton"],
+            "cross_attention": ["sdpa", "triton"]}
+
+
+def fwd_bwd_call(case, backend, device, dtype):
+    inputs = case.make(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    fn = case.function(backend)
+    with autocast(device, dtype):
+        grad_out = torch.randn_like(fn(*inputs.args))
+
+    def call():
+        with autocast(device, dtype):
+            y = fn(*inputs.args)
+        torch.autograd.grad(y, inputs.grads, grad_out)
+    return call
+
+
+def wall_ms(call, device, iters):
+    if device.type != "cuda":
+        import time
+        start = time.perf_counter()
+        for _ in range(iters):
+            call()
+        return (time.perf_counter() - start) * 1e3 / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def profile_one(case, backend, device, dtype, iters, top):
+    call = fwd_bwd_call(case, backend, device, dtype)
+    for _ in range(3):
+        call()
+    wall = wall_ms(call, device, iters)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / iters
+    print(f"\n## {case.op} {case.x} [{backend}, {dtype}]: wall {wall:.3f} ms/call, "
+          f"kernels {kernel_ms:.3f} ms/call, {sum(e.count for e in events) / iters:.0f} launches/call")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / 1e3 / iters:8.3f} ms  x{e.count / iters:4.1f}  {e.key[:110]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--op", choices=sorted(CASES), action="append")
+    parser.add_argument("--backend", action="append", help="default: eager and the fused backend")
+    parser.add_argument("--case", type=int, action="append", help="index into the op's full cases")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU rehearsal)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    for op in args.op or list(CASES):
+        cases = quick_cases(op) if args.quick else full_cases(op)
+        for index in args.case or CASES[op]:
+            for backend in args.backend or BACKENDS[op]:
+                try:
+                    profile_one(cases[index], backend, device, args.dtype, args.iters, args.top)
+                except Exception as error:  # report and go on: one failure must not hide the rest
+                    print(f"\n## {op} case {index} [{backend}]: FAILED {type(error).__name__}: {error}")
+
+
+if __name__ == "__main__":
+    main()
