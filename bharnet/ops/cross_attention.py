@@ -20,7 +20,8 @@ Gradients of the attention core (``scale = 1/sqrt(d)``, P the attention weights,
     dQ = scale dS K,  dK = scale dS^T Q
 
 the rest (projections, LayerNorm, residual) by the chain rule through ``F.linear`` and
-``F.layer_norm``.
+``F.layer_norm`` (``bharnet.ops.layer_norm`` gives the LayerNorm gradients in the triton
+backend).
 
 Backends: ``reference`` (below) and ``triton``. What the triton backend fuses, and why:
 
@@ -30,13 +31,20 @@ Backends: ``reference`` (below) and ``triton``. What the triton backend fuses, a
   softmax (fp32 accumulation) and writes the attention output already merged as (N, Lq, D)
   plus the per-row log-sum-exp; the backward recomputes P from the log-sum-exp and writes dq
   and d[k | v] in the same layouts (so no concatenation of dk and dv either);
-* the LayerNorms, the three projections and the residual stay torch ops (one cuBLAS GEMM per
-  projection, K and V in a single GEMM; ``F.linear`` fuses the biases): at the model's
-  D = 256 they are GEMMs of 256 to 512 columns over 10^4 to 10^5 token rows, which cuBLAS
-  already runs well, while fusing a projection into the attention kernel would make every
-  (n, head) program stream the whole (D, D) weight, and LayerNorm-into-GEMM-prologue fusion
-  is not available around cuBLAS. Under ``torch.compile`` inductor fuses the LayerNorm and
-  residual glue itself.
+* the two LayerNorms are the fused ``bharnet.ops.layer_norm`` (for dim <= 1024, else
+  ``F.layer_norm``): one kernel each way that reads x in its own dtype, keeps float32
+  statistics and writes the normalised tokens directly in the compute dtype (under autocast
+  the dtype ``F.linear`` would cast torch's float32 LayerNorm output to, so the numbers are
+  the same); this removes torch's float32 LayerNorm kernels and the casts around them, which
+  cost more than the attention core under bf16 autocast (H100 profile, frame mode);
+* the three projections and the residual stay torch ops (one cuBLAS GEMM per projection, K
+  and V in a single GEMM; ``F.linear`` fuses the biases): at the model's D = 256 they are
+  GEMMs of 256 to 512 columns over 10^4 to 10^5 token rows, which cuBLAS already runs well,
+  while fusing a projection into the attention kernel would make every (n, head) program
+  stream the whole (D, D) weight, and LayerNorm-into-GEMM-prologue fusion is not available
+  around cuBLAS. The residual add is one elementwise kernel, and folding it into the output
+  GEMM (``addmm``) would still leave the bias add; under autocast the float32 weights are cast
+  to the compute dtype by ``F.linear`` as in the reference.
 
 The attention core is the custom op ``torch.ops.bharnet.cross_attention_core(q, kv, key_mask,
 heads) -> (o, lse)`` (a ``triton_op`` when Triton compiles for a GPU, so ``torch.compile`` sees
@@ -57,6 +65,8 @@ from torch.library import wrap_triton
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor
 from ._custom_op import triton_custom_op
+from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
+from .layer_norm import layer_norm
 
 OP_NAME = "cross_attention"
 
@@ -77,15 +87,19 @@ def masked_softmax_attention(q, k, v, key_mask: Optional[torch.Tensor] = None) -
     return (weights * any_allowed) @ v
 
 
-def _layer(attend, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,
-           key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, pre_norm, eps):
-    """LN, projections, ``attend(q, kv, key_mask, heads) -> o (N, Lq, D)``, output projection
-    and residual: the part every backend shares."""
-    D = x_q.shape[-1]
+def _torch_layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _layer(attend, norm, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
+           out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, pre_norm,
+           eps):
+    """``norm(x, weight, bias, eps)`` (LN), projections, ``attend(q, kv, key_mask, heads) -> o
+    (N, Lq, D)``, output projection and residual: the part every backend shares."""
     a_q, a_kv = x_q, x_kv
     if pre_norm:
-        a_q = F.layer_norm(x_q, (D,), norm_q_weight, norm_q_bias, eps)
-        a_kv = F.layer_norm(x_kv, (D,), norm_kv_weight, norm_kv_bias, eps)
+        a_q = norm(x_q, norm_q_weight, norm_q_bias, eps)
+        a_kv = norm(x_kv, norm_kv_weight, norm_kv_bias, eps)
     q = F.linear(a_q, q_weight, q_bias)
     kv = F.linear(a_kv, kv_weight, kv_bias)
     return x_q + F.linear(attend(q, kv, key_mask, heads), out_weight, out_bias)
@@ -108,9 +122,9 @@ def cross_attention_reference(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_
                               out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
                               norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
     """Pure-PyTorch ground truth (materialises the (N, heads, Lq, Lk) attention weights)."""
-    return _layer(_reference_attend, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias,
-                  out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight,
-                  norm_kv_bias, pre_norm, eps)
+    return _layer(_reference_attend, _torch_layer_norm, x_q, x_kv, heads, q_weight, q_bias,
+                  kv_weight, kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
+                  norm_kv_weight, norm_kv_bias, pre_norm, eps)
 
 
 # --- triton backend -------------------------------------------------------------------------
@@ -307,18 +321,25 @@ def _triton_attend(q, kv, key_mask, heads):
     return torch.ops.bharnet.cross_attention_core(q, kv, key_mask, heads)[0]
 
 
+def _triton_layer_norm(x, weight, bias, eps):
+    """The fused LayerNorm (output in the compute dtype) where its kernels apply, else torch's."""
+    if x.shape[-1] <= MAX_LAYER_NORM_DIM:
+        return layer_norm(x, weight, bias, eps)
+    return _torch_layer_norm(x, weight, bias, eps)
+
+
 def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
                            out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
                            norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
-    """Triton backend: torch LayerNorm/projections/residual around the fused attention core."""
+    """Triton backend: fused LayerNorms, torch projections/residual, fused attention core."""
     head_dim = x_q.shape[-1] // heads
     if head_dim > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"cross_attention: the triton backend supports head dims <= "
                          f"{TRITON_MAX_HEAD_DIM}, got dim {x_q.shape[-1]} / heads {heads} = "
                          f"{head_dim}; use backend='reference'")
-    return _layer(_triton_attend, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias,
-                  out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight,
-                  norm_kv_bias, pre_norm, eps)
+    return _layer(_triton_attend, _triton_layer_norm, x_q, x_kv, heads, q_weight, q_bias,
+                  kv_weight, kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
+                  norm_kv_weight, norm_kv_bias, pre_norm, eps)
 
 
 _IMPLS = {"reference": cross_attention_reference, "triton": cross_attention_triton}
