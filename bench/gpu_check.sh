@@ -6,12 +6,16 @@
 #   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh  # rehearsal without a GPU (bench --quick)
 #   GPU_CHECK_TESTS=none GPU_CHECK_BENCH_ARGS="--ops ctr_graph_conv --models none" bash bench/gpu_check.sh
 #                                                 # a narrower run: skip the tests, fewer cases
+#   GPU_CHECK_PROFILE=1 GPU_CHECK_BENCH=none bash bench/gpu_check.sh
+#                                                 # tests, then per-kernel profiles, no benchmark
 #
 # Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
 #   env      GPU, driver, Python, torch and triton versions
 #   setup    the source tree on PYTHONPATH through a shadow package that maps kernels/ to
 #            bharnet.kernels as setup.py does (nothing is built or installed); import check
 #   tests    pytest -m gpu (at most 150 s, leaving the benchmark about 3 minutes)
+#   profile  only with GPU_CHECK_PROFILE=1: bench/profile_ops.py (per-kernel device time and
+#            host overhead of each op's fwd+bwd; at most 120 s)
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
 #            left: measurements that do not fit are listed as skipped, never half-run
 #   summary  the Performance tables of this run (bench/update_readme.py --stdout), printed last
@@ -121,10 +125,17 @@ fi
 TEST_LIMIT=$(( $(left) - 190 < 150 ? $(left) - 190 : 150 ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
 stage tests "$TEST_LIMIT" bash -c gpu_tests
-BENCH_LIMIT=$(( $(left) - 30 ))
-stage bench "$BENCH_LIMIT" "$PY" "$ROOT/bench/run.py" "${BENCH_OPTS[@]}" \
-  --budget $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45)) --results-dir "$RESULTS" --plots-dir "$PLOTS"
-stage summary 20 bash -c summary
+if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
+  PROFILE_ARGS=(--device "$DEVICE")
+  if [[ $DEVICE == cpu ]]; then PROFILE_ARGS+=(--quick --iters 2 --backend reference); fi
+  stage profile $(( $(left) - 40 < 120 ? $(left) - 40 : 120 )) "$PY" "$ROOT/bench/profile_ops.py" "${PROFILE_ARGS[@]}"
+fi
+if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then
+  BENCH_LIMIT=$(( $(left) - 30 ))
+  stage bench "$BENCH_LIMIT" "$PY" "$ROOT/bench/run.py" "${BENCH_OPTS[@]}" \
+    --budget $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45)) --results-dir "$RESULTS" --plots-dir "$PLOTS"
+  stage summary 20 bash -c summary
+fi
 if [[ -n ${OUT:-} ]]; then copy_out 2>&1 | tee -a "$LOG"; fi
 
 echo "=== gpu_check finished in ${SECONDS}s"

@@ -155,6 +155,26 @@ def test_gpu_low_precision_rule(shape, dtype):
     assert_within_low_precision_rule("cpp", inputs, output_grad(inputs), dtypes, GPU, floor)
 
 
+# Every tensor-core tile width (V padded to 16 * NT, NT = 1..8), including the launches above
+# 48 KB of shared memory (forward V > 80, backward V > 32), rows below, at and above one row
+# tile, a per-channel topology (G = C) and V = 5.
+TENSOR_CORE_SHAPES = [(2, 3, 8, 7, 16, 3, 4), (2, 3, 8, 9, 17, 3, 4), (2, 3, 64, 13, 25, 8, 4),
+                      (2, 3, 64, 9, 42, 8, 4), (2, 3, 16, 11, 67, 4, 4), (1, 2, 16, 13, 100, 4, 2),
+                      (1, 3, 8, 20, 128, 4, 4), (2, 3, 12, 13, 21, 3, 12), (1, 2, 4, 3, 5, 2, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", TENSOR_CORE_SHAPES, ids=str)
+def test_gpu_tensor_core_tiles(shape, dtype, dynamic):
+    """The 16-bit (WMMA) CUDA kernels at every tile width, under DESIGN.md section 6's rule."""
+    inputs = make_inputs(*shape, dynamic=dynamic)
+    dtypes = [dtype] + [torch.float32] * (len(inputs) - 1)
+    floor = {**UNIT_ROUNDOFF, torch.float32: 2.0 ** -24}
+    assert_within_low_precision_rule("cpp", inputs, output_grad(inputs), dtypes, GPU, floor)
+
+
 @pytest.mark.gpu
 def test_gpu_opcheck():
     inputs = [t.to(GPU).requires_grad_() for t in make_inputs(2, 3, 8, 7, 25, 3, 4)]
