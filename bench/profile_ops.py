@@ -20,7 +20,7 @@ from bharnet.bench.op_cases import full_cases, quick_cases
 from bharnet.bench.providers import autocast
 
 CASES = {"ctr_graph_conv": [0, 1], "deformable_temporal_conv": [0], "cross_attention": [0, 1]}
-BACKENDS = {"ctr_graph_conv": ["reference", "triton"], "deformable_temporal_conv": ["reference", "triton"],
+BACKENDS = {"ctr_graph_conv": ["reference", "triton", "cpp"], "deformable_temporal_conv": ["reference", "triton"],
             "cross_attention": ["sdpa", "triton"]}
 
 

@@ -26,7 +26,8 @@ x[p1] - x[p0] = 0), and integer offsets such as the DeTGC initialisation
 Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.deformable_temporal_conv``,
 registered as the custom ops ``bharnet::deformable_temporal_conv`` and
 ``bharnet::deformable_temporal_conv_backward`` with autograd and fake impls, so that
-``torch.compile(fullgraph=True)`` traces callers without graph breaks) and ``cpp``
+``torch.compile(fullgraph=True)`` traces callers without graph breaks; a forward + backward
+is three kernel launches and no host sync, see the kernels' docstring) and ``cpp``
 (``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
 ``csrc/deformable_temporal_conv_kernels.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
 and ``..._cpp_backward``, see the cpp section below).
@@ -36,6 +37,7 @@ Shapes: ``x`` (B, C_in, T, V); ``offsets`` (E,); ``weight`` (C_out, C_in, E); ``
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -88,6 +90,7 @@ def deformable_temporal_conv_reference(x, offsets, weight, bias=None, stride=1):
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@functools.cache  # an import statement per call costs microseconds of host time
 def _kernels():
     from bharnet.kernels import deformable_temporal_conv as kernels  # imports triton lazily
     return kernels
@@ -112,9 +115,8 @@ def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tenso
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, doffsets, dweight, dbias) with the Triton kernels (math in the module docstring).
 
-    dx has x's dtype, doffsets offsets', dweight and dbias weight's."""
-    dx, doffsets, dweight, dbias = _kernels().backward(grad_y, x, offsets, weight, stride)
-    return dx, doffsets.to(offsets.dtype), dweight.to(weight.dtype), dbias.to(weight.dtype)
+    dx has x's dtype, doffsets offsets', dweight and dbias weight's (the kernels write them so)."""
+    return _kernels().backward(grad_y, x, offsets, weight, stride)
 
 
 @_triton_backward.register_fake

@@ -57,6 +57,37 @@ def exact_bound_inputs(bias=True):
     return make_inputs(2, 3, 5, 7, 5, torch.float64, offsets=tau, bias=bias)
 
 
+# Offsets far outside [0, T-1] (T = 13): -100 and 40.5 clamp every t' to one row, -9.3 and
+# 11.6 most of them; the integers -4 and 6 put r exactly on 0 and on T-1 = 12 for some t'.
+FAR_OFFSETS = (-100.0, -9.3, -4.0, 6.0, 11.6, 40.5)
+
+
+def far_offset_inputs(dtype):
+    """(x, offsets, weight, bias), T = 13, with ``FAR_OFFSETS`` (float64 for float64 x)."""
+    tau = torch.tensor(FAR_OFFSETS, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return make_inputs(2, 3, 5, 13, 5, dtype, offsets=tau)
+
+
+def rounding_offsets():
+    """float32 offsets one ulp from an integer, where float32 rounding moves the positions
+    t'·s + tau onto an integer (2.9999998 + 2 = 5.0, -2.9999998 + 7 = 4.0) or makes the
+    estimate ceil((q - tau)/s) of the first t' with r >= q miss by one (too large for q = 5 and
+    2.9999998; too small for q = 1 and -7.0000005, since 1 + 7.0000005 rounds to 8), and a tiny
+    offset just above the lower clamp bound."""
+    one_ulp = torch.nextafter(torch.tensor([3.0, -3.0, -7.0]), torch.tensor([0.0, 0.0, -8.0]))
+    return torch.cat([one_ulp, torch.tensor([1e-30])])
+
+
+def assert_matches_float32_position_reference(backend, stride, device="cpu"):
+    """float32 kernel vs the reference in float64 with the same float32 offsets, so that both
+    sample at the same (rounded) positions: at a position rounded onto an integer, the offsets
+    gradient jumps from x[p] - x[p-1] to x[p+1] - x[p], so exact positions would differ."""
+    x, tau, weight, bias = make_inputs(2, 3, 5, 13, 5, torch.float32, offsets=rounding_offsets())
+    expected = run(reference_fn(stride), (x.double(), tau, weight.double(), bias.double()))
+    got = run(backend_fn(backend, stride), [t.to(device) for t in (x, tau, weight, bias)])
+    assert_close(got, expected, TOLERANCE[torch.float32], NAMES)
+
+
 def random_tap_inputs(taps, T, V):
     """float32 (x, offsets, weight, bias) with ``taps`` random fractional offsets in [-4, 4)."""
     gen = torch.Generator().manual_seed(2)

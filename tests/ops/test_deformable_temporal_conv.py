@@ -12,10 +12,13 @@ stored in that dtype can do better).
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import deformable_temporal_conv_cases as cases
 from bharnet.kernels import deformable_temporal_conv as kernels
 from bharnet.ops import deformable_temporal_conv, deformable_temporal_conv_reference
+from bharnet.kernels.deformable_temporal_conv import _first_output_reaching
 from bharnet.ops.deformable_temporal_conv import _triton_backward, _triton_forward
 from deformable_temporal_conv_cases import (GPU, GPU_SHAPES, SHAPES, TAP_CASES, TOLERANCE, backend_fn,
                                             make_inputs, shape_id)
@@ -35,6 +38,13 @@ def poisoned(monkeypatch):
 def test_matches_float64_reference(shape, dtype, poisoned):
     B, C, O, T, V, stride = shape
     cases.assert_matches_reference("triton", make_inputs(B, C, O, T, V, dtype), stride, TOLERANCE[dtype])
+
+
+def test_several_blocks_per_dimension(poisoned):
+    """C_in, C_out and V above the largest block (64), C·E above BLOCK_K: every kernel loops
+    over or tiles each dimension, and the partial sums span several (o, k) tiles."""
+    cases.assert_matches_reference("triton", make_inputs(1, 70, 130, 9, 70, torch.float32), 2,
+                                   TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("taps, T, V", TAP_CASES)
@@ -71,6 +81,62 @@ def test_offsets_at_exact_clamp_bounds_match_reference():
     """Integer offsets put r exactly on 0 and T-1, where the clamp's derivative is a convention
     of the installed torch (1 in older releases, 0 in 2.14.1): the kernel follows the reference."""
     cases.assert_matches_reference("triton", cases.exact_bound_inputs(), 1, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_far_offsets_clamp_many_positions(stride, dtype, poisoned):
+    """Offsets that send most or all t' to row 0 or T-1 (the input gradient's long ranges),
+    and integers that hit both clamp bounds exactly."""
+    cases.assert_matches_reference("triton", cases.far_offset_inputs(dtype), stride, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_float32_positions_rounded_onto_integers(stride, poisoned):
+    """Offsets an ulp from integers, where float32 rounding puts positions onto integers: every
+    result matches the reference sampled at the same float32 positions. (A range bound off by
+    one there drops a weight of 0 or of an ulp, too little to see here: the next test checks
+    the bounds themselves.)"""
+    cases.assert_matches_float32_position_reference("triton", stride)
+
+
+@triton.jit
+def _first_output_probe(tau_ptr, out_ptr, stride, T, T_out):
+    """out[e, q + 1] = _first_output_reaching(q, tau[e]) for q in [-1, T]; one program per e."""
+    e = tl.program_id(0)
+    tau = tl.load(tau_ptr + e)
+    for q in range(-1, T + 1):
+        tl.store(out_ptr + e * (T + 2) + q + 1, _first_output_reaching(q, tau, stride, T, T_out))
+
+
+def assert_first_output_reaching_is_exact(stride, device):
+    """The input gradient's range bound equals a brute-force count over the float32 positions:
+    first(q) = #{t' : p0[t'] < q} (p0 is non-decreasing in t')."""
+    T = 13
+    T_out = (T - 1) // stride + 1
+    tau = torch.cat([cases.rounding_offsets(), torch.tensor(cases.FAR_OFFSETS), torch.tensor([0.25, -2.5])])
+    p0 = ((torch.arange(T_out) * stride).float()[:, None] + tau).clamp(0, T - 1).floor()
+    q = torch.arange(-1, T + 1, dtype=torch.float32)
+    expected = (p0[:, :, None] < q).sum(0).int()  # (E, T + 2)
+    got = torch.full((len(tau), T + 2), -1, dtype=torch.int32, device=device)
+    _first_output_probe[(len(tau),)](tau.to(device), got, stride, T, T_out)
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_first_output_reaching_is_exact(stride):
+    assert_first_output_reaching_is_exact(stride, "cpu")
+
+
+def test_strided_upstream_gradient():
+    """dy with zero and non-unit strides (e.g. from y.sum() or a channel slice) is read in place."""
+    x, tau, weight, _ = make_inputs(2, 3, 5, 13, 5, torch.float32)
+    dy = torch.randn(2, 10, 7, 5)[:, ::2]
+    for strided in (dy, torch.randn(2, 5, 1, 5).expand(2, 5, 7, 5)):
+        got = _triton_backward(strided, x, tau, weight, 2)
+        expected = _triton_backward(strided.contiguous(), x, tau, weight, 2)
+        for g, r in zip(got, expected):
+            assert torch.equal(g, r)
 
 
 @pytest.mark.parametrize("passes", [True, False])
@@ -148,6 +214,21 @@ def test_gpu_low_precision_rule(shape, dtype):
     B, C, O, T, V, stride = shape
     inputs = to_device(make_inputs(B, C, O, T, V, dtype), GPU)
     cases.assert_within_low_precision_rule("triton", inputs, stride)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_gpu_far_and_rounded_offsets(stride, poisoned):
+    """Compiled kernels (approximate division in the range estimate) on the boundary cases."""
+    inputs = to_device(cases.far_offset_inputs(torch.float32), GPU)
+    cases.assert_matches_reference("triton", inputs, stride, TOLERANCE[torch.float32])
+    cases.assert_matches_float32_position_reference("triton", stride, device=GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_gpu_first_output_reaching_is_exact(stride):
+    assert_first_output_reaching_is_exact(stride, GPU)
 
 
 @pytest.mark.gpu
