@@ -6,6 +6,8 @@
 #   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh  # rehearsal without a GPU (bench --quick)
 #   GPU_CHECK_TESTS=none GPU_CHECK_BENCH_ARGS="--ops ctr_graph_conv --models none" bash bench/gpu_check.sh
 #                                                 # a narrower run: skip the tests, fewer cases
+#   GPU_CHECK_TESTS="tests/ops/test_layer_norm.py tests/ops/test_cross_attention.py" bash bench/gpu_check.sh
+#                                                 # only these test files (paths from the checkout)
 #   GPU_CHECK_PROFILE=1 GPU_CHECK_BENCH=none bash bench/gpu_check.sh
 #                                                 # tests, then per-kernel profiles, no benchmark
 #
@@ -13,7 +15,8 @@
 #   env      GPU, driver, Python, torch and triton versions
 #   setup    the source tree on PYTHONPATH through a shadow package that maps kernels/ to
 #            bharnet.kernels as setup.py does (nothing is built or installed); import check
-#   tests    pytest -m gpu (at most 150 s, leaving the benchmark about 3 minutes)
+#   tests    pytest -m gpu (at most GPU_CHECK_TEST_SECONDS, default 150 s, leaving the
+#            benchmark about 3 minutes)
 #   profile  only with GPU_CHECK_PROFILE=1: bench/profile_ops.py (per-kernel device time and
 #            host overhead of each op's fwd+bwd; at most 120 s)
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
@@ -79,8 +82,10 @@ print("bharnet", bharnet.__version__, "from", bharnet.__path__[0])'
 
 gpu_tests() {  # pytest exits 5 when no test is marked gpu: nothing to run is not a failure
   local rc=0
+  local targets=("$ROOT/tests")
   if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then echo "GPU tests skipped (GPU_CHECK_TESTS=none)"; return 0; fi
-  "$PY" -m pytest "$ROOT/tests" -m gpu -q -p no:cacheprovider || rc=$?
+  if [[ ${GPU_CHECK_TESTS:-all} != all ]]; then read -r -a targets <<< "$GPU_CHECK_TESTS"; targets=("${targets[@]/#/$ROOT/}"); fi
+  "$PY" -m pytest "${targets[@]}" -m gpu -q -p no:cacheprovider || rc=$?
   if ((rc == 5)); then echo "no GPU tests collected"; return 0; fi
   return "$rc"
 }
@@ -122,13 +127,16 @@ if [[ " ${FAILED[*]} " == *" setup "* ]]; then
   if [[ -n ${OUT:-} ]]; then copy_out; fi
   exit 1
 fi
-TEST_LIMIT=$(( $(left) - 190 < 150 ? $(left) - 190 : 150 ))
+RESERVED=20  # seconds kept for the stages after the tests
+if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=190; elif [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=110; fi
+TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
+TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
 stage tests "$TEST_LIMIT" bash -c gpu_tests
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
   PROFILE_ARGS=(--device "$DEVICE")
   if [[ $DEVICE == cpu ]]; then PROFILE_ARGS+=(--quick --iters 2 --backend reference); fi
-  stage profile $(( $(left) - 40 < 120 ? $(left) - 40 : 120 )) "$PY" "$ROOT/bench/profile_ops.py" "${PROFILE_ARGS[@]}"
+  stage profile $(( $(left) - 15 < 120 ? $(left) - 15 : 120 )) "$PY" "$ROOT/bench/profile_ops.py" "${PROFILE_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then
   BENCH_LIMIT=$(( $(left) - 30 ))

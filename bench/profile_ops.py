@@ -6,14 +6,22 @@
 For each (op case, backend) it runs fwd+bwd under ``torch.profiler`` (bf16 autocast as in
 ``bharnet bench``) and prints: wall time per call (CUDA events, back to back, no cache flush),
 the summed device time of the kernels per call (wall minus that is launch and host overhead),
-and the kernels with the most device time. A tool for kernel work, not a benchmark: speed
-claims come from ``bharnet bench``.
+and the kernels with the most device time. ``--host`` adds where the host time goes (the
+Python functions with the most own time, by cProfile) and the cost of one launch of an empty
+Triton kernel: direct, through ``wrap_triton``, and as a ``triton_op`` custom op. A tool for
+kernel work, not a benchmark: speed claims come from ``bharnet bench``.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
 from torch.profiler import ProfilerActivity, profile
 
 from bharnet.bench.op_cases import full_cases, quick_cases
@@ -54,7 +62,50 @@ def wall_ms(call, device, iters):
     return start.elapsed_time(end) / iters
 
 
-def profile_one(case, backend, device, dtype, iters, top):
+def host_profile(call, iters, top):
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        call()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:top]
+    print(f"  host, own time per call (cProfile, {iters} calls):")
+    for (path, line, name), (_, calls, own, _, _) in rows:
+        print(f"  {own / iters * 1e6:8.1f} us  x{calls / iters:5.1f}  {name} ({path.split('/')[-1]}:{line})")
+
+
+def launch_overhead(device, iters=2000):
+    """Host microseconds per launch of an empty Triton kernel, three ways."""
+
+    @triton.jit
+    def empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    @triton_op("bharnet_profile::empty", mutates_args=())
+    def empty_op(x: torch.Tensor) -> torch.Tensor:
+        wrap_triton(empty_kernel)[(1,)](x, x.numel(), BLOCK=16)
+        return x.new_empty(0)
+
+    x = torch.zeros(16, device=device)
+    ways = {"direct kernel[grid](...)": lambda: empty_kernel[(1,)](x, x.numel(), BLOCK=16),
+            "wrap_triton(kernel)[grid](...)": lambda: wrap_triton(empty_kernel)[(1,)](x, x.numel(), BLOCK=16),
+            "triton_op custom op": lambda: empty_op(x),
+            "torch.empty": lambda: torch.empty(16, device=device),
+            "tensor.sum": lambda: x.sum()}
+    for name, fn in ways.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        print(f"  launch overhead: {elapsed / iters * 1e6:6.1f} us  {name}")
+
+
+def profile_one(case, backend, device, dtype, iters, top, host=False):
     call = fwd_bwd_call(case, backend, device, dtype)
     for _ in range(3):
         call()
@@ -71,6 +122,8 @@ def profile_one(case, backend, device, dtype, iters, top):
           f"kernels {kernel_ms:.3f} ms/call, {sum(e.count for e in events) / iters:.0f} launches/call")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"  {e.self_device_time_total / 1e3 / iters:8.3f} ms  x{e.count / iters:4.1f}  {e.key[:110]}")
+    if host:
+        host_profile(call, iters, 2 * top)
 
 
 def main():
@@ -83,15 +136,18 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU rehearsal)")
+    parser.add_argument("--host", action="store_true", help="also where the host time goes")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    if args.host and device.type == "cuda":
+        launch_overhead(device)
     for op in args.op or list(CASES):
         cases = quick_cases(op) if args.quick else full_cases(op)
         for index in args.case or CASES[op]:
             for backend in args.backend or BACKENDS[op]:
                 try:
-                    profile_one(cases[index], backend, device, args.dtype, args.iters, args.top)
+                    profile_one(cases[index], backend, device, args.dtype, args.iters, args.top, args.host)
                 except Exception as error:  # report and go on: one failure must not hide the rest
                     print(f"\n## {op} case {index} [{backend}]: FAILED {type(error).__name__}: {error}")
 

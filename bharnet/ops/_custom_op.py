@@ -4,7 +4,13 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
+
+try:
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # a torch without the switch: always go through wrap_triton
+    def is_wrap_triton_enabled() -> bool:
+        return True
 
 
 def triton_custom_op(name: str, fake):
@@ -21,3 +27,13 @@ def triton_custom_op(name: str, fake):
             return op
         return triton_op(f"bharnet::{name}", fn, mutates_args=())
     return register
+
+
+def launcher(kernel):
+    """``launcher(kernel)[grid](...)`` launches a Triton kernel from inside a ``triton_custom_op``.
+
+    While torch traces the op (``torch.compile``) this is ``wrap_triton(kernel)``, which records
+    the launch. In eager calls a ``triton_op`` switches ``wrap_triton`` off, and then the
+    kernel is launched directly, without building two wrapper objects per launch (host time
+    that adds up: each fused op launches up to five kernels per call)."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel

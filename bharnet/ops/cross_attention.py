@@ -60,11 +60,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor
-from ._custom_op import triton_custom_op
+from ._custom_op import launcher, triton_custom_op
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import layer_norm
 
@@ -244,7 +243,7 @@ def _core_op(q: Tensor, kv: Tensor, key_mask: Optional[Tensor], heads: int) -> T
     o = _new_output((N, Lq, D), q.dtype, q.device)
     lse = _new_output((N, heads, Lq), _acc_dtype(q), q.device)
     mask, stride_mn, stride_ml = _mask_args(key_mask, kv)
-    wrap_triton(kernels.cross_attention_fwd_kernel)[(N * heads, _cdiv(Lq, block_q))](
+    launcher(kernels.cross_attention_fwd_kernel)[(N * heads, _cdiv(Lq, block_q))](
         q, kv, mask, o, lse, heads, Lq, Lk, D, head_dim,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), stride_mn, stride_ml,
         **_kernel_flags(q, key_mask is not None),
@@ -275,13 +274,13 @@ def _core_backward_op(grad_o: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Ten
     meta = dict(**_kernel_flags(q, key_mask is not None), BLOCK_Q=block_q, BLOCK_K=block_k,
                 BLOCK_D=block_d, num_warps=num_warps)
     if fused:
-        wrap_triton(kernels.cross_attention_bwd_fused_kernel)[(N * heads,)](
+        launcher(kernels.cross_attention_bwd_fused_kernel)[(N * heads,)](
             q, kv, mask, grad_o, lse, dq, dkv, heads, Lq, Lk, D, head_dim, *strides, **meta)
         return dq, dkv
     delta = _new_output((N, heads, Lq), lse.dtype, q.device)
-    wrap_triton(kernels.cross_attention_bwd_dq_kernel)[(N * heads, _cdiv(Lq, block_q))](
+    launcher(kernels.cross_attention_bwd_dq_kernel)[(N * heads, _cdiv(Lq, block_q))](
         q, kv, mask, o, grad_o, lse, delta, dq, heads, Lq, Lk, D, head_dim, *strides, **meta)
-    wrap_triton(kernels.cross_attention_bwd_dkdv_kernel)[(N * heads, _cdiv(Lk, block_k))](
+    launcher(kernels.cross_attention_bwd_dkdv_kernel)[(N * heads, _cdiv(Lk, block_k))](
         q, kv, mask, grad_o, lse, delta, dkv, heads, Lq, Lk, D, head_dim, *strides, **meta)
     return dq, dkv
 

@@ -47,12 +47,11 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .._ext import cpp_availability, cuda_availability, load
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor
-from ._custom_op import triton_custom_op
+from ._custom_op import launcher, triton_custom_op
 
 OP_NAME = "ctr_graph_conv"
 
@@ -128,7 +127,7 @@ def _topology(v, A, q, k, weight, bias, alpha) -> Tuple[Tensor, int]:
     B, H, C, T, V, G = _launch_sizes(v, weight)
     topo = _new_output((B, H, G, V, V), v.dtype, v.device)
     launch = kernels.topology_config(V)
-    wrap_triton(kernels.topology_kernel)[(_cdiv(V, launch["BLOCK_I"]), H * G, B)](
+    launcher(kernels.topology_kernel)[(_cdiv(V, launch["BLOCK_I"]), H * G, B)](
         A, q, k, weight, bias, alpha, topo, H, V, weight.shape[2], G,
         ACC_FP64=_accumulates_in_fp64(v), **launch)
     return topo, H * G * V * V
@@ -162,7 +161,7 @@ def _ctr_graph_conv_op(v: Tensor, A: Tensor, q: Optional[Tensor], k: Optional[Te
     y = _new_output((B, C, T, V), v.dtype, v.device)
     launch = kernels.forward_config(V, C // G * T, fma_dot=_exact_dot(v))
     grid = (_cdiv(C // G * T, launch["BLOCK_M"]), G, B)
-    wrap_triton(kernels.ctr_graph_conv_fwd_kernel)[grid](
+    launcher(kernels.ctr_graph_conv_fwd_kernel)[grid](
         v, topo, y, topo_stride, H, C, T, V, G, **_dot_flags(v), **launch)
     return y
 
@@ -182,7 +181,7 @@ def _topology_grad(dy, v, topo, topo_stride, G) -> Tuple[Tensor, Tensor]:
     dv = _new_output(v.shape, v.dtype, v.device)
     dtopo = _new_output((chunks, B, H, G, V, V), acc_dtype, v.device)
     grid = (_cdiv(V, block_j) * chunks, H * G, B)
-    wrap_triton(kernels.topology_grad_kernel)[grid](
+    launcher(kernels.topology_grad_kernel)[grid](
         dy, v, topo, dv, dtopo, topo_stride, B, H, C, T, V, G, **_dot_flags(v), **launch)
     return dv, dtopo[0] if chunks == 1 else dtopo.sum(dim=0)
 
@@ -219,16 +218,22 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
     dq = _new_output(q.shape, q.dtype, q.device)
     dk_part = _new_output((i_tiles, B, H, R, V), dtopo.dtype, v.device)
     p_part = _new_output((i_tiles, B, H, G, R), dtopo.dtype, v.device)
-    wrap_triton(kernels.refinement_grad_kernel)[(i_tiles, H, B)](
+    launcher(kernels.refinement_grad_kernel)[(i_tiles, H, B)](
         dtopo, q, k, weight, alpha, dq, dk_part, p_part, B, H, V, R, G,
         ACC_FP64=_accumulates_in_fp64(v), **launch)
+    dtopo_bh = dtopo.sum(dim=0)  # (H, G, V, V): dA per group
     p_sum = p_part.sum(dim=(0, 1))  # (H, G, R)
-    s_sum = dtopo.sum(dim=(0, 3, 4))  # (H, G)
-    alpha_value = alpha.reshape(()).to(dtopo.dtype)
-    dalpha = (weight.to(dtopo.dtype) * p_sum).sum() + (bias.to(dtopo.dtype) * s_sum).sum()
-    return (dv, dtopo.sum(dim=(0, 2)).to(A.dtype), dq, dk_part.sum(dim=0).to(k.dtype),
-            (alpha_value * p_sum).to(weight.dtype), (alpha_value * s_sum).to(bias.dtype),
-            dalpha.reshape(alpha.shape).to(alpha.dtype))
+    s_sum = dtopo_bh.sum(dim=(2, 3))  # (H, G)
+    alpha_value = alpha.reshape(())
+    dalpha = (weight * p_sum).sum() + (bias * s_sum).sum()
+    return (dv, _as(dtopo_bh.sum(dim=1), A.dtype), dq,
+            _as(dk_part[0] if i_tiles == 1 else dk_part.sum(dim=0), k.dtype),
+            _as(alpha_value * p_sum, weight.dtype), _as(alpha_value * s_sum, bias.dtype),
+            _as(dalpha.reshape(alpha.shape), alpha.dtype))
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _setup_context(ctx, inputs, output):

@@ -40,10 +40,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ._checks import expect_tensor
-from ._custom_op import triton_custom_op
+from ._custom_op import launcher, triton_custom_op
 
 OP_NAME = "layer_norm"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -135,7 +134,7 @@ def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     mean = _new_output(x.shape[:-1], _acc_dtype(x), x.device)
     rstd = _new_output(x.shape[:-1], _acc_dtype(x), x.device)
     if M > 0:
-        wrap_triton(_kernels().layer_norm_fwd_kernel)[(_cdiv(M, block_m),)](
+        launcher(_kernels().layer_norm_fwd_kernel)[(_cdiv(M, block_m),)](
             rows, _params(weight, rows), _params(bias, rows), y, mean, rstd,
             M, D, rows.stride(0), EPS=eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             ACC_FP64=x.dtype == torch.float64, BLOCK_M=block_m, BLOCK_D=block_d,
@@ -156,7 +155,7 @@ def _layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mea
     dx = _new_output(x.shape, x.dtype, x.device)
     part = _new_output((2, programs, D), _acc_dtype(x), x.device)
     if M > 0:
-        wrap_triton(_kernels().layer_norm_bwd_kernel)[(programs,)](
+        launcher(_kernels().layer_norm_bwd_kernel)[(programs,)](
             dy_rows, rows, _params(weight, rows), mean, rstd, dx, part,
             M, D, dy_rows.stride(0), rows.stride(0), HAS_WEIGHT=weight is not None,
             ACC_FP64=x.dtype == torch.float64, BLOCK_M=block_m, BLOCK_D=block_d,
