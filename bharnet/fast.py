@@ -63,10 +63,10 @@ def _has_backend(op: Optional[str], backend: Optional[str]) -> bool:
 def swap_layers(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:
     """Make every layer of ``model`` that has fused ops (an ``impl`` attribute) use ``backend``.
 
-    A layer whose op has no such backend at all gets ``auto`` instead (the cross-attention has
-    no ``cpp`` kernels, so ``swap_layers(model, "cpp")`` runs every GCN block through the C++
-    kernels and the attention on the best backend it has); a backend that exists but cannot
-    run on the tensors' device still raises its error at the call. Parameters, buffers and
+    A layer whose op has no such backend at all gets ``auto`` instead (so a model mixing ops
+    with different backend sets can still be switched as a whole); a backend that exists but
+    cannot run on the tensors' device still raises its error at the call (e.g. ``cpp``
+    cross-attention on CUDA). Parameters, buffers and
     state-dict keys are untouched, so a checkpoint trained with one backend loads into a model
     running another. ``backend=None`` returns the layers to the global default
     (``bharnet.ops.use_backend``). Returns ``model``.

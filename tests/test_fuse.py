@@ -123,13 +123,24 @@ def test_batchnorm_without_running_statistics_is_refused():
 
 
 @needs_cpp
-def test_swap_layers_cpp_leaves_ops_without_cpp_kernels_on_auto():
+def test_swap_layers_cpp_runs_every_fused_layer_on_cpp():
     model = swap_layers(trained_like("bharnet-e", torch.float32), "cpp")
-    for module in model.modules():
-        if hasattr(module, "impl"):
-            assert module.impl == ("auto" if isinstance(module, TokenCrossAttention) else "cpp")
+    impls = {type(m).__name__: m.impl for m in model.modules() if hasattr(m, "impl")}
+    assert "TokenCrossAttention" in impls and set(impls.values()) == {"cpp"}
     with torch.no_grad():
         model(*inputs(torch.float32))
+
+
+def test_swap_layers_leaves_a_layer_whose_op_lacks_the_backend_on_auto():
+    """``bone`` has no Triton backend: a layer built on it keeps ``auto`` under
+    ``swap_layers(model, "triton")`` instead of failing at its first call."""
+    class BoneLayer(nn.Module):
+        fused_op = "bone"
+        impl = "reference"
+
+    model = nn.Sequential(BoneLayer(), DeformableTemporalConv(4, 4))
+    swap_layers(model, "triton")
+    assert model[0].impl == "auto" and model[1].impl == "triton"
 
 
 @needs_cpp

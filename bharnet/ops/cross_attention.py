@@ -23,7 +23,10 @@ the rest (projections, LayerNorm, residual) by the chain rule through ``F.linear
 ``F.layer_norm`` (``bharnet.ops.layer_norm`` gives the LayerNorm gradients in the triton
 backend).
 
-Backends: ``reference`` (below) and ``triton``. What the triton backend fuses, and why:
+Backends: ``reference`` (below), ``triton`` and ``cpp`` (CPU only: the attention core is the
+C++ kernel ``csrc/cross_attention.cpp``, float32/float64, parallel over (n, head) with the SIMD
+micro-kernel of ``csrc/cpu_simd.h``; LayerNorms, projections and residual are torch ops; see the
+cpp section below). What the triton backend fuses, and why:
 
 * the attention core is one Triton kernel per direction (``bharnet.kernels.cross_attention``):
   it reads q and the fused [k | v] projection output in their (N, L, heads * d) layouts (no
@@ -61,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._ext import cpp_availability, load
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor
 from ._custom_op import launcher, triton_custom_op
@@ -294,16 +298,22 @@ def _setup_context(ctx, inputs, output):
     ctx.heads = heads
 
 
-def _backward(ctx, grad_o, _grad_lse):
-    """Only q, kv, o and lse are saved (o is also the output projection's saved input)."""
-    q, kv, o, lse, key_mask = ctx.saved_tensors
-    if grad_o is None:
-        return None, None, None, None
-    dq, dkv = torch.ops.bharnet.cross_attention_core_backward(grad_o, q, kv, o, lse, key_mask, ctx.heads)
-    return dq, dkv, None, None
+def _autograd_backward(core_backward):
+    """The autograd backward of an attention-core op whose gradients are
+    ``core_backward(grad_o, q, kv, o, lse, key_mask, heads) -> (dq, dkv)``. Only q, kv, o and
+    lse are saved (o is also the output projection's saved input)."""
+    def backward(ctx, grad_o, _grad_lse):
+        q, kv, o, lse, key_mask = ctx.saved_tensors
+        if grad_o is None:
+            return None, None, None, None
+        dq, dkv = core_backward(grad_o, q, kv, o, lse, key_mask, ctx.heads)
+        return dq, dkv, None, None
+    return backward
 
 
-_core_op.register_autograd(_backward, setup_context=_setup_context)
+_core_op.register_autograd(
+    _autograd_backward(lambda *args: torch.ops.bharnet.cross_attention_core_backward(*args)),
+    setup_context=_setup_context)
 
 
 def _triton_attend(q, kv, key_mask, heads):
@@ -341,8 +351,70 @@ def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bia
                   norm_kv_weight, norm_kv_bias, pre_norm, eps)
 
 
-_IMPLS = {"reference": cross_attention_reference, "triton": cross_attention_triton}
+# --- cpp backend ------------------------------------------------------------------------------
+# The C++ CPU kernels (csrc/cross_attention.cpp) are the custom ops
+# bharnet::cross_attention_core_cpp and bharnet::cross_attention_core_cpp_backward, with the
+# schemas, outputs (lse in the input dtype, float32 or float64) and autograd of the Triton core
+# op, except that the backward takes no o (it forms delta = rowsum(P * dP) from the recomputed
+# P); they get names of their own because bharnet::cross_attention_core is the Triton op (on
+# CPU it runs the Triton interpreter, which the Triton tests rely on). There are no CUDA
+# kernels: on a GPU the triton backend is the fused one.
+
+CPP_CPU_DTYPES = (torch.float32, torch.float64)
+
+_cpp_ops_registered = False
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly instead of tracing it
+def _register_cpp_ops() -> bool:
+    """Load the extension; give its ops fake impls and autograd (once)."""
+    global _cpp_ops_registered
+    if _cpp_ops_registered:
+        return True
+    load()
+    torch.library.register_fake("bharnet::cross_attention_core_cpp")(_core_fake)
+
+    @torch.library.register_fake("bharnet::cross_attention_core_cpp_backward")
+    def _(grad_o, q, kv, lse, key_mask, heads):
+        return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+    def core_backward(grad_o, q, kv, o, lse, key_mask, heads):
+        return torch.ops.bharnet.cross_attention_core_cpp_backward(grad_o, q, kv, lse, key_mask, heads)
+
+    torch.library.register_autograd("bharnet::cross_attention_core_cpp",
+                                    _autograd_backward(core_backward), setup_context=_setup_context)
+    _cpp_ops_registered = True
+    return True
+
+
+def _cpp_attend(q, kv, key_mask, heads):
+    """The C++ attention core; float16/bfloat16 q and kv (autocast) are computed in float32 and
+    the output cast back (gradients flow back through the casts)."""
+    _register_cpp_ops()
+    compute = q.dtype if q.dtype in CPP_CPU_DTYPES else torch.float32
+    o = torch.ops.bharnet.cross_attention_core_cpp(q.to(compute), kv.to(compute), key_mask, heads)[0]
+    return o.to(q.dtype)
+
+
+def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
+                        out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
+                        norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
+    """C++ backend (CPU): torch LayerNorms, projections and residual, C++ attention core."""
+    return _layer(_cpp_attend, _torch_layer_norm, x_q, x_kv, heads, q_weight, q_bias, kv_weight,
+                  kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
+                  norm_kv_weight, norm_kv_bias, pre_norm, eps)
+
+
+def _cpp_availability(device_type: str) -> Optional[str]:
+    if device_type == "cuda":
+        return "the cpp backend of cross_attention has no CUDA kernels (use 'triton' on a GPU)"
+    return cpp_availability(device_type)
+
+
+_IMPLS = {"reference": cross_attention_reference, "triton": cross_attention_triton,
+          "cpp": cross_attention_cpp}
 register_backend(OP_NAME, "triton", triton_availability)
+register_backend(OP_NAME, "cpp", _cpp_availability)
 
 
 def _expect(name, t, shape, ref, optional=False):

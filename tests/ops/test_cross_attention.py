@@ -19,56 +19,17 @@ import torch
 
 from bharnet.nn import CrossAttention, PoolingAttention, TokenCrossAttention
 from bharnet.ops import cross_attention, cross_attention_reference
-from op_testing import as_float64, assert_close, assert_low_precision_rule, run
+from cross_attention_cases import NAMES, assert_matches, make_inputs, names_for, random_mask
+from op_testing import as_float64, assert_low_precision_rule, run
 from op_testing import rel_or_abs_err as err
 
 ops_module = importlib.import_module("bharnet.ops.cross_attention")
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
-ARGS = ("x_q", "x_kv", "heads", "q_weight", "q_bias", "kv_weight", "kv_bias", "out_weight",
-        "out_bias", "key_mask", "norm_q_weight", "norm_q_bias", "norm_kv_weight", "norm_kv_bias")
-NAMES = ("y", "dx_q", "dx_kv", "dq_weight", "dq_bias", "dkv_weight", "dkv_bias", "dout_weight",
-         "dout_bias", "dnorm_q_weight", "dnorm_q_bias", "dnorm_kv_weight", "dnorm_kv_bias")
-
-
-def names_for(inputs):
-    """"y" and "d<arg>" for every floating-point tensor argument, in the order run() returns."""
-    return ["y"] + ["d" + name for name, t in zip(ARGS, inputs)
-                    if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def make_inputs(N, Lq, Lk, D, heads, dtype=torch.float32, mask=None, seed=0):
-    """Positional arguments of ``cross_attention``: random values, weights scaled like nn.Linear's,
-    LayerNorm affine parameters away from their (1, 0) initialisation."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (shift + scale * torch.randn(*shape, generator=gen)).to(dtype)
-
-    w = D ** -0.5
-    return [rand(N, Lq, D), rand(N, Lk, D), heads, rand(D, D, scale=w), rand(D, scale=0.1),
-            rand(2 * D, D, scale=w), rand(2 * D, scale=0.1), rand(D, D, scale=w), rand(D, scale=0.1),
-            mask, rand(D, scale=0.2, shift=1.0), rand(D, scale=0.2), rand(D, scale=0.2, shift=1.0),
-            rand(D, scale=0.2)]
-
-
-def random_mask(N, Lk, seed=0, fully_masked=(0,)):
-    """Random key mask with some keys masked in every row and the rows in ``fully_masked`` all False."""
-    mask = torch.rand(N, Lk, generator=torch.Generator().manual_seed(seed)) > 0.4
-    mask[:, 0] = True
-    for n in fully_masked:
-        mask[n] = False
-    return mask
 
 
 def triton_fn(*args, **kwargs):
     return cross_attention(*args, backend="triton", **kwargs)
-
-
-def assert_matches(got, expected, tol, names=NAMES):
-    for name, g, r in zip(names, got, expected):
-        assert g.dtype == r.dtype or r.dtype == torch.float64, name
-    assert_close(got, expected, tol, names, err=err)
 
 
 @pytest.fixture

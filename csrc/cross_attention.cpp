@@ -1,0 +1,350 @@
+// Attention core of cross_attention on the CPU: bharnet::cross_attention_core_cpp and its backward.
+//
+// Math (bharnet/ops/cross_attention.py; the Triton op bharnet::cross_attention_core computes the
+// same). q (N, Lq, D) and kv (N, Lk, 2D) = [k | v]; head h is features [h d, (h+1) d) of q, k and
+// v (D = heads * d); valid[j] = key_mask[n, j] (every key without a mask); scale = 1/sqrt(d).
+// Per (n, h):
+//   s[i, j] = scale * q_i . k_j                      (valid keys only; computed as (scale q_i) . k_j)
+//   m_i     = max_j s[i, j],   l_i = sum_j exp(s[i, j] - m_i),   lse_i = m_i + log l_i
+//   P[i, j] = exp(s[i, j] - m_i) / l_i  (= exp(s[i, j] - lse_i); 0 at invalid keys)
+//   o_i     = sum_j P[i, j] v_j
+// A query without valid keys gets o_i = 0 and lse_i = +inf (so its recomputed P is 0 as well).
+// Backward (dO = dL/do; P recomputed from lse):
+//   dV = P^T dO,   dP = dO V^T,   delta_i = sum_j P[i, j] dP[i, j] (= dO_i . o_i),
+//   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q
+// Invalid keys have P = 0, hence dS = 0: they get exactly zero dK and dV. delta is taken from
+// the recomputed P (as the softmax's own backward does, and unlike dO . o), so that dS sums to
+// zero over each row as exactly as the rounding allows: a query with one valid key gets dS = 0
+// and dQ = 0 exactly, like the reference.
+//
+// Structure. The forward runs per (n, h, block of kQueryBlock queries): it packs k_h transposed
+// (d x Lk) and v_h (Lk x d) into zero-padded buffers, computes the block's scores S = Q K^T with
+// the register-tiled micro-kernel of cpu_simd.h, turns each row into P with a two-pass softmax
+// (max, then exp and sum; the whole key range is in the buffer, so no online rescaling) and
+// multiplies P V into o. The backward runs per (n, h), because dK and dV sum over every query:
+// per query block it recomputes the scores with the same code (so s - lse is exactly 0 where P
+// is 1) and P, forms dP, delta and dS, accumulates dV += P^T dO and dK += dS^T Q in per-task
+// buffers and writes dQ = scale dS K; dK and dV are stored at the end. Every output element is
+// written by one task in a fixed order: results do not depend on the thread count. Arithmetic
+// is in the input dtype (float32 or float64); exp is vectorised for float32
+// (simd::exp_nonpositive), std::exp for float64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu_simd.h"
+
+namespace bharnet {
+namespace {
+
+using simd::kTileRows;
+using simd::Tile;
+template <typename T> using Vec = simd::vec<T>;
+
+// Queries per block: the block's scores (kQueryBlock x Lkp) stay in cache next to k and v.
+constexpr int64_t kQueryBlock = 64;
+
+struct Sizes {
+  int64_t N, Lq, Lk, D, heads, d;
+};
+
+// exp of each lane (y <= 0 up to rounding). float32: simd::exp_nonpositive, whose range
+// reduction builds 2^n in the exponent bits and so holds down to n = -126, y = -87: y is clamped
+// there (exp(y) is then ~1e-38 instead of smaller, invisible next to the row's largest term,
+// 1; NaN stays NaN). float64: std::exp per lane.
+BHARNET_INLINE Vec<float> exp_lanes(Vec<float> y) {
+  return simd::exp_nonpositive(y < -87.0f ? simd::broadcast(-87.0f) : y);
+}
+
+BHARNET_INLINE Vec<double> exp_lanes(Vec<double> y) {
+  for (int i = 0; i < simd::kLanes<double>; ++i) y[i] = std::exp(y[i]);
+  return y;
+}
+
+// c[r * ldc + n] (+)= sum_k (scale A(r, k)) B(k, n) for r < rows, n < cols, with
+// A(r, k) = a[r * sam + k * sak] and B(k, n) = b[k * ldb + n] (b's rows padded to whole tiles).
+template <typename T>
+BHARNET_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
+                         int64_t ldb, T* c, int64_t ldc, bool accumulate, T scale = T(1)) {
+  constexpr int NR = simd::kTileCols<T>;
+  for (int64_t r = 0; r < rows; r += kTileRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+    for (int64_t n = 0; n < cols; n += NR) {
+      Tile<T> tile;
+      tile.zero();
+      tile.fma(K, a + r * sam, sam, sak, b + n, ldb, nr, scale);
+      tile.store_to(c + r * ldc + n, ldc, nr, static_cast<int>(std::min<int64_t>(NR, cols - n)), accumulate);
+    }
+  }
+}
+
+// Asks for row j + 8 of x (its first and last of d entries) while row j is copied: the packs are
+// the first reads of kv (and of q and dO in the backward), as d-wide slices of rows 2D or D apart,
+// which the hardware prefetchers do not fetch ahead on their own (measured on 2 cores, frame
+// mode: 15% of the forward's time, 25% of the backward's).
+template <typename T>
+BHARNET_INLINE void prefetch_ahead(const T* x, int64_t stride, int64_t j, int64_t rows, int64_t d) {
+  const T* row = x + std::min(j + 8, rows - 1) * stride;
+  __builtin_prefetch(row);
+  __builtin_prefetch(row + d - 1);
+}
+
+// out[j * ld + c] = x[j * stride + c] (rows x d), columns d..ld zero.
+template <typename T>
+BHARNET_INLINE void pack_rows(const T* x, int64_t stride, int64_t rows, int64_t d, int64_t ld, T* out) {
+  for (int64_t j = 0; j < rows; ++j) {
+    prefetch_ahead(x, stride, j, rows, d);
+    for (int64_t c = 0; c < d; ++c) out[j * ld + c] = x[j * stride + c];
+    for (int64_t c = d; c < ld; ++c) out[j * ld + c] = T(0);
+  }
+}
+
+// out[c * ld + j] = x[j * stride + c] (the transpose, d x rows), columns rows..ld zero. Reads
+// row by row: down a column, a power-of-two stride (2D) would keep hitting the same cache sets.
+template <typename T>
+BHARNET_INLINE void pack_transposed(const T* x, int64_t stride, int64_t rows, int64_t d, int64_t ld, T* out) {
+  for (int64_t j = 0; j < rows; ++j) {
+    prefetch_ahead(x, stride, j, rows, d);
+    for (int64_t c = 0; c < d; ++c) out[c * ld + j] = x[j * stride + c];
+  }
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = rows; j < ld; ++j) out[c * ld + j] = T(0);
+}
+
+// keep[j] = 1 for the valid keys of sequence n (j < Lk and mask[n, j]), 0 elsewhere (up to Lkp).
+template <typename T>
+BHARNET_INLINE void valid_keys(const bool* mask, int64_t Lk, int64_t Lkp, T* keep) {
+  for (int64_t j = 0; j < Lkp; ++j) keep[j] = (j < Lk && (mask == nullptr || mask[j])) ? T(1) : T(0);
+}
+
+// Per-task scratch buffers (one set per thread chunk). Rows indexed by keys have length Lkp
+// and rows indexed by features length dp (simd::packed_ld: whole tiles, zero-padded); the
+// products compute Lkc = Lk and dc = d rounded up to whole tiles only.
+template <typename T>
+struct Scratch {
+  int64_t Lkp, Lkc, dp, dc;
+  std::vector<T> keep, kt, vt, kp, vp, scores, grads, qb, dob, dk, dv;
+  Scratch(const Sizes& s, bool backward)
+      : Lkp(simd::packed_ld<T>(s.Lk)), Lkc(simd::round_up(s.Lk, simd::kTileCols<T>)), dp(simd::packed_ld<T>(s.d)),
+        dc(simd::round_up(s.d, simd::kTileCols<T>)), keep(Lkp), kt(s.d * Lkp), scores(kQueryBlock * Lkp) {
+    if (backward) {
+      vt.resize(s.d * Lkp);
+      kp.resize(s.Lk * dp);
+      grads.resize(kQueryBlock * Lkp);
+      qb.resize(kQueryBlock * dp);
+      dob.resize(kQueryBlock * dp);
+      dk.resize(s.Lk * dp);
+      dv.resize(s.Lk * dp);
+    } else {
+      vp.resize(s.Lk * dp);
+    }
+  }
+};
+
+// Row s[0:Lkc] (scores) -> softmax over the valid keys (0 elsewhere); returns lse_i.
+// Passes: max, then exp and sum, then the normalisation.
+template <typename T>
+BHARNET_INLINE T softmax_row(T* s, const T* keep, int64_t Lkc) {
+  constexpr int L = simd::kLanes<T>;
+  const Vec<T> zero{}, minus_inf = simd::broadcast<T>(-std::numeric_limits<T>::infinity());
+  Vec<T> top = minus_inf;
+  for (int64_t j = 0; j < Lkc; j += L) {
+    const Vec<T> x = simd::load(s + j);
+    top = (simd::load(keep + j) != T(0)) & (x > top) ? x : top;
+  }
+  T m = top[0];
+  for (int i = 1; i < L; ++i) m = std::max(m, top[i]);
+  if (m == -std::numeric_limits<T>::infinity()) {  // no valid key
+    for (int64_t j = 0; j < Lkc; ++j) s[j] = T(0);
+    return std::numeric_limits<T>::infinity();
+  }
+  Vec<T> total{};
+  for (int64_t j = 0; j < Lkc; j += L) {
+    const Vec<T> p = simd::load(keep + j) != T(0) ? exp_lanes(simd::load(s + j) - m) : zero;
+    simd::store(s + j, p);
+    total += p;
+  }
+  T l = T(0);
+  for (int i = 0; i < L; ++i) l += total[i];
+  const T inv = T(1) / l;
+  for (int64_t j = 0; j < Lkc; j += L) simd::store(s + j, simd::load(s + j) * inv);
+  return m + std::log(l);
+}
+
+// o and lse of queries i0..i1 of (n, h).
+template <typename T>
+BHARNET_CLONES void forward_block(const Sizes& s, const T* q, const T* kv, const bool* mask, int64_t n, int64_t h,
+                                  int64_t i0, int64_t i1, Scratch<T>& w, T* o, T* lse) {
+  const int64_t d = s.d, D = s.D, Lkp = w.Lkp, Lkc = w.Lkc, dp = w.dp, rows = i1 - i0;
+  const T scale = T(1) / std::sqrt(T(d));
+  const T* k = kv + n * s.Lk * 2 * D + h * d;
+  valid_keys(mask ? mask + n * s.Lk : nullptr, s.Lk, Lkp, w.keep.data());
+  pack_transposed(k, 2 * D, s.Lk, d, Lkp, w.kt.data());
+  pack_rows(k + D, 2 * D, s.Lk, d, dp, w.vp.data());
+  const T* qi = q + (n * s.Lq + i0) * D + h * d;
+  gemm<T>(rows, Lkc, d, qi, D, 1, w.kt.data(), Lkp, w.scores.data(), Lkp, false, scale);
+  T* lse_i = lse + (n * s.heads + h) * s.Lq + i0;
+  for (int64_t i = 0; i < rows; ++i) lse_i[i] = softmax_row(w.scores.data() + i * Lkp, w.keep.data(), Lkc);
+  gemm<T>(rows, d, s.Lk, w.scores.data(), Lkp, 1, w.vp.data(), dp, o + (n * s.Lq + i0) * D + h * d, D, false);
+}
+
+// dq, dk and dv of (n, h).
+template <typename T>
+BHARNET_CLONES void backward_head(const Sizes& s, const T* grad_o, const T* q, const T* kv, const T* lse,
+                                  const bool* mask, int64_t n, int64_t h, Scratch<T>& w, T* dq, T* dkv) {
+  constexpr int L = simd::kLanes<T>;
+  const int64_t d = s.d, D = s.D, Lk = s.Lk, Lkp = w.Lkp, Lkc = w.Lkc, dp = w.dp, dc = w.dc;
+  const T scale = T(1) / std::sqrt(T(d));
+  const T* k = kv + n * Lk * 2 * D + h * d;
+  valid_keys(mask ? mask + n * Lk : nullptr, Lk, Lkp, w.keep.data());
+  pack_transposed(k, 2 * D, Lk, d, Lkp, w.kt.data());
+  pack_transposed(k + D, 2 * D, Lk, d, Lkp, w.vt.data());
+  pack_rows(k, 2 * D, Lk, d, dp, w.kp.data());
+  std::fill(w.dk.begin(), w.dk.end(), T(0));
+  std::fill(w.dv.begin(), w.dv.end(), T(0));
+  T* P = w.scores.data();
+  T* dS = w.grads.data();
+  for (int64_t i0 = 0; i0 < s.Lq; i0 += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, s.Lq - i0), offset = (n * s.Lq + i0) * D + h * d;
+    const T* lse_i = lse + (n * s.heads + h) * s.Lq + i0;
+    pack_rows(q + offset, D, rows, d, dp, w.qb.data());
+    pack_rows(grad_o + offset, D, rows, d, dp, w.dob.data());
+    gemm<T>(rows, Lkc, d, q + offset, D, 1, w.kt.data(), Lkp, P, Lkp, false, scale);  // scores
+    gemm<T>(rows, Lkc, d, grad_o + offset, D, 1, w.vt.data(), Lkp, dS, Lkp, false);  // dP
+    for (int64_t i = 0; i < rows; ++i) {  // P from the scores, then dS from dP
+      T* p_row = P + i * Lkp;
+      T* ds_row = dS + i * Lkp;
+      Vec<T> lanes{};
+      for (int64_t j = 0; j < Lkc; j += L) {
+        const Vec<T> x = simd::load(p_row + j) - lse_i[i];
+        const Vec<T> p = simd::load(w.keep.data() + j) != T(0) ? exp_lanes(x) : Vec<T>{};
+        simd::store(p_row + j, p);
+        lanes += p * simd::load(ds_row + j);
+      }
+      T delta = T(0);
+      for (int l = 0; l < L; ++l) delta += lanes[l];
+      for (int64_t j = 0; j < Lkc; j += L)
+        simd::store(ds_row + j, simd::load(p_row + j) * (simd::load(ds_row + j) - delta));
+    }
+    gemm<T>(Lk, dc, rows, P, 1, Lkp, w.dob.data(), dp, w.dv.data(), dp, true);  // dV += P^T dO
+    gemm<T>(Lk, dc, rows, dS, 1, Lkp, w.qb.data(), dp, w.dk.data(), dp, true);  // dK += dS^T Q
+    gemm<T>(rows, d, Lk, dS, Lkp, 1, w.kp.data(), dp, dq + offset, D, false, scale);  // dQ = scale dS K
+  }
+  T* dk = dkv + n * Lk * 2 * D + h * d;
+  for (int64_t j = 0; j < Lk; ++j)
+    for (int64_t c = 0; c < d; ++c) {
+      dk[j * 2 * D + c] = scale * w.dk[j * dp + c];
+      dk[j * 2 * D + D + c] = w.dv[j * dp + c];
+    }
+}
+
+constexpr const char* kForwardName = "bharnet::cross_attention_core_cpp";
+constexpr const char* kBackwardName = "bharnet::cross_attention_core_cpp_backward";
+
+Sizes check_inputs(const char* op, const at::Tensor& q, const at::Tensor& kv, const std::optional<at::Tensor>& mask,
+                   int64_t heads) {
+  TORCH_CHECK(q.device().is_cpu(), op, " (CPU kernel): expected CPU tensors, got q on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+              ": the CPU kernels take float32 or float64, got q in ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (N, Lq, D), got ", q.sizes());
+  const int64_t N = q.size(0), Lq = q.size(1), D = q.size(2);
+  TORCH_CHECK(heads >= 1 && D % heads == 0, op, ": heads must be a positive divisor of D = ", D, ", got ", heads);
+  TORCH_CHECK(kv.dim() == 3 && kv.size(0) == N && kv.size(2) == 2 * D, op, ": kv must have shape (", N, ", Lk, ",
+              2 * D, ") = [k | v], got ", kv.sizes());
+  TORCH_CHECK(kv.scalar_type() == q.scalar_type() && kv.device() == q.device(), op,
+              ": kv must have q's dtype and device (", q.scalar_type(), ", ", q.device(), "), got ",
+              kv.scalar_type(), ", ", kv.device());
+  const int64_t Lk = kv.size(1);
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": key_mask must be bool (True = may be attended), got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == N && mask->size(1) == Lk && mask->device() == q.device(), op,
+                ": key_mask must have shape (", N, ", ", Lk, ") on q's device, got ", mask->sizes(), " on ",
+                mask->device());
+  }
+  return Sizes{N, Lq, Lk, D, heads, D / heads};
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q) {
+  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": ", name,
+              " must have shape ", shape, " and q's dtype ", q.scalar_type(), " on ", q.device(), ", got ", t.sizes(),
+              " ", t.scalar_type(), " on ", t.device());
+}
+
+const bool* mask_ptr(const at::Tensor& mask) { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& kv_in,
+                                               const std::optional<at::Tensor>& mask_in, int64_t heads) {
+  const Sizes s = check_inputs(kForwardName, q_in, kv_in, mask_in, heads);
+  const auto q = q_in.contiguous(), kv = kv_in.contiguous();
+  const auto mask = mask_in ? mask_in->contiguous() : at::Tensor();
+  auto o = at::empty({s.N, s.Lq, s.D}, q.options());
+  auto lse = at::empty({s.N, s.heads, s.Lq}, q.options());
+  if (o.numel() == 0) return {o, lse};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), kForwardName, [&] {
+    const int64_t blocks = (s.Lq + kQueryBlock - 1) / kQueryBlock;
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kvp = kv.data_ptr<scalar_t>();
+    scalar_t* op = o.data_ptr<scalar_t>();
+    scalar_t* lp = lse.data_ptr<scalar_t>();
+    at::parallel_for(0, s.N * s.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+      Scratch<scalar_t> scratch(s, false);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nh = task / blocks, i0 = task % blocks * kQueryBlock;
+        forward_block<scalar_t>(s, qp, kvp, mask_ptr(mask), nh / s.heads, nh % s.heads, i0,
+                                std::min(s.Lq, i0 + kQueryBlock), scratch, op, lp);
+      }
+    });
+  });
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_o_in, const at::Tensor& q_in,
+                                                const at::Tensor& kv_in, const at::Tensor& lse_in,
+                                                const std::optional<at::Tensor>& mask_in, int64_t heads) {
+  const Sizes s = check_inputs(kBackwardName, q_in, kv_in, mask_in, heads);
+  check_same(kBackwardName, "grad_o", grad_o_in, q_in.sizes(), q_in);
+  check_same(kBackwardName, "lse", lse_in, {s.N, s.heads, s.Lq}, q_in);
+  const auto grad_o = grad_o_in.contiguous(), q = q_in.contiguous(), kv = kv_in.contiguous();
+  const auto lse = lse_in.contiguous();
+  const auto mask = mask_in ? mask_in->contiguous() : at::Tensor();
+  auto dq = at::empty_like(q), dkv = at::empty_like(kv);
+  if (dq.numel() == 0 || dkv.numel() == 0) {
+    dq.zero_();
+    dkv.zero_();
+    return {dq, dkv};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), kBackwardName, [&] {
+    const scalar_t* gp = grad_o.data_ptr<scalar_t>();
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kvp = kv.data_ptr<scalar_t>();
+    const scalar_t* lp = lse.data_ptr<scalar_t>();
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dkvp = dkv.data_ptr<scalar_t>();
+    at::parallel_for(0, s.N * s.heads, 1, [&](int64_t begin, int64_t end) {
+      Scratch<scalar_t> scratch(s, true);
+      for (int64_t nh = begin; nh < end; ++nh)
+        backward_head<scalar_t>(s, gp, qp, kvp, lp, mask_ptr(mask), nh / s.heads, nh % s.heads, scratch, dqp,
+                                dkvp);
+    });
+  });
+  return {dq, dkv};
+}
+
+}  // namespace
+}  // namespace bharnet
+
+TORCH_LIBRARY_FRAGMENT(bharnet, m) {
+  m.def("cross_attention_core_cpp(Tensor q, Tensor kv, Tensor? key_mask, int heads) -> (Tensor, Tensor)");
+  m.def("cross_attention_core_cpp_backward(Tensor grad_o, Tensor q, Tensor kv, Tensor lse, "
+        "Tensor? key_mask, int heads) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bharnet, CPU, m) {
+  m.impl("cross_attention_core_cpp", &bharnet::forward_cpu);
+  m.impl("cross_attention_core_cpp_backward", &bharnet::backward_cpu);
+}
