@@ -15,7 +15,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -96,3 +96,22 @@ def cuda_availability(op: str) -> Optional[str]:
         return ("the C++ extension was built without CUDA kernels (needs a CUDA build of torch and "
                 "nvcc at build time, and a visible GPU for the JIT build)")
     return None
+
+
+def registered_after_loading(register: Callable[[], None]) -> Callable[[], bool]:
+    """A function that loads the extension and then runs ``register`` (the fake impls and
+    autograd of an op's C++ ops) the first time it is called, and does nothing afterwards.
+
+    It is an ``assume_constant_result``: ``torch.compile`` runs it eagerly while tracing a caller
+    instead of tracing into the extension loading."""
+    done = False
+
+    @torch.compiler.assume_constant_result
+    def ensure_registered() -> bool:
+        nonlocal done
+        if not done:
+            load()
+            register()
+            done = True
+        return True
+    return ensure_registered

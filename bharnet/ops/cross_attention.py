@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._ext import cpp_availability, load
+from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor
 from ._custom_op import launcher, triton_custom_op
@@ -362,16 +362,8 @@ def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bia
 
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
 
-_cpp_ops_registered = False
-
-
-@torch.compiler.assume_constant_result  # torch.compile runs it eagerly instead of tracing it
-def _register_cpp_ops() -> bool:
-    """Load the extension; give its ops fake impls and autograd (once)."""
-    global _cpp_ops_registered
-    if _cpp_ops_registered:
-        return True
-    load()
+def _register_cpp_ops_now() -> None:
+    """Fake impls and autograd of the C++ ops (run once, after the extension is loaded)."""
     torch.library.register_fake("bharnet::cross_attention_core_cpp")(_core_fake)
 
     @torch.library.register_fake("bharnet::cross_attention_core_cpp_backward")
@@ -383,8 +375,9 @@ def _register_cpp_ops() -> bool:
 
     torch.library.register_autograd("bharnet::cross_attention_core_cpp",
                                     _autograd_backward(core_backward), setup_context=_setup_context)
-    _cpp_ops_registered = True
-    return True
+
+
+_register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
 def _cpp_attend(q, kv, key_mask, heads):

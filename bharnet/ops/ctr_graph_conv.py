@@ -48,7 +48,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._ext import cpp_availability, cuda_availability, load
+from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor
 from ._custom_op import launcher, triton_custom_op
@@ -280,16 +280,8 @@ def ctr_graph_conv_triton(v, A, q=None, k=None, weight=None, bias=None, alpha=No
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
 
 
-_cpp_ops_registered = False
-
-
-@torch.compiler.assume_constant_result  # torch.compile runs it eagerly instead of tracing it
-def _register_cpp_ops() -> bool:
-    """Load the extension; give its ops fake impls and autograd (once)."""
-    global _cpp_ops_registered
-    if _cpp_ops_registered:
-        return True
-    load()
+def _register_cpp_ops_now() -> None:
+    """Fake impls and autograd of the C++ ops (run once, after the extension is loaded)."""
 
     @torch.library.register_fake("bharnet::ctr_graph_conv_cpp")
     def _(v, A, q, k, weight, bias, alpha):
@@ -312,8 +304,9 @@ def _register_cpp_ops() -> bool:
         return torch.ops.bharnet.ctr_graph_conv_cpp_backward(dy, v, A, q, k, weight, bias, alpha)
 
     torch.library.register_autograd("bharnet::ctr_graph_conv_cpp", backward, setup_context=_setup_context)
-    _cpp_ops_registered = True
-    return True
+
+
+_register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
 def ctr_graph_conv_cpp(v, A, q=None, k=None, weight=None, bias=None, alpha=None):

@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from .._ext import cpp_availability, cuda_availability, load
+from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 
 OP_NAME = "deformable_temporal_conv"
@@ -168,16 +168,8 @@ def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
 
 
-_cpp_ops_registered = False
-
-
-@torch.compiler.assume_constant_result  # torch.compile runs it eagerly instead of tracing it
-def _register_cpp_ops() -> bool:
-    """Load the extension; give its ops fake impls and autograd (once)."""
-    global _cpp_ops_registered
-    if _cpp_ops_registered:
-        return True
-    load()
+def _register_cpp_ops_now() -> None:
+    """Fake impls and autograd of the C++ ops (run once, after the extension is loaded)."""
 
     @torch.library.register_fake("bharnet::deformable_temporal_conv_cpp")
     def _(x, offsets, weight, bias, stride):
@@ -195,8 +187,9 @@ def _register_cpp_ops() -> bool:
 
     torch.library.register_autograd("bharnet::deformable_temporal_conv_cpp", backward,
                                     setup_context=_setup_context)
-    _cpp_ops_registered = True
-    return True
+
+
+_register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
 def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):

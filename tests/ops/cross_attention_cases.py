@@ -48,3 +48,19 @@ def assert_matches(got, expected, tol, names=NAMES):
     for name, g, r in zip(names, got, expected):
         assert g.dtype == r.dtype or r.dtype == torch.float64, name
     assert_close(got, expected, tol, names, err=err)
+
+
+def noncontiguous_layer_inputs():
+    """``make_inputs(3, 5, 7, 24, 2)`` with a key mask, where x_q, x_kv, the three projection
+    weights and the mask have non-contiguous storage (transposed copies, a strided mask)."""
+    inputs = make_inputs(3, 5, 7, 24, 2, mask=random_mask(3, 7))
+    nc = list(inputs)
+    nc[0] = inputs[0].transpose(0, 1).contiguous().transpose(0, 1)
+    nc[1] = inputs[1].transpose(1, 2).contiguous().transpose(1, 2)
+    for i in (3, 5, 7):
+        nc[i] = inputs[i].t().contiguous().t()
+    wide_mask = torch.zeros(3, 14, dtype=torch.bool)
+    wide_mask[:, ::2] = inputs[9]
+    nc[9] = wide_mask[:, ::2]
+    assert not any(t.is_contiguous() for t in (nc[0], nc[1], nc[3], nc[5], nc[7], nc[9]))
+    return inputs, nc

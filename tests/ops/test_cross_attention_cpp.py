@@ -26,7 +26,8 @@ import torch
 from bharnet.nn import TokenCrossAttention
 from bharnet.ops import cross_attention, cross_attention_reference
 from bharnet.ops._backend import resolve
-from cross_attention_cases import NAMES, assert_matches, make_inputs, names_for, random_mask
+from cross_attention_cases import (NAMES, assert_matches, make_inputs, names_for,
+                                   noncontiguous_layer_inputs, random_mask)
 from op_testing import as_float64, assert_independent_of_thread_count, assert_low_precision_rule, run
 from op_testing import rel_or_abs_err as err
 
@@ -152,17 +153,8 @@ def test_core_op_gradients_match_finite_differences():
 def test_noncontiguous_inputs():
     """Transposed-storage x_q, x_kv and weights, a strided key mask; q/kv views with row strides
     that are not their width at the core op."""
-    inputs = make_inputs(3, 5, 7, 24, 2, mask=random_mask(3, 7))
+    inputs, nc = noncontiguous_layer_inputs()
     expected = run(cross_attention_reference, as_float64(inputs))
-    nc = list(inputs)
-    nc[0] = inputs[0].transpose(0, 1).contiguous().transpose(0, 1)
-    nc[1] = inputs[1].transpose(1, 2).contiguous().transpose(1, 2)
-    for i in (3, 5, 7):
-        nc[i] = inputs[i].t().contiguous().t()
-    wide_mask = torch.zeros(3, 14, dtype=torch.bool)
-    wide_mask[:, ::2] = inputs[9]
-    nc[9] = wide_mask[:, ::2]
-    assert not any(t.is_contiguous() for t in (nc[0], nc[1], nc[3], nc[5], nc[7], nc[9]))
     assert_matches(run(cpp_fn, nc), expected, TOLERANCE[torch.float32])
 
     q, kv, mask = core_inputs(dtype=torch.float32)
