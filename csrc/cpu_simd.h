@@ -48,7 +48,7 @@ template <typename T> constexpr int kLanes = 32 / sizeof(T);
 template <typename T> constexpr int kTileCols = 2 * kLanes<T>;
 // Rows of one micro-kernel tile: 4 x 2 accumulators + 2 B vectors + 1 broadcast fit the 16
 // vector registers of AVX2.
-constexpr int kTileRows = 4;
+constexpr int kTileRows = 6;
 
 template <typename T> BHARNET_INLINE vec<T> load(const T* p) {
   vec<T> v;
@@ -149,18 +149,26 @@ struct Tile {
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = broadcast<T>(value[std::min(r, rows - 1)]);
   }
 
-  // acc += scale · A(:, 0:K) · B(0:K, :)
+  // acc += A(:, 0:K) · B(0:K, :)
   BHARNET_INLINE void fma(int64_t K, const T* a, int64_t sam, int64_t sak, const T* b, int64_t ldb,
-                          int rows, T scale = T(1)) {
+                          int rows) {
     const T* arow[MR];
     for (int r = 0; r < MR; ++r) arow[r] = a + std::min(r, rows - 1) * sam;
     for (int64_t k = 0; k < K; ++k) {
       const vec<T> b0 = load(b + k * ldb), b1 = load(b + k * ldb + L);
       for (int r = 0; r < MR; ++r) {
-        const vec<T> s = broadcast<T>(scale * arow[r][k * sak]);
+        const vec<T> s = broadcast<T>(arow[r][k * sak]);
         acc[r][0] += s * b0;
         acc[r][1] += s * b1;
       }
+    }
+  }
+
+  // acc *= scale
+  BHARNET_INLINE void scale_by(T scale) {
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] *= scale;
+      acc[r][1] *= scale;
     }
   }
 

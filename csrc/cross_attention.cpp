@@ -4,7 +4,7 @@
 // same). q (N, Lq, D) and kv (N, Lk, 2D) = [k | v]; head h is features [h d, (h+1) d) of q, k and
 // v (D = heads * d); valid[j] = key_mask[n, j] (every key without a mask); scale = 1/sqrt(d).
 // Per (n, h):
-//   s[i, j] = scale * q_i . k_j                      (valid keys only; computed as (scale q_i) . k_j)
+//   s[i, j] = scale * q_i . k_j                      (valid keys only)
 //   m_i     = max_j s[i, j],   l_i = sum_j exp(s[i, j] - m_i),   lse_i = m_i + log l_i
 //   P[i, j] = exp(s[i, j] - m_i) / l_i  (= exp(s[i, j] - lse_i); 0 at invalid keys)
 //   o_i     = sum_j P[i, j] v_j
@@ -65,7 +65,7 @@ BHARNET_INLINE Vec<double> exp_lanes(Vec<double> y) {
   return y;
 }
 
-// c[r * ldc + n] (+)= sum_k (scale A(r, k)) B(k, n) for r < rows, n < cols, with
+// c[r * ldc + n] (+)= scale sum_k A(r, k) B(k, n) for r < rows, n < cols, with
 // A(r, k) = a[r * sam + k * sak] and B(k, n) = b[k * ldb + n] (b's rows padded to whole tiles).
 template <typename T>
 BHARNET_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
@@ -76,7 +76,8 @@ BHARNET_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int6
     for (int64_t n = 0; n < cols; n += NR) {
       Tile<T> tile;
       tile.zero();
-      tile.fma(K, a + r * sam, sam, sak, b + n, ldb, nr, scale);
+      tile.fma(K, a + r * sam, sam, sak, b + n, ldb, nr);
+      tile.scale_by(scale);
       tile.store_to(c + r * ldc + n, ldc, nr, static_cast<int>(std::min<int64_t>(NR, cols - n)), accumulate);
     }
   }
