@@ -47,7 +47,6 @@ def fwd_bwd_call(case, backend, device, dtype):
 
 def wall_ms(call, device, iters):
     if device.type != "cuda":
-        import time
         start = time.perf_counter()
         for _ in range(iters):
             call()

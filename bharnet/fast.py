@@ -238,7 +238,8 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     its BN, ST-GC/CTR-GC put the BN scale into ``conv_v`` and the shift into the block's
     residual convolution (or a :class:`ChannelBias`). Folding runs in float64 and stores the
     result in each parameter's dtype. The fused layers then use ``backend`` (see
-    :func:`swap_layers`; ``auto`` on CPU is the C++ kernels for the graph and temporal layers).
+    :func:`swap_layers`; ``auto`` on CPU is the C++ kernels for the graph, temporal and
+    cross-attention layers).
 
     ``model`` is not modified: the copy has its own parameters, and a different module
     structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy

@@ -46,8 +46,9 @@ template <typename T> using vec = typename VectorOf<T>::type;
 template <typename T> constexpr int kLanes = 32 / sizeof(T);
 // Columns of one micro-kernel tile (two vectors); padded buffers round their rows up to this.
 template <typename T> constexpr int kTileCols = 2 * kLanes<T>;
-// Rows of one micro-kernel tile: 4 x 2 accumulators + 2 B vectors + 1 broadcast fit the 16
-// vector registers of AVX2.
+// Rows of one micro-kernel tile: 6 x 2 accumulators + 2 B vectors + 1 broadcast fit the 16
+// vector registers of AVX2 (enough independent FMAs to cover their latency; the SSE2 clone,
+// with 16 half-width registers, spills some of them).
 constexpr int kTileRows = 6;
 
 template <typename T> BHARNET_INLINE vec<T> load(const T* p) {

@@ -45,7 +45,7 @@ using simd::round_up;
 using simd::Tile;
 
 // Rows of one forward task (a block of one group's M rows).
-constexpr int64_t kForwardRowBlock = 256;
+constexpr int64_t kForwardRowBlock = 42 * kTileRows;
 
 // Refined topologies of one (b, h) for every group g, zero-padded to V x Vp:
 // aref[g, i, j] (row i, column j) and/or aref_t[g, j, i] (transposed); th receives the

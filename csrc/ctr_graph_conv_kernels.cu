@@ -450,15 +450,6 @@ bool device_has_tensor_cores() {
   return major >= 8;
 }
 
-bool use_tensor_cores(DType dtype, const CtrShape& s) {
-  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
-  const int64_t M = s.C / s.G * s.T;
-  const int64_t row_tiles = (M + kForwardRows - 1) / kForwardRows;
-  const bool fits = s.V >= 1 && s.V <= kMaxJoints && M * s.V <= INT_MAX && s.C <= INT_MAX && s.H <= INT_MAX &&
-                    s.B * s.H * s.G <= INT_MAX && s.B * s.G * row_tiles <= INT_MAX;
-  return fits && device_has_tensor_cores();
-}
-
 MmaDims mma_dims(const CtrShape& s) {
   const int64_t M = s.C / s.G * s.T;
   return {static_cast<int>(s.H), static_cast<int>(s.C), static_cast<int>(s.T), static_cast<int>(s.V),
@@ -480,6 +471,38 @@ cudaError_t with_joint_tiles(int64_t V, Fn&& fn) {
     case 8: return fn(std::integral_constant<int, 8>());
   }
   return cudaErrorInvalidValue;
+}
+
+// Whether this build's tensor-core kernels for V's tile width can run on the current device:
+// compiled for sm_80+ (below that their bodies are empty, e.g. in a build for older GPUs
+// only, JIT-compiled from PTX), and with shared memory within the device's opt-in limit
+// (consumer GPUs allow about 99 KB per block; the NT = 8 backward needs about 101 KB).
+template <typename T>
+bool mma_kernels_usable(int64_t V) {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return false;
+  }
+  return with_joint_tiles(V, [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    cudaFuncAttributes forward{}, backward{};
+    const bool usable = Tiles<NT>::kForwardBytes <= optin && Tiles<NT>::kBackwardBytes <= optin &&
+                        cudaFuncGetAttributes(&forward, forward_mma_kernel<T, NT>) == cudaSuccess &&
+                        cudaFuncGetAttributes(&backward, backward_mma_kernel<T, NT>) == cudaSuccess &&
+                        forward.ptxVersion >= 80 && backward.ptxVersion >= 80;
+    return usable ? cudaSuccess : cudaErrorNotSupported;
+  }) == cudaSuccess;
+}
+
+bool use_tensor_cores(DType dtype, const CtrShape& s) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+  const int64_t M = s.C / s.G * s.T;
+  const int64_t row_tiles = (M + kForwardRows - 1) / kForwardRows;
+  const bool fits = s.V >= 1 && s.V <= kMaxJoints && M * s.V <= INT_MAX && s.C <= INT_MAX && s.H <= INT_MAX &&
+                    s.B * s.H * s.G <= INT_MAX && s.B * s.G * row_tiles <= INT_MAX;
+  if (!fits || !device_has_tensor_cores()) return false;
+  return dtype == DType::kFloat16 ? mma_kernels_usable<__half>(s.V) : mma_kernels_usable<__nv_bfloat16>(s.V);
 }
 
 // Launches kernel on `blocks` blocks of kThreads with `bytes` of dynamic shared memory (opting in

@@ -21,7 +21,7 @@
 // dW runs per (b, time block) too, with the samples gathered transposed (n-major, so that k is
 // the vector dimension): a GEMM dy (O x n) . xs^T (n x K) accumulated into one of a fixed number
 // of partial buffers (the tasks are split into slices independent of the thread count) that are
-// then summed in order. dx and dtau run per (b, block of 4 channels): for every (t', e) one
+// then summed in order. dx and dtau run per (b, block of kTileRows channels): for every (t', e) one
 // micro-kernel tile computes g for those channels, which is added to rows p0 and p1 of dx
 // (rows that only this task writes: no atomics) and dotted with dxs for dtau's per-task partial
 // sums (in double, summed in task order). Everything is deterministic. Accumulation is in the

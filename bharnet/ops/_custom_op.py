@@ -34,6 +34,6 @@ def launcher(kernel):
 
     While torch traces the op (``torch.compile``) this is ``wrap_triton(kernel)``, which records
     the launch. In eager calls a ``triton_op`` switches ``wrap_triton`` off, and then the
-    kernel is launched directly, without building two wrapper objects per launch (host time
-    that adds up: each fused op launches up to five kernels per call)."""
+    kernel is launched directly (older torch releases still build wrapper objects per launch
+    there; host time adds up: each fused op launches up to five kernels per call)."""
     return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel

@@ -30,8 +30,10 @@ Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.ctr_graph_conv``)
 (``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
 ``csrc/ctr_graph_conv_kernels.cu`` on CUDA; custom ops ``bharnet::ctr_graph_conv_cpp*``, see
 the cpp section below). The Triton
-kernels recompute the topology wherever they need it, forward and backward, and never store
-it; the backward keeps only its gradient dAref, (B, H, G, V, V) in float32. Limits: V <= 128;
+kernels evaluate the refined topologies once per call (forward, and again in the backward)
+into a (B, H, G, V, V) buffer in v's dtype that the GEMM kernels read; nothing is saved for
+the backward but the inputs, and the backward's only intermediate besides that buffer is the
+topology gradient dAref, (B, H, G, V, V) in float32. Limits: V <= 128;
 float16/bfloat16/float32/float64 inputs, fp32 accumulation (fp64 for fp64 ``v``); ``v``'s dtype
 is the compute and output dtype, the other inputs may have their own (e.g. fp32 parameters
 with fp16 features) and get gradients in it. The backend is the custom op

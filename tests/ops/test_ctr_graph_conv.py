@@ -55,15 +55,44 @@ def test_static_st_gc_matches_fp64_reference(shape, dtype):
     assert_matches_fp64_reference("triton", shape, dtype, dynamic=False)
 
 
-@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
-def test_rows_split_over_programs(dynamic):
-    """A group of 260 rows (5 row tiles) is split into two chunks of 3 and 2 row tiles whose
-    partial dAref sums are added: dA, dq, dk, dweight, dbias, dalpha must not miss either."""
-    shape = (1, 2, 4, 130, 5, 2, 2)
+@pytest.fixture
+def grad_chunks(monkeypatch):
+    """The (chunks, row tiles per chunk) of every dv/dAref launch the op makes."""
     kernels = importlib.import_module("bharnet.kernels.ctr_graph_conv")
-    config = kernels.grad_config(5, rows=2 * 130, fma_dot=True, programs_per_chunk=1 * 2 * 2 * 1)
-    assert (config["chunks"], config["ROW_TILES_PER_CHUNK"]) == (2, 3)
-    assert_matches_fp64_reference("triton", shape, torch.float64, dynamic=dynamic)
+    original, seen = kernels.grad_config, []
+
+    def spy(*args, **kwargs):
+        config = original(*args, **kwargs)
+        seen.append((config["chunks"], config["ROW_TILES_PER_CHUNK"]))
+        return config
+    monkeypatch.setattr(kernels, "grad_config", spy)
+    return seen
+
+
+def assert_split(chunking, rows, row_tile):
+    """The rows' tiles are spread over more than one chunk and every chunk has some."""
+    chunks, per_chunk = chunking
+    row_tiles = -(-rows // row_tile)
+    assert chunks > 1 and (chunks - 1) * per_chunk < row_tiles <= chunks * per_chunk
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+def test_rows_split_over_programs(dynamic, grad_chunks):
+    """A group's 260 rows (520 for ST-GC's single group; row tiles of 64 in float64) are split
+    into chunks with a shorter last one, whose partial dAref sums are added: dA, dq, dk,
+    dweight, dbias, dalpha must not miss any."""
+    assert_matches_fp64_reference("triton", (1, 2, 4, 130, 5, 2, 2), torch.float64, dynamic=dynamic)
+    assert_split(grad_chunks[-1], rows=260 if dynamic else 520, row_tile=64)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+def test_fp16_rows_split_with_a_partial_last_tile(dynamic, grad_chunks):
+    """float16 (128-row tiles): 520 rows (1040 for ST-GC) end in a partial row tile and are
+    split over chunks."""
+    inputs = make_inputs(1, 2, 4, 260, 5, 2, 2, dynamic=dynamic)
+    assert_within_low_precision_rule("triton", inputs, output_grad(inputs), [torch.float16] * len(inputs),
+                                     "cpu")
+    assert_split(grad_chunks[-1], rows=520 if dynamic else 1040, row_tile=128)
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
@@ -74,10 +103,13 @@ def test_fp16_low_precision_rule(dynamic):
                                      "cpu")
 
 
-def test_fp16_features_with_fp32_parameters():
-    """Mixed precision as in autocast training: v in fp16, topology inputs in fp32; every
-    gradient comes back in its input's dtype."""
-    inputs = make_inputs(2, 3, 8, 7, 25, 3, 4)
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+@pytest.mark.parametrize("V", [25, 128])
+def test_fp16_features_with_fp32_parameters(dynamic, V):
+    """Mixed precision as in autocast training: v in fp16, topology inputs (A alone for ST-GC)
+    in fp32; every gradient comes back in its input's dtype. V = 128 takes two 64-wide
+    j-tiles."""
+    inputs = make_inputs(2, 3, 8, 7, V, 3, 4, dynamic=dynamic) if V == 25 else make_inputs(1, 2, 4, 2, V, 2, 2, dynamic=dynamic)
     dtypes = [torch.float16] + [torch.float32] * (len(inputs) - 1)
     assert_within_low_precision_rule("triton", inputs, output_grad(inputs), dtypes, "cpu")
 
