@@ -223,17 +223,21 @@ def forward_config(V: int, rows: int, fma_dot: bool) -> dict:
                 num_warps=4 if block_v <= 32 else 8, num_stages=1 if fma_dot else 3)
 
 
-def grad_config(V: int, rows: int, fma_dot: bool, programs_per_chunk: int) -> dict:
-    """Launch parameters of ``topology_grad_kernel``: row tiles, j-tiles, and how many row
+def grad_config(V: int, rows: int, fma_dot: bool, groups: int) -> dict:
+    """Launch parameters of ``topology_grad_kernel`` for ``groups`` = H * G * B groups of
+    ``rows`` rows: row tiles, j-tiles (``j_tiles`` of ``BLOCK_J`` columns), and how many row
     tiles each program walks (``ROW_TILES_PER_CHUNK``; ``chunks`` programs share a group's
-    rows and write partial dAref sums). ``programs_per_chunk`` = j-tiles * H * G * B."""
+    rows and write partial dAref sums). ``j_tiles`` and ``chunks`` are for the grid, not the
+    kernel."""
     block_v = joint_block(V)
+    block_j = min(block_v, 32 if fma_dot else 64)
+    j_tiles = -(-V // block_j)
     block_m = min(_grad_row_tile_cap(block_v, fma_dot), max(16, triton.next_power_of_2(rows)))
     row_tiles = -(-rows // block_m)
-    wanted_chunks = max(1, -(-TARGET_PROGRAMS // programs_per_chunk))
+    wanted_chunks = max(1, -(-TARGET_PROGRAMS // (j_tiles * groups)))
     per_chunk = -(-row_tiles // min(wanted_chunks, max(1, row_tiles // 2)))
-    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_J=min(block_v, 32 if fma_dot else 64),
-                ROW_TILES_PER_CHUNK=per_chunk, chunks=-(-row_tiles // per_chunk), num_warps=8,
+    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_J=block_j, ROW_TILES_PER_CHUNK=per_chunk,
+                j_tiles=j_tiles, chunks=-(-row_tiles // per_chunk), num_warps=8,
                 num_stages=1 if fma_dot else 3)
 
 

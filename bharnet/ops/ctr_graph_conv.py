@@ -177,12 +177,11 @@ def _topology_grad(dy, v, topo, topo_stride, G) -> Tuple[Tensor, Tensor]:
     B, H, C, T, V = v.shape
     acc_dtype = torch.float64 if _accumulates_in_fp64(v) else torch.float32
     rows = C // G * T
-    block_j = kernels.grad_config(V, rows, _exact_dot(v), 1)["BLOCK_J"]
-    launch = kernels.grad_config(V, rows, _exact_dot(v), _cdiv(V, block_j) * H * G * B)
-    chunks = launch.pop("chunks")
+    launch = kernels.grad_config(V, rows, _exact_dot(v), H * G * B)
+    chunks, j_tiles = launch.pop("chunks"), launch.pop("j_tiles")
     dv = _new_output(v.shape, v.dtype, v.device)
     dtopo = _new_output((chunks, B, H, G, V, V), acc_dtype, v.device)
-    grid = (_cdiv(V, block_j) * chunks, H * G, B)
+    grid = (j_tiles * chunks, H * G, B)
     launcher(kernels.topology_grad_kernel)[grid](
         dy, v, topo, dv, dtopo, topo_stride, B, H, C, T, V, G, **_dot_flags(v), **launch)
     return dv, dtopo[0] if chunks == 1 else dtopo.sum(dim=0)
