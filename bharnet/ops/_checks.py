@@ -15,3 +15,19 @@ def expect_tensor(op: str, name: str, t, shape, ref: torch.Tensor, ref_name: str
         raise ValueError(f"{op}: {name} is on {t.device}, expected {ref.device} like {ref_name}")
     if floating and not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+
+
+# Input dtypes of the Triton kernels (float32 accumulation; float64 inputs accumulate in float64).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def expect_triton_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """Raise unless the Triton kernels take ``t``'s dtype on its device: float16, bfloat16,
+    float32 or float64, and no bfloat16 on CPU, where the Triton interpreter's bf16 ``tl.dot``
+    is wrong."""
+    if t.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: the triton backend takes {name} in float16, bfloat16, float32 or "
+                        f"float64, got {t.dtype}")
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        raise TypeError(f"{op}: the triton backend cannot run bfloat16 on CPU (the Triton "
+                        "interpreter's bf16 tl.dot is wrong); use float32 or CUDA")

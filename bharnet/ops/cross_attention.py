@@ -66,7 +66,7 @@ from torch import Tensor
 
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
-from ._checks import expect_tensor
+from ._checks import expect_tensor, expect_triton_dtype
 from ._custom_op import launcher, triton_custom_op
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import layer_norm
@@ -132,7 +132,6 @@ def cross_attention_reference(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_
 
 # --- triton backend -------------------------------------------------------------------------
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_MAX_HEAD_DIM = 128
 # Block sizes (module attributes so tests can shrink them to reach every code path on tiny
 # shapes). Keys up to SINGLE_BLOCK_MAX_KEYS sit in one register tile per program (frame mode,
@@ -318,12 +317,7 @@ _core_op.register_autograd(
 
 def _triton_attend(q, kv, key_mask, heads):
     for name, t in (("q", q), ("kv", kv)):
-        if t.dtype not in TRITON_DTYPES:
-            raise TypeError(f"cross_attention: the triton backend takes {name} (the projection "
-                            f"output) in float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.dtype == torch.bfloat16 and t.device.type == "cpu":
-            raise TypeError("cross_attention: the triton backend cannot run bfloat16 on CPU (the "
-                            "Triton interpreter's bf16 tl.dot is wrong); use float32 or CUDA")
+        expect_triton_dtype(OP_NAME, f"{name} (the projection output)", t)
     if q.dtype != kv.dtype:
         raise TypeError(f"cross_attention: the projected q ({q.dtype}) and kv ({kv.dtype}) must "
                         "share a dtype")

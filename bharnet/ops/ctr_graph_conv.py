@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
-from ._checks import expect_tensor
+from ._checks import expect_tensor, expect_triton_dtype
 from ._custom_op import launcher, triton_custom_op
 
 OP_NAME = "ctr_graph_conv"
@@ -71,7 +71,6 @@ def ctr_graph_conv_reference(v, A, q=None, k=None, weight=None, bias=None, alpha
     return torch.einsum("bhgij,bhgctj->bgcti", topo.to(v.dtype), vg).reshape(B, C, T, V)
 
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_MAX_JOINTS = 128  # one padded V x V topology tile per program (kernels.joint_block)
 
 # Tests set this to fill every Triton output with NaN before the kernels run, so that an
@@ -259,9 +258,8 @@ def _check_triton_inputs(v, *others):
         raise ValueError(f"ctr_graph_conv: the triton backend supports V <= {TRITON_MAX_JOINTS} joints, "
                          f"got V={V} (v of shape {tuple(v.shape)}); use backend='reference'")
     for name, t in zip(("v", "A", "q", "k", "weight", "bias", "alpha"), (v, *others)):
-        if t is not None and t.dtype not in TRITON_DTYPES:
-            raise TypeError(f"ctr_graph_conv: the triton backend takes {name} in float16, bfloat16, "
-                            f"float32 or float64, got {t.dtype}")
+        if t is not None:
+            expect_triton_dtype(OP_NAME, name, t)
 
 
 def ctr_graph_conv_triton(v, A, q=None, k=None, weight=None, bias=None, alpha=None):

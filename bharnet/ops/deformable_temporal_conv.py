@@ -44,6 +44,7 @@ import torch
 
 from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
+from ._checks import expect_triton_dtype
 
 OP_NAME = "deformable_temporal_conv"
 
@@ -87,7 +88,6 @@ def deformable_temporal_conv_reference(x, offsets, weight, bias=None, stride=1):
 # bare interpreted kernel, which cannot run on fake tensors, so triton_op's traced fake impl and
 # compile-time decomposition fail on CPU. The custom op is opaque to torch.compile instead.
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.cache  # an import statement per call costs microseconds of host time
@@ -148,12 +148,7 @@ def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
     x may be float16/bfloat16/float32/float64 (bfloat16 only on CUDA: the CPU interpreter's bf16
     ``tl.dot`` is wrong); offsets, weight and bias any float dtype (weight is used in x's
     dtype as in the reference, positions in float32, float64 if x or offsets is float64)."""
-    if x.dtype not in TRITON_DTYPES:
-        raise TypeError(f"deformable_temporal_conv: the triton backend supports x of dtype "
-                        f"{', '.join(map(str, TRITON_DTYPES))}; got {x.dtype}")
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        raise TypeError("deformable_temporal_conv: the triton backend cannot run bfloat16 on CPU "
-                        "(the Triton interpreter's bf16 tl.dot is wrong); use float32 or CUDA")
+    expect_triton_dtype(OP_NAME, "x", x)
     return _triton_forward(x, offsets, weight, bias, stride)
 
 

@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import expect_tensor
+from ._checks import TRITON_DTYPES, expect_tensor
 from ._custom_op import launcher, triton_custom_op
 
 OP_NAME = "layer_norm"
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_DIM = 1024  # one BLOCK_D >= D tile of features per row
 TILE = 2048  # elements of one (BLOCK_M rows, BLOCK_D features) tile (half that for float64)
 # Backward programs at most (each loops over row blocks and keeps partial dw, db in registers);
@@ -199,7 +198,7 @@ def validate(x, weight, bias) -> None:
         if t is not None:
             expect_tensor(OP_NAME, name, t, (D,), x, "x")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in DTYPES:
+        if t is not None and t.dtype not in TRITON_DTYPES:
             raise TypeError(f"{OP_NAME}: {name} must be float16, bfloat16, float32 or float64, "
                             f"got {t.dtype}")
 

@@ -207,6 +207,14 @@ def test_integer_features_are_a_type_error():
         triton_backend(*inputs)
 
 
+def test_bfloat16_features_on_cpu_are_a_type_error():
+    """The Triton interpreter's bf16 tl.dot is wrong: refused rather than computed wrongly."""
+    inputs = make_inputs(1, 1, 4, 2, 5, 2, 2)
+    inputs[0] = inputs[0].to(torch.bfloat16)
+    with pytest.raises(TypeError, match="cannot run bfloat16 on CPU"):
+        triton_backend(*inputs)
+
+
 def test_float8_topology_is_a_type_error():
     inputs = make_inputs(1, 1, 4, 2, 5, 2, 2)
     inputs[1] = inputs[1].to(torch.float8_e4m3fn)
