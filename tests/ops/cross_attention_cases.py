@@ -4,7 +4,8 @@ file's docstring gives its tolerances.
 """
 import torch
 
-from op_testing import assert_close
+from bharnet.ops import cross_attention_reference
+from op_testing import as_float64, assert_close, assert_low_precision_rule, run
 from op_testing import rel_or_abs_err as err
 
 ARGS = ("x_q", "x_kv", "heads", "q_weight", "q_bias", "kv_weight", "kv_bias", "out_weight",
@@ -64,3 +65,46 @@ def noncontiguous_layer_inputs():
     nc[9] = wide_mask[:, ::2]
     assert not any(t.is_contiguous() for t in (nc[0], nc[1], nc[3], nc[5], nc[7], nc[9]))
     return inputs, nc
+
+
+def core_inputs(N=2, Lq=5, Lk=7, D=16, dtype=torch.float64, masked=True, seed=3, requires_grad=False):
+    """q (N, Lq, D), kv (N, Lk, 2D) and a key mask whose last row is fully masked (or None)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(N, Lq, D, generator=gen).to(dtype).requires_grad_(requires_grad)
+    kv = torch.randn(N, Lk, 2 * D, generator=gen).to(dtype).requires_grad_(requires_grad)
+    mask = random_mask(N, Lk, fully_masked=(N - 1,)) if masked else None
+    return q, kv, mask
+
+
+def assert_core_reads_strided_views(attend):
+    """``attend(q, kv, mask) -> o`` gives bitwise the same o and gradients for q and kv passed
+    as views whose row strides are not their widths (q: the first half of wider rows; kv: rows
+    from 7 rows into a taller buffer)."""
+    q, kv, mask = core_inputs(dtype=torch.float32)
+    D = q.shape[-1]
+    q_view = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :D]
+    kv_view = torch.cat([torch.randn_like(kv), kv], dim=1)[:, 7:]
+    assert q_view.stride(1) == 2 * D and kv_view.storage_offset() == 7 * 2 * D
+    for a, b in zip(run(attend, (q, kv, mask)), run(attend, (q_view, kv_view, mask))):
+        assert torch.equal(a, b)
+
+
+def assert_matches_without_affine_and_biases(fn, tolerance):
+    """LayerNorm without affine parameters and projections without biases (all None)."""
+    inputs = make_inputs(3, 5, 7, 16, 2, mask=random_mask(3, 7))
+    for i in (4, 6, 8, 10, 11, 12, 13):
+        inputs[i] = None
+    expected = run(cross_attention_reference, as_float64(inputs))
+    got = run(fn, inputs)
+    assert len(got) == 6  # y and the five tensors left: x_q, x_kv and the three weights
+    assert_matches(got, expected, tolerance, names_for(inputs))
+
+
+def assert_low_precision_layer(fn, dtype):
+    """The whole layer in ``dtype``: results in ``dtype``, within DESIGN.md section 6's rule."""
+    inputs = make_inputs(3, 25, 42, 24, 2, dtype=dtype, mask=random_mask(3, 42))
+    expected = run(cross_attention_reference, as_float64(inputs))
+    same_precision = run(cross_attention_reference, inputs)
+    got = run(fn, inputs)
+    assert all(g.dtype == dtype for g in got)
+    assert_low_precision_rule(got, same_precision, expected, NAMES, err=err)

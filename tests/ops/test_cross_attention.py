@@ -19,8 +19,11 @@ import torch
 
 from bharnet.nn import CrossAttention, PoolingAttention, TokenCrossAttention
 from bharnet.ops import cross_attention, cross_attention_reference
-from cross_attention_cases import (NAMES, assert_matches, make_inputs, names_for,
-                                   noncontiguous_layer_inputs, random_mask)
+from cross_attention_cases import (NAMES, assert_core_reads_strided_views,
+                                   assert_low_precision_layer, assert_matches,
+                                   assert_matches_without_affine_and_biases, core_inputs,
+                                   make_inputs, names_for, noncontiguous_layer_inputs,
+                                   random_mask)
 from op_testing import as_float64, assert_low_precision_rule, run
 from op_testing import rel_or_abs_err as err
 
@@ -123,17 +126,9 @@ def test_float64_kernels(use_small_blocks, request):
                    TOLERANCE[torch.float64])
 
 
-def core_inputs(N=2, Lq=5, Lk=7, D=16, dtype=torch.float64, masked=True):
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(N, Lq, D, generator=gen).to(dtype).requires_grad_()
-    kv = torch.randn(N, Lk, 2 * D, generator=gen).to(dtype).requires_grad_()
-    mask = random_mask(N, Lk, fully_masked=(N - 1,)) if masked else None
-    return q, kv, mask
-
-
 def test_core_op_gradients_match_finite_differences():
     """gradcheck (fast mode) of the float64 attention-core custom op itself."""
-    q, kv, mask = core_inputs()
+    q, kv, mask = core_inputs(requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda q, kv: torch.ops.bharnet.cross_attention_core(q, kv, mask, 2)[0], (q, kv),
         fast_mode=True, eps=1e-6, atol=1e-7)
@@ -146,44 +141,25 @@ def test_noncontiguous_inputs(poisoned):
     expected = run(cross_attention_reference, as_float64(inputs))
     assert_matches(run(triton_fn, nc), expected, TOLERANCE[torch.float32])
 
-    q, kv, mask = core_inputs(dtype=torch.float32)
-    q_view = torch.cat([q.detach(), torch.randn_like(q)], dim=-1)[..., :16].requires_grad_()
-    kv_view = torch.cat([torch.randn_like(kv), kv.detach()], dim=1)[:, 7:].requires_grad_()
-    assert q_view.stride(1) == 32 and kv_view.storage_offset() == 7 * 32
-    for a, b in zip(run(lambda q, kv: torch.ops.bharnet.cross_attention_core(q, kv, mask, 2)[0], (q, kv)),
-                    run(lambda q, kv: torch.ops.bharnet.cross_attention_core(q, kv, mask, 2)[0],
-                        (q_view, kv_view))):
-        assert torch.equal(a, b)
+    assert_core_reads_strided_views(lambda q, kv, mask: torch.ops.bharnet.cross_attention_core(q, kv, mask, 2)[0])
 
 
 def test_without_layer_norm_affine_and_biases():
-    """LayerNorm without affine parameters and projections without biases (all None)."""
-    inputs = make_inputs(3, 5, 7, 16, 2, mask=random_mask(3, 7))
-    for i in (4, 6, 8, 10, 11, 12, 13):
-        inputs[i] = None
-    expected = run(cross_attention_reference, as_float64(inputs))
-    got = run(triton_fn, inputs)
-    assert len(got) == 6  # y and the five tensors left: x_q, x_kv and the three weights
-    assert_matches(got, expected, TOLERANCE[torch.float32], names_for(inputs))
+    assert_matches_without_affine_and_biases(triton_fn, TOLERANCE[torch.float32])
 
 
 def test_float16_in_interpreter_follows_low_precision_rule():
-    inputs = make_inputs(3, 25, 42, 24, 2, dtype=torch.float16, mask=random_mask(3, 42))
-    expected = run(cross_attention_reference, as_float64(inputs))
-    same_precision = run(cross_attention_reference, inputs)
-    got = run(triton_fn, inputs)
-    assert all(g.dtype == torch.float16 for g in got)
-    assert_low_precision_rule(got, same_precision, expected, NAMES, err=err)
+    assert_low_precision_layer(triton_fn, torch.float16)
 
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_opcheck_core(masked):
-    q, kv, mask = core_inputs(dtype=torch.float32, masked=masked)
+    q, kv, mask = core_inputs(dtype=torch.float32, masked=masked, requires_grad=True)
     torch.library.opcheck(torch.ops.bharnet.cross_attention_core.default, (q, kv, mask, 2))
 
 
 def test_opcheck_core_backward():
-    q, kv, mask = core_inputs(dtype=torch.float32)
+    q, kv, mask = core_inputs(dtype=torch.float32, requires_grad=True)
     with torch.no_grad():
         o, lse = torch.ops.bharnet.cross_attention_core(q, kv, mask, 2)
     grad_o = torch.randn_like(o)

@@ -26,9 +26,12 @@ import torch
 from bharnet.nn import TokenCrossAttention
 from bharnet.ops import cross_attention, cross_attention_reference
 from bharnet.ops._backend import resolve
-from cross_attention_cases import (NAMES, assert_matches, make_inputs, names_for,
-                                   noncontiguous_layer_inputs, random_mask)
-from op_testing import as_float64, assert_independent_of_thread_count, assert_low_precision_rule, run
+from cross_attention_cases import (NAMES, assert_core_reads_strided_views,
+                                   assert_low_precision_layer, assert_matches,
+                                   assert_matches_without_affine_and_biases, core_inputs,
+                                   make_inputs, names_for, noncontiguous_layer_inputs,
+                                   random_mask)
+from op_testing import as_float64, assert_independent_of_thread_count, run
 from op_testing import rel_or_abs_err as err
 
 ops_module = importlib.import_module("bharnet.ops.cross_attention")
@@ -48,14 +51,6 @@ def core(q, kv, mask, heads):
 
 def core_reference(q, kv, mask, heads):
     return ops_module._reference_attend(q, kv, mask, heads)
-
-
-def core_inputs(N=2, Lq=5, Lk=7, D=16, dtype=torch.float64, masked=True, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(N, Lq, D, generator=gen).to(dtype)
-    kv = torch.randn(N, Lk, 2 * D, generator=gen).to(dtype)
-    mask = random_mask(N, Lk, fully_masked=(N - 1,)) if masked else None
-    return q, kv, mask
 
 
 # (Lq, Lk, D, heads, pre_norm, masked): head dims 8, 8, 12, 16, 24, 32, 64, 48, 64
@@ -157,35 +152,18 @@ def test_noncontiguous_inputs():
     expected = run(cross_attention_reference, as_float64(inputs))
     assert_matches(run(cpp_fn, nc), expected, TOLERANCE[torch.float32])
 
-    q, kv, mask = core_inputs(dtype=torch.float32)
-    q_view = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :16]
-    kv_view = torch.cat([torch.randn_like(kv), kv], dim=1)[:, 7:]
-    assert q_view.stride(1) == 32 and kv_view.storage_offset() == 7 * 32
-    for a, b in zip(run(core, (q, kv, mask, 2)), run(core, (q_view, kv_view, mask, 2))):
-        assert torch.equal(a, b)
+    assert_core_reads_strided_views(lambda q, kv, mask: core(q, kv, mask, 2))
 
 
 def test_without_layer_norm_affine_and_biases():
-    """LayerNorm without affine parameters and projections without biases (all None)."""
-    inputs = make_inputs(3, 5, 7, 16, 2, mask=random_mask(3, 7))
-    for i in (4, 6, 8, 10, 11, 12, 13):
-        inputs[i] = None
-    expected = run(cross_attention_reference, as_float64(inputs))
-    got = run(cpp_fn, inputs)
-    assert len(got) == 6  # y and the five tensors left: x_q, x_kv and the three weights
-    assert_matches(got, expected, TOLERANCE[torch.float32], names_for(inputs))
+    assert_matches_without_affine_and_biases(cpp_fn, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_inputs_are_computed_in_float32(dtype):
     """bf16/fp16 q and kv go through the core in float32 and come back in their dtype: results in
     the input dtype, within DESIGN.md section 6's bound; also under CPU autocast."""
-    inputs = make_inputs(3, 25, 42, 24, 2, dtype=dtype, mask=random_mask(3, 42))
-    expected = run(cross_attention_reference, as_float64(inputs))
-    same_precision = run(cross_attention_reference, inputs)
-    got = run(cpp_fn, inputs)
-    assert all(g.dtype == dtype for g in got)
-    assert_low_precision_rule(got, same_precision, expected, NAMES, err=err)
+    assert_low_precision_layer(cpp_fn, dtype)
 
     torch.manual_seed(0)
     layer = TokenCrossAttention(24, heads=2, impl="cpp")
