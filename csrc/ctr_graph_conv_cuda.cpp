@@ -10,26 +10,12 @@
 #include <torch/library.h>
 
 #include "ctr_graph_conv.h"
-#include "cuda_launchers.h"
+#include "cuda_binding.h"
 
 namespace bharnet {
 namespace {
 
-cuda::DType cuda_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    default: TORCH_CHECK(false, "bharnet::ctr_graph_conv_cpp: the CUDA kernels take float16, bfloat16, float32 or "
-                         "float64 features, got ", t.scalar_type());
-  }
-}
-
-void check_launch(cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, "bharnet::ctr_graph_conv_cpp: CUDA kernel launch failed: ",
-              cudaGetErrorString(error));
-}
+constexpr const char* kOpName = "bharnet::ctr_graph_conv_cpp";
 
 cuda::CtrShape cuda_shape(const CtrSizes& s) { return {s.B, s.H, s.C, s.T, s.V, s.R, s.G, s.dynamic}; }
 
@@ -52,9 +38,9 @@ at::Tensor topologies(const CtrSizes& s, const at::Tensor& v, const at::Tensor& 
   auto topo = at::empty({s.B, s.H, s.G, s.V, s.V}, A.options());
   const auto qc = q->contiguous(), kc = k->contiguous(), wc = weight->contiguous(), bc = bias->contiguous();
   const auto ac = alpha->contiguous(), Ac = A.contiguous();
-  check_launch(cuda::ctr_topology(cuda_dtype(v), cuda_shape(s), Ac.data_ptr(), qc.data_ptr(), kc.data_ptr(),
+  check_launch(cuda::ctr_topology(cuda_dtype(v, kOpName, "features"), cuda_shape(s), Ac.data_ptr(), qc.data_ptr(), kc.data_ptr(),
                                   wc.data_ptr(), bc.data_ptr(), ac.data_ptr(), topo.data_ptr(),
-                                  c10::cuda::getCurrentCUDAStream()));
+                                  c10::cuda::getCurrentCUDAStream()), kOpName);
   return topo;
 }
 
@@ -68,8 +54,8 @@ at::Tensor forward_cuda(const at::Tensor& v_in, const at::Tensor& A, const std::
   auto y = at::empty({s.B, s.C, s.T, s.V}, v.options());
   if (y.numel() == 0) return y;
   const auto topo = topologies(s, v, A, q, k, weight, bias, alpha);
-  check_launch(cuda::ctr_forward(cuda_dtype(v), cuda_shape(s), v.data_ptr(), topo.data_ptr(), y.data_ptr(),
-                                 c10::cuda::getCurrentCUDAStream()));
+  check_launch(cuda::ctr_forward(cuda_dtype(v, kOpName, "features"), cuda_shape(s), v.data_ptr(), topo.data_ptr(), y.data_ptr(),
+                                 c10::cuda::getCurrentCUDAStream()), kOpName);
   return y;
 }
 
@@ -78,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> topology_grad(const CtrSizes& s, const at::Te
                                                  const at::Tensor& topo) {
   auto dv = at::empty_like(v);
   auto dtopo = at::empty({s.B, s.H, s.G, s.V, s.V}, topo.options());
-  check_launch(cuda::ctr_backward(cuda_dtype(v), cuda_shape(s), dy.data_ptr(), v.data_ptr(), topo.data_ptr(),
-                                  dv.data_ptr(), dtopo.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  check_launch(cuda::ctr_backward(cuda_dtype(v, kOpName, "features"), cuda_shape(s), dy.data_ptr(), v.data_ptr(), topo.data_ptr(),
+                                  dv.data_ptr(), dtopo.data_ptr(), c10::cuda::getCurrentCUDAStream()), kOpName);
   return {dv, dtopo};
 }
 

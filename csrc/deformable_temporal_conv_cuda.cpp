@@ -9,7 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda_launchers.h"
+#include "cuda_binding.h"
 #include "deformable_temporal_conv.h"
 
 namespace bharnet {
@@ -20,22 +20,7 @@ constexpr const char* kBackwardName = "bharnet::deformable_temporal_conv_cpp_bac
 // Programs the split-K parameter-gradient launch aims for (enough to fill a large GPU).
 constexpr int64_t kTargetBlocks = 512;
 
-cuda::DType cuda_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    default: TORCH_CHECK(false, kForwardName, ": the CUDA kernels take float16, bfloat16, float32 or float64 x, got ",
-                         t.scalar_type());
-  }
-}
-
 at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_launch(cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, kForwardName, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
-}
 
 cuda::DetShape cuda_shape(const DetSizes& s) { return {s.B, s.C, s.T, s.V, s.O, s.E, s.T_out}; }
 
@@ -66,10 +51,10 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& offsets_in, co
   if (y.numel() == 0) return y;
   const Samples smp = samples(s, x, offsets_in.contiguous());
   const auto w = smp.w.to(acc_dtype(x)).contiguous();
-  check_launch(cuda::det_forward(cuda_dtype(x), cuda_shape(s), x.data_ptr(), smp.p0.data_ptr<int32_t>(),
+  check_launch(cuda::det_forward(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), x.data_ptr(), smp.p0.data_ptr<int32_t>(),
                                  smp.p1.data_ptr<int32_t>(), w.data_ptr(), weight.data_ptr(),
                                  bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
-                                 c10::cuda::getCurrentCUDAStream()));
+                                 c10::cuda::getCurrentCUDAStream()), kForwardName);
   return y;
 }
 
@@ -104,10 +89,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
   auto d_part = at::empty({splits, s.O, K}, x.options().dtype(acc));
   const int32_t* p0 = smp.p0.data_ptr<int32_t>();
   const int32_t* p1 = smp.p1.data_ptr<int32_t>();
-  check_launch(cuda::det_param_grad(cuda_dtype(x), cuda_shape(s), dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
-                                    nullptr, splits, dw_part.data_ptr(), stream));
-  check_launch(cuda::det_param_grad(cuda_dtype(x), cuda_shape(s), dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
-                                    inside.data_ptr(), splits, d_part.data_ptr(), stream));
+  check_launch(cuda::det_param_grad(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
+                                    nullptr, splits, dw_part.data_ptr(), stream), kForwardName);
+  check_launch(cuda::det_param_grad(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
+                                    inside.data_ptr(), splits, d_part.data_ptr(), stream), kForwardName);
   const auto D = d_part.sum(0).view({s.O, s.C, s.E});
   const auto doffsets = (weight.to(acc) * D).sum(at::IntArrayRef{0, 1}).to(offsets.scalar_type());
   const auto dweight = dw_part.sum(0).view({s.O, s.C, s.E}).to(weight.scalar_type());
@@ -122,9 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
   const auto entry_src = src.index_select(0, order).contiguous();
   const auto entry_coef = coef.index_select(0, order).contiguous();
   auto dx = at::empty_like(x);
-  check_launch(cuda::det_input_grad(cuda_dtype(x), cuda_shape(s), dy.data_ptr(), weight.data_ptr(),
+  check_launch(cuda::det_input_grad(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), dy.data_ptr(), weight.data_ptr(),
                                     row_start.data_ptr<int32_t>(), entry_src.data_ptr<int32_t>(),
-                                    entry_coef.data_ptr(), dx.data_ptr(), stream));
+                                    entry_coef.data_ptr(), dx.data_ptr(), stream), kForwardName);
   return {dx, doffsets, dweight, dbias};
 }
 
