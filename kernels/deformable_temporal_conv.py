@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bharnet.ops._custom_op import cdiv, new_output
 from bharnet.ops.deformable_temporal_conv import clamp_passes_gradient_at_bounds
 
 TARGET_PROGRAMS = 256  # enough programs along the split-K axis to fill a large GPU
@@ -346,19 +347,10 @@ def _input_grad_kernel(dy_ptr, w_ptr, tau_ptr, dx_ptr, part_ptr, dweight_ptr, db
                          E, BLOCK_C, BLOCK_V, BLOCK_O, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE, POS_DTYPE)
 
 
-def _empty(shape, device, dtype) -> torch.Tensor:
-    """Allocation of every output and scratch buffer (tests poison it to catch unwritten cells)."""
-    return torch.empty(shape, device=device, dtype=dtype)
-
-
 def _pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 1) (plain Python: ``triton.next_power_of_2`` and
-    ``triton.cdiv`` are constexpr functions, about 1 µs per host call)."""
+    """Smallest power of two >= max(n, 1) (plain Python: ``triton.next_power_of_2`` is a
+    constexpr function, about 1 µs per host call)."""
     return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -388,7 +380,7 @@ def _forward_launch(B: int, C: int, V: int, O: int, E: int, T_out: int):
     """(grid, block sizes) of ``_forward_kernel``, cached per shape to keep host time low."""
     blocks = dict(BLOCK_O=_block(O, 16, 64), BLOCK_N=_block(T_out * V, 16, 64),
                   BLOCK_K=_block(C * E, 16, 32))
-    return (_cdiv(T_out * V, blocks["BLOCK_N"]), _cdiv(O, blocks["BLOCK_O"]), B), blocks
+    return (cdiv(T_out * V, blocks["BLOCK_N"]), cdiv(O, blocks["BLOCK_O"]), B), blocks
 
 
 class _BackwardLaunch(NamedTuple):
@@ -414,15 +406,15 @@ def _backward_launch(B: int, C: int, T: int, V: int, O: int, E: int, T_out: int)
     param_blocks = dict(BLOCK_O=_block(O, 16, 64), BLOCK_N=_block(T_out * V, 16, 64),
                         BLOCK_K=_block(K, 16, 32), BLOCK_E=_pow2(E))
     # at least one k-block, so that C = 0 still sums dbias
-    tiles_ok = max(1, _cdiv(K, param_blocks["BLOCK_K"])), _cdiv(O, param_blocks["BLOCK_O"])
-    n_tiles = B * _cdiv(T_out * V, param_blocks["BLOCK_N"])
-    tiles_per_split = _cdiv(n_tiles, min(n_tiles, max(1, TARGET_PROGRAMS // (tiles_ok[0] * tiles_ok[1]))))
-    splits = _cdiv(n_tiles, tiles_per_split)
+    tiles_ok = max(1, cdiv(K, param_blocks["BLOCK_K"])), cdiv(O, param_blocks["BLOCK_O"])
+    n_tiles = B * cdiv(T_out * V, param_blocks["BLOCK_N"])
+    tiles_per_split = cdiv(n_tiles, min(n_tiles, max(1, TARGET_PROGRAMS // (tiles_ok[0] * tiles_ok[1]))))
+    splits = cdiv(n_tiles, tiles_per_split)
     offset_rows = splits * tiles_ok[0] * tiles_ok[1]
     input_blocks = dict(BLOCK_C=_block(C, 16, 64), BLOCK_V=_block(V, 16, 64), BLOCK_O=_block(O, 16, 64),
                         BLOCK_S=SUM_BLOCK_S, BLOCK_R=SUM_BLOCK_R, BLOCK_E=_pow2(E))
-    n_sum = _cdiv(O * K + O, SUM_BLOCK_R) + 1
-    n_dx = B * T * _cdiv(C, input_blocks["BLOCK_C"]) * _cdiv(V, input_blocks["BLOCK_V"])
+    n_sum = cdiv(O * K + O, SUM_BLOCK_R) + 1
+    n_dx = B * T * cdiv(C, input_blocks["BLOCK_C"]) * cdiv(V, input_blocks["BLOCK_V"])
     return _BackwardLaunch((*tiles_ok, splits), param_blocks, splits, tiles_per_split, offset_rows,
                            splits * (O * K + O) + offset_rows * E, (n_sum + n_dx,), input_blocks)
 
@@ -432,7 +424,7 @@ def forward(x, offsets, weight, bias, stride: int) -> torch.Tensor:
     B, C, T, V = x.shape
     O, E = weight.shape[0], offsets.shape[0]
     T_out = (T - 1) // stride + 1
-    y = _empty((B, O, T_out, V), x.device, x.dtype)
+    y = new_output((B, O, T_out, V), x.dtype, x.device)
     if y.numel() == 0:
         return y
     grid, blocks = _forward_launch(B, C, V, O, E, T_out)
@@ -460,16 +452,16 @@ def backward(dy, x, offsets, weight, stride: int):
     T_out = dy.shape[2]
     launch = _backward_launch(B, C, T, V, O, E, T_out)
     args = _dtype_args(x.dtype, offsets.dtype)
-    part = _empty((launch.scratch,), x.device, _accumulation_dtype(x))
+    part = new_output((launch.scratch,), _accumulation_dtype(x), x.device)
     _param_grad_kernel[launch.param_grid](
         x, offsets, dy, weight, part,
         *x.stride(), offsets.stride(0), *dy.stride(), *weight.stride(),
         B, C, T, V, O, T_out, stride, launch.splits, launch.tiles_per_split,
         E=E, BOUNDS_PASS_GRAD=CLAMP_PASSES_GRADIENT_AT_BOUNDS, **launch.param_blocks, **args)
-    dx = _empty(x.shape, x.device, x.dtype)
-    dweight = _empty(weight.shape, x.device, weight.dtype)
-    dbias = _empty((O,), x.device, weight.dtype)
-    doffsets = _empty((E,), x.device, offsets.dtype)
+    dx = new_output(x.shape, x.dtype, x.device)
+    dweight = new_output(weight.shape, weight.dtype, x.device)
+    dbias = new_output((O,), weight.dtype, x.device)
+    doffsets = new_output((E,), offsets.dtype, x.device)
     _input_grad_kernel[launch.input_grid](
         dy, weight, offsets, dx, part, dweight, dbias, doffsets,
         *dy.stride(), *weight.stride(), offsets.stride(0),

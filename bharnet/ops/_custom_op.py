@@ -37,3 +37,20 @@ def launcher(kernel):
     kernel is launched directly (older torch releases still build wrapper objects per launch
     there; host time adds up: each fused op launches up to five kernels per call)."""
     return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
+
+
+# Tests set this to fill every output and scratch buffer of the Triton ops with NaN before the
+# kernels run, so that an element a kernel forgets to write cannot pass for a correct one.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output or scratch buffer of a Triton op (NaN-filled while ``POISON_OUTPUTS``)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids (plain Python: ``triton.cdiv`` is slower to call)."""
+    return -(-a // b)

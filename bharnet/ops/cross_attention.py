@@ -67,7 +67,7 @@ from torch import Tensor
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import launcher, triton_custom_op
+from ._custom_op import cdiv, launcher, new_output, triton_custom_op
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import layer_norm
 
@@ -142,10 +142,6 @@ KEY_BLOCK = 64
 QUERY_BLOCK = 64
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
 
-# Tests set this to fill every Triton output with NaN before the kernels run, so that an
-# element a kernel forgets to write cannot pass for a correct one.
-POISON_OUTPUTS = False
-
 
 @functools.cache
 def _kernels():
@@ -156,10 +152,6 @@ def _kernels():
 
 def _pow2(n: int) -> int:
     return max(MIN_DOT, 1 << (max(n, 1) - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _config(Lq: int, Lk: int, head_dim: int, element_size: int):
@@ -184,12 +176,6 @@ def _config(Lq: int, Lk: int, head_dim: int, element_size: int):
     four_warps = {2: 64 * 64 * 32, 4: 32 * 32 * 32}.get(element_size, 0)
     num_warps = 4 if block_q * block_k * block_d <= four_warps and block_d <= 64 else 8
     return block_q, block_k, block_d, fused, num_warps
-
-
-def _new_output(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -243,10 +229,10 @@ def _core_op(q: Tensor, kv: Tensor, key_mask: Optional[Tensor], heads: int) -> T
     Lk = kv.shape[1]
     head_dim = D // heads
     block_q, block_k, block_d, _, num_warps = _config(Lq, Lk, head_dim, q.element_size())
-    o = _new_output((N, Lq, D), q.dtype, q.device)
-    lse = _new_output((N, heads, Lq), _acc_dtype(q), q.device)
+    o = new_output((N, Lq, D), q.dtype, q.device)
+    lse = new_output((N, heads, Lq), _acc_dtype(q), q.device)
     mask, stride_mn, stride_ml = _mask_args(key_mask, kv)
-    launcher(kernels.cross_attention_fwd_kernel)[(N * heads, _cdiv(Lq, block_q))](
+    launcher(kernels.cross_attention_fwd_kernel)[(N * heads, cdiv(Lq, block_q))](
         q, kv, mask, o, lse, heads, Lq, Lk, D, head_dim,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), stride_mn, stride_ml,
         **_kernel_flags(q, key_mask is not None),
@@ -269,8 +255,8 @@ def _core_backward_op(grad_o: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Ten
     Lk = kv.shape[1]
     head_dim = D // heads
     block_q, block_k, block_d, fused, num_warps = _config(Lq, Lk, head_dim, q.element_size())
-    dq = _new_output(q.shape, q.dtype, q.device)
-    dkv = _new_output((N, Lk, 2 * D), kv.dtype, kv.device)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dkv = new_output((N, Lk, 2 * D), kv.dtype, kv.device)
     mask, stride_mn, stride_ml = _mask_args(key_mask, kv)
     strides = (q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), stride_mn, stride_ml,
                grad_o.stride(0), grad_o.stride(1))
@@ -280,10 +266,10 @@ def _core_backward_op(grad_o: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Ten
         launcher(kernels.cross_attention_bwd_fused_kernel)[(N * heads,)](
             q, kv, mask, grad_o, lse, dq, dkv, heads, Lq, Lk, D, head_dim, *strides, **meta)
         return dq, dkv
-    delta = _new_output((N, heads, Lq), lse.dtype, q.device)
-    launcher(kernels.cross_attention_bwd_dq_kernel)[(N * heads, _cdiv(Lq, block_q))](
+    delta = new_output((N, heads, Lq), lse.dtype, q.device)
+    launcher(kernels.cross_attention_bwd_dq_kernel)[(N * heads, cdiv(Lq, block_q))](
         q, kv, mask, o, grad_o, lse, delta, dq, heads, Lq, Lk, D, head_dim, *strides, **meta)
-    launcher(kernels.cross_attention_bwd_dkdv_kernel)[(N * heads, _cdiv(Lk, block_k))](
+    launcher(kernels.cross_attention_bwd_dkdv_kernel)[(N * heads, cdiv(Lk, block_k))](
         q, kv, mask, grad_o, lse, delta, dkv, heads, Lq, Lk, D, head_dim, *strides, **meta)
     return dq, dkv
 

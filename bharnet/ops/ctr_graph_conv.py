@@ -53,7 +53,7 @@ from torch import Tensor
 from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import launcher, triton_custom_op
+from ._custom_op import cdiv, launcher, new_output, triton_custom_op
 
 OP_NAME = "ctr_graph_conv"
 
@@ -73,22 +73,12 @@ def ctr_graph_conv_reference(v, A, q=None, k=None, weight=None, bias=None, alpha
 
 TRITON_MAX_JOINTS = 128  # one padded V x V topology tile per program (kernels.joint_block)
 
-# Tests set this to fill every Triton output with NaN before the kernels run, so that an
-# element a kernel forgets to write cannot pass for a correct one.
-POISON_OUTPUTS = False
-
 
 @functools.cache
 def _kernels():
     """The Triton kernels, imported on first use (after TRITON_INTERPRET has been chosen)."""
     from bharnet.kernels import ctr_graph_conv as kernels
     return kernels
-
-
-def _new_output(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _accumulates_in_fp64(v: Tensor) -> bool:
@@ -102,10 +92,6 @@ def _exact_dot(v: Tensor) -> bool:
 
 def _dot_flags(v: Tensor) -> dict:
     return dict(ACC_FP64=_accumulates_in_fp64(v), EXACT_DOT=_exact_dot(v))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _contiguous(*tensors):
@@ -126,9 +112,9 @@ def _topology(v, A, q, k, weight, bias, alpha) -> Tuple[Tensor, int]:
         return A, 0
     kernels = _kernels()
     B, H, C, T, V, G = _launch_sizes(v, weight)
-    topo = _new_output((B, H, G, V, V), v.dtype, v.device)
+    topo = new_output((B, H, G, V, V), v.dtype, v.device)
     launch = kernels.topology_config(V)
-    launcher(kernels.topology_kernel)[(_cdiv(V, launch["BLOCK_I"]), H * G, B)](
+    launcher(kernels.topology_kernel)[(cdiv(V, launch["BLOCK_I"]), H * G, B)](
         A, q, k, weight, bias, alpha, topo, H, V, weight.shape[2], G,
         ACC_FP64=_accumulates_in_fp64(v), **launch)
     return topo, H * G * V * V
@@ -159,9 +145,9 @@ def _ctr_graph_conv_op(v: Tensor, A: Tensor, q: Optional[Tensor], k: Optional[Te
     v, A, q, k, weight, bias, alpha = _contiguous(v, A, q, k, weight, bias, alpha)
     B, H, C, T, V, G = _launch_sizes(v, weight)
     topo, topo_stride = _topology(v, A, q, k, weight, bias, alpha)
-    y = _new_output((B, C, T, V), v.dtype, v.device)
+    y = new_output((B, C, T, V), v.dtype, v.device)
     launch = kernels.forward_config(V, C // G * T, fma_dot=_exact_dot(v))
-    grid = (_cdiv(C // G * T, launch["BLOCK_M"]), G, B)
+    grid = (cdiv(C // G * T, launch["BLOCK_M"]), G, B)
     launcher(kernels.ctr_graph_conv_fwd_kernel)[grid](
         v, topo, y, topo_stride, H, C, T, V, G, **_dot_flags(v), **launch)
     return y
@@ -178,8 +164,8 @@ def _topology_grad(dy, v, topo, topo_stride, G) -> Tuple[Tensor, Tensor]:
     rows = C // G * T
     launch = kernels.grad_config(V, rows, _exact_dot(v), H * G * B)
     chunks, j_tiles = launch.pop("chunks"), launch.pop("j_tiles")
-    dv = _new_output(v.shape, v.dtype, v.device)
-    dtopo = _new_output((chunks, B, H, G, V, V), acc_dtype, v.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    dtopo = new_output((chunks, B, H, G, V, V), acc_dtype, v.device)
     grid = (j_tiles * chunks, H * G, B)
     launcher(kernels.topology_grad_kernel)[grid](
         dy, v, topo, dv, dtopo, topo_stride, B, H, C, T, V, G, **_dot_flags(v), **launch)
@@ -214,10 +200,10 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
     topo, topo_stride = _topology(v, A, q, k, weight, bias, alpha)
     dv, dtopo = _topology_grad(dy, v, topo, topo_stride, G)
     launch = kernels.refinement_config(V)
-    i_tiles = _cdiv(V, launch["BLOCK_I"])
-    dq = _new_output(q.shape, q.dtype, q.device)
-    dk_part = _new_output((i_tiles, B, H, R, V), dtopo.dtype, v.device)
-    p_part = _new_output((i_tiles, B, H, G, R), dtopo.dtype, v.device)
+    i_tiles = cdiv(V, launch["BLOCK_I"])
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk_part = new_output((i_tiles, B, H, R, V), dtopo.dtype, v.device)
+    p_part = new_output((i_tiles, B, H, G, R), dtopo.dtype, v.device)
     launcher(kernels.refinement_grad_kernel)[(i_tiles, H, B)](
         dtopo, q, k, weight, alpha, dq, dk_part, p_part, B, H, V, R, G,
         ACC_FP64=_accumulates_in_fp64(v), **launch)

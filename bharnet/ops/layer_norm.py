@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import TRITON_DTYPES, expect_tensor
-from ._custom_op import launcher, triton_custom_op
+from ._custom_op import cdiv, launcher, new_output, triton_custom_op
 
 OP_NAME = "layer_norm"
 MAX_DIM = 1024  # one BLOCK_D >= D tile of features per row
@@ -51,10 +51,6 @@ TILE = 2048  # elements of one (BLOCK_M rows, BLOCK_D features) tile (half that 
 # enough to fill an H100 (132 SMs) several times over. Tests shrink it to reach the loop.
 BACKWARD_PROGRAMS = 1024
 NUM_WARPS = 4
-
-# Tests set this to fill every Triton output with NaN before the kernels run, so that an
-# element a kernel forgets to write cannot pass for a correct one.
-POISON_OUTPUTS = False
 
 
 @functools.cache
@@ -83,12 +79,6 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _new_output(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows(t: Tensor) -> Tensor:
     """(M, D) view of t (a copy only if no such view with unit feature stride exists)."""
     rows = t.reshape(-1, t.shape[-1])
@@ -105,10 +95,6 @@ def _config(D: int, x: Tensor):
     block_d = 1 << (D - 1).bit_length()
     tile = TILE // 2 if x.dtype == torch.float64 else TILE
     return max(1, tile // block_d), block_d
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _forward_fake(x, weight, bias, eps, out_dtype):
@@ -129,11 +115,11 @@ def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     rows = _rows(x)
     M = rows.shape[0]
     block_m, block_d = _config(D, x)
-    y = _new_output(x.shape, out_dtype, x.device)
-    mean = _new_output(x.shape[:-1], _acc_dtype(x), x.device)
-    rstd = _new_output(x.shape[:-1], _acc_dtype(x), x.device)
+    y = new_output(x.shape, out_dtype, x.device)
+    mean = new_output(x.shape[:-1], _acc_dtype(x), x.device)
+    rstd = new_output(x.shape[:-1], _acc_dtype(x), x.device)
     if M > 0:
-        launcher(_kernels().layer_norm_fwd_kernel)[(_cdiv(M, block_m),)](
+        launcher(_kernels().layer_norm_fwd_kernel)[(cdiv(M, block_m),)](
             rows, _params(weight, rows), _params(bias, rows), y, mean, rstd,
             M, D, rows.stride(0), EPS=eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             ACC_FP64=x.dtype == torch.float64, BLOCK_M=block_m, BLOCK_D=block_d,
@@ -150,9 +136,9 @@ def _layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mea
     rows, dy_rows = _rows(x), _rows(dy)
     M = rows.shape[0]
     block_m, block_d = _config(D, x)
-    programs = min(_cdiv(M, block_m), BACKWARD_PROGRAMS)
-    dx = _new_output(x.shape, x.dtype, x.device)
-    part = _new_output((2, programs, D), _acc_dtype(x), x.device)
+    programs = min(cdiv(M, block_m), BACKWARD_PROGRAMS)
+    dx = new_output(x.shape, x.dtype, x.device)
+    part = new_output((2, programs, D), _acc_dtype(x), x.device)
     if M > 0:
         launcher(_kernels().layer_norm_bwd_kernel)[(programs,)](
             dy_rows, rows, _params(weight, rows), mean, rstd, dx, part,

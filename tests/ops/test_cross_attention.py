@@ -28,6 +28,7 @@ from op_testing import as_float64, assert_low_precision_rule, run
 from op_testing import rel_or_abs_err as err
 
 ops_module = importlib.import_module("bharnet.ops.cross_attention")
+custom_op_module = importlib.import_module("bharnet.ops._custom_op")
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
 
@@ -39,7 +40,7 @@ def triton_fn(*args, **kwargs):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every kernel output and scratch buffer starts as NaN, so unwritten cells show."""
-    monkeypatch.setattr(ops_module, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(custom_op_module, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture

@@ -33,14 +33,14 @@ from ctr_graph_conv_cases import (GPU, GPU_SHAPES, SHAPES, TOLERANCE, assert_clo
                                   noncontiguous_inputs, output_grad, small_inputs)
 from op_testing import cast
 
-op_module = importlib.import_module("bharnet.ops.ctr_graph_conv")
+custom_op_module = importlib.import_module("bharnet.ops._custom_op")
 
 triton_backend = backend_fn("triton")
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(op_module, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(custom_op_module, "POISON_OUTPUTS", True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
