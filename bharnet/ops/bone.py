@@ -9,12 +9,11 @@ A root is its own parent, so its bone is zero. Backward:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from .._ext import cpp_availability, load
+from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve
 
 OP_NAME = "bone"
@@ -25,11 +24,8 @@ def bone_reference(x: torch.Tensor, parents: torch.Tensor, dim: int) -> torch.Te
     return x - x.index_select(dim, parents)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpp_op():
-    """Load the extension and give ``bharnet::bone`` its fake (meta) kernel and autograd."""
-    load()
-
+def _register_cpp_op_now() -> None:
+    """Fake (meta) kernel and autograd of ``bharnet::bone`` (run once, after loading)."""
     @torch.library.register_fake("bharnet::bone")
     def _(x, parents, dim):
         return torch.empty_like(x)
@@ -44,11 +40,14 @@ def _cpp_op():
         return grad - torch.zeros_like(grad).index_add(ctx.dim, parents, grad), None, None
 
     torch.library.register_autograd("bharnet::bone", backward, setup_context=setup_context)
-    return torch.ops.bharnet.bone.default
+
+
+_register_cpp_op = registered_after_loading(_register_cpp_op_now)
 
 
 def _bone_cpp(x, parents, dim):
-    return _cpp_op()(x, parents, dim)
+    _register_cpp_op()
+    return torch.ops.bharnet.bone(x, parents, dim)
 
 
 _IMPLS = {"reference": bone_reference, "cpp": _bone_cpp}
