@@ -10,6 +10,8 @@
 #                                                 # only these test files (paths from the checkout)
 #   GPU_CHECK_PROFILE=1 GPU_CHECK_BENCH=none bash bench/gpu_check.sh
 #                                                 # tests, then per-kernel profiles, no benchmark
+#   GPU_CHECK_PROFILE=1 GPU_CHECK_PROFILE_ARGS="--host --backend triton" ...
+#                                                 # extra bench/profile_ops.py arguments
 #
 # Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
 #   env      GPU, driver, Python, torch and triton versions
@@ -136,6 +138,8 @@ stage tests "$TEST_LIMIT" bash -c gpu_tests
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
   PROFILE_ARGS=(--device "$DEVICE")
   if [[ $DEVICE == cpu ]]; then PROFILE_ARGS+=(--quick --iters 2 --backend reference); fi
+  read -r -a EXTRA_PROFILE_ARGS <<< "${GPU_CHECK_PROFILE_ARGS:-}"
+  PROFILE_ARGS+=("${EXTRA_PROFILE_ARGS[@]}")
   stage profile $(( $(left) - 15 < 120 ? $(left) - 15 : 120 )) "$PY" "$ROOT/bench/profile_ops.py" "${PROFILE_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then

@@ -14,7 +14,9 @@ kernel work, not a benchmark: speed claims come from ``bharnet bench``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import io
 import pstats
 import time
 
@@ -70,6 +72,8 @@ def host_profile(call, iters, top):
     stats = pstats.Stats(profiler)
     rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:top]
     print(f"  host, own time per call (cProfile, {iters} calls):")
+    if not rows:
+        print("  (cProfile recorded nothing: another profiler holds the interpreter's hook)")
     for (path, line, name), (_, calls, own, _, _) in rows:
         print(f"  {own / iters * 1e6:8.1f} us  x{calls / iters:5.1f}  {name} ({path.split('/')[-1]}:{line})")
 
@@ -109,6 +113,10 @@ def profile_one(case, backend, device, dtype, iters, top, host=False):
     for _ in range(3):
         call()
     wall = wall_ms(call, device, iters)
+    if host:  # before torch.profiler, which can leave cProfile without its hook (Python 3.12)
+        host_rows = io.StringIO()
+        with contextlib.redirect_stdout(host_rows):
+            host_profile(call, iters, 2 * top)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(iters):
@@ -122,7 +130,7 @@ def profile_one(case, backend, device, dtype, iters, top, host=False):
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"  {e.self_device_time_total / 1e3 / iters:8.3f} ms  x{e.count / iters:4.1f}  {e.key[:110]}")
     if host:
-        host_profile(call, iters, 2 * top)
+        print(host_rows.getvalue(), end="")
 
 
 def main():

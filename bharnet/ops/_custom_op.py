@@ -1,20 +1,51 @@
 """Registering Triton-backed functions as PyTorch custom ops."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.library import triton_op, wrap_triton
 
 try:
-    from torch._library.triton import is_wrap_triton_enabled
+    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 except ImportError:  # a torch without the switch: always go through wrap_triton
     def is_wrap_triton_enabled() -> bool:
         return True
 
+    def set_wrap_triton_enabled(enabled: bool):
+        return contextlib.nullcontext()
+
+
+class FusedOp:
+    """A custom op ``bharnet::<name>`` (``op``) and the Python function behind it (``body``).
+
+    ``op(*args)`` goes through the dispatcher: autograd, ``torch.compile``, ``opcheck``.
+    ``body(*args)`` runs the function itself with kernels launched directly; plain eager calls
+    take it (see :func:`with_autograd`), because on a slow host the dispatcher's per-call work
+    (schema checks, the custom-op autograd wrapper, alias checks: about 30 us of host time per
+    op on the H100 machine) costs more than a small kernel runs."""
+
+    def __init__(self, name: str, op, body: Callable):
+        self.name = name
+        self.op = op
+        self.body = body
+
+
+def opaque_custom_op(name: str, fake):
+    """Register the decorated function as an opaque ``custom_op`` ``bharnet::<name>`` with the
+    fake impl ``fake`` (torch.compile does not look inside); returns a FusedOp."""
+    def register(fn):
+        op = torch.library.custom_op(f"bharnet::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        return FusedOp(name, op, fn)
+    return register
+
 
 def triton_custom_op(name: str, fake):
-    """Register the decorated function as the custom op ``bharnet::<name>``.
+    """Register the decorated function as the custom op ``bharnet::<name>``; returns a FusedOp.
 
     With Triton compiling for a GPU it is a ``triton_op``: ``torch.compile`` traces into it and
     sees its kernels (the function itself serves as the fake impl). Under TRITON_INTERPRET=1,
@@ -22,11 +53,63 @@ def triton_custom_op(name: str, fake):
     tracing uses, so there the op is an opaque ``custom_op`` whose fake impl is ``fake``."""
     def register(fn):
         if os.environ.get("TRITON_INTERPRET") == "1":
-            op = torch.library.custom_op(f"bharnet::{name}", fn, mutates_args=())
-            op.register_fake(fake)
-            return op
-        return triton_op(f"bharnet::{name}", fn, mutates_args=())
+            return opaque_custom_op(name, fake)(fn)
+
+        def body(*args):  # what triton_op does in eager calls: launch kernels, no wrap_triton
+            with set_wrap_triton_enabled(False):
+                return fn(*args)
+        return FusedOp(name, triton_op(f"bharnet::{name}", fn, mutates_args=()), body)
     return register
+
+
+# Tests set this to False to send eager calls through the dispatcher too (the path that
+# torch.compile and opcheck take), so that both paths are checked against the reference.
+DIRECT_EAGER_CALLS = True
+
+
+def _direct_call_allowed(first: torch.Tensor) -> bool:
+    """A call may skip the dispatcher when nothing but plain eager autograd would see it: not
+    while torch.compile/export traces, under a dispatch mode (fake tensors, functionalization)
+    or a functorch transform, nor for a tensor subclass."""
+    return (DIRECT_EAGER_CALLS and type(first) is torch.Tensor
+            and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _through_dispatcher(fused: FusedOp, *args):
+    return fused.op(*args)
+
+
+def _direct(fused: FusedOp, *args):
+    return fused.body(*args)
+
+
+def with_autograd(forward: FusedOp, make_backward: Callable, setup_context: Callable) -> Callable:
+    """Register autograd for ``forward.op`` and return the function that calls the op.
+
+    ``make_backward(run)`` builds the autograd backward ``backward(ctx, *grads)``; it calls its
+    backward ops as ``run(fused_op, *args)``. Registered with ``run`` going through the
+    dispatcher, it is the op's autograd formula (compile, opcheck). The returned function
+    takes the direct path for plain eager calls (first argument a plain tensor, nothing
+    tracing): an ``autograd.Function`` over the bodies with the same ``setup_context`` and
+    ``make_backward(run)`` running the backward bodies, double backward refused like the op's."""
+    forward.op.register_autograd(make_backward(_through_dispatcher), setup_context=setup_context)
+    body = forward.body
+
+    def direct_forward(ctx, *inputs):
+        output = body(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    direct_function = type(f"{forward.name}_direct", (torch.autograd.Function,), dict(
+        forward=staticmethod(direct_forward),
+        backward=staticmethod(once_differentiable(make_backward(_direct)))))
+    direct, op = direct_function.apply, forward.op
+
+    def call(*args):
+        return direct(*args) if _direct_call_allowed(args[0]) else op(*args)
+    return call
 
 
 def launcher(kernel):

@@ -67,7 +67,7 @@ from torch import Tensor
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import cdiv, launcher, new_output, triton_custom_op
+from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import layer_norm
 
@@ -296,9 +296,9 @@ def _autograd_backward(core_backward):
     return backward
 
 
-_core_op.register_autograd(
-    _autograd_backward(lambda *args: torch.ops.bharnet.cross_attention_core_backward(*args)),
-    setup_context=_setup_context)
+_core_call = with_autograd(
+    _core_op, lambda run: _autograd_backward(lambda *args: run(_core_backward_op, *args)),
+    _setup_context)
 
 
 def _triton_attend(q, kv, key_mask, heads):
@@ -307,7 +307,7 @@ def _triton_attend(q, kv, key_mask, heads):
     if q.dtype != kv.dtype:
         raise TypeError(f"cross_attention: the projected q ({q.dtype}) and kv ({kv.dtype}) must "
                         "share a dtype")
-    return torch.ops.bharnet.cross_attention_core(q, kv, key_mask, heads)[0]
+    return _core_call(q, kv, key_mask, heads)[0]
 
 
 def _triton_layer_norm(x, weight, bias, eps):

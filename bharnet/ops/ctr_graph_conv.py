@@ -53,7 +53,7 @@ from torch import Tensor
 from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import cdiv, launcher, new_output, triton_custom_op
+from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
 
 OP_NAME = "ctr_graph_conv"
 
@@ -226,16 +226,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, dy):
-    """Recompute-everything backward: only the inputs are saved, never the topology."""
-    v, A, q, k, weight, bias, alpha = ctx.saved_tensors
-    if weight is None:
-        dv, dA = torch.ops.bharnet.ctr_graph_conv_static_backward(dy, v, A)
-        return dv, dA, None, None, None, None, None
-    return torch.ops.bharnet.ctr_graph_conv_backward(dy, v, A, q, k, weight, bias, alpha)
+def _make_backward(run):
+    def backward(ctx, dy):
+        """Recompute-everything backward: only the inputs are saved, never the topology."""
+        v, A, q, k, weight, bias, alpha = ctx.saved_tensors
+        if weight is None:
+            dv, dA = run(_static_backward_op, dy, v, A)
+            return dv, dA, None, None, None, None, None
+        return run(_backward_op, dy, v, A, q, k, weight, bias, alpha)
+    return backward
 
 
-_ctr_graph_conv_op.register_autograd(_backward, setup_context=_setup_context)
+_ctr_graph_conv_call = with_autograd(_ctr_graph_conv_op, _make_backward, _setup_context)
 
 
 def _check_triton_inputs(v, *others):
@@ -251,7 +253,7 @@ def _check_triton_inputs(v, *others):
 def ctr_graph_conv_triton(v, A, q=None, k=None, weight=None, bias=None, alpha=None):
     """Triton backend (custom op ``bharnet::ctr_graph_conv`` with autograd)."""
     _check_triton_inputs(v, A, q, k, weight, bias, alpha)
-    return torch.ops.bharnet.ctr_graph_conv(v, A, q, k, weight, bias, alpha)
+    return _ctr_graph_conv_call(v, A, q, k, weight, bias, alpha)
 
 
 # --- cpp backend ------------------------------------------------------------------------------

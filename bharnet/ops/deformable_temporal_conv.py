@@ -45,6 +45,7 @@ import torch
 from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_triton_dtype
+from ._custom_op import opaque_custom_op, with_autograd
 
 OP_NAME = "deformable_temporal_conv"
 
@@ -84,10 +85,8 @@ def deformable_temporal_conv_reference(x, offsets, weight, bias=None, stride=1):
 
 
 # --- triton backend -------------------------------------------------------------------------
-# torch.library.custom_op rather than triton_op: under TRITON_INTERPRET=1 wrap_triton returns the
-# bare interpreted kernel, which cannot run on fake tensors, so triton_op's traced fake impl and
-# compile-time decomposition fail on CPU. The custom op is opaque to torch.compile instead.
-
+# An opaque custom op rather than a triton_op (torch.compile does not look inside): the kernels
+# module launches its kernels itself, not through wrap_triton.
 
 
 @functools.cache  # an import statement per call costs microseconds of host time
@@ -96,20 +95,24 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("bharnet::deformable_temporal_conv", mutates_args=())
+def _triton_forward_fake(x, offsets, weight, bias, stride):
+    B, _, T, V = x.shape
+    return x.new_empty((B, weight.shape[0], output_length(T, stride), V))
+
+
+def _triton_backward_fake(grad_y, x, offsets, weight, stride):
+    return (x.new_empty(x.shape), offsets.new_empty(offsets.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[:1]))
+
+
+@opaque_custom_op("deformable_temporal_conv", _triton_forward_fake)
 def _triton_forward(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
     """Forward with the fused Triton kernel; output (B, C_out, T_out, V) in x's dtype."""
     return _kernels().forward(x, offsets, weight, bias, stride)
 
 
-@_triton_forward.register_fake
-def _triton_forward_fake(x, offsets, weight, bias, stride):
-    B, _, T, V = x.shape
-    return x.new_empty((B, weight.shape[0], output_length(T, stride), V))
-
-
-@torch.library.custom_op("bharnet::deformable_temporal_conv_backward", mutates_args=())
+@opaque_custom_op("deformable_temporal_conv_backward", _triton_backward_fake)
 def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
                      weight: torch.Tensor, stride: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,12 +122,6 @@ def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tenso
     return _kernels().backward(grad_y, x, offsets, weight, stride)
 
 
-@_triton_backward.register_fake
-def _triton_backward_fake(grad_y, x, offsets, weight, stride):
-    return (x.new_empty(x.shape), offsets.new_empty(offsets.shape), weight.new_empty(weight.shape),
-            weight.new_empty(weight.shape[:1]))
-
-
 def _setup_context(ctx, inputs, output):
     x, offsets, weight, bias, stride = inputs
     ctx.save_for_backward(x, offsets, weight)
@@ -132,14 +129,16 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, grad_y):
-    x, offsets, weight = ctx.saved_tensors
-    dx, doffsets, dweight, dbias = _triton_backward(grad_y, x, offsets, weight, ctx.stride)
-    dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
-    return dx, doffsets, dweight, dbias, None
+def _make_backward(run):
+    def backward(ctx, grad_y):
+        x, offsets, weight = ctx.saved_tensors
+        dx, doffsets, dweight, dbias = run(_triton_backward, grad_y, x, offsets, weight, ctx.stride)
+        dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+        return dx, doffsets, dweight, dbias, None
+    return backward
 
 
-_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+_triton_call = with_autograd(_triton_forward, _make_backward, _setup_context)
 
 
 def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
@@ -149,7 +148,7 @@ def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
     ``tl.dot`` is wrong); offsets, weight and bias any float dtype (weight is used in x's
     dtype as in the reference, positions in float32, float64 if x or offsets is float64)."""
     expect_triton_dtype(OP_NAME, "x", x)
-    return _triton_forward(x, offsets, weight, bias, stride)
+    return _triton_call(x, offsets, weight, bias, stride)
 
 
 # --- cpp backend ------------------------------------------------------------------------------

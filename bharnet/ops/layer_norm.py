@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import TRITON_DTYPES, expect_tensor
-from ._custom_op import cdiv, launcher, new_output, triton_custom_op
+from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
 
 OP_NAME = "layer_norm"
 MAX_DIM = 1024  # one BLOCK_D >= D tile of features per row
@@ -157,18 +157,20 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    """Only x, weight, mean and rstd are saved (not y, not xhat)."""
-    if dy is None:
-        return None, None, None, None, None
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dparams = torch.ops.bharnet.layer_norm_backward(dy, x, weight, mean, rstd)
-    dw = None if weight is None else dparams[0].to(weight.dtype)
-    db = None if ctx.bias_dtype is None else dparams[1].to(ctx.bias_dtype)
-    return dx, dw, db, None, None
+def _make_backward(run):
+    def backward(ctx, dy, _dmean, _drstd):
+        """Only x, weight, mean and rstd are saved (not y, not xhat)."""
+        if dy is None:
+            return None, None, None, None, None
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dparams = run(_layer_norm_backward_op, dy, x, weight, mean, rstd)
+        dw = None if weight is None else dparams[0].to(weight.dtype)
+        db = None if ctx.bias_dtype is None else dparams[1].to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+    return backward
 
 
-_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_call = with_autograd(_layer_norm_op, _make_backward, _setup_context)
 
 
 def validate(x, weight, bias) -> None:
@@ -194,4 +196,4 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     """LayerNorm of ``x`` (..., dim) over its last dimension with the Triton kernels; the
     result is in the compute dtype (module docstring). ``weight``, ``bias``: (dim,) or None."""
     validate(x, weight, bias)
-    return torch.ops.bharnet.layer_norm(x, weight, bias, float(eps), compute_dtype(x))[0]
+    return _layer_norm_call(x, weight, bias, float(eps), compute_dtype(x))[0]

@@ -135,8 +135,8 @@ def test_strided_upstream_gradient():
     x, tau, weight, _ = make_inputs(2, 3, 5, 13, 5, torch.float32)
     dy = torch.randn(2, 10, 7, 5)[:, ::2]
     for strided in (dy, torch.randn(2, 5, 1, 5).expand(2, 5, 7, 5)):
-        got = _triton_backward(strided, x, tau, weight, 2)
-        expected = _triton_backward(strided.contiguous(), x, tau, weight, 2)
+        got = _triton_backward.op(strided, x, tau, weight, 2)
+        expected = _triton_backward.op(strided.contiguous(), x, tau, weight, 2)
         for g, r in zip(got, expected):
             assert torch.equal(g, r)
 
@@ -175,13 +175,13 @@ def test_opcheck_forward(with_bias):
     for t in (x, tau, weight, bias):
         if t is not None:
             t.requires_grad_()
-    torch.library.opcheck(_triton_forward, (x, tau, weight, bias, 2))
+    torch.library.opcheck(_triton_forward.op, (x, tau, weight, bias, 2))
 
 
 def test_opcheck_backward():
     x, tau, weight, _ = make_inputs(2, 3, 5, 7, 5, torch.float32)
     dy = torch.randn(2, 5, 4, 5)
-    torch.library.opcheck(_triton_backward, (dy, x, tau, weight, 2))
+    torch.library.opcheck(_triton_backward.op, (dy, x, tau, weight, 2))
 
 
 def test_torch_compile_fullgraph():

@@ -1,0 +1,89 @@
+"""Plain eager calls of the Triton ops skip the dispatcher (``_custom_op.with_autograd``): they
+must give exactly what the custom op gives through the dispatcher, forward and backward, and
+anything that traces (fake tensors, torch.compile) must still get the custom op."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from bharnet.bench.op_cases import quick_cases
+from bharnet.ops import _custom_op
+from bharnet.ops.layer_norm import layer_norm
+
+# ctr_graph_conv's CTR-GC and ST-GC cases, DeTGC with stride 2, cross-attention (with its two
+# fused LayerNorms), and LayerNorm alone.
+CASES = {
+    "ctr_graph_conv": quick_cases("ctr_graph_conv")[0],
+    "ctr_graph_conv static": None,
+    "deformable_temporal_conv": quick_cases("deformable_temporal_conv")[0],
+    "cross_attention": quick_cases("cross_attention")[0],
+    "layer_norm": None,
+}
+
+
+def make_call(name):
+    """(fn, args, leaves) for one fwd+bwd of the op through its Triton backend."""
+    if name == "layer_norm":
+        x = torch.randn(3, 7, 24, requires_grad=True)
+        weight, bias = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+        return layer_norm, (x, weight, bias), (x, weight, bias)
+    if name == "ctr_graph_conv static":
+        inputs = quick_cases("ctr_graph_conv")[0].make(torch.device("cpu"), torch.float32)
+        v, A = inputs.args[:2]
+        return CASES["ctr_graph_conv"].function("triton"), (v, A), (v, A)
+    case = CASES[name]
+    inputs = case.make(torch.device("cpu"), torch.float32)
+    if name == "deformable_temporal_conv":
+        x, offsets, weight, bias, _ = inputs.args
+        return case.function("triton"), (x, offsets, weight, bias, 2), inputs.grads
+    return case.function("triton"), inputs.args, inputs.grads
+
+
+def fwd_bwd(fn, args, leaves):
+    y = fn(*args)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    return y, [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+
+
+def autograd_node_names(y):
+    """Names of the autograd nodes behind y (breadth first)."""
+    seen, frontier = set(), [y.grad_fn]
+    while frontier:
+        node = frontier.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            frontier.extend(next_node for next_node, _ in node.next_functions)
+    return {node.name() for node in seen}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_direct_calls_match_the_dispatcher_path_exactly(name, monkeypatch):
+    fn, args, leaves = make_call(name)
+    y_direct, direct = fwd_bwd(fn, args, leaves)
+    monkeypatch.setattr(_custom_op, "DIRECT_EAGER_CALLS", False)
+    y_op, through_op = fwd_bwd(fn, args, leaves)
+    direct_nodes, op_nodes = autograd_node_names(y_direct), autograd_node_names(y_op)
+    assert any(n.endswith("_directBackward") for n in direct_nodes), direct_nodes
+    assert not any(n.endswith("_directBackward") for n in op_nodes), op_nodes
+    assert len(direct) == len(through_op)
+    for got, expected in zip(direct, through_op):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected)
+
+
+def test_direct_backward_refuses_double_backward():
+    fn, args, leaves = make_call("ctr_graph_conv")
+    y = fn(*args)
+    (dv,) = torch.autograd.grad(y.square().sum(), leaves[:1], create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dv.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["ctr_graph_conv", "deformable_temporal_conv", "layer_norm"])
+def test_fake_tensors_go_through_the_custom_op(name):
+    """Under a FakeTensorMode the kernels must not run: the op's fake impl answers."""
+    fn, args, _ = make_call(name)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        y = fn(*fake_args)
+    real = fn(*args)
+    assert type(y).__name__ == "FakeTensor" and y.shape == real.shape and y.dtype == real.dtype
