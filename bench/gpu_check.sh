@@ -12,6 +12,8 @@
 #                                                 # tests, then per-kernel profiles, no benchmark
 #   GPU_CHECK_PROFILE=1 GPU_CHECK_PROFILE_ARGS="--host --backend triton" ...
 #                                                 # extra bench/profile_ops.py arguments
+#   GPU_CHECK_TUNE=90 ...                         # also sweep ctr_graph_conv's launch configs
+#                                                 # (bench/tune_ctr_graph_conv.py, ~90 s)
 #
 # Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
 #   env      GPU, driver, Python, torch and triton versions
@@ -21,6 +23,7 @@
 #            benchmark about 3 minutes)
 #   profile  only with GPU_CHECK_PROFILE=1: bench/profile_ops.py (per-kernel device time and
 #            host overhead of each op's fwd+bwd; at most 120 s)
+#   tune     only with GPU_CHECK_TUNE=<seconds>: bench/tune_ctr_graph_conv.py with that budget
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
 #            left: measurements that do not fit are listed as skipped, never half-run
 #   summary  the Performance tables of this run (bench/update_readme.py --stdout), printed last
@@ -131,6 +134,7 @@ if [[ " ${FAILED[*]} " == *" setup "* ]]; then
 fi
 RESERVED=20  # seconds kept for the stages after the tests
 if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=190; elif [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=110; fi
+if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 45)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
@@ -141,6 +145,9 @@ if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
   read -r -a EXTRA_PROFILE_ARGS <<< "${GPU_CHECK_PROFILE_ARGS:-}"
   PROFILE_ARGS+=("${EXTRA_PROFILE_ARGS[@]}")
   stage profile $(( $(left) - 15 < 120 ? $(left) - 15 : 120 )) "$PY" "$ROOT/bench/profile_ops.py" "${PROFILE_ARGS[@]}"
+fi
+if [[ -n ${GPU_CHECK_TUNE:-} ]]; then
+  stage tune $((GPU_CHECK_TUNE + 45)) "$PY" "$ROOT/bench/tune_ctr_graph_conv.py" --budget "$GPU_CHECK_TUNE"
 fi
 if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then
   BENCH_LIMIT=$(( $(left) - 30 ))

@@ -34,14 +34,18 @@ Backward (``dy`` = dL/dy, ``dAref`` = dL/dAref)::
 
 ``topology_grad_kernel`` produces ``dv`` and ``dAref`` (the latter as per-chunk partial sums
 over the CG * T rows when the rows are split over several programs);
-``refinement_grad_kernel`` turns ``dAref`` into ``dq``, partial ``dk`` and partial ``P`` (one
-program per (i-tile, h, b)); the op wrapper finishes the tiny sums over b, g and tiles with
-torch.
+``refinement_grad_kernel`` turns ``dAref`` into ``dq`` and partials of ``dk``, ``P``, ``S`` and
+``dA`` (one program per (i-tile, h, b)); ``parameter_grad_kernel`` finishes the sums over b and
+the tiles, so a backward is four launches and (for large H * G * R) one torch sum.
 
 All accumulation is in float32 (float64 for float64 inputs); matrix products use ``tl.dot``.
 """
+from typing import Tuple
+
 import triton
 import triton.language as tl
+
+from bharnet.ops._custom_op import launch_config, next_pow2
 
 
 @triton.jit
@@ -168,16 +172,24 @@ def topology_grad_kernel(dy_ptr, v_ptr, topo_ptr, dv_ptr, dtopo_ptr, topo_batch_
 
 @triton.jit
 def refinement_grad_kernel(dtopo_ptr, q_ptr, k_ptr, w_ptr, alpha_ptr, dq_ptr, dk_part_ptr, p_part_ptr,
-                           B, H, V, R, G, ACC_FP64: tl.constexpr,
+                           s_part_ptr, da_part_ptr, B, H, V, R, G, CHUNKS, ACC_FP64: tl.constexpr,
                            BLOCK_I: tl.constexpr, BLOCK_V: tl.constexpr):
-    """For one (b, h) and a tile of BLOCK_I rows i, for each r (th_r = tanh(q_r[i] - k_r[j])):
+    """For one (b, h) and a tile of BLOCK_I rows i. First, for each g::
+
+        dAref[b, h, g, i-tile, :] = sum over the CHUNKS partials of ``topology_grad_kernel``
+                                    (written back to chunk 0 when CHUNKS > 1)
+        s_part[it, b, h, g]       = sum_{i in tile, j} dAref[b, h, g]
+        da_part[b, h, i-tile, :]  = sum_g dAref[b, h, g, i-tile, :]
+
+    then for each r (th_r = tanh(q_r[i] - k_r[j])):
 
         D_r               = sum_g W[h, g, r] * dAref[b, h, g, i-tile, :]
         dq[b, h, r, i]    =  alpha * sum_j D_r * (1 - th_r^2)           (complete)
         dk_part[it, b, h, r, j] = -alpha * sum_{i in tile} D_r * (1 - th_r^2)
         p_part[it, b, h, g, r]  = sum_{i in tile, j} dAref[b, h, g] * th_r
 
-    Grid (cdiv(V, BLOCK_I), H, B); the caller sums the partials over the i-tiles ``it``."""
+    Grid (cdiv(V, BLOCK_I), H, B); ``parameter_grad_kernel`` sums the partials over the
+    i-tiles ``it`` and b (with one i-tile, ``dk_part`` is dk itself)."""
     ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     pid_i = tl.program_id(0)
     h = tl.program_id(1)
@@ -185,25 +197,101 @@ def refinement_grad_kernel(dtopo_ptr, q_ptr, k_ptr, w_ptr, alpha_ptr, dq_ptr, dk
     joints_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     joints_j = tl.arange(0, BLOCK_V)
     inside = (joints_i[:, None] < V) & (joints_j[None, :] < V)
+    tile = joints_i[:, None] * V + joints_j[None, :]
     alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
     qk_base = (b * H + h).to(tl.int64) * R * V
     dtopo_base = (b * H + h).to(tl.int64) * G * V * V
+    chunk_stride = tl.cast(B, tl.int64) * H * G * V * V  # tl.cast: B may be a constexpr 1
     part_row = (pid_i * B + b) * H + h
+    da = tl.zeros((BLOCK_I, BLOCK_V), ACC_DTYPE)
+    for g in range(G):
+        d_g = tl.load(dtopo_ptr + dtopo_base + g * V * V + tile, mask=inside, other=0.0)
+        if CHUNKS > 1:
+            for chunk in range(1, CHUNKS):
+                d_g += tl.load(dtopo_ptr + chunk * chunk_stride + dtopo_base + g * V * V + tile,
+                               mask=inside, other=0.0)
+            tl.store(dtopo_ptr + dtopo_base + g * V * V + tile, d_g, mask=inside)
+        tl.store(s_part_ptr + part_row * G + g, tl.sum(d_g))
+        da += d_g
+    tl.store(da_part_ptr + (b * H + h).to(tl.int64) * V * V + tile, da, mask=inside)
+    tl.debug_barrier()  # the chunk sums stored above are read back below, by other threads
     for r in range(R):
         q_r = tl.load(q_ptr + qk_base + r * V + joints_i, mask=joints_i < V, other=0.0).to(ACC_DTYPE)
         k_r = tl.load(k_ptr + qk_base + r * V + joints_j, mask=joints_j < V, other=0.0).to(ACC_DTYPE)
         th = _tanh(q_r[:, None] - k_r[None, :])
         weighted = tl.zeros((BLOCK_I, BLOCK_V), ACC_DTYPE)
         for g in range(G):
-            d_g = tl.load(dtopo_ptr + dtopo_base + g * V * V + joints_i[:, None] * V + joints_j[None, :],
-                          mask=inside, other=0.0)
+            d_g = tl.load(dtopo_ptr + dtopo_base + g * V * V + tile, mask=inside, other=0.0)
             weighted += tl.load(w_ptr + (h * G + g) * R + r).to(ACC_DTYPE) * d_g
             tl.store(p_part_ptr + (part_row * G + g) * R + r, tl.sum(d_g * th))
         slope = alpha * weighted * (1.0 - th * th)
         tl.store(dq_ptr + qk_base + r * V + joints_i, tl.sum(slope, axis=1).to(dq_ptr.dtype.element_ty),
                  mask=joints_i < V)
-        tl.store(dk_part_ptr + (part_row * R + r) * V + joints_j, -tl.sum(slope, axis=0),
-                 mask=joints_j < V)
+        tl.store(dk_part_ptr + (part_row * R + r) * V + joints_j,
+                 (-tl.sum(slope, axis=0)).to(dk_part_ptr.dtype.element_ty), mask=joints_j < V)
+
+
+@triton.jit
+def _column_sums(block, src_ptr, dst_ptr, rows, cols, ACC_DTYPE: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """dst[c] = sum_r src[r, c] over a row-major (rows, cols) src, for one block of columns."""
+    columns = block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), ACC_DTYPE)
+    for r0 in range(0, rows, BLOCK_ROWS):
+        row = r0 + tl.arange(0, BLOCK_ROWS)
+        acc += tl.load(src_ptr + row[:, None].to(tl.int64) * cols + columns[None, :],
+                       mask=(row[:, None] < rows) & (columns[None, :] < cols), other=0.0)
+    tl.store(dst_ptr + columns, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=columns < cols)
+
+
+@triton.jit
+def parameter_grad_kernel(da_src_ptr, da_ptr, da_rows, da_cols, da_programs,
+                          dk_src_ptr, dk_ptr, dk_rows, dk_cols, dk_programs,
+                          p_part_ptr, s_part_ptr, w_ptr, bias_ptr, alpha_ptr,
+                          dw_ptr, db_ptr, dalpha_ptr, part_rows, HG, R,
+                          ACC_FP64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                          PARAM_ROWS: tl.constexpr, BLOCK_PARAMS: tl.constexpr):
+    """The last sums of the backward, in one launch of three kinds of programs:
+
+        dA[h, i, j] = sum over the rows of da_src (per-b sums over g, or the static mode's
+                      chunk x b partials)                           programs [0, da_programs)
+        dk          = sum of dk_src over the i-tiles                 the next dk_programs
+        dW[h, g, r] = alpha * P,  dbias[h, g] = alpha * S,           the rest, BLOCK_PARAMS
+        dalpha[block] = sum W * P + bias * S over the block            (h, g, r) each
+        with P = sum over (i-tile, b) of p_part, S likewise of s_part.
+
+    Grid (da_programs + dk_programs + cdiv(HG * R, BLOCK_PARAMS),); the caller adds the
+    dalpha partials when there is more than one parameter block."""
+    ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0)
+    if pid < da_programs:
+        _column_sums(pid, da_src_ptr, da_ptr, da_rows, da_cols, ACC_DTYPE, BLOCK_ROWS, BLOCK_COLS)
+    elif pid < da_programs + dk_programs:
+        _column_sums(pid - da_programs, dk_src_ptr, dk_ptr, dk_rows, dk_cols, ACC_DTYPE,
+                     BLOCK_ROWS, BLOCK_COLS)
+    else:
+        block = pid - da_programs - dk_programs
+        hgr = block * BLOCK_PARAMS + tl.arange(0, BLOCK_PARAMS)  # flat (h, g, r)
+        used = hgr < HG * R
+        hg = hgr // R
+        owns_hg = used & (hgr % R == 0)  # the r = 0 column of each (h, g) carries S and dbias
+        p_acc = tl.zeros((PARAM_ROWS, BLOCK_PARAMS), ACC_DTYPE)
+        s_acc = tl.zeros((PARAM_ROWS, BLOCK_PARAMS), ACC_DTYPE)
+        for r0 in range(0, part_rows, PARAM_ROWS):
+            row = r0 + tl.arange(0, PARAM_ROWS)
+            row_used = row[:, None] < part_rows
+            p_acc += tl.load(p_part_ptr + row[:, None] * HG * R + hgr[None, :],
+                             mask=row_used & used[None, :], other=0.0)
+            s_acc += tl.load(s_part_ptr + row[:, None] * HG + hg[None, :],
+                             mask=row_used & owns_hg[None, :], other=0.0)
+        p_sum = tl.sum(p_acc, axis=0)
+        s_sum = tl.sum(s_acc, axis=0)
+        alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+        tl.store(dw_ptr + hgr, (alpha * p_sum).to(dw_ptr.dtype.element_ty), mask=used)
+        tl.store(db_ptr + hg, (alpha * s_sum).to(db_ptr.dtype.element_ty), mask=owns_hg)
+        w = tl.load(w_ptr + hgr, mask=used, other=0.0).to(ACC_DTYPE)
+        bias = tl.load(bias_ptr + hg, mask=owns_hg, other=0.0).to(ACC_DTYPE)
+        tl.store(dalpha_ptr + block, tl.sum(w * p_sum + bias * s_sum).to(dalpha_ptr.dtype.element_ty))
 
 
 # Programs wanted per topology_grad_kernel launch: a few per SM of the largest GPUs, so that
@@ -211,6 +299,7 @@ def refinement_grad_kernel(dtopo_ptr, q_ptr, k_ptr, w_ptr, alpha_ptr, dq_ptr, dk
 TARGET_PROGRAMS = 2048
 
 
+@launch_config
 def forward_config(V: int, rows: int, fma_dot: bool) -> dict:
     """Launch parameters of ``ctr_graph_conv_fwd_kernel``; ``rows`` = CG * T rows per group.
 
@@ -218,27 +307,28 @@ def forward_config(V: int, rows: int, fma_dot: bool) -> dict:
     needs more registers than 16-bit tensor-core products. The topology is read from the
     buffer, so row tiles stay small (many programs) and the j-tiles wide (few loop trips)."""
     block_v = joint_block(V)
-    return dict(BLOCK_M=min(32 if fma_dot else 64, max(16, triton.next_power_of_2(rows))),
+    return dict(BLOCK_M=min(32 if fma_dot else 64, max(16, next_pow2(rows))),
                 BLOCK_V=block_v, BLOCK_J=min(block_v, 32 if fma_dot else 64),
                 num_warps=4 if block_v <= 32 else 8, num_stages=1 if fma_dot else 3)
 
 
-def grad_config(V: int, rows: int, fma_dot: bool, groups: int) -> dict:
+@launch_config
+def grad_config(V: int, rows: int, fma_dot: bool, groups: int) -> Tuple[dict, int, int]:
     """Launch parameters of ``topology_grad_kernel`` for ``groups`` = H * G * B groups of
-    ``rows`` rows: row tiles, j-tiles (``j_tiles`` of ``BLOCK_J`` columns), and how many row
-    tiles each program walks (``ROW_TILES_PER_CHUNK``; ``chunks`` programs share a group's
-    rows and write partial dAref sums). ``j_tiles`` and ``chunks`` are for the grid, not the
-    kernel."""
+    ``rows`` rows: (kernel arguments, j_tiles, chunks). The arguments set the row tiles, the
+    j-tiles (``j_tiles`` of ``BLOCK_J`` columns) and how many row tiles each program walks
+    (``ROW_TILES_PER_CHUNK``; ``chunks`` programs share a group's rows and write partial dAref
+    sums)."""
     block_v = joint_block(V)
     block_j = min(block_v, 32 if fma_dot else 64)
     j_tiles = -(-V // block_j)
-    block_m = min(_grad_row_tile_cap(block_v, fma_dot), max(16, triton.next_power_of_2(rows)))
+    block_m = min(_grad_row_tile_cap(block_v, fma_dot), max(16, next_pow2(rows)))
     row_tiles = -(-rows // block_m)
     wanted_chunks = max(1, -(-TARGET_PROGRAMS // (j_tiles * groups)))
     per_chunk = -(-row_tiles // min(wanted_chunks, max(1, row_tiles // 2)))
-    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_J=block_j, ROW_TILES_PER_CHUNK=per_chunk,
-                j_tiles=j_tiles, chunks=-(-row_tiles // per_chunk), num_warps=8,
-                num_stages=1 if fma_dot else 3)
+    launch = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_J=block_j, ROW_TILES_PER_CHUNK=per_chunk,
+                  num_warps=8, num_stages=1 if fma_dot else 3)
+    return launch, j_tiles, -(-row_tiles // per_chunk)
 
 
 def _grad_row_tile_cap(block_v: int, fma_dot: bool) -> int:
@@ -247,12 +337,14 @@ def _grad_row_tile_cap(block_v: int, fma_dot: bool) -> int:
     return 128 if block_v <= 64 else 64
 
 
+@launch_config
 def topology_config(V: int) -> dict:
     """Launch parameters of ``topology_kernel``: tiles of up to 32 rows i by all V columns j."""
     block_v = joint_block(V)
     return dict(BLOCK_I=min(block_v, 32), BLOCK_V=block_v, num_warps=8 if block_v > 64 else 4)
 
 
+@launch_config
 def refinement_config(V: int) -> dict:
     """Launch parameters of ``refinement_grad_kernel``: tiles of 32 rows i by all V columns j
     (8 warps for V > 64 keep the three (32, BLOCK_V) tiles free of spills)."""
@@ -262,4 +354,17 @@ def refinement_config(V: int) -> dict:
 
 def joint_block(V: int) -> int:
     """Padded joint count: a power of two, at least 16 (the smallest ``tl.dot`` side)."""
-    return max(16, triton.next_power_of_2(V))
+    return max(16, next_pow2(V))
+
+
+# parameter_grad_kernel: column sums in (8, 256) tiles; the parameter programs' two
+# accumulators hold PARAM_TILE elements each.
+SUM_BLOCK_ROWS, SUM_BLOCK_COLS, PARAM_TILE = 8, 256, 2048
+
+
+@launch_config
+def parameter_config(params: int) -> dict:
+    """Launch parameters of ``parameter_grad_kernel`` for ``params`` = H * G * R weights."""
+    block_params = min(next_pow2(params), PARAM_TILE)
+    return dict(BLOCK_ROWS=SUM_BLOCK_ROWS, BLOCK_COLS=SUM_BLOCK_COLS, BLOCK_PARAMS=block_params,
+                PARAM_ROWS=PARAM_TILE // block_params, num_warps=4)

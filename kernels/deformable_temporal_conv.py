@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bharnet.ops._custom_op import cdiv, new_output
+from bharnet.ops._custom_op import cdiv, new_output, next_pow2
 from bharnet.ops.deformable_temporal_conv import clamp_passes_gradient_at_bounds
 
 TARGET_PROGRAMS = 256  # enough programs along the split-K axis to fill a large GPU
@@ -347,15 +347,9 @@ def _input_grad_kernel(dy_ptr, w_ptr, tau_ptr, dx_ptr, part_ptr, dweight_ptr, db
                          E, BLOCK_C, BLOCK_V, BLOCK_O, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE, POS_DTYPE)
 
 
-def _pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 1) (plain Python: ``triton.next_power_of_2`` is a
-    constexpr function, about 1 µs per host call)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _block(n: int, lo: int, hi: int) -> int:
     """Power-of-two block for a dimension of size n, within [lo, hi] (tl.dot needs >= 16)."""
-    return min(max(_pow2(n), lo), hi)
+    return min(max(next_pow2(n), lo), hi)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -404,7 +398,7 @@ def _backward_launch(B: int, C: int, T: int, V: int, O: int, E: int, T_out: int)
     (256·64·32·4 B), or about the size of dW itself when dW is larger."""
     K = C * E
     param_blocks = dict(BLOCK_O=_block(O, 16, 64), BLOCK_N=_block(T_out * V, 16, 64),
-                        BLOCK_K=_block(K, 16, 32), BLOCK_E=_pow2(E))
+                        BLOCK_K=_block(K, 16, 32), BLOCK_E=next_pow2(E))
     # at least one k-block, so that C = 0 still sums dbias
     tiles_ok = max(1, cdiv(K, param_blocks["BLOCK_K"])), cdiv(O, param_blocks["BLOCK_O"])
     n_tiles = B * cdiv(T_out * V, param_blocks["BLOCK_N"])
@@ -412,7 +406,7 @@ def _backward_launch(B: int, C: int, T: int, V: int, O: int, E: int, T_out: int)
     splits = cdiv(n_tiles, tiles_per_split)
     offset_rows = splits * tiles_ok[0] * tiles_ok[1]
     input_blocks = dict(BLOCK_C=_block(C, 16, 64), BLOCK_V=_block(V, 16, 64), BLOCK_O=_block(O, 16, 64),
-                        BLOCK_S=SUM_BLOCK_S, BLOCK_R=SUM_BLOCK_R, BLOCK_E=_pow2(E))
+                        BLOCK_S=SUM_BLOCK_S, BLOCK_R=SUM_BLOCK_R, BLOCK_E=next_pow2(E))
     n_sum = cdiv(O * K + O, SUM_BLOCK_R) + 1
     n_dx = B * T * cdiv(C, input_blocks["BLOCK_C"]) * cdiv(V, input_blocks["BLOCK_V"])
     return _BackwardLaunch((*tiles_ok, splits), param_blocks, splits, tiles_per_split, offset_rows,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable
 
@@ -132,6 +133,26 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch_config(fn: Callable) -> Callable:
+    """Cache a launch-configuration function of plain ints (``functools.lru_cache``); calls
+    with symbolic sizes (torch.compile traces with unhashable SymInts) compute it afresh."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def config(*args, **kwargs):
+        try:
+            return cached(*args, **kwargs)
+        except TypeError:  # unhashable arguments
+            return fn(*args, **kwargs)
+    return config
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 1) (plain Python: ``triton.next_power_of_2`` is a
+    constexpr function, about 1 us per host call)."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def cdiv(a: int, b: int) -> int:

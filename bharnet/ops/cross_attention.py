@@ -67,7 +67,7 @@ from torch import Tensor
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
+from ._custom_op import cdiv, launcher, new_output, next_pow2, triton_custom_op, with_autograd
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import layer_norm
 
@@ -151,7 +151,7 @@ def _kernels():
 
 
 def _pow2(n: int) -> int:
-    return max(MIN_DOT, 1 << (max(n, 1) - 1).bit_length())
+    return max(MIN_DOT, next_pow2(n))
 
 
 def _config(Lq: int, Lk: int, head_dim: int, element_size: int):

@@ -154,30 +154,63 @@ def _ctr_graph_conv_op(v: Tensor, A: Tensor, q: Optional[Tensor], k: Optional[Te
 
 
 def _topology_grad(dy, v, topo, topo_stride, G) -> Tuple[Tensor, Tensor]:
-    """dv (like v) and dAref (B, H, G, V, V) in the accumulation dtype.
+    """dv (like v) and dAref as (chunks, B, H, G, V, V) partial sums in the accumulation dtype.
 
     Grid (cdiv(V, BLOCK_J) * chunks, H * G, B): each program walks one chunk of a group's
-    C/G * T rows; with several chunks their partial dAref sums are added here."""
+    C/G * T rows and writes its partial dAref sum (the next kernel adds the chunks)."""
     kernels = _kernels()
     B, H, C, T, V = v.shape
     acc_dtype = torch.float64 if _accumulates_in_fp64(v) else torch.float32
-    rows = C // G * T
-    launch = kernels.grad_config(V, rows, _exact_dot(v), H * G * B)
-    chunks, j_tiles = launch.pop("chunks"), launch.pop("j_tiles")
+    launch, j_tiles, chunks = kernels.grad_config(V, C // G * T, _exact_dot(v), H * G * B)
     dv = new_output(v.shape, v.dtype, v.device)
     dtopo = new_output((chunks, B, H, G, V, V), acc_dtype, v.device)
-    grid = (j_tiles * chunks, H * G, B)
-    launcher(kernels.topology_grad_kernel)[grid](
+    launcher(kernels.topology_grad_kernel)[(j_tiles * chunks, H * G, B)](
         dy, v, topo, dv, dtopo, topo_stride, B, H, C, T, V, G, **_dot_flags(v), **launch)
-    return dv, dtopo[0] if chunks == 1 else dtopo.sum(dim=0)
+    return dv, dtopo
+
+
+def _parameter_grads(da_src: Tensor, dA: Tensor, dk_src: Optional[Tensor] = None,
+                     dk: Optional[Tensor] = None, params: Optional[tuple] = None) -> Optional[Tensor]:
+    """One ``parameter_grad_kernel`` launch: dA = the row sums of ``da_src`` viewed as
+    (rows, H * V * V); with ``dk_src`` (i-tiles, B, H, R, V), dk = its sum over the i-tiles;
+    with ``params`` = (p_part, s_part, weight, bias, alpha, dweight, dbias), dweight, dbias and
+    the returned dalpha (alpha's shape and dtype)."""
+    kernels = _kernels()
+    cols = dA.numel()
+    R = 1 if params is None else params[2].shape[2]
+    HG = 0 if params is None else params[3].numel()
+    launch = kernels.parameter_config(max(HG * R, 1))
+    da_programs = cdiv(cols, launch["BLOCK_COLS"])
+    dk_programs = 0 if dk_src is None else cdiv(dk.numel(), launch["BLOCK_COLS"])
+    param_programs = cdiv(HG * R, launch["BLOCK_PARAMS"])
+    dalpha = None
+    if params is None:
+        p_part = s_part = weight = bias = alpha = dweight = dbias = dalpha_part = dA
+    else:
+        p_part, s_part, weight, bias, alpha, dweight, dbias = params
+        dalpha = new_output(alpha.shape, alpha.dtype, alpha.device)
+        dalpha_part = dalpha if param_programs == 1 else new_output((param_programs,), p_part.dtype, dA.device)
+    if dk_src is None:
+        dk_src = dk = dA
+    launcher(kernels.parameter_grad_kernel)[(da_programs + dk_programs + param_programs,)](
+        da_src, dA, da_src.numel() // cols, cols, da_programs,
+        dk_src, dk, dk_src.shape[0], dk.numel(), dk_programs,
+        p_part, s_part, weight, bias, alpha, dweight, dbias, dalpha_part,
+        p_part.shape[0] * p_part.shape[1], HG, R, ACC_FP64=da_src.dtype == torch.float64, **launch)
+    if dalpha is not None and param_programs > 1:
+        dalpha = dalpha_part.sum().reshape(alpha.shape).to(alpha.dtype)
+    return dalpha
 
 
 @triton_custom_op("ctr_graph_conv_static_backward", _static_backward_fake)
 def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
-    """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]."""
+    """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]
+    (``topology_grad_kernel``, then ``parameter_grad_kernel`` sums the chunk x b partials)."""
     dy, v, A = _contiguous(dy.to(v.dtype), v, A)
     dv, dtopo = _topology_grad(dy, v, A, 0, 1)
-    return dv, dtopo.sum(dim=(0, 2)).to(A.dtype)
+    dA = new_output(A.shape, A.dtype, A.device)
+    _parameter_grads(dtopo, dA)
+    return dv, dA
 
 
 @triton_custom_op("ctr_graph_conv_backward", _backward_fake)
@@ -186,40 +219,34 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """CTR-GC backward: (dv, dA, dq, dk, dweight, dbias, dalpha), formulas in the module docstring.
 
-    Three kernels: ``topology_kernel`` (the refined topologies again: recomputing them is
-    cheaper than saving them), ``topology_grad_kernel`` (dv and dAref) and
-    ``refinement_grad_kernel`` (dq, and per-i-tile partials of dk and P = sum_ij dAref * th_r,
-    grid (cdiv(V, 32), H, B)).
-    Torch finishes the small reductions: dA and S = sum_ij dAref over the (B, H, G, V, V)
-    buffer, dk and P over the i-tiles, then dW = alpha sum_b P, dbias = alpha sum_b S,
-    dalpha = sum W * sum_b P + sum bias * sum_b S."""
+    Four kernels: ``topology_kernel`` (the refined topologies again: recomputing them is
+    cheaper than saving them), ``topology_grad_kernel`` (dv and dAref), ``refinement_grad_kernel``
+    (dq, and per-i-tile partials of dk, P = sum_ij dAref * th_r, S = sum_ij dAref and the
+    g-summed dAref; grid (cdiv(V, 32), H, B)) and ``parameter_grad_kernel`` (dA, dk, dW =
+    alpha sum_b P, dbias = alpha sum_b S, dalpha = sum W * sum_b P + sum bias * sum_b S).
+    Every gradient is written in its input's dtype."""
     kernels = _kernels()
     dy, v, A, q, k, weight, bias, alpha = _contiguous(dy.to(v.dtype), v, A, q, k, weight, bias, alpha)
     B, H, C, T, V, G = _launch_sizes(v, weight)
     R = weight.shape[2]
     topo, topo_stride = _topology(v, A, q, k, weight, bias, alpha)
     dv, dtopo = _topology_grad(dy, v, topo, topo_stride, G)
+    acc_dtype = dtopo.dtype
     launch = kernels.refinement_config(V)
     i_tiles = cdiv(V, launch["BLOCK_I"])
     dq = new_output(q.shape, q.dtype, q.device)
-    dk_part = new_output((i_tiles, B, H, R, V), dtopo.dtype, v.device)
-    p_part = new_output((i_tiles, B, H, G, R), dtopo.dtype, v.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dk_part = dk if i_tiles == 1 else new_output((i_tiles, B, H, R, V), acc_dtype, v.device)
+    p_part = new_output((i_tiles, B, H, G, R), acc_dtype, v.device)
+    s_part = new_output((i_tiles, B, H, G), acc_dtype, v.device)
+    da_part = new_output((B, H, V, V), acc_dtype, v.device)
     launcher(kernels.refinement_grad_kernel)[(i_tiles, H, B)](
-        dtopo, q, k, weight, alpha, dq, dk_part, p_part, B, H, V, R, G,
-        ACC_FP64=_accumulates_in_fp64(v), **launch)
-    dtopo_bh = dtopo.sum(dim=0)  # (H, G, V, V): dA per group
-    p_sum = p_part.sum(dim=(0, 1))  # (H, G, R)
-    s_sum = dtopo_bh.sum(dim=(2, 3))  # (H, G)
-    alpha_value = alpha.reshape(())
-    dalpha = (weight * p_sum).sum() + (bias * s_sum).sum()
-    return (dv, _as(dtopo_bh.sum(dim=1), A.dtype), dq,
-            _as(dk_part[0] if i_tiles == 1 else dk_part.sum(dim=0), k.dtype),
-            _as(alpha_value * p_sum, weight.dtype), _as(alpha_value * s_sum, bias.dtype),
-            _as(dalpha.reshape(alpha.shape), alpha.dtype))
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+        dtopo, q, k, weight, alpha, dq, dk_part, p_part, s_part, da_part, B, H, V, R, G,
+        dtopo.shape[0], ACC_FP64=_accumulates_in_fp64(v), **launch)
+    dA, dweight, dbias = (new_output(t.shape, t.dtype, t.device) for t in (A, weight, bias))
+    dalpha = _parameter_grads(da_part, dA, None if i_tiles == 1 else dk_part, dk,
+                              (p_part, s_part, weight, bias, alpha, dweight, dbias))
+    return dv, dA, dq, dk, dweight, dbias, dalpha
 
 
 def _setup_context(ctx, inputs, output):

@@ -62,9 +62,9 @@ def grad_chunks(monkeypatch):
     original, seen = kernels.grad_config, []
 
     def spy(*args, **kwargs):
-        config = original(*args, **kwargs)
-        seen.append((config["chunks"], config["ROW_TILES_PER_CHUNK"]))
-        return config
+        launch, j_tiles, chunks = original(*args, **kwargs)
+        seen.append((chunks, launch["ROW_TILES_PER_CHUNK"]))
+        return launch, j_tiles, chunks
     monkeypatch.setattr(kernels, "grad_config", spy)
     return seen
 
@@ -83,6 +83,23 @@ def test_rows_split_over_programs(dynamic, grad_chunks):
     dweight, dbias, dalpha must not miss any."""
     assert_matches_fp64_reference("triton", (1, 2, 4, 130, 5, 2, 2), torch.float64, dynamic=dynamic)
     assert_split(grad_chunks[-1], rows=260 if dynamic else 520, row_tile=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_parameter_sums_over_several_blocks_and_i_tiles(dtype, monkeypatch):
+    """The last backward kernel with every role split: V = 37 gives two i-tiles (dk summed
+    over them) and 11 column blocks of dA (the last partial); 16-wide parameter blocks split
+    H * G * R = 24 weights in two (dalpha from two partials, the second block partial)."""
+    kernels = importlib.import_module("bharnet.kernels.ctr_graph_conv")
+    original, blocks = kernels.parameter_config, []
+
+    def narrow(params):
+        launch = dict(original(params), BLOCK_PARAMS=16, PARAM_ROWS=4)
+        blocks.append(-(-params // launch["BLOCK_PARAMS"]))
+        return launch
+    monkeypatch.setattr(kernels, "parameter_config", narrow)
+    assert_matches_fp64_reference("triton", (2, 2, 6, 3, 37, 4, 3), dtype)
+    assert blocks == [2]
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
@@ -182,16 +199,19 @@ print(json.dumps(launches))
 
 
 def test_gpu_registration_traces_into_kernels():
-    """Without the interpreter the ops are ``triton_op``s: AOTAutograd sees the five kernel
-    launches (topology + aggregation forward; topology, dv/dAref, refinement backward), and torch's analysis of the kernels finds that they write only their outputs
-    (so compiled graphs never copy the inputs)."""
+    """Without the interpreter the ops are ``triton_op``s: AOTAutograd sees the six kernel
+    launches (topology + aggregation forward; topology, dv/dAref, refinement and parameter
+    gradients backward), and torch's analysis of the kernels finds that they write only their
+    outputs and the op's own scratch buffers (the refinement kernel stores the chunk sums of
+    dAref back into its buffer), so compiled graphs never copy the op's inputs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", TRACE_TRITON_OPS], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     launches = json.loads(result.stdout.strip().splitlines()[-1])
     assert launches == [["topo_ptr"], ["y_ptr"], ["topo_ptr"], ["dtopo_ptr", "dv_ptr"],
-                        ["dk_part_ptr", "dq_ptr", "p_part_ptr"]]
+                        ["da_part_ptr", "dk_part_ptr", "dq_ptr", "dtopo_ptr", "p_part_ptr", "s_part_ptr"],
+                        ["da_ptr", "dalpha_ptr", "db_ptr", "dk_ptr", "dw_ptr"]]
 
 
 def test_too_many_joints_is_a_value_error():
