@@ -36,7 +36,8 @@ Backward (``dy`` = dL/dy, ``dAref`` = dL/dAref)::
 over the CG * T rows when the rows are split over several programs);
 ``refinement_grad_kernel`` turns ``dAref`` into ``dq`` and partials of ``dk``, ``P``, ``S`` and
 ``dA`` (one program per (i-tile, h, b)); ``parameter_grad_kernel`` finishes the sums over b and
-the tiles, so a backward is four launches and (for large H * G * R) one torch sum.
+the tiles, so a backward is four launches and (for large H * G * R) one torch sum. In static
+mode ``column_sum_kernel`` sums dA over the chunk x b partials.
 
 All accumulation is in float32 (float64 for float64 inputs); matrix products use ``tl.dot``.
 """
@@ -189,7 +190,7 @@ def refinement_grad_kernel(dtopo_ptr, q_ptr, k_ptr, w_ptr, alpha_ptr, dq_ptr, dk
         p_part[it, b, h, g, r]  = sum_{i in tile, j} dAref[b, h, g] * th_r
 
     Grid (cdiv(V, BLOCK_I), H, B); ``parameter_grad_kernel`` sums the partials over the
-    i-tiles ``it`` and b (with one i-tile, ``dk_part`` is dk itself)."""
+    i-tiles ``it`` and b."""
     ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     pid_i = tl.program_id(0)
     h = tl.program_id(1)
@@ -227,8 +228,8 @@ def refinement_grad_kernel(dtopo_ptr, q_ptr, k_ptr, w_ptr, alpha_ptr, dq_ptr, dk
         slope = alpha * weighted * (1.0 - th * th)
         tl.store(dq_ptr + qk_base + r * V + joints_i, tl.sum(slope, axis=1).to(dq_ptr.dtype.element_ty),
                  mask=joints_i < V)
-        tl.store(dk_part_ptr + (part_row * R + r) * V + joints_j,
-                 (-tl.sum(slope, axis=0)).to(dk_part_ptr.dtype.element_ty), mask=joints_j < V)
+        tl.store(dk_part_ptr + (part_row * R + r) * V + joints_j, -tl.sum(slope, axis=0),
+                 mask=joints_j < V)
 
 
 @triton.jit
@@ -245,32 +246,41 @@ def _column_sums(block, src_ptr, dst_ptr, rows, cols, ACC_DTYPE: tl.constexpr,
 
 
 @triton.jit
-def parameter_grad_kernel(da_src_ptr, da_ptr, da_rows, da_cols, da_programs,
-                          dk_src_ptr, dk_ptr, dk_rows, dk_cols, dk_programs,
-                          p_part_ptr, s_part_ptr, w_ptr, bias_ptr, alpha_ptr,
-                          dw_ptr, db_ptr, dalpha_ptr, part_rows, HG, R,
+def column_sum_kernel(src_ptr, dst_ptr, rows, cols, ACC_FP64: tl.constexpr,
+                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """dst[c] = sum_r src[r, c]: the static mode's dA[h, i, j] from the (chunks x B, H*V*V)
+    partial sums of ``topology_grad_kernel``. Grid (cdiv(cols, BLOCK_COLS),)."""
+    ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    _column_sums(tl.program_id(0), src_ptr, dst_ptr, rows, cols, ACC_DTYPE, BLOCK_ROWS, BLOCK_COLS)
+
+
+@triton.jit
+def parameter_grad_kernel(da_part_ptr, da_ptr, dk_part_ptr, dk_ptr, p_part_ptr, s_part_ptr,
+                          w_ptr, bias_ptr, alpha_ptr, dw_ptr, db_ptr, dalpha_ptr,
+                          B, HVV, BHRV, I_TILES, HG, R, da_programs, dk_programs,
                           ACC_FP64: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                           PARAM_ROWS: tl.constexpr, BLOCK_PARAMS: tl.constexpr):
-    """The last sums of the backward, in one launch of three kinds of programs:
+    """The last sums of the CTR-GC backward, in one launch of three kinds of programs:
 
-        dA[h, i, j] = sum over the rows of da_src (per-b sums over g, or the static mode's
-                      chunk x b partials)                           programs [0, da_programs)
-        dk          = sum of dk_src over the i-tiles                 the next dk_programs
+        dA[h, i, j] = sum_b da_part[b, h, i, j]                      programs [0, da_programs)
+        dk          = sum over the i-tiles of dk_part                the next dk_programs
         dW[h, g, r] = alpha * P,  dbias[h, g] = alpha * S,           the rest, BLOCK_PARAMS
         dalpha[block] = sum W * P + bias * S over the block            (h, g, r) each
         with P = sum over (i-tile, b) of p_part, S likewise of s_part.
 
     Grid (da_programs + dk_programs + cdiv(HG * R, BLOCK_PARAMS),); the caller adds the
-    dalpha partials when there is more than one parameter block."""
+    dalpha partials when there is more than one parameter block. Every pointer is its own
+    buffer: torch.compile treats each stored-to argument as a separate output."""
     ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0)
     if pid < da_programs:
-        _column_sums(pid, da_src_ptr, da_ptr, da_rows, da_cols, ACC_DTYPE, BLOCK_ROWS, BLOCK_COLS)
+        _column_sums(pid, da_part_ptr, da_ptr, B, HVV, ACC_DTYPE, BLOCK_ROWS, BLOCK_COLS)
     elif pid < da_programs + dk_programs:
-        _column_sums(pid - da_programs, dk_src_ptr, dk_ptr, dk_rows, dk_cols, ACC_DTYPE,
+        _column_sums(pid - da_programs, dk_part_ptr, dk_ptr, I_TILES, BHRV, ACC_DTYPE,
                      BLOCK_ROWS, BLOCK_COLS)
     else:
         block = pid - da_programs - dk_programs
+        part_rows = I_TILES * B
         hgr = block * BLOCK_PARAMS + tl.arange(0, BLOCK_PARAMS)  # flat (h, g, r)
         used = hgr < HG * R
         hg = hgr // R
@@ -294,9 +304,11 @@ def parameter_grad_kernel(da_src_ptr, da_ptr, da_rows, da_cols, da_programs,
         tl.store(dalpha_ptr + block, tl.sum(w * p_sum + bias * s_sum).to(dalpha_ptr.dtype.element_ty))
 
 
-# Programs wanted per topology_grad_kernel launch: a few per SM of the largest GPUs, so that
-# splitting the rows of a group over programs keeps every SM busy (132 SMs on an H100).
-TARGET_PROGRAMS = 2048
+# Programs wanted per topology_grad_kernel launch: several per SM of the largest GPUs, so that
+# small batches split a group's rows over programs and keep every SM busy (132 SMs on an
+# H100). At B = 128 the groups alone give enough: on the H100, splitting them further (2048
+# programs) was slower (bench/tune_ctr_graph_conv.py).
+TARGET_PROGRAMS = 1024
 
 
 @launch_config
@@ -305,9 +317,11 @@ def forward_config(V: int, rows: int, fma_dot: bool) -> dict:
 
     ``fma_dot`` for fp32/fp64 inputs, whose exact ("ieee") ``tl.dot`` runs on FMA units and
     needs more registers than 16-bit tensor-core products. The topology is read from the
-    buffer, so row tiles stay small (many programs) and the j-tiles wide (few loop trips)."""
+    buffer, so the j-tiles are wide (few loop trips). 16-bit row tiles: 128 rows up to V = 64
+    (H100 sweep, bf16: 86 vs 92 us at C64 T64 V25, 227 vs 297 us at C256 T16 V42 against 64)."""
     block_v = joint_block(V)
-    return dict(BLOCK_M=min(32 if fma_dot else 64, max(16, next_pow2(rows))),
+    block_m = 32 if fma_dot else (128 if block_v <= 64 else 64)
+    return dict(BLOCK_M=min(block_m, max(16, next_pow2(rows))),
                 BLOCK_V=block_v, BLOCK_J=min(block_v, 32 if fma_dot else 64),
                 num_warps=4 if block_v <= 32 else 8, num_stages=1 if fma_dot else 3)
 
@@ -326,15 +340,18 @@ def grad_config(V: int, rows: int, fma_dot: bool, groups: int) -> Tuple[dict, in
     row_tiles = -(-rows // block_m)
     wanted_chunks = max(1, -(-TARGET_PROGRAMS // (j_tiles * groups)))
     per_chunk = -(-row_tiles // min(wanted_chunks, max(1, row_tiles // 2)))
+    warps = 8 if fma_dot or block_v > 64 else 4
     launch = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_J=block_j, ROW_TILES_PER_CHUNK=per_chunk,
-                  num_warps=8, num_stages=1 if fma_dot else 3)
+                  num_warps=warps, num_stages=1 if fma_dot else 3)
     return launch, j_tiles, -(-row_tiles // per_chunk)
 
 
 def _grad_row_tile_cap(block_v: int, fma_dot: bool) -> int:
+    """16-bit: four warps on (128 | 64, BLOCK_V) tiles, measured on the H100 (bf16, B = 128):
+    120 us at C64 T64 V25 and 215 us at C256 T16 V42, against 246 and 289 us with 8 warps."""
     if fma_dot:
         return 32 if block_v > 64 else 64
-    return 128 if block_v <= 64 else 64
+    return 128 if block_v <= 32 else 64
 
 
 @launch_config
@@ -357,14 +374,14 @@ def joint_block(V: int) -> int:
     return max(16, next_pow2(V))
 
 
-# parameter_grad_kernel: column sums in (8, 256) tiles; the parameter programs' two
-# accumulators hold PARAM_TILE elements each.
-SUM_BLOCK_ROWS, SUM_BLOCK_COLS, PARAM_TILE = 8, 256, 2048
+# column_sum_kernel and the sums of parameter_grad_kernel: (8, 256) tiles; the parameter
+# programs' two accumulators hold PARAM_TILE elements each.
+SUM_LAUNCH = dict(BLOCK_ROWS=8, BLOCK_COLS=256, num_warps=4)
+PARAM_TILE = 2048
 
 
 @launch_config
 def parameter_config(params: int) -> dict:
     """Launch parameters of ``parameter_grad_kernel`` for ``params`` = H * G * R weights."""
     block_params = min(next_pow2(params), PARAM_TILE)
-    return dict(BLOCK_ROWS=SUM_BLOCK_ROWS, BLOCK_COLS=SUM_BLOCK_COLS, BLOCK_PARAMS=block_params,
-                PARAM_ROWS=PARAM_TILE // block_params, num_warps=4)
+    return dict(SUM_LAUNCH, BLOCK_PARAMS=block_params, PARAM_ROWS=PARAM_TILE // block_params)

@@ -169,47 +169,17 @@ def _topology_grad(dy, v, topo, topo_stride, G) -> Tuple[Tensor, Tensor]:
     return dv, dtopo
 
 
-def _parameter_grads(da_src: Tensor, dA: Tensor, dk_src: Optional[Tensor] = None,
-                     dk: Optional[Tensor] = None, params: Optional[tuple] = None) -> Optional[Tensor]:
-    """One ``parameter_grad_kernel`` launch: dA = the row sums of ``da_src`` viewed as
-    (rows, H * V * V); with ``dk_src`` (i-tiles, B, H, R, V), dk = its sum over the i-tiles;
-    with ``params`` = (p_part, s_part, weight, bias, alpha, dweight, dbias), dweight, dbias and
-    the returned dalpha (alpha's shape and dtype)."""
-    kernels = _kernels()
-    cols = dA.numel()
-    R = 1 if params is None else params[2].shape[2]
-    HG = 0 if params is None else params[3].numel()
-    launch = kernels.parameter_config(max(HG * R, 1))
-    da_programs = cdiv(cols, launch["BLOCK_COLS"])
-    dk_programs = 0 if dk_src is None else cdiv(dk.numel(), launch["BLOCK_COLS"])
-    param_programs = cdiv(HG * R, launch["BLOCK_PARAMS"])
-    dalpha = None
-    if params is None:
-        p_part = s_part = weight = bias = alpha = dweight = dbias = dalpha_part = dA
-    else:
-        p_part, s_part, weight, bias, alpha, dweight, dbias = params
-        dalpha = new_output(alpha.shape, alpha.dtype, alpha.device)
-        dalpha_part = dalpha if param_programs == 1 else new_output((param_programs,), p_part.dtype, dA.device)
-    if dk_src is None:
-        dk_src = dk = dA
-    launcher(kernels.parameter_grad_kernel)[(da_programs + dk_programs + param_programs,)](
-        da_src, dA, da_src.numel() // cols, cols, da_programs,
-        dk_src, dk, dk_src.shape[0], dk.numel(), dk_programs,
-        p_part, s_part, weight, bias, alpha, dweight, dbias, dalpha_part,
-        p_part.shape[0] * p_part.shape[1], HG, R, ACC_FP64=da_src.dtype == torch.float64, **launch)
-    if dalpha is not None and param_programs > 1:
-        dalpha = dalpha_part.sum().reshape(alpha.shape).to(alpha.dtype)
-    return dalpha
-
-
 @triton_custom_op("ctr_graph_conv_static_backward", _static_backward_fake)
 def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
     """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]
-    (``topology_grad_kernel``, then ``parameter_grad_kernel`` sums the chunk x b partials)."""
+    (``topology_grad_kernel``, then ``column_sum_kernel`` sums the chunk x b partials)."""
+    kernels = _kernels()
     dy, v, A = _contiguous(dy.to(v.dtype), v, A)
     dv, dtopo = _topology_grad(dy, v, A, 0, 1)
     dA = new_output(A.shape, A.dtype, A.device)
-    _parameter_grads(dtopo, dA)
+    launch = kernels.SUM_LAUNCH
+    launcher(kernels.column_sum_kernel)[(cdiv(A.numel(), launch["BLOCK_COLS"]),)](
+        dtopo, dA, dtopo.numel() // A.numel(), A.numel(), ACC_FP64=_accumulates_in_fp64(v), **launch)
     return dv, dA
 
 
@@ -235,17 +205,26 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
     launch = kernels.refinement_config(V)
     i_tiles = cdiv(V, launch["BLOCK_I"])
     dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dk_part = dk if i_tiles == 1 else new_output((i_tiles, B, H, R, V), acc_dtype, v.device)
+    dk_part = new_output((i_tiles, B, H, R, V), acc_dtype, v.device)
     p_part = new_output((i_tiles, B, H, G, R), acc_dtype, v.device)
     s_part = new_output((i_tiles, B, H, G), acc_dtype, v.device)
     da_part = new_output((B, H, V, V), acc_dtype, v.device)
     launcher(kernels.refinement_grad_kernel)[(i_tiles, H, B)](
         dtopo, q, k, weight, alpha, dq, dk_part, p_part, s_part, da_part, B, H, V, R, G,
         dtopo.shape[0], ACC_FP64=_accumulates_in_fp64(v), **launch)
-    dA, dweight, dbias = (new_output(t.shape, t.dtype, t.device) for t in (A, weight, bias))
-    dalpha = _parameter_grads(da_part, dA, None if i_tiles == 1 else dk_part, dk,
-                              (p_part, s_part, weight, bias, alpha, dweight, dbias))
+    dA, dk, dweight, dbias = (new_output(t.shape, t.dtype, t.device) for t in (A, k, weight, bias))
+    launch = kernels.parameter_config(H * G * R)
+    da_programs = cdiv(A.numel(), launch["BLOCK_COLS"])
+    dk_programs = cdiv(k.numel(), launch["BLOCK_COLS"])
+    param_programs = cdiv(H * G * R, launch["BLOCK_PARAMS"])
+    dalpha = new_output(alpha.shape, alpha.dtype, alpha.device)
+    dalpha_part = dalpha if param_programs == 1 else new_output((param_programs,), acc_dtype, v.device)
+    launcher(kernels.parameter_grad_kernel)[(da_programs + dk_programs + param_programs,)](
+        da_part, dA, dk_part, dk, p_part, s_part, weight, bias, alpha, dweight, dbias, dalpha_part,
+        B, A.numel(), k.numel(), i_tiles, H * G, R, da_programs, dk_programs,
+        ACC_FP64=_accumulates_in_fp64(v), **launch)
+    if param_programs > 1:
+        dalpha = dalpha_part.sum().reshape(alpha.shape).to(alpha.dtype)
     return dv, dA, dq, dk, dweight, dbias, dalpha
 
 
