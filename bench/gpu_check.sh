@@ -39,6 +39,7 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 TOTAL=${GPU_CHECK_SECONDS:-345}
 WORK=$(mktemp -d)
 LOG=$WORK/gpu_check.log
+if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT"; LOG=$OUT/gpu_check.log; fi  # kept even if the call is cut
 RESULTS=$ROOT/bench/results
 PLOTS=$ROOT/bench/plots
 export ROOT PY DEVICE WORK RESULTS
@@ -107,7 +108,6 @@ summary() {
 copy_out() {
   local csv pngs
   mkdir -p "$OUT"
-  cp "$LOG" "$OUT/gpu_check.log"
   csv=$(latest_csv || true)
   if [[ -n $csv ]]; then cp "$csv" "$OUT/"; fi
   if [[ -f $WORK/summary.md ]]; then cp "$WORK/summary.md" "$OUT/"; fi

@@ -20,18 +20,20 @@ CASES = {
 }
 
 
-def make_call(name):
+def make_call(name, device="cpu"):
     """(fn, args, leaves) for one fwd+bwd of the op through its Triton backend."""
+    device = torch.device(device)
     if name == "layer_norm":
-        x = torch.randn(3, 7, 24, requires_grad=True)
-        weight, bias = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+        x = torch.randn(3, 7, 24, device=device, requires_grad=True)
+        weight = torch.randn(24, device=device, requires_grad=True)
+        bias = torch.randn(24, device=device, requires_grad=True)
         return layer_norm, (x, weight, bias), (x, weight, bias)
     if name == "ctr_graph_conv static":
-        inputs = quick_cases("ctr_graph_conv")[0].make(torch.device("cpu"), torch.float32)
+        inputs = quick_cases("ctr_graph_conv")[0].make(device, torch.float32)
         v, A = inputs.args[:2]
         return CASES["ctr_graph_conv"].function("triton"), (v, A), (v, A)
     case = CASES[name]
-    inputs = case.make(torch.device("cpu"), torch.float32)
+    inputs = case.make(device, torch.float32)
     if name == "deformable_temporal_conv":
         x, offsets, weight, bias, _ = inputs.args
         return case.function("triton"), (x, offsets, weight, bias, 2), inputs.grads
@@ -40,7 +42,7 @@ def make_call(name):
 
 def fwd_bwd(fn, args, leaves):
     y = fn(*args)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y.device)
     return y, [y.detach(), *torch.autograd.grad(y, leaves, dy)]
 
 
@@ -55,9 +57,12 @@ def autograd_node_names(y):
     return {node.name() for node in seen}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(CASES))
-def test_direct_calls_match_the_dispatcher_path_exactly(name, monkeypatch):
-    fn, args, leaves = make_call(name)
+def test_direct_calls_match_the_dispatcher_path_exactly(name, device, monkeypatch):
+    """On CUDA the dispatcher path is the triton_op (wrap_triton switched off inside it), the
+    direct path the same body under the same switch."""
+    fn, args, leaves = make_call(name, device)
     y_direct, direct = fwd_bwd(fn, args, leaves)
     monkeypatch.setattr(_custom_op, "DIRECT_EAGER_CALLS", False)
     y_op, through_op = fwd_bwd(fn, args, leaves)
