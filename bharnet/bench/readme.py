@@ -1,9 +1,12 @@
 """The README's "Performance" section, generated from ``bench/results/*.csv``.
 
-For each device the latest run (the rows with its newest timestamp) becomes a short Markdown
-report: conditions (device, versions, threads, dtypes, shapes, date), op timings for fwd+bwd
-by provider with speedups over each op's eager baseline (``report.baseline``), and model training-step / inference timings with peak
-memory. The section replaces whatever lies between :data:`START` and :data:`END` in the README.
+For each device a short Markdown report: conditions (device, versions, threads, dtypes, shapes,
+date), op timings for fwd+bwd by provider with speedups over each op's eager baseline
+(``report.baseline``), and model training-step / inference timings with peak memory. Each table
+row (a case: op or model, shape, dtype, mode) comes from the newest run (timestamp) that timed it,
+so a partial run does not hide what older runs measured, and a row never mixes runs; when the rows
+come from several runs, a "run" column says which. The section replaces whatever lies between
+:data:`START` and :data:`END` in the README.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import glob
 import os
 import re
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .env import device_slug
 from .report import (BASELINES, MODEL_MODES, Row, baseline, by_op, case_config, parse_config, read_csv,
@@ -22,24 +25,51 @@ END = "<!-- performance:end -->"
 _NOT_SHAPE = ("dtype", "threads", "run")
 
 
-def latest_runs(rows: Iterable[Row]) -> Dict[str, List[Row]]:
-    """Rows of each device's newest run (by timestamp), devices in order of appearance."""
+def newest_cases(rows: Iterable[Row]) -> Dict[str, List[Row]]:
+    """Per device (in order of appearance), the rows of each case from the newest run that
+    timed it, and the newest run's copy bandwidth; runs with other :func:`_settings` than the
+    newest are left out. Cases in order of first appearance."""
     by_device: Dict[str, List[Row]] = defaultdict(list)
     for row in rows:
         by_device[row.device].append(row)
-    latest = {}
+    chosen = {}
     for device, device_rows in by_device.items():
-        newest = max(r.timestamp for r in device_rows)
-        latest[device] = [r for r in device_rows if r.timestamp == newest]
-    return latest
+        newest = max(device_rows, key=lambda r: r.timestamp)
+        comparable = [r for r in device_rows if _settings(r) == _settings(newest)]
+        run: Dict[Tuple[str, str, str, str], str] = {}
+        for r in comparable:
+            if r.metric == "time" and r.mode in ("fwd+bwd", *MODEL_MODES):
+                run[_table_row(r)] = max(run.get(_table_row(r), ""), r.timestamp)
+        order = {case: i for i, case in enumerate(dict.fromkeys(_table_row(r) for r in comparable))}
+        chosen[device] = sorted((r for r in comparable if run.get(_table_row(r)) == r.timestamp
+                                 or (r.op == "copy" and r.timestamp == newest.timestamp)),
+                                key=lambda r: order[_table_row(r)])
+    return chosen
+
+
+def _table_row(row: Row) -> Tuple[str, str, str, str]:
+    """The table row ``row`` belongs to: (op or model, model mode, x, case config)."""
+    return row.op, row.mode if row.mode in MODEL_MODES else "", row.x, case_config(row.config)
+
+
+def _settings(row: Row) -> Tuple[Optional[str], ...]:
+    """The run-wide settings in ``row``'s config (torch threads, ``--quick``): the conditions
+    line states them once, so only runs that share them are combined."""
+    config = parse_config(row.config)
+    return tuple(config.get(key) for key in ("threads", "run"))
+
+
+def _minute(timestamp: str) -> str:
+    """``2026-11-26T17:01:43Z`` as ``2026-11-26 17:01``."""
+    return timestamp[:16].replace("T", " ")
 
 
 def _shape(config: str) -> str:
     return " ".join(f"{k}={v}" for k, v in parse_config(config).items() if k not in _NOT_SHAPE)
 
 
-def _versions(row: Row) -> str:
-    return ", ".join(v.replace("=", " ") for v in row.versions.split(";"))
+def _versions(versions: str) -> str:
+    return ", ".join(v.replace("=", " ") for v in versions.split(";"))
 
 
 def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> List[str]:
@@ -52,22 +82,33 @@ def _ms(value: float) -> str:
 
 
 def render_device(rows: Sequence[Row], plots: Sequence[str] = ()) -> List[str]:
-    """Markdown lines for one device's run, linking the ``plots`` (paths relative to the README)."""
-    first = rows[0]
+    """Markdown lines for one device's rows (:func:`newest_cases`), linking the ``plots`` (paths
+    relative to the README); the conditions line is the newest run's."""
+    runs = {r.timestamp: r.versions for r in sorted(rows, key=lambda r: r.timestamp)}
+    several = len(runs) > 1
+    newest = max(runs)
+    first = next(r for r in rows if r.timestamp == newest)
     config = parse_config(first.config)
     quick = config.get("run") == "quick"
     dtypes = sorted({parse_config(r.config).get("dtype", "") for r in rows if r.op != "copy"} - {""})
     copy = next((r for r in rows if r.op == "copy"), None)
-    conditions = [f"{_versions(first)}", f"dtypes {', '.join(dtypes)} (bf16 = autocast, parameters fp32)"]
+    if len(set(runs.values())) == 1:
+        versions = _versions(first.versions)
+    else:
+        versions = "versions by run: " + "; ".join(f"{_minute(t)} {_versions(v)}" for t, v in runs.items())
+    conditions = (["rows from the newest run that measured each case (column run)"] if several else []) + [
+        versions, f"dtypes {', '.join(dtypes)} (bf16 = autocast, parameters fp32)"]
     if "threads" in config:
         cores = re.search(r"\((\d+) cores\)", first.device)
         conditions.append(f"torch threads: {config['threads']}" + (f" of {cores.group(1)} cores" if cores else ""))
     if copy is not None:
-        conditions.append(f"measured copy bandwidth {copy.p50:.3g} GB/s")
+        conditions.append(f"measured copy bandwidth {copy.p50:.3g} GB/s" + (" (newest run)" if several else ""))
     auto = next((parse_config(r.config)["auto"] for r in rows if "auto=" in r.config), None)
     if auto is not None:
         conditions.append("`auto` ran " + ", ".join(pair.replace(":", " on ") for pair in auto.split("/")))
-    lines = [f"### {first.device}, {first.timestamp[:10]}" + (" (`--quick`)" if quick else ""), "",
+    oldest = min(runs)[:10]
+    dates = newest[:10] if oldest == newest[:10] else f"{oldest} to {newest[:10]}"
+    lines = [f"### {first.device}, {dates}" + (" (`--quick`)" if quick else ""), "",
              "; ".join(conditions) + "."]
     if quick:
         lines.append("A `--quick` run: tiny shapes and the `small` model preset, a smoke test of the "
@@ -77,7 +118,7 @@ def render_device(rows: Sequence[Row], plots: Sequence[str] = ()) -> List[str]:
     if plots:
         names = [os.path.splitext(os.path.basename(p))[0].split("_", 1)[-1] for p in plots]
         lines.append("Plots: " + ", ".join(f"[{name}]({p})" for name, p in zip(names, plots)) + ".")
-    lines += _op_lines(rows) + _model_lines(rows)
+    lines += _op_lines(rows, several) + _model_lines(rows, several)
     return lines
 
 
@@ -98,16 +139,18 @@ def _providers(rows: Iterable[Row]) -> List[str]:
     return list(dict.fromkeys(r.provider for r in rows))
 
 
-def _op_lines(rows: Sequence[Row]) -> List[str]:
-    """Two tables: fwd+bwd time per provider, and memory (saved for backward, fwd+bwd peak)."""
+def _op_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:
+    """Two tables: fwd+bwd time per provider, and memory (saved for backward, fwd+bwd peak);
+    with ``run_column``, each case's run (its rows must all come from one run)."""
     times = by_op(r for r in rows if r.metric == "time" and r.mode == "fwd+bwd")
     if not times:
         return []
     ratio = speedups(rows)
     metric = {(*row_key(r), r.metric): r.p50 for r in rows}
     providers = _providers(times)
+    cases = {(r.op, r.x, case_config(r.config)): r.timestamp for r in times}  # case -> its run
     speed, memory = [], []
-    for op, x, config in dict.fromkeys((r.op, r.x, case_config(r.config)) for r in times):
+    for (op, x, config), run in cases.items():
         case = [op, _shape(config), parse_config(config).get("dtype", "")]
         cells, mem_cells = list(case), list(case)
         for p in providers:
@@ -119,28 +162,32 @@ def _op_lines(rows: Sequence[Row]) -> List[str]:
             mem_cells.append("-" if saved is None else f"{saved:.3g} / " + ("-" if peak is None else f"{peak:.3g}"))
         roof = [v for v in (metric.get((op, p, "fwd+bwd", x, config, "roofline")) for p in providers) if v is not None]
         cells.append(f"{max(roof):.2g}%" if roof else "-")
-        speed.append(cells)
-        memory.append(mem_cells)
+        run_cell = [_minute(run)] if run_column else []
+        speed.append(cells + run_cell)
+        memory.append(mem_cells + run_cell)
     head = ["op", "shape", "dtype"]
+    tail = ["run"] if run_column else []
     return (["", f"Ops, forward + backward, ms (speedup over the baseline: {_baselines_text(times)}); the last column "
              "is the best "
              "provider's traffic (inputs read once, outputs written once) over its time, as a share "
              "of the copy bandwidth:", ""]
-            + _table(head + providers + ["best % of copy BW"], speed)
+            + _table(head + providers + ["best % of copy BW"] + tail, speed)
             + ["", "Ops, memory in MiB: saved for backward by the forward / peak of forward + backward "
                "above the inputs:", ""]
-            + _table(head + providers, memory))
+            + _table(head + providers + tail, memory))
 
 
-def _model_lines(rows: Sequence[Row]) -> List[str]:
+def _model_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:
+    """The models' table; with ``run_column``, each case's run."""
     times = [r for r in rows if r.metric == "time" and r.mode in MODEL_MODES]
     if not times:
         return []
     ratio = speedups(rows)
     metric = {(*row_key(r), r.metric): r.p50 for r in rows}
     providers = _providers(times)
+    cases = {(r.op, r.mode, r.x, case_config(r.config)): r.timestamp for r in times}  # case -> its run
     body = []
-    for model, mode, x, config in dict.fromkeys((r.op, r.mode, r.x, case_config(r.config)) for r in times):
+    for (model, mode, x, config), run in cases.items():
         cells = [model, "training step" if mode == "train" else "inference, 1 clip",
                  f"{parse_config(config).get('dtype', '')}, {_shape(config)}"]
         for p in providers:
@@ -149,9 +196,9 @@ def _model_lines(rows: Sequence[Row]) -> List[str]:
             speed = ratio.get((model, p, mode, x, config))
             text = _timed(t, speed, p == baseline(model))
             cells.append(text + ("" if peak is None or t is None else f", {peak:.3g} MiB"))
-        body.append(cells)
+        body.append(cells + ([_minute(run)] if run_column else []))
     return (["", "Models (time, and peak memory above the resident model, optimizer state and inputs):", ""]
-            + _table(["model", "step", "config"] + providers, body))
+            + _table(["model", "step", "config"] + providers + (["run"] if run_column else []), body))
 
 
 def render(rows: Iterable[Row], plots_dir: Optional[str] = None, base_dir: str = ".") -> str:
@@ -159,16 +206,16 @@ def render(rows: Iterable[Row], plots_dir: Optional[str] = None, base_dir: str =
     ``plots_dir``, each device's PNGs there (``<device slug>_*.png``, as ``bharnet bench``
     names them) are linked, relative to ``base_dir`` (the README's directory)."""
     lines = ["## Performance", "",
-             "Generated by `python bench/update_readme.py` from `bench/results/*.csv` (the latest "
-             "`bharnet bench` run per device); rerun both to refresh. Providers: `eager` (the "
-             "PyTorch reference), `compile` (`torch.compile` of it), each bharnet backend, and "
+             "Generated by `python bench/update_readme.py` from `bench/results/*.csv` (per device, "
+             "each case from the newest `bharnet bench` run that measured it); rerun both to refresh. "
+             "Providers: `eager` (the PyTorch reference), `compile` (`torch.compile` of it), each bharnet backend, and "
              "`<backend>+compile`; for cross_attention also `sdpa` (the same layer with `nn.Linear` "
              "projections around `scaled_dot_product_attention`, its baseline), `sdpa+compile` and "
              "`sdpa-<backend>` (one SDPA backend forced)."]
-    runs = latest_runs(rows)
-    if not runs:
+    cases = newest_cases(rows)
+    if not cases:
         lines += ["", "No benchmark results yet: run `bharnet bench`."]
-    for device, device_rows in runs.items():
+    for device, device_rows in cases.items():
         plots = [] if plots_dir is None else sorted(
             os.path.relpath(p, base_dir) for p in glob.glob(os.path.join(plots_dir, f"{device_slug(device)}_*.png")))
         lines += [""] + render_device(device_rows, plots)

@@ -3,6 +3,7 @@ import argparse
 import csv
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,8 @@ def test_readme_section_is_generated_from_the_latest_run(tmp_path):
     assert "torch 2.11.0, triton 3.6.0" in section and "dtypes bf16, fp32" in section
     assert "| ctr_graph_conv | B=128 C=64 T=64 V=25 | bf16 | 4.5 | 1.5 (3.00x) | 42% |" in section
     assert "| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB |" in section
+    assert "| op | shape | dtype | eager | triton | best % of copy BW |\n" in section  # one run: no run column
+    assert "| run |" not in section and "column run" not in section
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# project\n\nintro\n\n{START}\nold numbers\n{END}\n\n## After\n")
@@ -294,6 +297,29 @@ def test_readme_section_is_generated_from_the_latest_run(tmp_path):
     assert "old numbers" not in text and "1.5 (3.00x)" in text
     assert "Plots: [models](bench/plots/cuda-fake-gpu_models.png)." in text
     assert text.startswith("# project\n\nintro\n\n") and text.endswith(f"{END}\n\n## After\n")
+
+
+def test_readme_rows_come_from_the_newest_run_that_measured_each_case(tmp_path):
+    path = tmp_path / "cuda-fake-gpu.csv"
+    older = fake_rows("2026-01-01T09:30:00Z", 9.0, 3.0)
+    older += [replace(r, op="deformable_temporal_conv") for r in fake_rows("2026-01-01T09:30:00Z", 8.0, 4.0)
+              if r.op == "ctr_graph_conv"]
+    newer = [replace(r, versions="torch=2.12.0;triton=3.6.0;bharnet=0.1.0")  # only ctr_graph_conv (and copy)
+             for r in fake_rows("2026-02-01T17:05:00Z", 6.0, 1.5) if r.op in ("copy", "ctr_graph_conv")]
+    other_threads = [replace(r, op="bone", config=r.config + ";threads=4")  # not combined with the others
+                     for r in fake_rows("2025-12-01T00:00:00Z", 1.0, 1.0) if r.op == "ctr_graph_conv"]
+    write_csv(other_threads + older + newer, str(path))
+    section = render(read_csv(str(path)))
+    assert "### cuda: Fake GPU, 2026-01-01 to 2026-02-01" in section and "| bone |" not in section
+    assert ("rows from the newest run that measured each case (column run); versions by run: 2026-01-01 09:30 "
+            "torch 2.11.0, triton 3.6.0, bharnet 0.1.0; 2026-02-01 17:05 torch 2.12.0, triton 3.6.0") in section
+    assert "| op | shape | dtype | eager | triton | best % of copy BW | run |" in section
+    assert "| ctr_graph_conv | B=128 C=64 T=64 V=25 | bf16 | 6 | 1.5 (4.00x) | 42% | 2026-02-01 17:05 |" in section
+    assert ("| deformable_temporal_conv | B=128 C=64 T=64 V=25 | bf16 | 8 | 4 (2.00x) | 42% "
+            "| 2026-01-01 09:30 |") in section
+    assert "3.00x" not in section and section.count("| ctr_graph_conv |") == 2  # time and memory tables, newer only
+    assert ("| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB "
+            "| 2026-01-01 09:30 |") in section
 
 
 def test_readme_markers_are_added_when_missing():
