@@ -85,6 +85,11 @@ def launch_overhead(device, iters=2000):
     def empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
         pass
 
+    @triton.jit
+    def many_args_kernel(a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9,
+                         s10, s11, s12, s13, s14, s15, s16, s17, s18, s19, BLOCK: tl.constexpr):
+        pass
+
     @triton_op("bharnet_profile::empty", mutates_args=())
     def empty_op(x: torch.Tensor) -> torch.Tensor:
         wrap_triton(empty_kernel)[(1,)](x, x.numel(), BLOCK=16)
@@ -92,6 +97,8 @@ def launch_overhead(device, iters=2000):
 
     x = torch.zeros(16, device=device)
     ways = {"direct kernel[grid](...)": lambda: empty_kernel[(1,)](x, x.numel(), BLOCK=16),
+            "direct, 5 pointers + 20 ints (like DeTGC's kernels)":
+                lambda: many_args_kernel[(1,)](x, x, x, x, x, *range(3, 23), BLOCK=16),
             "wrap_triton(kernel)[grid](...)": lambda: wrap_triton(empty_kernel)[(1,)](x, x.numel(), BLOCK=16),
             "triton_op custom op": lambda: empty_op(x),
             "torch.empty": lambda: torch.empty(16, device=device),
