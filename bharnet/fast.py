@@ -69,9 +69,8 @@ def swap_layers(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:
 
     A layer whose op has no such backend at all gets ``auto`` instead (so a model mixing ops
     with different backend sets can still be switched as a whole); a backend that exists but
-    cannot run on the tensors' device still raises its error at the call (e.g. ``cpp``
-    cross-attention on CUDA). Parameters, buffers and
-    state-dict keys are untouched, so a checkpoint trained with one backend loads into a model
+    cannot run on the tensors' device still raises its error at the call (e.g. ``triton`` on a
+    CPU without the Triton interpreter). Parameters, buffers and state-dict keys are untouched, so a checkpoint trained with one backend loads into a model
     running another. ``backend=None`` returns the layers to the global default
     (``bharnet.ops.use_backend``). Returns ``model``.
     """

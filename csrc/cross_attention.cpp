@@ -28,6 +28,10 @@
 // written by one task in a fixed order: results do not depend on the thread count. Arithmetic
 // is in the input dtype (float32 or float64); exp is vectorised for float32
 // (simd::exp_nonpositive), std::exp for float64.
+//
+// The CUDA kernels of both ops are csrc/cross_attention_kernels.cu (bound by
+// csrc/cross_attention_cuda.cpp); the input checks they share with this file are in
+// csrc/cross_attention.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,6 +41,7 @@
 #include <vector>
 
 #include "cpu_simd.h"
+#include "cross_attention.h"
 
 namespace bharnet {
 namespace {
@@ -48,9 +53,7 @@ template <typename T> using Vec = simd::vec<T>;
 // Queries per block: the block's scores (kQueryBlock x Lkp) stay in cache next to k and v.
 constexpr int64_t kQueryBlock = 64;
 
-struct Sizes {
-  int64_t N, Lq, Lk, D, heads, d;
-};
+using Sizes = AttnSizes;
 
 // exp of each lane (y <= 0 up to rounding). float32: simd::exp_nonpositive, whose range
 // reduction builds 2^n in the exponent bits and so holds down to n = -126, y = -87: y is clamped
@@ -251,29 +254,11 @@ Sizes check_inputs(const char* op, const at::Tensor& q, const at::Tensor& kv, co
   TORCH_CHECK(q.device().is_cpu(), op, " (CPU kernel): expected CPU tensors, got q on ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
               ": the CPU kernels take float32 or float64, got q in ", q.scalar_type());
-  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (N, Lq, D), got ", q.sizes());
-  const int64_t N = q.size(0), Lq = q.size(1), D = q.size(2);
-  TORCH_CHECK(heads >= 1 && D % heads == 0, op, ": heads must be a positive divisor of D = ", D, ", got ", heads);
-  TORCH_CHECK(kv.dim() == 3 && kv.size(0) == N && kv.size(2) == 2 * D, op, ": kv must have shape (", N, ", Lk, ",
-              2 * D, ") = [k | v], got ", kv.sizes());
-  TORCH_CHECK(kv.scalar_type() == q.scalar_type() && kv.device() == q.device(), op,
-              ": kv must have q's dtype and device (", q.scalar_type(), ", ", q.device(), "), got ",
-              kv.scalar_type(), ", ", kv.device());
-  const int64_t Lk = kv.size(1);
-  if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": key_mask must be bool (True = may be attended), got ",
-                mask->scalar_type());
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == N && mask->size(1) == Lk && mask->device() == q.device(), op,
-                ": key_mask must have shape (", N, ", ", Lk, ") on q's device, got ", mask->sizes(), " on ",
-                mask->device());
-  }
-  return Sizes{N, Lq, Lk, D, heads, D / heads};
+  return attn_check(op, q, kv, mask, heads);
 }
 
 void check_same(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& q) {
-  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": ", name,
-              " must have shape ", shape, " and q's dtype ", q.scalar_type(), " on ", q.device(), ", got ", t.sizes(),
-              " ", t.scalar_type(), " on ", t.device());
+  attn_check_like(op, name, t, shape, q.scalar_type(), "q's dtype", q);
 }
 
 const bool* mask_ptr(const at::Tensor& mask) { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }

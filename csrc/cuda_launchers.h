@@ -2,9 +2,10 @@
 // headers) and their bindings (csrc/*_cuda.cpp): raw device pointers, sizes, a dtype code and
 // the stream to launch on. Every launcher returns the launch's cudaError_t.
 //
-// Dtypes: features (v, dy, x, y, dx, and DeTGC's weight and bias) have `dtype`; the
-// accumulation dtype "acc" is float64 for kFloat64 and float32 otherwise, and is also the
-// dtype of CTR-GC's topology inputs and of every buffer documented as "acc" below.
+// Dtypes: features (v, dy, x, y, dx, DeTGC's weight and bias, the cross-attention's q, kv, o,
+// grad_o, dq and dkv) have `dtype`; the accumulation dtype "acc" is float64 for kFloat64 and
+// float32 otherwise, and is also the dtype of CTR-GC's topology inputs and of every buffer
+// documented as "acc" below.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -52,6 +53,24 @@ cudaError_t det_param_grad(DType dtype, const DetShape& s, const void* dy, const
 cudaError_t det_input_grad(DType dtype, const DetShape& s, const void* dy, const void* weight,
                            const int32_t* row_start, const int32_t* src, const void* coef, void* dx,
                            cudaStream_t stream);
+
+// Cross-attention core: q (N, Lq, D), kv (N, Lk, 2D) = [k | v], key mask (N, Lk) bool (True = may be
+// attended; null: every key); head h is features [h d, (h+1) d) of q, k and v (D = heads d);
+// o like q; lse, delta (N, heads, Lq) in acc. Per (n, h), with scale = 1/sqrt(d):
+//   s[i, j] = scale q_i . k_j (valid keys j only),  lse_i = log sum_j exp(s[i, j]),  P[i, j] = exp(s[i, j] - lse_i)
+// A query without valid keys has lse_i = +inf, P[i, :] = 0, o_i = 0 and zero gradients.
+struct AttnShape {
+  int64_t N, Lq, Lk, D, heads, d;
+};
+
+// o_i = sum_j P[i, j] v_j; lse as above. Needs d <= 128.
+cudaError_t attn_forward(DType dtype, const AttnShape& s, const void* q, const void* kv, const bool* mask, void* o,
+                         void* lse, cudaStream_t stream);
+// dP[i, j] = dO_i . v_j,  delta_i = sum_j P[i, j] dP[i, j] (written to delta),  dS = P (dP - delta);
+// dq_i = scale sum_j dS[i, j] k_j;  dkv[j] = [dk_j | dv_j] with dk_j = scale sum_i dS[i, j] q_i, dv_j = sum_i P[i, j] dO_i
+// (P recomputed from lse; masked keys get dk = dv = 0). Needs d <= 128.
+cudaError_t attn_backward(DType dtype, const AttnShape& s, const void* grad_o, const void* q, const void* kv,
+                          const void* lse, const bool* mask, void* delta, void* dq, void* dkv, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bharnet

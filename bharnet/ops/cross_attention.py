@@ -23,10 +23,12 @@ the rest (projections, LayerNorm, residual) by the chain rule through ``F.linear
 ``F.layer_norm`` (``bharnet.ops.layer_norm`` gives the LayerNorm gradients in the triton
 backend).
 
-Backends: ``reference`` (below), ``triton`` and ``cpp`` (CPU only: the attention core is the
-C++ kernel ``csrc/cross_attention.cpp``, float32/float64, parallel over (n, head) with the SIMD
-micro-kernel of ``csrc/cpu_simd.h``; LayerNorms, projections and residual are torch ops; see the
-cpp section below). What the triton backend fuses, and why:
+Backends: ``reference`` (below), ``triton`` and ``cpp`` (the attention core is a C++ kernel: on
+CPU ``csrc/cross_attention.cpp``, float32/float64, parallel over (n, head) with the SIMD
+micro-kernel of ``csrc/cpu_simd.h``; on CUDA ``csrc/cross_attention_kernels.cu``, float16,
+bfloat16, float32 and float64, head dims up to 128, a plain SIMT kernel (one warp per query
+row, online softmax); LayerNorms, projections and residual are torch ops; see the cpp section
+below). What the triton backend fuses, and why:
 
 * the attention core is one Triton kernel per direction (``bharnet.kernels.cross_attention``):
   it reads q and the fused [k | v] projection output in their (N, L, heads * d) layouts (no
@@ -64,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._ext import cpp_availability, registered_after_loading
+from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
 from ._custom_op import cdiv, launcher, new_output, next_pow2, triton_custom_op, with_autograd
@@ -332,15 +334,18 @@ def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bia
 
 
 # --- cpp backend ------------------------------------------------------------------------------
-# The C++ CPU kernels (csrc/cross_attention.cpp) are the custom ops
-# bharnet::cross_attention_core_cpp and bharnet::cross_attention_core_cpp_backward, with the
-# schemas, outputs (lse in the input dtype, float32 or float64) and autograd of the Triton core
+# The C++ CPU kernels (csrc/cross_attention.cpp) and CUDA kernels (csrc/cross_attention_kernels.cu,
+# bound by csrc/cross_attention_cuda.cpp) are the custom ops bharnet::cross_attention_core_cpp
+# and bharnet::cross_attention_core_cpp_backward, with the schemas, outputs (lse in the
+# accumulation dtype: float64 for float64 inputs, else float32) and autograd of the Triton core
 # op, except that the backward takes no o (it forms delta = rowsum(P * dP) from the recomputed
 # P); they get names of their own because bharnet::cross_attention_core is the Triton op (on
-# CPU it runs the Triton interpreter, which the Triton tests rely on). There are no CUDA
-# kernels: on a GPU the triton backend is the fused one.
+# CPU it runs the Triton interpreter, which the Triton tests rely on). The CUDA kernels are a
+# simple SIMT design (one warp per query row, or per key row for dk/dv), not tuned; on a GPU
+# the triton backend remains the fused, faster one and what ``auto`` picks.
 
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
+CPP_CUDA_MAX_HEAD_DIM = 128
 
 def _register_cpp_ops_now() -> None:
     """Fake impls and autograd of the C++ ops (run once, after the extension is loaded)."""
@@ -361,10 +366,13 @@ _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
 def _cpp_attend(q, kv, key_mask, heads):
-    """The C++ attention core; float16/bfloat16 q and kv (autocast) are computed in float32 and
-    the output cast back (gradients flow back through the casts)."""
+    """The C++ attention core in q's dtype (kv cast to it). The CPU kernels take float32/float64:
+    on CPU, float16/bfloat16 q and kv (autocast) are computed in float32 and the output cast
+    back (gradients flow back through the casts); the CUDA kernels take them as they are."""
     _register_cpp_ops()
-    compute = q.dtype if q.dtype in CPP_CPU_DTYPES else torch.float32
+    compute = q.dtype
+    if q.device.type == "cpu" and compute not in CPP_CPU_DTYPES:
+        compute = torch.float32
     o = torch.ops.bharnet.cross_attention_core_cpp(q.to(compute), kv.to(compute), key_mask, heads)[0]
     return o.to(q.dtype)
 
@@ -372,7 +380,13 @@ def _cpp_attend(q, kv, key_mask, heads):
 def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
                         out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
                         norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
-    """C++ backend (CPU): torch LayerNorms, projections and residual, C++ attention core."""
+    """C++ backend (CPU, or CUDA for head dims <= 128): torch LayerNorms, projections and
+    residual, C++/CUDA attention core."""
+    head_dim = x_q.shape[-1] // heads
+    if x_q.device.type == "cuda" and head_dim > CPP_CUDA_MAX_HEAD_DIM:
+        raise ValueError(f"cross_attention: the cpp backend's CUDA kernels support head dims <= "
+                         f"{CPP_CUDA_MAX_HEAD_DIM}, got dim {x_q.shape[-1]} / heads {heads} = "
+                         f"{head_dim}; use backend='reference'")
     return _layer(_cpp_attend, _torch_layer_norm, x_q, x_kv, heads, q_weight, q_bias, kv_weight,
                   kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
                   norm_kv_weight, norm_kv_bias, pre_norm, eps)
@@ -380,7 +394,7 @@ def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, 
 
 def _cpp_availability(device_type: str) -> Optional[str]:
     if device_type == "cuda":
-        return "the cpp backend of cross_attention has no CUDA kernels (use 'triton' on a GPU)"
+        return cuda_availability("cross_attention_core_cpp")
     return cpp_availability(device_type)
 
 

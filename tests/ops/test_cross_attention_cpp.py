@@ -1,6 +1,6 @@
-"""The ``cpp`` backend of ``bharnet.ops.cross_attention`` (the C++ CPU attention core,
-``bharnet::cross_attention_core_cpp`` and its backward, inside the shared torch layer) against
-the float64 reference: the output and every gradient (x_q, x_kv, the projection weights and
+"""The ``cpp`` backend of ``bharnet.ops.cross_attention`` (the C++ attention core,
+``bharnet::cross_attention_core_cpp`` and its backward, inside the shared torch layer: CPU kernels
+here, CUDA kernels in the GPU tests at the end) against the float64 reference: the output and every gradient (x_q, x_kv, the projection weights and
 biases, the LayerNorm parameters), as relative errors ``||out - ref|| / ||ref||`` (absolute where
 the reference is exactly zero, e.g. the query-side gradients when one key makes the softmax
 constant).
@@ -17,6 +17,10 @@ tokens) add a few unit roundoffs (6e-8) times sqrt(reduction length) each, so ab
 worst case; measured <= 7e-7. float16/bfloat16 inputs are computed in float32 in the core and
 follow DESIGN.md section 6 (at most 2x, 3x for gradients, the error of the reference run in that
 dtype, plus the rounding of the exact result).
+
+The CUDA kernels (GPU tests): the same tolerances for float32/float64 (the same sums in another
+order; expf/logf are within 2 ulp), DESIGN.md section 6 for float16/bfloat16 (computed in those
+dtypes with float32 accumulation).
 """
 import importlib
 
@@ -31,7 +35,8 @@ from cross_attention_cases import (NAMES, assert_core_reads_strided_views,
                                    assert_matches_without_affine_and_biases, core_inputs,
                                    make_inputs, names_for, noncontiguous_layer_inputs,
                                    random_mask)
-from op_testing import as_float64, assert_independent_of_thread_count, run
+from op_testing import (as_float64, assert_independent_of_thread_count, assert_low_precision_rule,
+                        run, to_device)
 from op_testing import rel_or_abs_err as err
 
 ops_module = importlib.import_module("bharnet.ops.cross_attention")
@@ -231,12 +236,18 @@ def test_torch_compile_fullgraph():
         assert err(g, r) < 1e-6, name
 
 
-def test_auto_picks_cpp_on_cpu_and_cuda_is_refused_with_a_reason():
+def test_auto_picks_cpp_on_cpu_and_cuda_needs_the_cuda_kernels():
+    """On CUDA the cpp backend runs when the extension has the op's CUDA kernels, else it is
+    refused with the reason (here: a CPU-only build without a GPU)."""
     assert resolve("cross_attention", "auto", "cpu") == "cpp"
-    assert ops_module._cpp_availability("cuda") == (
-        "the cpp backend of cross_attention has no CUDA kernels (use 'triton' on a GPU)")
+    reason = ops_module._cpp_availability("cuda")
+    if torch._C._dispatch_has_kernel_for_dispatch_key("bharnet::cross_attention_core_cpp", "CUDA"):
+        assert reason is None
+        assert resolve("cross_attention", "cpp", "cuda") == "cpp"
+        return
+    assert "built without CUDA kernels" in reason
     with pytest.raises(RuntimeError, match="backend 'cpp' cannot run cross_attention on cuda: "
-                                           "the cpp backend of cross_attention has no CUDA kernels"):
+                                           r"the C\+\+ extension was built without CUDA kernels"):
         resolve("cross_attention", "cpp", "cuda")
 
 
@@ -273,3 +284,225 @@ def test_bad_core_input_raises_clear_error():
         torch.ops.bharnet.cross_attention_core_cpp_backward(o, q, kv, lse[:, :1], mask, 2)
     with pytest.raises(RuntimeError, match=r"grad_o must have shape \[2, 5, 16\] and q's dtype"):
         torch.ops.bharnet.cross_attention_core_cpp_backward(o.double(), q, kv, lse, mask, 2)
+
+
+# --- CUDA kernels (run by bench/gpu_check.sh) ---------------------------------------------------
+GPU = "cuda"
+
+
+@pytest.fixture
+def poisoned_cuda():
+    """Best effort: the CUDA caching allocator's free blocks are filled with NaN before the test,
+    so outputs that a kernel leaves unwritten (they come from at::empty) show as NaN."""
+    blocks = [torch.full((1 << 18,), float("nan"), device=GPU) for _ in range(16)]  # small pool
+    blocks.append(torch.full((1 << 26,), float("nan"), device=GPU))                  # large pool
+    del blocks
+    torch.cuda.synchronize()
+
+
+def gpu_core_inputs(N, Lq, Lk, D, heads, dtype, masked, seed=3):
+    """q, kv on the GPU and a key mask (sequence 0 fully masked, random keys masked elsewhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(N, Lq, D, generator=gen).to(GPU, dtype)
+    kv = torch.randn(N, Lk, 2 * D, generator=gen).to(GPU, dtype)
+    mask = random_mask(N, Lk, seed=seed, fully_masked=(0,)).to(GPU) if masked else None
+    return q, kv, mask
+
+
+def reference_lse(q, kv, mask, heads):
+    """log sum_j exp(s_ij) over the valid keys in float64 on the CPU (+inf without valid keys)."""
+    q, kv = q.double().cpu(), kv.double().cpu()
+    k = kv[..., :q.shape[-1]]
+    split = ops_module._split_heads
+    scores = split(q, heads) @ split(k, heads).transpose(-1, -2) / (q.shape[-1] // heads) ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.cpu()[:, None, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+
+
+# (N, Lq, Lk, D, heads): head dims 8, 24, 40, 72 and 128 (the kernels' 1, 2 and 4 features per
+# lane, 72 with partly idle lanes), Lq = 1, Lk = 1, Lk = 1000, several 16-row blocks and 32-row
+# tiles on both sides, ragged at both ends (Lq 17 and 33, Lk 33 and 70).
+GPU_CORE_SHAPES = [(3, 25, 42, 64, 8), (3, 1, 42, 48, 2), (3, 25, 1, 48, 2), (2, 67, 1000, 256, 2),
+                   (2, 33, 70, 120, 3), (2, 17, 33, 72, 1), (2, 1, 1, 128, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", GPU_CORE_SHAPES, ids=lambda s: "N{}_Lq{}_Lk{}_D{}_h{}".format(*s))
+def test_gpu_core_matches_float64_reference(shape, dtype, masked, poisoned_cuda):
+    """o, lse, dq and dkv of the CUDA core against the float64 reference; bitwise repeatable."""
+    heads = shape[-1]
+    q, kv, mask = gpu_core_inputs(*shape, dtype=dtype, masked=masked)
+    expected = run(core_reference, as_float64([q, kv, mask, heads]))  # float64 on the GPU
+    got = run(core, (q, kv, mask, heads))
+    assert all(t.device.type == "cuda" for t in got)
+    assert_matches(got, expected, TOLERANCE[dtype], ("o", "dq", "dkv"))
+    assert torch.equal(got[0], run(core, (q, kv, mask, heads))[0])
+
+    lse = torch.ops.bharnet.cross_attention_core_cpp(q, kv, mask, heads)[1]
+    assert lse.dtype == dtype and lse.shape == (shape[0], heads, shape[1])
+    lse_ref = reference_lse(q, kv, mask, heads)
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    assert err(lse.cpu()[finite], lse_ref[finite]) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gpu_fully_masked_rows_are_zero_with_zero_grads(dtype, poisoned_cuda):
+    """A sequence without valid keys: o = 0 exactly, lse = +inf, dq = 0 and dkv = 0 (finite);
+    masked keys of the other sequences get dkv = 0 exactly, valid ones do not."""
+    q, kv, mask = gpu_core_inputs(3, 25, 42, 48, 2, dtype=dtype, masked=True)
+    mask[2] = False
+    ops_module._register_cpp_ops()
+    o, lse = torch.ops.bharnet.cross_attention_core_cpp(q, kv, mask, 2)
+    assert (o[0] == 0).all() and (o[2] == 0).all() and torch.isfinite(o).all()
+    assert (lse[0] == float("inf")).all() and (lse[2] == float("inf")).all() and torch.isfinite(lse[1]).all()
+    grad_o = torch.randn_like(o)
+    dq, dkv = torch.ops.bharnet.cross_attention_core_cpp_backward(grad_o, q, kv, lse, mask, 2)
+    assert torch.isfinite(dq).all() and torch.isfinite(dkv).all()
+    for n in (0, 2):
+        assert (dq[n] == 0).all() and (dkv[n] == 0).all()
+    assert (dkv[1][~mask[1]] == 0).all() and (dkv[1][mask[1]] != 0).any() and (dq[1] != 0).any()
+
+
+# The layer on the GPU: the torch parts (cuBLAS projections over up to 2000 tokens, LayerNorm)
+# add their own float32 rounding, as in the Triton GPU tests.
+GPU_LAYER_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def gpu_layer_inputs(N, Lq, Lk, D, heads, dtype, masked=True):
+    mask = random_mask(N, Lk, fully_masked=(0,)) if masked else None
+    return to_device(make_inputs(N, Lq, Lk, D, heads, dtype=dtype, mask=mask), GPU)
+
+
+# (N, Lq, Lk, dim, heads): the model's frame mode (25 body joints attend 42 hand joints, 8 heads
+# of 32), head dim 8 with Lq = 1, head dim 128 with long keys, Lk = 1.
+GPU_LAYER_SHAPES = [(64, 25, 42, 256, 8), (3, 1, 42, 64, 8), (2, 67, 1000, 256, 2), (3, 25, 1, 48, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", GPU_LAYER_SHAPES, ids=lambda s: "N{}_Lq{}_Lk{}_D{}_h{}".format(*s))
+def test_gpu_layer_matches_float64_reference(shape, dtype, poisoned_cuda):
+    """The whole layer on CUDA with the cpp backend: output and every gradient (x_q, x_kv,
+    projection weights and biases, LayerNorm parameters)."""
+    inputs = gpu_layer_inputs(*shape, dtype)
+    expected = run(cross_attention_reference, as_float64(inputs))
+    got = run(cpp_fn, inputs)
+    assert got[0].device.type == "cuda"
+    assert_matches(got, expected, GPU_LAYER_TOLERANCE[dtype], names_for(inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", GPU_CORE_SHAPES[:5], ids=lambda s: "N{}_Lq{}_Lk{}_D{}_h{}".format(*s))
+def test_gpu_low_precision_core(shape, dtype, poisoned_cuda):
+    """DESIGN.md section 6 on the core itself: 16-bit q, kv in, o, dq, dkv out in that dtype
+    (lse in float32), errors at most 2x / 3x the reference's own in that dtype."""
+    heads = shape[-1]
+    q, kv, mask = gpu_core_inputs(*shape, dtype=dtype, masked=True)
+    expected = run(core_reference, as_float64([q, kv, mask, heads]))
+    same_precision = run(core_reference, (q, kv, mask, heads))
+    got = run(core, (q, kv, mask, heads))
+    assert all(g.dtype == dtype for g in got)
+    assert torch.ops.bharnet.cross_attention_core_cpp(q, kv, mask, heads)[1].dtype == torch.float32
+    assert_low_precision_rule(got, same_precision, expected, ("o", "dq", "dkv"), err=err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", GPU_LAYER_SHAPES[:3], ids=lambda s: "N{}_Lq{}_Lk{}_D{}_h{}".format(*s))
+def test_gpu_low_precision_layer(shape, dtype, poisoned_cuda):
+    """The whole layer in bf16/fp16 on CUDA (the core takes 16-bit inputs directly), under
+    DESIGN.md section 6's rule; also under CUDA autocast through TokenCrossAttention."""
+    inputs = gpu_layer_inputs(*shape, dtype)
+    expected = run(cross_attention_reference, as_float64(inputs))
+    same_precision = run(cross_attention_reference, inputs)
+    got = run(cpp_fn, inputs)
+    assert all(g.dtype == dtype for g in got)
+    assert_low_precision_rule(got, same_precision, expected, NAMES, err=err)
+
+    torch.manual_seed(0)
+    layer = TokenCrossAttention(64, heads=4, impl="cpp").to(GPU)
+    x_q, x_kv = torch.randn(3, 25, 64, device=GPU), torch.randn(3, 42, 64, device=GPU)
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x_q, x_kv)
+        layer.impl = "reference"
+        y_ref = layer(x_q, x_kv)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_gpu_noncontiguous_inputs(poisoned_cuda):
+    """Transposed-storage x_q, x_kv and weights and a strided key mask through the layer; q/kv
+    views with row strides that are not their width at the core op (bitwise the same results)."""
+    inputs, _ = noncontiguous_layer_inputs()
+    gpu = to_device(inputs, GPU)
+    nc = list(gpu)
+    nc[0] = gpu[0].transpose(0, 1).contiguous().transpose(0, 1)
+    nc[1] = gpu[1].transpose(1, 2).contiguous().transpose(1, 2)
+    for i in (3, 5, 7):
+        nc[i] = gpu[i].t().contiguous().t()
+    wide_mask = torch.zeros(3, 14, dtype=torch.bool, device=GPU)
+    wide_mask[:, ::2] = gpu[9]
+    nc[9] = wide_mask[:, ::2]
+    assert not any(t.is_contiguous() for t in (nc[0], nc[1], nc[3], nc[5], nc[7], nc[9]))
+    expected = run(cross_attention_reference, as_float64(gpu))
+    assert_matches(run(cpp_fn, nc), expected, GPU_LAYER_TOLERANCE[torch.float32])
+
+    q, kv, mask = gpu_core_inputs(2, 5, 7, 16, 2, dtype=torch.float32, masked=True)
+    D = q.shape[-1]
+    q_view = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :D]
+    kv_view = torch.cat([torch.randn_like(kv), kv], dim=1)[:, 7:]
+    assert q_view.stride(1) == 2 * D and kv_view.storage_offset() == 7 * 2 * D
+    for a, b in zip(run(core, (q, kv, mask, 2)), run(core, (q_view, kv_view, mask, 2))):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_gpu_opcheck(masked, dtype):
+    ops_module._register_cpp_ops()
+    q, kv, mask = gpu_core_inputs(2, 5, 7, 16, 2, dtype=dtype, masked=masked)
+    torch.library.opcheck(torch.ops.bharnet.cross_attention_core_cpp.default,
+                          (q.requires_grad_(), kv.requires_grad_(), mask, 2))
+    q, kv = q.detach(), kv.detach()
+    o, lse = torch.ops.bharnet.cross_attention_core_cpp(q, kv, mask, 2)
+    torch.library.opcheck(torch.ops.bharnet.cross_attention_core_cpp_backward.default,
+                          (torch.randn_like(o), q, kv, lse, mask, 2))
+
+
+@pytest.mark.gpu
+def test_gpu_backend_choice_and_bad_inputs():
+    """cpp is available on CUDA (auto still prefers triton); what the CUDA kernels cannot run
+    raises a clear error."""
+    assert ops_module._cpp_availability("cuda") is None
+    assert resolve("cross_attention", "cpp", "cuda") == "cpp"
+    inputs = to_device(make_inputs(1, 2, 3, 258, 2), GPU)
+    with pytest.raises(ValueError, match="CUDA kernels support head dims <= 128, got dim 258 / heads 2 = 129"):
+        cpp_fn(*inputs)
+    ops_module._register_cpp_ops()
+    op = torch.ops.bharnet.cross_attention_core_cpp
+    q, kv, mask = gpu_core_inputs(2, 5, 7, 16, 2, dtype=torch.float32, masked=True)
+    cases = [
+        ((q.int(), kv.int(), mask, 2), "the CUDA kernels take float16, bfloat16, float32 or float64 q, got Int"),
+        ((q, kv.double(), mask, 2), "kv must have q's dtype and device"),
+        ((q, kv.cpu(), mask, 2), "kv must have q's dtype and device"),
+        ((q, kv, mask.cpu(), 2), r"key_mask must have shape \(2, 7\) on q's device"),
+        ((q[..., :8].repeat(1, 1, 33), kv[..., :8].repeat(1, 1, 66), mask, 2),
+         "the CUDA kernels take head dims up to 128, got D / heads = 264 / 2 = 132"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+    o, lse = op(q, kv, mask, 2)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[2, 2, 5\] and the accumulation dtype Float"):
+        torch.ops.bharnet.cross_attention_core_cpp_backward(o, q, kv, lse.double(), mask, 2)
+    with pytest.raises(RuntimeError, match=r"grad_o must have shape \[2, 5, 16\] and q's dtype"):
+        torch.ops.bharnet.cross_attention_core_cpp_backward(o.half(), q, kv, lse, mask, 2)
