@@ -68,7 +68,7 @@ def triton_custom_op(name: str, fake):
 DIRECT_EAGER_CALLS = True
 
 
-def _direct_call_allowed(first: torch.Tensor) -> bool:
+def direct_call_allowed(first: torch.Tensor) -> bool:
     """A call may skip the dispatcher when nothing but plain eager autograd would see it: not
     while torch.compile/export traces, under a dispatch mode (fake tensors, functionalization)
     or a functorch transform, nor for a tensor subclass."""
@@ -109,7 +109,7 @@ def with_autograd(forward: FusedOp, make_backward: Callable, setup_context: Call
     direct, op = direct_function.apply, forward.op
 
     def call(*args):
-        return direct(*args) if _direct_call_allowed(args[0]) else op(*args)
+        return direct(*args) if direct_call_allowed(args[0]) else op(*args)
     return call
 
 

@@ -54,7 +54,11 @@ below). What the triton backend fuses, and why:
 The attention core is the custom op ``torch.ops.bharnet.cross_attention_core(q, kv, key_mask,
 heads) -> (o, lse)`` (a ``triton_op`` when Triton compiles for a GPU, so ``torch.compile`` sees
 its kernels; an opaque ``custom_op`` under ``TRITON_INTERPRET=1``), with autograd through
-``torch.ops.bharnet.cross_attention_core_backward``. Double backward is not supported.
+``torch.ops.bharnet.cross_attention_core_backward``. Plain eager calls (nothing tracing, plain
+tensors) run the whole triton layer as one autograd node, ``_TritonLayerDirect``, over the same
+kernels and torch ops (bitwise the same results, tested): a node-by-node layer is about 20
+autograd nodes and weight casts, whose host time dominates on a slow host. Double backward is
+not supported.
 """
 from __future__ import annotations
 
@@ -65,13 +69,15 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._ext import cpp_availability, cuda_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import cdiv, launcher, new_output, next_pow2, triton_custom_op, with_autograd
+from ._custom_op import (cdiv, direct_call_allowed, launcher, new_output, next_pow2, triton_custom_op,
+                         with_autograd)
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
-from .layer_norm import layer_norm
+from .layer_norm import _layer_norm_backward_op, _layer_norm_op, compute_dtype, layer_norm
 
 OP_NAME = "cross_attention"
 
@@ -303,12 +309,16 @@ _core_call = with_autograd(
     _setup_context)
 
 
-def _triton_attend(q, kv, key_mask, heads):
+def _check_projections(q, kv):
     for name, t in (("q", q), ("kv", kv)):
         expect_triton_dtype(OP_NAME, f"{name} (the projection output)", t)
     if q.dtype != kv.dtype:
         raise TypeError(f"cross_attention: the projected q ({q.dtype}) and kv ({kv.dtype}) must "
                         "share a dtype")
+
+
+def _triton_attend(q, kv, key_mask, heads):
+    _check_projections(q, kv)
     return _core_call(q, kv, key_mask, heads)[0]
 
 
@@ -317,6 +327,83 @@ def _triton_layer_norm(x, weight, bias, eps):
     if x.shape[-1] <= MAX_LAYER_NORM_DIM:
         return layer_norm(x, weight, bias, eps)
     return _torch_layer_norm(x, weight, bias, eps)
+
+
+def _linear_dtype(a: Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` computes in for input ``a``: autocast's, or ``a``'s own."""
+    device = a.device.type
+    if torch.is_autocast_enabled(device) and a.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return a.dtype
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _linear_grads(g2d: Tensor, a2d: Tensor, weight_c: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """(dL/da, dL/dweight, dL/dbias) of ``a W^T + b`` as autograd computes them (in the compute
+    dtype of ``weight_c``, parameter gradients cast back to their parameters' dtypes)."""
+    return (g2d.mm(weight_c), g2d.t().mm(a2d).to(weight.dtype),
+            None if bias is None else g2d.sum(0).to(bias.dtype))
+
+
+class _TritonLayerDirect(torch.autograd.Function):
+    """The whole triton layer (module docstring) as one autograd node, for plain eager calls:
+    the same kernels and torch ops as ``_layer(_triton_attend, _triton_layer_norm, ...)``, but
+    the backward is written out (projection GEMMs, bias sums, the core and LayerNorm backward
+    kernels) instead of a dozen autograd nodes, weight casts and their cast-backs, each of
+    which costs host time on a slow host. Saves what the node-by-node path saves: the
+    LayerNorm inputs and statistics, the normalised tokens, q, kv, o, lse and the weights in
+    the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x_q, x_kv, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias, key_mask,
+                norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, heads, pre_norm, eps):
+        a_q, a_kv, stats = x_q, x_kv, (None,) * 4
+        if pre_norm:
+            a_q, mean_q, rstd_q = _layer_norm_op.body(x_q, norm_q_weight, norm_q_bias, float(eps), compute_dtype(x_q))
+            a_kv, mean_kv, rstd_kv = _layer_norm_op.body(x_kv, norm_kv_weight, norm_kv_bias, float(eps),
+                                                      compute_dtype(x_kv))
+            stats = (mean_q, rstd_q, mean_kv, rstd_kv)
+        c = _linear_dtype(a_q)
+        a_q, a_kv = a_q.to(c), a_kv.to(c)
+        weights = [w.to(c) for w in (q_weight, kv_weight, out_weight)]
+        q = F.linear(a_q, weights[0], _cast(q_bias, c))
+        kv = F.linear(a_kv, weights[1], _cast(kv_bias, c))
+        _check_projections(q, kv)
+        o, lse = _core_op.body(q, kv, key_mask, heads)
+        y = x_q + F.linear(o, weights[2], _cast(out_bias, c))
+        ctx.save_for_backward(x_q, x_kv, a_q, a_kv, q, kv, o, lse, key_mask, *weights, q_weight, q_bias,
+                              kv_weight, kv_bias, out_weight, out_bias, norm_q_weight, norm_q_bias,
+                              norm_kv_weight, norm_kv_bias, *stats)
+        ctx.heads, ctx.pre_norm = heads, pre_norm
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (x_q, x_kv, a_q, a_kv, q, kv, o, lse, key_mask, q_w, kv_w, out_w, q_weight, q_bias, kv_weight,
+         kv_bias, out_weight, out_bias, nq_w, nq_b, nkv_w, nkv_b, mean_q, rstd_q, mean_kv, rstd_kv) = ctx.saved_tensors
+        D = x_q.shape[-1]
+        g = dy.to(out_w.dtype).reshape(-1, D)
+        d_o, d_out_w, d_out_b = _linear_grads(g, o.reshape(-1, D), out_w, out_weight, out_bias)
+        dq, dkv = _core_backward_op.body(d_o.view(o.shape), q, kv, o, lse, key_mask, ctx.heads)
+        da_q, d_q_w, d_q_b = _linear_grads(dq.reshape(-1, D), a_q.reshape(-1, D), q_w, q_weight, q_bias)
+        da_kv, d_kv_w, d_kv_b = _linear_grads(dkv.reshape(-1, 2 * D), a_kv.reshape(-1, D), kv_w, kv_weight,
+                                              kv_bias)
+        da_q, da_kv = da_q.view(x_q.shape), da_kv.view(x_kv.shape)
+        norm_grads = [None] * 4
+        if ctx.pre_norm:
+            dx_q, dparams_q = _layer_norm_backward_op.body(da_q, x_q, nq_w, mean_q, rstd_q)
+            dx_kv, dparams_kv = _layer_norm_backward_op.body(da_kv, x_kv, nkv_w, mean_kv, rstd_kv)
+            norm_grads = [None if p is None else dparams[row].to(p.dtype)
+                          for p, dparams, row in ((nq_w, dparams_q, 0), (nq_b, dparams_q, 1),
+                                                  (nkv_w, dparams_kv, 0), (nkv_b, dparams_kv, 1))]
+        else:
+            dx_q, dx_kv = da_q.to(x_q.dtype), da_kv.to(x_kv.dtype)
+        return (dy.to(x_q.dtype) + dx_q, dx_kv, d_q_w, d_q_b, d_kv_w, d_kv_b, d_out_w, d_out_b, None,
+                *norm_grads, None, None, None)
 
 
 def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
@@ -328,6 +415,10 @@ def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bia
         raise ValueError(f"cross_attention: the triton backend supports head dims <= "
                          f"{TRITON_MAX_HEAD_DIM}, got dim {x_q.shape[-1]} / heads {heads} = "
                          f"{head_dim}; use backend='reference'")
+    if x_q.shape[-1] <= MAX_LAYER_NORM_DIM and direct_call_allowed(x_q):
+        return _TritonLayerDirect.apply(x_q, x_kv, q_weight, q_bias, kv_weight, kv_bias, out_weight,
+                                        out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight,
+                                        norm_kv_bias, heads, pre_norm, eps)
     return _layer(_triton_attend, _triton_layer_norm, x_q, x_kv, heads, q_weight, q_bias,
                   kv_weight, kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
                   norm_kv_weight, norm_kv_bias, pre_norm, eps)
