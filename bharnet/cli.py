@@ -20,7 +20,7 @@ def _info(args) -> int:
         triton_version = "not installed"
     print(f"bharnet {__version__}  torch {torch.__version__}  triton {triton_version}  "
           f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
-    for op in ("ctr_graph_conv", "deformable_temporal_conv", "bone"):
+    for op in ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention", "bone"):
         states = []
         for backend in ("triton", "cpp"):
             for device in ("cpu", "cuda"):

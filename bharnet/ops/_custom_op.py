@@ -70,10 +70,14 @@ DIRECT_EAGER_CALLS = True
 
 def direct_call_allowed(first: torch.Tensor) -> bool:
     """A call may skip the dispatcher when nothing but plain eager autograd would see it: not
-    while torch.compile/export traces, under a dispatch mode (fake tensors, functionalization)
-    or a functorch transform, nor for a tensor subclass."""
+    while torch.compile/export or torch.jit.trace traces, under a dispatch mode (fake tensors,
+    functionalization) or a functorch transform, nor when the first argument (the activation)
+    is a tensor subclass. Limits: other arguments are not inspected, and the choice is made at
+    the forward, so a dispatch mode entered only around ``backward()`` (e.g. a FLOP counter)
+    sees the backward's kernels as one opaque autograd node."""
     return (DIRECT_EAGER_CALLS and type(first) is torch.Tensor
             and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active())
 

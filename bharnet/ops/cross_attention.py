@@ -55,10 +55,12 @@ The attention core is the custom op ``torch.ops.bharnet.cross_attention_core(q, 
 heads) -> (o, lse)`` (a ``triton_op`` when Triton compiles for a GPU, so ``torch.compile`` sees
 its kernels; an opaque ``custom_op`` under ``TRITON_INTERPRET=1``), with autograd through
 ``torch.ops.bharnet.cross_attention_core_backward``. Plain eager calls (nothing tracing, plain
-tensors) run the whole triton layer as one autograd node, ``_TritonLayerDirect``, over the same
-kernels and torch ops (bitwise the same results, tested): a node-by-node layer is about 20
-autograd nodes and weight casts, whose host time dominates on a slow host. Double backward is
-not supported.
+tensors, dtypes that F.linear accepts) run the whole triton layer as one autograd node,
+``_TritonLayerDirect``, over the same kernels and torch ops: a node-by-node layer is about 20
+autograd nodes and weight casts, whose host time dominates on a slow host. Results are the
+node path's (bitwise in the tested cases; for self-attention, ``x_q is x_kv``, the input
+gradient may differ in the last bit: its three parts are added in another order). Double
+backward is not supported.
 """
 from __future__ import annotations
 
@@ -329,12 +331,19 @@ def _triton_layer_norm(x, weight, bias, eps):
     return _torch_layer_norm(x, weight, bias, eps)
 
 
-def _linear_dtype(a: Tensor) -> torch.dtype:
-    """The dtype ``F.linear`` computes in for input ``a``: autocast's, or ``a``'s own."""
-    device = a.device.type
-    if torch.is_autocast_enabled(device) and a.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(device)
-    return a.dtype
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not fp64)
+
+
+def _direct_layer_dtype(x_q: Tensor, x_kv: Tensor, projections) -> Optional[torch.dtype]:
+    """The dtype the projections compute in when ``_TritonLayerDirect`` computes exactly what
+    the node-by-node layer does, else None (then the node path runs and raises its own errors,
+    e.g. F.linear's dtype mismatch): under autocast, its dtype when every tensor is one that
+    autocast casts; without, x's dtype when x_q, x_kv and every projection parameter share it."""
+    tensors = [x_q, x_kv, *(t for t in projections if t is not None)]
+    device = x_q.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device) if all(t.dtype in _AUTOCAST_CAST for t in tensors) else None
+    return x_q.dtype if all(t.dtype == x_q.dtype for t in tensors) else None
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -359,14 +368,13 @@ class _TritonLayerDirect(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_q, x_kv, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias, key_mask,
-                norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, heads, pre_norm, eps):
+                norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, heads, pre_norm, eps, c):
         a_q, a_kv, stats = x_q, x_kv, (None,) * 4
         if pre_norm:
             a_q, mean_q, rstd_q = _layer_norm_op.body(x_q, norm_q_weight, norm_q_bias, float(eps), compute_dtype(x_q))
             a_kv, mean_kv, rstd_kv = _layer_norm_op.body(x_kv, norm_kv_weight, norm_kv_bias, float(eps),
                                                       compute_dtype(x_kv))
             stats = (mean_q, rstd_q, mean_kv, rstd_kv)
-        c = _linear_dtype(a_q)
         a_q, a_kv = a_q.to(c), a_kv.to(c)
         weights = [w.to(c) for w in (q_weight, kv_weight, out_weight)]
         q = F.linear(a_q, weights[0], _cast(q_bias, c))
@@ -374,10 +382,11 @@ class _TritonLayerDirect(torch.autograd.Function):
         _check_projections(q, kv)
         o, lse = _core_op.body(q, kv, key_mask, heads)
         y = x_q + F.linear(o, weights[2], _cast(out_bias, c))
-        ctx.save_for_backward(x_q, x_kv, a_q, a_kv, q, kv, o, lse, key_mask, *weights, q_weight, q_bias,
+        ln_inputs = (x_q, x_kv) if pre_norm else (None, None)  # else only their dtypes are needed
+        ctx.save_for_backward(*ln_inputs, a_q, a_kv, q, kv, o, lse, key_mask, *weights, q_weight, q_bias,
                               kv_weight, kv_bias, out_weight, out_bias, norm_q_weight, norm_q_bias,
                               norm_kv_weight, norm_kv_bias, *stats)
-        ctx.heads, ctx.pre_norm = heads, pre_norm
+        ctx.heads, ctx.pre_norm, ctx.x_dtypes = heads, pre_norm, (x_q.dtype, x_kv.dtype)
         return y
 
     @staticmethod
@@ -385,14 +394,14 @@ class _TritonLayerDirect(torch.autograd.Function):
     def backward(ctx, dy):
         (x_q, x_kv, a_q, a_kv, q, kv, o, lse, key_mask, q_w, kv_w, out_w, q_weight, q_bias, kv_weight,
          kv_bias, out_weight, out_bias, nq_w, nq_b, nkv_w, nkv_b, mean_q, rstd_q, mean_kv, rstd_kv) = ctx.saved_tensors
-        D = x_q.shape[-1]
+        D = a_q.shape[-1]
         g = dy.to(out_w.dtype).reshape(-1, D)
         d_o, d_out_w, d_out_b = _linear_grads(g, o.reshape(-1, D), out_w, out_weight, out_bias)
         dq, dkv = _core_backward_op.body(d_o.view(o.shape), q, kv, o, lse, key_mask, ctx.heads)
         da_q, d_q_w, d_q_b = _linear_grads(dq.reshape(-1, D), a_q.reshape(-1, D), q_w, q_weight, q_bias)
         da_kv, d_kv_w, d_kv_b = _linear_grads(dkv.reshape(-1, 2 * D), a_kv.reshape(-1, D), kv_w, kv_weight,
                                               kv_bias)
-        da_q, da_kv = da_q.view(x_q.shape), da_kv.view(x_kv.shape)
+        da_q, da_kv = da_q.view(a_q.shape), da_kv.view(a_kv.shape)
         norm_grads = [None] * 4
         if ctx.pre_norm:
             dx_q, dparams_q = _layer_norm_backward_op.body(da_q, x_q, nq_w, mean_q, rstd_q)
@@ -401,9 +410,9 @@ class _TritonLayerDirect(torch.autograd.Function):
                           for p, dparams, row in ((nq_w, dparams_q, 0), (nq_b, dparams_q, 1),
                                                   (nkv_w, dparams_kv, 0), (nkv_b, dparams_kv, 1))]
         else:
-            dx_q, dx_kv = da_q.to(x_q.dtype), da_kv.to(x_kv.dtype)
-        return (dy.to(x_q.dtype) + dx_q, dx_kv, d_q_w, d_q_b, d_kv_w, d_kv_b, d_out_w, d_out_b, None,
-                *norm_grads, None, None, None)
+            dx_q, dx_kv = (grad.to(dtype) for grad, dtype in zip((da_q, da_kv), ctx.x_dtypes))
+        return (dy.to(ctx.x_dtypes[0]) + dx_q, dx_kv, d_q_w, d_q_b, d_kv_w, d_kv_b, d_out_w, d_out_b, None,
+                *norm_grads, None, None, None, None)
 
 
 def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
@@ -415,10 +424,11 @@ def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bia
         raise ValueError(f"cross_attention: the triton backend supports head dims <= "
                          f"{TRITON_MAX_HEAD_DIM}, got dim {x_q.shape[-1]} / heads {heads} = "
                          f"{head_dim}; use backend='reference'")
-    if x_q.shape[-1] <= MAX_LAYER_NORM_DIM and direct_call_allowed(x_q):
+    c = _direct_layer_dtype(x_q, x_kv, (q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias))
+    if c is not None and x_q.shape[-1] <= MAX_LAYER_NORM_DIM and direct_call_allowed(x_q):
         return _TritonLayerDirect.apply(x_q, x_kv, q_weight, q_bias, kv_weight, kv_bias, out_weight,
                                         out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight,
-                                        norm_kv_bias, heads, pre_norm, eps)
+                                        norm_kv_bias, heads, pre_norm, eps, c)
     return _layer(_triton_attend, _triton_layer_norm, x_q, x_kv, heads, q_weight, q_bias,
                   kv_weight, kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
                   norm_kv_weight, norm_kv_bias, pre_norm, eps)

@@ -32,15 +32,17 @@ Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.ctr_graph_conv``)
 the cpp section below). The Triton
 kernels evaluate the refined topologies once per call (forward, and again in the backward)
 into a (B, H, G, V, V) buffer in v's dtype that the GEMM kernels read; nothing is saved for
-the backward but the inputs, and the backward's only intermediate besides that buffer is the
-topology gradient dAref, (B, H, G, V, V) in float32. Limits: V <= 128;
+the backward but the inputs, and the backward's intermediates besides that buffer are the
+topology gradient dAref ((chunks, B, H, G, V, V) partial sums in the accumulation dtype) and
+small partial sums for dA, dk, dW and dbias. Limits: V <= 128;
 float16/bfloat16/float32/float64 inputs, fp32 accumulation (fp64 for fp64 ``v``); ``v``'s dtype
 is the compute and output dtype, the other inputs may have their own (e.g. fp32 parameters
 with fp16 features) and get gradients in it. The backend is the custom op
 ``torch.ops.bharnet.ctr_graph_conv`` (a ``torch.library.triton_op`` on the GPU, so that
 ``torch.compile`` sees its kernels; an opaque ``custom_op`` under the Triton interpreter) with
 autograd through ``torch.ops.bharnet.ctr_graph_conv_backward`` (and
-``ctr_graph_conv_static_backward`` for ST-GC). Double backward is not supported.
+``ctr_graph_conv_static_backward`` for ST-GC); plain eager calls run the same functions without
+the dispatcher (``_custom_op.with_autograd``). Double backward is not supported.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ statistics in float32 (float64 for float64 x) and save only mean and rstd (one v
 The op is ``torch.ops.bharnet.layer_norm(x, weight, bias, eps, out_dtype) -> (y, mean, rstd)``
 (a ``triton_op`` when Triton compiles for a GPU; an opaque ``custom_op`` under
 ``TRITON_INTERPRET=1``), with autograd through ``torch.ops.bharnet.layer_norm_backward(dy, x,
-weight, mean, rstd) -> (dx, dparams)``, ``dparams`` = [dw; db] (2, D) in the accumulation dtype.
+weight, mean, rstd) -> (dx, dparams)``, ``dparams`` = [dw; db] (2, D) in the accumulation dtype;
+plain eager calls run the same functions without the dispatcher (``_custom_op.with_autograd``).
 Kernels: ``bharnet.kernels.layer_norm``; D up to ``MAX_DIM`` = 1024, float16, bfloat16,
 float32 and float64. Double backward is not supported. An internal building block of the
 Triton backends (no backend registry entry); the reference is ``layer_norm_reference``.

@@ -369,6 +369,21 @@ def test_gpu_fully_masked_rows_are_zero_with_zero_grads(dtype, poisoned_cuda):
     assert (dkv[1][~mask[1]] == 0).all() and (dkv[1][mask[1]] != 0).any() and (dq[1] != 0).any()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gpu_leading_key_tiles_fully_masked(dtype, poisoned_cuda):
+    """Keys masked up to past the first 32-key tile (and a whole second tile in one row), valid
+    keys only later: the online softmax starts from -inf maxima and must recover."""
+    heads = 2
+    q, kv, _ = gpu_core_inputs(2, 17, 100, 48, heads, dtype=dtype, masked=False)
+    mask = torch.zeros(2, 100, dtype=torch.bool, device=GPU)
+    mask[0, 40:] = True
+    mask[1, 70:90] = True
+    expected = run(core_reference, as_float64([q, kv, mask, heads]))
+    got = run(core, (q, kv, mask, heads))
+    assert_matches(got, expected, TOLERANCE[dtype], ("o", "dq", "dkv"))
+
+
 # The layer on the GPU: the torch parts (cuBLAS projections over up to 2000 tokens, LayerNorm)
 # add their own float32 rounding, as in the Triton GPU tests.
 GPU_LAYER_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}

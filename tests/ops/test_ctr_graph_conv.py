@@ -87,19 +87,28 @@ def test_rows_split_over_programs(dynamic, grad_chunks):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_parameter_sums_over_several_blocks_and_i_tiles(dtype, monkeypatch):
-    """The last backward kernel with every role split: V = 37 gives two i-tiles (dk summed
-    over them) and 11 column blocks of dA (the last partial); 16-wide parameter blocks split
-    H * G * R = 24 weights in two (dalpha from two partials, the second block partial)."""
+    """The last backward kernel with every role split and every loop taken more than once:
+    V = 37 gives two i-tiles (dk summed over them) and 11 column blocks of dA (the last
+    partial); rows of 2 make the dA sum over B = 3 and the parameter sums over 2 x 3 rows loop
+    with a partial last step; 16-wide parameter blocks split H * G * R = 24 weights in two
+    (dalpha from two partials, the second block partial)."""
     kernels = importlib.import_module("bharnet.kernels.ctr_graph_conv")
     original, blocks = kernels.parameter_config, []
 
     def narrow(params):
-        launch = dict(original(params), BLOCK_PARAMS=16, PARAM_ROWS=4)
+        launch = dict(original(params), BLOCK_ROWS=2, BLOCK_PARAMS=16, PARAM_ROWS=4)
         blocks.append(-(-params // launch["BLOCK_PARAMS"]))
         return launch
     monkeypatch.setattr(kernels, "parameter_config", narrow)
-    assert_matches_fp64_reference("triton", (2, 2, 6, 3, 37, 4, 3), dtype)
+    assert_matches_fp64_reference("triton", (3, 2, 6, 3, 37, 4, 3), dtype)
     assert blocks == [2]
+
+
+def test_static_da_sums_rows_in_several_steps(monkeypatch):
+    """ST-GC's dA: column sums over chunks x B = 3 rows in steps of 2 (a partial last step)."""
+    kernels = importlib.import_module("bharnet.kernels.ctr_graph_conv")
+    monkeypatch.setattr(kernels, "SUM_LAUNCH", dict(kernels.SUM_LAUNCH, BLOCK_ROWS=2))
+    assert_matches_fp64_reference("triton", (3, 2, 4, 5, 9, 2, 2), torch.float64, dynamic=False)
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])

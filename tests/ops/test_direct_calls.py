@@ -1,11 +1,16 @@
 """Plain eager calls of the Triton ops skip the dispatcher (``_custom_op.with_autograd``): they
 must give exactly what the custom op gives through the dispatcher, forward and backward, and
 anything that traces (fake tensors, torch.compile) must still get the custom op."""
+import contextlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bharnet.bench.op_cases import quick_cases
+from bharnet.ops import cross_attention
+from cross_attention_cases import make_inputs, random_mask
+from op_testing import run
 from bharnet.ops import _custom_op
 from bharnet.ops.layer_norm import layer_norm
 
@@ -92,3 +97,53 @@ def test_fake_tensors_go_through_the_custom_op(name):
         y = fn(*fake_args)
     real = fn(*args)
     assert type(y).__name__ == "FakeTensor" and y.shape == real.shape and y.dtype == real.dtype
+
+
+def _attention_variant(variant):
+    """cross_attention inputs (fp32, CPU) for one of the layer's code paths."""
+    mask = random_mask(3, 42) if variant == "masked" else None
+    inputs = make_inputs(3, 25, 42, 24, 3, mask=mask)
+    if variant == "no_pre_norm":
+        inputs[10:] = [None] * 4
+    if variant == "no_biases_or_affine":
+        for index in (4, 6, 8, 10, 11, 12, 13):
+            inputs[index] = None
+    return inputs
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16_autocast"])
+@pytest.mark.parametrize("variant", ["masked", "no_pre_norm", "no_biases_or_affine"])
+def test_direct_attention_layer_matches_the_node_path(variant, autocast, monkeypatch):
+    """The whole-layer autograd node against the node-by-node layer: pre_norm off, LayerNorm
+    without affine and projections without biases, a mask with a fully masked row; fp32 and
+    float16 autocast (fp32 tensors, as in the models)."""
+    inputs = _attention_variant(variant)
+    pre_norm = variant != "no_pre_norm"
+    context = torch.autocast("cpu", dtype=torch.float16) if autocast else contextlib.nullcontext()
+
+    def fn(*args):
+        with context:
+            return cross_attention(*args, pre_norm=pre_norm, backend="triton")
+
+    direct = run(fn, inputs)
+    monkeypatch.setattr(_custom_op, "DIRECT_EAGER_CALLS", False)
+    through_ops = run(fn, inputs)
+    for got, expected in zip(direct, through_ops):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_direct_attention_layer_refuses_what_linear_refuses():
+    """Projection weights in another dtype than x (no autocast): F.linear's error, as on the
+    node path and under torch.compile, not a silent cast."""
+    inputs = make_inputs(2, 5, 7, 16, 2)
+    inputs[3] = inputs[3].double()
+    with pytest.raises(RuntimeError, match="dtype"):
+        cross_attention(*inputs, backend="triton")
+
+
+def test_jit_trace_records_the_custom_op():
+    """torch.jit.trace passes sizes as tensors: the direct path must step aside for the op."""
+    x = torch.randn(2, 5, 16)
+    traced = torch.jit.trace(lambda t: layer_norm(t), (x,))
+    assert "bharnet::layer_norm" in str(traced.graph)
+    torch.testing.assert_close(traced(x), layer_norm(x))

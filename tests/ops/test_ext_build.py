@@ -38,9 +38,10 @@ def test_missing_compiler_gives_a_clear_reason_and_the_reference_still_works(tmp
 def test_cpu_and_cuda_source_lists():
     cpu = [Path(p).name for p in _build.sources(_ext.SOURCE_DIR, cuda=False)]
     cuda = [Path(p).name for p in _build.sources(_ext.SOURCE_DIR, cuda=True)]
-    assert {"bone.cpp", "ctr_graph_conv.cpp", "deformable_temporal_conv.cpp"} <= set(cpu)
+    assert {"bone.cpp", "cross_attention.cpp", "ctr_graph_conv.cpp", "deformable_temporal_conv.cpp"} <= set(cpu)
     assert not any(name.endswith("_cuda.cpp") or name.endswith(".cu") for name in cpu)
-    assert set(cuda) - set(cpu) == {"ctr_graph_conv_cuda.cpp", "ctr_graph_conv_kernels.cu",
+    assert set(cuda) - set(cpu) == {"cross_attention_cuda.cpp", "cross_attention_kernels.cu",
+                                    "ctr_graph_conv_cuda.cpp", "ctr_graph_conv_kernels.cu",
                                     "deformable_temporal_conv_cuda.cpp", "deformable_temporal_conv_kernels.cu"}
     stems = [Path(name).stem for name in cuda]  # setuptools names each object file after its stem
     assert len(stems) == len(set(stems))
