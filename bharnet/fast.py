@@ -302,11 +302,14 @@ def keep_freed_memory() -> bool:
     32 MiB come from the heap instead of fresh ``mmap`` pages, and the heap is not trimmed
     (``mallopt(M_MMAP_THRESHOLD, 32 MiB)``, ``mallopt(M_TRIM_THRESHOLD, 1 GiB)``).
 
-    Without it, every activation of a few MiB that a CPU forward frees goes back to the OS and
-    the next call faults its pages in again. Measured on this project's 2-core CPU (a VM, where
-    a page fault costs ~1.5 us): full-size BHaRNet-E single-clip inference took 18.8k page
-    faults per call, 137.7 -> 110.1 ms per call fused (:func:`fuse_for_inference`) and
-    242 -> 202 ms eager with this call. The cost: the process keeps its peak heap resident.
+    Without it, whether an activation of a few MiB that a CPU forward frees goes back to the OS
+    (and the next call faults its pages in again) depends on glibc's adaptive thresholds, i.e.
+    on the process's allocation history. Measured with ``bench/cpu_page_faults.py`` on this
+    project's 2-core CPU (a VM, where a page fault costs ~1.5 us; results in
+    ``bench/results/cpu-amd-epyc-2-cores-page-faults.md``), full-size BHaRNet-E single-clip
+    inference: with glibc's defaults the fused model (:func:`fuse_for_inference`) took 0 to 16k
+    page faults per call depending on the process, 91-111 ms per call; with this call 0-50
+    faults and 89-94 ms. The cost: the process keeps its peak heap resident.
     Returns True when applied; False where there is no glibc ``mallopt`` (macOS, Windows,
     musl), and nothing changes there."""
     try:
