@@ -22,7 +22,7 @@ from .report import (BASELINES, MODEL_MODES, Row, baseline, by_op, case_config, 
 
 START = "<!-- performance:start -->"
 END = "<!-- performance:end -->"
-_NOT_SHAPE = ("dtype", "threads", "run")
+_NOT_SHAPE = ("dtype", "threads", "run", "malloc")
 
 
 def newest_cases(rows: Iterable[Row]) -> Dict[str, List[Row]]:
@@ -53,10 +53,10 @@ def _table_row(row: Row) -> Tuple[str, str, str, str]:
 
 
 def _settings(row: Row) -> Tuple[Optional[str], ...]:
-    """The run-wide settings in ``row``'s config (torch threads, ``--quick``): the conditions
-    line states them once, so only runs that share them are combined."""
+    """The run-wide settings in ``row``'s config (torch threads, ``--quick``, the CPU malloc
+    setting): the conditions line states them once, so only runs that share them are combined."""
     config = parse_config(row.config)
-    return tuple(config.get(key) for key in ("threads", "run"))
+    return tuple(config.get(key) for key in ("threads", "run", "malloc"))
 
 
 def _minute(timestamp: str) -> str:
@@ -101,6 +101,8 @@ def render_device(rows: Sequence[Row], plots: Sequence[str] = ()) -> List[str]:
     if "threads" in config:
         cores = re.search(r"\((\d+) cores\)", first.device)
         conditions.append(f"torch threads: {config['threads']}" + (f" of {cores.group(1)} cores" if cores else ""))
+    if config.get("malloc") == "kept":
+        conditions.append("freed memory kept by malloc (`bharnet.fast.keep_freed_memory`)")
     if copy is not None:
         conditions.append(f"measured copy bandwidth {copy.p50:.3g} GB/s" + (" (newest run)" if several else ""))
     auto = next((parse_config(r.config)["auto"] for r in rows if "auto=" in r.config), None)

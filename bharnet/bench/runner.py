@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..fast import keep_freed_memory
 from ..models import MODELS
 from ..ops import use_backend
 from ..ops._backend import resolve
@@ -38,7 +39,8 @@ per op (fwd, bwd, fwd+bwd at the NTU shapes) and per model (training step, singl
 inference), in fp32 and bf16 autocast."""
 
 EPILOG = """\
-Timing: CPU, repeated wall-clock calls (median, 20th/80th percentiles) after warm-up; CUDA,
+Timing: CPU, repeated wall-clock calls (median, 20th/80th percentiles) after warm-up, with
+freed memory kept by glibc's malloc (bharnet.fast.keep_freed_memory; config malloc=kept); CUDA,
 CUDA events with the L2 cache flushed before each call (triton.testing.do_bench's protocol).
 Calls cycle through several input sets. Compile time (the first call) is reported apart.
 Memory: peak above what was in use before the call (CUDA allocator, or process RSS on CPU)
@@ -143,6 +145,7 @@ class Options:
     budget: Optional[float]
     settings: TimerSettings
     copy_bytes: int
+    keep_freed_memory: bool = False
 
 
 def resolve_options(args: argparse.Namespace) -> Options:
@@ -193,6 +196,8 @@ class Bench:
         self.versions = env.versions(self.device)
         self.stamp = env.timestamp()
         extra = [f"threads={torch.get_num_threads()}"] if self.device.type == "cpu" else []
+        if self.device.type == "cpu" and opts.keep_freed_memory:
+            extra.append("malloc=kept")
         self.extra_config = ";".join(extra + (["run=quick"] if opts.quick else []))
         self.rows: List[Row] = []
         self.notes: List[Note] = []
@@ -410,6 +415,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"bharnet bench: error: {error}", file=sys.stderr)
         return 2
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA_HOME notice
+    # On CPU, glibc's malloc otherwise re-faults freed activations or not depending on the
+    # process's allocation history, which moved model timings by up to 20% between runs
+    # (bench/cpu_page_faults.py); every provider runs under the same setting.
+    opts.keep_freed_memory = opts.device.type == "cpu" and keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -2,6 +2,7 @@
 import argparse
 import csv
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -84,6 +85,10 @@ def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys, o
             ("body", "peak_mem")} <= metrics
     op_rows = [r for r in rows if r.op != "copy"]
     assert all("run=quick" in r.config and "dtype=fp32" in r.config and "threads=1" in r.config for r in op_rows)
+    # glibc (Linux): the CPU run keeps freed memory and says so; elsewhere the setting is absent
+    assert all(("malloc=kept" in r.config) == sys.platform.startswith("linux") for r in op_rows)
+    if sys.platform.startswith("linux"):
+        assert "freed memory kept by malloc" in render(rows)
     assert all(r.unit == "s" and r.p50 > 0 for r in rows if r.metric == "compile")
 
     pngs = sorted(plots.glob("*.png"))
