@@ -98,6 +98,14 @@ def cuda_availability(op: str) -> Optional[str]:
     return None
 
 
+def cpp_backend_availability(cuda_op: str) -> Callable[[str], Optional[str]]:
+    """The availability rule of an op's ``cpp`` backend whose CUDA kernels are the custom op
+    ``bharnet::<cuda_op>``: :func:`cuda_availability` on CUDA, :func:`cpp_availability` elsewhere."""
+    def availability(device_type: str) -> Optional[str]:
+        return cuda_availability(cuda_op) if device_type == "cuda" else cpp_availability(device_type)
+    return availability
+
+
 def registered_after_loading(register: Callable[[], None]) -> Callable[[], bool]:
     """A function that loads the extension and then runs ``register`` (the fake impls and
     autograd of an op's C++ ops) the first time it is called, and does nothing afterwards.

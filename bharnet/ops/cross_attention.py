@@ -73,13 +73,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._ext import cpp_availability, cuda_availability, registered_after_loading
+from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
 from ._custom_op import (cdiv, direct_call_allowed, launcher, new_output, next_pow2, triton_custom_op,
                          with_autograd)
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
-from .layer_norm import _layer_norm_backward_op, _layer_norm_op, compute_dtype, layer_norm
+from .layer_norm import (AUTOCAST_CAST_DTYPES, _layer_norm_backward_op, _layer_norm_op, compute_dtype,
+                         layer_norm)
 
 OP_NAME = "cross_attention"
 
@@ -331,9 +332,6 @@ def _triton_layer_norm(x, weight, bias, eps):
     return _torch_layer_norm(x, weight, bias, eps)
 
 
-_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not fp64)
-
-
 def _direct_layer_dtype(x_q: Tensor, x_kv: Tensor, projections) -> Optional[torch.dtype]:
     """The dtype the projections compute in when ``_TritonLayerDirect`` computes exactly what
     the node-by-node layer does, else None (then the node path runs and raises its own errors,
@@ -342,7 +340,7 @@ def _direct_layer_dtype(x_q: Tensor, x_kv: Tensor, projections) -> Optional[torc
     tensors = [x_q, x_kv, *(t for t in projections if t is not None)]
     device = x_q.device.type
     if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device) if all(t.dtype in _AUTOCAST_CAST for t in tensors) else None
+        return torch.get_autocast_dtype(device) if all(t.dtype in AUTOCAST_CAST_DTYPES for t in tensors) else None
     return x_q.dtype if all(t.dtype == x_q.dtype for t in tensors) else None
 
 
@@ -493,10 +491,7 @@ def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, 
                   norm_kv_weight, norm_kv_bias, pre_norm, eps)
 
 
-def _cpp_availability(device_type: str) -> Optional[str]:
-    if device_type == "cuda":
-        return cuda_availability("cross_attention_core_cpp")
-    return cpp_availability(device_type)
+_cpp_availability = cpp_backend_availability("cross_attention_core_cpp")
 
 
 _IMPLS = {"reference": cross_attention_reference, "triton": cross_attention_triton,

@@ -52,7 +52,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._ext import cpp_availability, cuda_availability, registered_after_loading
+from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
 from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
@@ -321,10 +321,7 @@ def ctr_graph_conv_cpp(v, A, q=None, k=None, weight=None, bias=None, alpha=None)
     return ops.ctr_graph_conv_cpp(v.to(compute), *cast).to(v.dtype)
 
 
-def _cpp_availability(device_type: str) -> Optional[str]:
-    if device_type == "cuda":
-        return cuda_availability("ctr_graph_conv_cpp")
-    return cpp_availability(device_type)
+_cpp_availability = cpp_backend_availability("ctr_graph_conv_cpp")
 
 
 _IMPLS = {"reference": ctr_graph_conv_reference, "triton": ctr_graph_conv_triton,

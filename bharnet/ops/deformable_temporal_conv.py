@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from .._ext import cpp_availability, cuda_availability, registered_after_loading
+from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_triton_dtype
 from ._custom_op import opaque_custom_op, with_autograd
@@ -204,10 +204,7 @@ def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):
     return y.to(x.dtype)
 
 
-def _cpp_availability(device_type: str) -> Optional[str]:
-    if device_type == "cuda":
-        return cuda_availability("deformable_temporal_conv_cpp")
-    return cpp_availability(device_type)
+_cpp_availability = cpp_backend_availability("deformable_temporal_conv_cpp")
 
 
 _IMPLS = {"reference": deformable_temporal_conv_reference,

@@ -61,11 +61,14 @@ def _kernels():
     return kernels
 
 
+# The dtypes autocast casts to its compute dtype (float64 tensors keep theirs).
+AUTOCAST_CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The autocast dtype if autocast is on for x's device and x is float32/16-bit, else x's."""
     device = x.device.type
-    autocast = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if autocast and torch.is_autocast_enabled(device):
+    if x.dtype in AUTOCAST_CAST_DTYPES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
