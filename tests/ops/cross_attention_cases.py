@@ -108,3 +108,30 @@ def assert_low_precision_layer(fn, dtype):
     got = run(fn, inputs)
     assert all(g.dtype == dtype for g in got)
     assert_low_precision_rule(got, same_precision, expected, NAMES, err=err)
+
+
+def assert_fully_masked_rows_pass_the_residual(fn):
+    """Sequences 0 and 2 without a valid key: y = x_q + out_bias there, their keys get no
+    gradient; sequence 1's masked keys get none, its valid keys some; all finite."""
+    mask = random_mask(3, 42, fully_masked=(0, 2))
+    inputs = make_inputs(3, 25, 42, 24, 2, mask=mask)
+    x_q, out_bias = inputs[0], inputs[8]
+    y, dx_q, dx_kv, dq_weight = run(fn, inputs)[:4]
+    torch.testing.assert_close(y[0], x_q[0] + out_bias, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y[2], x_q[2] + out_bias, rtol=0, atol=1e-6)
+    assert (dx_kv[0] == 0).all() and (dx_kv[2] == 0).all()  # masked keys get no gradient
+    assert (dx_kv[1][~mask[1]] == 0).all() and (dx_kv[1][mask[1]] != 0).any()
+    assert torch.isfinite(dx_q).all() and torch.isfinite(dq_weight).all()
+
+
+def assert_every_key_masked_everywhere(fn, tol):
+    """No key anywhere: matches the float64 reference within ``tol``, and the attention output
+    and the q/kv-side gradients are exactly zero."""
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    inputs = make_inputs(3, 5, 7, 16, 2, mask=mask)
+    expected = run(cross_attention_reference, as_float64(inputs))
+    got = run(fn, inputs)
+    assert_matches(got, expected, tol)
+    for name, g in zip(NAMES, got):
+        if name in ("dx_kv", "dq_weight", "dq_bias", "dkv_weight", "dkv_bias"):
+            assert (g == 0).all(), name

@@ -31,6 +31,8 @@ from bharnet.nn import TokenCrossAttention
 from bharnet.ops import cross_attention, cross_attention_reference
 from bharnet.ops._backend import resolve
 from cross_attention_cases import (NAMES, assert_core_reads_strided_views,
+                                   assert_every_key_masked_everywhere,
+                                   assert_fully_masked_rows_pass_the_residual,
                                    assert_low_precision_layer, assert_matches,
                                    assert_matches_without_affine_and_biases, core_inputs,
                                    make_inputs, names_for, noncontiguous_layer_inputs,
@@ -92,15 +94,7 @@ def test_one_key_gives_exactly_zero_query_gradients():
 
 
 def test_fully_masked_rows_give_residual_plus_bias_and_zero_attention_grads():
-    mask = random_mask(3, 42, fully_masked=(0, 2))
-    inputs = make_inputs(3, 25, 42, 24, 2, mask=mask)
-    x_q, out_bias = inputs[0], inputs[8]
-    y, dx_q, dx_kv, dq_weight = run(cpp_fn, inputs)[:4]
-    torch.testing.assert_close(y[0], x_q[0] + out_bias, rtol=0, atol=1e-6)
-    torch.testing.assert_close(y[2], x_q[2] + out_bias, rtol=0, atol=1e-6)
-    assert (dx_kv[0] == 0).all() and (dx_kv[2] == 0).all()  # masked keys get no gradient
-    assert (dx_kv[1][~mask[1]] == 0).all() and (dx_kv[1][mask[1]] != 0).any()
-    assert torch.isfinite(dx_q).all() and torch.isfinite(dq_weight).all()
+    assert_fully_masked_rows_pass_the_residual(cpp_fn)
 
     q, kv, mask = core_inputs(N=3, dtype=torch.float32)
     ops_module._register_cpp_ops()
@@ -112,14 +106,7 @@ def test_fully_masked_rows_give_residual_plus_bias_and_zero_attention_grads():
 
 def test_every_key_masked_everywhere():
     """No key anywhere: the attention output and the q/kv-side gradients are exactly zero."""
-    mask = torch.zeros(3, 7, dtype=torch.bool)
-    inputs = make_inputs(3, 5, 7, 16, 2, mask=mask)
-    expected = run(cross_attention_reference, as_float64(inputs))
-    got = run(cpp_fn, inputs)
-    assert_matches(got, expected, TOLERANCE[torch.float32])
-    for name, g in zip(NAMES, got):
-        if name in ("dx_kv", "dq_weight", "dq_bias", "dkv_weight", "dkv_bias"):
-            assert (g == 0).all(), name
+    assert_every_key_masked_everywhere(cpp_fn, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -164,21 +151,27 @@ def test_without_layer_norm_affine_and_biases():
     assert_matches_without_affine_and_biases(cpp_fn, TOLERANCE[torch.float32])
 
 
+def assert_autocast_layer_matches_reference(device, dtype, dim, heads, Lq, Lk):
+    """TokenCrossAttention on the cpp backend under autocast to ``dtype``: the reference layer's
+    output dtype, and its values within 0.05."""
+    torch.manual_seed(0)
+    layer = TokenCrossAttention(dim, heads=heads, impl="cpp").to(device)
+    x_q, x_kv = torch.randn(3, Lq, dim, device=device), torch.randn(3, Lk, dim, device=device)
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        y = layer(x_q, x_kv)
+        layer.impl = "reference"
+        y_ref = layer(x_q, x_kv)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=0.05)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_inputs_are_computed_in_float32(dtype):
     """bf16/fp16 q and kv go through the core in float32 and come back in their dtype: results in
     the input dtype, within DESIGN.md section 6's bound; also under CPU autocast."""
     assert_low_precision_layer(cpp_fn, dtype)
 
-    torch.manual_seed(0)
-    layer = TokenCrossAttention(24, heads=2, impl="cpp")
-    x_q, x_kv = torch.randn(3, 5, 24), torch.randn(3, 7, 24)
-    with torch.autocast("cpu", dtype=dtype):
-        y = layer(x_q, x_kv)
-        layer.impl = "reference"
-        y_ref = layer(x_q, x_kv)
-    assert y.dtype == y_ref.dtype
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=0.05)
+    assert_autocast_layer_matches_reference("cpu", dtype, dim=24, heads=2, Lq=5, Lk=7)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -441,15 +434,7 @@ def test_gpu_low_precision_layer(shape, dtype, poisoned_cuda):
     assert all(g.dtype == dtype for g in got)
     assert_low_precision_rule(got, same_precision, expected, NAMES, err=err)
 
-    torch.manual_seed(0)
-    layer = TokenCrossAttention(64, heads=4, impl="cpp").to(GPU)
-    x_q, x_kv = torch.randn(3, 25, 64, device=GPU), torch.randn(3, 42, 64, device=GPU)
-    with torch.autocast("cuda", dtype=dtype):
-        y = layer(x_q, x_kv)
-        layer.impl = "reference"
-        y_ref = layer(x_q, x_kv)
-    assert y.dtype == y_ref.dtype
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=0.05)
+    assert_autocast_layer_matches_reference(GPU, dtype, dim=64, heads=4, Lq=25, Lk=42)
 
 
 @pytest.mark.gpu
