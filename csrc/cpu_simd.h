@@ -1,19 +1,26 @@
 // Shared building blocks of the CPU kernels: SIMD vectors, a register-tiled GEMM micro-kernel
 // and per-ISA function clones.
 //
-// Vectorisation: GCC/Clang vector extensions (32-byte vectors: 8 floats or 4 doubles). The
-// compiler lowers them to whatever the function is compiled for, so the shipped flags need no
-// -march: the per-task worker functions carry BHARNET_CLONES, which makes GCC emit one copy per
-// ISA level (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, baseline SSE2) and pick one at load
-// time from the running CPU (an ifunc). The helpers below are always_inline, so they are
-// compiled into each clone with that clone's ISA.
+// Vectorisation: GCC/Clang vector extensions (32-byte vectors by default: 8 floats or 4
+// doubles). The compiler lowers them to whatever the function is compiled for, so the shipped
+// flags need no -march: the per-task worker functions carry BHARNET_CLONES, which makes GCC emit
+// one copy per ISA level (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, baseline SSE2) and pick
+// one at load time from the running CPU (an ifunc). The helpers below are always_inline, so they
+// are compiled into each clone with that clone's ISA.
 //
-// GEMM micro-kernel (Tile): an MR x NR block of C = A · B held in registers, NR = 2 vectors:
+// Wide path (BHARNET_WIDE): the GEMM-shaped kernels also have a copy compiled for x86-64-v4
+// only, with 64-byte vectors and the 32 vector registers of AVX-512 (see `tiles` below), which
+// a CPU with full-width AVX-512 units runs at up to twice the FLOPs of the 32-byte clone (a
+// single-core micro-benchmark on this project's 2-core EPYC: 117 vs 56 GMAC/s for 2048 x 126
+// x 42). run_per_isa picks it at run time when the CPU has AVX-512 (use_wide_vectors());
+// set_vector_bytes(32) forces the 32-byte path (tests run both).
+//
+// GEMM micro-kernel (Tile): an MR x (NV vectors) block of C = A · B held in registers:
 //   acc[r][n] += sum_k A(r, k) · B(k, n)      A(r, k) = a[r·sam + k·sak],  B(k, n) = b[k·ldb + n]
-// A's entries are broadcast, B's rows are loaded as vectors. B must be readable for NR columns
-// per row (callers pack B into buffers whose row length is a multiple of NR, zero-padded);
-// rows of A past `rows` are never read (they alias the last valid row), and stores write only
-// the valid rows x columns of C.
+// A's entries are broadcast, B's rows are loaded as vectors. B must be readable for NV whole
+// vectors per row (callers pack B into buffers whose row length is a multiple of 64 bytes,
+// zero-padded); rows of A past `rows` are never read (they alias the last valid row), and
+// stores write only the valid rows x columns of C.
 #pragma once
 
 #include <algorithm>
@@ -27,8 +34,11 @@
 
 #if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define BHARNET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define BHARNET_HAS_WIDE 1
+#define BHARNET_WIDE __attribute__((target("arch=x86-64-v4")))
 #else
 #define BHARNET_CLONES
+#define BHARNET_HAS_WIDE 0
 #endif
 #define BHARNET_INLINE inline __attribute__((always_inline))
 
@@ -38,28 +48,29 @@
 namespace bharnet {
 namespace simd {
 
-template <typename T> struct VectorOf;
-template <> struct VectorOf<float> { typedef float type __attribute__((vector_size(32))); };
-template <> struct VectorOf<double> { typedef double type __attribute__((vector_size(32))); };
-template <typename T> using vec = typename VectorOf<T>::type;
+template <typename T, int Bytes> struct VectorOf { typedef T type __attribute__((vector_size(Bytes))); };
+template <typename T, int Bytes = 32> using vec = typename VectorOf<T, Bytes>::type;
 
-template <typename T> constexpr int kLanes = 32 / sizeof(T);
-// Columns of one micro-kernel tile (two vectors); padded buffers round their rows up to this.
+template <typename T, int Bytes = 32> constexpr int kLanes = Bytes / sizeof(T);
+// Columns of one 32-byte micro-kernel tile (two vectors, 64 bytes); padded buffers round their
+// rows up to this, which is also one 64-byte vector of the wide path.
 template <typename T> constexpr int kTileCols = 2 * kLanes<T>;
 // Rows of one micro-kernel tile: 6 x 2 accumulators + 2 B vectors + 1 broadcast fit the 16
 // vector registers of AVX2 (enough independent FMAs to cover their latency; the SSE2 clone,
 // with 16 half-width registers, spills some of them).
 constexpr int kTileRows = 6;
 
-template <typename T> BHARNET_INLINE vec<T> load(const T* p) {
-  vec<T> v;
+template <typename T, int Bytes = 32> BHARNET_INLINE vec<T, Bytes> load(const T* p) {
+  vec<T, Bytes> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-template <typename T> BHARNET_INLINE void store(T* p, const vec<T>& v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T, int Bytes = 32> BHARNET_INLINE void store(T* p, const vec<T, Bytes>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
-template <typename T> BHARNET_INLINE vec<T> broadcast(T s) { return vec<T>{} + s; }
+template <typename T, int Bytes = 32> BHARNET_INLINE vec<T, Bytes> broadcast(T s) { return vec<T, Bytes>{} + s; }
 
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -136,18 +147,23 @@ BHARNET_INLINE vec<float> tanh(vec<float> x) {
   return x < 0.0f ? -t : t;
 }
 
-template <typename T, int MR = kTileRows>
+template <typename T> struct TypeTag { typedef T type; };
+
+template <typename T, int MR = kTileRows, int NV = 2, int Bytes = 32>
 struct Tile {
-  static constexpr int L = kLanes<T>;
-  vec<T> acc[MR][2];
+  static constexpr int L = kLanes<T, Bytes>;
+  static constexpr int kRows = MR, kCols = NV * L;
+  vec<T, Bytes> acc[MR][NV];
 
   BHARNET_INLINE void zero() {
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vec<T>{};
+    for (int r = 0; r < MR; ++r)
+      for (int n = 0; n < NV; ++n) acc[r][n] = vec<T, Bytes>{};
   }
 
   // acc[r][:] = value[r] (e.g. a bias per output row); rows past `rows` get value[rows - 1].
   BHARNET_INLINE void fill_rows(const T* value, int rows) {
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = broadcast<T>(value[std::min(r, rows - 1)]);
+    for (int r = 0; r < MR; ++r)
+      for (int n = 0; n < NV; ++n) acc[r][n] = broadcast<T, Bytes>(value[std::min(r, rows - 1)]);
   }
 
   // acc += A(:, 0:K) · B(0:K, :)
@@ -156,44 +172,116 @@ struct Tile {
     const T* arow[MR];
     for (int r = 0; r < MR; ++r) arow[r] = a + std::min(r, rows - 1) * sam;
     for (int64_t k = 0; k < K; ++k) {
-      const vec<T> b0 = load(b + k * ldb), b1 = load(b + k * ldb + L);
+      vec<T, Bytes> bv[NV];
+      for (int n = 0; n < NV; ++n) bv[n] = load<T, Bytes>(b + k * ldb + n * L);
       for (int r = 0; r < MR; ++r) {
-        const vec<T> s = broadcast<T>(arow[r][k * sak]);
-        acc[r][0] += s * b0;
-        acc[r][1] += s * b1;
+        const T s = arow[r][k * sak];  // scalar x vector: the compiler broadcasts it
+        for (int n = 0; n < NV; ++n) acc[r][n] += s * bv[n];
       }
     }
   }
 
   // acc *= scale
   BHARNET_INLINE void scale_by(T scale) {
-    for (int r = 0; r < MR; ++r) {
-      acc[r][0] *= scale;
-      acc[r][1] *= scale;
-    }
+    for (int r = 0; r < MR; ++r)
+      for (int n = 0; n < NV; ++n) acc[r][n] *= scale;
   }
 
-  // C[r, n] (+)= acc[r][n] for r < rows, n < cols (cols <= 2L); C has row stride ldc.
+  // C[r, n] (+)= acc[r][n] for r < rows, n < cols (cols <= kCols); C has row stride ldc.
   BHARNET_INLINE void store_to(T* c, int64_t ldc, int rows, int cols, bool accumulate) const {
     for (int r = 0; r < rows; ++r) {
       T* row = c + r * ldc;
-      if (cols == 2 * L) {
-        vec<T> v0 = acc[r][0], v1 = acc[r][1];
-        if (accumulate) {
-          v0 += load(row);
-          v1 += load(row + L);
+      if (cols == kCols) {
+        for (int n = 0; n < NV; ++n) {
+          vec<T, Bytes> v = acc[r][n];
+          if (accumulate) v += load<T, Bytes>(row + n * L);
+          store<T, Bytes>(row + n * L, v);
         }
-        store(row, v0);
-        store(row + L, v1);
       } else {
-        T tmp[2 * L];
-        store(tmp, acc[r][0]);
-        store(tmp + L, acc[r][1]);
+        T tmp[kCols];
+        for (int n = 0; n < NV; ++n) store<T, Bytes>(tmp + n * L, acc[r][n]);
         for (int n = 0; n < cols; ++n) row[n] = accumulate ? row[n] + tmp[n] : tmp[n];
       }
     }
   }
 };
+
+// Visit the tiles covering an M x N output: f(tile, m, rows, n0, cols) for each, with a zeroed
+// register tile to fill (tile.fma) and store (tile.store_to). Bytes = 32: 6 x 2-vector tiles,
+// rows outer (the 32-byte clones' layout). Bytes = 64 (wide path; only inside BHARNET_WIDE
+// functions): columns outer, as many whole 64-byte vectors per tile as fit 24 accumulators
+// among AVX-512's 32 registers: 8 x 3 vectors, then 12 x 2 or 16 x 1 for the last columns
+// (N = 42 floats: one 8 x 48 tile per 8 rows; N = 25: 12 x 32). B rows must be readable up
+// to N rounded up to 64 bytes. f must be always_inline so it is compiled with the caller's ISA.
+template <typename T, int Bytes, typename F>
+BHARNET_INLINE void tiles(int64_t M, int64_t N, F&& f) {
+  if constexpr (Bytes == 32) {
+    constexpr int NC = kTileCols<T>;
+    for (int64_t m = 0; m < M; m += kTileRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
+      for (int64_t n0 = 0; n0 < N; n0 += NC) {
+        Tile<T, kTileRows, 2, 32> tile;
+        tile.zero();
+        f(tile, m, rows, n0, static_cast<int>(std::min<int64_t>(NC, N - n0)));
+      }
+    }
+  } else {
+    static_assert(Bytes == 64, "tiles: 32- or 64-byte vectors");
+    constexpr int L = kLanes<T, 64>;
+    auto column_tile = [&](auto tag, int64_t n0) __attribute__((always_inline)) {
+      using TileT = typename decltype(tag)::type;
+      const int cols = static_cast<int>(std::min<int64_t>(TileT::kCols, N - n0));
+      for (int64_t m = 0; m < M; m += TileT::kRows) {
+        TileT tile;
+        tile.zero();
+        f(tile, m, static_cast<int>(std::min<int64_t>(TileT::kRows, M - m)), n0, cols);
+      }
+    };
+    for (int64_t n0 = 0; n0 < N;) {
+      const int64_t vectors = (N - n0 + L - 1) / L;
+      if (vectors >= 3) {
+        column_tile(TypeTag<Tile<T, 8, 3, 64>>{}, n0);
+        n0 += 3 * L;
+      } else if (vectors == 2) {
+        column_tile(TypeTag<Tile<T, 12, 2, 64>>{}, n0);
+        n0 += 2 * L;
+      } else {
+        column_tile(TypeTag<Tile<T, 16, 1, 64>>{}, n0);
+        n0 += L;
+      }
+    }
+  }
+}
+
+// Whether the kernels take the wide (64-byte, AVX-512) path: the CPU supports x86-64-v4 and
+// set_vector_bytes has not forced 32 (cpu_dispatch.cpp).
+bool use_wide_vectors();
+// 32 or 64 (64 only where the CPU and the build support it; anything else throws); returns the
+// previous setting. 0 returns the current setting unchanged.
+int64_t set_vector_bytes(int64_t bytes);
+
+// Kernel::template run<Bytes>(args...) compiled for the running CPU: in a copy for AVX-512 with
+// 64-byte vectors when use_wide_vectors(), else in the 32-byte clones (BHARNET_CLONES).
+// Kernel::run must be always_inline, so that each copy compiles it with its own ISA.
+template <typename Kernel, typename... Args>
+BHARNET_CLONES void run_narrow(Args... args) {
+  Kernel::template run<32>(args...);
+}
+
+#if BHARNET_HAS_WIDE
+template <typename Kernel, typename... Args>
+BHARNET_WIDE void run_wide(Args... args) {
+  Kernel::template run<64>(args...);
+}
+#endif
+
+template <typename Kernel, typename... Args>
+inline void run_per_isa(Args... args) {
+#if BHARNET_HAS_WIDE
+  if (use_wide_vectors()) return run_wide<Kernel>(args...);
+#endif
+  run_narrow<Kernel>(args...);
+}
 
 }  // namespace simd
 }  // namespace bharnet

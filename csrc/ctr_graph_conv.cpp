@@ -146,60 +146,52 @@ void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, c
 
 // y rows [m0, m1) of group g in batch b: y_g[m, :] = sum_h v_hg[m, :] . Aref_h^T.
 template <typename T>
-BHARNET_CLONES void forward_rows(const CtrSizes& s, int64_t Vp, const T* v, const T* aref_t, int64_t b, int64_t g,
+struct ForwardRows {
+  template <int Bytes>
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* v, const T* aref_t, int64_t b, int64_t g,
                                  int64_t m0, int64_t m1, T* y) {
-  const int64_t V = s.V, CG = s.group_channels();
-  T* yg = y + (b * s.C + g * CG) * s.T * V;
-  for (int64_t m = m0; m < m1; m += kTileRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
-    for (int64_t n0 = 0; n0 < V; n0 += simd::kTileCols<T>) {
-      Tile<T> tile;
-      tile.zero();
+    const int64_t V = s.V, CG = s.group_channels();
+    T* yg = y + ((b * s.C + g * CG) * s.T + m0) * V;
+    simd::tiles<T, Bytes>(m1 - m0, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
+                                          __attribute__((always_inline)) {
       for (int64_t h = 0; h < s.H; ++h) {
-        const T* vg = v + ((b * s.H + h) * s.C + g * CG) * s.T * V;
+        const T* vg = v + (((b * s.H + h) * s.C + g * CG) * s.T + m0) * V;
         tile.fma(V, vg + m * V, V, 1, aref_t + topology_offset(s, Vp, b, h, g) + n0, Vp, rows);
       }
-      tile.store_to(yg + m * V + n0, V, rows, static_cast<int>(std::min<int64_t>(simd::kTileCols<T>, V - n0)),
-                    false);
-    }
+      tile.store_to(yg + m * V + n0, V, rows, cols, false);
+    });
   }
-}
+};
 
 // dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); packed: M x Vp scratch.
 template <typename T>
-BHARNET_CLONES void backward_group(const CtrSizes& s, int64_t Vp, const T* dy, const T* v, const T* aref, int64_t b,
-                                   int64_t h, int64_t g, T* dv, T* dtopo, T* packed) {
-  const int64_t V = s.V, CG = s.group_channels(), M = s.group_rows();
-  constexpr int NR = simd::kTileCols<T>;
-  const T* dyg = dy + (b * s.C + g * CG) * s.T * V;
-  const int64_t vg_offset = ((b * s.H + h) * s.C + g * CG) * s.T * V;
-  const T* vg = v + vg_offset;
-  T* dvg = dv + vg_offset;
-  const T* topo = aref + topology_offset(s, Vp, b, h, g);
-  for (int64_t m = 0; m < M; m += kTileRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
-    for (int64_t n0 = 0; n0 < V; n0 += NR) {
-      Tile<T> tile;
-      tile.zero();
+struct BackwardGroup {
+  template <int Bytes>
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* dy, const T* v, const T* aref, int64_t b, int64_t h,
+                                 int64_t g, T* dv, T* dtopo, T* packed) {
+    const int64_t V = s.V, CG = s.group_channels(), M = s.group_rows();
+    const T* dyg = dy + (b * s.C + g * CG) * s.T * V;
+    const int64_t vg_offset = ((b * s.H + h) * s.C + g * CG) * s.T * V;
+    const T* vg = v + vg_offset;
+    T* dvg = dv + vg_offset;
+    const T* topo = aref + topology_offset(s, Vp, b, h, g);
+    simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
+                                    __attribute__((always_inline)) {
       tile.fma(V, dyg + m * V, V, 1, topo + n0, Vp, rows);
-      tile.store_to(dvg + m * V + n0, V, rows, static_cast<int>(std::min<int64_t>(NR, V - n0)), false);
+      tile.store_to(dvg + m * V + n0, V, rows, cols, false);
+    });
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < V; ++j) packed[m * Vp + j] = vg[m * V + j];
+      for (int64_t j = V; j < Vp; ++j) packed[m * Vp + j] = T(0);
     }
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t j = 0; j < V; ++j) packed[m * Vp + j] = vg[m * V + j];
-    for (int64_t j = V; j < Vp; ++j) packed[m * Vp + j] = T(0);
-  }
-  T* out = dtopo + ((b * s.H + h) * s.G + g) * V * V;
-  for (int64_t i = 0; i < V; i += kTileRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, V - i));
-    for (int64_t n0 = 0; n0 < V; n0 += NR) {
-      Tile<T> tile;
-      tile.zero();
+    T* out = dtopo + ((b * s.H + h) * s.G + g) * V * V;
+    simd::tiles<T, Bytes>(V, V, [&](auto& tile, int64_t i, int rows, int64_t n0, int cols)
+                                    __attribute__((always_inline)) {
       tile.fma(M, dyg + i, 1, V, packed + n0, Vp, rows);
-      tile.store_to(out + i * V + n0, V, rows, static_cast<int>(std::min<int64_t>(NR, V - n0)), false);
-    }
+      tile.store_to(out + i * V + n0, V, rows, cols, false);
+    });
   }
-}
+};
 
 // dq, dk (R x V each), P (G x R) and S (G) of one (b, h) from its dAref (G x V x V) and th
 // (R x V x V); D: V x V scratch. The long sums run in vector lanes, then in double (cpu_simd.h).
@@ -270,7 +262,8 @@ at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std
       for (int64_t task = begin; task < end; ++task) {
         const int64_t block = task % blocks, bg = task / blocks;
         const int64_t m0 = block * kForwardRowBlock;
-        forward_rows<scalar_t>(s, Vp, vp, tp, bg / s.G, bg % s.G, m0, std::min(M, m0 + kForwardRowBlock), yp);
+        simd::run_per_isa<ForwardRows<scalar_t>>(s, Vp, vp, tp, bg / s.G, bg % s.G, m0,
+                                                  std::min(M, m0 + kForwardRowBlock), yp);
       }
     });
   });
@@ -284,7 +277,7 @@ void topology_grad(const CtrSizes& s, int64_t Vp, const T* dy, const T* v, const
     std::vector<T> packed(s.group_rows() * Vp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task % s.G, h = (task / s.G) % s.H, b = task / (s.G * s.H);
-      backward_group(s, Vp, dy, v, aref, b, h, g, dv, dtopo, packed.data());
+      simd::run_per_isa<BackwardGroup<T>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, packed.data());
     }
   });
 }

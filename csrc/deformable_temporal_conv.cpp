@@ -78,78 +78,71 @@ inline int64_t times_per_block(const DetSizes& s) { return std::max<int64_t>(1, 
 // y[b, :, t0:t1, :] = bias + W . xs for one block of output times; xs: K x NBp scratch
 // (NBp = (t1 - t0) * V rounded up to the tile width; its padding columns are never stored).
 template <typename T>
-BHARNET_CLONES void forward_block(const DetSizes& s, const T* x, const T* weight, const T* bias,
-                                  const Sample<T>* samples, int64_t b, int64_t t0, int64_t t1, T* xs, T* y) {
-  constexpr int NR = simd::kTileCols<T>;
-  const int64_t V = s.V, K = s.C * s.E, N = s.T_out * V;
-  const int64_t NB = (t1 - t0) * V, NBp = simd::packed_ld<T>(NB);
-  for (int64_t c = 0; c < s.C; ++c) {
-    const T* xc = x + (b * s.C + c) * s.T * V;
-    for (int64_t e = 0; e < s.E; ++e) {
-      T* row = xs + (c * s.E + e) * NBp;
-      for (int64_t t = t0; t < t1; ++t) {
-        const Sample<T>& smp = samples[t * s.E + e];
-        const T* x0 = xc + smp.p0 * V;
-        const T* x1 = xc + smp.p1 * V;
-        const T w = smp.w, w0 = T(1) - smp.w;
-        T* out = row + (t - t0) * V;
-        for (int64_t v = 0; v < V; ++v) out[v] = x0[v] * w0 + x1[v] * w;
+struct ForwardBlock {
+  template <int Bytes>
+  static BHARNET_INLINE void run(DetSizes s, const T* x, const T* weight, const T* bias, const Sample<T>* samples,
+                                 int64_t b, int64_t t0, int64_t t1, T* xs, T* y) {
+    const int64_t V = s.V, K = s.C * s.E, N = s.T_out * V;
+    const int64_t NB = (t1 - t0) * V, NBp = simd::packed_ld<T>(NB);
+    for (int64_t c = 0; c < s.C; ++c) {
+      const T* xc = x + (b * s.C + c) * s.T * V;
+      for (int64_t e = 0; e < s.E; ++e) {
+        T* row = xs + (c * s.E + e) * NBp;
+        for (int64_t t = t0; t < t1; ++t) {
+          const Sample<T>& smp = samples[t * s.E + e];
+          const T* x0 = xc + smp.p0 * V;
+          const T* x1 = xc + smp.p1 * V;
+          const T w = smp.w, w0 = T(1) - smp.w;
+          T* out = row + (t - t0) * V;
+          for (int64_t v = 0; v < V; ++v) out[v] = x0[v] * w0 + x1[v] * w;
+        }
+        for (int64_t n = NB; n < NBp; ++n) row[n] = T(0);
       }
-      for (int64_t n = NB; n < NBp; ++n) row[n] = T(0);
     }
-  }
-  T* yb = y + b * s.O * N + t0 * V;
-  for (int64_t o = 0; o < s.O; o += kTileRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, s.O - o));
-    for (int64_t n0 = 0; n0 < NB; n0 += NR) {
-      Tile<T> tile;
-      if (bias) {
-        tile.fill_rows(bias + o, rows);
-      } else {
-        tile.zero();
-      }
+    T* yb = y + b * s.O * N + t0 * V;
+    simd::tiles<T, Bytes>(s.O, NB, [&](auto& tile, int64_t o, int rows, int64_t n0, int cols)
+                                       __attribute__((always_inline)) {
+      if (bias) tile.fill_rows(bias + o, rows);
       tile.fma(K, weight + o * K, K, 1, xs + n0, NBp, rows);
-      tile.store_to(yb + o * N + n0, N, rows, static_cast<int>(std::min<int64_t>(NR, NB - n0)), false);
-    }
+      tile.store_to(yb + o * N + n0, N, rows, cols, false);
+    });
   }
-}
+};
 
 // Adds one (b, time block)'s terms to the partial sums dW (O x Kp) and dbias (O).
 // xst: NB x Kp scratch whose padding columns K..Kp are zero.
 template <typename T>
-BHARNET_CLONES void weight_grad_block(const DetSizes& s, const T* x, const T* dy, const Sample<T>* samples, int64_t b,
-                                      int64_t t0, int64_t t1, T* xst, T* dw, T* dbias) {
-  constexpr int NR = simd::kTileCols<T>;
-  const int64_t V = s.V, K = s.C * s.E, Kp = simd::packed_ld<T>(K), N = s.T_out * V;
-  const int64_t NB = (t1 - t0) * V;
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t e = 0; e < s.E; ++e) {
-      const Sample<T>& smp = samples[t * s.E + e];
-      const T w = smp.w, w0 = T(1) - smp.w;
-      for (int64_t c = 0; c < s.C; ++c) {
-        const T* xc = x + (b * s.C + c) * s.T * V;
-        const T* x0 = xc + smp.p0 * V;
-        const T* x1 = xc + smp.p1 * V;
-        T* out = xst + (t - t0) * V * Kp + c * s.E + e;
-        for (int64_t v = 0; v < V; ++v) out[v * Kp] = x0[v] * w0 + x1[v] * w;
+struct WeightGradBlock {
+  template <int Bytes>
+  static BHARNET_INLINE void run(DetSizes s, const T* x, const T* dy, const Sample<T>* samples, int64_t b, int64_t t0,
+                                 int64_t t1, T* xst, T* dw, T* dbias) {
+    const int64_t V = s.V, K = s.C * s.E, Kp = simd::packed_ld<T>(K), N = s.T_out * V;
+    const int64_t NB = (t1 - t0) * V;
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t e = 0; e < s.E; ++e) {
+        const Sample<T>& smp = samples[t * s.E + e];
+        const T w = smp.w, w0 = T(1) - smp.w;
+        for (int64_t c = 0; c < s.C; ++c) {
+          const T* xc = x + (b * s.C + c) * s.T * V;
+          const T* x0 = xc + smp.p0 * V;
+          const T* x1 = xc + smp.p1 * V;
+          T* out = xst + (t - t0) * V * Kp + c * s.E + e;
+          for (int64_t v = 0; v < V; ++v) out[v * Kp] = x0[v] * w0 + x1[v] * w;
+        }
       }
-    }
-  const T* dyb = dy + b * s.O * N + t0 * V;
-  for (int64_t o = 0; o < s.O; o += kTileRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, s.O - o));
-    for (int64_t k0 = 0; k0 < Kp; k0 += NR) {
-      Tile<T> tile;
-      tile.zero();
+    const T* dyb = dy + b * s.O * N + t0 * V;
+    simd::tiles<T, Bytes>(s.O, Kp, [&](auto& tile, int64_t o, int rows, int64_t k0, int cols)
+                                       __attribute__((always_inline)) {
       tile.fma(NB, dyb + o * N, N, 1, xst + k0, Kp, rows);
-      tile.store_to(dw + o * Kp + k0, Kp, rows, NR, true);
+      tile.store_to(dw + o * Kp + k0, Kp, rows, cols, true);
+    });
+    for (int64_t o = 0; o < s.O; ++o) {
+      T sum = T(0);
+      for (int64_t n = 0; n < NB; ++n) sum += dyb[o * N + n];
+      dbias[o] += sum;
     }
   }
-  for (int64_t o = 0; o < s.O; ++o) {
-    T sum = T(0);
-    for (int64_t n = 0; n < NB; ++n) sum += dyb[o * N + n];
-    dbias[o] += sum;
-  }
-}
+};
 
 // dx[b, c0:c1] and this block's share of dtau, for channels c0..c1 of batch b:
 // g[c, e, t', :] = sum_o W[o, c, e] dy[b, o, t', :] (one micro-kernel tile per (t', e)) is sent to
@@ -237,7 +230,8 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, con
       std::vector<T> xs(scratch);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, t0 = task % blocks * tb;
-        forward_block<T>(s, xp, wp, bp, samples.data(), b, t0, std::min(s.T_out, t0 + tb), xs.data(), yp);
+        const int64_t t1 = std::min(s.T_out, t0 + tb);
+        simd::run_per_isa<ForwardBlock<T>>(s, xp, wp, bp, samples.data(), b, t0, t1, xs.data(), yp);
       }
     });
   });
@@ -280,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at
       for (int64_t slice = begin; slice < end; ++slice)
         for (int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
           const int64_t b = task / blocks, t0 = task % blocks * tb;
-          weight_grad_block<T>(s, xp, dyp, samples.data(), b, t0, std::min(s.T_out, t0 + tb), xst.data(),
-                               dw_part.data() + slice * s.O * Kp, dbias_part.data() + slice * s.O);
+          simd::run_per_isa<WeightGradBlock<T>>(s, xp, dyp, samples.data(), b, t0, std::min(s.T_out, t0 + tb),
+                                                xst.data(), dw_part.data() + slice * s.O * Kp, dbias_part.data() + slice * s.O);
         }
     });
     T* dwp = dweight.data_ptr<T>();

@@ -33,13 +33,13 @@ SHAPES = cases.SHAPES + [(2, 3, 16, 5, 67, 4, 4), (3, 1, 12, 5, 25, 1, 4)]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_ctr_gc_matches_fp64_reference(shape, dtype):
+def test_ctr_gc_matches_fp64_reference(shape, dtype, cpu_vector_bytes):
     assert_matches_fp64_reference("cpp", shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[5]], ids=str)
-def test_static_st_gc_matches_fp64_reference(shape, dtype):
+def test_static_st_gc_matches_fp64_reference(shape, dtype, cpu_vector_bytes):
     assert_matches_fp64_reference("cpp", shape, dtype, dynamic=False)
 
 
@@ -58,11 +58,11 @@ def test_parameters_in_other_dtypes_get_gradients_in_their_dtypes():
     assert rel_err(half[0], ref[0]) <= 2 ** -10
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(cpu_vector_bytes):
     assert_close_to_reference("cpp", *noncontiguous_inputs(), TOLERANCE[torch.float64])
 
 
-def test_results_do_not_depend_on_the_thread_count():
+def test_results_do_not_depend_on_the_thread_count(cpu_vector_bytes):
     """Every output element is computed by one task in a fixed order: bitwise identical."""
     inputs = cast(make_inputs(3, 3, 16, 9, 25, 4, 4), torch.float32)
     dy = output_grad(inputs).float()
@@ -184,3 +184,15 @@ def test_gpu_opcheck():
     detached = [t.detach() for t in inputs]
     torch.library.opcheck(torch.ops.bharnet.ctr_graph_conv_cpp_backward.default, [dy, *detached])
     torch.library.opcheck(torch.ops.bharnet.ctr_graph_conv_cpp_static_backward.default, [dy, *detached[:2]])
+
+
+def test_cpu_vector_width_setting_is_checked():
+    """bharnet::cpu_vector_bytes takes 32, 64 (where the CPU has AVX-512) or 0 (query)."""
+    previous = torch.ops.bharnet.cpu_vector_bytes(0)
+    assert previous in (32, 64)
+    for bad in (16, 48, 128):
+        with pytest.raises(RuntimeError, match="32 or 64"):
+            torch.ops.bharnet.cpu_vector_bytes(bad)
+    assert torch.ops.bharnet.cpu_vector_bytes(32) == previous
+    assert torch.ops.bharnet.cpu_vector_bytes(0) == 32
+    torch.ops.bharnet.cpu_vector_bytes(previous)

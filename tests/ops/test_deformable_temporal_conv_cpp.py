@@ -31,7 +31,7 @@ def cpp_fn(stride):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_matches_float64_reference(shape, dtype):
+def test_matches_float64_reference(shape, dtype, cpu_vector_bytes):
     B, C, O, T, V, stride = shape
     cases.assert_matches_reference("cpp", make_inputs(B, C, O, T, V, dtype), stride, TOLERANCE[dtype])
 
@@ -43,7 +43,7 @@ def test_other_tap_counts_and_degenerate_sizes(taps, T, V):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_without_bias(stride):
+def test_without_bias(stride, cpu_vector_bytes):
     inputs = make_inputs(2, 3, 5, 13, 5, torch.float64, bias=False)
     got = cases.assert_matches_reference("cpp", inputs, stride, TOLERANCE[torch.float64])
     assert len(got) == 4
@@ -96,7 +96,7 @@ def test_empty_batch():
     assert not dtau.any() and not dweight.any() and not dbias.any()
 
 
-def test_results_do_not_depend_on_the_thread_count():
+def test_results_do_not_depend_on_the_thread_count(cpu_vector_bytes):
     """Fixed task slices and in-order partial sums: bitwise identical for 1 and 2 threads."""
     inputs = make_inputs(3, 8, 8, 33, 25, torch.float32)
     assert_independent_of_thread_count(lambda: run(cpp_fn(1), inputs), NAMES)
