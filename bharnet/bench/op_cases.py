@@ -1,13 +1,15 @@
 """Per-op benchmark cases: the op's shapes in the NTU models (DESIGN.md section 5) or tiny
 shapes for ``--quick``.
 
-Full shapes use B = 128 sequences (64 clips x 2 persons), the three widths and lengths of
+Full shapes use B = 128 sequences (64 clips x 2 persons; ``--op-batch`` changes it, e.g. 2 for
+one clip as in single-clip inference), the three widths and lengths of
 the backbone (C = 64/128/256 at T = 64/32/16 for graph convolution; C/4 per DeTGC branch) on the
 body (V = 25) and two-hand (V = 42) graphs. Inputs mirror the models: in ``bf16`` the
 activations are bfloat16 and the parameters float32, and the op runs under ``torch.autocast``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
@@ -140,18 +142,33 @@ def attention_case(N: int, Lq: int, Lk: int, D: int, heads: int) -> OpCase:
                   bwd_flops=attention * 5 // 2 + 2 * projections)
 
 
-def full_cases(op: str) -> List[OpCase]:
-    """NTU shapes, B = 128 sequences; the shapes quoted in DESIGN.md section 5 come first."""
+FULL_BATCH = 128
+
+
+def full_cases(op: str, batch: int = FULL_BATCH) -> List[OpCase]:
+    """NTU shapes at ``batch`` sequences (default 128 = 64 clips x 2 persons; 2 is one clip, as
+    in single-clip inference); the shapes quoted in DESIGN.md section 5 come first. Labels other
+    than at the default batch start with ``B<batch>``. Cross-attention has ``16 batch``
+    sequences per frame-mode call (one per sequence and frame of T' = 16) and ``batch`` in
+    sequence mode; the bone features ``batch / 2`` clips (at least 1) of 2 persons."""
+    cases = _full_cases(op, batch)
+    if batch == FULL_BATCH:
+        return cases
+    return [dataclasses.replace(case, x=f"B{batch} {case.x}") for case in cases]
+
+
+def _full_cases(op: str, batch: int) -> List[OpCase]:
     if op == "ctr_graph_conv":
         widths = [(64, 64, 25), (256, 16, 42), (128, 32, 25), (256, 16, 25), (64, 64, 42), (128, 32, 42)]
-        return [ctr_case(128, C, T, V) for C, T, V in widths] + [ctr_case(128, 64, 64, 25, static=True)]
+        return [ctr_case(batch, C, T, V) for C, T, V in widths] + [ctr_case(batch, 64, 64, 25, static=True)]
     if op == "deformable_temporal_conv":
         widths = [(16, 64, 25), (64, 16, 42), (32, 32, 25), (64, 16, 25), (16, 64, 42), (32, 32, 42)]
-        return [detgc_case(128, C, T, V) for C, T, V in widths] + [detgc_case(128, 32, 64, 25, stride=2)]
+        return [detgc_case(batch, C, T, V) for C, T, V in widths] + [detgc_case(batch, 32, 64, 25, stride=2)]
     if op == "cross_attention":  # body attends hands per frame, and per sequence (T' = 16)
-        return [attention_case(2048, 25, 42, 256, 8), attention_case(128, 400, 672, 256, 8)]
+        return [attention_case(16 * batch, 25, 42, 256, 8), attention_case(batch, 400, 672, 256, 8)]
     if op == "bone":
-        return [bone_case(64, 64, 25), bone_case(64, 64, 42)]
+        clips = max(1, batch // 2)
+        return [bone_case(clips, 64, 25), bone_case(clips, 64, 42)]
     raise ValueError(f"unknown op {op!r}; expected one of {list(OP_FUNCTIONS)}")
 
 

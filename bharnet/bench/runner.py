@@ -21,7 +21,7 @@ from . import env
 from .baselines import Rejected
 from .memory import MIB, peak_memory, saved_tensor_bytes
 from .model_cases import MODEL_NAMES, ModelCase, make_step, model_cases
-from .op_cases import OP_FUNCTIONS, OpCase, full_cases, quick_cases
+from .op_cases import FULL_BATCH, OP_FUNCTIONS, OpCase, full_cases, quick_cases
 from .providers import COMPILE_MODES, DTYPES, Provider, autocast, compiled, model_providers, providers
 from .report import METRICS, Note, Row, format_table, write_csv, write_plots
 from .roofline import copy_bandwidth, gbps, roofline_percent, tensor_bytes
@@ -53,6 +53,9 @@ PyTorch reference and its torch.compile, except cross_attention, measured agains
 (the same layer with nn.Linear projections around scaled_dot_product_attention, PyTorch
 choosing the SDPA backend) and "sdpa+compile". "sdpa-<backend>" forces one SDPA backend (math,
 efficient, flash, cudnn); one that rejects the inputs is reported as skipped.
+
+Op shapes: the NTU models' (bharnet/bench/op_cases.py) at --op-batch sequences per call: 128
+on CUDA, 2 on CPU (one clip of 2 persons, the single-clip inference shapes).
 
 --quick: tiny op shapes, the "small" preset at 2 clips x 2 persons, T=16, fp32 only, and
 torch.compile for the first shape of each op only (a whole model's first compile costs a
@@ -103,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default fp32,bf16 (--quick: fp32)")
     parser.add_argument("--batch", type=_positive(int), default=None,
                         help="clips per training step (default 32; --quick: 2)")
+    parser.add_argument("--op-batch", type=_positive(int), default=None,
+                        help="sequences per op call at the full op shapes (default 128 on CUDA; on "
+                             "CPU 2: one clip of 2 persons, as in single-clip inference)")
     parser.add_argument("--persons", type=_positive(int), default=2, help="persons per clip (default 2)")
     parser.add_argument("--threads", type=_positive(int), default=None,
                         help="CPU threads for torch (default: torch's default, one per core)")
@@ -137,6 +143,7 @@ class Options:
     models: List[str]
     dtypes: List[str]
     batch: int
+    op_batch: int
     persons: int
     frames: int
     preset: str
@@ -160,6 +167,7 @@ def resolve_options(args: argparse.Namespace) -> Options:
     def pick(value, full, fast):
         return value if value is not None else (fast if quick else full)
 
+    op_batch = args.op_batch or (FULL_BATCH if device.type == "cuda" else 2)
     if device.type == "cuda":
         settings, copy_bytes = TimerSettings(warmup=3, min_reps=10, min_time_s=0.1), 1 << 30
     elif quick:
@@ -167,7 +175,7 @@ def resolve_options(args: argparse.Namespace) -> Options:
     else:
         settings, copy_bytes = TimerSettings(warmup=2, min_reps=5, min_time_s=0.5), 256 << 20
     return Options(device, quick, args.ops, args.models, pick(args.dtypes, ["fp32", "bf16"], ["fp32"]),
-                   pick(args.batch, 32, 2), args.persons, pick(args.frames, 64, 16),
+                   pick(args.batch, 32, 2), op_batch, args.persons, pick(args.frames, 64, 16),
                    pick(args.preset, "full", "small"),
                    pick(args.compile_scopes, list(COMPILE_SCOPES), ["ops"]),
                    args.compile_modes or ["default"], pick(args.budget, None, 150.0),
@@ -338,7 +346,7 @@ class Bench:
                     self.notes.append(Note("skipped", provider.name, op, provider.skip))
                 else:
                     usable.append(provider)
-            for index, case in enumerate(quick_cases(op) if opts.quick else full_cases(op)):
+            for index, case in enumerate(quick_cases(op) if opts.quick else full_cases(op, opts.op_batch)):
                 for dtype in opts.dtypes:
                     for provider in usable:
                         if opts.quick and index > 0 and provider.compile_mode is not None:

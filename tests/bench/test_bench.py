@@ -13,7 +13,7 @@ import torch
 from bharnet.bench import add_arguments, run
 from bharnet.bench.baselines import Rejected
 from bharnet.bench.memory import MIB, peak_memory, saved_tensor_bytes
-from bharnet.bench.op_cases import attention_case
+from bharnet.bench.op_cases import FULL_BATCH, OP_FUNCTIONS, attention_case, full_cases
 from bharnet.bench.providers import TRITON_ON_CPU, Provider, model_providers, providers
 from bharnet.bench.readme import END, START, render, replace_section, update_readme
 from bharnet.bench.report import (BASELINES, CSV_COLUMNS, Row, baseline, format_table, read_csv, speedups,
@@ -105,6 +105,31 @@ def test_budget_skips_what_does_not_fit(tmp_path, capsys):
     assert "time budget (--budget 0.001 s) spent" in out and "body train" in out
 
 
+def test_full_op_shapes_at_another_batch_say_so_in_their_labels():
+    """Only the batch dimension changes: B sequences for the graph ops, 16 B (frame mode) and
+    B (sequence mode) for cross-attention, B / 2 clips for the bone features."""
+    expected = {"ctr_graph_conv": ("B", [2] * 7), "deformable_temporal_conv": ("B", [2] * 7),
+                "cross_attention": ("N", [32, 2]), "bone": ("N", [1, 1])}
+    for op in OP_FUNCTIONS:
+        default, clip = full_cases(op), full_cases(op, 2)
+        key, batches = expected[op]
+        assert [c.sizes[key] for c in clip] == batches
+        assert [d.sizes[key] for d in default] == [b * FULL_BATCH // 2 for b in batches]
+        assert all(c.x.startswith("B2 ") and not d.x.startswith("B") for c, d in zip(clip, default))
+        for d, c in zip(default, clip):
+            assert {k: v for k, v in c.sizes.items() if k != key} == {k: v for k, v in d.sizes.items() if k != key}
+
+
+def test_cpu_op_shapes_default_to_one_clip(tmp_path):
+    """Without --quick, CPU op rows are the model's shapes at one clip of 2 persons."""
+    results = tmp_path / "results"
+    assert bench("--device", "cpu", "--ops", "bone", "--models", "none", "--compile", "none",
+                 "--dtypes", "fp32", "--threads", "1", "--results-dir", str(results), "--no-plots") == 0
+    rows = [r for r in read_csv(str(only_csv(results))) if r.op == "bone"]
+    assert rows and {r.x for r in rows} == {"B2 T64 V25", "B2 T64 V42"}
+    assert all("N=1;" in r.config and "run=quick" not in r.config for r in rows)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_cuda_without_gpu_is_a_one_line_error(tmp_path, capsys):
     assert bench("--device", "cuda", "--results-dir", str(tmp_path)) == 2
@@ -114,7 +139,7 @@ def test_cuda_without_gpu_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--ops", "conv"], ["--dtypes", "fp16"], ["--compile", "everything"],
-                                  ["--batch", "0"], ["--compile-mode", "fast"]])
+                                  ["--batch", "0"], ["--op-batch", "0"], ["--compile-mode", "fast"]])
 def test_bad_options_exit_with_status_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench(*argv)
