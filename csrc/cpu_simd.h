@@ -116,15 +116,17 @@ BHARNET_INLINE double dot(const T* a, const T* b, int64_t n) {
   return total;
 }
 
-typedef int32_t vec_i32 __attribute__((vector_size(32)));
-
 // exp(y) for y in [-18, 0] (float32 lanes): y = n ln2 + r with |r| <= ln2/2 (ln2 split in a
 // high part exact in float and a low part), exp(r) by its degree-7 Taylor polynomial (truncation
 // below 2.5e-9 relative), 2^n built in the exponent bits. Relative error a few float ulps.
-BHARNET_INLINE vec<float> exp_nonpositive(vec<float> y) {
-  const vec<float> n = __builtin_convertvector(__builtin_convertvector(y * 1.44269504f + (y < 0.0f ? broadcast(-0.5f) : broadcast(0.5f)), vec_i32), vec<float>);
-  const vec<float> r = (y - n * 0.693359375f) - n * -2.12194440e-4f;
-  vec<float> p = broadcast<float>(1.0f / 5040.0f);
+template <int Bytes = 32>
+BHARNET_INLINE vec<float, Bytes> exp_nonpositive(vec<float, Bytes> y) {
+  using F = vec<float, Bytes>;
+  using I = vec<int32_t, Bytes>;
+  const F half = y < 0.0f ? broadcast<float, Bytes>(-0.5f) : broadcast<float, Bytes>(0.5f);
+  const F n = __builtin_convertvector(__builtin_convertvector(y * 1.44269504f + half, I), F);
+  const F r = (y - n * 0.693359375f) - n * -2.12194440e-4f;
+  F p = broadcast<float, Bytes>(1.0f / 5040.0f);
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -132,18 +134,20 @@ BHARNET_INLINE vec<float> exp_nonpositive(vec<float> y) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const vec_i32 bits = (__builtin_convertvector(n, vec_i32) + 127) << 23;
-  vec<float> scale;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
 // tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2 |x|), |x| clamped to 9 (tanh(9) rounds to
 // 1 in float32): absolute error about one float ulp of 1, like the Triton kernels' tanh.
-BHARNET_INLINE vec<float> tanh(vec<float> x) {
-  const vec<float> a = x < 0.0f ? -x : x;
-  const vec<float> e = exp_nonpositive(-2.0f * (a < 9.0f ? a : broadcast(9.0f)));
-  const vec<float> t = (1.0f - e) / (1.0f + e);
+template <int Bytes = 32>
+BHARNET_INLINE vec<float, Bytes> tanh(vec<float, Bytes> x) {
+  using F = vec<float, Bytes>;
+  const F a = x < 0.0f ? -x : x;
+  const F e = exp_nonpositive<Bytes>(-2.0f * (a < 9.0f ? a : broadcast<float, Bytes>(9.0f)));
+  const F t = (1.0f - e) / (1.0f + e);
   return x < 0.0f ? -t : t;
 }
 

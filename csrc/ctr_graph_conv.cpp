@@ -51,58 +51,61 @@ constexpr int64_t kForwardRowBlock = 42 * kTileRows;
 // aref[g, i, j] (row i, column j) and/or aref_t[g, j, i] (transposed); th receives the
 // R x V x V tanh values (th[r, i, j]).
 template <typename T>
-BHARNET_CLONES void refine_topology(const CtrSizes& s, int64_t Vp, int64_t b, int64_t h, const T* A, const T* q,
-                                    const T* k, const T* weight, const T* bias, T alpha, T* th, T* row, T* aref,
-                                    T* aref_t) {
-  const int64_t V = s.V, R = s.R, G = s.G;
-  for (int64_t r = 0; r < R; ++r) {
-    const T* qr = q + ((b * s.H + h) * R + r) * V;
-    const T* kr = k + ((b * s.H + h) * R + r) * V;
-    if constexpr (std::is_same_v<T, float>) {
-      // Vectorised tanh (cpu_simd.h) on rows padded to whole vectors: row holds k, then tanh.
-      constexpr int L = simd::kLanes<float>;
-      for (int64_t j = 0; j < Vp; ++j) row[j] = j < V ? kr[j] : 0.0f;
+struct RefineTopology {
+  template <int Bytes>
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, int64_t b, int64_t h, const T* A, const T* q, const T* k,
+                                 const T* weight, const T* bias, T alpha, T* th, T* row, T* aref, T* aref_t) {
+    const int64_t V = s.V, R = s.R, G = s.G;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* qr = q + ((b * s.H + h) * R + r) * V;
+      const T* kr = k + ((b * s.H + h) * R + r) * V;
+      if constexpr (std::is_same_v<T, float>) {
+        // Vectorised tanh (cpu_simd.h) on rows padded to whole vectors: row holds k, then tanh.
+        constexpr int L = simd::kLanes<float, Bytes>;
+        for (int64_t j = 0; j < Vp; ++j) row[j] = j < V ? kr[j] : 0.0f;
+        for (int64_t i = 0; i < V; ++i) {
+          T* out = th + (r * V + i) * V;
+          int64_t j = 0;
+          for (; j + L <= V; j += L)
+            simd::store<float, Bytes>(out + j, simd::tanh<Bytes>(qr[i] - simd::load<float, Bytes>(row + j)));
+          if (j < V) {
+            float tail[L];
+            simd::store<float, Bytes>(tail, simd::tanh<Bytes>(qr[i] - simd::load<float, Bytes>(row + j)));
+            for (int64_t jj = j; jj < V; ++jj) out[jj] = tail[jj - j];
+          }
+        }
+      } else {
+        for (int64_t i = 0; i < V; ++i)
+          for (int64_t j = 0; j < V; ++j) th[(r * V + i) * V + j] = std::tanh(qr[i] - kr[j]);
+      }
+    }
+    const T* Ah = A + h * V * V;
+    for (int64_t g = 0; g < G; ++g) {
+      const T* w = weight + (h * G + g) * R;
+      const T bg = bias[h * G + g];
       for (int64_t i = 0; i < V; ++i) {
-        T* out = th + (r * V + i) * V;
-        int64_t j = 0;
-        for (; j + L <= V; j += L) simd::store(out + j, simd::tanh(qr[i] - simd::load(row + j)));
-        if (j < V) {
-          float tail[L];
-          simd::store(tail, simd::tanh(qr[i] - simd::load(row + j)));
-          for (int64_t jj = j; jj < V; ++jj) out[jj] = tail[jj - j];
+        for (int64_t j = 0; j < V; ++j) row[j] = T(0);
+        for (int64_t r = 0; r < R; ++r) {
+          const T* th_ri = th + (r * V + i) * V;
+          for (int64_t j = 0; j < V; ++j) row[j] += w[r] * th_ri[j];
+        }
+        for (int64_t j = 0; j < V; ++j) row[j] = alpha * (row[j] + bg) + Ah[i * V + j];
+        if (aref) {
+          T* out = aref + (g * V + i) * Vp;
+          for (int64_t j = 0; j < V; ++j) out[j] = row[j];
+          for (int64_t j = V; j < Vp; ++j) out[j] = T(0);
+        }
+        if (aref_t) {
+          for (int64_t j = 0; j < V; ++j) aref_t[(g * V + j) * Vp + i] = row[j];
         }
       }
-    } else {
-      for (int64_t i = 0; i < V; ++i)
-        for (int64_t j = 0; j < V; ++j) th[(r * V + i) * V + j] = std::tanh(qr[i] - kr[j]);
-    }
-  }
-  const T* Ah = A + h * V * V;
-  for (int64_t g = 0; g < G; ++g) {
-    const T* w = weight + (h * G + g) * R;
-    const T bg = bias[h * G + g];
-    for (int64_t i = 0; i < V; ++i) {
-      for (int64_t j = 0; j < V; ++j) row[j] = T(0);
-      for (int64_t r = 0; r < R; ++r) {
-        const T* th_ri = th + (r * V + i) * V;
-        for (int64_t j = 0; j < V; ++j) row[j] += w[r] * th_ri[j];
-      }
-      for (int64_t j = 0; j < V; ++j) row[j] = alpha * (row[j] + bg) + Ah[i * V + j];
-      if (aref) {
-        T* out = aref + (g * V + i) * Vp;
-        for (int64_t j = 0; j < V; ++j) out[j] = row[j];
-        for (int64_t j = V; j < Vp; ++j) out[j] = T(0);
-      }
       if (aref_t) {
-        for (int64_t j = 0; j < V; ++j) aref_t[(g * V + j) * Vp + i] = row[j];
+        for (int64_t j = 0; j < V; ++j)
+          for (int64_t i = V; i < Vp; ++i) aref_t[(g * V + j) * Vp + i] = T(0);
       }
     }
-    if (aref_t) {
-      for (int64_t j = 0; j < V; ++j)
-        for (int64_t i = V; i < Vp; ++i) aref_t[(g * V + j) * Vp + i] = T(0);
-    }
   }
-}
+};
 
 // Static topology A[h], zero-padded: aref[h, i, j] and aref_t[h, j, i] (either may be null).
 template <typename T>
@@ -137,9 +140,9 @@ void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, c
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
       T* th = th_all ? th_all + bh * s.R * s.V * s.V : th_scratch.data();
-      refine_topology(s, Vp, b, h, A, q, k, weight, bias, alpha_value, th, row.data(),
-                      aref ? aref + topology_offset(s, Vp, b, h, 0) : nullptr,
-                      aref_t ? aref_t + topology_offset(s, Vp, b, h, 0) : nullptr);
+      simd::run_per_isa<RefineTopology<T>>(s, Vp, b, h, A, q, k, weight, bias, alpha_value, th, row.data(),
+                                           aref ? aref + topology_offset(s, Vp, b, h, 0) : nullptr,
+                                           aref_t ? aref_t + topology_offset(s, Vp, b, h, 0) : nullptr);
     }
   });
 }
