@@ -151,6 +151,17 @@ BHARNET_INLINE vec<float, Bytes> tanh(vec<float, Bytes> x) {
   return x < 0.0f ? -t : t;
 }
 
+// Ask for the 64-byte lines of p[0, n) to be brought into cache ahead of use (Write: for
+// writing, which also saves the read-for-ownership's wait). Rows that the kernels walk several at
+// a time in several arrays are not prefetched well enough by the hardware: a cold
+// ctr_graph_conv forward read its input at ~12 GB/s on this project's EPYC.
+template <bool Write = false, typename T>
+BHARNET_INLINE void prefetch(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64)
+    __builtin_prefetch(bytes + offset, Write ? 1 : 0);
+}
+
 template <typename T> struct TypeTag { typedef T type; };
 
 template <typename T, int MR = kTileRows, int NV = 2, int Bytes = 32>

@@ -46,6 +46,8 @@ using simd::Tile;
 
 // Rows of one forward task (a block of one group's M rows).
 constexpr int64_t kForwardRowBlock = 42 * kTileRows;
+// Software prefetch distance of the row-walking GEMMs, in row tiles.
+constexpr int64_t kPrefetchTiles = 2;
 
 // Refined topologies of one (b, h) for every group g, zero-padded to V x Vp:
 // aref[g, i, j] (row i, column j) and/or aref_t[g, j, i] (transposed); th receives the
@@ -155,10 +157,15 @@ struct ForwardRows {
                                  int64_t m0, int64_t m1, T* y) {
     const int64_t V = s.V, CG = s.group_channels();
     T* yg = y + ((b * s.C + g * CG) * s.T + m0) * V;
-    simd::tiles<T, Bytes>(m1 - m0, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
-                                          __attribute__((always_inline)) {
+    const int64_t M = m1 - m0;
+    simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
+                                    __attribute__((always_inline)) {
+      const int64_t ahead = m + kPrefetchTiles * rows;  // the rows this loop reaches kPrefetchTiles tiles on
+      const int64_t ahead_n = n0 == 0 && ahead < M ? std::min<int64_t>(rows, M - ahead) * V : 0;
+      simd::prefetch<true>(yg + ahead * V, ahead_n);
       for (int64_t h = 0; h < s.H; ++h) {
         const T* vg = v + (((b * s.H + h) * s.C + g * CG) * s.T + m0) * V;
+        simd::prefetch(vg + ahead * V, ahead_n);
         tile.fma(V, vg + m * V, V, 1, aref_t + topology_offset(s, Vp, b, h, g) + n0, Vp, rows);
       }
       tile.store_to(yg + m * V + n0, V, rows, cols, false);
@@ -180,6 +187,11 @@ struct BackwardGroup {
     const T* topo = aref + topology_offset(s, Vp, b, h, g);
     simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
+      const int64_t ahead = m + kPrefetchTiles * rows;  // dy_g rows, and v_hg's for the packing below
+      const int64_t ahead_n = n0 == 0 && ahead < M ? std::min<int64_t>(rows, M - ahead) * V : 0;
+      simd::prefetch(dyg + ahead * V, ahead_n);
+      simd::prefetch(vg + ahead * V, ahead_n);
+      simd::prefetch<true>(dvg + ahead * V, ahead_n);
       tile.fma(V, dyg + m * V, V, 1, topo + n0, Vp, rows);
       tile.store_to(dvg + m * V + n0, V, rows, cols, false);
     });

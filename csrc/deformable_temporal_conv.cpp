@@ -84,8 +84,14 @@ struct ForwardBlock {
                                  int64_t b, int64_t t0, int64_t t1, T* xs, T* y) {
     const int64_t V = s.V, K = s.C * s.E, N = s.T_out * V;
     const int64_t NB = (t1 - t0) * V, NBp = simd::packed_ld<T>(NB);
+    int64_t first = s.T, last = 0;  // the rows of x that this block's samples read
+    for (int64_t i = t0 * s.E; i < t1 * s.E; ++i) {
+      first = std::min(first, samples[i].p0);
+      last = std::max(last, samples[i].p1);
+    }
     for (int64_t c = 0; c < s.C; ++c) {
       const T* xc = x + (b * s.C + c) * s.T * V;
+      if (c + 1 < s.C) simd::prefetch(xc + (s.T + first) * V, (last - first + 1) * V);  // channel c + 1's rows
       for (int64_t e = 0; e < s.E; ++e) {
         T* row = xs + (c * s.E + e) * NBp;
         for (int64_t t = t0; t < t1; ++t) {
