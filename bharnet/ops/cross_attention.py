@@ -27,7 +27,8 @@ Backends: ``reference`` (below), ``triton`` and ``cpp`` (the attention core is a
 CPU ``csrc/cross_attention.cpp``, float32/float64, parallel over (n, head) with the SIMD
 micro-kernel of ``csrc/cpu_simd.h``; on CUDA ``csrc/cross_attention_kernels.cu``, float16,
 bfloat16, float32 and float64, head dims up to 128, a plain SIMT kernel (one warp per query
-row, online softmax); LayerNorms, projections and residual are torch ops; see the cpp section
+row, online softmax); LayerNorms, projections and residual are torch ops, the projections
+through oneDNN on CPU in float32 (``bharnet.ops.cpu_linear``); see the cpp section
 below). What the triton backend fuses, and why:
 
 * the attention core is one Triton kernel per direction (``bharnet.kernels.cross_attention``):
@@ -74,6 +75,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._ext import cpp_backend_availability, registered_after_loading
+from . import cpu_linear
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
 from ._custom_op import (cdiv, direct_call_allowed, launcher, new_output, next_pow2, triton_custom_op,
@@ -107,16 +109,16 @@ def _torch_layer_norm(x, weight, bias, eps):
 
 def _layer(attend, norm, x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
            out_bias, key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, pre_norm,
-           eps):
-    """``norm(x, weight, bias, eps)`` (LN), projections, ``attend(q, kv, key_mask, heads) -> o
-    (N, Lq, D)``, output projection and residual: the part every backend shares."""
+           eps, linear=F.linear):
+    """``norm(x, weight, bias, eps)`` (LN), projections (``linear``), ``attend(q, kv, key_mask,
+    heads) -> o (N, Lq, D)``, output projection and residual: the part every backend shares."""
     a_q, a_kv = x_q, x_kv
     if pre_norm:
         a_q = norm(x_q, norm_q_weight, norm_q_bias, eps)
         a_kv = norm(x_kv, norm_kv_weight, norm_kv_bias, eps)
-    q = F.linear(a_q, q_weight, q_bias)
-    kv = F.linear(a_kv, kv_weight, kv_bias)
-    return x_q + F.linear(attend(q, kv, key_mask, heads), out_weight, out_bias)
+    q = linear(a_q, q_weight, q_bias)
+    kv = linear(a_kv, kv_weight, kv_bias)
+    return x_q + linear(attend(q, kv, key_mask, heads), out_weight, out_bias)
 
 
 def _split_heads(x, heads):
@@ -479,8 +481,9 @@ def _cpp_attend(q, kv, key_mask, heads):
 def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
                         out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
                         norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
-    """C++ backend (CPU, or CUDA for head dims <= 128): torch LayerNorms, projections and
-    residual, C++/CUDA attention core."""
+    """C++ backend (CPU, or CUDA for head dims <= 128): torch LayerNorms and residual, the
+    projections through oneDNN on CPU in float32 (``cpu_linear``; F.linear otherwise), C++/CUDA
+    attention core."""
     head_dim = x_q.shape[-1] // heads
     if x_q.device.type == "cuda" and head_dim > CPP_CUDA_MAX_HEAD_DIM:
         raise ValueError(f"cross_attention: the cpp backend's CUDA kernels support head dims <= "
@@ -488,7 +491,7 @@ def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, 
                          f"{head_dim}; use backend='reference'")
     return _layer(_cpp_attend, _torch_layer_norm, x_q, x_kv, heads, q_weight, q_bias, kv_weight,
                   kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
-                  norm_kv_weight, norm_kv_bias, pre_norm, eps)
+                  norm_kv_weight, norm_kv_bias, pre_norm, eps, linear=cpu_linear.linear)
 
 
 _cpp_availability = cpp_backend_availability("cross_attention_core_cpp")

@@ -1,0 +1,98 @@
+"""``bharnet.ops.cpu_linear.linear``: oneDNN's matmul for float32 CPU tensors, ``F.linear``
+otherwise. The oneDNN path against the float64 ``F.linear``: the output and the gradients of x,
+weight and bias, as relative errors ``||x - ref|| / ||ref||``; tolerance 1e-5 (float32 products
+summed over K or M <= 300 terms: a few unit roundoffs, 6e-8, grown by at most sqrt(300);
+measured <= 4e-7)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bharnet.ops.cpu_linear import _onednn_matmul, linear, onednn_linear_applies
+from op_testing import rel_err
+
+pytestmark = pytest.mark.skipif(_onednn_matmul() is None, reason="this PyTorch build has no oneDNN")
+
+TOLERANCE = 1e-5
+
+# (x shape, N): 2-D and 3-D inputs, one row, odd K and N, the model's D = 256 -> 2D.
+SHAPES = [((7, 5), 3), ((2, 3, 37), 19), ((1, 256), 512), ((4, 25, 256), 256)]
+
+
+def _inputs(x_shape, N, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+    w = torch.randn(N, x_shape[-1], generator=g, dtype=torch.float64) / x_shape[-1] ** 0.5
+    b = torch.randn(N, generator=g, dtype=torch.float64) if bias else None
+    return x, w, b
+
+
+def _forward_backward(fn, x, w, b, dy):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    args = leaves if b is not None else leaves + [None]
+    y = fn(*args)
+    return [y] + list(torch.autograd.grad(y, leaves, dy))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("x_shape, N", SHAPES, ids=str)
+def test_onednn_path_matches_fp64_linear(x_shape, N, bias):
+    x, w, b = _inputs(x_shape, N, bias)
+    dy = torch.randn(*x_shape[:-1], N, dtype=torch.float64)
+    expected = _forward_backward(F.linear, x, w, b, dy)
+    f32 = [t.float() if t is not None else None for t in (x, w, b)]
+    assert onednn_linear_applies(*f32)
+    got = _forward_backward(linear, *f32, dy.float())
+    assert type(linear(*[t.requires_grad_() if t is not None else None for t in f32]).grad_fn).__name__ \
+        == "_OneDnnLinearBackward"
+    assert len(got) == len(expected)
+    for name, g, e in zip(["y", "x", "weight", "bias"], got, expected):
+        assert g.dtype == torch.float32 and g.shape == e.shape, name
+        assert rel_err(g, e) < TOLERANCE, name
+
+
+def test_non_contiguous_inputs():
+    x, w, b = _inputs((6, 40), 24)
+    dy = torch.randn(6, 24, dtype=torch.float64)
+    expected = _forward_backward(F.linear, x, w, b, dy)
+    x_nc = x.float().t().contiguous().t()
+    w_nc = w.float().t().contiguous().t()
+    b_nc = torch.stack([b.float(), b.float()], 1)[:, 0]
+    assert not (x_nc.is_contiguous() or w_nc.is_contiguous() or b_nc.is_contiguous())
+    got = _forward_backward(linear, x_nc, w_nc, b_nc, dy.float())
+    for name, g, e in zip(["y", "x", "weight", "bias"], got, expected):
+        assert rel_err(g, e) < TOLERANCE, name
+
+
+def test_only_needed_gradients_are_computed():
+    x, w, b = [t.float() for t in _inputs((5, 8), 4)]
+    w.requires_grad_()
+    (dw,) = torch.autograd.grad(linear(x, w, b).sum(), [w])
+    assert torch.allclose(dw, torch.ones(5, 4).t() @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_other_calls_are_f_linear_itself():
+    """float64, empty inputs and autocast take F.linear: bitwise its results and dtypes."""
+    x, w, b = _inputs((5, 8), 4)
+    assert not onednn_linear_applies(x, w, b)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    empty = torch.randn(0, 8)
+    assert not onednn_linear_applies(empty, w.float(), None)
+    assert linear(empty, w.float()).shape == (0, 4)
+    xf, wf, bf = x.float(), w.float(), b.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_linear_applies(xf, wf, bf)
+        got, expected = linear(xf, wf, bf), F.linear(xf, wf, bf)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+def test_double_backward_is_refused():
+    x, w, b = [t.float().requires_grad_() for t in _inputs((3, 4), 2)]
+    (dx,) = torch.autograd.grad(linear(x, w, b).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        dx.sum().backward()
+
+
+def test_torch_compile_traces_it():
+    x, w, b = [t.float() for t in _inputs((6, 16), 8)]
+    compiled = torch.compile(linear, fullgraph=True)
+    assert torch.allclose(compiled(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-6)
