@@ -9,10 +9,10 @@
 // are compiled into each clone with that clone's ISA.
 //
 // Wide path (BHARNET_WIDE): the GEMM-shaped kernels also have a copy compiled for x86-64-v4
-// only, with 64-byte vectors and the 32 vector registers of AVX-512 (see `tiles` below), which
-// a CPU with full-width AVX-512 units runs at up to twice the FLOPs of the 32-byte clone (a
-// single-core micro-benchmark on this project's 2-core EPYC: 117 vs 56 GMAC/s for 2048 x 126
-// x 42). run_per_isa picks it at run time when the CPU has AVX-512 (use_wide_vectors());
+// only, with 64-byte vectors (explicit ones, and 512-bit auto-vectorised loops) and the 32
+// vector registers of AVX-512 (see `tiles` below), which a CPU with full-width AVX-512 units
+// runs at up to twice the FLOPs of the 32-byte clone (a single-core micro-benchmark on this
+// project's 2-core EPYC: 117 vs 56 GMAC/s for 2048 x 126 x 42). run_per_isa picks it at run time when the CPU has AVX-512 (use_wide_vectors());
 // set_vector_bytes(32) forces the 32-byte path (tests run both).
 //
 // GEMM micro-kernel (Tile): an MR x (NV vectors) block of C = A · B held in registers:
@@ -35,7 +35,7 @@
 #if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define BHARNET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define BHARNET_HAS_WIDE 1
-#define BHARNET_WIDE __attribute__((target("arch=x86-64-v4")))
+#define BHARNET_WIDE __attribute__((target("arch=x86-64-v4,prefer-vector-width=512")))
 #else
 #define BHARNET_CLONES
 #define BHARNET_HAS_WIDE 0
@@ -157,9 +157,10 @@ BHARNET_INLINE vec<float, Bytes> tanh(vec<float, Bytes> x) {
 // ctr_graph_conv forward read its input at ~12 GB/s on this project's EPYC.
 template <bool Write = false, typename T>
 BHARNET_INLINE void prefetch(const T* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64)
-    __builtin_prefetch(bytes + offset, Write ? 1 : 0);
+  if (n <= 0) return;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p + n);
+  for (uintptr_t line = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); line < end; line += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(line), Write ? 1 : 0);
 }
 
 template <typename T> struct TypeTag { typedef T type; };
@@ -224,8 +225,8 @@ struct Tile {
 // Visit the tiles covering an M x N output: f(tile, m, rows, n0, cols) for each, with a zeroed
 // register tile to fill (tile.fma) and store (tile.store_to). Bytes = 32: 6 x 2-vector tiles,
 // rows outer (the 32-byte clones' layout). Bytes = 64 (wide path; only inside BHARNET_WIDE
-// functions): columns outer, as many whole 64-byte vectors per tile as fit 24 accumulators
-// among AVX-512's 32 registers: 8 x 3 vectors, then 12 x 2 or 16 x 1 for the last columns
+// functions): columns outer, as many whole 64-byte vectors per tile as fit at most 24
+// accumulators among AVX-512's 32 registers: 8 x 3 vectors, then 12 x 2 or 16 x 1 for the last columns
 // (N = 42 floats: one 8 x 48 tile per 8 rows; N = 25: 12 x 32). B rows must be readable up
 // to N rounded up to 64 bytes. f must be always_inline so it is compiled with the caller's ISA.
 template <typename T, int Bytes, typename F>
@@ -274,6 +275,9 @@ bool use_wide_vectors();
 // 32 or 64 (64 only where the CPU and the build support it; anything else throws); returns the
 // previous setting. 0 returns the current setting unchanged.
 int64_t set_vector_bytes(int64_t bytes);
+// Calls of run_wide so far (op bharnet::cpu_wide_calls): lets the tests see which path ran, as
+// both give bitwise the same results.
+void count_wide_call();
 
 // Kernel::template run<Bytes>(args...) compiled for the running CPU: in a copy for AVX-512 with
 // 64-byte vectors when use_wide_vectors(), else in the 32-byte clones (BHARNET_CLONES).
@@ -286,6 +290,7 @@ BHARNET_CLONES void run_narrow(Args... args) {
 #if BHARNET_HAS_WIDE
 template <typename Kernel, typename... Args>
 BHARNET_WIDE void run_wide(Args... args) {
+  count_wide_call();
   Kernel::template run<64>(args...);
 }
 #endif

@@ -23,7 +23,7 @@
 // shared by all groups - into a zero-padded buffer (Vp = V rounded up to the micro-kernel's
 // column tile) that the GEMMs read as their B operand. Phase 2 runs the GEMMs with the
 // register-tiled micro-kernel of cpu_simd.h, parallel over (b, g, row blocks) forward and over
-// (b, h, g) backward. The backward keeps dAref (B, H, G, V, V) and finishes dq, dk, dW, dbias,
+// (b, g, h) backward. The backward keeps dAref (B, H, G, V, V) and finishes dq, dk, dW, dbias,
 // dalpha and dA from it (phases 3-4, parallel over (b, h) and (h, i)). Every output element is
 // written by exactly one task and every sum runs in a fixed order: results are deterministic.
 // Accumulation is in the compute dtype (float32 or float64).
@@ -40,12 +40,11 @@
 namespace bharnet {
 namespace {
 
-using simd::kTileRows;
 using simd::round_up;
-using simd::Tile;
 
-// Rows of one forward task (a block of one group's M rows).
-constexpr int64_t kForwardRowBlock = 42 * kTileRows;
+// Rows of one forward task (a block of one group's M rows): whole row tiles of both paths
+// (6 rows; 8, 12 or 16 rows wide).
+constexpr int64_t kForwardRowBlock = 240;
 // Software prefetch distance of the row-walking GEMMs, in row tiles.
 constexpr int64_t kPrefetchTiles = 2;
 

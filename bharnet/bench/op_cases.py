@@ -150,11 +150,13 @@ def full_cases(op: str, batch: int = FULL_BATCH) -> List[OpCase]:
     in single-clip inference); the shapes quoted in DESIGN.md section 5 come first. Labels other
     than at the default batch start with ``B<batch>``. Cross-attention has ``16 batch``
     sequences per frame-mode call (one per sequence and frame of T' = 16) and ``batch`` in
-    sequence mode; the bone features ``batch / 2`` clips (at least 1) of 2 persons."""
+    sequence mode; the bone features ``batch // 2`` clips (at least 1) of 2 persons, labelled
+    with the sequences they hold."""
     cases = _full_cases(op, batch)
     if batch == FULL_BATCH:
         return cases
-    return [dataclasses.replace(case, x=f"B{batch} {case.x}") for case in cases]
+    sequences = 2 * max(1, batch // 2) if op == "bone" else batch  # bone: whole clips of 2
+    return [dataclasses.replace(case, x=f"B{sequences} {case.x}") for case in cases]
 
 
 def _full_cases(op: str, batch: int) -> List[OpCase]:

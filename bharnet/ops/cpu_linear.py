@@ -15,11 +15,13 @@ against ``F.linear`` and ``torch.mm``; ``bharnet bench`` measures the layer).
 
 ``linear(x, weight, bias)`` takes that path for non-empty float32 CPU tensors outside autocast
 and outside ``torch.compile`` (which picks its own CPU GEMMs), when PyTorch was built with
-oneDNN; every other call is ``F.linear`` itself. The three products are oneDNN matmuls on strided
-views (no copies of dY or X; a strided bias is made contiguous: oneDNN ignores its strides);
-dW and db come back in the parameters' dtype (float32). Results
-equal ``F.linear``'s up to float32 rounding of the summation order. Double backward is not
-supported. Used by the cpp backend of ``bharnet.ops.cross_attention``.
+oneDNN; every other call is ``F.linear`` itself (also a bias that is not an (N,) vector, which
+``F.linear`` broadcasts and oneDNN would not). The three products are oneDNN matmuls, on
+transposed views where they need them (oneDNN copies a source that is not row-major, e.g.
+dY^T for dW; a strided bias is made contiguous first: oneDNN ignores a bias's strides); dW and
+db come back in the parameters' dtype (float32). Results equal ``F.linear``'s up to float32
+rounding of the summation order. Double backward is not supported. Used by the cpp backend of
+``bharnet.ops.cross_attention``.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def _onednn_matmul():
 def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether ``linear`` takes the oneDNN path for these tensors (see the module docstring)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32) and weight.dim() == 2
+            and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]))
+            and weight.dim() == 2
             and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() > 0 and weight.numel() > 0
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and _onednn_matmul() is not None)

@@ -96,3 +96,17 @@ def assert_independent_of_thread_count(compute, names):
     assert len(one) == len(many)
     for name, a, b in zip(names, one, many):
         assert torch.equal(a, b), name
+
+
+def wide_supported() -> bool:
+    """Whether the C++ CPU kernels can take their 64-byte (AVX-512) path on this CPU."""
+    from bharnet import _ext
+
+    _ext.load()
+    previous = torch.ops.bharnet.cpu_vector_bytes(0)
+    try:
+        torch.ops.bharnet.cpu_vector_bytes(64)
+    except RuntimeError:
+        return False
+    torch.ops.bharnet.cpu_vector_bytes(previous)
+    return True

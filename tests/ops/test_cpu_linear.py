@@ -63,11 +63,31 @@ def test_non_contiguous_inputs():
         assert rel_err(g, e) < TOLERANCE, name
 
 
+def _onednn_calls(fn) -> int:
+    """How many oneDNN matmuls ``fn()`` runs (profiler events of the op)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "mkldnn::_linear_pointwise")
+
+
 def test_only_needed_gradients_are_computed():
+    """Forward: one matmul; backward for the weight only: one more (no dX, no db)."""
     x, w, b = [t.float() for t in _inputs((5, 8), 4)]
     w.requires_grad_()
-    (dw,) = torch.autograd.grad(linear(x, w, b).sum(), [w])
-    assert torch.allclose(dw, torch.ones(5, 4).t() @ x, rtol=1e-5, atol=1e-6)
+    y = linear(x, w, b)
+    dw = []
+    assert _onednn_calls(lambda: dw.extend(torch.autograd.grad(y.sum(), [w]))) == 1
+    assert torch.allclose(dw[0], torch.ones(5, 4).t() @ x, rtol=1e-5, atol=1e-6)
+    assert _onednn_calls(lambda: linear(x, w, b)) == 1
+
+
+@pytest.mark.parametrize("bias_shape", [(), (1,)], ids=["scalar", "one"])
+def test_broadcast_biases_take_f_linear(bias_shape):
+    """F.linear broadcasts a 0-d or (1,) bias; oneDNN would drop or refuse it."""
+    x, w, _ = [t.float() if t is not None else None for t in _inputs((5, 8), 4)]
+    bias = torch.full(bias_shape, 1.5)
+    assert not onednn_linear_applies(x, w, bias)
+    assert torch.equal(linear(x, w, bias), F.linear(x, w, bias))
 
 
 def test_other_calls_are_f_linear_itself():

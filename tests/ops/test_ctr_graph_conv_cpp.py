@@ -185,14 +185,3 @@ def test_gpu_opcheck():
     torch.library.opcheck(torch.ops.bharnet.ctr_graph_conv_cpp_backward.default, [dy, *detached])
     torch.library.opcheck(torch.ops.bharnet.ctr_graph_conv_cpp_static_backward.default, [dy, *detached[:2]])
 
-
-def test_cpu_vector_width_setting_is_checked():
-    """bharnet::cpu_vector_bytes takes 32, 64 (where the CPU has AVX-512) or 0 (query)."""
-    previous = torch.ops.bharnet.cpu_vector_bytes(0)
-    assert previous in (32, 64)
-    for bad in (16, 48, 128):
-        with pytest.raises(RuntimeError, match="32 or 64"):
-            torch.ops.bharnet.cpu_vector_bytes(bad)
-    assert torch.ops.bharnet.cpu_vector_bytes(32) == previous
-    assert torch.ops.bharnet.cpu_vector_bytes(0) == 32
-    torch.ops.bharnet.cpu_vector_bytes(previous)

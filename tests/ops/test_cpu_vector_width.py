@@ -1,0 +1,79 @@
+"""The C++ CPU kernels' two vector widths (csrc/cpu_simd.h): the 32-byte clones and the 64-byte
+AVX-512 copy run the same products in the same order, so their results are bitwise equal; the
+call counter ``bharnet::cpu_wide_calls`` shows which path ran."""
+import pytest
+import torch
+
+import ctr_graph_conv_cases as ctr_cases
+import deformable_temporal_conv_cases as det_cases
+from bharnet.ops import ctr_graph_conv, deformable_temporal_conv
+from op_testing import run, wide_supported
+
+needs_wide = pytest.mark.skipif(not wide_supported(), reason="this CPU has no AVX-512")
+
+# (B, H, C, T, V, R, G) and (B, C_in, C_out, T, V, stride): every wide tile shape (V = 42: 3
+# vectors, 25: 2, 5: 1; 67 and 128: several column tiles) and row tails.
+CTR_SHAPES = [(2, 3, 8, 7, 25, 3, 4), (1, 2, 8, 3, 42, 2, 8), (2, 3, 16, 5, 67, 4, 4), (1, 2, 4, 2, 128, 2, 2),
+              (2, 3, 12, 3, 5, 2, 4)]
+DET_SHAPES = [(2, 5, 7, 9, 42, 1), (1, 8, 6, 11, 67, 2), (2, 3, 5, 13, 5, 2)]
+
+
+def _both_widths(compute):
+    """compute() at 32 then 64 bytes; the wide-call count each time; the setting restored."""
+    op = torch.ops.bharnet.cpu_vector_bytes
+    previous = op(0)
+    results, calls = {}, {}
+    try:
+        for width in (32, 64):
+            op(width)
+            before = torch.ops.bharnet.cpu_wide_calls()
+            results[width] = compute()
+            calls[width] = torch.ops.bharnet.cpu_wide_calls() - before
+    finally:
+        op(previous)
+    return results, calls
+
+
+def _assert_bitwise_equal_and_paths(results, calls):
+    assert calls[32] == 0 and calls[64] > 0, calls
+    assert len(results[32]) == len(results[64])
+    for i, (a, b) in enumerate(zip(results[32], results[64])):
+        assert torch.equal(a, b), i
+
+
+@needs_wide
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+@pytest.mark.parametrize("shape", CTR_SHAPES, ids=str)
+def test_ctr_graph_conv_widths_agree_bitwise(shape, dynamic, dtype):
+    inputs = [t.to(dtype) for t in ctr_cases.make_inputs(*shape, dynamic=dynamic)]
+    fn = ctr_cases.backend_fn("cpp")
+    _assert_bitwise_equal_and_paths(*_both_widths(lambda: run(fn, inputs)))
+
+
+@needs_wide
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", DET_SHAPES, ids=str)
+def test_deformable_temporal_conv_widths_agree_bitwise(shape, dtype):
+    B, C, O, T, V, stride = shape
+    inputs = det_cases.make_inputs(B, C, O, T, V, dtype)
+    fn = det_cases.backend_fn("cpp", stride)
+    _assert_bitwise_equal_and_paths(*_both_widths(lambda: run(fn, inputs)))
+
+
+def test_setting_is_checked():
+    """bharnet::cpu_vector_bytes takes 32, 64 (where the CPU has AVX-512) or 0 (query)."""
+    op = torch.ops.bharnet.cpu_vector_bytes
+    previous = op(0)
+    assert previous in (32, 64)
+    for bad in (16, 48, 128):
+        with pytest.raises(RuntimeError, match="32 or 64"):
+            op(bad)
+    try:
+        assert op(32) == previous
+        assert op(0) == 32
+        if not wide_supported():
+            with pytest.raises(RuntimeError, match="AVX-512"):
+                op(64)
+    finally:
+        op(previous)
