@@ -31,9 +31,9 @@ Restructured, after folding (each computes the same function with fewer or cheap
 * the MSTCN branches' input 1x1 convolutions, which all read the same ``x``, become one
   convolution with the stacked weights ``[W_1; W_2; ...]`` and biases, whose output is split
   by channels (:class:`SharedInputBranches`); a strided one stays separate;
-* the (3, 1) max-pool becomes the elementwise maximum of three shifted (strided) slices of the
-  ``-inf``-padded input (:class:`TemporalMaxPool`): the same values, without PyTorch's CPU
-  max-pool kernel, which computes indices and is ~10x slower here;
+* an ``nn.MaxPool2d`` over time only becomes :class:`bharnet.nn.TemporalMaxPool` (the C++
+  kernel on CPU; PyTorch's CPU max-pool is ~8x slower at these shapes; bharnet's own MSTCN
+  already uses that layer);
 * CTR-GC's ``mean_T(conv_qk x)`` becomes ``conv_qk(mean_T x)`` (:class:`MeanFirstConv`):
   ``mean_t (W x_t + b) = W mean_t x_t + b``, the 1x1 convolution on one frame instead of T.
 
@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .nn import CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, STGraphConv
+from .nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, STGraphConv,
+                 TemporalMaxPool)
 from .ops import _backend
 from .ops._backend import BACKENDS
 
@@ -94,31 +95,13 @@ class ChannelBias(nn.Module):
         return x + self.bias.view(-1, *([1] * (x.dim() - 2)))
 
 
-class TemporalMaxPool(nn.Module):
-    """``nn.MaxPool2d((k, 1), stride=(s, 1), padding=(p, 0))`` as a maximum of ``k`` slices:
-    ``y[t'] = max_{u < k} xp[t' s + u]`` with ``xp`` the input padded by ``p`` frames of
-    ``-inf`` on each side (max-pool's implicit padding). A maximum is exact, so the values are
-    max-pool's, NaN included."""
-
-    def __init__(self, kernel: int, stride: int, padding: int):
-        super().__init__()
-        self.kernel, self.stride, self.padding = kernel, stride, padding
-
-    @classmethod
-    def replaces(cls, pool: nn.Module) -> bool:
-        """Whether ``pool`` is a max-pool over time only that this class computes."""
-        return (isinstance(pool, nn.MaxPool2d) and not pool.ceil_mode and not pool.return_indices
-                and _pair(pool.kernel_size)[1] == 1 and _pair(pool.stride)[1] == 1
-                and _pair(pool.padding)[1] == 0 and _pair(pool.dilation) == (1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s, p = self.kernel, self.stride, self.padding
-        xp = F.pad(x, (0, 0, p, p), value=float("-inf"))
-        stop = s * ((x.shape[-2] + 2 * p - k) // s) + 1  # last output frame's start, plus one
-        y = xp[..., 0:stop:s, :]
-        for u in range(1, k):
-            y = torch.maximum(y, xp[..., u:u + stop:s, :])
-        return y
+def _is_temporal_max_pool(pool: nn.Module) -> bool:
+    """Whether ``pool`` is an ``nn.MaxPool2d`` over time only, which :class:`TemporalMaxPool`
+    computes (bharnet's own models already use that layer)."""
+    return (isinstance(pool, nn.MaxPool2d) and not pool.ceil_mode and not pool.return_indices
+            and _pair(pool.kernel_size)[1] == 1 and _pair(pool.stride)[1] == 1
+            and _pair(pool.padding)[1] == 0 and _pair(pool.dilation) == (1, 1)
+            and 2 * _pair(pool.padding)[0] <= _pair(pool.kernel_size)[0])
 
 
 class MeanFirstConv(nn.Module):
@@ -275,7 +258,7 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
         if isinstance(module, CTRGraphConv):
             module.conv_qk = MeanFirstConv(module.conv_qk)
     for name, module in list(fused.named_modules()):
-        if TemporalMaxPool.replaces(module):
+        if _is_temporal_max_pool(module):
             _replace(fused, name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],
                                                   _pair(module.padding)[0]))
     for name, module in list(fused.named_modules()):

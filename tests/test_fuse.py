@@ -6,9 +6,10 @@ from torch import nn
 
 import bharnet
 from bharnet._ext import cpp_availability
-from bharnet.fast import ChannelBias, SharedInputBranches, TemporalMaxPool, fuse_for_inference, swap_layers
+from bharnet.fast import ChannelBias, SharedInputBranches, fuse_for_inference, swap_layers
 from bharnet.models import MODELS
-from bharnet.nn import CTRGraphConv, DeformableTemporalConv, MultiScaleTemporalConv, TokenCrossAttention
+from bharnet.nn import (CTRGraphConv, DeformableTemporalConv, MultiScaleTemporalConv, TemporalMaxPool,
+                        TokenCrossAttention)
 from bharnet.nn.graph_conv import STGraphConv
 
 needs_cpp = pytest.mark.skipif(cpp_availability("cpu") is not None,
@@ -60,7 +61,7 @@ def test_folding_is_exact_in_float64(name):
     # The small preset has blocks with and without a residual convolution: both shift paths.
     assert 0 < count(fused, ChannelBias) < count(fused, STGraphConv) + count(fused, CTRGraphConv)
     assert count(fused, SharedInputBranches) == count(model, MultiScaleTemporalConv) > 0
-    assert count(fused, nn.MaxPool2d) == 0 and count(fused, TemporalMaxPool) > 0
+    assert count(fused, nn.MaxPool2d) == 0 and count(fused, TemporalMaxPool) == count(model, MultiScaleTemporalConv)
     body, hand = inputs()
     with torch.no_grad():
         ref, out = model(body, hand), fused(body, hand)
@@ -70,17 +71,21 @@ def test_folding_is_exact_in_float64(name):
         assert relative_error(out.parts[part], logits) < 1e-10, part
 
 
-@pytest.mark.parametrize("frames,stride", [(8, 1), (7, 2), (13, 2), (2, 1), (9, 3)])
-def test_temporal_max_pool_equals_max_pool(frames, stride):
-    x = torch.randn(2, 3, frames, 5, dtype=torch.float64)
-    x[0, 1, frames // 2, 2] = float("nan")
+def test_temporal_max_pools_become_the_fused_layer():
+    """A plain nn.MaxPool2d over time becomes bharnet.nn.TemporalMaxPool (same values, NaN
+    included); pools over joints too, or with ceil_mode, stay."""
+    model = nn.Sequential(nn.MaxPool2d((3, 1), stride=(2, 1), padding=(1, 0)),
+                          nn.MaxPool2d((3, 3), stride=1, padding=1),
+                          nn.MaxPool2d((3, 1), stride=(2, 1), ceil_mode=True)).eval()
+    fused = fuse_for_inference(model, "cpp")
+    assert [type(m) for m in fused] == [TemporalMaxPool, nn.MaxPool2d, nn.MaxPool2d]
+    assert fused[0].impl == "cpp"
+    x = torch.randn(2, 3, 13, 5, dtype=torch.float64)
+    x[0, 1, 6, 2] = float("nan")
     x[1, 0, :, 1] = float("-inf")
-    pool = nn.MaxPool2d((3, 1), stride=(stride, 1), padding=(1, 0))
-    assert TemporalMaxPool.replaces(pool)
-    assert torch.equal(TemporalMaxPool(3, stride, 1)(x).isnan(), pool(x).isnan())
-    assert torch.equal(TemporalMaxPool(3, stride, 1)(x).nan_to_num(), pool(x).nan_to_num())
-    assert not TemporalMaxPool.replaces(nn.MaxPool2d((3, 3), stride=1, padding=1))  # pools over joints too
-    assert not TemporalMaxPool.replaces(nn.MaxPool2d((3, 1), stride=(2, 1), ceil_mode=True))
+    with torch.no_grad():
+        got, expected = fused[0](x), model[0](x)
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
 
 
 def test_original_model_is_untouched():

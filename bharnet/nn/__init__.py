@@ -3,10 +3,10 @@ from .attention import CrossAttention, TokenCrossAttention, masked_softmax_atten
 from .block import GCNBlock, make_blocks
 from .graph_conv import CTRGraphConv, STGraphConv
 from .pooling import PoolingAttention, global_pool
-from .temporal import DeformableTemporalConv, MultiScaleTemporalConv
+from .temporal import DeformableTemporalConv, MultiScaleTemporalConv, TemporalMaxPool
 
 __all__ = [
     "CrossAttention", "TokenCrossAttention", "masked_softmax_attention", "GCNBlock", "make_blocks",
     "CTRGraphConv", "STGraphConv", "PoolingAttention", "global_pool", "DeformableTemporalConv",
-    "MultiScaleTemporalConv",
+    "MultiScaleTemporalConv", "TemporalMaxPool",
 ]

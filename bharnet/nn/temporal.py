@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import deformable_temporal_conv
+from ..ops import deformable_temporal_conv, temporal_max_pool
 
 
 class DeformableTemporalConv(nn.Module):
@@ -40,6 +40,25 @@ class DeformableTemporalConv(nn.Module):
         return self.bn(y)
 
 
+class TemporalMaxPool(nn.Module):
+    """``nn.MaxPool2d((kernel_size, 1), stride=(stride, 1), padding=(padding, 0))`` over the T of
+    (N, C, T, V) through :func:`bharnet.ops.temporal_max_pool` (same outputs and gradients;
+    ``impl`` picks the backend: the C++ kernel on CPU is several times faster)."""
+
+    fused_op = "temporal_max_pool"  # the op behind ``impl`` (see bharnet.fast.swap_layers)
+
+    def __init__(self, kernel_size: int = 3, stride: int = 1, padding: int = 1, impl: Optional[str] = None):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return temporal_max_pool(x, self.kernel_size, self.stride, self.padding, backend=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
 def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     """1x1 convolution (temporal stride ``stride``) followed by BN."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1)),
@@ -67,7 +86,7 @@ class MultiScaleTemporalConv(nn.Module):
             for d in dilations)
         self.branches.append(nn.Sequential(
             conv_bn(in_channels, c), act,
-            nn.MaxPool2d((3, 1), stride=(stride, 1), padding=(1, 0)), nn.BatchNorm2d(c)))
+            TemporalMaxPool(3, stride, 1, impl=impl), nn.BatchNorm2d(c)))
         self.branches.append(conv_bn(in_channels, c, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

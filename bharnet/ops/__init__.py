@@ -5,10 +5,12 @@ from .ctr_graph_conv import ctr_graph_conv, ctr_graph_conv_reference
 from .bone import bone, bone_reference
 from .deformable_temporal_conv import deformable_temporal_conv, deformable_temporal_conv_reference
 from .cross_attention import cross_attention, cross_attention_reference
+from .temporal_max_pool import temporal_max_pool, temporal_max_pool_reference
 
 __all__ = [
     "BACKENDS", "get_backend", "resolve", "use_backend", "bone", "bone_reference",
     "ctr_graph_conv", "ctr_graph_conv_reference",
     "deformable_temporal_conv", "deformable_temporal_conv_reference",
     "cross_attention", "cross_attention_reference",
+    "temporal_max_pool", "temporal_max_pool_reference",
 ]

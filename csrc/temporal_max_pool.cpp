@@ -1,0 +1,138 @@
+// Max-pooling over time (MSTCN's max-pool branch) on the CPU: bharnet::temporal_max_pool and
+// its backward.
+//
+// Math (bharnet/ops/temporal_max_pool.py), x (N, C, T, V), window k, stride s, padding p,
+// T_out = (T + 2p - k) / s + 1, frames outside [0, T) count as -inf:
+//   y[n, c, t', v]   = max_{u < k} x[n, c, t' s - p + u, v]
+//   arg[n, c, t', v] = the u of that maximum: the first one in window order, or the last NaN
+//                      (torch's max_pool2d rule: a frame replaces the running maximum when it is
+//                      greater or NaN)
+//   dx[n, c, t, v]   = sum over t' with t' s - p + arg = t of dy[n, c, t', v]   (in t' order)
+// Structure: one task per (n, c) plane, the window loop outside and the V joints inside
+// (vectorised by the compiler in the per-ISA clones); arg is int8 (k <= 127).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu_simd.h"
+
+namespace bharnet {
+namespace {
+
+struct PoolSizes {
+  int64_t planes, T, V, T_out, kernel, stride, padding;
+};
+
+// Sizes are copied into locals and the pointers are __restrict: arg's int8 stores may alias
+// anything as far as the compiler knows, which would otherwise stop the vectorisation.
+template <typename T>
+BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* __restrict x, T* __restrict y, int8_t* __restrict arg) {
+  const int64_t T_in = s.T, V = s.V, T_out = s.T_out, kernel = s.kernel, stride = s.stride, padding = s.padding;
+  for (int64_t t = 0; t < T_out; ++t) {
+    T* __restrict yt = y + t * V;
+    int8_t* __restrict at = arg + t * V;
+    const int64_t start = t * stride - padding;
+    const int64_t u0 = std::max<int64_t>(0, -start), u1 = std::min<int64_t>(kernel, T_in - start);
+    const T* __restrict first = x + (start + u0) * V;
+    for (int64_t v = 0; v < V; ++v) {
+      yt[v] = first[v];
+      at[v] = static_cast<int8_t>(u0);
+    }
+    for (int64_t u = u0 + 1; u < u1; ++u) {
+      const T* __restrict xt = x + (start + u) * V;
+      const int8_t offset = static_cast<int8_t>(u);
+      for (int64_t v = 0; v < V; ++v) {
+        const bool take = xt[v] > yt[v] || xt[v] != xt[v];  // greater, or NaN
+        yt[v] = take ? xt[v] : yt[v];
+        at[v] = take ? offset : at[v];
+      }
+    }
+  }
+}
+
+template <typename T>
+BHARNET_CLONES void unpool_plane(const PoolSizes& s, const T* __restrict dy, const int8_t* __restrict arg,
+                                 T* __restrict dx) {
+  const int64_t T_in = s.T, V = s.V, T_out = s.T_out, stride = s.stride, padding = s.padding;
+  for (int64_t i = 0; i < T_in * V; ++i) dx[i] = T(0);
+  for (int64_t t = 0; t < T_out; ++t) {
+    const T* __restrict dyt = dy + t * V;
+    const int8_t* __restrict at = arg + t * V;
+    const int64_t start = t * stride - padding;  // frame of window offset 0 (arg never picks padding)
+    for (int64_t v = 0; v < V; ++v) dx[(start + at[v]) * V + v] += dyt[v];
+  }
+}
+
+PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": the CPU kernels take float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (N, C, T, V), got ", x.sizes());
+  TORCH_CHECK(kernel >= 1 && kernel <= 127, op, ": kernel must be in [1, 127], got ", kernel);
+  TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(padding >= 0 && 2 * padding <= kernel, op, ": padding must be in [0, kernel / 2], got ", padding,
+              " for kernel ", kernel);
+  const int64_t T = x.size(2);
+  TORCH_CHECK(T + 2 * padding >= kernel, op, ": the padded input (", T, " + 2 x ", padding,
+              " frames) is shorter than the kernel ", kernel);
+  return PoolSizes{x.size(0) * x.size(1), T, x.size(3), (T + 2 * padding - kernel) / stride + 1, kernel, stride,
+                   padding};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride,
+                                               int64_t padding) {
+  const PoolSizes s = pool_check("bharnet::temporal_max_pool", x_in, kernel, stride, padding);
+  const auto x = x_in.contiguous();
+  auto y = at::empty({x.size(0), x.size(1), s.T_out, s.V}, x.options());
+  auto arg = at::empty({x.size(0), x.size(1), s.T_out, s.V}, x.options().dtype(at::kChar));
+  if (y.numel() == 0) return {y, arg};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bharnet::temporal_max_pool", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    int8_t* ap = arg.data_ptr<int8_t>();
+    at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane)
+        pool_plane<scalar_t>(s, xp + plane * s.T * s.V, yp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V);
+    });
+  });
+  return {y, arg};
+}
+
+at::Tensor backward_cpu(const at::Tensor& dy_in, const at::Tensor& arg_in, int64_t T, int64_t kernel,
+                        int64_t stride, int64_t padding) {
+  const char* op = "bharnet::temporal_max_pool_backward";
+  TORCH_CHECK(dy_in.dim() == 4 && arg_in.sizes() == dy_in.sizes() && arg_in.scalar_type() == at::kChar, op,
+              ": dy (N, C, T_out, V) and an int8 arg of the same shape expected, got ", dy_in.sizes(), " and ",
+              arg_in.sizes(), " ", arg_in.scalar_type());
+  auto dx = at::empty({dy_in.size(0), dy_in.size(1), T, dy_in.size(3)}, dy_in.options());
+  const PoolSizes s = pool_check(op, dx, kernel, stride, padding);
+  TORCH_CHECK(s.T_out == dy_in.size(2), op, ": dy has ", dy_in.size(2), " frames, the pool of ", T,
+              " frames gives ", s.T_out);
+  if (dx.numel() == 0) return dx;
+  const auto dy = dy_in.contiguous(), arg = arg_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bharnet::temporal_max_pool_backward", [&] {
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const int8_t* ap = arg.data_ptr<int8_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane)
+        unpool_plane<scalar_t>(s, dyp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V, dxp + plane * s.T * s.V);
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace bharnet
+
+TORCH_LIBRARY_FRAGMENT(bharnet, m) {
+  m.def("temporal_max_pool(Tensor x, int kernel, int stride, int padding) -> (Tensor, Tensor)");
+  m.def("temporal_max_pool_backward(Tensor dy, Tensor arg, int T, int kernel, int stride, int padding) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bharnet, CPU, m) {
+  m.impl("temporal_max_pool", &bharnet::forward_cpu);
+  m.impl("temporal_max_pool_backward", &bharnet::backward_cpu);
+}

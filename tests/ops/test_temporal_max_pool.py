@@ -1,0 +1,119 @@
+"""``bharnet.ops.temporal_max_pool``: the C++ CPU kernel against ``F.max_pool2d`` with a (k, 1)
+window. A maximum and its routing are exact, and the backward adds in the same order, so the
+outputs and gradients must be bitwise equal (NaN positions compared apart)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bharnet.nn import MultiScaleTemporalConv, TemporalMaxPool
+from bharnet.ops import temporal_max_pool, temporal_max_pool_reference
+
+# (N, C, T, V), kernel, stride, padding: MSTCN's (3, s, 1) at odd sizes, T = 2 (every window
+# padded), wider and even windows, no padding, a window of one frame.
+CASES = [((2, 3, 8, 5), 3, 1, 1), ((2, 3, 7, 5), 3, 2, 1), ((1, 2, 13, 42), 3, 3, 1),
+         ((2, 2, 2, 3), 3, 1, 1), ((2, 1, 9, 4), 5, 2, 2), ((2, 2, 6, 3), 2, 1, 0), ((2, 2, 6, 3), 1, 1, 0)]
+
+
+def _special_values(x):
+    """NaNs (one, and a whole column), -inf everywhere in a column, and ties between frames."""
+    T = x.shape[2]
+    x[0, 0, T // 2, 0] = float("nan")
+    x[-1, -1, :, 0] = float("nan")
+    x[-1, 0, :, -1] = float("-inf")
+    x[0, -1, :, 1] = x[0, -1, 0, 1]  # every frame equal: ties in every window
+    return x
+
+
+def _equal_with_nan(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def _forward_backward(fn, x, dy):
+    leaf = x.detach().clone().requires_grad_()
+    y = fn(leaf)
+    y.backward(dy)
+    return y.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape, kernel, stride, padding", CASES, ids=str)
+def test_cpp_is_max_pool_bit_for_bit(shape, kernel, stride, padding, dtype):
+    x = _special_values(torch.randn(*shape, dtype=dtype))
+    y_ref = temporal_max_pool_reference(x, kernel, stride, padding)
+    dy = torch.randn_like(y_ref)
+    ref = _forward_backward(lambda t: temporal_max_pool_reference(t, kernel, stride, padding), x, dy)
+    got = _forward_backward(lambda t: temporal_max_pool(t, kernel, stride, padding, backend="cpp"), x, dy)
+    assert got[0].shape == ref[0].shape and got[0].dtype == dtype
+    assert _equal_with_nan(got[0], ref[0])
+    assert torch.equal(got[1], ref[1])
+
+
+def test_non_contiguous_and_low_precision_inputs():
+    x = torch.randn(2, 5, 9, 3).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x.is_contiguous()
+    assert torch.equal(temporal_max_pool(x, backend="cpp"), F.max_pool2d(x, (3, 1), 1, (1, 0)))
+    half = torch.randn(2, 3, 7, 4).to(torch.bfloat16).requires_grad_()
+    y = temporal_max_pool(half, 3, 2, 1, backend="cpp")
+    y.backward(torch.ones_like(y))
+    expected = F.max_pool2d(half.detach().float(), (3, 1), (2, 1), (1, 0))
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), expected)
+    assert half.grad.dtype == torch.bfloat16
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 7, 5)
+    temporal_max_pool(x, backend="cpp")  # loads the extension and registers the autograd
+    torch.library.opcheck(torch.ops.bharnet.temporal_max_pool.default, (x.requires_grad_(), 3, 2, 1))
+    y, arg = torch.ops.bharnet.temporal_max_pool(x.detach(), 3, 2, 1)
+    torch.library.opcheck(torch.ops.bharnet.temporal_max_pool_backward.default, (torch.randn_like(y), arg, 7, 3, 2, 1))
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 3, 8, 5)
+    compiled = torch.compile(lambda t: temporal_max_pool(t, 3, 2, 1, backend="cpp"), fullgraph=True)
+    assert torch.equal(compiled(x), F.max_pool2d(x, (3, 1), (2, 1), (1, 0)))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(kernel=3, stride=0, padding=1), ValueError, "stride"),
+    (dict(kernel=3, stride=1, padding=2), ValueError, "padding"),
+    (dict(kernel=9, stride=1, padding=1), ValueError, "fewer than the kernel"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        temporal_max_pool(torch.randn(1, 2, 5, 3), backend="cpp", **kwargs)
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="4-D"):
+        temporal_max_pool(torch.randn(2, 5, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        temporal_max_pool(torch.ones(1, 2, 5, 3, dtype=torch.long))
+
+
+def test_mstcn_uses_the_layer_and_backends_agree():
+    """MSTCN's max-pool branch is TemporalMaxPool; the whole block's outputs and parameter
+    gradients agree between the reference and cpp backends (max-pool bitwise, DeTGC to float64
+    rounding)."""
+    torch.manual_seed(0)
+    block = MultiScaleTemporalConv(8, 8, stride=2).double()
+    pools = [m for m in block.modules() if isinstance(m, TemporalMaxPool)]
+    assert len(pools) == 1 and (pools[0].kernel_size, pools[0].stride, pools[0].padding) == (3, 2, 1)
+    x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
+    results = {}
+    for impl in ("reference", "cpp"):
+        for m in block.modules():
+            if hasattr(m, "impl"):
+                m.impl = impl
+        block.zero_grad()
+        y = block(x)
+        y.square().sum().backward()
+        results[impl] = [y.detach()] + [p.grad.clone() for p in block.parameters()]
+    for a, b in zip(results["reference"], results["cpp"]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_cpp_backend_is_max_pool():
+    x = torch.randn(2, 3, 9, 5, device="cuda")
+    assert torch.equal(temporal_max_pool(x, 3, 2, 1, backend="cpp"), F.max_pool2d(x, (3, 1), (2, 1), (1, 0)))
