@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu_simd.h"
 
@@ -25,30 +26,49 @@ struct PoolSizes {
   int64_t planes, T, V, T_out, kernel, stride, padding;
 };
 
-// Sizes are copied into locals and the pointers are __restrict: arg's int8 stores may alias
-// anything as far as the compiler knows, which would otherwise stop the vectorisation.
+// n output elements of one plane (flattened as t * V + v) whose window offsets u0..u1-1 are
+// x_first[i + (u - u0) row]: the rows t with the whole window inside [0, T) at stride 1 (one
+// long loop instead of V-long ones, row = V), or a single row (n = V) with the window clipped
+// to the frames inside [0, T). The running offsets are int32 lanes (`offsets`, the width
+// of a float compare mask), narrowed to int8 at the end; the pointers are __restrict because
+// int8 stores may alias anything as far as the compiler knows. Both keep the loops vectorised.
 template <typename T>
-BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* __restrict x, T* __restrict y, int8_t* __restrict arg) {
+BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8_t* __restrict arg,
+                              int32_t* __restrict offsets, int64_t n, int64_t row, int64_t u0, int64_t u1) {
+  const T* __restrict first = x_first;
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = first[i];
+    offsets[i] = static_cast<int32_t>(u0);
+  }
+  for (int64_t u = u0 + 1; u < u1; ++u) {
+    const T* __restrict xu = x_first + (u - u0) * row;
+    const int32_t offset = static_cast<int32_t>(u);
+    for (int64_t i = 0; i < n; ++i) {
+      const bool take = xu[i] > y[i] || xu[i] != xu[i];  // greater, or NaN
+      y[i] = take ? xu[i] : y[i];
+      offsets[i] = take ? offset : offsets[i];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) arg[i] = static_cast<int8_t>(offsets[i]);
+}
+
+// One (n, c) plane; offsets: scratch of T_out * V int32.
+template <typename T>
+BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* x, T* y, int8_t* arg, int32_t* offsets) {
   const int64_t T_in = s.T, V = s.V, T_out = s.T_out, kernel = s.kernel, stride = s.stride, padding = s.padding;
+  // Rows whose window lies inside [0, T): t s - p >= 0 and t s - p + k <= T.
+  const int64_t inner_lo = std::min(T_out, (padding + stride - 1) / stride);
+  const int64_t inner_hi = std::max(inner_lo, std::min(T_out, (T_in + padding - kernel) / stride + 1));
   for (int64_t t = 0; t < T_out; ++t) {
-    T* __restrict yt = y + t * V;
-    int8_t* __restrict at = arg + t * V;
+    if (stride == 1 && t == inner_lo && inner_hi > inner_lo) {  // all inner rows at once
+      const int64_t n = (inner_hi - inner_lo) * V;
+      pool_span(x + (t - padding) * V, y + t * V, arg + t * V, offsets, n, V, 0, kernel);
+      t = inner_hi - 1;
+      continue;
+    }
     const int64_t start = t * stride - padding;
     const int64_t u0 = std::max<int64_t>(0, -start), u1 = std::min<int64_t>(kernel, T_in - start);
-    const T* __restrict first = x + (start + u0) * V;
-    for (int64_t v = 0; v < V; ++v) {
-      yt[v] = first[v];
-      at[v] = static_cast<int8_t>(u0);
-    }
-    for (int64_t u = u0 + 1; u < u1; ++u) {
-      const T* __restrict xt = x + (start + u) * V;
-      const int8_t offset = static_cast<int8_t>(u);
-      for (int64_t v = 0; v < V; ++v) {
-        const bool take = xt[v] > yt[v] || xt[v] != xt[v];  // greater, or NaN
-        yt[v] = take ? xt[v] : yt[v];
-        at[v] = take ? offset : at[v];
-      }
-    }
+    pool_span(x + (start + u0) * V, y + t * V, arg + t * V, offsets, V, V, u0, u1);
   }
 }
 
@@ -93,8 +113,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, int64_t k
     scalar_t* yp = y.data_ptr<scalar_t>();
     int8_t* ap = arg.data_ptr<int8_t>();
     at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> offsets(s.T_out * s.V);
       for (int64_t plane = begin; plane < end; ++plane)
-        pool_plane<scalar_t>(s, xp + plane * s.T * s.V, yp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V);
+        pool_plane<scalar_t>(s, xp + plane * s.T * s.V, yp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V,
+                             offsets.data());
     });
   });
   return {y, arg};
