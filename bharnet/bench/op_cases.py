@@ -25,7 +25,7 @@ GRAPH_BY_JOINTS: Dict[int, Graph] = {g.num_nodes: g for g in (BODY, HANDS, UNIFI
 # The ops this module has cases for, among those that ``bharnet.ops`` provides.
 OP_FUNCTIONS: Dict[str, Callable[..., torch.Tensor]] = {
     name: getattr(ops, name)
-    for name in ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention", "bone")
+    for name in ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention", "bone", "temporal_max_pool")
     if hasattr(ops, name)
 }
 
@@ -115,6 +115,17 @@ def bone_case(N: int, T: int, V: int, M: int = 2) -> OpCase:
     return OpCase("bone", f"T{T} V{V}", dict(N=N, C=3, T=T, V=V, M=M), make)
 
 
+def pool_case(B: int, C: int, T: int, V: int, stride: int = 1) -> OpCase:
+    """MSTCN's max-pool branch: a (3, 1) window over ``x`` (B, C, T, V), padding 1."""
+
+    def make(device, dtype):
+        x = _act(B, C, T, V, device=device, dtype=dtype)
+        return OpInputs((x, 3, stride, 1), (x,))
+
+    label = f"C{C} T{T} V{V}" + (f" s{stride}" if stride > 1 else "")
+    return OpCase("temporal_max_pool", label, dict(B=B, C=C, T=T, V=V, stride=stride), make)
+
+
 def attention_case(N: int, Lq: int, Lk: int, D: int, heads: int) -> OpCase:
     """Pre-LN cross-attention with residual: queries (N, Lq, D) attend keys/values (N, Lk, D),
     no key mask (the models pass none).
@@ -171,6 +182,9 @@ def _full_cases(op: str, batch: int) -> List[OpCase]:
     if op == "bone":
         clips = max(1, batch // 2)
         return [bone_case(clips, 64, 25), bone_case(clips, 64, 42)]
+    if op == "temporal_max_pool":  # the branch has C/4 channels
+        widths = [(16, 64, 25), (64, 16, 42), (32, 32, 42), (16, 64, 42)]
+        return [pool_case(batch, C, T, V) for C, T, V in widths] + [pool_case(batch, 32, 64, 42, stride=2)]
     raise ValueError(f"unknown op {op!r}; expected one of {list(OP_FUNCTIONS)}")
 
 
@@ -184,4 +198,6 @@ def quick_cases(op: str) -> List[OpCase]:
         return [attention_case(32, 25, 42, 32, 4)]
     if op == "bone":
         return [bone_case(4, 16, 25), bone_case(4, 16, 42)]
+    if op == "temporal_max_pool":
+        return [pool_case(4, 8, 16, 25), pool_case(4, 8, 16, 42, stride=2)]
     raise ValueError(f"unknown op {op!r}; expected one of {list(OP_FUNCTIONS)}")

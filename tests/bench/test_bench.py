@@ -65,13 +65,13 @@ def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys, o
     for r in rows:
         assert r.p20 <= r.p50 <= r.p80, r
     times = {(r.op, r.provider, r.mode) for r in rows if r.metric == "time"}
-    for op in ("ctr_graph_conv", "deformable_temporal_conv", "bone"):
+    for op in ("ctr_graph_conv", "deformable_temporal_conv", "bone", "temporal_max_pool"):
         for provider in ("eager", "compile"):
             assert {(op, provider, mode) for mode in ("fwd", "bwd", "fwd+bwd")} <= times
     for provider in ("eager", "compile", "sdpa", "sdpa+compile", "sdpa-math"):
         assert {("cross_attention", provider, mode) for mode in ("fwd", "bwd", "fwd+bwd")} <= times
     assert "ratios vs sdpa / sdpa+compile" in out
-    assert ("bone", "cpp", "fwd+bwd") in times  # the C++ backend runs on CPU
+    assert {("bone", "cpp", "fwd+bwd"), ("temporal_max_pool", "cpp", "fwd+bwd")} <= times  # C++ on CPU
     for model in ("bharnet-e", "body", "unified"):
         assert {(model, p, m) for p in ("eager", "auto") for m in ("train", "infer")} <= times
     ratios = {(op, provider, mode): value for (op, provider, mode, _, _), value in speedups(rows).items()}
@@ -109,7 +109,7 @@ def test_full_op_shapes_at_another_batch_say_so_in_their_labels():
     """Only the batch dimension changes: B sequences for the graph ops, 16 B (frame mode) and
     B (sequence mode) for cross-attention, B / 2 clips for the bone features."""
     expected = {"ctr_graph_conv": ("B", [2] * 7), "deformable_temporal_conv": ("B", [2] * 7),
-                "cross_attention": ("N", [32, 2]), "bone": ("N", [1, 1])}
+                "cross_attention": ("N", [32, 2]), "bone": ("N", [1, 1]), "temporal_max_pool": ("B", [2] * 5)}
     for op in OP_FUNCTIONS:
         default, clip = full_cases(op), full_cases(op, 2)
         key, batches = expected[op]
