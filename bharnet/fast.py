@@ -234,8 +234,9 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     batch statistics, which cannot be folded).
 
     Speed (full-size BHaRNet-E, one clip of 2 persons x 64 frames, float32, ``auto`` = C++
-    kernels, on this project's 2-core CPU): 1.7-1.95x the eager reference model with 2 threads
-    and 1.55-1.65x with 1 thread, against 1.35-1.45x and 1.25-1.35x for the C++ kernels alone.
+    kernels, on this project's 2-core AMD EPYC with 2 threads): 1.84-2.05x the eager reference
+    model in the ``bharnet bench`` runs of 2026-11-26 (the C++ kernels alone 1.59-1.70x); see
+    the README's performance section for the latest run.
     On Linux with glibc, large activations freed by one call are returned to the OS and faulted
     back in by the next: call :func:`keep_freed_memory` once (or set ``MALLOC_MMAP_THRESHOLD_``
     and ``MALLOC_TRIM_THRESHOLD_``, or preload jemalloc/tcmalloc) for every model in the process.
