@@ -11,7 +11,7 @@ def _info(args) -> int:
 
     from . import __version__
     from .info import format_table, model_table
-    from .ops._backend import unavailable_reason
+    from .ops._backend import registered_ops, unavailable_reason
 
     try:
         import triton
@@ -20,7 +20,7 @@ def _info(args) -> int:
         triton_version = "not installed"
     print(f"bharnet {__version__}  torch {torch.__version__}  triton {triton_version}  "
           f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
-    for op in ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention", "bone"):
+    for op in registered_ops():
         states = []
         for backend in ("triton", "cpp"):
             for device in ("cpu", "cuda"):

@@ -6,12 +6,15 @@ import torch
 import bharnet
 from bharnet.cli import main
 from bharnet.info import forward_flops
+from bharnet.ops._backend import registered_ops
 
 
 def test_info_prints_every_variant(capsys):
     assert main(["info", "--preset", "small", "--frames", "16", "--classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "multiply-add as 2" in out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "reference" in line]
+    assert listed == registered_ops() and "temporal_max_pool" in listed
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.split() and line.split()[0] in bharnet.MODELS}
     assert sorted(rows) == sorted(bharnet.MODELS)

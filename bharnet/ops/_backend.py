@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 BACKENDS = ("reference", "triton", "cpp", "auto")
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
@@ -58,6 +58,11 @@ def register_backend(op: str, backend: str, availability: Callable[[str], Option
     """Declare that ``op`` has ``backend``; ``availability(device_type)`` returns None if it can
     run on that device type, else a one-line reason."""
     _availability.setdefault(op, {})[_check_name(backend)] = availability
+
+
+def registered_ops() -> List[str]:
+    """The ops with a backend besides ``reference``, in registration (import) order."""
+    return list(_availability)
 
 
 def unavailable_reason(op: str, backend: str, device_type: str) -> Optional[str]:
