@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -56,11 +57,11 @@ BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8
 template <typename T>
 BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* x, T* y, int8_t* arg, int32_t* offsets) {
   const int64_t T_in = s.T, V = s.V, T_out = s.T_out, kernel = s.kernel, stride = s.stride, padding = s.padding;
-  // Rows whose window lies inside [0, T): t s - p >= 0 and t s - p + k <= T.
-  const int64_t inner_lo = std::min(T_out, (padding + stride - 1) / stride);
-  const int64_t inner_hi = std::max(inner_lo, std::min(T_out, (T_in + padding - kernel) / stride + 1));
+  // At stride 1, the rows whose window lies inside [0, T) (t - p >= 0, t - p + k <= T) in one span.
+  const int64_t inner_lo = stride == 1 ? std::min(T_out, padding) : T_out;
+  const int64_t inner_hi = stride == 1 ? std::max(inner_lo, std::min(T_out, T_in + padding - kernel + 1)) : T_out;
   for (int64_t t = 0; t < T_out; ++t) {
-    if (stride == 1 && t == inner_lo && inner_hi > inner_lo) {  // all inner rows at once
+    if (t == inner_lo && inner_hi > inner_lo) {
       const int64_t n = (inner_hi - inner_lo) * V;
       pool_span(x + (t - padding) * V, y + t * V, arg + t * V, offsets, n, V, 0, kernel);
       t = inner_hi - 1;
@@ -72,17 +73,23 @@ BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* x, T* y, int8_t* arg
   }
 }
 
+// Returns false (leaving dx partly written) if an offset in arg is not a frame of its window.
 template <typename T>
-BHARNET_CLONES void unpool_plane(const PoolSizes& s, const T* __restrict dy, const int8_t* __restrict arg,
+BHARNET_CLONES bool unpool_plane(const PoolSizes& s, const T* __restrict dy, const int8_t* __restrict arg,
                                  T* __restrict dx) {
   const int64_t T_in = s.T, V = s.V, T_out = s.T_out, stride = s.stride, padding = s.padding;
   for (int64_t i = 0; i < T_in * V; ++i) dx[i] = T(0);
   for (int64_t t = 0; t < T_out; ++t) {
     const T* __restrict dyt = dy + t * V;
     const int8_t* __restrict at = arg + t * V;
-    const int64_t start = t * stride - padding;  // frame of window offset 0 (arg never picks padding)
-    for (int64_t v = 0; v < V; ++v) dx[(start + at[v]) * V + v] += dyt[v];
+    const int64_t start = t * stride - padding;  // frame of window offset 0
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t frame = start + at[v];
+      if (at[v] < 0 || at[v] >= s.kernel || frame < 0 || frame >= T_in) return false;
+      dx[frame * V + v] += dyt[v];
+    }
   }
+  return true;
 }
 
 PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
@@ -95,6 +102,7 @@ PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_
   TORCH_CHECK(padding >= 0 && 2 * padding <= kernel, op, ": padding must be in [0, kernel / 2], got ", padding,
               " for kernel ", kernel);
   const int64_t T = x.size(2);
+  TORCH_CHECK(T >= 1 && x.size(3) >= 1, op, ": x needs at least one frame and one joint, got ", x.sizes());
   TORCH_CHECK(T + 2 * padding >= kernel, op, ": the padded input (", T, " + 2 x ", padding,
               " frames) is shorter than the kernel ", kernel);
   return PoolSizes{x.size(0) * x.size(1), T, x.size(3), (T + 2 * padding - kernel) / stride + 1, kernel, stride,
@@ -138,10 +146,14 @@ at::Tensor backward_cpu(const at::Tensor& dy_in, const at::Tensor& arg_in, int64
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const int8_t* ap = arg.data_ptr<int8_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
+    std::atomic<bool> valid{true};
     at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane)
-        unpool_plane<scalar_t>(s, dyp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V, dxp + plane * s.T * s.V);
+        if (!unpool_plane<scalar_t>(s, dyp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V,
+                                    dxp + plane * s.T * s.V))
+          valid = false;
     });
+    TORCH_CHECK(valid.load(), op, ": arg holds window offsets outside [0, kernel) or on padding frames");
   });
   return dx;
 }

@@ -93,6 +93,17 @@ def resolve(op: str, backend: Optional[str], device_type: str) -> str:
     return name
 
 
+def resolve_missing_as_auto(op: str, backend: Optional[str], device_type: str) -> str:
+    """:func:`resolve`, except that a backend ``op`` does not have at all counts as ``auto``: for
+    ops that only speed up a layer of a model whose other layers take that backend (e.g. a
+    model on ``triton`` whose max-pool has no Triton kernel), like :func:`bharnet.fast.swap_layers`
+    does for layers. A backend the op has but that cannot run on the device still raises."""
+    name = _check_name(backend) if backend is not None else get_backend()
+    if name not in ("reference", "auto") and name not in _availability.get(op, {}):
+        name = "auto"
+    return resolve(op, name, device_type)
+
+
 def triton_availability(device_type: str) -> Optional[str]:
     """Shared availability rule for Triton backends."""
     try:

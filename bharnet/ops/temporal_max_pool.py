@@ -18,9 +18,13 @@ through a generic 2-D loop. The C++ kernel (``csrc/temporal_max_pool.cpp``) make
 maximum as int8 for the backward.
 
 Backends: ``reference`` (``F.max_pool2d``) and ``cpp``: the C++ kernel on CPU (float32/float64;
-float16/bfloat16 computed in float32, which is exact for a maximum); on other devices ``cpp``
-is PyTorch's own max-pool (its CUDA kernel has no such cost), so a model switched to ``cpp``
-as a whole still runs on a GPU. The op is
+float16/bfloat16 computed in float32: the outputs are exact, the gradients are summed in
+float32 and rounded once, so they can differ from max-pool's half-precision sums in the last
+bit); on other devices ``cpp`` is PyTorch's own max-pool (its CUDA kernel has no such cost),
+so a model switched to ``cpp`` as a whole still runs on a GPU (so do windows over 127
+frames, whose offsets int8 cannot hold). A backend the op does not have
+(``triton``) counts as ``auto``, so a model on ``triton`` runs its max-pools too. Input (N, C,
+T, V) or unbatched (C, T, V). Double backward raises. The op is
 ``torch.ops.bharnet.temporal_max_pool(x, kernel, stride, padding) -> (y, arg)`` with autograd
 through ``torch.ops.bharnet.temporal_max_pool_backward(dy, arg, T, kernel, stride, padding)``.
 """
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import cpp_availability, registered_after_loading
-from ._backend import register_backend, resolve
+from ._backend import register_backend, resolve_missing_as_auto
 
 OP_NAME = "temporal_max_pool"
 CPP_DTYPES = (torch.float32, torch.float64)
@@ -70,12 +74,21 @@ def _register_cpp_ops_now() -> None:
 
     torch.library.register_autograd("bharnet::temporal_max_pool", backward, setup_context=setup_context)
 
+    def refuse_double_backward(ctx, ddx):
+        raise RuntimeError("bharnet::temporal_max_pool: double backward is not supported")
+
+    torch.library.register_autograd("bharnet::temporal_max_pool_backward", refuse_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
 
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
+MAX_CPP_KERNEL = 127  # window offsets are int8
+
+
 def _temporal_max_pool_cpp(x, kernel, stride, padding):
-    if x.device.type != "cpu":  # PyTorch's own kernel (see the module docstring)
+    if x.device.type != "cpu" or kernel > MAX_CPP_KERNEL:  # PyTorch's own kernel (module docstring)
         return temporal_max_pool_reference(x, kernel, stride, padding)
     _register_cpp_ops()
     compute = x.dtype if x.dtype in CPP_DTYPES else torch.float32
@@ -93,14 +106,19 @@ register_backend(OP_NAME, "cpp", _cpp_availability)
 
 def temporal_max_pool(x: torch.Tensor, kernel: int = 3, stride: int = 1, padding: int = 1, *,
                       backend: Optional[str] = None) -> torch.Tensor:
-    """Max over windows of ``kernel`` frames of ``x`` (N, C, T, V) (see the module docstring)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
-        raise TypeError(f"temporal_max_pool: x must be a 4-D (N, C, T, V) floating-point tensor, got "
+    """Max over windows of ``kernel`` frames of ``x`` (N, C, T, V) or (C, T, V) (see the module
+    docstring)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() not in (3, 4):
+        raise TypeError(f"temporal_max_pool: x must be a (N, C, T, V) or (C, T, V) floating-point tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
     if kernel < 1 or stride < 1 or not 0 <= 2 * padding <= kernel:
         raise ValueError(f"temporal_max_pool: need kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2, "
                          f"got kernel={kernel}, stride={stride}, padding={padding}")
-    if x.shape[2] + 2 * padding < kernel:
-        raise ValueError(f"temporal_max_pool: {x.shape[2]} frames padded by {padding} on each side are fewer "
-                         f"than the kernel {kernel}")
-    return _IMPLS[resolve(OP_NAME, backend, x.device.type)](x, kernel, stride, padding)
+    T, V = x.shape[-2], x.shape[-1]
+    if T < 1 or V < 1 or T + 2 * padding < kernel:
+        raise ValueError(f"temporal_max_pool: x of shape {tuple(x.shape)} has no window: need T, V >= 1 and "
+                         f"T + 2 x padding ({T} + 2 x {padding}) >= kernel ({kernel})")
+    impl = _IMPLS[resolve_missing_as_auto(OP_NAME, backend, x.device.type)]
+    if x.dim() == 3:
+        return impl(x.unsqueeze(0), kernel, stride, padding).squeeze(0)
+    return impl(x, kernel, stride, padding)

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bharnet
+
 from bharnet.nn import MultiScaleTemporalConv, TemporalMaxPool
 from bharnet.ops import temporal_max_pool, temporal_max_pool_reference
 
@@ -52,12 +54,12 @@ def test_non_contiguous_and_low_precision_inputs():
     x = torch.randn(2, 5, 9, 3).transpose(2, 3).contiguous().transpose(2, 3)
     assert not x.is_contiguous()
     assert torch.equal(temporal_max_pool(x, backend="cpp"), F.max_pool2d(x, (3, 1), 1, (1, 0)))
-    half = torch.randn(2, 3, 7, 4).to(torch.bfloat16).requires_grad_()
-    y = temporal_max_pool(half, 3, 2, 1, backend="cpp")
-    y.backward(torch.ones_like(y))
-    expected = F.max_pool2d(half.detach().float(), (3, 1), (2, 1), (1, 0))
-    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), expected)
-    assert half.grad.dtype == torch.bfloat16
+    half = torch.randn(2, 3, 7, 4).to(torch.bfloat16)
+    dy = torch.randn(2, 3, 7, 4).to(torch.bfloat16)
+    y, dx = _forward_backward(lambda t: temporal_max_pool(t, 3, 1, 1, backend="cpp"), half, dy)
+    y32, dx32 = _forward_backward(lambda t: F.max_pool2d(t, (3, 1), 1, (1, 0)), half.float(), dy.float())
+    assert y.dtype == dx.dtype == torch.bfloat16
+    assert torch.equal(y.float(), y32) and torch.equal(dx, dx32.to(torch.bfloat16))  # float32 sums, one rounding
 
 
 def test_opcheck():
@@ -77,7 +79,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(kernel=3, stride=0, padding=1), ValueError, "stride"),
     (dict(kernel=3, stride=1, padding=2), ValueError, "padding"),
-    (dict(kernel=9, stride=1, padding=1), ValueError, "fewer than the kernel"),
+    (dict(kernel=9, stride=1, padding=1), ValueError, "no window"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -85,8 +87,10 @@ def test_bad_arguments_are_clear_errors(kwargs, error, match):
 
 
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(TypeError, match="4-D"):
-        temporal_max_pool(torch.randn(2, 5, 3))
+    with pytest.raises(TypeError, match="(C, T, V)"):
+        temporal_max_pool(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="no window"):
+        temporal_max_pool(torch.randn(1, 1, 0, 3), kernel=2, stride=1, padding=1, backend="cpp")
     with pytest.raises(TypeError, match="floating-point"):
         temporal_max_pool(torch.ones(1, 2, 5, 3, dtype=torch.long))
 
@@ -117,3 +121,34 @@ def test_mstcn_uses_the_layer_and_backends_agree():
 def test_gpu_cpp_backend_is_max_pool():
     x = torch.randn(2, 3, 9, 5, device="cuda")
     assert torch.equal(temporal_max_pool(x, 3, 2, 1, backend="cpp"), F.max_pool2d(x, (3, 1), (2, 1), (1, 0)))
+
+
+def test_unbatched_input_and_long_windows():
+    x = torch.randn(3, 9, 4)
+    assert torch.equal(temporal_max_pool(x, 3, 2, 1, backend="cpp"), F.max_pool2d(x, (3, 1), (2, 1), (1, 0)))
+    long = torch.randn(1, 2, 131, 3)  # 129-frame windows: more offsets than int8 holds
+    assert torch.equal(temporal_max_pool(long, 129, 1, 0, backend="cpp"), F.max_pool2d(long, (129, 1), 1, 0))
+
+
+def test_a_model_on_triton_runs_its_max_pools_on_auto():
+    """The op has no Triton kernel: ``triton`` (explicit or global) counts as ``auto``."""
+    x = torch.randn(2, 3, 8, 5)
+    expected = F.max_pool2d(x, (3, 1), 1, (1, 0))
+    assert torch.equal(TemporalMaxPool(3, 1, 1, impl="triton")(x), expected)
+    with bharnet.ops.use_backend("triton"):
+        assert torch.equal(TemporalMaxPool(3, 1, 1)(x), expected)
+
+
+def test_double_backward_raises():
+    x = torch.randn(1, 2, 6, 3, requires_grad=True)
+    (dx,) = torch.autograd.grad(temporal_max_pool(x, backend="cpp").square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dx.sum().backward()
+
+
+def test_backward_op_checks_the_offsets():
+    y, arg = torch.ops.bharnet.temporal_max_pool(torch.randn(1, 2, 6, 3), 3, 1, 1)
+    with pytest.raises(RuntimeError, match="window offsets"):
+        torch.ops.bharnet.temporal_max_pool_backward(torch.randn_like(y), torch.full_like(arg, -128), 6, 3, 1, 1)
+    with pytest.raises(RuntimeError, match="window offsets"):  # offset 0 of the first window is padding
+        torch.ops.bharnet.temporal_max_pool_backward(torch.randn_like(y), torch.zeros_like(arg), 6, 3, 1, 1)
