@@ -48,7 +48,6 @@ import ctypes
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
@@ -60,9 +59,7 @@ from .ops._backend import BACKENDS
 
 def _has_backend(op: Optional[str], backend: Optional[str]) -> bool:
     """Whether ``op`` (a layer's ``fused_op``; None when it declares none) has ``backend`` at all."""
-    if op is None or backend in (None, "reference", "auto"):
-        return True
-    return backend in _backend._availability.get(op, {})
+    return op is None or backend is None or _backend.has_backend(op, backend)
 
 
 def swap_layers(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:

@@ -12,8 +12,9 @@
 // only, with 64-byte vectors (explicit ones, and 512-bit auto-vectorised loops) and the 32
 // vector registers of AVX-512 (see `tiles` below), which a CPU with full-width AVX-512 units
 // runs at up to twice the FLOPs of the 32-byte clone (a single-core micro-benchmark on this
-// project's 2-core EPYC: 117 vs 56 GMAC/s for 2048 x 126 x 42). run_per_isa picks it at run time when the CPU has AVX-512 (use_wide_vectors());
-// set_vector_bytes(32) forces the 32-byte path (tests run both).
+// project's 2-core EPYC: 117 vs 56 GMAC/s for 2048 x 126 x 42). run_per_isa picks it at run
+// time when the CPU has AVX-512 (use_wide_vectors()); set_vector_bytes(32) forces the 32-byte
+// path (tests run both).
 //
 // GEMM micro-kernel (Tile): an MR x (NV vectors) block of C = A · B held in registers:
 //   acc[r][n] += sum_k A(r, k) · B(k, n)      A(r, k) = a[r·sam + k·sak],  B(k, n) = b[k·ldb + n]
@@ -226,8 +227,8 @@ struct Tile {
 // register tile to fill (tile.fma) and store (tile.store_to). Bytes = 32: 6 x 2-vector tiles,
 // rows outer (the 32-byte clones' layout). Bytes = 64 (wide path; only inside BHARNET_WIDE
 // functions): columns outer, as many whole 64-byte vectors per tile as fit at most 24
-// accumulators among AVX-512's 32 registers: 8 x 3 vectors, then 12 x 2 or 16 x 1 for the last columns
-// (N = 42 floats: one 8 x 48 tile per 8 rows; N = 25: 12 x 32). B rows must be readable up
+// accumulators among AVX-512's 32 registers: 8 x 3 vectors, then 12 x 2 or 16 x 1 for the last
+// columns (N = 42 floats: one 8 x 48 tile per 8 rows; N = 25: 12 x 32). B rows must be readable up
 // to N rounded up to 64 bytes. f must be always_inline so it is compiled with the caller's ISA.
 template <typename T, int Bytes, typename F>
 BHARNET_INLINE void tiles(int64_t M, int64_t N, F&& f) {

@@ -8,8 +8,9 @@
 //                      (torch's max_pool2d rule: a frame replaces the running maximum when it is
 //                      greater or NaN)
 //   dx[n, c, t, v]   = sum over t' with t' s - p + arg = t of dy[n, c, t', v]   (in t' order)
-// Structure: one task per (n, c) plane, the window loop outside and the V joints inside
-// (vectorised by the compiler in the per-ISA clones); arg is int8 (k <= 127).
+// Structure: one task per (n, c) plane; at stride 1 the rows whose window lies inside [0, T) are
+// one flattened (t, v) loop, the edge rows (and every row at other strides) V-long loops, all
+// vectorised by the compiler in the per-ISA clones; arg is int8 (k <= 127).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,9 +37,8 @@ struct PoolSizes {
 template <typename T>
 BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8_t* __restrict arg,
                               int32_t* __restrict offsets, int64_t n, int64_t row, int64_t u0, int64_t u1) {
-  const T* __restrict first = x_first;
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = first[i];
+    y[i] = x_first[i];
     offsets[i] = static_cast<int32_t>(u0);
   }
   for (int64_t u = u0 + 1; u < u1; ++u) {

@@ -60,6 +60,11 @@ def register_backend(op: str, backend: str, availability: Callable[[str], Option
     _availability.setdefault(op, {})[_check_name(backend)] = availability
 
 
+def has_backend(op: str, backend: str) -> bool:
+    """Whether ``op`` has ``backend`` at all (``reference`` and ``auto`` always), whatever the device."""
+    return backend in ("reference", "auto") or backend in _availability.get(op, {})
+
+
 def registered_ops() -> List[str]:
     """The ops with a backend besides ``reference``, in registration (import) order."""
     return list(_availability)
@@ -99,9 +104,7 @@ def resolve_missing_as_auto(op: str, backend: Optional[str], device_type: str) -
     model on ``triton`` whose max-pool has no Triton kernel), like :func:`bharnet.fast.swap_layers`
     does for layers. A backend the op has but that cannot run on the device still raises."""
     name = _check_name(backend) if backend is not None else get_backend()
-    if name not in ("reference", "auto") and name not in _availability.get(op, {}):
-        name = "auto"
-    return resolve(op, name, device_type)
+    return resolve(op, name if has_backend(op, name) else "auto", device_type)
 
 
 def triton_availability(device_type: str) -> Optional[str]:

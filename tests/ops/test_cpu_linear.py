@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bharnet.ops.cpu_linear import _onednn_matmul, linear, onednn_linear_applies
-from op_testing import rel_err
+from op_testing import forward_backward, rel_err
 
 pytestmark = pytest.mark.skipif(_onednn_matmul() is None, reason="this PyTorch build has no oneDNN")
 
@@ -27,10 +27,10 @@ def _inputs(x_shape, N, bias=True, seed=0):
 
 
 def _forward_backward(fn, x, w, b, dy):
-    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
-    args = leaves if b is not None else leaves + [None]
-    y = fn(*args)
-    return [y] + list(torch.autograd.grad(y, leaves, dy))
+    """op_testing.forward_backward over x, w and b; a None bias is passed through."""
+    if b is None:
+        return forward_backward(lambda x, w: fn(x, w, None), [x, w], dy)
+    return forward_backward(fn, [x, w, b], dy)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])

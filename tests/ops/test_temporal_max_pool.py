@@ -9,6 +9,7 @@ import bharnet
 
 from bharnet.nn import MultiScaleTemporalConv, TemporalMaxPool
 from bharnet.ops import temporal_max_pool, temporal_max_pool_reference
+from op_testing import forward_backward
 
 # (N, C, T, V), kernel, stride, padding: MSTCN's (3, s, 1) at odd sizes, T = 2 (every window
 # padded), wider and even windows, no padding, a window of one frame.
@@ -30,21 +31,14 @@ def _equal_with_nan(a, b):
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
-def _forward_backward(fn, x, dy):
-    leaf = x.detach().clone().requires_grad_()
-    y = fn(leaf)
-    y.backward(dy)
-    return y.detach(), leaf.grad
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape, kernel, stride, padding", CASES, ids=str)
 def test_cpp_is_max_pool_bit_for_bit(shape, kernel, stride, padding, dtype):
     x = _special_values(torch.randn(*shape, dtype=dtype))
     y_ref = temporal_max_pool_reference(x, kernel, stride, padding)
     dy = torch.randn_like(y_ref)
-    ref = _forward_backward(lambda t: temporal_max_pool_reference(t, kernel, stride, padding), x, dy)
-    got = _forward_backward(lambda t: temporal_max_pool(t, kernel, stride, padding, backend="cpp"), x, dy)
+    ref = forward_backward(lambda t: temporal_max_pool_reference(t, kernel, stride, padding), [x], dy)
+    got = forward_backward(lambda t: temporal_max_pool(t, kernel, stride, padding, backend="cpp"), [x], dy)
     assert got[0].shape == ref[0].shape and got[0].dtype == dtype
     assert _equal_with_nan(got[0], ref[0])
     assert torch.equal(got[1], ref[1])
@@ -56,8 +50,8 @@ def test_non_contiguous_and_low_precision_inputs():
     assert torch.equal(temporal_max_pool(x, backend="cpp"), F.max_pool2d(x, (3, 1), 1, (1, 0)))
     half = torch.randn(2, 3, 7, 4).to(torch.bfloat16)
     dy = torch.randn(2, 3, 7, 4).to(torch.bfloat16)
-    y, dx = _forward_backward(lambda t: temporal_max_pool(t, 3, 1, 1, backend="cpp"), half, dy)
-    y32, dx32 = _forward_backward(lambda t: F.max_pool2d(t, (3, 1), 1, (1, 0)), half.float(), dy.float())
+    y, dx = forward_backward(lambda t: temporal_max_pool(t, 3, 1, 1, backend="cpp"), [half], dy)
+    y32, dx32 = forward_backward(lambda t: F.max_pool2d(t, (3, 1), 1, (1, 0)), [half.float()], dy.float())
     assert y.dtype == dx.dtype == torch.bfloat16
     assert torch.equal(y.float(), y32) and torch.equal(dx, dx32.to(torch.bfloat16))  # float32 sums, one rounding
 
