@@ -172,6 +172,34 @@ struct ForwardRows {
   }
 };
 
+// Channels-last forward, frames [t0, t1) of batch b: v is memory (B, T, V, H, C) and y memory
+// (B, T, V, C), so for each frame t and group g
+//   Y_t[i, c in g] = sum_h sum_j Aref[b, h, g, i, j] * V_t[j, h, c in g]
+// is a GEMM whose B operand rows are the group's channel runs of v (row stride H * C) and whose
+// output rows are channel runs of y; aref: the row-major padded topologies. The group width
+// must be whole 64-byte vectors (the tiles read whole vectors of v's rows). Same products, same
+// order (h, then j) as ForwardRows.
+template <typename T>
+struct ForwardFramesChannelsLast {
+  template <int Bytes>
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* v, const T* aref, int64_t b, int64_t t0,
+                                 int64_t t1, T* y) {
+    const int64_t V = s.V, C = s.C, CG = s.group_channels(), HC = s.H * C;
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* vt = v + (b * s.T + t) * V * HC;
+      T* yt = y + (b * s.T + t) * V * C;
+      for (int64_t g = 0; g < s.G; ++g) {
+        simd::tiles<T, Bytes>(V, CG, [&](auto& tile, int64_t i, int rows, int64_t n0, int cols)
+                                         __attribute__((always_inline)) {
+          for (int64_t h = 0; h < s.H; ++h)
+            tile.fma(V, aref + topology_offset(s, Vp, b, h, g) + i * Vp, Vp, 1, vt + h * C + g * CG + n0, HC, rows);
+          tile.store_to(yt + i * C + g * CG + n0, C, rows, cols, false);
+        });
+      }
+    }
+  }
+};
+
 // dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); packed: M x Vp scratch.
 template <typename T>
 struct BackwardGroup {
@@ -250,11 +278,53 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t ? t->contiguous() : at::Tensor();
 }
 
+// Whether v is the (B, H, C, T, V) view of a channels-last (B, H * C, T, V) convolution output
+// (memory (B, T, V, H, C)) and not also contiguous: then the output is channels-last too.
+bool is_channels_last(const at::Tensor& v) {
+  return !v.is_contiguous() && v.permute({0, 3, 4, 1, 2}).is_contiguous();
+}
+
+at::Tensor forward_channels_last(const CtrSizes& s, const at::Tensor& v, const at::Tensor& A, const at::Tensor& q,
+                                 const at::Tensor& k, const at::Tensor& weight, const at::Tensor& bias,
+                                 const at::Tensor& alpha) {
+  auto y = at::empty({s.B, s.C, s.T, s.V}, v.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp", [&] {
+    const int64_t Vp = round_up(s.V, simd::kTileCols<scalar_t>);
+    auto aref = at::empty({(s.dynamic ? s.B : 1) * s.H * s.G * s.V * Vp}, v.options());
+    compute_topologies<scalar_t>(s, Vp, A.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(q), ptr_or_null<scalar_t>(k),
+                                 ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias),
+                                 ptr_or_null<scalar_t>(alpha), aref.data_ptr<scalar_t>(), nullptr, nullptr);
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* tp = aref.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, s.B * s.T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end;) {  // the frames of one b at a time
+        const int64_t b = bt / s.T, t1 = std::min(end, (b + 1) * s.T);
+        simd::run_per_isa<ForwardFramesChannelsLast<scalar_t>>(s, Vp, vp, tp, b, bt - b * s.T, t1 - b * s.T, yp);
+        bt = t1;
+      }
+    });
+  });
+  return y;
+}
+
 at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std::optional<at::Tensor>& q_in,
                        const std::optional<at::Tensor>& k_in, const std::optional<at::Tensor>& weight_in,
                        const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& alpha_in) {
   check_cpu(v_in);
   const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
+  const bool channels_last = is_channels_last(v_in);
+  const int64_t group_bytes = s.group_channels() * static_cast<int64_t>(v_in.element_size());
+  if (channels_last && group_bytes % 64 == 0) {
+    return forward_channels_last(s, v_in, A_in.contiguous(), contiguous_or_undefined(q_in),
+                                 contiguous_or_undefined(k_in), contiguous_or_undefined(weight_in),
+                                 contiguous_or_undefined(bias_in), contiguous_or_undefined(alpha_in));
+  }
+  if (channels_last) {  // groups of other widths: the channels-first kernel, output converted back
+    return forward_cpu(v_in.contiguous(), A_in, q_in, k_in, weight_in, bias_in, alpha_in)
+        .contiguous(at::MemoryFormat::ChannelsLast);
+  }
   const auto v = v_in.contiguous(), A = A_in.contiguous();
   const auto q = contiguous_or_undefined(q_in), k = contiguous_or_undefined(k_in);
   const auto weight = contiguous_or_undefined(weight_in), bias = contiguous_or_undefined(bias_in);

@@ -115,6 +115,38 @@ struct ForwardBlock {
   }
 };
 
+// Channels-last forward, output times [t0, t1) of batch b: x is memory (B, T, V, C) and y memory
+// (B, T_out, V, O). The block's samples go into rows n = (t', v) of xs (row length K1 = 1 + K:
+// a 1 for the bias, then k' = e * C + c, so that each sample is a contiguous run of channels),
+// and Y[n, :] = xs[n, :] . wt with wt[0, o] = bias[o], wt[1 + e * C + c, o] = W[o, c, e]
+// (row length Op, packed once per call).
+template <typename T>
+struct ForwardBlockChannelsLast {
+  template <int Bytes>
+  static BHARNET_INLINE void run(DetSizes s, const T* x, const T* wt, int64_t Op, const Sample<T>* samples, int64_t b,
+                                 int64_t t0, int64_t t1, T* xs, T* y) {
+    const int64_t V = s.V, C = s.C, K1 = 1 + s.C * s.E, NB = (t1 - t0) * V;
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t e = 0; e < s.E; ++e) {
+        const Sample<T>& smp = samples[t * s.E + e];
+        const T w = smp.w, w0 = T(1) - smp.w;
+        const T* x0 = x + (b * s.T + smp.p0) * V * C;
+        const T* x1 = x + (b * s.T + smp.p1) * V * C;
+        for (int64_t v = 0; v < V; ++v) {
+          T* out = xs + ((t - t0) * V + v) * K1 + 1 + e * C;
+          for (int64_t c = 0; c < C; ++c) out[c] = x0[v * C + c] * w0 + x1[v * C + c] * w;
+        }
+      }
+    for (int64_t n = 0; n < NB; ++n) xs[n * K1] = T(1);
+    T* yb = y + (b * s.T_out + t0) * V * s.O;
+    simd::tiles<T, Bytes>(NB, s.O, [&](auto& tile, int64_t n, int rows, int64_t o0, int cols)
+                                       __attribute__((always_inline)) {
+      tile.fma(K1, xs + n * K1, K1, 1, wt + o0, Op, rows);
+      tile.store_to(yb + n * s.O + o0, s.O, rows, cols, false);
+    });
+  }
+};
+
 // Adds one (b, time block)'s terms to the partial sums dW (O x Kp) and dbias (O).
 // xst: NB x Kp scratch whose padding columns K..Kp are zero.
 template <typename T>
@@ -214,10 +246,50 @@ void dispatch_dtypes(const at::Tensor& x, const at::Tensor& offsets, Fn&& fn) {
   }
 }
 
+// Whether x is channels-last (memory (B, T, V, C)) and not also contiguous: then so is the output.
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor forward_channels_last(const DetSizes& s, const at::Tensor& x, const at::Tensor& offsets,
+                                 const at::Tensor& weight, const at::Tensor& bias) {
+  auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {
+    using T = decltype(t_tag);
+    using P = decltype(p_tag);
+    const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), true);
+    const int64_t K1 = 1 + s.C * s.E, Op = simd::packed_ld<T>(s.O);
+    std::vector<T> wt(K1 * Op, T(0));
+    const T* wp = weight.data_ptr<T>();
+    for (int64_t o = 0; o < s.O; ++o) {
+      wt[o] = bias.defined() ? bias.data_ptr<T>()[o] : T(0);
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t e = 0; e < s.E; ++e) wt[(1 + e * s.C + c) * Op + o] = wp[(o * s.C + c) * s.E + e];
+    }
+    const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> xs(tb * s.V * K1);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, t0 = task % blocks * tb;
+        simd::run_per_isa<ForwardBlockChannelsLast<T>>(s, xp, wt.data(), Op, samples.data(), b, t0,
+                                                        std::min(s.T_out, t0 + tb), xs.data(), yp);
+      }
+    });
+  });
+  return y;
+}
+
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weight_in,
                        const std::optional<at::Tensor>& bias_in, int64_t stride) {
   check_cpu(kForwardName, x_in);
   const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride);
+  if (is_channels_last(x_in)) {
+    return forward_channels_last(s, x_in, offsets_in.contiguous(), weight_in.contiguous(),
+                                 bias_in ? bias_in->contiguous() : at::Tensor());
+  }
   const auto x = x_in.contiguous(), offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
   const auto bias = bias_in ? bias_in->contiguous() : at::Tensor();
   auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options());

@@ -8,7 +8,8 @@ import bharnet
 from bharnet._ext import cpp_availability
 from bharnet.fast import ChannelBias, SharedInputBranches, fuse_for_inference, swap_layers
 from bharnet.models import MODELS
-from bharnet.nn import (CTRGraphConv, DeformableTemporalConv, MultiScaleTemporalConv, TemporalMaxPool,
+from bharnet.ops._checks import is_channels_last
+from bharnet.nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, TemporalMaxPool,
                         TokenCrossAttention)
 from bharnet.nn.graph_conv import STGraphConv
 
@@ -167,6 +168,38 @@ def test_fused_cpp_model_matches_the_reference_in_float32(name):
     assert out.dtype == torch.float32
     budget = max(2 * relative_error(ref32.double(), exact), 5e-7)
     assert relative_error(out.double(), exact) <= budget
+
+
+def block_output_layouts(model, body, hand):
+    """Whether each GCNBlock's output is channels-last, over one forward of ``model``."""
+    layouts = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: layouts.append(is_channels_last(out)))
+             for m in model.modules() if isinstance(m, GCNBlock)]
+    with torch.no_grad():
+        out = model(body, hand)
+    for hook in hooks:
+        hook.remove()
+    return out, layouts
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_cpp_model_runs_channels_last_and_exactly_in_float64(name):
+    """On CPU with the C++ kernels the fused model keeps its features channels-last from the
+    first block on (convolution weights channels-last, the kernels reading and writing that
+    layout); float64 makes the comparison tight. The reference backend stays channels-first."""
+    model = swap_layers(trained_like(name), "reference")
+    fused = fuse_for_inference(model, "cpp")
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in fused.modules() if isinstance(m, nn.Conv2d))
+    body, hand = inputs()
+    out, layouts = block_output_layouts(fused, body, hand)
+    assert layouts and all(layouts)
+    with torch.no_grad():
+        ref = model(body, hand)
+    assert relative_error(out.logits, ref.logits) < 1e-10
+    _, layouts = block_output_layouts(fuse_for_inference(model, "reference"), body, hand)
+    assert not any(layouts)
 
 
 @needs_cpp

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.cross_attention import cross_attention, masked_softmax_attention
+from ..ops._checks import is_channels_last
 
 __all__ = ["TOKEN_MODES", "masked_softmax_attention", "TokenCrossAttention", "CrossAttention",
            "to_tokens", "from_tokens"]
@@ -59,10 +60,12 @@ def to_tokens(x: torch.Tensor, mode: str) -> torch.Tensor:
     return tokens.reshape(B * T, V, C) if mode == "frame" else tokens.reshape(B, T * V, C)
 
 
-def from_tokens(tokens: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of :func:`to_tokens` for a (B, C, T, V) ``shape``."""
+def from_tokens(tokens: torch.Tensor, shape, channels_last: bool = False) -> torch.Tensor:
+    """Inverse of :func:`to_tokens` for a (B, C, T, V) ``shape``: a contiguous tensor, or with
+    ``channels_last`` a channels-last one (for contiguous tokens, a view of them)."""
     B, C, T, V = shape
-    return tokens.reshape(B, T, V, C).permute(0, 3, 1, 2).contiguous()
+    features = tokens.reshape(B, T, V, C).permute(0, 3, 1, 2)
+    return features.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class CrossAttention(nn.Module):
@@ -85,4 +88,4 @@ class CrossAttention(nn.Module):
             B, _, T, V = x_kv.shape
             key_mask = key_mask.reshape(B * T, V) if self.mode == "frame" else key_mask.reshape(B, T * V)
         out = self.attention(to_tokens(x_q, self.mode), to_tokens(x_kv, self.mode), key_mask)
-        return from_tokens(out, x_q.shape)
+        return from_tokens(out, x_q.shape, channels_last=is_channels_last(x_q))

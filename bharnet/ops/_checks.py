@@ -31,3 +31,10 @@ def expect_triton_dtype(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype == torch.bfloat16 and t.device.type == "cpu":
         raise TypeError(f"{op}: the triton backend cannot run bfloat16 on CPU (the Triton "
                         "interpreter's bf16 tl.dot is wrong); use float32 or CUDA")
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether the 4-D ``x`` (N, C, T, V) is channels-last (memory (N, T, V, C)) and not also
+    contiguous: the layout in which the CPU kernels of the ``cpp`` backend take and return
+    features natively (what a convolution with channels-last weights returns)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

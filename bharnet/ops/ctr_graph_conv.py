@@ -29,7 +29,9 @@ Gradients (``dy = dL/dy``; ``dAref`` is the gradient of the refined topology;
 Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.ctr_graph_conv``) and ``cpp``
 (``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
 ``csrc/ctr_graph_conv_kernels.cu`` on CUDA; custom ops ``bharnet::ctr_graph_conv_cpp*``, see
-the cpp section below). The Triton
+the cpp section below; on CPU its forward also reads a ``v`` that is the view of a
+channels-last (B, H * C, T, V) convolution output in place and then returns a channels-last
+``y``). The Triton
 kernels evaluate the refined topologies once per call (forward, and again in the backward)
 into a (B, H, G, V, V) buffer in v's dtype that the GEMM kernels read; nothing is saved for
 the backward but the inputs, and the backward's intermediates besides that buffer are the
@@ -275,12 +277,22 @@ def ctr_graph_conv_triton(v, A, q=None, k=None, weight=None, bias=None, alpha=No
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
 
 
+def is_channels_last_v(v: Tensor) -> bool:
+    """Whether ``v`` (B, H, C, T, V) is the view of a channels-last (B, H * C, T, V) tensor
+    (memory (B, T, V, H, C)) and not also contiguous: the CPU kernel then reads it in place and
+    returns a channels-last ``y`` (see ``bharnet.fast.fuse_for_inference``)."""
+    return not v.is_contiguous() and v.permute(0, 3, 4, 1, 2).is_contiguous()
+
+
 def _register_cpp_ops_now() -> None:
     """Fake impls and autograd of the C++ ops (run once, after the extension is loaded)."""
 
     @torch.library.register_fake("bharnet::ctr_graph_conv_cpp")
     def _(v, A, q, k, weight, bias, alpha):
-        return _forward_fake(v, A, q, k, weight, bias, alpha)
+        y = _forward_fake(v, A, q, k, weight, bias, alpha)
+        if v.device.type == "cpu" and is_channels_last_v(v):  # the CPU kernel keeps the layout
+            return y.contiguous(memory_format=torch.channels_last)
+        return y
 
     @torch.library.register_fake("bharnet::ctr_graph_conv_cpp_backward")
     def _(dy, v, A, q, k, weight, bias, alpha):

@@ -30,7 +30,9 @@ registered as the custom ops ``bharnet::deformable_temporal_conv`` and
 is three kernel launches and no host sync, see the kernels' docstring) and ``cpp``
 (``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
 ``csrc/deformable_temporal_conv_kernels.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
-and ``..._cpp_backward``, see the cpp section below).
+and ``..._cpp_backward``, see the cpp section below). On CPU the ``cpp`` forward also takes
+channels-last ``x`` natively and then returns a channels-last ``y`` (the layout of a model fused
+for CPU inference, see ``bharnet.fast``); the backward takes a contiguous copy.
 
 Shapes: ``x`` (B, C_in, T, V); ``offsets`` (E,); ``weight`` (C_out, C_in, E); ``bias``
 (C_out,) or None. Output (B, C_out, T_out, V).
@@ -44,7 +46,7 @@ import torch
 
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
-from ._checks import expect_triton_dtype
+from ._checks import expect_triton_dtype, is_channels_last
 from ._custom_op import opaque_custom_op, with_autograd
 
 OP_NAME = "deformable_temporal_conv"
@@ -167,7 +169,10 @@ def _register_cpp_ops_now() -> None:
 
     @torch.library.register_fake("bharnet::deformable_temporal_conv_cpp")
     def _(x, offsets, weight, bias, stride):
-        return _triton_forward_fake(x, offsets, weight, bias, stride)
+        y = _triton_forward_fake(x, offsets, weight, bias, stride)
+        if x.device.type == "cpu" and is_channels_last(x):  # the CPU kernel keeps the layout
+            return y.contiguous(memory_format=torch.channels_last)
+        return y
 
     @torch.library.register_fake("bharnet::deformable_temporal_conv_cpp_backward")
     def _(grad_y, x, offsets, weight, stride, bounds_pass_grad):

@@ -24,7 +24,8 @@ bit); on other devices ``cpp`` is PyTorch's own max-pool (its CUDA kernel has no
 so a model switched to ``cpp`` as a whole still runs on a GPU (so do windows over 127
 frames, whose offsets int8 cannot hold). A backend the op does not have
 (``triton``) counts as ``auto``, so a model on ``triton`` runs its max-pools too. Input (N, C,
-T, V) or unbatched (C, T, V). Double backward raises. The op is
+T, V) or unbatched (C, T, V); a channels-last ``x`` gives a channels-last ``y`` (the kernel
+then pools rows of V x C values). Double backward raises. The op is
 ``torch.ops.bharnet.temporal_max_pool(x, kernel, stride, padding) -> (y, arg)`` with autograd
 through ``torch.ops.bharnet.temporal_max_pool_backward(dy, arg, T, kernel, stride, padding)``.
 """
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
+from ._checks import is_channels_last
 
 OP_NAME = "temporal_max_pool"
 CPP_DTYPES = (torch.float32, torch.float64)
@@ -92,6 +94,11 @@ def _temporal_max_pool_cpp(x, kernel, stride, padding):
         return temporal_max_pool_reference(x, kernel, stride, padding)
     _register_cpp_ops()
     compute = x.dtype if x.dtype in CPP_DTYPES else torch.float32
+    if is_channels_last(x):  # memory (N, T, V, C): one plane of T rows of V * C values per n
+        N, C, T, V = x.shape
+        planes = x.to(compute).permute(0, 2, 3, 1).reshape(N, 1, T, V * C)  # a view
+        y, _ = torch.ops.bharnet.temporal_max_pool(planes, kernel, stride, padding)
+        return y.view(N, -1, V, C).permute(0, 3, 1, 2).to(x.dtype)
     y, _ = torch.ops.bharnet.temporal_max_pool(x.to(compute), kernel, stride, padding)
     return y.to(x.dtype)
 

@@ -50,3 +50,18 @@ def test_pooling_attention_shapes_and_errors():
         pam(torch.randn(2, 16, 5, 25), torch.randn(2, 16, 4, 42))
     with pytest.raises(ValueError, match="mode must be one of"):
         CrossAttention(16, mode="clip")
+
+
+def test_cross_attention_keeps_channels_last_features_channels_last():
+    """(B, C, T, V) features in channels-last layout (a fused CPU model's) come back in it, with
+    the values of the channels-first call."""
+    torch.manual_seed(0)
+    for mode in ("frame", "sequence"):
+        layer = CrossAttention(16, heads=4, mode=mode).double()
+        x_q = torch.randn(2, 16, 3, 5, dtype=torch.float64)
+        x_kv = torch.randn(2, 16, 3, 7, dtype=torch.float64)
+        out = layer(x_q.contiguous(memory_format=torch.channels_last), x_kv.contiguous(memory_format=torch.channels_last))
+        assert not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+        expected = layer(x_q, x_kv)
+        assert expected.is_contiguous()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
