@@ -117,9 +117,10 @@ BHARNET_INLINE double dot(const T* a, const T* b, int64_t n) {
   return total;
 }
 
-// exp(y) for y in [-18, 0] (float32 lanes): y = n ln2 + r with |r| <= ln2/2 (ln2 split in a
-// high part exact in float and a low part), exp(r) by its degree-7 Taylor polynomial (truncation
-// below 2.5e-9 relative), 2^n built in the exponent bits. Relative error a few float ulps.
+// exp(y) for y in [-87, 0] (float32 lanes; there 2^n is a normal float): y = n ln2 + r with
+// |r| <= ln2/2 (ln2 split in a high part exact in float and a low part), exp(r) by its degree-7
+// Taylor polynomial (truncation below 2.5e-9 relative), 2^n built in the exponent bits. Relative
+// error a few float ulps.
 template <int Bytes = 32>
 BHARNET_INLINE vec<float, Bytes> exp_nonpositive(vec<float, Bytes> y) {
   using F = vec<float, Bytes>;

@@ -20,8 +20,11 @@
 //   forward   y_g  (M x V) = sum_h v_hg (M x V) . Aref_h^T (V x V)
 //   backward  dv_hg(M x V) = dy_g (M x V) . Aref_h (V x V);  dAref_hg (V x V) = dy_g^T . v_hg
 // Phase 1 computes the topologies (B, H, G, V, Vp) once per (b, h) - tanh once per (b, h, r, i, j),
-// shared by all groups - into a zero-padded buffer (Vp = V rounded up to the micro-kernel's
-// column tile) that the GEMMs read as their B operand. Phase 2 runs the GEMMs with the
+// shared by all groups, from 2V exponentials per (b, h, r) in float32; the sums over r as a
+// register-tiled GEMM - into a zero-padded buffer (Vp = V rounded up to the micro-kernel's
+// column tile) that the GEMMs read as their B operand. A channels-last v (the view of a
+// channels-last convolution output) is read in place by a frame-wise forward (see
+// ForwardFramesChannelsLast). Phase 2 runs the GEMMs with the
 // register-tiled micro-kernel of cpu_simd.h, parallel over (b, g, row blocks) forward and over
 // (b, g, h) backward. The backward keeps dAref (B, H, G, V, V) and finishes dq, dk, dW, dbias,
 // dalpha and dA from it (phases 3-4, parallel over (b, h) and (h, i)). Every output element is
@@ -48,48 +51,86 @@ constexpr int64_t kForwardRowBlock = 240;
 // Software prefetch distance of the row-walking GEMMs, in row tiles.
 constexpr int64_t kPrefetchTiles = 2;
 
+// th[i, j] = tanh(q[i] - k[j]) for one relation channel (i, j < V, row stride V). float32:
+// with M the largest q or k, a_i = exp(2 (q_i - M)) and b_j = exp(2 (k_j - M)),
+//   tanh(q_i - k_j) = (a_i - b_j) / (a_i + b_j)
+// takes 2V exponentials (ab: 2 x Vp scratch) and a division per element instead of V^2
+// exponentials; absolute error a few float ulps of 1, like simd::tanh. Used while every exponent
+// 2 (x - M) is at least -80 (the exponentials stay normal floats), else simd::tanh itself.
+// float64: std::tanh.
+template <typename T, int Bytes>
+BHARNET_INLINE void tanh_differences(int64_t V, int64_t Vp, const T* q, const T* k, T* th, T* ab) {
+  if constexpr (std::is_same_v<T, float>) {
+    using F = simd::vec<float, Bytes>;
+    constexpr int L = simd::kLanes<float, Bytes>;
+    float hi = q[0], lo = q[0];
+    for (int64_t i = 0; i < V; ++i) {
+      hi = std::max(hi, std::max(q[i], k[i]));
+      lo = std::min(lo, std::min(q[i], k[i]));
+    }
+    const bool factorised = 2.0f * (hi - lo) <= 80.0f;  // false for NaN or inf inputs too
+    float* a = ab;
+    float* e = ab + Vp;
+    for (int64_t j = 0; j < Vp; ++j) {
+      a[j] = j < V ? q[j] : hi;
+      e[j] = j < V ? k[j] : hi;
+    }
+    if (factorised) {
+      for (int64_t j = 0; j < Vp; j += L) {
+        simd::store<float, Bytes>(a + j, simd::exp_nonpositive<Bytes>(2.0f * (simd::load<float, Bytes>(a + j) - hi)));
+        simd::store<float, Bytes>(e + j, simd::exp_nonpositive<Bytes>(2.0f * (simd::load<float, Bytes>(e + j) - hi)));
+      }
+    }
+    auto row_vector = [&](int64_t i, int64_t j) __attribute__((always_inline)) {
+      const F ej = simd::load<float, Bytes>(e + j);
+      return factorised ? (a[i] - ej) / (a[i] + ej) : simd::tanh<Bytes>(q[i] - ej);
+    };
+    for (int64_t i = 0; i < V; ++i) {
+      float* out = th + i * V;
+      int64_t j = 0;
+      for (; j + L <= V; j += L) simd::store<float, Bytes>(out + j, row_vector(i, j));
+      if (j < V) {
+        float tail[L];
+        simd::store<float, Bytes>(tail, row_vector(i, j));
+        for (int64_t jj = j; jj < V; ++jj) out[jj] = tail[jj - j];
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < V; ++i)
+      for (int64_t j = 0; j < V; ++j) th[i * V + j] = std::tanh(q[i] - k[j]);
+  }
+}
+
+// Rows of slack after a th buffer: the refinement GEMM reads its rows as whole tiles.
+template <typename T> constexpr int64_t kThSlack = simd::kTileCols<T>;
+
 // Refined topologies of one (b, h) for every group g, zero-padded to V x Vp:
 // aref[g, i, j] (row i, column j) and/or aref_t[g, j, i] (transposed); th receives the
-// R x V x V tanh values (th[r, i, j]).
+// R x V x V tanh values (th[r, i, j]; kThSlack<T> readable values after them). For each row i
+// the G x V block sum_r W[h, g, r] th[r, i, :] is a GEMM over r (refined: G x Vp scratch;
+// ab: 2 x Vp scratch).
 template <typename T>
 struct RefineTopology {
   template <int Bytes>
   static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, int64_t b, int64_t h, const T* A, const T* q, const T* k,
-                                 const T* weight, const T* bias, T alpha, T* th, T* row, T* aref, T* aref_t) {
+                                 const T* weight, const T* bias, T alpha, T* th, T* ab, T* refined, T* aref,
+                                 T* aref_t) {
     const int64_t V = s.V, R = s.R, G = s.G;
     for (int64_t r = 0; r < R; ++r) {
-      const T* qr = q + ((b * s.H + h) * R + r) * V;
-      const T* kr = k + ((b * s.H + h) * R + r) * V;
-      if constexpr (std::is_same_v<T, float>) {
-        // Vectorised tanh (cpu_simd.h) on rows padded to whole vectors: row holds k, then tanh.
-        constexpr int L = simd::kLanes<float, Bytes>;
-        for (int64_t j = 0; j < Vp; ++j) row[j] = j < V ? kr[j] : 0.0f;
-        for (int64_t i = 0; i < V; ++i) {
-          T* out = th + (r * V + i) * V;
-          int64_t j = 0;
-          for (; j + L <= V; j += L)
-            simd::store<float, Bytes>(out + j, simd::tanh<Bytes>(qr[i] - simd::load<float, Bytes>(row + j)));
-          if (j < V) {
-            float tail[L];
-            simd::store<float, Bytes>(tail, simd::tanh<Bytes>(qr[i] - simd::load<float, Bytes>(row + j)));
-            for (int64_t jj = j; jj < V; ++jj) out[jj] = tail[jj - j];
-          }
-        }
-      } else {
-        for (int64_t i = 0; i < V; ++i)
-          for (int64_t j = 0; j < V; ++j) th[(r * V + i) * V + j] = std::tanh(qr[i] - kr[j]);
-      }
+      const int64_t offset = ((b * s.H + h) * R + r) * V;
+      tanh_differences<T, Bytes>(V, Vp, q + offset, k + offset, th + r * V * V, ab);
     }
+    const T* w = weight + h * G * R;
     const T* Ah = A + h * V * V;
-    for (int64_t g = 0; g < G; ++g) {
-      const T* w = weight + (h * G + g) * R;
-      const T bg = bias[h * G + g];
-      for (int64_t i = 0; i < V; ++i) {
-        for (int64_t j = 0; j < V; ++j) row[j] = T(0);
-        for (int64_t r = 0; r < R; ++r) {
-          const T* th_ri = th + (r * V + i) * V;
-          for (int64_t j = 0; j < V; ++j) row[j] += w[r] * th_ri[j];
-        }
+    for (int64_t i = 0; i < V; ++i) {
+      simd::tiles<T, Bytes>(G, V, [&](auto& tile, int64_t g, int rows, int64_t n0, int cols)
+                                      __attribute__((always_inline)) {
+        tile.fma(R, w + g * R, R, 1, th + i * V + n0, V * V, rows);
+        tile.store_to(refined + g * Vp + n0, Vp, rows, cols, false);
+      });
+      for (int64_t g = 0; g < G; ++g) {
+        const T bg = bias[h * G + g];
+        T* row = refined + g * Vp;
         for (int64_t j = 0; j < V; ++j) row[j] = alpha * (row[j] + bg) + Ah[i * V + j];
         if (aref) {
           T* out = aref + (g * V + i) * Vp;
@@ -100,10 +141,11 @@ struct RefineTopology {
           for (int64_t j = 0; j < V; ++j) aref_t[(g * V + j) * Vp + i] = row[j];
         }
       }
-      if (aref_t) {
+    }
+    if (aref_t) {
+      for (int64_t g = 0; g < G; ++g)
         for (int64_t j = 0; j < V; ++j)
           for (int64_t i = V; i < Vp; ++i) aref_t[(g * V + j) * Vp + i] = T(0);
-      }
     }
   }
 };
@@ -126,8 +168,8 @@ inline int64_t topology_offset(const CtrSizes& s, int64_t Vp, int64_t b, int64_t
   return (((s.dynamic ? b : 0) * s.H + h) * s.G + g) * s.V * Vp;
 }
 
-// Padded topologies of the whole batch (aref and/or aref_t; th: the (B, H, R, V, V) tanh values,
-// or null to keep them in a per-task scratch buffer).
+// Padded topologies of the whole batch (aref and/or aref_t; th: the (B, H, R, V, V) tanh values
+// followed by kThSlack<T> zeros, or null to keep them in a per-task scratch buffer).
 template <typename T>
 void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, const T* k, const T* weight,
                         const T* bias, const T* alpha, T* aref, T* aref_t, T* th_all) {
@@ -137,11 +179,12 @@ void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, c
   }
   const T alpha_value = *alpha;
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> th_scratch(th_all ? 0 : s.R * s.V * s.V), row(Vp);
+    std::vector<T> th_scratch(th_all ? 0 : s.R * s.V * s.V + kThSlack<T>, T(0)), ab(2 * Vp), refined(s.G * Vp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
       T* th = th_all ? th_all + bh * s.R * s.V * s.V : th_scratch.data();
-      simd::run_per_isa<RefineTopology<T>>(s, Vp, b, h, A, q, k, weight, bias, alpha_value, th, row.data(),
+      simd::run_per_isa<RefineTopology<T>>(s, Vp, b, h, A, q, k, weight, bias, alpha_value, th, ab.data(),
+                                           refined.data(),
                                            aref ? aref + topology_offset(s, Vp, b, h, 0) : nullptr,
                                            aref_t ? aref_t + topology_offset(s, Vp, b, h, 0) : nullptr);
     }
@@ -430,7 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t Vp = round_up(s.V, simd::kTileCols<T>);
     const int64_t VV = s.V * s.V;
     auto aref = at::empty({s.B * s.H * s.G * s.V * Vp}, v.options());
-    auto th = at::empty({s.B * s.H * s.R * VV}, v.options());
+    auto th = at::empty({s.B * s.H * s.R * VV + kThSlack<T>}, v.options());
+    th.narrow(0, s.B * s.H * s.R * VV, kThSlack<T>).zero_();
     auto dtopo = at::empty({s.B, s.H, s.G, s.V, s.V}, v.options());
     auto P = at::empty({s.B, s.H, s.G, s.R}, v.options());
     auto S = at::empty({s.B, s.H, s.G}, v.options());

@@ -58,6 +58,20 @@ def test_parameters_in_other_dtypes_get_gradients_in_their_dtypes():
     assert rel_err(half[0], ref[0]) <= 2 ** -10
 
 
+@pytest.mark.parametrize("spread, factorised", [(1.0, "all"), (8.0, "some"), (25.0, "none")])
+def test_float32_tanh_of_q_minus_k_across_its_two_formulas(spread, factorised, cpu_vector_bytes):
+    """float32 tanh(q_i - k_j) (csrc/ctr_graph_conv.cpp): (a_i - b_j) / (a_i + b_j) from 2V
+    exponentials for a relation row whose exponents 2 (x - max) all stay >= -80, else the direct
+    vectorised tanh. q and k are scaled so that all, some or none of the rows take the first."""
+    inputs = make_inputs(2, 3, 16, 5, 25, 4, 4)
+    inputs[2], inputs[3] = inputs[2] * spread, inputs[3] * spread
+    both = torch.cat([inputs[2], inputs[3]], dim=-1).float()
+    share = ((both.amax(-1) - both.amin(-1)) * 2 <= 80).double().mean().item()
+    assert {"all": share == 1, "some": 0 < share < 1, "none": share == 0}[factorised], share
+    dy = output_grad(inputs)
+    assert_close_to_reference("cpp", cast(inputs, torch.float32), dy, TOLERANCE[torch.float32])
+
+
 def test_non_contiguous_inputs(cpu_vector_bytes):
     assert_close_to_reference("cpp", *noncontiguous_inputs(), TOLERANCE[torch.float64])
 
