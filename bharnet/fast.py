@@ -236,7 +236,8 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     residual convolution (or a :class:`ChannelBias`). Folding runs in float64 and stores the
     result in each parameter's dtype. The fused layers then use ``backend`` (see
     :func:`swap_layers`; ``auto`` on CPU is the C++ kernels for the graph, temporal and
-    cross-attention layers).
+    cross-attention layers). On CPU with the C++ kernels the copy runs its features
+    channels-last (module docstring); its outputs are the same either way.
 
     ``model`` is not modified: the copy has its own parameters, and a different module
     structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy
@@ -245,9 +246,10 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     batch statistics, which cannot be folded).
 
     Speed (full-size BHaRNet-E, one clip of 2 persons x 64 frames, float32, ``auto`` = C++
-    kernels, on this project's 2-core AMD EPYC with 2 threads): 1.84-2.05x the eager reference
-    model in the ``bharnet bench`` runs of 2026-11-26 (the C++ kernels alone 1.59-1.70x); see
-    the README's performance section for the latest run.
+    kernels with channels-last features, on this project's 2-core AMD EPYC with 2 threads):
+    2.65x the eager reference model in the ``bharnet bench`` run of 2026-11-26 after the
+    channels-last path (74.6 vs 197.7 ms; the C++ kernels alone, unfused, 1.77x); see the
+    README's performance section for the latest run.
     On Linux with glibc, large activations freed by one call are returned to the OS and faulted
     back in by the next: call :func:`keep_freed_memory` once (or set ``MALLOC_MMAP_THRESHOLD_``
     and ``MALLOC_TRIM_THRESHOLD_``, or preload jemalloc/tcmalloc) for every model in the process.
@@ -287,10 +289,12 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
 
 
 def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:
-    """Whether the fused model runs its features channels-last: on CPU with the C++ kernels,
-    which read and write that layout natively (module docstring)."""
-    devices = {p.device.type for p in model.parameters()}
-    return devices == {"cpu"} and _backend.resolve("ctr_graph_conv", backend, "cpu") == "cpp"
+    """Whether the fused model runs its features channels-last: on CPU with the C++ kernels
+    (``cpp``, or ``auto`` where they are available), which read and write that layout natively
+    (module docstring). Decides without raising; an unusable backend raises at the call."""
+    name = backend if backend is not None else _backend.get_backend()
+    return ({p.device.type for p in model.parameters()} == {"cpu"} and name in ("auto", "cpp")
+            and _backend.unavailable_reason("ctr_graph_conv", "cpp", "cpu") is None)
 
 
 def _channels_last_input(module: nn.Module, args):

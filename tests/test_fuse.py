@@ -200,6 +200,8 @@ def test_fused_cpp_model_runs_channels_last_and_exactly_in_float64(name):
     assert relative_error(out.logits, ref.logits) < 1e-10
     _, layouts = block_output_layouts(fuse_for_inference(model, "reference"), body, hand)
     assert not any(layouts)
+    on_triton = fuse_for_inference(model, "triton")  # Triton cannot run here: fusing still works
+    assert all(m.weight.is_contiguous() for m in on_triton.modules() if isinstance(m, nn.Conv2d))
 
 
 @needs_cpp
