@@ -280,8 +280,9 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
             _replace(fused, name, SharedInputBranches(module.branches))
     swap_layers(fused, backend)
     if _runs_channels_last(fused, backend):
-        fused.to(memory_format=torch.channels_last)
         for module in fused.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
             if isinstance(module, GCNBlock):
                 module.register_forward_pre_hook(_channels_last_input)
     fused.register_forward_pre_hook(_refuse_training)
@@ -289,11 +290,13 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
 
 
 def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:
-    """Whether the fused model runs its features channels-last: on CPU with the C++ kernels
-    (``cpp``, or ``auto`` where they are available), which read and write that layout natively
-    (module docstring). Decides without raising; an unusable backend raises at the call."""
+    """Whether the fused model runs its features channels-last: a model of GCNBlocks on CPU with
+    the C++ kernels (``cpp``, or ``auto`` where they are available), which read and write that
+    layout natively (module docstring); only its Conv2d weights change layout. Decides without
+    raising; an unusable backend raises at the call."""
     name = backend if backend is not None else _backend.get_backend()
     return ({p.device.type for p in model.parameters()} == {"cpu"} and name in ("auto", "cpp")
+            and any(isinstance(m, GCNBlock) for m in model.modules())
             and _backend.unavailable_reason("ctr_graph_conv", "cpp", "cpu") is None)
 
 

@@ -143,12 +143,13 @@ BHARNET_INLINE vec<float, Bytes> exp_nonpositive(vec<float, Bytes> y) {
 }
 
 // tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2 |x|), |x| clamped to 9 (tanh(9) rounds to
-// 1 in float32): absolute error about one float ulp of 1, like the Triton kernels' tanh.
+// 1 in float32): absolute error about one float ulp of 1, like the Triton kernels' tanh. NaN
+// stays NaN.
 template <int Bytes = 32>
 BHARNET_INLINE vec<float, Bytes> tanh(vec<float, Bytes> x) {
   using F = vec<float, Bytes>;
   const F a = x < 0.0f ? -x : x;
-  const F e = exp_nonpositive<Bytes>(-2.0f * (a < 9.0f ? a : broadcast<float, Bytes>(9.0f)));
+  const F e = exp_nonpositive<Bytes>(-2.0f * (a > 9.0f ? broadcast<float, Bytes>(9.0f) : a));
   const F t = (1.0f - e) / (1.0f + e);
   return x < 0.0f ? -t : t;
 }

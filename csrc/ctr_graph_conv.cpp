@@ -55,20 +55,25 @@ constexpr int64_t kPrefetchTiles = 2;
 // with M the largest q or k, a_i = exp(2 (q_i - M)) and b_j = exp(2 (k_j - M)),
 //   tanh(q_i - k_j) = (a_i - b_j) / (a_i + b_j)
 // takes 2V exponentials (ab: 2 x Vp scratch) and a division per element instead of V^2
-// exponentials; absolute error a few float ulps of 1, like simd::tanh. Used while every exponent
-// 2 (x - M) is at least -80 (the exponentials stay normal floats), else simd::tanh itself.
-// float64: std::tanh.
+// exponentials. The exponents' rounding (their ulp grows with the spread of q and k) makes the
+// absolute error about 2^-24 (M - min): it is used for rows whose q and k span at most
+// kFactorisedSpread (measured error <= 5.2e-7; simd::tanh's ~1e-7), else simd::tanh, which
+// also takes rows with NaN or inf (NaN stays NaN). float64: std::tanh.
+constexpr float kFactorisedSpread = 8.0f;
+
 template <typename T, int Bytes>
 BHARNET_INLINE void tanh_differences(int64_t V, int64_t Vp, const T* q, const T* k, T* th, T* ab) {
   if constexpr (std::is_same_v<T, float>) {
     using F = simd::vec<float, Bytes>;
     constexpr int L = simd::kLanes<float, Bytes>;
     float hi = q[0], lo = q[0];
+    bool finite = true;
     for (int64_t i = 0; i < V; ++i) {
       hi = std::max(hi, std::max(q[i], k[i]));
       lo = std::min(lo, std::min(q[i], k[i]));
+      finite = finite && std::isfinite(q[i]) && std::isfinite(k[i]);
     }
-    const bool factorised = 2.0f * (hi - lo) <= 80.0f;  // false for NaN or inf inputs too
+    const bool factorised = finite && hi - lo <= kFactorisedSpread;
     float* a = ab;
     float* e = ab + Vp;
     for (int64_t j = 0; j < Vp; ++j) {
@@ -101,8 +106,13 @@ BHARNET_INLINE void tanh_differences(int64_t V, int64_t Vp, const T* q, const T*
   }
 }
 
-// Rows of slack after a th buffer: the refinement GEMM reads its rows as whole tiles.
+// The tanh values of one (b, h), R x V x V, are followed by this many zeros: the refinement GEMM
+// reads their rows as whole tiles (at most a tile's width minus one past the last row).
 template <typename T> constexpr int64_t kThSlack = simd::kTileCols<T>;
+
+// Distance between the tanh values of consecutive (b, h) in a th buffer.
+template <typename T>
+inline int64_t th_stride(const CtrSizes& s) { return s.R * s.V * s.V + kThSlack<T>; }
 
 // Refined topologies of one (b, h) for every group g, zero-padded to V x Vp:
 // aref[g, i, j] (row i, column j) and/or aref_t[g, j, i] (transposed); th receives the
@@ -168,8 +178,8 @@ inline int64_t topology_offset(const CtrSizes& s, int64_t Vp, int64_t b, int64_t
   return (((s.dynamic ? b : 0) * s.H + h) * s.G + g) * s.V * Vp;
 }
 
-// Padded topologies of the whole batch (aref and/or aref_t; th: the (B, H, R, V, V) tanh values
-// followed by kThSlack<T> zeros, or null to keep them in a per-task scratch buffer).
+// Padded topologies of the whole batch (aref and/or aref_t; th_all: B * H blocks of th_stride
+// for the tanh values, or null to keep them in a per-task scratch buffer).
 template <typename T>
 void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, const T* k, const T* weight,
                         const T* bias, const T* alpha, T* aref, T* aref_t, T* th_all) {
@@ -179,10 +189,11 @@ void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, c
   }
   const T alpha_value = *alpha;
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> th_scratch(th_all ? 0 : s.R * s.V * s.V + kThSlack<T>, T(0)), ab(2 * Vp), refined(s.G * Vp);
+    std::vector<T> th_scratch(th_all ? 0 : th_stride<T>(s)), ab(2 * Vp), refined(s.G * Vp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H;
-      T* th = th_all ? th_all + bh * s.R * s.V * s.V : th_scratch.data();
+      T* th = th_all ? th_all + bh * th_stride<T>(s) : th_scratch.data();
+      std::fill(th + s.R * s.V * s.V, th + th_stride<T>(s), T(0));
       simd::run_per_isa<RefineTopology<T>>(s, Vp, b, h, A, q, k, weight, bias, alpha_value, th, ab.data(),
                                            refined.data(),
                                            aref ? aref + topology_offset(s, Vp, b, h, 0) : nullptr,
@@ -365,8 +376,8 @@ at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std
                                  contiguous_or_undefined(bias_in), contiguous_or_undefined(alpha_in));
   }
   if (channels_last) {  // groups of other widths: the channels-first kernel, output converted back
-    return forward_cpu(v_in.contiguous(), A_in, q_in, k_in, weight_in, bias_in, alpha_in)
-        .contiguous(at::MemoryFormat::ChannelsLast);
+    auto y = at::empty({s.B, s.C, s.T, s.V}, v_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+    return y.copy_(forward_cpu(v_in.contiguous(), A_in, q_in, k_in, weight_in, bias_in, alpha_in));
   }
   const auto v = v_in.contiguous(), A = A_in.contiguous();
   const auto q = contiguous_or_undefined(q_in), k = contiguous_or_undefined(k_in);
@@ -473,8 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t Vp = round_up(s.V, simd::kTileCols<T>);
     const int64_t VV = s.V * s.V;
     auto aref = at::empty({s.B * s.H * s.G * s.V * Vp}, v.options());
-    auto th = at::empty({s.B * s.H * s.R * VV + kThSlack<T>}, v.options());
-    th.narrow(0, s.B * s.H * s.R * VV, kThSlack<T>).zero_();
+    auto th = at::empty({s.B * s.H * th_stride<T>(s)}, v.options());
     auto dtopo = at::empty({s.B, s.H, s.G, s.V, s.V}, v.options());
     auto P = at::empty({s.B, s.H, s.G, s.R}, v.options());
     auto S = at::empty({s.B, s.H, s.G}, v.options());
@@ -490,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<T> D(VV);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t h = bh % s.H;
-        refinement_grad(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * s.R * VV, wp + h * s.G * s.R, alpha_value,
+        refinement_grad(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * th_stride<T>(s), wp + h * s.G * s.R, alpha_value,
                         dq.data_ptr<T>() + bh * s.R * s.V, dk.data_ptr<T>() + bh * s.R * s.V,
                         P.data_ptr<T>() + bh * s.G * s.R, S.data_ptr<T>() + bh * s.G, D.data());
       }

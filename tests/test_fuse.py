@@ -205,6 +205,20 @@ def test_fused_cpp_model_runs_channels_last_and_exactly_in_float64(name):
 
 
 @needs_cpp
+def test_a_model_without_gcn_blocks_keeps_its_layout():
+    """Channels-last is for models of GCNBlocks only: other models (here with a 5-D weight, which
+    cannot be channels-last) fuse as before, their outputs contiguous."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (4, 1, 5, 5)),
+                          nn.Conv3d(4, 2, 1)).eval()
+    fused = fuse_for_inference(model, "cpp")
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        out = fused(x)
+        assert out.is_contiguous() and torch.equal(out, model(x))
+    assert fused[0].weight.is_contiguous()
+
+
+@needs_cpp
 def test_bench_has_a_fused_inference_provider():
     from bharnet.bench.model_cases import ModelCase, make_step
     from bharnet.bench.providers import model_providers

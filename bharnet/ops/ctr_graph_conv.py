@@ -291,7 +291,7 @@ def _register_cpp_ops_now() -> None:
     def _(v, A, q, k, weight, bias, alpha):
         y = _forward_fake(v, A, q, k, weight, bias, alpha)
         if v.device.type == "cpu" and is_channels_last_v(v):  # the CPU kernel keeps the layout
-            return y.contiguous(memory_format=torch.channels_last)
+            return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
         return y
 
     @torch.library.register_fake("bharnet::ctr_graph_conv_cpp_backward")

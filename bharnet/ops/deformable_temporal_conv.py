@@ -171,7 +171,7 @@ def _register_cpp_ops_now() -> None:
     def _(x, offsets, weight, bias, stride):
         y = _triton_forward_fake(x, offsets, weight, bias, stride)
         if x.device.type == "cpu" and is_channels_last(x):  # the CPU kernel keeps the layout
-            return y.contiguous(memory_format=torch.channels_last)
+            return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
         return y
 
     @torch.library.register_fake("bharnet::deformable_temporal_conv_cpp_backward")

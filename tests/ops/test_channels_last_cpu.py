@@ -49,7 +49,8 @@ def test_ctr_graph_conv_reads_channels_last_v(shape, dtype, dynamic, cpu_vector_
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
 def test_ctr_graph_conv_gradients_through_channels_last_v(dynamic):
-    inputs = ctr_cases.make_inputs(2, 3, 16, 5, 25, 3, 4, dynamic=dynamic)
+    """The channels-last forward kernel, then the backward on contiguous copies."""
+    inputs = ctr_cases.make_inputs(2, 3, 16, 5, 25, 3, 2, dynamic=dynamic)  # groups of 8 doubles: 64 bytes
     dy = ctr_cases.output_grad(inputs)
     expected = forward_backward(ctr_graph_conv_reference, inputs, dy)
     got = forward_backward(lambda v, *rest: ctr_graph_conv_cpp(channels_last_v(v), *rest), inputs, dy)
@@ -58,7 +59,7 @@ def test_ctr_graph_conv_gradients_through_channels_last_v(dynamic):
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
 def test_ctr_graph_conv_opcheck_with_channels_last_v(dynamic):
-    inputs = ctr_cases.make_inputs(1, 2, 8, 3, 5, 2, 2, dynamic=dynamic)
+    inputs = ctr_cases.make_inputs(2, 2, 32, 3, 5, 2, 2, dynamic=dynamic)  # groups of 16 floats: 64 bytes
     ctr_graph_conv_cpp(*inputs)  # registers the fake impls and autograd on first use
     v = channels_last_v(inputs[0].float()).requires_grad_()
     rest = [t.float().requires_grad_() for t in inputs[1:]]

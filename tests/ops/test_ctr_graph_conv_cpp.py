@@ -58,15 +58,59 @@ def test_parameters_in_other_dtypes_get_gradients_in_their_dtypes():
     assert rel_err(half[0], ref[0]) <= 2 ** -10
 
 
-@pytest.mark.parametrize("spread, factorised", [(1.0, "all"), (8.0, "some"), (25.0, "none")])
-def test_float32_tanh_of_q_minus_k_across_its_two_formulas(spread, factorised, cpu_vector_bytes):
-    """float32 tanh(q_i - k_j) (csrc/ctr_graph_conv.cpp): (a_i - b_j) / (a_i + b_j) from 2V
-    exponentials for a relation row whose exponents 2 (x - max) all stay >= -80, else the direct
-    vectorised tanh. q and k are scaled so that all, some or none of the rows take the first."""
+def relation_rows_on_the_factorised_tanh(q, k):
+    """Share of the (b, h, r) rows whose float32 tanh(q_i - k_j) the CPU kernel takes as
+    (a_i - b_j) / (a_i + b_j) (csrc/ctr_graph_conv.cpp: finite rows spanning at most 8)."""
+    both = torch.cat([q, k], dim=-1).float()
+    rows = both.isfinite().all(-1) & (both.amax(-1) - both.amin(-1) <= 8)
+    return rows.double().mean().item()
+
+
+def topology_of_one_relation(q, k):
+    """Aref[i, j] = tanh(q_i - k_j) as computed by the CPU kernel (float32): H = G = R = 1,
+    W = 1, bias = 0, alpha = 1, A = 0, and v[t, j] = delta(t, j), so y[t, i] = Aref[i, t]."""
+    V = q.shape[0]
+    v = torch.eye(V).view(1, 1, 1, V, V)
+    y = cpp_backend(v, torch.zeros(1, V, V), q.view(1, 1, 1, V), k.view(1, 1, 1, V), torch.ones(1, 1, 1),
+                    torch.zeros(1, 1), torch.ones(1))
+    return y[0, 0].t()
+
+
+@pytest.mark.parametrize("spread, bound", [(1.0, 2e-7), (7.5, 6e-7), (30.0, 2e-7)])
+def test_float32_tanh_of_q_minus_k_elementwise(spread, bound, cpu_vector_bytes):
+    """Each refined-topology entry against float64 tanh: rows spanning up to 8 take the
+    factorised formula (error ~2^-24 x span), wider ones the direct tanh (~1e-7)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        q, k = (torch.rand(2, 25, generator=g) - 0.5) * spread + torch.randn(1, generator=g)
+        if spread < 8:
+            assert relation_rows_on_the_factorised_tanh(q, k) == 1
+        exact = torch.tanh(q.double()[:, None] - k.double()[None, :])
+        assert (topology_of_one_relation(q, k).double() - exact).abs().max().item() <= bound
+
+
+def test_float32_tanh_of_q_minus_k_with_nan_and_inf(cpu_vector_bytes):
+    """NaN in q_i or k_j gives NaN in row i or column j only; inf differences give +-1."""
+    q, k = torch.randn(2, 25, generator=torch.Generator().manual_seed(1))
+    for nan_at in (0, 7):
+        qn = q.clone()
+        qn[nan_at] = float("nan")
+        got = topology_of_one_relation(qn, k)
+        assert got.isnan()[nan_at].all() and not got.isnan()[torch.arange(25) != nan_at].any()
+    ki = k.clone()
+    ki[3] = float("inf")
+    got, exact = topology_of_one_relation(q, ki), torch.tanh(q.double()[:, None] - ki.double()[None, :])
+    assert torch.equal(got[:, 3], torch.full((25,), -1.0))
+    assert (got.double() - exact).abs().max().item() <= 2e-7
+
+
+@pytest.mark.parametrize("spread, factorised", [(1.0, "all"), (1.6, "some"), (4.0, "none")])
+def test_float32_tanh_formulas_in_the_whole_op(spread, factorised, cpu_vector_bytes):
+    """Output and every gradient against float64 with q and k scaled so that all, some or none
+    of the relation rows take the factorised tanh."""
     inputs = make_inputs(2, 3, 16, 5, 25, 4, 4)
     inputs[2], inputs[3] = inputs[2] * spread, inputs[3] * spread
-    both = torch.cat([inputs[2], inputs[3]], dim=-1).float()
-    share = ((both.amax(-1) - both.amin(-1)) * 2 <= 80).double().mean().item()
+    share = relation_rows_on_the_factorised_tanh(inputs[2], inputs[3])
     assert {"all": share == 1, "some": 0 < share < 1, "none": share == 0}[factorised], share
     dy = output_grad(inputs)
     assert_close_to_reference("cpp", cast(inputs, torch.float32), dy, TOLERANCE[torch.float32])
