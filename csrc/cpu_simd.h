@@ -230,8 +230,10 @@ struct Tile {
 // rows outer (the 32-byte clones' layout). Bytes = 64 (wide path; only inside BHARNET_WIDE
 // functions): columns outer, as many whole 64-byte vectors per tile as fit at most 24
 // accumulators among AVX-512's 32 registers: 8 x 3 vectors, then 12 x 2 or 16 x 1 for the last
-// columns (N = 42 floats: one 8 x 48 tile per 8 rows; N = 25: 12 x 32). B rows must be readable up
-// to N rounded up to 64 bytes. f must be always_inline so it is compiled with the caller's ISA.
+// columns (N = 42 floats: one 8 x 48 tile per 8 rows; N = 25: 12 x 32). In both paths the last
+// rows, when at most half a tile, get a tile of half the height (rows past M are computed and
+// dropped). B rows must be readable up to N rounded up to 64 bytes. f must be always_inline so it
+// is compiled with the caller's ISA.
 template <typename T, int Bytes, typename F>
 BHARNET_INLINE void tiles(int64_t M, int64_t N, F&& f) {
   if constexpr (Bytes == 32) {
@@ -239,9 +241,16 @@ BHARNET_INLINE void tiles(int64_t M, int64_t N, F&& f) {
     for (int64_t m = 0; m < M; m += kTileRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
       for (int64_t n0 = 0; n0 < N; n0 += NC) {
-        Tile<T, kTileRows, 2, 32> tile;
-        tile.zero();
-        f(tile, m, rows, n0, static_cast<int>(std::min<int64_t>(NC, N - n0)));
+        const int cols = static_cast<int>(std::min<int64_t>(NC, N - n0));
+        if (rows <= kTileRows / 2) {  // the last rows: a half-height tile computes fewer dead rows
+          Tile<T, kTileRows / 2, 2, 32> tile;
+          tile.zero();
+          f(tile, m, rows, n0, cols);
+        } else {
+          Tile<T, kTileRows, 2, 32> tile;
+          tile.zero();
+          f(tile, m, rows, n0, cols);
+        }
       }
     }
   } else {
@@ -249,11 +258,19 @@ BHARNET_INLINE void tiles(int64_t M, int64_t N, F&& f) {
     constexpr int L = kLanes<T, 64>;
     auto column_tile = [&](auto tag, int64_t n0) __attribute__((always_inline)) {
       using TileT = typename decltype(tag)::type;
+      using HalfTile = Tile<T, TileT::kRows / 2, TileT::kCols / L, 64>;
       const int cols = static_cast<int>(std::min<int64_t>(TileT::kCols, N - n0));
       for (int64_t m = 0; m < M; m += TileT::kRows) {
-        TileT tile;
-        tile.zero();
-        f(tile, m, static_cast<int>(std::min<int64_t>(TileT::kRows, M - m)), n0, cols);
+        const int rows = static_cast<int>(std::min<int64_t>(TileT::kRows, M - m));
+        if (rows <= HalfTile::kRows) {  // the last rows: a half-height tile computes fewer dead rows
+          HalfTile tile;
+          tile.zero();
+          f(tile, m, rows, n0, cols);
+        } else {
+          TileT tile;
+          tile.zero();
+          f(tile, m, rows, n0, cols);
+        }
       }
     };
     for (int64_t n0 = 0; n0 < N;) {

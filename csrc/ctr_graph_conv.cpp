@@ -254,12 +254,12 @@ struct ForwardFramesChannelsLast {
   }
 };
 
-// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); packed: M x Vp scratch.
+// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); last_row: Vp scratch.
 template <typename T>
 struct BackwardGroup {
   template <int Bytes>
   static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* dy, const T* v, const T* aref, int64_t b, int64_t h,
-                                 int64_t g, T* dv, T* dtopo, T* packed) {
+                                 int64_t g, T* dv, T* dtopo, T* last_row) {
     const int64_t V = s.V, CG = s.group_channels(), M = s.group_rows();
     const T* dyg = dy + (b * s.C + g * CG) * s.T * V;
     const int64_t vg_offset = ((b * s.H + h) * s.C + g * CG) * s.T * V;
@@ -268,7 +268,7 @@ struct BackwardGroup {
     const T* topo = aref + topology_offset(s, Vp, b, h, g);
     simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
-      const int64_t ahead = m + kPrefetchTiles * rows;  // dy_g rows, and v_hg's for the packing below
+      const int64_t ahead = m + kPrefetchTiles * rows;  // dy_g rows, and v_hg's for dAref below
       const int64_t ahead_n = n0 == 0 && ahead < M ? std::min<int64_t>(rows, M - ahead) * V : 0;
       simd::prefetch(dyg + ahead * V, ahead_n);
       simd::prefetch(vg + ahead * V, ahead_n);
@@ -276,14 +276,15 @@ struct BackwardGroup {
       tile.fma(V, dyg + m * V, V, 1, topo + n0, Vp, rows);
       tile.store_to(dvg + m * V + n0, V, rows, cols, false);
     });
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = 0; j < V; ++j) packed[m * Vp + j] = vg[m * V + j];
-      for (int64_t j = V; j < Vp; ++j) packed[m * Vp + j] = T(0);
-    }
+    // dAref's B operand is v_hg read in place: a row's whole vectors run into the next row, whose
+    // values land in dropped columns; only the last row (which may end the tensor) is read from
+    // a zero-padded copy. Same sums in the same order as over a padded copy of every row.
+    for (int64_t j = 0; j < Vp; ++j) last_row[j] = j < V ? vg[(M - 1) * V + j] : T(0);
     T* out = dtopo + ((b * s.H + h) * s.G + g) * V * V;
     simd::tiles<T, Bytes>(V, V, [&](auto& tile, int64_t i, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
-      tile.fma(M, dyg + i, 1, V, packed + n0, Vp, rows);
+      tile.fma(M - 1, dyg + i, 1, V, vg + n0, V, rows);
+      tile.fma(1, dyg + (M - 1) * V + i, 1, V, last_row + n0, Vp, rows);
       tile.store_to(out + i * V + n0, V, rows, cols, false);
     });
   }
@@ -412,11 +413,11 @@ at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std
 template <typename T>
 void topology_grad(const CtrSizes& s, int64_t Vp, const T* dy, const T* v, const T* aref, T* dv, T* dtopo) {
   at::parallel_for(0, s.B * s.H * s.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> packed(s.group_rows() * Vp);
+    std::vector<T> last_row(Vp);
     for (int64_t task = begin; task < end; ++task) {
       // h fastest: the H tasks that read the same dy_g run one after another (dy_g stays in cache)
       const int64_t h = task % s.H, g = (task / s.H) % s.G, b = task / (s.G * s.H);
-      simd::run_per_isa<BackwardGroup<T>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, packed.data());
+      simd::run_per_isa<BackwardGroup<T>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, last_row.data());
     }
   });
 }

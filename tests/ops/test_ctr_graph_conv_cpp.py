@@ -27,8 +27,9 @@ cpp_backend = backend_fn("cpp")
 
 # (B, H, C, T, V, R, G): the Triton tests' odd shapes (V = 25, 5, 21, 42, 128; a per-channel
 # topology G = C), the unified graph's V = 67 with R = 4, and rows that are not a multiple of
-# the micro-kernel's 4 (C/G * T = 3 * 5 = 15).
-SHAPES = cases.SHAPES + [(2, 3, 16, 5, 67, 4, 4), (3, 1, 12, 5, 25, 1, 4)]
+# the micro-kernel's 4 (C/G * T = 3 * 5 = 15), and one row per group (C/G = T = 1: the backward's
+# dAref reads only its zero-padded copy of the last row).
+SHAPES = cases.SHAPES + [(2, 3, 16, 5, 67, 4, 4), (3, 1, 12, 5, 25, 1, 4), (2, 2, 4, 1, 25, 2, 4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
