@@ -237,7 +237,8 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     result in each parameter's dtype. The fused layers then use ``backend`` (see
     :func:`swap_layers`; ``auto`` on CPU is the C++ kernels for the graph, temporal and
     cross-attention layers). On CPU with the C++ kernels the copy runs its features
-    channels-last (module docstring); its outputs are the same either way.
+    channels-last (module docstring); its outputs are the same either way. The layout is chosen
+    for the device the model is on when fused: fuse on the device it will run on.
 
     ``model`` is not modified: the copy has its own parameters, and a different module
     structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy
