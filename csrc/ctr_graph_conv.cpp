@@ -254,12 +254,19 @@ struct ForwardFramesChannelsLast {
   }
 };
 
-// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); last_row: Vp scratch.
+// Rows of v_hg that a GEMM can read in place as whole vectors (Vp values from each row's start)
+// without passing the end of v_hg's M rows of V.
+inline int64_t rows_readable_in_place(int64_t M, int64_t V, int64_t Vp) {
+  return M * V >= Vp ? std::min(M, (M * V - Vp) / V + 1) : 0;
+}
+
+// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); tail: scratch for the
+// rows past rows_readable_in_place, zero-padded to Vp (at most Vp / V + 1 rows).
 template <typename T>
 struct BackwardGroup {
   template <int Bytes>
   static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* dy, const T* v, const T* aref, int64_t b, int64_t h,
-                                 int64_t g, T* dv, T* dtopo, T* last_row) {
+                                 int64_t g, T* dv, T* dtopo, T* tail) {
     const int64_t V = s.V, CG = s.group_channels(), M = s.group_rows();
     const T* dyg = dy + (b * s.C + g * CG) * s.T * V;
     const int64_t vg_offset = ((b * s.H + h) * s.C + g * CG) * s.T * V;
@@ -276,15 +283,18 @@ struct BackwardGroup {
       tile.fma(V, dyg + m * V, V, 1, topo + n0, Vp, rows);
       tile.store_to(dvg + m * V + n0, V, rows, cols, false);
     });
-    // dAref's B operand is v_hg read in place: a row's whole vectors run into the next row, whose
-    // values land in dropped columns; only the last row (which may end the tensor) is read from
-    // a zero-padded copy. Same sums in the same order as over a padded copy of every row.
-    for (int64_t j = 0; j < Vp; ++j) last_row[j] = j < V ? vg[(M - 1) * V + j] : T(0);
+    // dAref's B operand is v_hg read in place: a row's whole vectors run into the rows after it,
+    // whose values land in dropped columns; the last rows (whose vectors would pass the end of
+    // v_hg, maybe of the tensor) are read from a zero-padded copy. Same sums in the same order as
+    // over a padded copy of every row.
+    const int64_t in_place = rows_readable_in_place(M, V, Vp);
+    for (int64_t m = in_place; m < M; ++m)
+      for (int64_t j = 0; j < Vp; ++j) tail[(m - in_place) * Vp + j] = j < V ? vg[m * V + j] : T(0);
     T* out = dtopo + ((b * s.H + h) * s.G + g) * V * V;
     simd::tiles<T, Bytes>(V, V, [&](auto& tile, int64_t i, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
-      tile.fma(M - 1, dyg + i, 1, V, vg + n0, V, rows);
-      tile.fma(1, dyg + (M - 1) * V + i, 1, V, last_row + n0, Vp, rows);
+      tile.fma(in_place, dyg + i, 1, V, vg + n0, V, rows);
+      tile.fma(M - in_place, dyg + in_place * V + i, 1, V, tail + n0, Vp, rows);
       tile.store_to(out + i * V + n0, V, rows, cols, false);
     });
   }
@@ -413,11 +423,11 @@ at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std
 template <typename T>
 void topology_grad(const CtrSizes& s, int64_t Vp, const T* dy, const T* v, const T* aref, T* dv, T* dtopo) {
   at::parallel_for(0, s.B * s.H * s.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> last_row(Vp);
+    std::vector<T> tail((Vp / s.V + 1) * Vp);
     for (int64_t task = begin; task < end; ++task) {
       // h fastest: the H tasks that read the same dy_g run one after another (dy_g stays in cache)
       const int64_t h = task % s.H, g = (task / s.H) % s.G, b = task / (s.G * s.H);
-      simd::run_per_isa<BackwardGroup<T>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, last_row.data());
+      simd::run_per_isa<BackwardGroup<T>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, tail.data());
     }
   });
 }

@@ -9,6 +9,10 @@ root of the summed terms (<= ~1e4 here), measured <= 1e-6; the float32 tanh is a
 exp-based one with absolute error ~1e-7. The CUDA kernels: the same for float32/float64, and
 DESIGN.md section 6's rule for float16/bfloat16.
 """
+import mmap
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,6 +119,48 @@ def test_float32_tanh_formulas_in_the_whole_op(spread, factorised, cpu_vector_by
     assert {"all": share == 1, "some": 0 < share < 1, "none": share == 0}[factorised], share
     dy = output_grad(inputs)
     assert_close_to_reference("cpp", cast(inputs, torch.float32), dy, TOLERANCE[torch.float32])
+
+
+GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import torch
+import bharnet._ext as ext
+ext.load()
+ops = torch.ops.bharnet
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+for width, dtype, V, C, T in [(32, torch.float32, 1, 1, 2), (64, torch.float32, 7, 2, 3), (32, torch.float32, 5, 1, 2),
+                              (64, torch.float64, 3, 1, 2), (32, torch.float64, 1, 2, 2), (64, torch.float32, 25, 3, 4)]:
+    try:
+        ops.cpu_vector_bytes(width)
+    except RuntimeError:  # no AVX-512 here: the 64-byte path cannot run
+        continue
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, 2 * page)  # v's storage ends where a PROT_NONE page starts
+    assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + page, page, 0) == 0
+    size = torch.empty((), dtype=dtype).element_size()
+    n = C * T * V
+    v = torch.frombuffer(buf, dtype=dtype, count=n, offset=page - n * size).view(1, 1, C, T, V)
+    v.copy_(torch.randn(v.shape, dtype=dtype))
+    args = [torch.randn(1, V, V, dtype=dtype), torch.randn(1, 1, 1, V, dtype=dtype), torch.randn(1, 1, 1, V, dtype=dtype),
+            torch.randn(1, 1, 1, dtype=dtype), torch.randn(1, 1, dtype=dtype), torch.tensor([0.7], dtype=dtype)]
+    dy = torch.randn(1, C, T, V, dtype=dtype)
+    got = ops.ctr_graph_conv_cpp_backward(dy, v, *args)
+    expected = ops.ctr_graph_conv_cpp_backward(dy, v.clone(), *args)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    ops.ctr_graph_conv_cpp(v, *args)
+print("ok")
+"""
+
+
+def test_kernels_read_nothing_past_the_end_of_v():
+    """v's storage ends at a PROT_NONE page (in a subprocess: a read past it is a segfault). The
+    backward's dAref GEMM reads v's rows in place as whole vectors, which for V below half a
+    vector would reach past the last rows; those are read from a padded copy."""
+    if not hasattr(mmap, "PROT_READ"):
+        pytest.skip("needs mmap with page protection (POSIX)")
+    done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_non_contiguous_inputs(cpu_vector_bytes):
