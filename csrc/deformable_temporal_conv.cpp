@@ -21,8 +21,8 @@
 // dW runs per (b, time block) too, with the samples gathered transposed (n-major, so that k is
 // the vector dimension): a GEMM dy (O x n) . xs^T (n x K) accumulated into one of a fixed number
 // of partial buffers (the tasks are split into slices independent of the thread count) that are
-// then summed in order. dx and dtau run per (b, block of kTileRows channels): for every (t', e) one
-// micro-kernel tile computes g for those channels, which is added to rows p0 and p1 of dx
+// then summed in order. dx and dtau run per (b, block of kTileRows channels): for every (t', e) micro-kernel tiles
+// (up to 3 64-byte vectors wide on the AVX-512 path) compute g for those channels, which is added to rows p0 and p1 of dx
 // (rows that only this task writes: no atomics) and dotted with dxs for dtau's per-task partial
 // sums (in double, summed in task order). Everything is deterministic. Accumulation is in the
 // compute dtype (float32 or float64); positions in float32, or float64 for float64 offsets.
@@ -183,47 +183,75 @@ struct WeightGradBlock {
 };
 
 // dx[b, c0:c1] and this block's share of dtau, for channels c0..c1 of batch b:
-// g[c, e, t', :] = sum_o W[o, c, e] dy[b, o, t', :] (one micro-kernel tile per (t', e)) is sent to
-// rows p0 (times 1-w) and p1 (times w) of dx[b, c], and dtau_part[e] += g . dxs. dyp: dy
-// transposed to (B, T_out, O, Vp), zero-padded rows of Vp.
+// g[c, e, t', :] = sum_o W[o, c, e] dy[b, o, t', :] (micro-kernel tiles of kTileRows channels per
+// (t', e): 2 vectors of 32 bytes, or up to 3 of 64 on the wide path) is sent to rows p0 (times
+// 1-w) and p1 (times w) of dx[b, c], and dtau_part[e] += g . dxs. The scatter and the dot run in
+// units of NR = 64-byte columns in the same order on both paths, so the results are bitwise
+// the same. dyp: dy transposed to (B, T_out, O, Vp), zero-padded rows of Vp (a multiple of NR).
 template <typename T>
-BHARNET_CLONES void input_grad_block(const DetSizes& s, int64_t Vp, const T* x, const T* dyp, const T* weight,
-                                     const Sample<T>* samples, int64_t b, int64_t c0, int64_t c1, T* dx,
-                                     double* dtau_part) {
-  constexpr int NR = simd::kTileCols<T>;
-  const int64_t V = s.V, K = s.C * s.E, TV = s.T * V;
-  const int rows = static_cast<int>(c1 - c0);
-  T* dxb = dx + (b * s.C + c0) * TV;
-  const T* xb = x + (b * s.C + c0) * TV;
-  for (int64_t i = 0; i < rows * TV; ++i) dxb[i] = T(0);
-  T g[kTileRows * NR];
-  for (int64_t t = 0; t < s.T_out; ++t)
-    for (int64_t e = 0; e < s.E; ++e) {
+struct InputGradBlock {
+  template <int Bytes>
+  static BHARNET_INLINE void run(DetSizes s, int64_t Vp, const T* x, const T* dyp, const T* weight,
+                                 const Sample<T>* samples, int64_t b, int64_t c0, int64_t c1, T* dx,
+                                 double* dtau_part) {
+    constexpr int NR = simd::kTileCols<T>;
+    const int64_t V = s.V, K = s.C * s.E, TV = s.T * V;
+    const int rows = static_cast<int>(c1 - c0);
+    T* dxb = dx + (b * s.C + c0) * TV;
+    const T* xb = x + (b * s.C + c0) * TV;
+    for (int64_t i = 0; i < rows * TV; ++i) dxb[i] = T(0);
+    T g[kTileRows * 3 * NR];
+    T dot[NR];  // per-lane partial sums of g . dxs (vectorisable)
+    // One tile of g at columns v0.. for (t', e), then its scatter and dot in units of NR columns.
+    auto chunk = [&](auto tag, int64_t t, int64_t e, int64_t v0) __attribute__((always_inline)) {
+      using TileT = typename decltype(tag)::type;
+      constexpr int W = TileT::kCols;
       const Sample<T>& smp = samples[t * s.E + e];
       const T w = smp.w, w0 = T(1) - smp.w;
-      T dot[NR] = {};  // per-lane partial sums of g . dxs (vectorisable)
-      for (int64_t v0 = 0; v0 < V; v0 += NR) {
-        const int cols = static_cast<int>(std::min<int64_t>(NR, V - v0));
-        Tile<T> tile;
-        tile.zero();
-        tile.fma(s.O, weight + c0 * s.E + e, s.E, K, dyp + (b * s.T_out + t) * s.O * Vp + v0, Vp, rows);
-        tile.store_to(g, NR, rows, NR, false);
+      TileT tile;
+      tile.zero();
+      tile.fma(s.O, weight + c0 * s.E + e, s.E, K, dyp + (b * s.T_out + t) * s.O * Vp + v0, Vp, rows);
+      tile.store_to(g, W, rows, W, false);
+      for (int64_t u0 = 0; u0 < W && v0 + u0 < V; u0 += NR) {
+        const int cols = static_cast<int>(std::min<int64_t>(NR, V - v0 - u0));
         for (int r = 0; r < rows; ++r) {
-          const T* gr = g + r * NR;
-          T* d0 = dxb + r * TV + smp.p0 * V + v0;
-          T* d1 = dxb + r * TV + smp.p1 * V + v0;
+          const T* gr = g + r * W + u0;
+          T* d0 = dxb + r * TV + smp.p0 * V + v0 + u0;
+          T* d1 = dxb + r * TV + smp.p1 * V + v0 + u0;
           for (int v = 0; v < cols; ++v) d0[v] += w0 * gr[v];
           for (int v = 0; v < cols; ++v) d1[v] += w * gr[v];
           if (smp.inside) {
-            const T* x0 = xb + r * TV + smp.p0 * V + v0;
-            const T* x1 = xb + r * TV + smp.p1 * V + v0;
+            const T* x0 = xb + r * TV + smp.p0 * V + v0 + u0;
+            const T* x1 = xb + r * TV + smp.p1 * V + v0 + u0;
             for (int v = 0; v < cols; ++v) dot[v] += gr[v] * (x1[v] - x0[v]);
           }
         }
       }
-      for (int v = 0; v < NR; ++v) dtau_part[e] += dot[v];
-    }
-}
+    };
+    for (int64_t t = 0; t < s.T_out; ++t)
+      for (int64_t e = 0; e < s.E; ++e) {
+        for (int v = 0; v < NR; ++v) dot[v] = T(0);
+        if constexpr (Bytes == 32) {
+          for (int64_t v0 = 0; v0 < V; v0 += NR) chunk(simd::TypeTag<Tile<T, kTileRows, 2, 32>>{}, t, e, v0);
+        } else {
+          for (int64_t v0 = 0; v0 < V;) {  // as many 64-byte vectors as the row has left, at most 3
+            const int64_t vectors = (V - v0 + NR - 1) / NR;
+            if (vectors >= 3) {
+              chunk(simd::TypeTag<Tile<T, kTileRows, 3, 64>>{}, t, e, v0);
+              v0 += 3 * NR;
+            } else if (vectors == 2) {
+              chunk(simd::TypeTag<Tile<T, kTileRows, 2, 64>>{}, t, e, v0);
+              v0 += 2 * NR;
+            } else {
+              chunk(simd::TypeTag<Tile<T, kTileRows, 1, 64>>{}, t, e, v0);
+              v0 += NR;
+            }
+          }
+        }
+        for (int v = 0; v < NR; ++v) dtau_part[e] += dot[v];
+      }
+  }
+};
 
 constexpr const char* kForwardName = "bharnet::deformable_temporal_conv_cpp";
 constexpr const char* kBackwardName = "bharnet::deformable_temporal_conv_cpp_backward";
@@ -382,8 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at
     at::parallel_for(0, s.B * c_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / c_blocks, c0 = task % c_blocks * kTileRows;
-        input_grad_block<T>(s, Vp, xp, dy_padded.data(), wp, samples.data(), b, c0, std::min(s.C, c0 + kTileRows),
-                            dxp, dtau_part.data() + task * s.E);
+        simd::run_per_isa<InputGradBlock<T>>(s, Vp, xp, dy_padded.data(), wp, samples.data(), b, c0,
+                                             std::min(s.C, c0 + kTileRows), dxp, dtau_part.data() + task * s.E);
       }
     });
     P* dtau = doffsets.data_ptr<P>();
