@@ -18,8 +18,9 @@
 // and dQ = 0 exactly, like the reference.
 //
 // Structure. The forward runs per (n, h, block of kQueryBlock queries): it packs k_h transposed
-// (d x Lk) and v_h (Lk x d) into zero-padded buffers, computes the block's scores S = Q K^T with
-// the register-tiled micro-kernel of cpu_simd.h, turns each row into P with a two-pass softmax
+// (d x Lk) and v_h (Lk x d) into zero-padded buffers (kept for the task's next block of the same
+// (n, h)), computes the block's scores S = Q K^T with the register-tiled micro-kernel of
+// cpu_simd.h (64-byte tiles on AVX-512), turns each row into P with a two-pass softmax
 // (max, then exp and sum; the whole key range is in the buffer, so no online rescaling) and
 // multiplies P V into o. The backward runs per (n, h), because dK and dV sum over every query:
 // per query block it recomputes the scores with the same code (so s - lse is exactly 0 where P
@@ -69,21 +70,17 @@ BHARNET_INLINE Vec<double> exp_lanes(Vec<double> y) {
 }
 
 // c[r * ldc + n] (+)= scale sum_k A(r, k) B(k, n) for r < rows, n < cols, with
-// A(r, k) = a[r * sam + k * sak] and B(k, n) = b[k * ldb + n] (b's rows padded to whole tiles).
-template <typename T>
+// A(r, k) = a[r * sam + k * sak] and B(k, n) = b[k * ldb + n] (b's rows padded to whole tiles),
+// in the micro-kernel tiles of the Bytes-wide path (simd::tiles; the same sums either way).
+template <typename T, int Bytes = 32>
 BHARNET_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
                          int64_t ldb, T* c, int64_t ldc, bool accumulate, T scale = T(1)) {
-  constexpr int NR = simd::kTileCols<T>;
-  for (int64_t r = 0; r < rows; r += kTileRows) {
-    const int nr = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
-    for (int64_t n = 0; n < cols; n += NR) {
-      Tile<T> tile;
-      tile.zero();
-      tile.fma(K, a + r * sam, sam, sak, b + n, ldb, nr);
-      tile.scale_by(scale);
-      tile.store_to(c + r * ldc + n, ldc, nr, static_cast<int>(std::min<int64_t>(NR, cols - n)), accumulate);
-    }
-  }
+  simd::tiles<T, Bytes>(rows, cols, [&](auto& tile, int64_t r, int nr, int64_t n, int nc)
+                                        __attribute__((always_inline)) {
+    tile.fma(K, a + r * sam, sam, sak, b + n, ldb, nr);
+    tile.scale_by(scale);
+    tile.store_to(c + r * ldc + n, ldc, nr, nc, accumulate);
+  });
 }
 
 // Asks for row j + 8 of x (its first and last of d entries) while row j is copied: the packs are
@@ -131,6 +128,7 @@ BHARNET_INLINE void valid_keys(const bool* mask, int64_t Lk, int64_t Lkp, T* kee
 template <typename T>
 struct Scratch {
   int64_t Lkp, Lkc, dp, dc;
+  int64_t packed = -1;  // forward: the (n, h) whose keys kt, vp and keep hold (-1: none)
   std::vector<T> keep, kt, vt, kp, vp, scores, grads, qb, dob, dk, dv;
   Scratch(const Sizes& s, bool backward)
       : Lkp(simd::packed_ld<T>(s.Lk)), Lkc(simd::round_up(s.Lk, simd::kTileCols<T>)), dp(simd::packed_ld<T>(s.d)),
@@ -179,22 +177,30 @@ BHARNET_INLINE T softmax_row(T* s, const T* keep, int64_t Lkc) {
   return m + std::log(l);
 }
 
-// o and lse of queries i0..i1 of (n, h).
+// o and lse of queries i0..i1 of (n, h). The packed keys and values of (n, h) stay in the
+// task's scratch for its next query block of the same (n, h).
 template <typename T>
-BHARNET_CLONES void forward_block(const Sizes& s, const T* q, const T* kv, const bool* mask, int64_t n, int64_t h,
-                                  int64_t i0, int64_t i1, Scratch<T>& w, T* o, T* lse) {
-  const int64_t d = s.d, D = s.D, Lkp = w.Lkp, Lkc = w.Lkc, dp = w.dp, rows = i1 - i0;
-  const T scale = T(1) / std::sqrt(T(d));
-  const T* k = kv + n * s.Lk * 2 * D + h * d;
-  valid_keys(mask ? mask + n * s.Lk : nullptr, s.Lk, Lkp, w.keep.data());
-  pack_transposed(k, 2 * D, s.Lk, d, Lkp, w.kt.data());
-  pack_rows(k + D, 2 * D, s.Lk, d, dp, w.vp.data());
-  const T* qi = q + (n * s.Lq + i0) * D + h * d;
-  gemm<T>(rows, Lkc, d, qi, D, 1, w.kt.data(), Lkp, w.scores.data(), Lkp, false, scale);
-  T* lse_i = lse + (n * s.heads + h) * s.Lq + i0;
-  for (int64_t i = 0; i < rows; ++i) lse_i[i] = softmax_row(w.scores.data() + i * Lkp, w.keep.data(), Lkc);
-  gemm<T>(rows, d, s.Lk, w.scores.data(), Lkp, 1, w.vp.data(), dp, o + (n * s.Lq + i0) * D + h * d, D, false);
-}
+struct ForwardBlock {
+  template <int Bytes>
+  static BHARNET_INLINE void run(Sizes s, const T* q, const T* kv, const bool* mask, int64_t n, int64_t h, int64_t i0,
+                                 int64_t i1, Scratch<T>* w, T* o, T* lse) {
+    const int64_t d = s.d, D = s.D, Lkp = w->Lkp, Lkc = w->Lkc, dp = w->dp, rows = i1 - i0;
+    const T scale = T(1) / std::sqrt(T(d));
+    if (w->packed != n * s.heads + h) {
+      const T* k = kv + n * s.Lk * 2 * D + h * d;
+      valid_keys(mask ? mask + n * s.Lk : nullptr, s.Lk, Lkp, w->keep.data());
+      pack_transposed(k, 2 * D, s.Lk, d, Lkp, w->kt.data());
+      pack_rows(k + D, 2 * D, s.Lk, d, dp, w->vp.data());
+      w->packed = n * s.heads + h;
+    }
+    const T* qi = q + (n * s.Lq + i0) * D + h * d;
+    gemm<T, Bytes>(rows, Lkc, d, qi, D, 1, w->kt.data(), Lkp, w->scores.data(), Lkp, false, scale);
+    T* lse_i = lse + (n * s.heads + h) * s.Lq + i0;
+    for (int64_t i = 0; i < rows; ++i) lse_i[i] = softmax_row(w->scores.data() + i * Lkp, w->keep.data(), Lkc);
+    gemm<T, Bytes>(rows, d, s.Lk, w->scores.data(), Lkp, 1, w->vp.data(), dp, o + (n * s.Lq + i0) * D + h * d, D,
+                   false);
+  }
+};
 
 // dq, dk and dv of (n, h).
 template <typename T>
@@ -281,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
       Scratch<scalar_t> scratch(s, false);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nh = task / blocks, i0 = task % blocks * kQueryBlock;
-        forward_block<scalar_t>(s, qp, kvp, mask_ptr(mask), nh / s.heads, nh % s.heads, i0,
-                                std::min(s.Lq, i0 + kQueryBlock), scratch, op, lp);
+        simd::run_per_isa<ForwardBlock<scalar_t>>(s, qp, kvp, mask_ptr(mask), nh / s.heads, nh % s.heads, i0,
+                                                   std::min(s.Lq, i0 + kQueryBlock), &scratch, op, lp);
       }
     });
   });

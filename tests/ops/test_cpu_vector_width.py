@@ -4,6 +4,7 @@ call counter ``bharnet::cpu_wide_calls`` shows which path ran."""
 import pytest
 import torch
 
+import cross_attention_cases as xattn_cases
 import ctr_graph_conv_cases as ctr_cases
 import deformable_temporal_conv_cases as det_cases
 from bharnet.ops import ctr_graph_conv, deformable_temporal_conv
@@ -59,6 +60,23 @@ def test_deformable_temporal_conv_widths_agree_bitwise(shape, dtype):
     inputs = det_cases.make_inputs(B, C, O, T, V, dtype)
     fn = det_cases.backend_fn("cpp", stride)
     _assert_bitwise_equal_and_paths(*_both_widths(lambda: run(fn, inputs)))
+
+
+@needs_wide
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lengths", [(5, 7), (70, 42), (25, 67)], ids=str)
+def test_cross_attention_core_widths_agree_bitwise(lengths, dtype):
+    """The core's forward GEMMs (scores and P V; the softmax and the backward are 32-byte on
+    both paths), with a key mask and more than one query block (Lq = 70)."""
+    Lq, Lk = lengths
+    q, kv, mask = xattn_cases.core_inputs(N=2, Lq=Lq, Lk=Lk, D=32, dtype=dtype)
+    grad_o = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    ops = torch.ops.bharnet
+
+    def forward_backward():
+        o, lse = ops.cross_attention_core_cpp(q, kv, mask, 4)
+        return [o, lse, *ops.cross_attention_core_cpp_backward(grad_o, q, kv, lse, mask, 4)]
+    _assert_bitwise_equal_and_paths(*_both_widths(forward_backward))
 
 
 def test_setting_is_checked():
