@@ -202,55 +202,59 @@ struct ForwardBlock {
   }
 };
 
-// dq, dk and dv of (n, h).
+// dq, dk and dv of (n, h); the GEMMs in the Bytes-wide tiles (the elementwise passes 32-byte).
 template <typename T>
-BHARNET_CLONES void backward_head(const Sizes& s, const T* grad_o, const T* q, const T* kv, const T* lse,
-                                  const bool* mask, int64_t n, int64_t h, Scratch<T>& w, T* dq, T* dkv) {
-  constexpr int L = simd::kLanes<T>;
-  const int64_t d = s.d, D = s.D, Lk = s.Lk, Lkp = w.Lkp, Lkc = w.Lkc, dp = w.dp, dc = w.dc;
-  const T scale = T(1) / std::sqrt(T(d));
-  const T* k = kv + n * Lk * 2 * D + h * d;
-  valid_keys(mask ? mask + n * Lk : nullptr, Lk, Lkp, w.keep.data());
-  pack_transposed(k, 2 * D, Lk, d, Lkp, w.kt.data());
-  pack_transposed(k + D, 2 * D, Lk, d, Lkp, w.vt.data());
-  pack_rows(k, 2 * D, Lk, d, dp, w.kp.data());
-  std::fill(w.dk.begin(), w.dk.end(), T(0));
-  std::fill(w.dv.begin(), w.dv.end(), T(0));
-  T* P = w.scores.data();
-  T* dS = w.grads.data();
-  for (int64_t i0 = 0; i0 < s.Lq; i0 += kQueryBlock) {
-    const int64_t rows = std::min(kQueryBlock, s.Lq - i0), offset = (n * s.Lq + i0) * D + h * d;
-    const T* lse_i = lse + (n * s.heads + h) * s.Lq + i0;
-    pack_rows(q + offset, D, rows, d, dp, w.qb.data());
-    pack_rows(grad_o + offset, D, rows, d, dp, w.dob.data());
-    gemm<T>(rows, Lkc, d, q + offset, D, 1, w.kt.data(), Lkp, P, Lkp, false, scale);  // scores
-    gemm<T>(rows, Lkc, d, grad_o + offset, D, 1, w.vt.data(), Lkp, dS, Lkp, false);  // dP
-    for (int64_t i = 0; i < rows; ++i) {  // P from the scores, then dS from dP
-      T* p_row = P + i * Lkp;
-      T* ds_row = dS + i * Lkp;
-      Vec<T> lanes{};
-      for (int64_t j = 0; j < Lkc; j += L) {
-        const Vec<T> x = simd::load(p_row + j) - lse_i[i];
-        const Vec<T> p = simd::load(w.keep.data() + j) != T(0) ? exp_lanes(x) : Vec<T>{};
-        simd::store(p_row + j, p);
-        lanes += p * simd::load(ds_row + j);
+struct BackwardHead {
+  template <int Bytes>
+  static BHARNET_INLINE void run(Sizes s, const T* grad_o, const T* q, const T* kv, const T* lse, const bool* mask,
+                                 int64_t n, int64_t h, Scratch<T>* scratch, T* dq, T* dkv) {
+    Scratch<T>& w = *scratch;
+    constexpr int L = simd::kLanes<T>;
+    const int64_t d = s.d, D = s.D, Lk = s.Lk, Lkp = w.Lkp, Lkc = w.Lkc, dp = w.dp, dc = w.dc;
+    const T scale = T(1) / std::sqrt(T(d));
+    const T* k = kv + n * Lk * 2 * D + h * d;
+    valid_keys(mask ? mask + n * Lk : nullptr, Lk, Lkp, w.keep.data());
+    pack_transposed(k, 2 * D, Lk, d, Lkp, w.kt.data());
+    pack_transposed(k + D, 2 * D, Lk, d, Lkp, w.vt.data());
+    pack_rows(k, 2 * D, Lk, d, dp, w.kp.data());
+    std::fill(w.dk.begin(), w.dk.end(), T(0));
+    std::fill(w.dv.begin(), w.dv.end(), T(0));
+    T* P = w.scores.data();
+    T* dS = w.grads.data();
+    for (int64_t i0 = 0; i0 < s.Lq; i0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, s.Lq - i0), offset = (n * s.Lq + i0) * D + h * d;
+      const T* lse_i = lse + (n * s.heads + h) * s.Lq + i0;
+      pack_rows(q + offset, D, rows, d, dp, w.qb.data());
+      pack_rows(grad_o + offset, D, rows, d, dp, w.dob.data());
+      gemm<T, Bytes>(rows, Lkc, d, q + offset, D, 1, w.kt.data(), Lkp, P, Lkp, false, scale);  // scores
+      gemm<T, Bytes>(rows, Lkc, d, grad_o + offset, D, 1, w.vt.data(), Lkp, dS, Lkp, false);  // dP
+      for (int64_t i = 0; i < rows; ++i) {  // P from the scores, then dS from dP
+        T* p_row = P + i * Lkp;
+        T* ds_row = dS + i * Lkp;
+        Vec<T> lanes{};
+        for (int64_t j = 0; j < Lkc; j += L) {
+          const Vec<T> x = simd::load(p_row + j) - lse_i[i];
+          const Vec<T> p = simd::load(w.keep.data() + j) != T(0) ? exp_lanes(x) : Vec<T>{};
+          simd::store(p_row + j, p);
+          lanes += p * simd::load(ds_row + j);
+        }
+        T delta = T(0);
+        for (int l = 0; l < L; ++l) delta += lanes[l];
+        for (int64_t j = 0; j < Lkc; j += L)
+          simd::store(ds_row + j, simd::load(p_row + j) * (simd::load(ds_row + j) - delta));
       }
-      T delta = T(0);
-      for (int l = 0; l < L; ++l) delta += lanes[l];
-      for (int64_t j = 0; j < Lkc; j += L)
-        simd::store(ds_row + j, simd::load(p_row + j) * (simd::load(ds_row + j) - delta));
+      gemm<T, Bytes>(Lk, dc, rows, P, 1, Lkp, w.dob.data(), dp, w.dv.data(), dp, true);  // dV += P^T dO
+      gemm<T, Bytes>(Lk, dc, rows, dS, 1, Lkp, w.qb.data(), dp, w.dk.data(), dp, true);  // dK += dS^T Q
+      gemm<T, Bytes>(rows, d, Lk, dS, Lkp, 1, w.kp.data(), dp, dq + offset, D, false, scale);  // dQ = scale dS K
     }
-    gemm<T>(Lk, dc, rows, P, 1, Lkp, w.dob.data(), dp, w.dv.data(), dp, true);  // dV += P^T dO
-    gemm<T>(Lk, dc, rows, dS, 1, Lkp, w.qb.data(), dp, w.dk.data(), dp, true);  // dK += dS^T Q
-    gemm<T>(rows, d, Lk, dS, Lkp, 1, w.kp.data(), dp, dq + offset, D, false, scale);  // dQ = scale dS K
+    T* dk = dkv + n * Lk * 2 * D + h * d;
+    for (int64_t j = 0; j < Lk; ++j)
+      for (int64_t c = 0; c < d; ++c) {
+        dk[j * 2 * D + c] = scale * w.dk[j * dp + c];
+        dk[j * 2 * D + D + c] = w.dv[j * dp + c];
+      }
   }
-  T* dk = dkv + n * Lk * 2 * D + h * d;
-  for (int64_t j = 0; j < Lk; ++j)
-    for (int64_t c = 0; c < d; ++c) {
-      dk[j * 2 * D + c] = scale * w.dk[j * dp + c];
-      dk[j * 2 * D + D + c] = w.dv[j * dp + c];
-    }
-}
+};
 
 constexpr const char* kForwardName = "bharnet::cross_attention_core_cpp";
 constexpr const char* kBackwardName = "bharnet::cross_attention_core_cpp_backward";
@@ -320,8 +324,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_o_in, con
     at::parallel_for(0, s.N * s.heads, 1, [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> scratch(s, true);
       for (int64_t nh = begin; nh < end; ++nh)
-        backward_head<scalar_t>(s, gp, qp, kvp, lp, mask_ptr(mask), nh / s.heads, nh % s.heads, scratch, dqp,
-                                dkvp);
+        simd::run_per_isa<BackwardHead<scalar_t>>(s, gp, qp, kvp, lp, mask_ptr(mask), nh / s.heads, nh % s.heads,
+                                                   &scratch, dqp, dkvp);
     });
   });
   return {dq, dkv};
