@@ -16,7 +16,7 @@ needs_wide = pytest.mark.skipif(not wide_supported(), reason="this CPU has no AV
 # vectors, 25: 2, 5: 1; 67 and 128: several column tiles) and row tails.
 CTR_SHAPES = [(2, 3, 8, 7, 25, 3, 4), (1, 2, 8, 3, 42, 2, 8), (2, 3, 16, 5, 67, 4, 4), (1, 2, 4, 2, 128, 2, 2),
               (2, 3, 12, 3, 5, 2, 4)]
-DET_SHAPES = [(2, 5, 7, 9, 42, 1), (1, 8, 6, 11, 67, 2), (2, 3, 5, 13, 5, 2)]
+DET_SHAPES = [(2, 5, 7, 9, 42, 1), (1, 8, 6, 11, 67, 2), (2, 3, 5, 13, 5, 2), (2, 7, 5, 9, 49, 2)]
 
 
 def _both_widths(compute):
@@ -64,18 +64,19 @@ def test_deformable_temporal_conv_widths_agree_bitwise(shape, dtype):
 
 @needs_wide
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("lengths", [(5, 7), (70, 42), (25, 67)], ids=str)
-def test_cross_attention_core_widths_agree_bitwise(lengths, dtype):
-    """The core's forward GEMMs (scores and P V; the softmax and the backward are 32-byte on
-    both paths), with a key mask and more than one query block (Lq = 70)."""
-    Lq, Lk = lengths
-    q, kv, mask = xattn_cases.core_inputs(N=2, Lq=Lq, Lk=Lk, D=32, dtype=dtype)
+@pytest.mark.parametrize("shape", [(5, 7, 32, 4), (70, 42, 32, 4), (25, 67, 120, 3), (130, 1, 216, 3)], ids=str)
+def test_cross_attention_core_widths_agree_bitwise(shape, dtype):
+    """The core's GEMMs, forward and backward (the softmax and the backward's elementwise passes
+    are 32-byte on both paths): head dims 8, 40 and 72 (one to several column tiles), a key mask
+    with a fully masked sequence, one key, and up to three query blocks."""
+    Lq, Lk, D, heads = shape
+    q, kv, mask = xattn_cases.core_inputs(N=2, Lq=Lq, Lk=Lk, D=D, dtype=dtype)
     grad_o = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
     ops = torch.ops.bharnet
 
     def forward_backward():
-        o, lse = ops.cross_attention_core_cpp(q, kv, mask, 4)
-        return [o, lse, *ops.cross_attention_core_cpp_backward(grad_o, q, kv, lse, mask, 4)]
+        o, lse = ops.cross_attention_core_cpp(q, kv, mask, heads)
+        return [o, lse, *ops.cross_attention_core_cpp_backward(grad_o, q, kv, lse, mask, heads)]
     _assert_bitwise_equal_and_paths(*_both_widths(forward_backward))
 
 
