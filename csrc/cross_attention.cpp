@@ -60,13 +60,30 @@ using Sizes = AttnSizes;
 // reduction builds 2^n in the exponent bits and so holds down to n = -126, y = -87: y is clamped
 // there (exp(y) is then ~1e-38 instead of smaller, invisible next to the row's largest term,
 // 1; NaN stays NaN). float64: std::exp per lane.
-BHARNET_INLINE Vec<float> exp_lanes(Vec<float> y) {
-  return simd::exp_nonpositive(y < -87.0f ? simd::broadcast(-87.0f) : y);
+template <int Bytes = 32>
+BHARNET_INLINE simd::vec<float, Bytes> exp_lanes(simd::vec<float, Bytes> y) {
+  return simd::exp_nonpositive<Bytes>(y < -87.0f ? simd::broadcast<float, Bytes>(-87.0f) : y);
 }
 
-BHARNET_INLINE Vec<double> exp_lanes(Vec<double> y) {
-  for (int i = 0; i < simd::kLanes<double>; ++i) y[i] = std::exp(y[i]);
+template <int Bytes = 32>
+BHARNET_INLINE simd::vec<double, Bytes> exp_lanes(simd::vec<double, Bytes> y) {
+  for (int i = 0; i < simd::kLanes<double, Bytes>; ++i) y[i] = std::exp(y[i]);
   return y;
+}
+
+// total += p lane by lane in the 32-byte path's order: a 64-byte p is added as its low half,
+// then its high half, so that both paths sum every lane of a row identically.
+template <typename T, int Bytes>
+BHARNET_INLINE void add_in_32_byte_lanes(Vec<T>& total, const simd::vec<T, Bytes>& p) {
+  if constexpr (Bytes == 32) {
+    total += p;
+  } else {
+    Vec<T> half;
+    std::memcpy(&half, &p, sizeof(half));
+    total += half;
+    std::memcpy(&half, reinterpret_cast<const char*>(&p) + sizeof(half), sizeof(half));
+    total += half;
+  }
 }
 
 // c[r * ldc + n] (+)= scale sum_k A(r, k) B(k, n) for r < rows, n < cols, with
@@ -148,15 +165,18 @@ struct Scratch {
 };
 
 // Row s[0:Lkc] (scores) -> softmax over the valid keys (0 elsewhere); returns lse_i.
-// Passes: max, then exp and sum, then the normalisation.
-template <typename T>
+// Passes: max, then exp and sum, then the normalisation, in Bytes-wide vectors (Lkc is whole
+// 64-byte tiles) with the same results on both paths. Each vector select tests one comparison:
+// GCC 12 turns a 64-byte select on two and-ed comparisons into per-lane scalar code (2x slower).
+template <typename T, int Bytes = 32>
 BHARNET_INLINE T softmax_row(T* s, const T* keep, int64_t Lkc) {
-  constexpr int L = simd::kLanes<T>;
-  const Vec<T> zero{}, minus_inf = simd::broadcast<T>(-std::numeric_limits<T>::infinity());
-  Vec<T> top = minus_inf;
+  using W = simd::vec<T, Bytes>;
+  constexpr int L = simd::kLanes<T, Bytes>;
+  const W zero{}, minus_inf = simd::broadcast<T, Bytes>(-std::numeric_limits<T>::infinity());
+  W top = minus_inf;
   for (int64_t j = 0; j < Lkc; j += L) {
-    const Vec<T> x = simd::load(s + j);
-    top = (simd::load(keep + j) != T(0)) & (x > top) ? x : top;
+    const W x = simd::load<T, Bytes>(keep + j) != T(0) ? simd::load<T, Bytes>(s + j) : minus_inf;
+    top = x > top ? x : top;
   }
   T m = top[0];
   for (int i = 1; i < L; ++i) m = std::max(m, top[i]);
@@ -166,14 +186,14 @@ BHARNET_INLINE T softmax_row(T* s, const T* keep, int64_t Lkc) {
   }
   Vec<T> total{};
   for (int64_t j = 0; j < Lkc; j += L) {
-    const Vec<T> p = simd::load(keep + j) != T(0) ? exp_lanes(simd::load(s + j) - m) : zero;
-    simd::store(s + j, p);
-    total += p;
+    const W p = simd::load<T, Bytes>(keep + j) != T(0) ? exp_lanes<Bytes>(simd::load<T, Bytes>(s + j) - m) : zero;
+    simd::store<T, Bytes>(s + j, p);
+    add_in_32_byte_lanes<T, Bytes>(total, p);
   }
   T l = T(0);
-  for (int i = 0; i < L; ++i) l += total[i];
+  for (int i = 0; i < simd::kLanes<T>; ++i) l += total[i];
   const T inv = T(1) / l;
-  for (int64_t j = 0; j < Lkc; j += L) simd::store(s + j, simd::load(s + j) * inv);
+  for (int64_t j = 0; j < Lkc; j += L) simd::store<T, Bytes>(s + j, simd::load<T, Bytes>(s + j) * inv);
   return m + std::log(l);
 }
 
@@ -196,7 +216,8 @@ struct ForwardBlock {
     const T* qi = q + (n * s.Lq + i0) * D + h * d;
     gemm<T, Bytes>(rows, Lkc, d, qi, D, 1, w->kt.data(), Lkp, w->scores.data(), Lkp, false, scale);
     T* lse_i = lse + (n * s.heads + h) * s.Lq + i0;
-    for (int64_t i = 0; i < rows; ++i) lse_i[i] = softmax_row(w->scores.data() + i * Lkp, w->keep.data(), Lkc);
+    for (int64_t i = 0; i < rows; ++i)
+      lse_i[i] = softmax_row<T, Bytes>(w->scores.data() + i * Lkp, w->keep.data(), Lkc);
     gemm<T, Bytes>(rows, d, s.Lk, w->scores.data(), Lkp, 1, w->vp.data(), dp, o + (n * s.Lq + i0) * D + h * d, D,
                    false);
   }
