@@ -71,18 +71,35 @@ BHARNET_INLINE simd::vec<double, Bytes> exp_lanes(simd::vec<double, Bytes> y) {
   return y;
 }
 
-// total += p lane by lane in the 32-byte path's order: a 64-byte p is added as its low half,
-// then its high half, so that both paths sum every lane of a row identically.
+// Half `part` (0 low, 1 high) of a 64-byte vector as a 32-byte one.
+template <typename T>
+BHARNET_INLINE Vec<T> half_of(const simd::vec<T, 64>& x, int part) {
+  Vec<T> half;
+  std::memcpy(&half, reinterpret_cast<const char*>(&x) + part * sizeof(half), sizeof(half));
+  return half;
+}
+
+// total += p (and total += a * b) lane by lane in the 32-byte path's order: a 64-byte vector is
+// added as its low half, then its high half, in the same 32-byte operations (the products fused
+// into the additions alike), so that both paths sum every lane of a row identically.
 template <typename T, int Bytes>
 BHARNET_INLINE void add_in_32_byte_lanes(Vec<T>& total, const simd::vec<T, Bytes>& p) {
   if constexpr (Bytes == 32) {
     total += p;
   } else {
-    Vec<T> half;
-    std::memcpy(&half, &p, sizeof(half));
-    total += half;
-    std::memcpy(&half, reinterpret_cast<const char*>(&p) + sizeof(half), sizeof(half));
-    total += half;
+    total += half_of<T>(p, 0);
+    total += half_of<T>(p, 1);
+  }
+}
+
+template <typename T, int Bytes>
+BHARNET_INLINE void add_products_in_32_byte_lanes(Vec<T>& total, const simd::vec<T, Bytes>& a,
+                                                  const simd::vec<T, Bytes>& b) {
+  if constexpr (Bytes == 32) {
+    total += a * b;
+  } else {
+    total += half_of<T>(a, 0) * half_of<T>(b, 0);
+    total += half_of<T>(a, 1) * half_of<T>(b, 1);
   }
 }
 
@@ -223,14 +240,15 @@ struct ForwardBlock {
   }
 };
 
-// dq, dk and dv of (n, h); the GEMMs in the Bytes-wide tiles (the elementwise passes 32-byte).
+// dq, dk and dv of (n, h), in Bytes-wide tiles and vectors (the same results on both paths).
 template <typename T>
 struct BackwardHead {
   template <int Bytes>
   static BHARNET_INLINE void run(Sizes s, const T* grad_o, const T* q, const T* kv, const T* lse, const bool* mask,
                                  int64_t n, int64_t h, Scratch<T>* scratch, T* dq, T* dkv) {
     Scratch<T>& w = *scratch;
-    constexpr int L = simd::kLanes<T>;
+    using W = simd::vec<T, Bytes>;
+    constexpr int L = simd::kLanes<T, Bytes>;
     const int64_t d = s.d, D = s.D, Lk = s.Lk, Lkp = w.Lkp, Lkc = w.Lkc, dp = w.dp, dc = w.dc;
     const T scale = T(1) / std::sqrt(T(d));
     const T* k = kv + n * Lk * 2 * D + h * d;
@@ -252,17 +270,18 @@ struct BackwardHead {
       for (int64_t i = 0; i < rows; ++i) {  // P from the scores, then dS from dP
         T* p_row = P + i * Lkp;
         T* ds_row = dS + i * Lkp;
-        Vec<T> lanes{};
+        Vec<T> lanes{};  // delta's per-lane sums, in the 32-byte lane order on both paths
         for (int64_t j = 0; j < Lkc; j += L) {
-          const Vec<T> x = simd::load(p_row + j) - lse_i[i];
-          const Vec<T> p = simd::load(w.keep.data() + j) != T(0) ? exp_lanes(x) : Vec<T>{};
-          simd::store(p_row + j, p);
-          lanes += p * simd::load(ds_row + j);
+          const W x = simd::load<T, Bytes>(p_row + j) - lse_i[i];
+          const W p = simd::load<T, Bytes>(w.keep.data() + j) != T(0) ? exp_lanes<Bytes>(x) : W{};
+          simd::store<T, Bytes>(p_row + j, p);
+          add_products_in_32_byte_lanes<T, Bytes>(lanes, p, simd::load<T, Bytes>(ds_row + j));
         }
         T delta = T(0);
-        for (int l = 0; l < L; ++l) delta += lanes[l];
+        for (int l = 0; l < simd::kLanes<T>; ++l) delta += lanes[l];
         for (int64_t j = 0; j < Lkc; j += L)
-          simd::store(ds_row + j, simd::load(p_row + j) * (simd::load(ds_row + j) - delta));
+          simd::store<T, Bytes>(ds_row + j,
+                                simd::load<T, Bytes>(p_row + j) * (simd::load<T, Bytes>(ds_row + j) - delta));
       }
       gemm<T, Bytes>(Lk, dc, rows, P, 1, Lkp, w.dob.data(), dp, w.dv.data(), dp, true);  // dV += P^T dO
       gemm<T, Bytes>(Lk, dc, rows, dS, 1, Lkp, w.qb.data(), dp, w.dk.data(), dp, true);  // dK += dS^T Q
