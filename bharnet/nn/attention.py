@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.cross_attention import cross_attention, masked_softmax_attention
 from ..ops._checks import is_channels_last
+from ..ops.cross_attention import cross_attention, masked_softmax_attention
 
 __all__ = ["TOKEN_MODES", "masked_softmax_attention", "TokenCrossAttention", "CrossAttention",
            "to_tokens", "from_tokens"]
