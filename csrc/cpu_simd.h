@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if !defined(__GNUC__)
 #error "bharnet's CPU kernels use GCC/Clang vector extensions; build with GCC or Clang"
@@ -234,58 +235,59 @@ struct Tile {
 // rows, when at most half a tile, get a tile of half the height (rows past M are computed and
 // dropped). B rows must be readable up to N rounded up to 64 bytes. f must be always_inline so it
 // is compiled with the caller's ISA.
+// f(std::integral_constant<int, NV>{}, n0) for the column chunks of an N-wide row on the wide
+// path: from n0 = 0 on, as many 64-byte vectors as the row has left, at most 3 (NV = 3, 2 or 1).
+template <typename T, typename F>
+BHARNET_INLINE void wide_column_chunks(int64_t N, F&& f) {
+  constexpr int L = kLanes<T, 64>;
+  for (int64_t n0 = 0; n0 < N;) {
+    const int64_t vectors = (N - n0 + L - 1) / L;
+    if (vectors >= 3) {
+      f(std::integral_constant<int, 3>{}, n0);
+      n0 += 3 * L;
+    } else if (vectors == 2) {
+      f(std::integral_constant<int, 2>{}, n0);
+      n0 += 2 * L;
+    } else {
+      f(std::integral_constant<int, 1>{}, n0);
+      n0 += L;
+    }
+  }
+}
+
+// f(tile, m, rows, n0, cols) with a zeroed MR x NV tile, or with one of half the height when
+// the rows fit in it (the last rows of an output: fewer dead rows computed).
+template <typename T, int MR, int NV, int Bytes, typename F>
+BHARNET_INLINE void row_tile(int64_t m, int rows, int64_t n0, int cols, F& f) {
+  if (rows <= MR / 2) {
+    Tile<T, MR / 2, NV, Bytes> tile;
+    tile.zero();
+    f(tile, m, rows, n0, cols);
+  } else {
+    Tile<T, MR, NV, Bytes> tile;
+    tile.zero();
+    f(tile, m, rows, n0, cols);
+  }
+}
+
 template <typename T, int Bytes, typename F>
 BHARNET_INLINE void tiles(int64_t M, int64_t N, F&& f) {
   if constexpr (Bytes == 32) {
     constexpr int NC = kTileCols<T>;
     for (int64_t m = 0; m < M; m += kTileRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
-      for (int64_t n0 = 0; n0 < N; n0 += NC) {
-        const int cols = static_cast<int>(std::min<int64_t>(NC, N - n0));
-        if (rows <= kTileRows / 2) {  // the last rows: a half-height tile computes fewer dead rows
-          Tile<T, kTileRows / 2, 2, 32> tile;
-          tile.zero();
-          f(tile, m, rows, n0, cols);
-        } else {
-          Tile<T, kTileRows, 2, 32> tile;
-          tile.zero();
-          f(tile, m, rows, n0, cols);
-        }
-      }
+      for (int64_t n0 = 0; n0 < N; n0 += NC)
+        row_tile<T, kTileRows, 2, 32>(m, rows, n0, static_cast<int>(std::min<int64_t>(NC, N - n0)), f);
     }
   } else {
     static_assert(Bytes == 64, "tiles: 32- or 64-byte vectors");
-    constexpr int L = kLanes<T, 64>;
-    auto column_tile = [&](auto tag, int64_t n0) __attribute__((always_inline)) {
-      using TileT = typename decltype(tag)::type;
-      using HalfTile = Tile<T, TileT::kRows / 2, TileT::kCols / L, 64>;
-      const int cols = static_cast<int>(std::min<int64_t>(TileT::kCols, N - n0));
-      for (int64_t m = 0; m < M; m += TileT::kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(TileT::kRows, M - m));
-        if (rows <= HalfTile::kRows) {  // the last rows: a half-height tile computes fewer dead rows
-          HalfTile tile;
-          tile.zero();
-          f(tile, m, rows, n0, cols);
-        } else {
-          TileT tile;
-          tile.zero();
-          f(tile, m, rows, n0, cols);
-        }
-      }
-    };
-    for (int64_t n0 = 0; n0 < N;) {
-      const int64_t vectors = (N - n0 + L - 1) / L;
-      if (vectors >= 3) {
-        column_tile(TypeTag<Tile<T, 8, 3, 64>>{}, n0);
-        n0 += 3 * L;
-      } else if (vectors == 2) {
-        column_tile(TypeTag<Tile<T, 12, 2, 64>>{}, n0);
-        n0 += 2 * L;
-      } else {
-        column_tile(TypeTag<Tile<T, 16, 1, 64>>{}, n0);
-        n0 += L;
-      }
-    }
+    wide_column_chunks<T>(N, [&](auto vectors, int64_t n0) __attribute__((always_inline)) {
+      constexpr int NV = decltype(vectors)::value;
+      constexpr int MR = NV == 3 ? 8 : (NV == 2 ? 12 : 16);  // at most 24 accumulators
+      const int cols = static_cast<int>(std::min<int64_t>(NV * kLanes<T, 64>, N - n0));
+      for (int64_t m = 0; m < M; m += MR)
+        row_tile<T, MR, NV, 64>(m, static_cast<int>(std::min<int64_t>(MR, M - m)), n0, cols, f);
+    });
   }
 }
 

@@ -47,8 +47,6 @@
 namespace bharnet {
 namespace {
 
-using simd::kTileRows;
-using simd::Tile;
 template <typename T> using Vec = simd::vec<T>;
 
 // Queries per block: the block's scores (kQueryBlock x Lkp) stay in cache next to k and v.

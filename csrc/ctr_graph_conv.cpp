@@ -349,64 +349,48 @@ bool is_channels_last(const at::Tensor& v) {
   return !v.is_contiguous() && v.permute({0, 3, 4, 1, 2}).is_contiguous();
 }
 
-at::Tensor forward_channels_last(const CtrSizes& s, const at::Tensor& v, const at::Tensor& A, const at::Tensor& q,
-                                 const at::Tensor& k, const at::Tensor& weight, const at::Tensor& bias,
-                                 const at::Tensor& alpha) {
-  auto y = at::empty({s.B, s.C, s.T, s.V}, v.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp", [&] {
-    const int64_t Vp = round_up(s.V, simd::kTileCols<scalar_t>);
-    auto aref = at::empty({(s.dynamic ? s.B : 1) * s.H * s.G * s.V * Vp}, v.options());
-    compute_topologies<scalar_t>(s, Vp, A.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(q), ptr_or_null<scalar_t>(k),
-                                 ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias),
-                                 ptr_or_null<scalar_t>(alpha), aref.data_ptr<scalar_t>(), nullptr, nullptr);
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t* tp = aref.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.T, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bt = begin; bt < end;) {  // the frames of one b at a time
-        const int64_t b = bt / s.T, t1 = std::min(end, (b + 1) * s.T);
-        simd::run_per_isa<ForwardFramesChannelsLast<scalar_t>>(s, Vp, vp, tp, b, bt - b * s.T, t1 - b * s.T, yp);
-        bt = t1;
-      }
-    });
-  });
-  return y;
-}
-
+// Contiguous v: tasks (b, g, block of kForwardRowBlock rows) over the transposed topologies.
+// Channels-last v (groups of whole 64-byte vectors): tasks of frames, over the row-major ones.
 at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std::optional<at::Tensor>& q_in,
                        const std::optional<at::Tensor>& k_in, const std::optional<at::Tensor>& weight_in,
                        const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& alpha_in) {
   check_cpu(v_in);
   const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
   const bool channels_last = is_channels_last(v_in);
-  const int64_t group_bytes = s.group_channels() * static_cast<int64_t>(v_in.element_size());
-  if (channels_last && group_bytes % 64 == 0) {
-    return forward_channels_last(s, v_in, A_in.contiguous(), contiguous_or_undefined(q_in),
-                                 contiguous_or_undefined(k_in), contiguous_or_undefined(weight_in),
-                                 contiguous_or_undefined(bias_in), contiguous_or_undefined(alpha_in));
-  }
-  if (channels_last) {  // groups of other widths: the channels-first kernel, output converted back
+  if (channels_last && s.group_channels() * static_cast<int64_t>(v_in.element_size()) % 64 != 0) {
+    // groups of other widths: the channels-first kernel, output converted back
     auto y = at::empty({s.B, s.C, s.T, s.V}, v_in.options().memory_format(at::MemoryFormat::ChannelsLast));
     return y.copy_(forward_cpu(v_in.contiguous(), A_in, q_in, k_in, weight_in, bias_in, alpha_in));
   }
-  const auto v = v_in.contiguous(), A = A_in.contiguous();
+  const auto v = channels_last ? v_in : v_in.contiguous(), A = A_in.contiguous();
   const auto q = contiguous_or_undefined(q_in), k = contiguous_or_undefined(k_in);
   const auto weight = contiguous_or_undefined(weight_in), bias = contiguous_or_undefined(bias_in);
   const auto alpha = contiguous_or_undefined(alpha_in);
-  auto y = at::empty({s.B, s.C, s.T, s.V}, v.options());
+  auto y = at::empty({s.B, s.C, s.T, s.V}, v.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                                   : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp", [&] {
     const int64_t Vp = round_up(s.V, simd::kTileCols<scalar_t>);
-    auto aref_t = at::empty({(s.dynamic ? s.B : 1) * s.H * s.G * s.V * Vp}, v.options());
+    auto topo = at::empty({(s.dynamic ? s.B : 1) * s.H * s.G * s.V * Vp}, v.options());
+    scalar_t* tp = topo.data_ptr<scalar_t>();
     compute_topologies<scalar_t>(s, Vp, A.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(q), ptr_or_null<scalar_t>(k),
                                  ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias),
-                                 ptr_or_null<scalar_t>(alpha), nullptr, aref_t.data_ptr<scalar_t>(), nullptr);
+                                 ptr_or_null<scalar_t>(alpha), channels_last ? tp : nullptr,
+                                 channels_last ? nullptr : tp, nullptr);
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    if (channels_last) {
+      at::parallel_for(0, s.B * s.T, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bt = begin; bt < end;) {  // the frames of one b at a time
+          const int64_t b = bt / s.T, t1 = std::min(end, (b + 1) * s.T);
+          simd::run_per_isa<ForwardFramesChannelsLast<scalar_t>>(s, Vp, vp, tp, b, bt - b * s.T, t1 - b * s.T, yp);
+          bt = t1;
+        }
+      });
+      return;
+    }
     const int64_t M = s.group_rows();
     const int64_t blocks = (M + kForwardRowBlock - 1) / kForwardRowBlock;
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t* tp = aref_t.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.G * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t block = task % blocks, bg = task / blocks;
@@ -511,8 +495,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<T> D(VV);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t h = bh % s.H;
-        refinement_grad(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * th_stride<T>(s), wp + h * s.G * s.R, alpha_value,
-                        dq.data_ptr<T>() + bh * s.R * s.V, dk.data_ptr<T>() + bh * s.R * s.V,
+        refinement_grad(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * th_stride<T>(s), wp + h * s.G * s.R,
+                        alpha_value, dq.data_ptr<T>() + bh * s.R * s.V, dk.data_ptr<T>() + bh * s.R * s.V,
                         P.data_ptr<T>() + bh * s.G * s.R, S.data_ptr<T>() + bh * s.G, D.data());
       }
     });

@@ -21,11 +21,12 @@
 // dW runs per (b, time block) too, with the samples gathered transposed (n-major, so that k is
 // the vector dimension): a GEMM dy (O x n) . xs^T (n x K) accumulated into one of a fixed number
 // of partial buffers (the tasks are split into slices independent of the thread count) that are
-// then summed in order. dx and dtau run per (b, block of kTileRows channels): for every (t', e) micro-kernel tiles
-// (up to 3 64-byte vectors wide on the AVX-512 path) compute g for those channels, which is added to rows p0 and p1 of dx
-// (rows that only this task writes: no atomics) and dotted with dxs for dtau's per-task partial
-// sums (in double, summed in task order). Everything is deterministic. Accumulation is in the
-// compute dtype (float32 or float64); positions in float32, or float64 for float64 offsets.
+// then summed in order. dx and dtau run per (b, block of kTileRows channels): for every (t', e)
+// micro-kernel tiles (up to 3 64-byte vectors wide on the AVX-512 path) compute g for those
+// channels, which is added to rows p0 and p1 of dx (rows that only this task writes: no atomics)
+// and dotted with dxs for dtau's per-task partial sums (in double, summed in task order).
+// Everything is deterministic. Accumulation is in the compute dtype (float32 or float64);
+// positions in float32, or float64 for float64 offsets.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -234,19 +235,9 @@ struct InputGradBlock {
         if constexpr (Bytes == 32) {
           for (int64_t v0 = 0; v0 < V; v0 += NR) chunk(simd::TypeTag<Tile<T, kTileRows, 2, 32>>{}, t, e, v0);
         } else {
-          for (int64_t v0 = 0; v0 < V;) {  // as many 64-byte vectors as the row has left, at most 3
-            const int64_t vectors = (V - v0 + NR - 1) / NR;
-            if (vectors >= 3) {
-              chunk(simd::TypeTag<Tile<T, kTileRows, 3, 64>>{}, t, e, v0);
-              v0 += 3 * NR;
-            } else if (vectors == 2) {
-              chunk(simd::TypeTag<Tile<T, kTileRows, 2, 64>>{}, t, e, v0);
-              v0 += 2 * NR;
-            } else {
-              chunk(simd::TypeTag<Tile<T, kTileRows, 1, 64>>{}, t, e, v0);
-              v0 += NR;
-            }
-          }
+          simd::wide_column_chunks<T>(V, [&](auto vectors, int64_t v0) __attribute__((always_inline)) {
+            chunk(simd::TypeTag<Tile<T, kTileRows, decltype(vectors)::value, 64>>{}, t, e, v0);
+          });
         }
         for (int v = 0; v < NR; ++v) dtau_part[e] += dot[v];
       }
@@ -279,65 +270,50 @@ bool is_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-at::Tensor forward_channels_last(const DetSizes& s, const at::Tensor& x, const at::Tensor& offsets,
-                                 const at::Tensor& weight, const at::Tensor& bias) {
-  auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
-  dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {
-    using T = decltype(t_tag);
-    using P = decltype(p_tag);
-    const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), true);
-    const int64_t K1 = 1 + s.C * s.E, Op = simd::packed_ld<T>(s.O);
-    std::vector<T> wt(K1 * Op, T(0));
-    const T* wp = weight.data_ptr<T>();
-    for (int64_t o = 0; o < s.O; ++o) {
-      wt[o] = bias.defined() ? bias.data_ptr<T>()[o] : T(0);
-      for (int64_t c = 0; c < s.C; ++c)
-        for (int64_t e = 0; e < s.E; ++e) wt[(1 + e * s.C + c) * Op + o] = wp[(o * s.C + c) * s.E + e];
-    }
-    const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
-    const T* xp = x.data_ptr<T>();
-    T* yp = y.data_ptr<T>();
-    at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> xs(tb * s.V * K1);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / blocks, t0 = task % blocks * tb;
-        simd::run_per_isa<ForwardBlockChannelsLast<T>>(s, xp, wt.data(), Op, samples.data(), b, t0,
-                                                        std::min(s.T_out, t0 + tb), xs.data(), yp);
-      }
-    });
-  });
-  return y;
-}
-
+// Tasks (b, block of output times); a channels-last x takes ForwardBlockChannelsLast with the
+// weight packed transposed (bias as row 0) once per call, a contiguous one ForwardBlock.
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weight_in,
                        const std::optional<at::Tensor>& bias_in, int64_t stride) {
   check_cpu(kForwardName, x_in);
   const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride);
-  if (is_channels_last(x_in)) {
-    return forward_channels_last(s, x_in, offsets_in.contiguous(), weight_in.contiguous(),
-                                 bias_in ? bias_in->contiguous() : at::Tensor());
-  }
-  const auto x = x_in.contiguous(), offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
+  const bool channels_last = is_channels_last(x_in);
+  const auto x = channels_last ? x_in : x_in.contiguous();
+  const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
   const auto bias = bias_in ? bias_in->contiguous() : at::Tensor();
-  auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options());
+  auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                                       : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {
     using T = decltype(t_tag);
     using P = decltype(p_tag);
     const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), true);
     const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
-    const int64_t scratch = s.C * s.E * simd::packed_ld<T>(tb * s.V);
     const T* xp = x.data_ptr<T>();
     const T* wp = weight.data_ptr<T>();
     const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
     T* yp = y.data_ptr<T>();
+    const int64_t K1 = 1 + s.C * s.E, Op = simd::packed_ld<T>(s.O);
+    std::vector<T> wt;
+    if (channels_last) {
+      wt.assign(K1 * Op, T(0));
+      for (int64_t o = 0; o < s.O; ++o) {
+        wt[o] = bp ? bp[o] : T(0);
+        for (int64_t c = 0; c < s.C; ++c)
+          for (int64_t e = 0; e < s.E; ++e) wt[(1 + e * s.C + c) * Op + o] = wp[(o * s.C + c) * s.E + e];
+      }
+    }
+    const int64_t scratch = channels_last ? tb * s.V * K1 : s.C * s.E * simd::packed_ld<T>(tb * s.V);
     at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> xs(scratch);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, t0 = task % blocks * tb;
         const int64_t t1 = std::min(s.T_out, t0 + tb);
-        simd::run_per_isa<ForwardBlock<T>>(s, xp, wp, bp, samples.data(), b, t0, t1, xs.data(), yp);
+        if (channels_last) {
+          simd::run_per_isa<ForwardBlockChannelsLast<T>>(s, xp, wt.data(), Op, samples.data(), b, t0, t1, xs.data(),
+                                                          yp);
+        } else {
+          simd::run_per_isa<ForwardBlock<T>>(s, xp, wp, bp, samples.data(), b, t0, t1, xs.data(), yp);
+        }
       }
     });
   });
@@ -381,7 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at
         for (int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
           const int64_t b = task / blocks, t0 = task % blocks * tb;
           simd::run_per_isa<WeightGradBlock<T>>(s, xp, dyp, samples.data(), b, t0, std::min(s.T_out, t0 + tb),
-                                                xst.data(), dw_part.data() + slice * s.O * Kp, dbias_part.data() + slice * s.O);
+                                                xst.data(), dw_part.data() + slice * s.O * Kp,
+                                                dbias_part.data() + slice * s.O);
         }
     });
     T* dwp = dweight.data_ptr<T>();
