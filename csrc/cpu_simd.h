@@ -167,6 +167,38 @@ BHARNET_INLINE void prefetch(const T* p, int64_t n) {
     __builtin_prefetch(reinterpret_cast<const void*>(line), Write ? 1 : 0);
 }
 
+// Half `part` (0 low, 1 high) of a 64-byte vector as a 32-byte one.
+template <typename T>
+BHARNET_INLINE vec<T, 32> half_of(const vec<T, 64>& x, int part) {
+  vec<T, 32> half;
+  std::memcpy(&half, reinterpret_cast<const char*>(&x) + part * sizeof(half), sizeof(half));
+  return half;
+}
+
+// total += p (and total += a * b) lane by lane in the 32-byte path's order: a 64-byte vector is
+// added as its low half, then its high half, in the same 32-byte operations (the products fused
+// into the additions alike), so that both paths sum every lane of a row identically.
+template <typename T, int Bytes>
+BHARNET_INLINE void add_in_32_byte_lanes(vec<T, 32>& total, const vec<T, Bytes>& p) {
+  if constexpr (Bytes == 32) {
+    total += p;
+  } else {
+    total += half_of<T>(p, 0);
+    total += half_of<T>(p, 1);
+  }
+}
+
+template <typename T, int Bytes>
+BHARNET_INLINE void add_products_in_32_byte_lanes(vec<T, 32>& total, const vec<T, Bytes>& a,
+                                                  const vec<T, Bytes>& b) {
+  if constexpr (Bytes == 32) {
+    total += a * b;
+  } else {
+    total += half_of<T>(a, 0) * half_of<T>(b, 0);
+    total += half_of<T>(a, 1) * half_of<T>(b, 1);
+  }
+}
+
 template <typename T> struct TypeTag { typedef T type; };
 
 template <typename T, int MR = kTileRows, int NV = 2, int Bytes = 32>

@@ -69,38 +69,6 @@ BHARNET_INLINE simd::vec<double, Bytes> exp_lanes(simd::vec<double, Bytes> y) {
   return y;
 }
 
-// Half `part` (0 low, 1 high) of a 64-byte vector as a 32-byte one.
-template <typename T>
-BHARNET_INLINE Vec<T> half_of(const simd::vec<T, 64>& x, int part) {
-  Vec<T> half;
-  std::memcpy(&half, reinterpret_cast<const char*>(&x) + part * sizeof(half), sizeof(half));
-  return half;
-}
-
-// total += p (and total += a * b) lane by lane in the 32-byte path's order: a 64-byte vector is
-// added as its low half, then its high half, in the same 32-byte operations (the products fused
-// into the additions alike), so that both paths sum every lane of a row identically.
-template <typename T, int Bytes>
-BHARNET_INLINE void add_in_32_byte_lanes(Vec<T>& total, const simd::vec<T, Bytes>& p) {
-  if constexpr (Bytes == 32) {
-    total += p;
-  } else {
-    total += half_of<T>(p, 0);
-    total += half_of<T>(p, 1);
-  }
-}
-
-template <typename T, int Bytes>
-BHARNET_INLINE void add_products_in_32_byte_lanes(Vec<T>& total, const simd::vec<T, Bytes>& a,
-                                                  const simd::vec<T, Bytes>& b) {
-  if constexpr (Bytes == 32) {
-    total += a * b;
-  } else {
-    total += half_of<T>(a, 0) * half_of<T>(b, 0);
-    total += half_of<T>(a, 1) * half_of<T>(b, 1);
-  }
-}
-
 // c[r * ldc + n] (+)= scale sum_k A(r, k) B(k, n) for r < rows, n < cols, with
 // A(r, k) = a[r * sam + k * sak] and B(k, n) = b[k * ldb + n] (b's rows padded to whole tiles),
 // in the micro-kernel tiles of the Bytes-wide path (simd::tiles; the same sums either way).
@@ -203,7 +171,7 @@ BHARNET_INLINE T softmax_row(T* s, const T* keep, int64_t Lkc) {
   for (int64_t j = 0; j < Lkc; j += L) {
     const W p = simd::load<T, Bytes>(keep + j) != T(0) ? exp_lanes<Bytes>(simd::load<T, Bytes>(s + j) - m) : zero;
     simd::store<T, Bytes>(s + j, p);
-    add_in_32_byte_lanes<T, Bytes>(total, p);
+    simd::add_in_32_byte_lanes<T, Bytes>(total, p);
   }
   T l = T(0);
   for (int i = 0; i < simd::kLanes<T>; ++i) l += total[i];
@@ -273,7 +241,7 @@ struct BackwardHead {
           const W x = simd::load<T, Bytes>(p_row + j) - lse_i[i];
           const W p = simd::load<T, Bytes>(w.keep.data() + j) != T(0) ? exp_lanes<Bytes>(x) : W{};
           simd::store<T, Bytes>(p_row + j, p);
-          add_products_in_32_byte_lanes<T, Bytes>(lanes, p, simd::load<T, Bytes>(ds_row + j));
+          simd::add_products_in_32_byte_lanes<T, Bytes>(lanes, p, simd::load<T, Bytes>(ds_row + j));
         }
         T delta = T(0);
         for (int l = 0; l < simd::kLanes<T>; ++l) delta += lanes[l];

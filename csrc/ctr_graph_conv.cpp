@@ -300,33 +300,80 @@ struct BackwardGroup {
   }
 };
 
-// dq, dk (R x V each), P (G x R) and S (G) of one (b, h) from its dAref (G x V x V) and th
-// (R x V x V); D: V x V scratch. The long sums run in vector lanes, then in double (cpu_simd.h).
-template <typename T>
-BHARNET_CLONES void refinement_grad(const CtrSizes& s, const T* dtopo, const T* th, const T* weight_h, T alpha,
-                                    T* dq, T* dk, T* P, T* S, T* D) {
-  const int64_t V = s.V, VV = s.V * s.V, R = s.R, G = s.G;
-  for (int64_t g = 0; g < G; ++g) S[g] = static_cast<T>(simd::sum(dtopo + g * VV, VV));
-  for (int64_t r = 0; r < R; ++r) {
-    const T* th_r = th + r * VV;
-    for (int64_t e = 0; e < VV; ++e) D[e] = T(0);
-    for (int64_t g = 0; g < G; ++g) {
-      const T w = weight_h[g * R + r];
-      const T* dt = dtopo + g * VV;
-      for (int64_t e = 0; e < VV; ++e) D[e] += w * dt[e];
-      P[g * R + r] = static_cast<T>(simd::dot(dt, th_r, VV));
-    }
-    // D becomes u_r = D_r * (1 - th_r^2); dq sums its rows, dk its columns.
-    for (int64_t e = 0; e < VV; ++e) D[e] *= T(1) - th_r[e] * th_r[e];
-    T* dk_r = dk + r * V;
-    for (int64_t j = 0; j < V; ++j) dk_r[j] = T(0);
-    for (int64_t i = 0; i < V; ++i) {
-      dq[r * V + i] = alpha * static_cast<T>(simd::sum(D + i * V, V));
-      for (int64_t j = 0; j < V; ++j) dk_r[j] += D[i * V + j];
-    }
-    for (int64_t j = 0; j < V; ++j) dk_r[j] = -alpha * dk_r[j];
+// lanes[0] += a * b as one 32-byte vector, or a 64-byte one as two: its low half into lanes[0],
+// its high half into lanes[1] (products fused into the sums alike).
+template <typename T, int Bytes>
+BHARNET_INLINE void add_products_to_32_byte_lanes(simd::vec<T, 32>* lanes, const simd::vec<T, Bytes>& a,
+                                                  const simd::vec<T, Bytes>& b) {
+  if constexpr (Bytes == 32) {
+    lanes[0] += a * b;
+  } else {
+    lanes[0] += simd::half_of<T>(a, 0) * simd::half_of<T>(b, 0);
+    lanes[1] += simd::half_of<T>(a, 1) * simd::half_of<T>(b, 1);
   }
 }
+
+// dst[e] = w * src[e] (first) or dst[e] += w * src[e], and lanes[c] += src[e] * th[e] for the
+// 32-byte chunks c = 0..3 of the 4 * L32 entries from e0: `Bytes`-wide operations, the same sums
+// on both paths.
+template <typename T, int Bytes>
+BHARNET_INLINE void weigh_and_correlate(int64_t e0, int chunks, T w, bool first, const T* src, const T* th, T* dst,
+                                        simd::vec<T, 32>* lanes) {
+  constexpr int L = simd::kLanes<T, Bytes>, L32 = simd::kLanes<T, 32>;
+  for (int c = 0; c < chunks * L32; c += L) {
+    const auto d = simd::load<T, Bytes>(src + e0 + c);
+    simd::store<T, Bytes>(dst + e0 + c, first ? w * d : simd::load<T, Bytes>(dst + e0 + c) + w * d);
+    add_products_to_32_byte_lanes<T, Bytes>(lanes + c / L32, d, simd::load<T, Bytes>(th + e0 + c));
+  }
+}
+
+// dq, dk (R x V each), P (G x R) and S (G) of one (b, h) from its dAref (G x V x V) and th
+// (R x V x V); D: V x V scratch. With u_r = (sum_g W[h, g, r] dAref[g]) * (1 - th_r^2):
+//   S[g] = sum_ij dAref[g, i, j]     P[g, r] = sum_ij dAref[g, i, j] th[r, i, j]
+//   dq[r, i] = alpha sum_j u_r[i, j]     dk[r, j] = -alpha sum_i u_r[i, j]
+// P's V x V products are summed in four 32-byte lane vectors (the 8-float chunk c of each 32
+// floats into vector c; the same operations on both widths, leftover chunks 32 bytes at a time),
+// then their lanes and the last V*V mod L32 products in double; the other sums run in double.
+template <typename T>
+struct RefinementGrad {
+  template <int Bytes>
+  static BHARNET_INLINE void run(CtrSizes s, const T* dtopo, const T* th, const T* weight_h, T alpha, T* dq, T* dk,
+                                 T* P, T* S, T* D) {
+    constexpr int L32 = simd::kLanes<T, 32>;
+    const int64_t V = s.V, VV = s.V * s.V, R = s.R, G = s.G;
+    const int64_t quads_end = VV / (4 * L32) * (4 * L32), chunks_end = VV / L32 * L32;
+    for (int64_t g = 0; g < G; ++g) S[g] = static_cast<T>(simd::sum(dtopo + g * VV, VV));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* th_r = th + r * VV;
+      for (int64_t g = 0; g < G; ++g) {
+        const T w = weight_h[g * R + r];
+        const T* dt = dtopo + g * VV;
+        simd::vec<T, 32> lanes[4] = {};
+        for (int64_t e = 0; e < quads_end; e += 4 * L32)
+          weigh_and_correlate<T, Bytes>(e, 4, w, g == 0, dt, th_r, D, lanes);
+        weigh_and_correlate<T, 32>(quads_end, static_cast<int>((chunks_end - quads_end) / L32), w, g == 0, dt, th_r,
+                                   D, lanes);
+        double total = 0.0;
+        for (int c = 0; c < 4; ++c)
+          for (int i = 0; i < L32; ++i) total += lanes[c][i];
+        for (int64_t e = chunks_end; e < VV; ++e) {
+          D[e] = g == 0 ? w * dt[e] : D[e] + w * dt[e];
+          total += static_cast<double>(dt[e]) * th_r[e];
+        }
+        P[g * R + r] = static_cast<T>(total);
+      }
+      // D becomes u_r = D_r * (1 - th_r^2); dq sums its rows, dk its columns.
+      for (int64_t e = 0; e < VV; ++e) D[e] *= T(1) - th_r[e] * th_r[e];
+      T* dk_r = dk + r * V;
+      for (int64_t j = 0; j < V; ++j) dk_r[j] = T(0);
+      for (int64_t i = 0; i < V; ++i) {
+        dq[r * V + i] = alpha * static_cast<T>(simd::sum(D + i * V, V));
+        for (int64_t j = 0; j < V; ++j) dk_r[j] += D[i * V + j];
+      }
+      for (int64_t j = 0; j < V; ++j) dk_r[j] = -alpha * dk_r[j];
+    }
+  }
+};
 
 void check_cpu(const at::Tensor& v) {
   TORCH_CHECK(v.device().is_cpu(), "bharnet::ctr_graph_conv_cpp (CPU kernel): expected CPU tensors, got ", v.device());
@@ -495,9 +542,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<T> D(VV);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t h = bh % s.H;
-        refinement_grad(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * th_stride<T>(s), wp + h * s.G * s.R,
-                        alpha_value, dq.data_ptr<T>() + bh * s.R * s.V, dk.data_ptr<T>() + bh * s.R * s.V,
-                        P.data_ptr<T>() + bh * s.G * s.R, S.data_ptr<T>() + bh * s.G, D.data());
+        simd::run_per_isa<RefinementGrad<T>>(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * th_stride<T>(s),
+                                              wp + h * s.G * s.R, alpha_value, dq.data_ptr<T>() + bh * s.R * s.V,
+                                              dk.data_ptr<T>() + bh * s.R * s.V, P.data_ptr<T>() + bh * s.G * s.R,
+                                              S.data_ptr<T>() + bh * s.G, D.data());
       }
     });
     adjacency_grad<T>(s, dtp, dA.data_ptr<T>());
