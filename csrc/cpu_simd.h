@@ -242,8 +242,8 @@ struct Tile {
   // C[r, n] (+)= acc[r][n] for r < rows, n < cols (cols <= kCols); C has row stride ldc.
   // A row of at least one vector but not whole vectors ends with a vector store that overlaps
   // the one before it: the whole vectors, then the last L columns, shuffled out of the two
-  // accumulators they span (all loads before the stores, so overlapped columns get the same
-  // value twice). Narrower rows go through a buffer, one value at a time.
+  // accumulators they span (read before any store, so overlapped columns get the same value
+  // twice). Narrower rows go through a buffer, one value at a time.
   BHARNET_INLINE void store_to(T* c, int64_t ldc, int rows, int cols, bool accumulate) const {
     using Index = vec<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>, Bytes>;
     const int whole = cols / L, last = cols - L, first = last / L;
@@ -258,14 +258,11 @@ struct Tile {
           store<T, Bytes>(row + n * L, v);
         }
       } else if (cols >= L) {
-        vec<T, Bytes> out[NV];
         vec<T, Bytes> tail = __builtin_shuffle(acc[r][first], acc[r][std::min(first + 1, NV - 1)], shift);
-        for (int n = 0; n < whole; ++n) out[n] = acc[r][n];
-        if (accumulate) {
-          for (int n = 0; n < whole; ++n) out[n] += load<T, Bytes>(row + n * L);
-          tail += load<T, Bytes>(row + last);
+        if (accumulate) tail += load<T, Bytes>(row + last);
+        for (int n = 0; n < NV; ++n) {  // unrolled (NV is a constant): vector stores, not a memcpy
+          if (n < whole) store<T, Bytes>(row + n * L, accumulate ? acc[r][n] + load<T, Bytes>(row + n * L) : acc[r][n]);
         }
-        for (int n = 0; n < whole; ++n) store<T, Bytes>(row + n * L, out[n]);
         store<T, Bytes>(row + last, tail);
       } else {
         T tmp[kCols];
