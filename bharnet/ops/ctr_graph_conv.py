@@ -285,7 +285,8 @@ def is_channels_last_v(v: Tensor) -> bool:
 
 
 def _register_cpp_ops_now() -> None:
-    """Fake impls and autograd of the C++ ops (run once, after the extension is loaded)."""
+    """Fake impls of the C++ ops (run once, after the extension is loaded; their autograd is
+    registered in C++, csrc/autograd.cpp)."""
 
     @torch.library.register_fake("bharnet::ctr_graph_conv_cpp")
     def _(v, A, q, k, weight, bias, alpha):
@@ -302,15 +303,6 @@ def _register_cpp_ops_now() -> None:
     def _(dy, v, A):
         return _static_backward_fake(dy, v, A)
 
-    def backward(ctx, dy):
-        v, A, q, k, weight, bias, alpha = ctx.saved_tensors
-        dy = dy.contiguous()
-        if weight is None:
-            dv, dA = torch.ops.bharnet.ctr_graph_conv_cpp_static_backward(dy, v, A)
-            return dv, dA, None, None, None, None, None
-        return torch.ops.bharnet.ctr_graph_conv_cpp_backward(dy, v, A, q, k, weight, bias, alpha)
-
-    torch.library.register_autograd("bharnet::ctr_graph_conv_cpp", backward, setup_context=_setup_context)
 
 
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)

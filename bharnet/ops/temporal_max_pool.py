@@ -54,7 +54,8 @@ def _out_frames(T: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def _register_cpp_ops_now() -> None:
-    """Fake kernels and autograd of the C++ ops (run once, after loading)."""
+    """Fake kernels of the C++ ops and the backward op's refusal of double backward (run once,
+    after loading; the forward op's autograd is registered in C++, csrc/autograd.cpp)."""
     @torch.library.register_fake("bharnet::temporal_max_pool")
     def _(x, kernel, stride, padding):
         shape = (*x.shape[:2], _out_frames(x.shape[2], kernel, stride, padding), x.shape[3])
@@ -63,18 +64,6 @@ def _register_cpp_ops_now() -> None:
     @torch.library.register_fake("bharnet::temporal_max_pool_backward")
     def _(dy, arg, T, kernel, stride, padding):
         return dy.new_empty((*dy.shape[:2], T, dy.shape[3]))
-
-    def setup_context(ctx, inputs, output):
-        x, kernel, stride, padding = inputs
-        ctx.save_for_backward(output[1])
-        ctx.pool = (x.shape[2], kernel, stride, padding)
-
-    def backward(ctx, dy, _darg):
-        (arg,) = ctx.saved_tensors
-        dx = torch.ops.bharnet.temporal_max_pool_backward(dy, arg, *ctx.pool)
-        return dx, None, None, None
-
-    torch.library.register_autograd("bharnet::temporal_max_pool", backward, setup_context=setup_context)
 
     def refuse_double_backward(ctx, ddx):
         raise RuntimeError("bharnet::temporal_max_pool: double backward is not supported")

@@ -198,6 +198,20 @@ def test_mismatched_parameter_dtype_is_a_clear_error():
         torch.ops.bharnet.ctr_graph_conv_cpp(*inputs)
 
 
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+def test_create_graph_gives_first_order_grads_and_refuses_double_backward(dynamic):
+    """Autograd is registered in C++ (csrc/autograd.cpp): under create_graph the gradients are
+    the usual ones, and differentiating them again raises instead of silently giving zeros."""
+    inputs = make_inputs(2, 2, 4, 3, 5, 2, 2, dynamic=dynamic)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(cpp_backend(*leaves).square().sum(), leaves)
+    got = torch.autograd.grad(cpp_backend(*leaves).square().sum(), leaves, create_graph=True)
+    for name, g, e in zip(NAMES[1:], got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(RuntimeError, match="double backward"):
+        got[0].sum().backward()
+
+
 def test_torch_compile_fullgraph():
     """The custom op traces through its fake impl: no graph break, same values and gradients."""
     assert_compiled_matches_eager("cpp", make_inputs(1, 2, 4, 3, 5, 2, 4))
