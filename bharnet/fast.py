@@ -60,8 +60,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, STGraphConv,
-                 TemporalMaxPool)
+from .nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, PointwiseConv2d,
+                 STGraphConv, TemporalMaxPool)
 from .ops import _backend
 from .ops._backend import BACKENDS
 from .ops._checks import is_channels_last
@@ -151,7 +151,7 @@ class SharedInputBranches(nn.Module):
         stacked = [h for h, shared in zip(heads, self.shared) if shared]
         self.widths = [h.out_channels for h in stacked]
         first = stacked[0].weight
-        self.conv = nn.Conv2d(first.shape[1], sum(self.widths), 1, device=first.device, dtype=first.dtype)
+        self.conv = PointwiseConv2d(first.shape[1], sum(self.widths), device=first.device, dtype=first.dtype)
         with torch.no_grad():
             self.conv.weight.copy_(torch.cat([h.weight for h in stacked]))
             self.conv.bias.copy_(torch.cat([h.bias for h in stacked]))

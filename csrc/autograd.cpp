@@ -1,13 +1,14 @@
-// Autograd of bharnet::ctr_graph_conv_cpp and bharnet::temporal_max_pool, registered in C++ for
-// the Autograd dispatch key (CPU and CUDA alike). Recording the graph and running the backward
-// node then costs a few microseconds per call instead of the ~15 us per forward and ~10 us per
-// backward of an autograd registered from Python (torch.library.register_autograd; measured
-// on this project's 2-core EPYC), a sizeable share of these ops' time at one-clip shapes. The
-// other C++ ops keep their Python autograd: deformable_temporal_conv_cpp's backward reads a
-// Python-side convention (bharnet/ops/deformable_temporal_conv.py) and the attention core's
-// calls are a negligible share of a layer's time.
+// Autograd of bharnet::ctr_graph_conv_cpp, bharnet::temporal_max_pool and
+// bharnet::pointwise_conv_cpp, registered in C++ for the Autograd dispatch key (CPU and CUDA
+// alike). Recording the graph and running the backward node then cost a few microseconds per
+// call instead of the ~15 us per forward and ~10 us per backward of an autograd registered
+// from Python (torch.library.register_autograd; measured on this project's 2-core EPYC), a
+// sizeable share of these ops' time at one-clip shapes. The other C++ ops keep their Python
+// autograd: deformable_temporal_conv_cpp's backward reads a Python-side convention
+// (bharnet/ops/deformable_temporal_conv.py) and the attention core's calls are a negligible
+// share of a layer's time.
 //
-// Both forwards save only what their backward ops take, and the backward ops run below the
+// The forwards save only what their backward ops take, and the backward ops run below the
 // autograd key. Under create_graph the gradients come back wrapped like Python's
 // once_differentiable: differentiating them again raises.
 #include <ATen/ATen.h>
@@ -124,10 +125,41 @@ std::tuple<at::Tensor, at::Tensor> temporal_max_pool_autograd(const at::Tensor& 
   return {outputs[0], outputs[1]};
 }
 
+struct PointwiseConv : public torch::autograd::Function<PointwiseConv> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const OptTensor& bias) {
+    static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>(
+        "bharnet::pointwise_conv_cpp");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["bias"] = bias.has_value();
+    return op.call(x, weight, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    using T = const at::Tensor&;
+    static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, OptTensor>(T, T, T, bool)>(
+        "bharnet::pointwise_conv_cpp_backward");
+    const auto saved = ctx->get_saved_variables();
+    variable_list result(3);
+    {
+      at::AutoDispatchBelowAutograd guard;
+      auto [dx, dweight, dbias] = op.call(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["bias"].toBool());
+      result = {dx, dweight, or_undefined(dbias)};
+    }
+    return once_differentiable(std::move(result), "bharnet::pointwise_conv_cpp");
+  }
+};
+
+at::Tensor pointwise_conv_autograd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  return PointwiseConv::apply(x, weight, bias);
+}
+
 }  // namespace
 }  // namespace bharnet
 
 TORCH_LIBRARY_IMPL(bharnet, Autograd, m) {
   m.impl("ctr_graph_conv_cpp", &bharnet::ctr_graph_conv_autograd);
   m.impl("temporal_max_pool", &bharnet::temporal_max_pool_autograd);
+  m.impl("pointwise_conv_cpp", &bharnet::pointwise_conv_autograd);
 }

@@ -25,7 +25,8 @@ GRAPH_BY_JOINTS: Dict[int, Graph] = {g.num_nodes: g for g in (BODY, HANDS, UNIFI
 # The ops this module has cases for, among those that ``bharnet.ops`` provides.
 OP_FUNCTIONS: Dict[str, Callable[..., torch.Tensor]] = {
     name: getattr(ops, name)
-    for name in ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention", "bone", "temporal_max_pool")
+    for name in ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention", "bone", "temporal_max_pool",
+                 "pointwise_conv")
     if hasattr(ops, name)
 }
 
@@ -126,6 +127,21 @@ def pool_case(B: int, C: int, T: int, V: int, stride: int = 1) -> OpCase:
     return OpCase("temporal_max_pool", label, dict(B=B, C=C, T=T, V=V, stride=stride), make)
 
 
+def pointwise_case(B: int, C_in: int, C_out: int, T: int, V: int, stride: int = 1) -> OpCase:
+    """A 1x1 convolution of ``x`` (B, C_in, T, V) to C_out channels with temporal ``stride``;
+    FLOPs ``2 B C_in C_out T' V`` forward, twice that backward (input and weight gradients)."""
+
+    def make(device, dtype):
+        x = _act(B, C_in, T, V, device=device, dtype=dtype)
+        weight, bias = _param(C_out, C_in, 1, 1, device=device, scale=C_in ** -0.5), _param(C_out, device=device)
+        return OpInputs((x, weight, bias, stride), (x, weight, bias))
+
+    flops = 2 * B * C_in * C_out * len(range(0, T, stride)) * V
+    label = f"{C_in}->{C_out} T{T} V{V}" + (f" s{stride}" if stride > 1 else "")
+    return OpCase("pointwise_conv", label, dict(B=B, C_in=C_in, C_out=C_out, T=T, V=V, stride=stride), make,
+                  memory_bound=False, fwd_flops=flops, bwd_flops=2 * flops)
+
+
 def attention_case(N: int, Lq: int, Lk: int, D: int, heads: int) -> OpCase:
     """Pre-LN cross-attention with residual: queries (N, Lq, D) attend keys/values (N, Lk, D),
     no key mask (the models pass none).
@@ -185,6 +201,9 @@ def _full_cases(op: str, batch: int) -> List[OpCase]:
     if op == "temporal_max_pool":  # the branch has C/4 channels
         widths = [(16, 64, 25), (64, 16, 42), (32, 32, 42), (16, 64, 42)]
         return [pool_case(batch, C, T, V) for C, T, V in widths] + [pool_case(batch, 32, 64, 42, stride=2)]
+    if op == "pointwise_conv":  # BHaRNet-E's: CTR-GC's v (C -> 3C) and qk, MSTCN branches (C -> C/4)
+        shapes = [(64, 192, 64, 25), (128, 384, 32, 42), (256, 768, 16, 42), (256, 64, 16, 42), (128, 32, 32, 42)]
+        return [pointwise_case(batch, *shape) for shape in shapes] + [pointwise_case(batch, 64, 128, 64, 25, 2)]
     raise ValueError(f"unknown op {op!r}; expected one of {list(OP_FUNCTIONS)}")
 
 
@@ -200,4 +219,6 @@ def quick_cases(op: str) -> List[OpCase]:
         return [bone_case(4, 16, 25), bone_case(4, 16, 42)]
     if op == "temporal_max_pool":
         return [pool_case(4, 8, 16, 25), pool_case(4, 8, 16, 42, stride=2)]
+    if op == "pointwise_conv":
+        return [pointwise_case(4, 16, 48, 16, 25), pointwise_case(4, 32, 8, 16, 42, stride=2)]
     raise ValueError(f"unknown op {op!r}; expected one of {list(OP_FUNCTIONS)}")

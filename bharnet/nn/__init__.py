@@ -1,6 +1,7 @@
 """Reference layers in pure PyTorch (with the fused ops selectable through ``impl``)."""
 from .attention import CrossAttention, TokenCrossAttention, masked_softmax_attention
 from .block import GCNBlock, make_blocks
+from .conv import PointwiseConv2d
 from .graph_conv import CTRGraphConv, STGraphConv
 from .pooling import PoolingAttention, global_pool
 from .temporal import DeformableTemporalConv, MultiScaleTemporalConv, TemporalMaxPool
@@ -8,5 +9,5 @@ from .temporal import DeformableTemporalConv, MultiScaleTemporalConv, TemporalMa
 __all__ = [
     "CrossAttention", "TokenCrossAttention", "masked_softmax_attention", "GCNBlock", "make_blocks",
     "CTRGraphConv", "STGraphConv", "PoolingAttention", "global_pool", "DeformableTemporalConv",
-    "MultiScaleTemporalConv", "TemporalMaxPool",
+    "MultiScaleTemporalConv", "PointwiseConv2d", "TemporalMaxPool",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..ops import ctr_graph_conv
+from .conv import PointwiseConv2d
 
 
 def _adjacency_parameter(A) -> nn.Parameter:
@@ -34,7 +35,7 @@ class STGraphConv(nn.Module):
         self.A = _adjacency_parameter(A)
         self.num_subsets = self.A.shape[0]
         self.out_channels = out_channels
-        self.conv_v = nn.Conv2d(in_channels, self.num_subsets * out_channels, 1)
+        self.conv_v = PointwiseConv2d(in_channels, self.num_subsets * out_channels, impl=impl)
         self.bn = nn.BatchNorm2d(out_channels)
         self.impl = impl
 
@@ -67,8 +68,8 @@ class CTRGraphConv(nn.Module):
         H = self.num_subsets = self.A.shape[0]
         R = self.rel_channels = 8 if in_channels in (3, 9) else max(1, in_channels // rel_reduction)
         self.out_channels = out_channels
-        self.conv_qk = nn.Conv2d(in_channels, 2 * H * R, 1)
-        self.conv_v = nn.Conv2d(in_channels, H * out_channels, 1)
+        self.conv_qk = PointwiseConv2d(in_channels, 2 * H * R, impl=impl)
+        self.conv_v = PointwiseConv2d(in_channels, H * out_channels, impl=impl)
         self.weight = nn.Parameter(torch.empty(H, groups, R))
         self.bias = nn.Parameter(torch.zeros(H, groups))
         self.alpha = nn.Parameter(torch.zeros(1))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import deformable_temporal_conv, temporal_max_pool
+from .conv import PointwiseConv2d
 
 
 class DeformableTemporalConv(nn.Module):
@@ -59,10 +60,9 @@ class TemporalMaxPool(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+def conv_bn(in_channels: int, out_channels: int, stride: int = 1, impl: Optional[str] = None) -> nn.Sequential:
     """1x1 convolution (temporal stride ``stride``) followed by BN."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1)),
-                         nn.BatchNorm2d(out_channels))
+    return nn.Sequential(PointwiseConv2d(in_channels, out_channels, stride, impl=impl), nn.BatchNorm2d(out_channels))
 
 
 class MultiScaleTemporalConv(nn.Module):
@@ -81,13 +81,13 @@ class MultiScaleTemporalConv(nn.Module):
         c = out_channels // num_branches
         act = nn.LeakyReLU(0.1)
         self.branches = nn.ModuleList(
-            nn.Sequential(conv_bn(in_channels, c), act,
+            nn.Sequential(conv_bn(in_channels, c, impl=impl), act,
                           DeformableTemporalConv(c, c, kernel_size, d, stride, impl=impl))
             for d in dilations)
         self.branches.append(nn.Sequential(
-            conv_bn(in_channels, c), act,
+            conv_bn(in_channels, c, impl=impl), act,
             TemporalMaxPool(3, stride, 1, impl=impl), nn.BatchNorm2d(c)))
-        self.branches.append(conv_bn(in_channels, c, stride))
+        self.branches.append(conv_bn(in_channels, c, stride, impl=impl))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([branch(x) for branch in self.branches], dim=1)

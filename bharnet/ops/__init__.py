@@ -6,6 +6,7 @@ from .bone import bone, bone_reference
 from .deformable_temporal_conv import deformable_temporal_conv, deformable_temporal_conv_reference
 from .cross_attention import cross_attention, cross_attention_reference
 from .temporal_max_pool import temporal_max_pool, temporal_max_pool_reference
+from .pointwise_conv import pointwise_conv, pointwise_conv_reference
 
 __all__ = [
     "BACKENDS", "get_backend", "resolve", "use_backend", "bone", "bone_reference",
@@ -13,4 +14,5 @@ __all__ = [
     "deformable_temporal_conv", "deformable_temporal_conv_reference",
     "cross_attention", "cross_attention_reference",
     "temporal_max_pool", "temporal_max_pool_reference",
+    "pointwise_conv", "pointwise_conv_reference",
 ]

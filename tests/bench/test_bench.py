@@ -109,7 +109,8 @@ def test_full_op_shapes_at_another_batch_say_so_in_their_labels():
     """Only the batch dimension changes: B sequences for the graph ops, 16 B (frame mode) and
     B (sequence mode) for cross-attention, B / 2 clips for the bone features."""
     expected = {"ctr_graph_conv": ("B", [2] * 7), "deformable_temporal_conv": ("B", [2] * 7),
-                "cross_attention": ("N", [32, 2]), "bone": ("N", [1, 1]), "temporal_max_pool": ("B", [2] * 5)}
+                "cross_attention": ("N", [32, 2]), "bone": ("N", [1, 1]), "temporal_max_pool": ("B", [2] * 5),
+                "pointwise_conv": ("B", [2] * 6)}
     for op in OP_FUNCTIONS:
         default, clip = full_cases(op), full_cases(op, 2)
         key, batches = expected[op]

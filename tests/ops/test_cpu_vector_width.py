@@ -7,7 +7,7 @@ import torch
 import cross_attention_cases as xattn_cases
 import ctr_graph_conv_cases as ctr_cases
 import deformable_temporal_conv_cases as det_cases
-from bharnet.ops import ctr_graph_conv, deformable_temporal_conv
+from bharnet.ops import pointwise_conv
 from op_testing import run, wide_supported
 
 needs_wide = pytest.mark.skipif(not wide_supported(), reason="this CPU has no AVX-512")
@@ -78,6 +78,20 @@ def test_cross_attention_core_widths_agree_bitwise(shape, dtype):
         o, lse = ops.cross_attention_core_cpp(q, kv, mask, heads)
         return [o, lse, *ops.cross_attention_core_cpp_backward(grad_o, q, kv, lse, mask, heads)]
     _assert_bitwise_equal_and_paths(*_both_widths(forward_backward))
+
+
+@needs_wide
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 5), (2, 64, 24, 7, 42), (1, 12, 40, 13, 9), (2, 3, 30, 16, 25)],
+                         ids=str)
+def test_pointwise_conv_widths_agree_bitwise(shape, dtype):
+    """Forward, dx and both orientations of dW (C_in > C_out and <), with edge columns of every
+    width and T x V of whole vectors."""
+    N, C_in, C_out, T, V = shape
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(*size, generator=gen).to(dtype) for size in ((N, C_in, T, V), (C_out, C_in, 1, 1), (C_out,))]
+    _assert_bitwise_equal_and_paths(*_both_widths(lambda: run(
+        lambda x, w, b: pointwise_conv(x, w, b, backend="cpp"), inputs)))
 
 
 def test_setting_is_checked():

@@ -1,0 +1,30 @@
+"""The 1x1 convolution of the graph, temporal and residual layers."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import pointwise_conv
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1))`` computed by
+    :func:`bharnet.ops.pointwise_conv` (``impl`` picks the backend: the C++ kernel on CPU).
+
+    An ``nn.Conv2d`` with the same parameters, initialisation and state-dict keys, so
+    checkpoints and code that handle ``nn.Conv2d`` work unchanged.
+    """
+
+    fused_op = "pointwise_conv"  # the op behind ``impl`` (see bharnet.fast.swap_layers)
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, bias: bool = True,
+                 impl: Optional[str] = None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, 1, stride=(stride, 1), bias=bias, device=device, dtype=dtype)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # unbatched input: nn.Conv2d's own path
+            return super().forward(x)
+        return pointwise_conv(x, self.weight, self.bias, self.stride[0], backend=self.impl)

@@ -1,0 +1,100 @@
+r"""1x1 convolution: ``F.conv2d(x, weight, bias, stride=(stride, 1))`` with a (C_out, C_in, 1, 1)
+weight.
+
+Math, ``x`` (N, C_in, T, V) with its frames t = 0, s, 2s, ... (stride s) kept and their
+positions flattened to P, ``weight`` W (C_out, C_in, 1, 1) read as (C_out, C_in), optional
+``bias`` b (C_out,)::
+
+    y[n, o, p]  = sum_i W[o, i] x[n, i, p] + b[o]
+    dx[n, i, p] = sum_o W[o, i] dy[n, o, p]
+    dW[o, i]    = sum_{n, p} dy[n, o, p] x[n, i, p]      db[o] = sum_{n, p} dy[n, o, p]
+
+Why: every convolution of the BHaRNet models is 1x1 (CTR-GC's q/k/v, the MSTCN branch inputs,
+the residual projections), half of a CPU training step. On NCHW tensors PyTorch's CPU
+convolution (oneDNN) reorders its operands into a blocked layout at each call; the C++ kernel
+(``csrc/pointwise_conv.cpp``) multiplies them in place as per-sample GEMMs with T x V as the
+vector dimension (measured in ``bharnet bench``; about 1.1-2.8x per call at the models' shapes
+on this project's 2-core EPYC, most for the thin convolutions).
+
+Backends: ``reference`` (``F.conv2d``) and ``cpp``: the C++ kernel for float32/float64 CPU
+tensors in the default (contiguous) layout. Everything else runs ``F.conv2d`` under ``cpp``
+too: other devices (cuDNN), other dtypes, calls under CPU autocast (which runs the convolution
+in bfloat16, as for ``F.conv2d``) and channels-last ``x``, for which oneDNN's own layout is
+already the fast one (``bharnet.fast`` makes the
+inference path channels-last). A backend the op does not have (``triton``) counts as
+``auto``. Double backward raises. Autograd is registered in C++ (``csrc/autograd.cpp``); the
+ops are ``torch.ops.bharnet.pointwise_conv_cpp(x, weight (C_out, C_in), bias)`` and
+``pointwise_conv_cpp_backward(dy, x, weight, bias_grad) -> (dx, dweight, dbias)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._ext import cpp_availability, registered_after_loading
+from ._backend import register_backend, resolve_missing_as_auto
+from ._checks import is_channels_last
+
+OP_NAME = "pointwise_conv"
+CPP_DTYPES = (torch.float32, torch.float64)
+
+
+def pointwise_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                             stride: int = 1) -> torch.Tensor:
+    """Pure-PyTorch ground truth."""
+    return F.conv2d(x, weight, bias, stride=(stride, 1))
+
+
+def _register_cpp_ops_now() -> None:
+    """Fake kernels of the C++ ops (run once, after loading; autograd is registered in C++)."""
+    @torch.library.register_fake("bharnet::pointwise_conv_cpp")
+    def _(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
+
+    @torch.library.register_fake("bharnet::pointwise_conv_cpp_backward")
+    def _(dy, x, weight, bias_grad):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), (
+            weight.new_empty(weight.shape[:1]) if bias_grad else None)
+
+
+_register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return (x.device.type == "cpu" and x.dtype in CPP_DTYPES and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and not is_channels_last(x)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _pointwise_conv_cpp(x, weight, bias, stride):
+    if not _kernel_applies(x, weight, bias):  # F.conv2d (module docstring)
+        return pointwise_conv_reference(x, weight, bias, stride)
+    _register_cpp_ops()
+    return torch.ops.bharnet.pointwise_conv_cpp(x[:, :, ::stride] if stride > 1 else x, weight.flatten(1), bias)
+
+
+def _cpp_availability(device_type: str) -> Optional[str]:
+    return cpp_availability(device_type) if device_type == "cpu" else None
+
+
+_IMPLS = {"reference": pointwise_conv_reference, "cpp": _pointwise_conv_cpp}
+register_backend(OP_NAME, "cpp", _cpp_availability)
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   stride: int = 1, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=(stride, 1))`` for a (C_out, C_in, 1, 1) ``weight`` and
+    ``x`` (N, C_in, T, V) (see the module docstring)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise TypeError(f"pointwise_conv: x must be a (N, C_in, T, V) floating-point tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
+        raise ValueError(f"pointwise_conv: weight must have shape (C_out, C_in={x.shape[1]}, 1, 1), got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"pointwise_conv: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"pointwise_conv: stride must be a positive int, got {stride!r}")
+    return _IMPLS[resolve_missing_as_auto(OP_NAME, backend, x.device.type)](x, weight, bias, stride)

@@ -1,0 +1,266 @@
+// 1x1 convolution of NCHW tensors on the CPU: bharnet::pointwise_conv_cpp and its backward.
+//
+// Math (bharnet/ops/pointwise_conv.py), x (N, C_in, P) with P = T x V, weight W (C_out, C_in),
+// bias b (C_out) or none:
+//   y[n, o, p]  = sum_i W[o, i] x[n, i, p] + b[o]
+//   dx[n, i, p] = sum_o W[o, i] dy[n, o, p]
+//   dW[o, i]    = sum_{n, p} dy[n, o, p] x[n, i, p]        db[o] = sum_{n, p} dy[n, o, p]
+//
+// Every product is a GEMM on the register tiles of cpu_simd.h with P as the vector dimension:
+// y_n = W x_n and dx_n = W^T dy_n read x_n / dy_n in place (rows of P values; the last
+// P mod 16 columns from a zero-padded copy, so that no vector load passes the end of a row's
+// tensor); dW is a GEMM over the N x P products, with the narrower of x_n^T and dy_n^T packed
+// (transposed, rows padded) so that its rows are vectors: dW = sum_n dy_n x_n^T when
+// C_in <= C_out, else dW^T = sum_n x_n dy_n^T. Each output is summed in k order on both vector
+// widths (bitwise equal); the bias gradient in 32-byte lanes on both.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu_simd.h"
+
+namespace bharnet {
+namespace {
+
+using simd::round_up;
+
+// Output columns per task of the forward and dx GEMMs: a B panel of C x 96 values stays in
+// L2 while every row of the output is computed from it.
+constexpr int64_t kColumnBlock = 96;
+// Products per K block of the dW GEMM (a packed block of kKBlock rows stays in cache).
+constexpr int64_t kKBlock = 128;
+// Columns read from a padded copy: P rounded down to whole 64-byte vectors is read in place.
+template <typename T> constexpr int64_t kEdge = simd::kLanes<T, 64>;
+
+struct PwSizes {
+  int64_t N, Cin, Cout, P;
+};
+
+// C (M x P, row stride P) = A (M x K; A(r, k) = a[r sam + k sak]) B (K x P, row stride P)
+// (+ bias[r]) for columns [c0, c1) of whole vectors read in place, or for the edge columns
+// [c0, P) from `edge` (K x kEdge, zero-padded) when c0 is the edge.
+template <typename T>
+struct ColumnBlock {
+  template <int Bytes>
+  static BHARNET_INLINE void run(int64_t M, int64_t K, int64_t P, const T* a, int64_t sam, int64_t sak, const T* b,
+                                 const T* bias, int64_t c0, int64_t c1, const T* edge, T* c) {
+    const bool at_edge = edge != nullptr;
+    const T* src = at_edge ? edge : b + c0;
+    const int64_t ldb = at_edge ? kEdge<T> : P;
+    simd::tiles<T, Bytes>(M, c1 - c0, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
+                                          __attribute__((always_inline)) {
+      if (bias) tile.fill_rows(bias + m, rows);
+      tile.fma(K, a + m * sam, sam, sak, src + n0, ldb, rows);
+      tile.store_to(c + m * P + c0 + n0, P, rows, cols, false);
+    });
+  }
+};
+
+// For each n: C_n = A B_n (+ bias) with B_n = b + n b_stride (K x P) and C_n = c + n c_stride
+// (M x P); tasks of (n, column block), the edge columns a task of their own.
+template <typename T>
+void column_gemms(const PwSizes& s, int64_t M, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
+                  int64_t b_stride, const T* bias, T* c, int64_t c_stride) {
+  const int64_t in_place = s.P / kEdge<T> * kEdge<T>;
+  const int64_t blocks = (in_place + kColumnBlock - 1) / kColumnBlock + (in_place < s.P ? 1 : 0);
+  at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> edge;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, block = task % blocks;
+      const T* bn = b + n * b_stride;
+      const int64_t c0 = block * kColumnBlock;
+      if (c0 >= in_place) {  // the last P mod kEdge columns, from a zero-padded copy
+        edge.assign(K * kEdge<T>, T(0));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t p = in_place; p < s.P; ++p) edge[k * kEdge<T> + p - in_place] = bn[k * s.P + p];
+        simd::run_per_isa<ColumnBlock<T>>(M, K, s.P, a, sam, sak, bn, bias, in_place, s.P,
+                                          static_cast<const T*>(edge.data()), c + n * c_stride);
+      } else {
+        simd::run_per_isa<ColumnBlock<T>>(M, K, s.P, a, sam, sak, bn, bias, c0, std::min(in_place, c0 + kColumnBlock),
+                                          static_cast<const T*>(nullptr), c + n * c_stride);
+      }
+    }
+  });
+}
+
+// out[p, j] = src[j, p] for p < P, j < J (src rows of P values), out rows of ld values whose
+// columns past J are zero.
+template <typename T>
+void transpose_into(const T* src, int64_t J, int64_t P, int64_t ld, T* out) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
+    const int64_t p1 = std::min(P, p0 + kBlock);
+    for (int64_t j0 = 0; j0 < J; j0 += kBlock) {
+      const int64_t j1 = std::min(J, j0 + kBlock);
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t j = j0; j < j1; ++j) out[p * ld + j] = src[j * P + p];
+    }
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t j = J; j < ld; ++j) out[p * ld + j] = T(0);
+  }
+}
+
+// Rows [r0, r1) of G (R x J, row stride J) = sum_n A_n Bt_n with A_n = a + n a_stride (R x P,
+// rows of P values) and Bt_n = packed + n P ld (P x ld, the transposed other operand), K blocks
+// of kKBlock products in order.
+template <typename T>
+struct WeightGradRows {
+  template <int Bytes>
+  static BHARNET_INLINE void run(int64_t N, int64_t P, int64_t J, int64_t ld, const T* a, int64_t a_stride,
+                                 const T* packed, int64_t r0, int64_t r1, T* g) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k0 = 0; k0 < P; k0 += kKBlock) {
+        const int64_t kb = std::min(kKBlock, P - k0);
+        const bool first = n == 0 && k0 == 0;
+        const T* an = a + n * a_stride + r0 * P + k0;
+        const T* bn = packed + (n * P + k0) * ld;
+        simd::tiles<T, Bytes>(r1 - r0, J, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
+                                              __attribute__((always_inline)) {
+          tile.fma(kb, an + m * P, P, 1, bn + n0, ld, rows);
+          tile.store_to(g + (r0 + m) * J + n0, J, rows, cols, !first);
+        });
+      }
+  }
+};
+
+// db[o] = sum_{n, p} dy[n, o, p] for o in [o0, o1): each row of P values summed in four
+// 32-byte lane vectors (8-value chunk c into vector c mod 4; a single running sum would wait on
+// each addition's latency), then their lanes and the last P mod 8 values in double.
+template <typename T>
+BHARNET_CLONES void bias_grad_rows(const PwSizes& s, const T* dy, int64_t o0, int64_t o1, T* db) {
+  constexpr int L = simd::kLanes<T, 32>;
+  const int64_t chunks_end = s.P / L * L;
+  for (int64_t o = o0; o < o1; ++o) {
+    double total = 0.0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      const T* row = dy + (n * s.Cout + o) * s.P;
+      simd::vec<T, 32> lanes[4] = {};
+      for (int64_t p = 0; p < chunks_end; p += L) lanes[(p / L) % 4] += simd::load<T, 32>(row + p);
+      for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < L; ++i) total += lanes[c][i];
+      for (int64_t p = chunks_end; p < s.P; ++p) total += row[p];
+    }
+    db[o] = static_cast<T>(total);
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu(), "bharnet::pointwise_conv_cpp (CPU kernel): expected CPU tensors, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "bharnet::pointwise_conv_cpp: the CPU kernels take float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, "bharnet::pointwise_conv_cpp: x must have shape (N, C_in, ...), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
+              "bharnet::pointwise_conv_cpp: weight must have shape (C_out, C_in = ", x.size(1), "), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
+              "bharnet::pointwise_conv_cpp: weight must be a ", x.scalar_type(), " CPU tensor like x, got ",
+              weight.scalar_type(), " on ", weight.device());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type() &&
+                    bias->device() == x.device(),
+                "bharnet::pointwise_conv_cpp: bias must be a (C_out = ", weight.size(0), ") ", x.scalar_type(),
+                " CPU tensor, got ", bias->sizes(), " ", bias->scalar_type());
+  }
+}
+
+PwSizes sizes_of(const at::Tensor& x, const at::Tensor& weight) {
+  return {x.size(0), x.size(1), weight.size(0), x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1))};
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t channels) {
+  auto shape = x.sizes().vec();
+  shape[1] = channels;
+  return shape;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+  check_inputs(x_in, weight_in, bias_in);
+  const auto x = x_in.contiguous(), weight = weight_in.contiguous();
+  const auto bias = bias_in ? bias_in->contiguous() : at::Tensor();
+  const PwSizes s = sizes_of(x, weight);
+  auto y = at::empty(output_shape(x, s.Cout), x.options());
+  if (y.numel() == 0) return y;
+  if (s.Cin == 0) {  // no products: the bias alone
+    y.view({s.N, s.Cout, s.P}).copy_(bias.defined() ? bias.view({1, s.Cout, 1}) : at::zeros({1, 1, 1}, y.options()));
+    return y;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bharnet::pointwise_conv_cpp", [&] {
+    using T = scalar_t;
+    column_gemms<T>(s, s.Cout, s.Cin, weight.data_ptr<T>(), s.Cin, 1, x.data_ptr<T>(), s.Cin * s.P,
+                    bias.defined() ? bias.data_ptr<T>() : nullptr, y.data_ptr<T>(), s.Cout * s.P);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_cpu(const at::Tensor& dy_in,
+                                                                           const at::Tensor& x_in,
+                                                                           const at::Tensor& weight_in, bool bias_grad) {
+  check_inputs(x_in, weight_in, std::nullopt);
+  const auto x = x_in.contiguous(), weight = weight_in.contiguous();
+  const PwSizes s = sizes_of(x, weight);
+  const auto y_shape = output_shape(x, s.Cout);
+  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef(y_shape) && dy_in.scalar_type() == x.scalar_type() &&
+                  dy_in.device() == x.device(),
+              "bharnet::pointwise_conv_cpp_backward: dy must be like the output ", at::IntArrayRef(y_shape),
+              " in x's dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
+  const auto dy = dy_in.contiguous();
+  auto dx = at::empty_like(x);
+  auto dweight = at::zeros_like(weight);
+  auto dbias = bias_grad ? at::zeros({s.Cout}, weight.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bharnet::pointwise_conv_cpp_backward", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* dyp = dy.data_ptr<T>();
+    const T* wp = weight.data_ptr<T>();
+    if (bias_grad && s.N * s.P > 0) {
+      T* dbp = dbias.data_ptr<T>();
+      at::parallel_for(0, s.Cout, 16, [&](int64_t begin, int64_t end) { bias_grad_rows(s, dyp, begin, end, dbp); });
+    }
+    if (s.N * s.P == 0 || s.Cin * s.Cout == 0) {
+      dx.zero_();
+      return;
+    }
+    // dx_n = W^T dy_n: A(i, o) = W[o, i]
+    column_gemms<T>(s, s.Cin, s.Cout, wp, 1, s.Cin, dyp, s.Cout * s.P, nullptr, dx.data_ptr<T>(), s.Cin * s.P);
+    // dW from the narrower operand packed transposed: G = sum_n A_n Bt_n^T
+    const bool pack_x = s.Cin <= s.Cout;
+    const int64_t R = pack_x ? s.Cout : s.Cin, J = pack_x ? s.Cin : s.Cout;
+    const T* a = pack_x ? dyp : xp;
+    const T* other = pack_x ? xp : dyp;
+    const int64_t ld = simd::packed_ld<T>(J);
+    std::vector<T> packed(s.N * s.P * ld);
+    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        transpose_into(other + n * J * s.P, J, s.P, ld, packed.data() + n * s.P * ld);
+    });
+    auto g = pack_x ? dweight : at::empty({s.Cin, s.Cout}, weight.options());
+    T* gp = g.data_ptr<T>();
+    const T* pp = packed.data();
+    constexpr int64_t kRowBlock = 48;  // output rows per task
+    at::parallel_for(0, (R + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block)
+        simd::run_per_isa<WeightGradRows<T>>(s.N, s.P, J, ld, a, R * s.P, pp, block * kRowBlock,
+                                             std::min(R, (block + 1) * kRowBlock), gp);
+    });
+    if (!pack_x) dweight.copy_(g.t());
+  });
+  return {dx, dweight, bias_grad ? std::optional<at::Tensor>(dbias) : std::nullopt};
+}
+
+}  // namespace
+}  // namespace bharnet
+
+TORCH_LIBRARY_FRAGMENT(bharnet, m) {
+  m.def("pointwise_conv_cpp(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("pointwise_conv_cpp_backward(Tensor dy, Tensor x, Tensor weight, bool bias_grad) -> (Tensor, Tensor, Tensor?)");
+}
+
+TORCH_LIBRARY_IMPL(bharnet, CPU, m) {
+  m.impl("pointwise_conv_cpp", &bharnet::forward_cpu);
+  m.impl("pointwise_conv_cpp_backward", &bharnet::backward_cpu);
+}

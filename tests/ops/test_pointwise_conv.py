@@ -1,0 +1,164 @@
+"""``bharnet.ops.pointwise_conv`` and ``bharnet.nn.PointwiseConv2d``: the C++ CPU kernel against
+``F.conv2d`` in float64 (outputs and the gradients of x, weight and bias, as relative errors
+``||x - ref|| / ||ref||``).
+
+Tolerances: the float64 kernel 1e-12 (the same products as the reference, summed in another
+order; measured ~1e-15). float32 1e-5: sums of up to C_in (forward, dx) or N x T x V (dW, db)
+float32 products, a few unit roundoffs (6e-8) grown by the square root of their count;
+measured <= 3e-7.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bharnet
+from bharnet.fast import swap_layers
+from bharnet.nn import PointwiseConv2d
+from bharnet.ops import pointwise_conv, pointwise_conv_reference
+from op_testing import assert_independent_of_thread_count, rel_err, run
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+NAMES = ("y", "x", "weight", "bias")
+
+# (N, C_in, C_out, T, V): T x V a multiple of the 16-float vector (1 x 16, 16 x 25) and not
+# (every width of edge: 3 x 5, 7 x 42 = 294, 1 x 1), C_in > C_out and C_in < C_out (the two
+# orientations of the weight gradient), one input channel, more columns than one task's block.
+SHAPES = [(2, 5, 7, 3, 5), (1, 16, 64, 16, 25), (2, 64, 24, 7, 42), (3, 33, 17, 1, 1), (2, 1, 9, 1, 16),
+          (1, 12, 40, 13, 9), (2, 24, 8, 40, 11)]
+
+
+def _inputs(N, C_in, C_out, T, V, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C_in, T, V, generator=gen, dtype=torch.float64)
+    weight = torch.randn(C_out, C_in, 1, 1, generator=gen, dtype=torch.float64) * C_in ** -0.5
+    return [x, weight, torch.randn(C_out, generator=gen, dtype=torch.float64) if bias else None]
+
+
+def _cpp(x, weight, bias=None, stride=1):
+    return pointwise_conv(x, weight, bias, stride, backend="cpp")
+
+
+def _ref(x, weight, bias=None, stride=1):
+    return pointwise_conv_reference(x, weight, bias, stride)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_fp64_reference(shape, dtype, bias, cpu_vector_bytes):
+    inputs = _inputs(*shape, bias=bias)
+    expected = run(_ref, inputs)
+    got = run(_cpp, [t if t is None else t.to(dtype) for t in inputs])
+    assert len(got) == len(expected)
+    for name, g, e in zip(NAMES, got, expected):
+        assert g.dtype == dtype
+        assert rel_err(g, e) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_temporal_stride_keeps_every_stride_th_frame(stride):
+    inputs = _inputs(2, 6, 10, 11, 5)
+    got, expected = run(_cpp, inputs, stride=stride), run(_ref, inputs, stride=stride)
+    assert got[0].shape == (2, 10, len(range(0, 11, stride)), 5)
+    for name, g, e in zip(NAMES, got, expected):
+        assert rel_err(g, e) <= TOLERANCE[torch.float64], name
+
+
+def test_noncontiguous_and_channels_last_inputs():
+    """A strided view is read through a contiguous copy; a channels-last x goes to F.conv2d
+    (oneDNN's channels-last path) and comes back channels-last, as F.conv2d's does."""
+    x, weight, bias = _inputs(2, 6, 10, 8, 5)
+    wide = torch.randn(2, 6, 8, 10, dtype=torch.float64)[..., ::2]
+    torch.testing.assert_close(_cpp(wide, weight, bias), _ref(wide, weight, bias), rtol=1e-12, atol=1e-12)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y = _cpp(x_cl, weight, bias)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, _ref(x, weight, bias), rtol=1e-12, atol=1e-12)
+
+
+def test_other_dtypes_and_autocast_run_conv2d():
+    x, weight, bias = [t.float() for t in _inputs(2, 6, 10, 8, 5)]
+    y = _cpp(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    assert torch.equal(y, F.conv2d(x.bfloat16(), weight.bfloat16(), bias.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _cpp(x, weight, bias).dtype == F.conv2d(x, weight, bias).dtype
+
+
+def test_independent_of_thread_count():
+    inputs = [t.float() for t in _inputs(2, 40, 24, 16, 25)]
+    assert_independent_of_thread_count(lambda: run(_cpp, inputs), NAMES)
+
+
+def test_create_graph_gives_first_order_grads_and_refuses_double_backward():
+    leaves = [t.clone().requires_grad_() for t in _inputs(2, 5, 7, 3, 5)]
+    expected = torch.autograd.grad(_cpp(*leaves).square().sum(), leaves)
+    got = torch.autograd.grad(_cpp(*leaves).square().sum(), leaves, create_graph=True)
+    for name, g, e in zip(NAMES[1:], got, expected):
+        assert torch.equal(g, e), name
+    with pytest.raises(RuntimeError, match="double backward"):
+        got[0].sum().backward()
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_opcheck(bias):
+    x, weight, b = _inputs(2, 5, 7, 3, 5, bias=bias)
+    args = [x.requires_grad_(), weight.flatten(1).requires_grad_(), b if b is None else b.requires_grad_()]
+    pointwise_conv(x, weight, b, backend="cpp")  # loads the extension and registers the fakes
+    torch.library.opcheck(torch.ops.bharnet.pointwise_conv_cpp.default, args)
+    dy = torch.randn(2, 7, 3, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.bharnet.pointwise_conv_cpp_backward.default,
+                          [dy, x.detach(), weight.flatten(1).detach(), bias])
+
+
+def test_torch_compile_fullgraph():
+    inputs = [t.float() for t in _inputs(2, 6, 10, 8, 5)]
+
+    def loss(x, weight, bias):
+        return _cpp(x, weight, bias, 2).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    got, expected = run(compiled, inputs), run(loss, inputs)
+    for name, g, e in zip(("loss",) + NAMES[1:], got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_input_errors():
+    x, weight, bias = _inputs(2, 5, 7, 3, 5)
+    with pytest.raises(TypeError, match="x must be"):
+        pointwise_conv(x[0], weight, bias)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        pointwise_conv(x, weight[:, :4], bias)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        pointwise_conv(x, weight, bias[:3])
+    with pytest.raises(ValueError, match="stride"):
+        pointwise_conv(x, weight, bias, 0)
+    with pytest.raises(RuntimeError, match="weight must be a"):
+        torch.ops.bharnet.pointwise_conv_cpp(x, weight.flatten(1).float(), None)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layer_is_the_conv2d_it_replaces(stride):
+    """Same parameters from the same seed, same state-dict keys, same outputs and gradients
+    as ``nn.Conv2d(C_in, C_out, 1, stride=(stride, 1))``; swap_layers sets its backend."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 1, stride=(stride, 1)).double()
+    torch.manual_seed(0)
+    layer = PointwiseConv2d(6, 10, stride).double()
+    assert isinstance(layer, nn.Conv2d)
+    assert layer.state_dict().keys() == conv.state_dict().keys()
+    for key, value in conv.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    swap_layers(layer, "cpp")
+    assert layer.impl == "cpp"
+    x = torch.randn(2, 6, 9, 5, dtype=torch.float64)
+    got, expected = [], []
+    for module, results in ((layer, got), (conv, expected)):
+        leaf = x.clone().requires_grad_()
+        y = module(leaf)
+        results += [y, *torch.autograd.grad(y, [leaf, module.weight, module.bias], torch.ones_like(y))]
+    for name, g, e in zip(NAMES, got, expected):
+        assert rel_err(g, e) <= TOLERANCE[torch.float64], name
+    assert torch.equal(layer(x[0]), conv(x[0]))  # unbatched input: nn.Conv2d's own path
+    with bharnet.ops.use_backend("triton"):  # no triton backend: auto
+        assert layer.impl == "cpp" and swap_layers(layer, "triton").impl == "auto"
