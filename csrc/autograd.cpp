@@ -9,8 +9,9 @@
 // share of a layer's time.
 //
 // The forwards save only what their backward ops take, and the backward ops run below the
-// autograd key. Under create_graph the gradients come back wrapped like Python's
-// once_differentiable: differentiating them again raises.
+// autograd key. Under create_graph the graph convolution's and the max-pool's gradients come
+// back wrapped like Python's once_differentiable (differentiating them again raises); the 1x1
+// convolution's are then computed by differentiable ATen products.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -136,18 +137,23 @@ struct PointwiseConv : public torch::autograd::Function<PointwiseConv> {
     return op.call(x, weight, bias);
   }
 
+  // Under create_graph (GradMode on) the gradients are ATen products, differentiable again
+  // (a gradient penalty through the layer works as through nn.Conv2d).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     using T = const at::Tensor&;
     static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, OptTensor>(T, T, T, bool)>(
         "bharnet::pointwise_conv_cpp_backward");
     const auto saved = ctx->get_saved_variables();
-    variable_list result(3);
-    {
-      at::AutoDispatchBelowAutograd guard;
-      auto [dx, dweight, dbias] = op.call(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["bias"].toBool());
-      result = {dx, dweight, or_undefined(dbias)};
+    const at::Tensor &x = saved[0], &weight = saved[1], &dy = grads[0];
+    const bool bias = ctx->saved_data["bias"].toBool();
+    if (at::GradMode::is_enabled()) {
+      const auto dy3 = dy.reshape({dy.size(0), dy.size(1), -1}), x3 = x.reshape({x.size(0), x.size(1), -1});
+      return {at::matmul(weight.t(), dy3).view(x.sizes()), at::matmul(dy3, x3.transpose(1, 2)).sum(0),
+              bias ? dy3.sum({0, 2}) : at::Tensor()};
     }
-    return once_differentiable(std::move(result), "bharnet::pointwise_conv_cpp");
+    at::AutoDispatchBelowAutograd guard;
+    auto [dx, dweight, dbias] = op.call(dy.contiguous(), x, weight, bias);
+    return {dx, dweight, or_undefined(dbias)};
   }
 };
 

@@ -169,7 +169,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
 }
 
 PwSizes sizes_of(const at::Tensor& x, const at::Tensor& weight) {
-  return {x.size(0), x.size(1), weight.size(0), x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1))};
+  int64_t P = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) P *= x.size(d);
+  return {x.size(0), x.size(1), weight.size(0), P};
 }
 
 std::vector<int64_t> output_shape(const at::Tensor& x, int64_t channels) {

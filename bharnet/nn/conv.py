@@ -14,7 +14,8 @@ class PointwiseConv2d(nn.Conv2d):
     :func:`bharnet.ops.pointwise_conv` (``impl`` picks the backend: the C++ kernel on CPU).
 
     An ``nn.Conv2d`` with the same parameters, initialisation and state-dict keys, so
-    checkpoints and code that handle ``nn.Conv2d`` work unchanged.
+    checkpoints and code that handle ``nn.Conv2d`` work unchanged (its constructor takes the
+    temporal stride in place of the kernel size, which is 1).
     """
 
     fused_op = "pointwise_conv"  # the op behind ``impl`` (see bharnet.fast.swap_layers)

@@ -16,14 +16,16 @@ convolution (oneDNN) reorders its operands into a blocked layout at each call; t
 vector dimension (measured in ``bharnet bench``; about 1.1-2.8x per call at the models' shapes
 on this project's 2-core EPYC, most for the thin convolutions).
 
-Backends: ``reference`` (``F.conv2d``) and ``cpp``: the C++ kernel for float32/float64 CPU
-tensors in the default (contiguous) layout. Everything else runs ``F.conv2d`` under ``cpp``
-too: other devices (cuDNN), other dtypes, calls under CPU autocast (which runs the convolution
-in bfloat16, as for ``F.conv2d``) and channels-last ``x``, for which oneDNN's own layout is
-already the fast one (``bharnet.fast`` makes the
-inference path channels-last). A backend the op does not have (``triton``) counts as
-``auto``. Double backward raises. Autograd is registered in C++ (``csrc/autograd.cpp``); the
-ops are ``torch.ops.bharnet.pointwise_conv_cpp(x, weight (C_out, C_in), bias)`` and
+Backends: ``reference`` (``F.conv2d``) and ``cpp``: the C++ kernel for non-empty float32/
+float64 CPU tensors whose channels are not the innermost dimension. Everything else runs
+``F.conv2d`` under ``cpp`` too: other devices (cuDNN), other dtypes, calls under CPU autocast
+(which runs the convolution in bfloat16, as for ``F.conv2d``) or inside ``torch.func``
+transforms, empty tensors, and channels-last ``x`` (or a view of one), for which oneDNN's own
+layout is already the fast one (``bharnet.fast`` makes the inference path channels-last). A
+backend the op does not have (``triton``) counts as ``auto``. Autograd is registered in C++
+(``csrc/autograd.cpp``); under ``create_graph`` the gradients are computed by differentiable
+ATen products, so double backward works as through ``F.conv2d``. The ops are
+``torch.ops.bharnet.pointwise_conv_cpp(x, weight (C_out, C_in), bias)`` and
 ``pointwise_conv_cpp_backward(dy, x, weight, bias_grad) -> (dx, dweight, dbias)``.
 """
 from __future__ import annotations
@@ -35,7 +37,6 @@ import torch.nn.functional as F
 
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
-from ._checks import is_channels_last
 
 OP_NAME = "pointwise_conv"
 CPP_DTYPES = (torch.float32, torch.float64)
@@ -63,9 +64,11 @@ _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    channels_innermost = not x.is_contiguous() and x.stride(1) == 1  # channels-last, or a view of it
     return (x.device.type == "cpu" and x.dtype in CPP_DTYPES and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype) and not is_channels_last(x)
-            and not torch.is_autocast_enabled("cpu"))
+            and (bias is None or bias.dtype == x.dtype) and not channels_innermost
+            and x.numel() > 0 and weight.numel() > 0
+            and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active())
 
 
 def _pointwise_conv_cpp(x, weight, bias, stride):

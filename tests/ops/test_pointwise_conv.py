@@ -22,16 +22,16 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 NAMES = ("y", "x", "weight", "bias")
 
 # (N, C_in, C_out, T, V): T x V a multiple of the 16-float vector (1 x 16, 16 x 25) and not
-# (every width of edge: 3 x 5, 7 x 42 = 294, 1 x 1), C_in > C_out and C_in < C_out (the two
+# (edges of several widths: 3 x 5, 7 x 42 = 294, 1 x 1, 4 x 5), C_in > C_out and C_in < C_out (the two
 # orientations of the weight gradient), one input channel, more columns than one task's block.
 SHAPES = [(2, 5, 7, 3, 5), (1, 16, 64, 16, 25), (2, 64, 24, 7, 42), (3, 33, 17, 1, 1), (2, 1, 9, 1, 16),
-          (1, 12, 40, 13, 9), (2, 24, 8, 40, 11)]
+          (1, 12, 40, 13, 9), (2, 24, 8, 40, 11), (2, 7, 5, 4, 5)]
 
 
 def _inputs(N, C_in, C_out, T, V, bias=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C_in, T, V, generator=gen, dtype=torch.float64)
-    weight = torch.randn(C_out, C_in, 1, 1, generator=gen, dtype=torch.float64) * C_in ** -0.5
+    weight = torch.randn(C_out, C_in, 1, 1, generator=gen, dtype=torch.float64) * max(1, C_in) ** -0.5
     return [x, weight, torch.randn(C_out, generator=gen, dtype=torch.float64) if bias else None]
 
 
@@ -66,15 +66,28 @@ def test_temporal_stride_keeps_every_stride_th_frame(stride):
 
 
 def test_noncontiguous_and_channels_last_inputs():
-    """A strided view is read through a contiguous copy; a channels-last x goes to F.conv2d
-    (oneDNN's channels-last path) and comes back channels-last, as F.conv2d's does."""
+    """A strided view is read through a contiguous copy; a channels-last x (or a strided view
+    of one) goes to F.conv2d (oneDNN's channels-last path) and comes back in F.conv2d's layout."""
     x, weight, bias = _inputs(2, 6, 10, 8, 5)
     wide = torch.randn(2, 6, 8, 10, dtype=torch.float64)[..., ::2]
     torch.testing.assert_close(_cpp(wide, weight, bias), _ref(wide, weight, bias), rtol=1e-12, atol=1e-12)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    y = _cpp(x_cl, weight, bias)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y, _ref(x, weight, bias), rtol=1e-12, atol=1e-12)
+    for x_cl in (x.contiguous(memory_format=torch.channels_last),
+                 x.contiguous(memory_format=torch.channels_last)[:, :, ::2]):
+        y, expected = _cpp(x_cl, weight, bias), _ref(x_cl, weight, bias)
+        assert y.stride() == expected.stride()
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 4, 3, 5), (0, 3, 4, 3, 5)], ids=str)
+def test_empty_tensors_behave_like_conv2d(shape):
+    """No input channels (the output is the bias) or no samples; no output channels raises
+    F.conv2d's error."""
+    inputs = _inputs(*shape)
+    got, expected = run(_cpp, inputs), run(_ref, inputs)
+    for name, g, e in zip(NAMES, got, expected):
+        assert g.shape == e.shape and torch.equal(g, e), name
+    with pytest.raises(RuntimeError, match="weight to be at least 1"):
+        _cpp(*_inputs(2, 3, 0, 3, 5))
 
 
 def test_other_dtypes_and_autocast_run_conv2d():
@@ -85,19 +98,32 @@ def test_other_dtypes_and_autocast_run_conv2d():
         assert _cpp(x, weight, bias).dtype == F.conv2d(x, weight, bias).dtype
 
 
-def test_independent_of_thread_count():
-    inputs = [t.float() for t in _inputs(2, 40, 24, 16, 25)]
+@pytest.mark.parametrize("shape", [(2, 40, 24, 16, 25), (2, 40, 100, 4, 25)], ids=str)
+def test_independent_of_thread_count(shape):
+    """Column blocks of the forward and dx, and (C_out = 100) several row blocks of dW."""
+    inputs = [t.float() for t in _inputs(*shape)]
     assert_independent_of_thread_count(lambda: run(_cpp, inputs), NAMES)
 
 
-def test_create_graph_gives_first_order_grads_and_refuses_double_backward():
-    leaves = [t.clone().requires_grad_() for t in _inputs(2, 5, 7, 3, 5)]
-    expected = torch.autograd.grad(_cpp(*leaves).square().sum(), leaves)
-    got = torch.autograd.grad(_cpp(*leaves).square().sum(), leaves, create_graph=True)
-    for name, g, e in zip(NAMES[1:], got, expected):
-        assert torch.equal(g, e), name
-    with pytest.raises(RuntimeError, match="double backward"):
-        got[0].sum().backward()
+def test_gradient_penalty_double_backward_matches_conv2d():
+    """Under create_graph the gradients are differentiable ATen products: a penalty on them
+    differentiates like F.conv2d's (the first-order gradients are the same as ever)."""
+    inputs = _inputs(2, 5, 7, 3, 5)
+    results = {}
+    for name, fn in (("cpp", _cpp), ("ref", _ref)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        grads = torch.autograd.grad(fn(*leaves).square().sum(), leaves, create_graph=True)
+        results[name] = [*grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)]
+    for i, (g, e) in enumerate(zip(results["cpp"], results["ref"])):
+        assert rel_err(g, e) <= TOLERANCE[torch.float64], i
+
+
+def test_torch_func_grad_runs_conv2d():
+    """torch.func transforms cannot run a C++ autograd.Function: the op takes F.conv2d there."""
+    x, weight, bias = _inputs(2, 5, 7, 3, 5)
+    got = torch.func.grad(lambda t: _cpp(t, weight, bias).square().sum())(x)
+    expected = torch.func.grad(lambda t: _ref(t, weight, bias).square().sum())(x)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -109,6 +135,8 @@ def test_opcheck(bias):
     dy = torch.randn(2, 7, 3, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.bharnet.pointwise_conv_cpp_backward.default,
                           [dy, x.detach(), weight.flatten(1).detach(), bias])
+    strided = torch.randn(2, 5, 6, 5, dtype=torch.float64)[:, :, ::2].requires_grad_()
+    torch.library.opcheck(torch.ops.bharnet.pointwise_conv_cpp.default, [strided, *args[1:]])
 
 
 def test_torch_compile_fullgraph():
