@@ -8,8 +8,8 @@
 //
 // Every product is a GEMM on the register tiles of cpu_simd.h with P as the vector dimension:
 // y_n = W x_n and dx_n = W^T dy_n read x_n / dy_n in place (rows of P values; the last
-// P mod 16 columns from a zero-padded copy, so that no vector load passes the end of a row's
-// tensor); dW is a GEMM over the N x P products, with the narrower of x_n^T and dy_n^T packed
+// P mod (one 64-byte vector) columns from a zero-padded copy, so that no vector load passes the
+// end of the tensor); dW is a GEMM over the N x P products, with the narrower of x_n^T and dy_n^T packed
 // (transposed, rows padded) so that its rows are vectors: dW = sum_n dy_n x_n^T when
 // C_in <= C_out, else dW^T = sum_n x_n dy_n^T. Each output is summed in k order on both vector
 // widths (bitwise equal); the bias gradient in 32-byte lanes on both.
@@ -26,8 +26,6 @@
 
 namespace bharnet {
 namespace {
-
-using simd::round_up;
 
 // Output columns per task of the forward and dx GEMMs: a B panel of C x 96 values stays in
 // L2 while every row of the output is computed from it.
