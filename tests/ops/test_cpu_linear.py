@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bharnet.ops.cpu_linear import _onednn_matmul, linear, onednn_linear_applies
-from op_testing import forward_backward, rel_err
+from bharnet.ops.cpu_linear import _cpp_weight_grad, _onednn_matmul, linear, onednn_linear_applies
+from op_testing import assert_independent_of_thread_count, forward_backward, rel_err, wide_supported
 
 pytestmark = pytest.mark.skipif(_onednn_matmul() is None, reason="this PyTorch build has no oneDNN")
 
@@ -63,22 +63,63 @@ def test_non_contiguous_inputs():
         assert rel_err(g, e) < TOLERANCE, name
 
 
-def _onednn_calls(fn) -> int:
-    """How many oneDNN matmuls ``fn()`` runs (profiler events of the op)."""
+def _calls(fn, name="mkldnn::_linear_pointwise") -> int:
+    """How many times ``fn()`` runs the op ``name`` (profiler events; default oneDNN's matmul)."""
     with torch.profiler.profile() as prof:
         fn()
-    return sum(1 for e in prof.events() if e.name == "mkldnn::_linear_pointwise")
+    return sum(1 for e in prof.events() if e.name == name)
 
 
 def test_only_needed_gradients_are_computed():
-    """Forward: one matmul; backward for the weight only: one more (no dX, no db)."""
+    """Forward: one matmul; backward for the weight only: one weight-gradient product (the C++
+    kernel, or a oneDNN matmul without the extension), no dX, no db."""
     x, w, b = [t.float() for t in _inputs((5, 8), 4)]
     w.requires_grad_()
     y = linear(x, w, b)
     dw = []
-    assert _onednn_calls(lambda: dw.extend(torch.autograd.grad(y.sum(), [w]))) == 1
+    cpp = _cpp_weight_grad() is not None
+    assert _calls(lambda: dw.extend(torch.autograd.grad(y.sum(), [w]))) == (0 if cpp else 1)
     assert torch.allclose(dw[0], torch.ones(5, 4).t() @ x, rtol=1e-5, atol=1e-6)
-    assert _onednn_calls(lambda: linear(x, w, b)) == 1
+    y = linear(x, w, b)
+    assert _calls(lambda: torch.autograd.grad(y.sum(), [w]), "bharnet::linear_weight_grad_cpp") == int(cpp)
+    assert _calls(lambda: linear(x, w, b)) == 1
+
+
+# (M, N, K): K a whole number of 16-float vectors or not (edge columns of several widths), one
+# row, more rows than one block of the sum (256), more output rows and columns than one task.
+WEIGHT_GRAD_SHAPES = [(7, 3, 5), (1, 19, 37), (300, 17, 33), (513, 100, 256), (40, 130, 200)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", WEIGHT_GRAD_SHAPES, ids=str)
+def test_cpp_weight_grad_matches_fp64(shape, dtype, cpu_vector_bytes):
+    if _cpp_weight_grad() is None:
+        pytest.skip("the C++ extension cannot load")
+    M, N, K = shape
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(M, N, generator=g, dtype=torch.float64), torch.randn(M, K, generator=g, dtype=torch.float64)
+    got = _cpp_weight_grad()(dy.to(dtype), x.to(dtype))
+    assert got.dtype == dtype and got.shape == (N, K)
+    assert rel_err(got, dy.t() @ x) < (1e-12 if dtype == torch.float64 else TOLERANCE)
+
+
+def test_cpp_weight_grad_is_independent_of_threads_and_width():
+    if _cpp_weight_grad() is None:
+        pytest.skip("the C++ extension cannot load")
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(300, 100, generator=g), torch.randn(300, 200, generator=g)
+    assert_independent_of_thread_count(lambda: [_cpp_weight_grad()(dy, x)], ["dw"])
+    if wide_supported():
+        op, previous = torch.ops.bharnet.cpu_vector_bytes, torch.ops.bharnet.cpu_vector_bytes(0)
+        results = []
+        try:
+            for width in (32, 64):
+                op(width)
+                results.append(_cpp_weight_grad()(dy, x))
+        finally:
+            op(previous)
+        assert torch.equal(*results)
+    torch.library.opcheck(torch.ops.bharnet.linear_weight_grad_cpp.default, [dy[:7, :5], x[:7, :9]])
 
 
 @pytest.mark.parametrize("bias_shape", [(), (1,)], ids=["scalar", "one"])
