@@ -1,17 +1,18 @@
-// Autograd of bharnet::ctr_graph_conv_cpp, bharnet::temporal_max_pool and
-// bharnet::pointwise_conv_cpp, registered in C++ for the Autograd dispatch key (CPU and CUDA
-// alike). Recording the graph and running the backward node then cost a few microseconds per
-// call instead of the ~15 us per forward and ~10 us per backward of an autograd registered
-// from Python (torch.library.register_autograd; measured on this project's 2-core EPYC), a
-// sizeable share of these ops' time at one-clip shapes. The other C++ ops keep their Python
-// autograd: deformable_temporal_conv_cpp's backward reads a Python-side convention
-// (bharnet/ops/deformable_temporal_conv.py) and the attention core's calls are a negligible
-// share of a layer's time.
+// Autograd of bharnet::ctr_graph_conv_cpp, bharnet::temporal_max_pool,
+// bharnet::pointwise_conv_cpp and bharnet::batch_norm_train_cpp, registered in C++ for the
+// Autograd dispatch key (CPU and CUDA alike). Recording the graph and running the backward node
+// then cost a few microseconds per call instead of the ~15 us per forward and ~10 us per
+// backward of an autograd registered from Python (torch.library.register_autograd; measured on
+// this project's 2-core EPYC), a sizeable share of these ops' time at one-clip shapes. The
+// other C++ ops keep their Python autograd: deformable_temporal_conv_cpp's backward reads a
+// Python-side convention (bharnet/ops/deformable_temporal_conv.py) and the attention core's
+// calls are a negligible share of a layer's time.
 //
 // The forwards save only what their backward ops take, and the backward ops run below the
 // autograd key. Under create_graph the graph convolution's and the max-pool's gradients come
 // back wrapped like Python's once_differentiable (differentiating them again raises); the 1x1
-// convolution's are then computed by differentiable ATen products.
+// convolution's are then computed by differentiable ATen products, and the batch norm's
+// backward is ATen's own, differentiable too.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -161,10 +162,47 @@ at::Tensor pointwise_conv_autograd(const at::Tensor& x, const at::Tensor& weight
   return PointwiseConv::apply(x, weight, bias);
 }
 
+// batch_norm_train_cpp: the backward is ATen's own (differentiable again under create_graph).
+struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+                               const OptTensor& bias, double eps) {
+    static const auto op =
+        find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&,
+                                                                           const OptTensor&, double)>(
+            "bharnet::batch_norm_train_cpp");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, invstd, var] = op.call(x, weight, bias, eps);
+    ctx->save_for_backward({x, or_undefined(weight), mean, invstd});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bias"] = bias.has_value();
+    ctx->mark_non_differentiable({mean, invstd, var});
+    return {y, mean, invstd, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[1];
+    auto [dx, dweight, dbias] = at::native_batch_norm_backward(
+        grads[0], saved[0], weight.defined() ? OptTensor(weight) : std::nullopt, std::nullopt, std::nullopt,
+        saved[2], saved[3], true, ctx->saved_data["eps"].toDouble(),
+        {true, weight.defined(), ctx->saved_data["bias"].toBool()});
+    return {dx, dweight, dbias, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_autograd(const at::Tensor& x,
+                                                                                     const OptTensor& weight,
+                                                                                     const OptTensor& bias,
+                                                                                     double eps) {
+  auto outputs = BatchNormTrain::apply(x, weight, bias, eps);
+  return {outputs[0], outputs[1], outputs[2], outputs[3]};
+}
+
 }  // namespace
 }  // namespace bharnet
 
 TORCH_LIBRARY_IMPL(bharnet, Autograd, m) {
+  m.impl("batch_norm_train_cpp", &bharnet::batch_norm_train_autograd);
   m.impl("ctr_graph_conv_cpp", &bharnet::ctr_graph_conv_autograd);
   m.impl("temporal_max_pool", &bharnet::temporal_max_pool_autograd);
   m.impl("pointwise_conv_cpp", &bharnet::pointwise_conv_autograd);

@@ -26,7 +26,7 @@ GRAPH_BY_JOINTS: Dict[int, Graph] = {g.num_nodes: g for g in (BODY, HANDS, UNIFI
 OP_FUNCTIONS: Dict[str, Callable[..., torch.Tensor]] = {
     name: getattr(ops, name)
     for name in ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention", "bone", "temporal_max_pool",
-                 "pointwise_conv")
+                 "pointwise_conv", "batch_norm")
     if hasattr(ops, name)
 }
 
@@ -142,6 +142,18 @@ def pointwise_case(B: int, C_in: int, C_out: int, T: int, V: int, stride: int = 
                   memory_bound=False, fwd_flops=flops, bwd_flops=2 * flops)
 
 
+def batch_norm_case(B: int, C: int, T: int, V: int) -> OpCase:
+    """A training-mode batch norm of ``x`` (B, C, T, V) with running statistics (updated)."""
+
+    def make(device, dtype):
+        x = _act(B, C, T, V, device=device, dtype=dtype)
+        weight, bias = _param(C, device=device), _param(C, device=device)
+        running = torch.zeros(C, device=device), torch.ones(C, device=device)
+        return OpInputs((x, *running, weight, bias, True, 0.1, 1e-5), (x, weight, bias))
+
+    return OpCase("batch_norm", f"C{C} T{T} V{V}", dict(B=B, C=C, T=T, V=V), make)
+
+
 def attention_case(N: int, Lq: int, Lk: int, D: int, heads: int) -> OpCase:
     """Pre-LN cross-attention with residual: queries (N, Lq, D) attend keys/values (N, Lk, D),
     no key mask (the models pass none).
@@ -204,6 +216,9 @@ def _full_cases(op: str, batch: int) -> List[OpCase]:
     if op == "pointwise_conv":  # BHaRNet-E's: CTR-GC's v (C -> 3C) and qk, MSTCN branches (C -> C/4)
         shapes = [(64, 192, 64, 25), (128, 384, 32, 42), (256, 768, 16, 42), (256, 64, 16, 42), (128, 32, 32, 42)]
         return [pointwise_case(batch, *shape) for shape in shapes] + [pointwise_case(batch, 64, 128, 64, 25, 2)]
+    if op == "batch_norm":  # after the graph convolutions (C) and the MSTCN branches (C / 4)
+        return [batch_norm_case(batch, C, T, V) for C, T, V in [(64, 64, 25), (64, 64, 42), (128, 32, 42),
+                                                                (256, 16, 42), (16, 64, 42)]]
     raise ValueError(f"unknown op {op!r}; expected one of {list(OP_FUNCTIONS)}")
 
 
@@ -221,4 +236,6 @@ def quick_cases(op: str) -> List[OpCase]:
         return [pool_case(4, 8, 16, 25), pool_case(4, 8, 16, 42, stride=2)]
     if op == "pointwise_conv":
         return [pointwise_case(4, 16, 48, 16, 25), pointwise_case(4, 32, 8, 16, 42, stride=2)]
+    if op == "batch_norm":
+        return [batch_norm_case(4, 16, 16, 25)]
     raise ValueError(f"unknown op {op!r}; expected one of {list(OP_FUNCTIONS)}")

@@ -3,11 +3,12 @@ from .attention import CrossAttention, TokenCrossAttention, masked_softmax_atten
 from .block import GCNBlock, make_blocks
 from .conv import PointwiseConv2d
 from .graph_conv import CTRGraphConv, STGraphConv
+from .norm import BatchNorm2d
 from .pooling import PoolingAttention, global_pool
 from .temporal import DeformableTemporalConv, MultiScaleTemporalConv, TemporalMaxPool
 
 __all__ = [
-    "CrossAttention", "TokenCrossAttention", "masked_softmax_attention", "GCNBlock", "make_blocks",
-    "CTRGraphConv", "STGraphConv", "PoolingAttention", "global_pool", "DeformableTemporalConv",
+    "BatchNorm2d", "CrossAttention", "TokenCrossAttention", "masked_softmax_attention", "GCNBlock",
+    "make_blocks", "CTRGraphConv", "STGraphConv", "PoolingAttention", "global_pool", "DeformableTemporalConv",
     "MultiScaleTemporalConv", "PointwiseConv2d", "TemporalMaxPool",
 ]

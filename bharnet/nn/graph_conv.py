@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops import ctr_graph_conv
 from .conv import PointwiseConv2d
+from .norm import BatchNorm2d
 
 
 def _adjacency_parameter(A) -> nn.Parameter:
@@ -36,7 +37,7 @@ class STGraphConv(nn.Module):
         self.num_subsets = self.A.shape[0]
         self.out_channels = out_channels
         self.conv_v = PointwiseConv2d(in_channels, self.num_subsets * out_channels, impl=impl)
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = BatchNorm2d(out_channels, impl=impl)
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class CTRGraphConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(H, groups))
         self.alpha = nn.Parameter(torch.zeros(1))
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = BatchNorm2d(out_channels, impl=impl)
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

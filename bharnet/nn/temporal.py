@@ -8,6 +8,7 @@ from torch import nn
 
 from ..ops import deformable_temporal_conv, temporal_max_pool
 from .conv import PointwiseConv2d
+from .norm import BatchNorm2d
 
 
 class DeformableTemporalConv(nn.Module):
@@ -31,7 +32,7 @@ class DeformableTemporalConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, num_offsets))
         self.bias = nn.Parameter(torch.zeros(out_channels))
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = BatchNorm2d(out_channels, impl=impl)
         self.stride = stride
         self.impl = impl
 
@@ -62,7 +63,8 @@ class TemporalMaxPool(nn.Module):
 
 def conv_bn(in_channels: int, out_channels: int, stride: int = 1, impl: Optional[str] = None) -> nn.Sequential:
     """1x1 convolution (temporal stride ``stride``) followed by BN."""
-    return nn.Sequential(PointwiseConv2d(in_channels, out_channels, stride, impl=impl), nn.BatchNorm2d(out_channels))
+    return nn.Sequential(PointwiseConv2d(in_channels, out_channels, stride, impl=impl),
+                         BatchNorm2d(out_channels, impl=impl))
 
 
 class MultiScaleTemporalConv(nn.Module):
@@ -86,7 +88,7 @@ class MultiScaleTemporalConv(nn.Module):
             for d in dilations)
         self.branches.append(nn.Sequential(
             conv_bn(in_channels, c, impl=impl), act,
-            TemporalMaxPool(3, stride, 1, impl=impl), nn.BatchNorm2d(c)))
+            TemporalMaxPool(3, stride, 1, impl=impl), BatchNorm2d(c, impl=impl)))
         self.branches.append(conv_bn(in_channels, c, stride, impl=impl))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from .deformable_temporal_conv import deformable_temporal_conv, deformable_tempo
 from .cross_attention import cross_attention, cross_attention_reference
 from .temporal_max_pool import temporal_max_pool, temporal_max_pool_reference
 from .pointwise_conv import pointwise_conv, pointwise_conv_reference
+from .batch_norm import batch_norm, batch_norm_reference
 
 __all__ = [
     "BACKENDS", "get_backend", "resolve", "use_backend", "bone", "bone_reference",
@@ -14,5 +15,5 @@ __all__ = [
     "deformable_temporal_conv", "deformable_temporal_conv_reference",
     "cross_attention", "cross_attention_reference",
     "temporal_max_pool", "temporal_max_pool_reference",
-    "pointwise_conv", "pointwise_conv_reference",
+    "pointwise_conv", "pointwise_conv_reference", "batch_norm", "batch_norm_reference",
 ]

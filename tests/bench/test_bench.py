@@ -110,7 +110,7 @@ def test_full_op_shapes_at_another_batch_say_so_in_their_labels():
     B (sequence mode) for cross-attention, B / 2 clips for the bone features."""
     expected = {"ctr_graph_conv": ("B", [2] * 7), "deformable_temporal_conv": ("B", [2] * 7),
                 "cross_attention": ("N", [32, 2]), "bone": ("N", [1, 1]), "temporal_max_pool": ("B", [2] * 5),
-                "pointwise_conv": ("B", [2] * 6)}
+                "pointwise_conv": ("B", [2] * 6), "batch_norm": ("B", [2] * 5)}
     for op in OP_FUNCTIONS:
         default, clip = full_cases(op), full_cases(op, 2)
         key, batches = expected[op]
