@@ -249,8 +249,8 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     Speed (full-size BHaRNet-E, one clip of 2 persons x 64 frames, float32, ``auto`` = C++
     kernels with channels-last features, on this project's 2-core AMD EPYC with 2 threads):
     2.30x-2.91x the eager reference model in the ``bharnet bench`` runs of 2026-11-26/27 after
-    the channels-last path (77.7 vs 188.2 ms in the last; the C++ kernels alone, unfused,
-    2.26x-2.34x since the 1x1 convolutions run on them too); see the README's performance
+    the channels-last path (76.0 vs 180.5 ms in the last; the C++ kernels alone, unfused,
+    2.21x-2.34x since the 1x1 convolutions run on them too); see the README's performance
     section for the latest run.
     On Linux with glibc, large activations freed by one call are returned to the OS and faulted
     back in by the next: call :func:`keep_freed_memory` once (or set ``MALLOC_MMAP_THRESHOLD_``
