@@ -26,6 +26,6 @@ class PointwiseConv2d(nn.Conv2d):
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:  # unbatched input: nn.Conv2d's own path
+        if x.dim() != 4 or x.device.type != "cpu":  # unbatched, or off the CPU: every backend is F.conv2d
             return super().forward(x)
         return pointwise_conv(x, self.weight, self.bias, self.stride[0], backend=self.impl)
