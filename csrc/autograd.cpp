@@ -185,7 +185,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     auto [dx, dweight, dbias] = at::native_batch_norm_backward(
         grads[0], saved[0], weight.defined() ? OptTensor(weight) : std::nullopt, std::nullopt, std::nullopt,
         saved[2], saved[3], true, ctx->saved_data["eps"].toDouble(),
-        {true, weight.defined(), ctx->saved_data["bias"].toBool()});
+        {ctx->needs_input_grad(0), weight.defined(), ctx->saved_data["bias"].toBool()});
     return {dx, dweight, dbias, at::Tensor()};
   }
 };

@@ -13,9 +13,11 @@ class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1))`` computed by
     :func:`bharnet.ops.pointwise_conv` (``impl`` picks the backend: the C++ kernel on CPU).
 
-    An ``nn.Conv2d`` with the same parameters, initialisation and state-dict keys, so
-    checkpoints and code that handle ``nn.Conv2d`` work unchanged (its constructor takes the
-    temporal stride in place of the kernel size, which is 1).
+    An ``nn.Conv2d`` with the same parameters, initialisation and state-dict keys (its
+    constructor takes the temporal stride in place of the kernel size, which is 1): checkpoints
+    load either way, and code that finds convolutions with ``isinstance`` (BN folding) handles
+    it. Tools keyed on the exact type do not: ``torch.fx`` traces into it (nn's own layers are
+    leaves), ``torch.jit.script`` and quantization's module fusion refuse it.
     """
 
     fused_op = "pointwise_conv"  # the op behind ``impl`` (see bharnet.fast.swap_layers)

@@ -14,8 +14,11 @@ class BatchNorm2d(nn.BatchNorm2d):
     (``impl`` picks the backend: on CPU the C++ kernel computes the training-mode statistics).
 
     The same parameters, buffers, state-dict keys and running-statistics rule (``momentum``,
-    or the cumulative average with ``momentum=None``; ``track_running_stats``), so checkpoints
-    and code that handle ``nn.BatchNorm2d`` work unchanged.
+    or the cumulative average with ``momentum=None``; ``track_running_stats``): checkpoints load
+    either way, and code that finds batch norms with ``isinstance`` (BN folding, SyncBatchNorm
+    conversion) handles it. Tools keyed on the exact type do not: ``torch.fx`` traces into it
+    (nn's own layers are leaves), ``torch.jit.script`` and quantization's module fusion refuse
+    it; ``bharnet.fast.swap_layers(model, "reference")`` does not change that either.
     """
 
     fused_op = "batch_norm"  # the op behind ``impl`` (see bharnet.fast.swap_layers)

@@ -20,8 +20,9 @@ contiguous NCHW float tensor in training mode takes about 4x its own backward's 
 Backends: ``reference`` (``F.batch_norm``) and ``cpp``: the C++ forward
 (``csrc/batch_norm.cpp``, running statistics then updated here) for training-mode calls on
 non-empty float32/float64 CPU tensors with more than one value per channel, whose channels are
-not the innermost dimension (channels-last), outside CPU autocast and ``torch.func``
-transforms; everything else, evaluation mode included, is ``F.batch_norm``. A backend the op
+not the innermost dimension (channels-last), with parameters and running statistics in x's
+dtype and eps > 0, outside CPU autocast, ``torch.func`` transforms and forward-mode AD;
+everything else, evaluation mode and invalid arguments included, is ``F.batch_norm``. A backend the op
 does not have (``triton``) counts as ``auto``. Autograd is registered in C++
 (``csrc/autograd.cpp``), differentiable again under ``create_graph``. The op is
 ``torch.ops.bharnet.batch_norm_train_cpp(x, weight, bias, eps) -> (y, mean, invstd, var)``
@@ -60,15 +61,20 @@ def _register_cpp_ops_now() -> None:
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
-def _kernel_applies(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+def _kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> bool:
+    """Whether a training-mode call takes the C++ kernel; F.batch_norm raises for the invalid
+    arguments that fail here (eps <= 0, one running statistic, mismatched dtypes)."""
     channels_innermost = not x.is_contiguous() and x.stride(1) == 1
     return (x.device.type == "cpu" and x.dtype in CPP_DTYPES and x.dim() >= 2 and x.numel() > x.shape[1]
-            and all(t is None or t.dtype == x.dtype for t in (weight, bias)) and not channels_innermost
-            and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active())
+            and all(t is None or t.dtype == x.dtype for t in (weight, bias, running_mean, running_var))
+            and (running_mean is None) == (running_var is None) and eps > 0 and not channels_innermost
+            and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0)  # a C++ autograd.Function has no forward AD
 
 
 def _batch_norm_cpp(x, running_mean, running_var, weight, bias, training, momentum, eps):
-    if not (training and _kernel_applies(x, weight, bias)):  # F.batch_norm (module docstring)
+    if not (training and _kernel_applies(x, running_mean, running_var, weight, bias, eps)):  # F.batch_norm
         return batch_norm_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
     _register_cpp_ops()
     y, mean, _, var = torch.ops.bharnet.batch_norm_train_cpp(x, weight, bias, eps)

@@ -19,8 +19,8 @@ on this project's 2-core EPYC, most for the thin convolutions).
 Backends: ``reference`` (``F.conv2d``) and ``cpp``: the C++ kernel for non-empty float32/
 float64 CPU tensors whose channels are not the innermost dimension. Everything else runs
 ``F.conv2d`` under ``cpp`` too: other devices (cuDNN), other dtypes, calls under CPU autocast
-(which runs the convolution in bfloat16, as for ``F.conv2d``) or inside ``torch.func``
-transforms, empty tensors, and channels-last ``x`` (or a view of one), for which oneDNN's own
+(which runs the convolution in bfloat16, as for ``F.conv2d``), inside ``torch.func``
+transforms or forward-mode AD, empty tensors, and channels-last ``x`` (or a view of one), for which oneDNN's own
 layout is already the fast one (``bharnet.fast`` makes the inference path channels-last). A
 backend the op does not have (``triton``) counts as ``auto``. Autograd is registered in C++
 (``csrc/autograd.cpp``); under ``create_graph`` the gradients are computed by differentiable
@@ -68,7 +68,8 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return (x.device.type == "cpu" and x.dtype in CPP_DTYPES and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and not channels_innermost
             and x.numel() > 0 and weight.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active())
+            and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0)  # a C++ autograd.Function has no forward AD
 
 
 def _pointwise_conv_cpp(x, weight, bias, stride):

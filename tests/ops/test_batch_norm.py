@@ -134,3 +134,40 @@ def test_layer_is_the_batch_norm2d_it_replaces(momentum, track):
         torch.testing.assert_close(layer.state_dict()[key], value, rtol=1e-12, atol=1e-12, msg=key)
     layer.eval(), reference.eval()
     torch.testing.assert_close(layer(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_invalid_arguments_raise_like_batch_norm():
+    """eps <= 0, one running statistic and running statistics in another dtype go to
+    F.batch_norm, which raises its own error."""
+    x, weight, bias = _inputs(2, 5, 3, 7)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        _cpp(x, None, None, weight, bias, True, 0.1, 0.0)
+    with pytest.raises(ValueError, match="both be None or neither"):
+        _cpp(x, torch.zeros(5, dtype=torch.float64), None, weight, bias, True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        _cpp(x, torch.zeros(5), torch.ones(5), weight, bias, True, 0.1, 1e-5)
+
+
+def test_forward_mode_ad_runs_batch_norm():
+    """A C++ autograd.Function has no forward-mode formula: dual tensors take F.batch_norm."""
+    import torch.autograd.forward_ad as fwAD
+    x, weight, bias = _inputs(2, 5, 3, 7)
+    tangent = torch.randn_like(x)
+    results = []
+    for fn in (_cpp, batch_norm_reference):
+        with fwAD.dual_level():
+            y = fn(fwAD.make_dual(x, tangent), None, None, weight, bias, True, 0.1, 1e-5)
+            results.append(fwAD.unpack_dual(y).tangent)
+    assert torch.equal(*results)
+
+
+def test_float32_precision_with_a_mean_far_from_zero():
+    """Mean 100 x std over 64 x 50 positions: no worse than F.batch_norm's own float32 result
+    (both against float64)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 64, 50, generator=gen, dtype=torch.float64) + 100
+    x32 = x.float().double()  # the float32 inputs, exactly
+    expected = F.batch_norm(x32, None, None, training=True)
+    ours = _cpp(x32.float(), None, None, None, None, True, 0.1, 1e-5)
+    torch_f32 = F.batch_norm(x32.float(), None, None, training=True)
+    assert rel_err(ours, expected) <= max(1e-6, 2 * rel_err(torch_f32, expected))

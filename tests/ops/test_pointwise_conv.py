@@ -190,3 +190,15 @@ def test_layer_is_the_conv2d_it_replaces(stride):
     assert torch.equal(layer(x[0]), conv(x[0]))  # unbatched input: nn.Conv2d's own path
     with bharnet.ops.use_backend("triton"):  # no triton backend: auto
         assert layer.impl == "cpp" and swap_layers(layer, "triton").impl == "auto"
+
+
+def test_forward_mode_ad_runs_conv2d():
+    """A C++ autograd.Function has no forward-mode formula: dual tensors take F.conv2d."""
+    import torch.autograd.forward_ad as fwAD
+    x, weight, bias = _inputs(2, 5, 7, 3, 5)
+    tangent = torch.randn_like(x)
+    results = []
+    for fn in (_cpp, _ref):
+        with fwAD.dual_level():
+            results.append(fwAD.unpack_dual(fn(fwAD.make_dual(x, tangent), weight, bias)).tangent)
+    assert torch.equal(*results)
