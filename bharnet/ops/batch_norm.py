@@ -38,9 +38,9 @@ from torch import Tensor
 
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
+from ._checks import nn_layer_kernel_applies
 
 OP_NAME = "batch_norm"
-CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def batch_norm_reference(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -65,12 +65,9 @@ def _kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
                     weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> bool:
     """Whether a training-mode call takes the C++ kernel; F.batch_norm raises for the invalid
     arguments that fail here (eps <= 0, one running statistic, mismatched dtypes)."""
-    channels_innermost = not x.is_contiguous() and x.stride(1) == 1
-    return (x.device.type == "cpu" and x.dtype in CPP_DTYPES and x.dim() >= 2 and x.numel() > x.shape[1]
+    return (nn_layer_kernel_applies(x) and x.dim() >= 2 and x.numel() > x.shape[1]
             and all(t is None or t.dtype == x.dtype for t in (weight, bias, running_mean, running_var))
-            and (running_mean is None) == (running_var is None) and eps > 0 and not channels_innermost
-            and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
-            and torch.autograd.forward_ad._current_level < 0)  # a C++ autograd.Function has no forward AD
+            and (running_mean is None) == (running_var is None) and eps > 0)
 
 
 def _batch_norm_cpp(x, running_mean, running_var, weight, bias, training, momentum, eps):

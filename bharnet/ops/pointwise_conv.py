@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
+from ._checks import nn_layer_kernel_applies
 
 OP_NAME = "pointwise_conv"
-CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def pointwise_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -64,12 +64,8 @@ _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    channels_innermost = not x.is_contiguous() and x.stride(1) == 1  # channels-last, or a view of it
-    return (x.device.type == "cpu" and x.dtype in CPP_DTYPES and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype) and not channels_innermost
-            and x.numel() > 0 and weight.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
-            and torch.autograd.forward_ad._current_level < 0)  # a C++ autograd.Function has no forward AD
+    return (nn_layer_kernel_applies(x) and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+            and x.numel() > 0 and weight.numel() > 0)
 
 
 def _pointwise_conv_cpp(x, weight, bias, stride):
