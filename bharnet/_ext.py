@@ -106,6 +106,12 @@ def cpp_backend_availability(cuda_op: str) -> Callable[[str], Optional[str]]:
     return availability
 
 
+def cpp_on_cpu_availability(device_type: str) -> Optional[str]:
+    """The availability rule of a ``cpp`` backend whose C++ kernels are CPU-only and which runs
+    PyTorch's own op on other devices: :func:`cpp_availability` on CPU, always usable elsewhere."""
+    return cpp_availability(device_type) if device_type == "cpu" else None
+
+
 def registered_after_loading(register: Callable[[], None]) -> Callable[[], bool]:
     """A function that loads the extension and then runs ``register`` (the fake impls and
     autograd of an op's C++ ops) the first time it is called, and does nothing afterwards.

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if !defined(__GNUC__)
 #error "bharnet's CPU kernels use GCC/Clang vector extensions; build with GCC or Clang"
@@ -197,6 +198,57 @@ BHARNET_INLINE void add_products_in_32_byte_lanes(vec<T, 32>& total, const vec<T
     total += half_of<T>(a, 0) * half_of<T>(b, 0);
     total += half_of<T>(a, 1) * half_of<T>(b, 1);
   }
+}
+
+// Chunks of a row summed in the lanes of sum_rows before they go into its double total (each
+// lane then sums at most kFlushChunks / 4 values in T).
+constexpr int64_t kFlushChunks = 256;
+
+// sum over rows n < N (row stride row_stride) of f(x) over each row's P values, with
+// f(x) = x - centre, or (x - centre)^2 for Squares: four 32-byte lane vectors (chunk i of a row
+// into vector i mod 4, a single running sum would wait on each addition's latency), their lanes
+// added to a double total every kFlushChunks chunks, then the row's last P mod 8 values in double.
+// The same 32-byte operations on every vector width.
+template <typename T, bool Squares = false>
+BHARNET_INLINE double sum_rows(const T* x, int64_t N, int64_t row_stride, int64_t P, T centre = T(0)) {
+  constexpr int L = kLanes<T, 32>;
+  const int64_t chunks_end = P / L * L;
+  const auto c = broadcast<T, 32>(centre);
+  double total = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = x + n * row_stride;
+    for (int64_t p0 = 0; p0 < chunks_end; p0 += kFlushChunks * L) {
+      vec<T, 32> lanes[4] = {};
+      for (int64_t p = p0; p < std::min(chunks_end, p0 + kFlushChunks * L); p += L) {
+        const auto d = load<T, 32>(row + p) - c;
+        lanes[(p / L) % 4] += Squares ? d * d : d;
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int l = 0; l < L; ++l) total += lanes[i][l];
+    }
+    for (int64_t p = chunks_end; p < P; ++p) {
+      const double d = static_cast<double>(row[p]) - centre;
+      total += Squares ? d * d : d;
+    }
+  }
+  return total;
+}
+
+// A row-major GEMM operand of n columns is read in place for its first edge_start(n) columns
+// (whole 64-byte vectors, so that no vector load passes the end of a row, or of the tensor);
+// copy_edge gives the others: rows of kEdgeColumns values, zero-padded.
+template <typename T> constexpr int64_t kEdgeColumns = kLanes<T, 64>;
+
+template <typename T>
+inline int64_t edge_start(int64_t n) { return n / kEdgeColumns<T> * kEdgeColumns<T>; }
+
+// edge = columns [edge_start(n), n) of the `rows` rows of src (row stride n), zero-padded.
+template <typename T>
+inline void copy_edge(const T* src, int64_t rows, int64_t n, std::vector<T>& edge) {
+  const int64_t start = edge_start<T>(n);
+  edge.assign(rows * kEdgeColumns<T>, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = start; c < n; ++c) edge[r * kEdgeColumns<T> + c - start] = src[r * n + c];
 }
 
 template <typename T> struct TypeTag { typedef T type; };

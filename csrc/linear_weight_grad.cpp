@@ -26,10 +26,8 @@ namespace {
 constexpr int64_t kRowBlock = 256;
 // Output rows and columns per task.
 constexpr int64_t kTaskRows = 48, kTaskColumns = 96;
-// The vector width that the in-place columns are whole multiples of.
-template <typename T> constexpr int64_t kEdge = simd::kLanes<T, 64>;
 
-// dW rows [r0, r1) x columns [c0, c1); `edge`: columns [c0, K) of x, zero-padded to kEdge
+// dW rows [r0, r1) x columns [c0, c1); `edge`: simd::copy_edge of x, for columns [c0, K)
 // (null for in-place columns).
 template <typename T>
 struct WeightGradBlock {
@@ -37,7 +35,7 @@ struct WeightGradBlock {
   static BHARNET_INLINE void run(int64_t M, int64_t N, int64_t K, const T* dy, const T* x, int64_t r0, int64_t r1,
                                  int64_t c0, int64_t c1, const T* edge, T* dw) {
     const T* src = edge ? edge : x + c0;
-    const int64_t ldb = edge ? kEdge<T> : K;
+    const int64_t ldb = edge ? simd::kEdgeColumns<T> : K;
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t mb = std::min(kRowBlock, M - m0);
       simd::tiles<T, Bytes>(r1 - r0, c1 - c0, [&](auto& tile, int64_t r, int rows, int64_t n0, int cols)
@@ -69,13 +67,9 @@ at::Tensor weight_grad_cpu(const at::Tensor& dy_in, const at::Tensor& x_in) {
     const T* dyp = dy.data_ptr<T>();
     const T* xp = x.data_ptr<T>();
     T* dwp = dw.data_ptr<T>();
-    const int64_t in_place = K / kEdge<T> * kEdge<T>;
+    const int64_t in_place = simd::edge_start<T>(K);
     std::vector<T> edge;
-    if (in_place < K) {
-      edge.assign(M * kEdge<T>, T(0));
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = in_place; k < K; ++k) edge[m * kEdge<T> + k - in_place] = xp[m * K + k];
-    }
+    if (in_place < K) simd::copy_edge(xp, M, K, edge);
     const int64_t row_tasks = (N + kTaskRows - 1) / kTaskRows;
     const int64_t column_tasks = (in_place + kTaskColumns - 1) / kTaskColumns + (in_place < K ? 1 : 0);
     at::parallel_for(0, row_tasks * column_tasks, 1, [&](int64_t begin, int64_t end) {

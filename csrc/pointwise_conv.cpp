@@ -12,7 +12,7 @@
 // end of the tensor); dW is a GEMM over the N x P products, with the narrower of x_n^T and dy_n^T packed
 // (transposed, rows padded) so that its rows are vectors: dW = sum_n dy_n x_n^T when
 // C_in <= C_out, else dW^T = sum_n x_n dy_n^T. Each output is summed in k order on both vector
-// widths (bitwise equal); the bias gradient in 32-byte lanes on both.
+// widths (bitwise equal); the bias gradient by simd::sum_rows (32-byte lanes on both).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,8 +32,6 @@ namespace {
 constexpr int64_t kColumnBlock = 96;
 // Products per K block of the dW GEMM (a packed block of kKBlock rows stays in cache).
 constexpr int64_t kKBlock = 128;
-// Columns read from a padded copy: P rounded down to whole 64-byte vectors is read in place.
-template <typename T> constexpr int64_t kEdge = simd::kLanes<T, 64>;
 
 struct PwSizes {
   int64_t N, Cin, Cout, P;
@@ -41,7 +39,7 @@ struct PwSizes {
 
 // C (M x P, row stride P) = A (M x K; A(r, k) = a[r sam + k sak]) B (K x P, row stride P)
 // (+ bias[r]) for columns [c0, c1) of whole vectors read in place, or for the edge columns
-// [c0, P) from `edge` (K x kEdge, zero-padded) when c0 is the edge.
+// [c0, P) from `edge` (simd::copy_edge of B) when c0 is the edge.
 template <typename T>
 struct ColumnBlock {
   template <int Bytes>
@@ -49,7 +47,7 @@ struct ColumnBlock {
                                  const T* bias, int64_t c0, int64_t c1, const T* edge, T* c) {
     const bool at_edge = edge != nullptr;
     const T* src = at_edge ? edge : b + c0;
-    const int64_t ldb = at_edge ? kEdge<T> : P;
+    const int64_t ldb = at_edge ? simd::kEdgeColumns<T> : P;
     simd::tiles<T, Bytes>(M, c1 - c0, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
                                           __attribute__((always_inline)) {
       if (bias) tile.fill_rows(bias + m, rows);
@@ -64,7 +62,7 @@ struct ColumnBlock {
 template <typename T>
 void column_gemms(const PwSizes& s, int64_t M, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
                   int64_t b_stride, const T* bias, T* c, int64_t c_stride) {
-  const int64_t in_place = s.P / kEdge<T> * kEdge<T>;
+  const int64_t in_place = simd::edge_start<T>(s.P);
   const int64_t blocks = (in_place + kColumnBlock - 1) / kColumnBlock + (in_place < s.P ? 1 : 0);
   at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> edge;
@@ -72,10 +70,8 @@ void column_gemms(const PwSizes& s, int64_t M, int64_t K, const T* a, int64_t sa
       const int64_t n = task / blocks, block = task % blocks;
       const T* bn = b + n * b_stride;
       const int64_t c0 = block * kColumnBlock;
-      if (c0 >= in_place) {  // the last P mod kEdge columns, from a zero-padded copy
-        edge.assign(K * kEdge<T>, T(0));
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t p = in_place; p < s.P; ++p) edge[k * kEdge<T> + p - in_place] = bn[k * s.P + p];
+      if (c0 >= in_place) {  // the last columns, from a zero-padded copy
+        simd::copy_edge(bn, K, s.P, edge);
         simd::run_per_isa<ColumnBlock<T>>(M, K, s.P, a, sam, sak, bn, bias, in_place, s.P,
                                           static_cast<const T*>(edge.data()), c + n * c_stride);
       } else {
@@ -126,25 +122,10 @@ struct WeightGradRows {
   }
 };
 
-// db[o] = sum_{n, p} dy[n, o, p] for o in [o0, o1): each row of P values summed in four
-// 32-byte lane vectors (8-value chunk c into vector c mod 4; a single running sum would wait on
-// each addition's latency), then their lanes and the last P mod 8 values in double.
+// db[o] = sum_{n, p} dy[n, o, p] for o in [o0, o1) (simd::sum_rows, compiled per ISA).
 template <typename T>
 BHARNET_CLONES void bias_grad_rows(const PwSizes& s, const T* dy, int64_t o0, int64_t o1, T* db) {
-  constexpr int L = simd::kLanes<T, 32>;
-  const int64_t chunks_end = s.P / L * L;
-  for (int64_t o = o0; o < o1; ++o) {
-    double total = 0.0;
-    for (int64_t n = 0; n < s.N; ++n) {
-      const T* row = dy + (n * s.Cout + o) * s.P;
-      simd::vec<T, 32> lanes[4] = {};
-      for (int64_t p = 0; p < chunks_end; p += L) lanes[(p / L) % 4] += simd::load<T, 32>(row + p);
-      for (int c = 0; c < 4; ++c)
-        for (int i = 0; i < L; ++i) total += lanes[c][i];
-      for (int64_t p = chunks_end; p < s.P; ++p) total += row[p];
-    }
-    db[o] = static_cast<T>(total);
-  }
+  for (int64_t o = o0; o < o1; ++o) db[o] = static_cast<T>(simd::sum_rows(dy + o * s.P, s.N, s.Cout * s.P, s.P));
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -199,7 +180,8 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, cons
 
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_cpu(const at::Tensor& dy_in,
                                                                            const at::Tensor& x_in,
-                                                                           const at::Tensor& weight_in, bool bias_grad) {
+                                                                           const at::Tensor& weight_in,
+                                                                           bool bias_grad) {
   check_inputs(x_in, weight_in, std::nullopt);
   const auto x = x_in.contiguous(), weight = weight_in.contiguous();
   const PwSizes s = sizes_of(x, weight);

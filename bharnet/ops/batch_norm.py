@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._ext import cpp_availability, registered_after_loading
+from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
 from ._checks import nn_layer_kernel_applies
 
@@ -84,12 +84,8 @@ def _batch_norm_cpp(x, running_mean, running_var, weight, bias, training, moment
     return y
 
 
-def _cpp_availability(device_type: str) -> Optional[str]:
-    return cpp_availability(device_type) if device_type == "cpu" else None
-
-
 _IMPLS = {"reference": batch_norm_reference, "cpp": _batch_norm_cpp}
-register_backend(OP_NAME, "cpp", _cpp_availability)
+register_backend(OP_NAME, "cpp", cpp_on_cpu_availability)
 
 
 def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

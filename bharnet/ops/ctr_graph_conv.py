@@ -304,7 +304,6 @@ def _register_cpp_ops_now() -> None:
         return _static_backward_fake(dy, v, A)
 
 
-
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 

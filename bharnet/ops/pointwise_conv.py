@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._ext import cpp_availability, registered_after_loading
+from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
 from ._checks import nn_layer_kernel_applies
 
@@ -75,12 +75,8 @@ def _pointwise_conv_cpp(x, weight, bias, stride):
     return torch.ops.bharnet.pointwise_conv_cpp(x[:, :, ::stride] if stride > 1 else x, weight.flatten(1), bias)
 
 
-def _cpp_availability(device_type: str) -> Optional[str]:
-    return cpp_availability(device_type) if device_type == "cpu" else None
-
-
 _IMPLS = {"reference": pointwise_conv_reference, "cpp": _pointwise_conv_cpp}
-register_backend(OP_NAME, "cpp", _cpp_availability)
+register_backend(OP_NAME, "cpp", cpp_on_cpu_availability)
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._ext import cpp_availability, registered_after_loading
+from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
 from ._checks import is_channels_last
 
@@ -92,12 +92,8 @@ def _temporal_max_pool_cpp(x, kernel, stride, padding):
     return y.to(x.dtype)
 
 
-def _cpp_availability(device_type: str) -> Optional[str]:
-    return cpp_availability(device_type) if device_type == "cpu" else None
-
-
 _IMPLS = {"reference": temporal_max_pool_reference, "cpp": _temporal_max_pool_cpp}
-register_backend(OP_NAME, "cpp", _cpp_availability)
+register_backend(OP_NAME, "cpp", cpp_on_cpu_availability)
 
 
 def temporal_max_pool(x: torch.Tensor, kernel: int = 3, stride: int = 1, padding: int = 1, *,
