@@ -33,9 +33,7 @@ Restructured, after folding (each computes the same function with fewer or cheap
   by channels (:class:`SharedInputBranches`); a strided one stays separate;
 * an ``nn.MaxPool2d`` over time only becomes :class:`bharnet.nn.TemporalMaxPool` (the C++
   kernel on CPU; PyTorch's CPU max-pool is ~8x slower at these shapes; bharnet's own MSTCN
-  already uses that layer);
-* CTR-GC's ``mean_T(conv_qk x)`` becomes ``conv_qk(mean_T x)`` (:class:`MeanFirstConv`):
-  ``mean_t (W x_t + b) = W mean_t x_t + b``, the 1x1 convolution on one frame instead of T.
+  already uses that layer).
 
 Layout: on CPU with the C++ kernels (``auto`` or ``cpp``) the fused model runs its features
 channels-last (memory (N, T, V, C)): its convolution weights are channels-last, so oneDNN's
@@ -64,7 +62,6 @@ from .nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTempo
                  STGraphConv, TemporalMaxPool)
 from .ops import _backend
 from .ops._backend import BACKENDS
-from .ops._checks import is_channels_last
 
 
 def _has_backend(op: Optional[str], backend: Optional[str]) -> bool:
@@ -109,25 +106,6 @@ def _is_temporal_max_pool(pool: nn.Module) -> bool:
             and _pair(pool.kernel_size)[1] == 1 and _pair(pool.stride)[1] == 1
             and _pair(pool.padding)[1] == 0 and _pair(pool.dilation) == (1, 1)
             and 2 * _pair(pool.padding)[0] <= _pair(pool.kernel_size)[0])
-
-
-class MeanFirstConv(nn.Module):
-    """Stands in for CTR-GC's 1x1 ``conv_qk``, whose output is used only through its mean over
-    time: returns ``W mean_T(x) + b`` (B, C_out, 1, V), whose mean over time is itself and
-    equals ``mean_T conv(x)`` since the convolution is affine per frame. On one frame the
-    product is a small matrix product (a convolution call would cost more than its math)."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone())
-        self.bias = nn.Parameter(conv.bias.detach().clone().unsqueeze(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_channels_last(x):  # reduce over the outer T of memory (N, T, V, C): PyTorch's
-            mean = x.permute(0, 2, 3, 1).mean(dim=1).transpose(1, 2)  # mean(dim=2) is ~8x slower
-        else:
-            mean = x.mean(dim=2)
-        return torch.matmul(self.weight, mean).add_(self.bias).unsqueeze(2)
 
 
 def _is_pointwise(conv: nn.Module) -> bool:
@@ -271,8 +249,6 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
         if isinstance(module, (STGraphConv, CTRGraphConv)):
             t = _fold_graph_conv(module, name)
             _add_shift(fused, name, module, t)
-        if isinstance(module, CTRGraphConv):
-            module.conv_qk = MeanFirstConv(module.conv_qk)
     for name, module in list(fused.named_modules()):
         if _is_temporal_max_pool(module):
             _replace(fused, name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],

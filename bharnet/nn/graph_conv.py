@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..ops import ctr_graph_conv
+from ..ops._backend import resolve
+from ..ops._checks import is_channels_last
 from .conv import PointwiseConv2d
 from .norm import BatchNorm2d
 
@@ -21,6 +23,13 @@ def _adjacency_parameter(A) -> nn.Parameter:
     if A.dim() != 3 or A.shape[1] != A.shape[2]:
         raise ValueError(f"A must have shape (H, V, V), got {tuple(A.shape)}")
     return nn.Parameter(A.clone())
+
+
+def _mean_over_time(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(dim=2, keepdim=True)`` of (B, C, T, V) features, NCHW-contiguous (B, C, 1, V)."""
+    if is_channels_last(x):  # reduce over the outer T of memory (B, T, V, C): PyTorch's
+        return x.permute(0, 2, 3, 1).mean(dim=1).transpose(1, 2).contiguous().unsqueeze(2)  # dim=2 is ~8x slower
+    return x.mean(dim=2, keepdim=True)
 
 
 class STGraphConv(nn.Module):
@@ -54,6 +63,9 @@ class CTRGraphConv(nn.Module):
     ``y[b,c,t,i] = sum_h sum_j Aref[b,h,g(c),i,j] · v[b,h,c,t,j]``, then BN.
 
     ``R = in_channels // rel_reduction`` (8 when ``in_channels`` is 3 or 9, as in CTR-GCN).
+    On the ``reference`` backend ``q`` and ``k`` are computed in that order, as CTR-GCN does; on
+    the others as ``conv_qk(mean_T x)``, the same value (``mean_t (W x_t + b) = W mean_t x_t + b``)
+    and the same gradients for one frame's convolution instead of T.
     ``groups = out_channels`` gives CTR-GCN's per-channel topologies; the default of 4 groups
     follows the design (channels of a group share one refined topology).
     """
@@ -81,7 +93,12 @@ class CTRGraphConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, T, V = x.shape
         H, R = self.num_subsets, self.rel_channels
-        q, k = self.conv_qk(x).mean(dim=2).view(B, 2, H, R, V).unbind(1)
+        backend = resolve(self.fused_op, self.impl, x.device.type)
+        if backend == "reference":
+            qk = self.conv_qk(x).mean(dim=2)
+        else:
+            qk = self.conv_qk(_mean_over_time(x))
+        q, k = qk.view(B, 2, H, R, V).unbind(1)
         v = self.conv_v(x).view(B, H, self.out_channels, T, V)
-        y = ctr_graph_conv(v, self.A, q, k, self.weight, self.bias, self.alpha, backend=self.impl)
+        y = ctr_graph_conv(v, self.A, q, k, self.weight, self.bias, self.alpha, backend=backend)
         return self.bn(y)

@@ -70,3 +70,29 @@ def test_ctr_graph_conv_rejects_bad_shapes():
                        torch.randn(3, 3, 2), torch.randn(3, 3), torch.ones(1))
     with pytest.raises(ValueError, match="out_channels=10 must be a multiple of groups=4"):
         CTRGraphConv(8, 10, BODY.adjacency())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_ctr_graph_conv_off_reference_convolves_the_time_mean(channels_last):
+    """Off the reference backend, q and k come from conv_qk(mean_T x) (one frame): the same
+    output and gradients (every parameter and x) as the reference's mean_T(conv_qk x)."""
+    torch.manual_seed(0)
+    layer = CTRGraphConv(16, 24, BODY.adjacency()).double()
+    layer.alpha.data.fill_(0.5)
+    x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    frames = []
+    layer.conv_qk.register_forward_hook(lambda module, args, out: frames.append(args[0].shape[2]))
+    results = {}
+    for impl in ("reference", "cpp"):
+        layer.impl = layer.conv_qk.impl = layer.conv_v.impl = layer.bn.impl = impl
+        layer.zero_grad()
+        leaf = x.detach().clone().requires_grad_()
+        y = layer(leaf)
+        y.square().mean().backward()
+        results[impl] = [y.detach(), leaf.grad] + [p.grad.clone() for p in layer.parameters()]
+    assert frames == [9, 1]
+    names = ["y", "x"] + [name for name, _ in layer.named_parameters()]
+    for name, got, ref in zip(names, results["cpp"], results["reference"]):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
