@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .absent_persons import skip_absent_persons
 from .nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, PointwiseConv2d,
                  STGraphConv, TemporalMaxPool)
 from .ops import _backend
@@ -188,11 +189,6 @@ def _fold_graph_conv(gcn: nn.Module, name: str) -> torch.Tensor:
     return t
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
 @torch.no_grad()
 def _add_shift(model: nn.Module, name: str, gcn: nn.Module, t: torch.Tensor) -> None:
     """Add a folded graph convolution's shift ``t`` after its aggregation: into the bias of its
@@ -218,6 +214,10 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     channels-last (module docstring); its outputs are the same either way. The layout is chosen
     for the device the model is on when fused: fuse on the device it will run on.
 
+    For the models of :mod:`bharnet.models`, persons whose inputs are all zero (the padding of a
+    clip with fewer persons than ``num_person``) are not computed: their features depend only on
+    the weights and are put in from a one-time computation (:mod:`bharnet.absent_persons`).
+
     ``model`` is not modified: the copy has its own parameters, and a different module
     structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy
     computes the eval-mode function only, so running it in training mode raises
@@ -241,7 +241,7 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     fused = copy.deepcopy(model)
     for name, module in list(fused.named_modules()):
         if _is_conv_bn(module):
-            _replace(fused, name, _fold_conv_bn(module, name))
+            fused.set_submodule(name, _fold_conv_bn(module, name))
         elif isinstance(module, DeformableTemporalConv):
             _scale_rows(module.weight, module.bias, *_bn_affine(module.bn, f"{name}.bn"))
             module.bn = nn.Identity()
@@ -251,11 +251,11 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
             _add_shift(fused, name, module, t)
     for name, module in list(fused.named_modules()):
         if _is_temporal_max_pool(module):
-            _replace(fused, name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],
+            fused.set_submodule(name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],
                                                   _pair(module.padding)[0]))
     for name, module in list(fused.named_modules()):
         if isinstance(module, MultiScaleTemporalConv):
-            _replace(fused, name, SharedInputBranches(module.branches))
+            fused.set_submodule(name, SharedInputBranches(module.branches))
     swap_layers(fused, backend)
     if _runs_channels_last(fused, backend):
         for module in fused.modules():
@@ -264,7 +264,7 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
             if isinstance(module, GCNBlock):
                 module.register_forward_pre_hook(_channels_last_input)
     fused.register_forward_pre_hook(_refuse_training)
-    return fused
+    return skip_absent_persons(fused)
 
 
 def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:

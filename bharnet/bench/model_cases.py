@@ -4,7 +4,9 @@
   loss.backward(); optimizer.step()`` with SGD (momentum 0.9, Nesterov, weight decay 4e-4),
   batch ``clips`` x ``persons``; under ``torch.compile`` the forward and loss are compiled.
 * ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``; with
-  ``fold``, on the model fused for inference (:func:`bharnet.fast.fuse_for_inference`).
+  ``fold``, on the model fused for inference (:func:`bharnet.fast.fuse_for_inference`). Also
+  with one person present (``present=1``, the others' inputs all zero, as datasets pad a clip
+  of one person), which the fused model does not compute (:mod:`bharnet.absent_persons`).
 
 ``bf16`` runs under ``torch.autocast`` (parameters stay float32). Inputs are random skeletons
 of the NTU layout (N, 3, T, V, M) with V = 25 body joints and V = 42 hand keypoints.
@@ -28,7 +30,8 @@ INPUT_SETS = 2
 
 @dataclass(frozen=True)
 class ModelCase:
-    """``model`` in ``mode`` (``train`` or ``infer``) at a batch of ``clips`` x ``persons``."""
+    """``model`` in ``mode`` (``train`` or ``infer``) at a batch of ``clips`` x ``persons``, of
+    whom the first ``present`` are seen (None: all); the others' inputs are zero."""
 
     model: str
     mode: str
@@ -37,28 +40,36 @@ class ModelCase:
     persons: int
     frames: int
     classes: int = 120
+    present: Optional[int] = None
 
     @property
     def x(self) -> str:
-        return f"N{self.clips} M{self.persons} T{self.frames}"
+        return f"N{self.clips} M{self.persons} T{self.frames}" + ("" if self.present is None else f" P{self.present}")
 
     def config(self, dtype_name: str) -> str:
         return (f"dtype={dtype_name};preset={self.preset};N={self.clips};M={self.persons};"
-                f"T={self.frames};classes={self.classes}")
+                + ("" if self.present is None else f"present={self.present};")
+                + f"T={self.frames};classes={self.classes}")
 
 
 def model_cases(names, preset: str, clips: int, persons: int, frames: int):
-    """A training step at ``clips`` clips and single-clip inference for each model name."""
+    """A training step at ``clips`` clips and single-clip inference for each model name, the
+    latter also with one person present when there are several."""
     cases = []
     for name in names:
         cases.append(ModelCase(name, "train", preset, clips, persons, frames))
         cases.append(ModelCase(name, "infer", preset, 1, persons, frames))
+        if persons > 1:
+            cases.append(ModelCase(name, "infer", preset, 1, persons, frames, present=1))
     return cases
 
 
 def _batch(case: ModelCase, device: torch.device):
     body = torch.randn(case.clips, 3, case.frames, BODY.num_nodes, case.persons, device=device)
     hand = torch.randn(case.clips, 3, case.frames, HANDS.num_nodes, case.persons, device=device)
+    if case.present is not None:
+        body[..., case.present:] = 0
+        hand[..., case.present:] = 0
     target = torch.randint(0, case.classes, (case.clips,), device=device)
     return body, hand, target
 

@@ -218,7 +218,8 @@ def write_plots(rows: Sequence[Row], plots_dir: str, slug: str) -> List[str]:
     if model_times:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for ax, mode, title in zip(axes, MODEL_MODES, ("training step", "inference, one clip")):
-            _bars(ax, [r for r in model_times if r.mode == mode], ratios, lambda r: r.op, "eager", log=True)
+            _bars(ax, [r for r in model_times if r.mode == mode], ratios, lambda r: f"{r.op}\n{r.x}", "eager",
+                  log=True)
             ax.set_title(f"{title}: speedup over eager")
         memory = [r for r in rows if r.metric == "peak_mem" and r.mode == "train"]
         _bars(axes[2], memory, {row_key(r): r.p50 for r in memory}, lambda r: r.op)

@@ -1,0 +1,135 @@
+r"""Inference that skips absent persons: the all-zero person slots of a clip cost nothing.
+
+Skeleton datasets pad a clip to ``M`` persons with zeros (in NTU RGB+D most clips show one
+person of two). In the models of :mod:`bharnet.models` every person is computed on its own from
+the input normalisation (``DataNorm``, which turns (N, C, T, V, M) into N·M rows) to the
+classifier, which averages the rows' pooled features over the M persons. A person whose input
+is all zero therefore reaches the classifier with features that depend only on the weights and
+on its slot ``m`` (``data_bn`` is per slot): in eval mode every frame of that person is the
+same constant (normalisation shift, 1x1 convolutions, graph aggregation, interpolation between
+equal frames, max over equal frames, attention over repeated tokens all keep frames equal), so
+its pooled features are also independent of T. They are computed once, on a one-frame zero
+clip, and put back into the classifier's input in place of the rows that were not computed.
+
+:func:`skip_absent_persons` rewires an eval-mode model in place: a forward pre-hook finds the
+persons present in the call (any non-zero value in any of its (N, C, T, V, M) inputs, so a
+person whose body or hands are seen is computed in both streams), each ``DataNorm`` passes on
+only their rows, and each ``Classifier`` fills in the absent persons' precomputed features.
+The outputs equal the full computation's up to rounding. Calls in which every person is
+present or every person is absent, and calls under ``torch.compile`` (whose graphs would break
+on the data-dependent shapes), run every row as before.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .graphs import BODY, HANDS
+from .models.backbone import DataNorm
+from .models.variants import Classifier, _Variant
+
+
+class _PresentRows(threading.local):
+    """The N·M rows of the persons present in the running call (bool), or None: every row.
+    Per thread, so that threads may share a model; a copy (deepcopy, pickle) starts empty."""
+
+    rows: Optional[torch.Tensor] = None
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+class PresentPersonsNorm(nn.Module):
+    """Stands in for a ``DataNorm``: its (N·M, C, T, V) output keeps the present persons' rows."""
+
+    def __init__(self, norm: DataNorm, present: _PresentRows):
+        super().__init__()
+        self.norm = norm
+        self.present = present
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.norm(x)
+        keep = self.present.rows
+        return rows if keep is None else rows[keep]
+
+
+class AbsentPersonsClassifier(nn.Module):
+    """Stands in for a ``Classifier``: puts the absent persons' pooled features
+    (``absent_features``, (M, C), by slot) back among the present persons' rows."""
+
+    def __init__(self, head: Classifier, absent_features: torch.Tensor, present: _PresentRows):
+        super().__init__()
+        self.head = head
+        self.present = present
+        self.register_buffer("absent_features", absent_features, persistent=False)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        keep = self.present.rows
+        if keep is not None:
+            rows = self.absent_features.to(pooled.dtype).repeat(keep.numel() // self.head.num_person, 1)
+            rows[keep] = pooled
+            pooled = rows
+        return self.head(pooled)
+
+
+def _zero_inputs(model: _Variant, like: torch.Tensor):
+    """A one-frame all-zero clip for ``model``'s inputs: (body, hand), None where unused."""
+    config = model.config
+
+    def zeros(nodes):
+        return torch.zeros(1, config.in_channels, 1, nodes, config.num_person, dtype=like.dtype, device=like.device)
+
+    return zeros(BODY.num_nodes) if model.uses_body else None, zeros(HANDS.num_nodes) if model.uses_hand else None
+
+
+@torch.no_grad()
+def _absent_features(model: _Variant, heads) -> dict:
+    """Each classifier's input rows (M, C) for a clip of absent persons."""
+    captured = {}
+    hooks = [head.register_forward_hook(lambda module, args, out, name=name: captured.__setitem__(name, args[0]))
+             for name, head in heads]
+    try:
+        model(*_zero_inputs(model, next(model.parameters())))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _find_present_rows(model: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook: the rows of the persons with any non-zero input, when some are absent."""
+    present = model._present_rows
+    persons = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.dim() == 5]
+    present.rows = None
+    if not persons or torch.compiler.is_compiling():
+        return
+    seen = persons[0].ne(0).any(3).any(2).any(1)  # (N, M)
+    for x in persons[1:]:
+        seen = seen | x.ne(0).any(3).any(2).any(1)
+    if not bool(seen.all()) and bool(seen.any()):
+        present.rows = seen.flatten()
+
+
+def _forget_present_rows(model: nn.Module, args, out) -> None:
+    model._present_rows.rows = None
+
+
+def skip_absent_persons(model: nn.Module) -> nn.Module:
+    """Make an eval-mode model of :mod:`bharnet.models` skip the persons whose inputs are all
+    zero (module docstring), in place; other models are returned unchanged. Returns ``model``."""
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, DataNorm)]
+    heads = [(name, m) for name, m in model.named_modules() if isinstance(m, Classifier)]
+    if not isinstance(model, _Variant) or not norms or not heads or hasattr(model, "_present_rows"):
+        return model
+    absent = _absent_features(model, heads)
+    present = model._present_rows = _PresentRows()  # hooks find it here (a copy gets its own)
+    for name, norm in norms:
+        model.set_submodule(name, PresentPersonsNorm(norm, present))
+    for name, head in heads:
+        model.set_submodule(name, AbsentPersonsClassifier(head, absent[name], present))
+    model.register_forward_pre_hook(_find_present_rows, with_kwargs=True)
+    model.register_forward_hook(_forget_present_rows, always_call=True)
+    return model
