@@ -12,30 +12,10 @@ from bharnet.ops._checks import is_channels_last
 from bharnet.nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, TemporalMaxPool,
                         TokenCrossAttention)
 from bharnet.nn.graph_conv import STGraphConv
+from trained_models import trained_like
 
 needs_cpp = pytest.mark.skipif(cpp_availability("cpu") is not None,
                                reason=f"C++ kernels unavailable: {cpp_availability('cpu')}")
-
-
-def trained_like(name, dtype=torch.float64):
-    """A small model in eval mode whose BatchNorms have non-trivial statistics and affine
-    parameters (at initialisation every BN is the identity and any fold would pass)."""
-    torch.manual_seed(0)
-    model = bharnet.create_model(name, 5, preset="small")
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                module.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                module.weight.copy_(torch.randn(c, generator=g))
-                module.bias.copy_(torch.randn(c, generator=g) * 0.3)
-            elif isinstance(module, CTRGraphConv):
-                module.alpha.fill_(0.3)  # exercise the refinement path, zero at init
-            elif isinstance(module, DeformableTemporalConv):
-                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
-    return model.to(dtype).eval()
 
 
 def inputs(dtype=torch.float64, frames=8):
