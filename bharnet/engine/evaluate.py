@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..fast import swap_layers
+from ..fast import fuse_for_inference, swap_layers
 from ..models import create_model
 from . import checkpoint
 from .config import TrainConfig
@@ -97,9 +97,14 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str,
 def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, device="auto",
                  amp: str = "none", backend: Optional[str] = None, progress: bool = True) -> Dict:
     """Evaluate ``weights`` on ``dataset``; write ``scores.npy``, ``labels.npy``,
-    ``metrics.json`` and ``confusion.png`` to ``out_dir``; return the metrics."""
+    ``metrics.json`` and ``confusion.png`` to ``out_dir``; return the metrics.
+
+    The model runs fused for inference (:func:`bharnet.fast.fuse_for_inference`: BatchNorm
+    folded, absent persons skipped; the same scores up to rounding) on ``backend``, or on the
+    backend it was trained with."""
     device = resolve_device(device)
-    model, meta = load_model(weights, device, backend)
+    model, meta = load_model(weights, device)
+    model = fuse_for_inference(model, backend if backend is not None else model.config.impl)
     scores = predict(model, dataset, batch_size, device, amp, progress)
     labels = np.asarray(dataset.labels, dtype=np.int64)
     result = metrics(scores, labels, dataset.hand_centric_classes)

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,6 +12,7 @@ from bharnet.cli import main
 from bharnet.data.dataset import SkeletonDataset
 from bharnet.engine import checkpoint
 from bharnet.engine.config import TrainConfig, parse_model_options
+from bharnet.engine.evaluate import load_model, predict
 from bharnet.engine.schedule import warmup_cosine
 from bharnet.engine.trainer import train
 
@@ -93,6 +95,12 @@ def test_train_cli_then_eval_and_ensemble(tiny_dataset, tmp_path, capsys):
     assert main(["eval", str(out / "model.safetensors"), "--data", tiny_dataset, "--no-progress"]) == 0
     evaluated = json.load(open(out / "eval-test" / "metrics.json"))
     assert evaluated["top1"] == pytest.approx(result["top1"])  # same weights, same test set
+    # eval runs the model fused for inference: the unfused model's scores up to rounding
+    model, meta = load_model(str(out / "model.safetensors"))
+    test_set = SkeletonDataset(tiny_dataset, "test", modality=meta["modality"], window=meta["window"],
+                               preprocessing=meta["preprocessing"], train=False)
+    unfused = predict(model, test_set, progress=False)
+    assert np.abs(np.load(out / "eval-test" / "scores.npy") - unfused).max() <= 1e-4 * np.abs(unfused).max()
     assert main(["ensemble", str(out / "eval"), str(out / "eval-test"), "--data", tiny_dataset]) == 0
     assert "ensemble of 2" in capsys.readouterr().out
 
