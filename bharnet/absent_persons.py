@@ -15,9 +15,12 @@ clip, and put back into the classifier's input in place of the rows that were no
 persons present in the call (any non-zero value in any of its (N, C, T, V, M) inputs, so a
 person whose body or hands are seen is computed in both streams), each ``DataNorm`` passes on
 only their rows, and each ``Classifier`` fills in the absent persons' precomputed features.
-The outputs equal the full computation's up to rounding. Calls in which every person is
-present or every person is absent, and calls under ``torch.compile`` (whose graphs would break
-on the data-dependent shapes), run every row as before.
+The outputs equal the full computation's up to rounding. Persons are skipped in calls under
+``torch.no_grad`` or ``torch.inference_mode``, as inference runs; with autograd on, every row
+runs, so that gradients (for example an attribution with respect to the inputs) are those of
+the full computation. Calls in which every person is present or every person is absent, and
+calls under ``torch.compile`` (whose graphs would break on the data-dependent shapes), run
+every row too.
 """
 from __future__ import annotations
 
@@ -87,13 +90,20 @@ def _zero_inputs(model: _Variant, like: torch.Tensor):
 
 @torch.no_grad()
 def _absent_features(model: _Variant, heads) -> dict:
-    """Each classifier's input rows (M, C) for a clip of absent persons."""
+    """Each classifier's input rows (M, C) for a clip of absent persons, computed on the
+    ``reference`` backend (which runs anywhere: the model may be fused for a backend that runs
+    only on the device it will be moved to)."""
     captured = {}
     hooks = [head.register_forward_hook(lambda module, args, out, name=name: captured.__setitem__(name, args[0]))
              for name, head in heads]
+    backends = {m: m.impl for m in model.modules() if hasattr(m, "impl")}
     try:
+        for m in backends:
+            m.impl = "reference"
         model(*_zero_inputs(model, next(model.parameters())))
     finally:
+        for m, impl in backends.items():
+            m.impl = impl
         for hook in hooks:
             hook.remove()
     return captured
@@ -104,7 +114,7 @@ def _find_present_rows(model: nn.Module, args, kwargs) -> None:
     present = model._present_rows
     persons = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.dim() == 5]
     present.rows = None
-    if not persons or torch.compiler.is_compiling():
+    if not persons or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return
     seen = persons[0].ne(0).any(3).any(2).any(1)  # (N, M)
     for x in persons[1:]:

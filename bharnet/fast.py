@@ -215,8 +215,9 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     for the device the model is on when fused: fuse on the device it will run on.
 
     For the models of :mod:`bharnet.models`, persons whose inputs are all zero (the padding of a
-    clip with fewer persons than ``num_person``) are not computed: their features depend only on
-    the weights and are put in from a one-time computation (:mod:`bharnet.absent_persons`).
+    clip with fewer persons than ``num_person``) are not computed in calls without autograd
+    (``torch.no_grad``, ``torch.inference_mode``): their features depend only on the weights and
+    are put in from a one-time computation (:mod:`bharnet.absent_persons`).
 
     ``model`` is not modified: the copy has its own parameters, and a different module
     structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy

@@ -94,3 +94,34 @@ def test_a_copy_skips_on_its_own_and_submodules_called_alone_see_every_row():
     assert_runs_rows_and_matches(twin, model, body, hand, 4)
     with torch.no_grad():  # after the call nothing is left marked: a stem alone normalises every row
         assert twin.body_stem(body).shape[0] == 6 and fused.body_stem(body).shape[0] == 6
+
+
+def test_with_autograd_on_every_row_runs_and_input_gradients_are_complete():
+    model = eval_model("bharnet-e")
+    fused = fuse_for_inference(model, "reference")
+    body, hand = clips(5, SOME_ABSENT)
+    grads = []
+    for m in (fused, model):
+        leaves = body.clone().requires_grad_(), hand.clone().requires_grad_()
+        rows = []
+        hook = m.body_stem.blocks[0].register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+        m(*leaves).logits.square().sum().backward()
+        hook.remove()
+        assert rows == [6]
+        grads.append([leaf.grad for leaf in leaves])
+    # A person slot with zero input has all frames equal, so its max-pools tie and rounding picks
+    # the gradient's path: compare the other slots; the zero ones' gradients must exist.
+    for x, got, ref in zip((body, hand), *grads):
+        seen = x.ne(0).any(3).any(2).any(1)  # (N, M)
+        got, ref = got.movedim(-1, 1), ref.movedim(-1, 1)
+        torch.testing.assert_close(got[seen], ref[seen], rtol=1e-10, atol=1e-12)
+        assert got[~seen].abs().amax(dim=(1, 2, 3)).min() > 0
+
+
+def test_fusing_for_a_backend_that_cannot_run_here_still_works(monkeypatch):
+    """The absent persons' features are computed on the reference backend: fusing for Triton on
+    a CPU without the interpreter works, and the call says why Triton cannot run."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fused = fuse_for_inference(eval_model("bharnet-e"), "triton")
+    with pytest.raises(RuntimeError, match="triton"), torch.no_grad():
+        fused(*clips(5, SOME_ABSENT))
