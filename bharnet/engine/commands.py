@@ -116,7 +116,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    parser.add_argument("--backend", default=None, choices=["reference", "triton", "cpp", "auto"])
+    parser.add_argument("--backend", default=None, choices=["reference", "triton", "cpp", "auto"],
+                        help="backend of the fused layers (default: the model's impl option, else the global "
+                             "default, auto); the model runs fused for inference "
+                             "(bharnet.fast.fuse_for_inference)")
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -100,8 +100,8 @@ def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, devi
     ``metrics.json`` and ``confusion.png`` to ``out_dir``; return the metrics.
 
     The model runs fused for inference (:func:`bharnet.fast.fuse_for_inference`: BatchNorm
-    folded, absent persons skipped; the same scores up to rounding) on ``backend``, or on the
-    backend it was trained with."""
+    folded, absent persons skipped; the same scores up to rounding) on ``backend``, or else on
+    the model's ``impl`` option (None: the global default, see ``bharnet.ops.use_backend``)."""
     device = resolve_device(device)
     model, meta = load_model(weights, device)
     model = fuse_for_inference(model, backend if backend is not None else model.config.impl)
