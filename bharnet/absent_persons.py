@@ -14,7 +14,9 @@ clip, and put back into the classifier's input in place of the rows that were no
 :func:`skip_absent_persons` rewires an eval-mode model in place: a forward pre-hook finds the
 persons present in the call (any non-zero value in any of its (N, C, T, V, M) inputs, so a
 person whose body or hands are seen is computed in both streams), each ``DataNorm`` passes on
-only their rows, and each ``Classifier`` fills in the absent persons' precomputed features.
+only their rows, and each ``Classifier`` fills in the absent persons' precomputed features
+(computed again after ``load_state_dict``; call :func:`refresh_absent_features` after changing
+the weights in place otherwise).
 The outputs equal the full computation's up to rounding. Persons are skipped in calls under
 ``torch.no_grad`` or ``torch.inference_mode``, as inference runs; with autograd on, every row
 runs, so that gradients (for example an attribution with respect to the inputs) are those of
@@ -55,22 +57,25 @@ class PresentPersonsNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.norm(x)
-        keep = self.present.rows
+        keep = None if torch.compiler.is_compiling() else self.present.rows
         return rows if keep is None else rows[keep]
 
 
 class AbsentPersonsClassifier(nn.Module):
     """Stands in for a ``Classifier``: puts the absent persons' pooled features
-    (``absent_features``, (M, C), by slot) back among the present persons' rows."""
+    (``absent_features``, (M, C), by slot, filled by :func:`refresh_absent_features`) back among
+    the present persons' rows."""
 
-    def __init__(self, head: Classifier, absent_features: torch.Tensor, present: _PresentRows):
+    def __init__(self, head: Classifier, present: _PresentRows):
         super().__init__()
         self.head = head
         self.present = present
-        self.register_buffer("absent_features", absent_features, persistent=False)
+        weight = head.fc.weight
+        self.register_buffer("absent_features", torch.zeros(head.num_person, head.fc.in_features, dtype=weight.dtype,
+                                                            device=weight.device), persistent=False)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        keep = self.present.rows
+        keep = None if torch.compiler.is_compiling() else self.present.rows
         if keep is not None:
             rows = self.absent_features.to(pooled.dtype).repeat(keep.numel() // self.head.num_person, 1)
             rows[keep] = pooled
@@ -89,33 +94,41 @@ def _zero_inputs(model: _Variant, like: torch.Tensor):
 
 
 @torch.no_grad()
-def _absent_features(model: _Variant, heads) -> dict:
-    """Each classifier's input rows (M, C) for a clip of absent persons, computed on the
-    ``reference`` backend (which runs anywhere: the model may be fused for a backend that runs
-    only on the device it will be moved to)."""
-    captured = {}
-    hooks = [head.register_forward_hook(lambda module, args, out, name=name: captured.__setitem__(name, args[0]))
-             for name, head in heads]
+def refresh_absent_features(model: nn.Module) -> None:
+    """(Re)compute the absent persons' features of a model rewired by :func:`skip_absent_persons`
+    from its current weights: each classifier's input rows (M, C) for a clip of absent persons.
+    Runs after ``model.load_state_dict`` by itself (a load_state_dict post-hook); call it after
+    changing the weights in place otherwise. Computed on the ``reference`` backend, which runs
+    anywhere (the model may be fused for a backend that runs only on the device it will be moved
+    to)."""
+    wrappers = [m for m in model.modules() if isinstance(m, AbsentPersonsClassifier)]
+    hooks = [w.head.register_forward_hook(lambda module, args, out, w=w: w.absent_features.copy_(args[0]))
+             for w in wrappers]
     backends = {m: m.impl for m in model.modules() if hasattr(m, "impl")}
     try:
         for m in backends:
             m.impl = "reference"
-        model(*_zero_inputs(model, next(model.parameters())))
+        model(*_zero_inputs(model, next(model.parameters())))  # every person absent: all rows run
     finally:
         for m, impl in backends.items():
             m.impl = impl
         for hook in hooks:
             hook.remove()
-    return captured
+
+
+def _refresh_after_loading(model: nn.Module, incompatible_keys) -> None:
+    refresh_absent_features(model)
 
 
 def _find_present_rows(model: nn.Module, args, kwargs) -> None:
     """Forward pre-hook: the rows of the persons with any non-zero input, when some are absent."""
-    present = model._present_rows
-    persons = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.dim() == 5]
-    present.rows = None
-    if not persons or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # compiled calls run every row (wrappers ignore the state)
         return
+    present = model._present_rows
+    present.rows = None
+    persons = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.dim() == 5]
+    if not persons or torch.is_grad_enabled() or len({(x.shape[0], x.shape[-1]) for x in persons}) > 1:
+        return  # (inputs that disagree in N or M: the model's own check raises)
     seen = persons[0].ne(0).any(3).any(2).any(1)  # (N, M)
     for x in persons[1:]:
         seen = seen | x.ne(0).any(3).any(2).any(1)
@@ -124,7 +137,8 @@ def _find_present_rows(model: nn.Module, args, kwargs) -> None:
 
 
 def _forget_present_rows(model: nn.Module, args, out) -> None:
-    model._present_rows.rows = None
+    if not torch.compiler.is_compiling():
+        model._present_rows.rows = None
 
 
 def skip_absent_persons(model: nn.Module) -> nn.Module:
@@ -134,12 +148,13 @@ def skip_absent_persons(model: nn.Module) -> nn.Module:
     heads = [(name, m) for name, m in model.named_modules() if isinstance(m, Classifier)]
     if not isinstance(model, _Variant) or not norms or not heads or hasattr(model, "_present_rows"):
         return model
-    absent = _absent_features(model, heads)
     present = model._present_rows = _PresentRows()  # hooks find it here (a copy gets its own)
     for name, norm in norms:
         model.set_submodule(name, PresentPersonsNorm(norm, present))
     for name, head in heads:
-        model.set_submodule(name, AbsentPersonsClassifier(head, absent[name], present))
+        model.set_submodule(name, AbsentPersonsClassifier(head, present))
     model.register_forward_pre_hook(_find_present_rows, with_kwargs=True)
     model.register_forward_hook(_forget_present_rows, always_call=True)
+    model.register_load_state_dict_post_hook(_refresh_after_loading)
+    refresh_absent_features(model)
     return model

@@ -125,3 +125,31 @@ def test_fusing_for_a_backend_that_cannot_run_here_still_works(monkeypatch):
     fused = fuse_for_inference(eval_model("bharnet-e"), "triton")
     with pytest.raises(RuntimeError, match="triton"), torch.no_grad():
         fused(*clips(5, SOME_ABSENT))
+
+
+def test_loading_weights_into_a_fused_model_refreshes_the_absent_features():
+    source = fuse_for_inference(eval_model("bharnet-e"), "reference")
+    other = eval_model("bharnet-e")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    target = fuse_for_inference(other, "reference")
+    target.load_state_dict(source.state_dict())
+    body, hand = clips(5, SOME_ABSENT)
+    with torch.no_grad():
+        torch.testing.assert_close(target(body, hand).logits, source(body, hand).logits, rtol=1e-10, atol=1e-12)
+
+
+def test_inputs_that_disagree_in_batch_get_the_models_own_error():
+    body, hand = clips(5, SOME_ABSENT)
+    with pytest.raises(ValueError, match="must agree in N and T"), torch.no_grad():
+        fuse_for_inference(eval_model("bharnet-e"), "reference")(body, hand[:2])
+
+
+def test_torch_compile_runs_every_row_with_the_same_outputs():
+    model = eval_model("body")
+    fused = fuse_for_inference(model, "reference")
+    body, hand = clips(4, SOME_ABSENT)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fused)(body, hand).logits, model(body, hand).logits,
+                                   rtol=1e-10, atol=1e-12)
