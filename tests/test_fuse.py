@@ -203,6 +203,8 @@ def test_bench_has_a_fused_inference_provider():
     from bharnet.bench.model_cases import ModelCase, make_step
     from bharnet.bench.providers import model_providers
     assert [p.name for p in model_providers([], infer=True)] == ["eager", "auto", "auto+fold"]
+    assert [p.name for p in model_providers(["default"], infer=True)] == [
+        "eager", "compile", "auto", "auto+compile", "auto+fold", "auto+fold+compile"]
     assert "auto+fold" not in [p.name for p in model_providers([])]  # training: nothing to fold
     with bharnet.ops.use_backend("auto"):
         make_step(ModelCase("bharnet-e", "infer", "small", 1, 2, 8, classes=5), torch.device("cpu"),

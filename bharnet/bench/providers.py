@@ -15,7 +15,8 @@ Whole models use ``eager``, ``compile``, ``auto`` and ``auto+compile``: ``auto``
 on the fastest backend available for the device (``bharnet.ops.use_backend("auto")``), which
 is how bharnet is used; a single explicit backend would fail on a model using an op without it.
 Inference adds ``auto+fold``: ``auto`` on the model fused for inference
-(:func:`bharnet.fast.fuse_for_inference`: BatchNorm folded, branch convolutions merged).
+(:func:`bharnet.fast.fuse_for_inference`: BatchNorm folded, branch convolutions merged, absent
+persons skipped), and ``auto+fold+compile``: ``torch.compile`` of that model.
 
 A backend that cannot run is kept as a provider with a skip reason, so the report says why.
 On CPU the Triton backend is skipped: there it runs only in the Triton interpreter.
@@ -72,9 +73,9 @@ def backend_skip_reason(op: str, backend: str, device_type: str) -> Optional[str
 
 def model_providers(compile_modes: Sequence[str], infer: bool = False) -> List[Provider]:
     """eager, auto, and both under every mode in ``compile_modes``; for inference also
-    ``auto+fold``."""
-    result = [Provider(backend, mode) for backend in ("reference", "auto") for mode in (None, *compile_modes)]
-    return result + [Provider("auto", fold=True)] if infer else result
+    ``auto+fold``, under those modes too."""
+    backends = [("reference", False), ("auto", False)] + ([("auto", True)] if infer else [])
+    return [Provider(backend, mode, fold=fold) for backend, fold in backends for mode in (None, *compile_modes)]
 
 
 def providers(op: str, device_type: str, compile_modes: Sequence[str]) -> List[Provider]:
