@@ -153,3 +153,17 @@ def test_torch_compile_runs_every_row_with_the_same_outputs():
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(fused)(body, hand).logits, model(body, hand).logits,
                                    rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_model_skips_absent_persons_with_the_same_outputs():
+    """On CUDA (Triton kernels under auto), float32: the fused copy that skips absent persons
+    against the unfused model on the same kernels."""
+    model = trained_like("bharnet-e", torch.float32).cuda()
+    fused = fuse_for_inference(model, "auto")
+    body, hand = (t.float().cuda() for t in clips(9, SOME_ABSENT))
+    out, rows = rows_through_first_blocks(fused, body, hand)
+    assert set(rows) == {4}
+    with torch.no_grad():
+        ref = swap_layers(model, "auto")(body, hand)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
