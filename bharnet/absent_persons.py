@@ -1,7 +1,7 @@
 r"""Inference that skips absent persons: the all-zero person slots of a clip cost nothing.
 
-Skeleton datasets pad a clip to ``M`` persons with zeros (in NTU RGB+D most clips show one
-person of two). In the models of :mod:`bharnet.models` every person is computed on its own from
+Skeleton datasets pad a clip to ``M`` persons with zeros (NTU RGB+D pads to two persons; only
+11 of its 60 actions involve two). In the models of :mod:`bharnet.models` every person is computed on its own from
 the input normalisation (``DataNorm``, which turns (N, C, T, V, M) into N·M rows) to the
 classifier, which averages the rows' pooled features over the M persons. A person whose input
 is all zero therefore reaches the classifier with features that depend only on the weights and

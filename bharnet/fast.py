@@ -254,7 +254,7 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     for name, module in list(fused.named_modules()):
         if _is_temporal_max_pool(module):
             fused.set_submodule(name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],
-                                                  _pair(module.padding)[0]))
+                                                      _pair(module.padding)[0]))
     for name, module in list(fused.named_modules()):
         if isinstance(module, MultiScaleTemporalConv):
             fused.set_submodule(name, SharedInputBranches(module.branches))
