@@ -3,7 +3,7 @@ preparation (:mod:`.prepare`), the prepared format and its torch Dataset (:mod:`
 input modalities (:mod:`.features`), augmentation (:mod:`.augment`) and the built-in
 synthetic dataset (:mod:`.synthetic`)."""
 from . import augment, dataset, features, hands, ntu, prepare, synthetic
-from .dataset import SkeletonDataset, read_manifest
+from .dataset import SkeletonDataset, clip_input, read_manifest
 from .features import MODALITIES, PREPROCESSINGS
 from .ntu import SkeletonFormatError, read_skeleton
 from .prepare import prepare_ntu
@@ -11,6 +11,6 @@ from .synthetic import make_synthetic
 
 __all__ = [
     "augment", "dataset", "features", "hands", "ntu", "prepare", "synthetic",
-    "SkeletonDataset", "read_manifest", "MODALITIES", "PREPROCESSINGS",
+    "SkeletonDataset", "clip_input", "read_manifest", "MODALITIES", "PREPROCESSINGS",
     "SkeletonFormatError", "read_skeleton", "prepare_ntu", "make_synthetic",
 ]

@@ -300,21 +300,43 @@ class SkeletonDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index = index % len(self)
         body, hand, hand_valid = self.raw(index)
-        if self.preprocessing == "canonical":
-            body, hand = features.canonicalize(body, hand, hand_valid)
         generator = self._generator(index)
-        length = body.shape[1]
+        crop = rotation = None
         if self.train:
-            start, size = augment.random_crop(length, self.crop_ratio, generator)
-        else:
-            start, size = augment.centre_crop(length, self.test_crop_ratio)
-        body, body_valid = augment.crop_resize(body, start, size, self.window,
-                                               features.body_presence(body))
-        hand, hand_nodes_valid = augment.crop_resize(hand, start, size, self.window,
-                                                     features.hand_node_validity(hand_valid))
-        if self.train and self.max_rotation > 0:
-            rotation = augment.random_rotation(self.max_rotation, generator)
-            body, hand = augment.rotate(body, rotation), augment.rotate(hand, rotation)
-        body = features.modality(body, self.modality, BODY.parents, body_valid)
-        hand = features.modality(hand, self.modality, HANDS.parents, hand_nodes_valid)
-        return body.float().contiguous(), hand.float().contiguous(), int(self.labels[index])
+            crop = augment.random_crop(body.shape[1], self.crop_ratio, generator)
+            if self.max_rotation > 0:
+                rotation = augment.random_rotation(self.max_rotation, generator)
+        body, hand = clip_input(body, hand, hand_valid, self.modality, self.window, self.preprocessing,
+                                crop or self.test_crop_ratio, rotation)
+        return body, hand, int(self.labels[index])
+
+
+def clip_input(body: torch.Tensor, hand: torch.Tensor, hand_valid: torch.Tensor, modality: str = "joint",
+               window: int = 64, preprocessing: str = "canonical", crop=0.95,
+               rotation: Optional[torch.Tensor] = None):
+    """A model's input from one raw clip, as :class:`SkeletonDataset` makes it (for new skeletons,
+    e.g. a live stream, fed to a model trained on a prepared dataset).
+
+    ``body`` (3, L, 25, M) Kinect joints in metres, ``hand`` (3, L, 42, M) hand keypoints and
+    ``hand_valid`` (L, 2, M) bool, absent persons and undetected hands zero (the layout of
+    :meth:`SkeletonDataset.raw`). Steps: ``preprocessing`` ("canonical": centred on the spine of
+    the first frame; "calibration-free": as given), crop-resize to ``window`` frames (``crop`` a
+    ratio: the centred crop of evaluation; or ``(start, size)``), ``rotation`` (3, 3) if given,
+    then the ``modality``. Use the ``modality``, ``window`` and ``preprocessing`` the model was
+    trained with (a checkpoint's description has them, see
+    :func:`bharnet.engine.evaluate.load_model`). Returns float32 ``(body (3, window, 25, M),
+    hand (3, window, 42, M))``; add the batch dimension for the model."""
+    if modality not in features.MODALITIES:
+        raise ValueError(f"modality must be one of {features.MODALITIES}, got {modality!r}")
+    if preprocessing not in features.PREPROCESSINGS:
+        raise ValueError(f"preprocessing must be one of {features.PREPROCESSINGS}, got {preprocessing!r}")
+    if preprocessing == "canonical":
+        body, hand = features.canonicalize(body, hand, hand_valid)
+    start, size = augment.centre_crop(body.shape[1], crop) if isinstance(crop, (int, float)) else crop
+    body, body_valid = augment.crop_resize(body, start, size, window, features.body_presence(body))
+    hand, hand_nodes_valid = augment.crop_resize(hand, start, size, window, features.hand_node_validity(hand_valid))
+    if rotation is not None:
+        body, hand = augment.rotate(body, rotation), augment.rotate(hand, rotation)
+    body = features.modality(body, modality, BODY.parents, body_valid)
+    hand = features.modality(hand, modality, HANDS.parents, hand_nodes_valid)
+    return body.float().contiguous(), hand.float().contiguous()

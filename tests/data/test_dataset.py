@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bharnet.data import SkeletonDataset, augment, dataset, features
+from bharnet.data import SkeletonDataset, augment, clip_input, dataset, features
 from bharnet.graphs import BODY, HANDS
 
 
@@ -61,6 +61,23 @@ def test_calibration_free_test_item_is_the_stored_data(synthetic_small):
     torch.testing.assert_close(body_c[..., 0], body[..., 0] - origin.view(3, 1, 1) * present[:, 0].view(1, -1, 1))
     detected = hand.abs().sum(dim=0) > 0
     torch.testing.assert_close(hand_c, hand - origin.view(3, 1, 1, 1) * detected)
+
+
+@pytest.mark.parametrize("modality", features.MODALITIES)
+def test_clip_input_of_a_raw_clip_is_the_evaluation_item(synthetic_small, modality):
+    """clip_input (the transform for new skeletons) gives a test split's items from their raw
+    clips; a person absent from the raw clip stays exactly zero (fused inference skips it)."""
+    data = SkeletonDataset(synthetic_small, "test", modality=modality, window=16)
+    for index in range(len(data)):
+        raw_body, raw_hand, raw_valid = data.raw(index)
+        body, hand = clip_input(raw_body, raw_hand, raw_valid, modality, 16)
+        expected_body, expected_hand, _ = data[index]
+        assert torch.equal(body, expected_body) and torch.equal(hand, expected_hand)
+    raw_body[..., 1], raw_hand[..., 1], raw_valid[..., 1] = 0, 0, False
+    body, hand = clip_input(raw_body, raw_hand, raw_valid, modality, 16)
+    assert not body[..., 1].any() and not hand[..., 1].any() and body[..., 0].any()
+    with pytest.raises(ValueError, match="modality must be one of"):
+        clip_input(raw_body, raw_hand, raw_valid, "joints")
 
 
 def test_randomness_is_seeded_per_item_and_epoch(synthetic_small):
