@@ -228,9 +228,9 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     Speed (full-size BHaRNet-E, one clip of 2 persons x 64 frames, float32, ``auto`` = C++
     kernels with channels-last features, on this project's 2-core AMD EPYC with 2 threads):
     2.30x-2.91x the eager reference model in the ``bharnet bench`` runs of 2026-11-26/27 after
-    the channels-last path (80.2 vs 212.6 ms in the last, 66.7 ms under ``torch.compile``; the
-    C++ kernels alone, unfused, 2.21x-2.50x since the 1x1 convolutions run on them too); with
-    one of the 2 persons present, 47.4 vs 193.6 ms (4.09x). See the README's performance
+    the channels-last path (78.7 vs 209.8 ms in the last, 63.2 ms under ``torch.compile``; the
+    C++ kernels alone, unfused, 2.13x-2.50x since the 1x1 convolutions run on them too); with
+    one of the 2 persons present, 47.2 vs 187.7 ms (3.98x). See the README's performance
     section for the latest run.
     On Linux with glibc, large activations freed by one call are returned to the OS and faulted
     back in by the next: call :func:`keep_freed_memory` once (or set ``MALLOC_MMAP_THRESHOLD_``
