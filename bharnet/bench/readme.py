@@ -213,7 +213,8 @@ def render(rows: Iterable[Row], plots_dir: Optional[str] = None, base_dir: str =
              "Providers: `eager` (the PyTorch reference), `compile` (`torch.compile` of it), each bharnet backend, and "
              "`<backend>+compile`; for cross_attention also `sdpa` (the same layer with `nn.Linear` "
              "projections around `scaled_dot_product_attention`, its baseline), `sdpa+compile` and "
-             "`sdpa-<backend>` (one SDPA backend forced)."]
+             "`sdpa-<backend>` (one SDPA backend forced); for model inference also `auto+fold` (the model "
+             "fused for inference, `bharnet.fast.fuse_for_inference`) and `auto+fold+compile`."]
     cases = newest_cases(rows)
     if not cases:
         lines += ["", "No benchmark results yet: run `bharnet bench`."]
