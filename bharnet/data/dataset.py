@@ -185,6 +185,13 @@ def split_summary(labels: np.ndarray, num_classes: int) -> dict:
             "class_counts": np.bincount(labels, minlength=num_classes).astype(int).tolist()}
 
 
+def _check_transform(modality: str, preprocessing: str) -> None:
+    if modality not in features.MODALITIES:
+        raise ValueError(f"modality must be one of {features.MODALITIES}, got {modality!r}")
+    if preprocessing not in features.PREPROCESSINGS:
+        raise ValueError(f"preprocessing must be one of {features.PREPROCESSINGS}, got {preprocessing!r}")
+
+
 class SkeletonDataset(torch.utils.data.Dataset):
     """A prepared dataset split as a torch Dataset of ``(body, hand, label)``.
 
@@ -210,11 +217,7 @@ class SkeletonDataset(torch.utils.data.Dataset):
                  max_rotation: float = 0.3):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if modality not in features.MODALITIES:
-            raise ValueError(f"modality must be one of {features.MODALITIES}, got {modality!r}")
-        if preprocessing not in features.PREPROCESSINGS:
-            raise ValueError(f"preprocessing must be one of {features.PREPROCESSINGS}, "
-                             f"got {preprocessing!r}")
+        _check_transform(modality, preprocessing)
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.root, self.split, self.modality, self.window = os.fspath(root), split, modality, window
@@ -326,10 +329,7 @@ def clip_input(body: torch.Tensor, hand: torch.Tensor, hand_valid: torch.Tensor,
     trained with (a checkpoint's description has them, see
     :func:`bharnet.engine.evaluate.load_model`). Returns float32 ``(body (3, window, 25, M),
     hand (3, window, 42, M))``; add the batch dimension for the model."""
-    if modality not in features.MODALITIES:
-        raise ValueError(f"modality must be one of {features.MODALITIES}, got {modality!r}")
-    if preprocessing not in features.PREPROCESSINGS:
-        raise ValueError(f"preprocessing must be one of {features.PREPROCESSINGS}, got {preprocessing!r}")
+    _check_transform(modality, preprocessing)
     if preprocessing == "canonical":
         body, hand = features.canonicalize(body, hand, hand_valid)
     start, size = augment.centre_crop(body.shape[1], crop) if isinstance(crop, (int, float)) else crop
