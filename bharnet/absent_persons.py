@@ -129,9 +129,9 @@ def _find_present_rows(model: nn.Module, args, kwargs) -> None:
     persons = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.dim() == 5]
     if not persons or torch.is_grad_enabled() or len({(x.shape[0], x.shape[-1]) for x in persons}) > 1:
         return  # (inputs that disagree in N or M: the model's own check raises)
-    seen = persons[0].ne(0).any(3).any(2).any(1)  # (N, M)
+    seen = persons[0].ne(0).flatten(1, 3).any(1)  # (N, M); NaN counts as seen
     for x in persons[1:]:
-        seen = seen | x.ne(0).any(3).any(2).any(1)
+        seen = seen | x.ne(0).flatten(1, 3).any(1)
     if not bool(seen.all()) and bool(seen.any()):
         present.rows = seen.flatten()
 
