@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_cpu(const
               " in x's dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
   const auto dy = dy_in.contiguous();
   auto dx = at::empty_like(x);
-  auto dweight = at::zeros_like(weight);
+  auto dweight = at::empty_like(weight);  // every element is stored below (or zeroed when there are no products)
   auto dbias = bias_grad ? at::zeros({s.Cout}, weight.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bharnet::pointwise_conv_cpp_backward", [&] {
     using T = scalar_t;
@@ -205,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_cpu(const
     }
     if (s.N * s.P == 0 || s.Cin * s.Cout == 0) {
       dx.zero_();
+      dweight.zero_();
       return;
     }
     // dx_n = W^T dy_n: A(i, o) = W[o, i]
