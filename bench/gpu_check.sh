@@ -12,17 +12,24 @@
 #                                                 # tests, then per-kernel profiles, no benchmark
 #   GPU_CHECK_PROFILE=1 GPU_CHECK_PROFILE_ARGS="--host --backend triton" ...
 #                                                 # extra bench/profile_ops.py arguments
+#   GPU_CHECK_PROFILE_MODEL=1 ...                 # also profile a BHaRNet-E training step
+#                                                 # (bench/profile_model.py, at most 100 s)
 #   GPU_CHECK_TUNE=90 ...                         # also sweep ctr_graph_conv's launch configs
 #                                                 # (bench/tune_ctr_graph_conv.py, ~90 s)
 #
 # Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
 #   env      GPU, driver, Python, torch and triton versions
 #   setup    the source tree on PYTHONPATH through a shadow package that maps kernels/ to
-#            bharnet.kernels as setup.py does (nothing is built or installed); import check
-#   tests    pytest -m gpu (at most GPU_CHECK_TEST_SECONDS, default 150 s, leaving the
-#            benchmark about 3 minutes)
+#            bharnet.kernels as setup.py does (nothing is installed); import check
+#   build    JIT-builds the C++/CUDA extension from csrc/ (device code for
+#            TORCH_CUDA_ARCH_LIST, default 9.0 here) and lists the ops with CUDA kernels
+#   tests    pytest -m gpu, one process per test file, GPU_CHECK_TEST_JOBS (default 6) at a
+#            time (at most GPU_CHECK_TEST_SECONDS, default 150 s, leaving the benchmark
+#            about 3 minutes); each file's log is printed when it ends
 #   profile  only with GPU_CHECK_PROFILE=1: bench/profile_ops.py (per-kernel device time and
 #            host overhead of each op's fwd+bwd; at most 120 s)
+#   model_profile  only with GPU_CHECK_PROFILE_MODEL=1: bench/profile_model.py (the kernels
+#            and ops of a BHaRNet-E bf16 training step, eager and auto; at most 100 s)
 #   tune     only with GPU_CHECK_TUNE=<seconds>: bench/tune_ctr_graph_conv.py with that budget
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
 #            left: measurements that do not fit are listed as skipped, never half-run
@@ -86,14 +93,40 @@ assert os.environ["DEVICE"] == "cpu" or torch.cuda.is_available(), "CUDA is not 
 print("bharnet", bharnet.__version__, "from", bharnet.__path__[0])'
 }
 
-gpu_tests() {  # pytest exits 5 when no test is marked gpu: nothing to run is not a failure
-  local rc=0
-  local targets=("$ROOT/tests")
-  if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then echo "GPU tests skipped (GPU_CHECK_TESTS=none)"; return 0; fi
-  if [[ ${GPU_CHECK_TESTS:-all} != all ]]; then read -r -a targets <<< "$GPU_CHECK_TESTS"; targets=("${targets[@]/#/$ROOT/}"); fi
-  "$PY" -m pytest "${targets[@]}" -m gpu -q -p no:cacheprovider || rc=$?
-  if ((rc == 5)); then echo "no GPU tests collected"; return 0; fi
+build_extension() {
+  "$PY" -c 'import time, torch
+start = time.perf_counter()
+from bharnet import _ext
+_ext.load()
+with_cuda = [op for op in ("ctr_graph_conv_cpp", "deformable_temporal_conv_cpp", "cross_attention_core_cpp")
+             if hasattr(torch.ops.bharnet, op)
+             and torch._C._dispatch_has_kernel_for_dispatch_key(f"bharnet::{op}", "CUDA")]
+print(f"extension ready in {time.perf_counter() - start:.0f} s; CUDA kernels: {with_cuda or None}")
+assert with_cuda or torch.device("'"$DEVICE"'").type == "cpu", "built without CUDA kernels"'
+}
+
+# pytest_file FILE: the GPU tests of one file, quietly, its log printed in one piece at the end
+# (pytest exits 5 when none is marked gpu: nothing to run is not a failure).
+pytest_file() {
+  local rc=0 log
+  log=$WORK/pytest_$(basename "$1" .py).log
+  "$PY" -m pytest "$1" -m gpu -q -p no:cacheprovider > "$log" 2>&1 || rc=$?
+  if ((rc == 5)); then rc=0; fi
+  echo "--- ${1#"$ROOT"/} (exit $rc, ${SECONDS}s)"
+  grep -v "^  warnings.warn\|Warning: \|^$" "$log" | tail -n 40
   return "$rc"
+}
+
+gpu_tests() {
+  local files
+  if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then echo "GPU tests skipped (GPU_CHECK_TESTS=none)"; return 0; fi
+  if [[ ${GPU_CHECK_TESTS:-all} == all ]]; then
+    mapfile -t files < <(grep -rl --include='test_*.py' "mark.gpu\|pytestmark.*gpu" "$ROOT/tests" | sort)
+  else
+    read -r -a files <<< "$GPU_CHECK_TESTS"
+    files=("${files[@]/#/$ROOT/}")
+  fi
+  printf '%s\n' "${files[@]}" | xargs -P "${GPU_CHECK_TEST_JOBS:-6}" -I{} bash -c 'pytest_file "$1"' _ {}
 }
 
 latest_csv() { ls -t "$RESULTS"/"$DEVICE"-*.csv 2>/dev/null | head -n 1; }
@@ -119,14 +152,16 @@ copy_out() {
   fi
   echo "copied to $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
-export -f environment setup_tree gpu_tests latest_csv summary
+export -f environment setup_tree build_extension pytest_file gpu_tests latest_csv summary
 
 if [[ $DEVICE == cpu ]]; then BENCH_OPTS=(--device cpu --quick); else BENCH_OPTS=(--device cuda --compile ops,infer); fi
 read -r -a EXTRA_BENCH_OPTS <<< "${GPU_CHECK_BENCH_ARGS:-}"
 BENCH_OPTS+=("${EXTRA_BENCH_OPTS[@]}")
 
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # this card only: a third of the nvcc time
 stage env 30 bash -c environment
 stage setup 60 bash -c setup_tree
+stage build 240 bash -c build_extension
 if [[ " ${FAILED[*]} " == *" setup "* ]]; then
   echo "=== cannot import bharnet: stopping" | tee -a "$LOG"
   if [[ -n ${OUT:-} ]]; then copy_out; fi
@@ -135,6 +170,7 @@ fi
 RESERVED=20  # seconds kept for the stages after the tests
 if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=190; elif [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=110; fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 45)); fi
+if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 100)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
@@ -145,6 +181,11 @@ if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
   read -r -a EXTRA_PROFILE_ARGS <<< "${GPU_CHECK_PROFILE_ARGS:-}"
   PROFILE_ARGS+=("${EXTRA_PROFILE_ARGS[@]}")
   stage profile $(( $(left) - 15 < 120 ? $(left) - 15 : 120 )) "$PY" "$ROOT/bench/profile_ops.py" "${PROFILE_ARGS[@]}"
+fi
+if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then
+  MODEL_PROFILE_ARGS=(--device "$DEVICE")
+  if [[ $DEVICE == cpu ]]; then MODEL_PROFILE_ARGS+=(--preset small --frames 16 --clips 2 --iters 1 --top 5); fi
+  stage model_profile 100 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
 fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then
   stage tune $((GPU_CHECK_TUNE + 45)) "$PY" "$ROOT/bench/tune_ctr_graph_conv.py" --budget "$GPU_CHECK_TUNE"
