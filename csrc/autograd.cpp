@@ -150,7 +150,7 @@ struct PointwiseConv : public torch::autograd::Function<PointwiseConv> {
     if (at::GradMode::is_enabled()) {
       const auto dy3 = dy.reshape({dy.size(0), dy.size(1), -1}), x3 = x.reshape({x.size(0), x.size(1), -1});
       return {at::matmul(weight.t(), dy3).view(x.sizes()), at::matmul(dy3, x3.transpose(1, 2)).sum(0),
-              bias ? dy3.sum({0, 2}) : at::Tensor()};
+              bias ? dy3.sum(at::IntArrayRef{0, 2}) : at::Tensor()};
     }
     at::AutoDispatchBelowAutograd guard;
     auto [dx, dweight, dbias] = op.call(dy.contiguous(), x, weight, bias);
