@@ -105,15 +105,18 @@ print(f"extension ready in {time.perf_counter() - start:.0f} s; CUDA kernels: {w
 assert with_cuda or torch.device("'"$DEVICE"'").type == "cpu", "built without CUDA kernels"'
 }
 
-# pytest_file FILE: the GPU tests of one file, quietly, its log printed in one piece at the end
-# (pytest exits 5 when none is marked gpu: nothing to run is not a failure).
+# pytest_file FILE: the GPU tests of one file, its log printed in one piece at the end without
+# the passed tests' lines. Verbose (-vv: addopts has -q), so a test that crashes the process is
+# named on the last line before the crash. pytest exits 5 when no test is marked gpu: nothing to
+# run is not a failure.
 pytest_file() {
   local rc=0 log
   log=$WORK/pytest_$(basename "$1" .py).log
-  "$PY" -m pytest "$1" -m gpu -q -p no:cacheprovider > "$log" 2>&1 || rc=$?
+  "$PY" -m pytest "$1" -m gpu -vv -p no:cacheprovider > "$log" 2>&1 || rc=$?
   if ((rc == 5)); then rc=0; fi
-  echo "--- ${1#"$ROOT"/} (exit $rc, ${SECONDS}s)"
-  grep -v "^  warnings.warn\|Warning: \|^$" "$log" | tail -n 40
+  echo "--- ${1#"$ROOT"/} (exit $rc, ${SECONDS}s, $(grep -c " PASSED" "$log") passed)"
+  grep -v " PASSED\|^  warnings.warn\|Warning: \|^$\|^platform \|^rootdir: \|^configfile: \|^collecting \|test session starts" \
+    "$log" | tail -n 40
   return "$rc"
 }
 

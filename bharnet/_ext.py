@@ -45,9 +45,27 @@ def _jit_build(cuda: bool) -> None:
                        with_cuda=cuda)
 
 
-@functools.lru_cache(maxsize=None)
 def load() -> None:
-    """Load the prebuilt extension, or JIT-compile it; raise RuntimeError with the reason."""
+    """Load the prebuilt extension, or JIT-compile it; raise RuntimeError with the reason.
+
+    One attempt per process: after a failed build, later calls raise the same reason at once
+    instead of running the compiler again (every availability check calls this)."""
+    reason = _load_once()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_once() -> Optional[str]:
+    """None once the extension is loaded, else why it cannot be."""
+    try:
+        _load()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def _load() -> None:
     prebuilt = sorted(_PACKAGE_DIR.glob("_C*.so"))
     if prebuilt:
         torch.ops.load_library(str(prebuilt[0]))

@@ -166,4 +166,7 @@ def test_gpu_fused_model_skips_absent_persons_with_the_same_outputs():
     assert set(rows) == {4}
     with torch.no_grad():
         ref = swap_layers(model, "auto")(body, hand)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    # float32 on the H100 multiplies in TF32 (cuDNN convolutions and Triton's tl.dot), and
+    # folding BN changes the rounding: the first H100 run differed by 4.4e-4 (relative 8.8e-4).
+    # Absent-person features 1% off move these logits (up to 4.8) by 2.4e-2 (float64, CPU).
+    torch.testing.assert_close(out.logits, ref.logits, rtol=3e-3, atol=1e-3)

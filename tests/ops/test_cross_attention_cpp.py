@@ -478,6 +478,30 @@ def test_gpu_opcheck(masked, dtype):
                           (torch.randn_like(o), q, kv, lse, mask, 2))
 
 
+# One test per case: a crash (the first H100 run of this file died with SIGSEGV somewhere in
+# these five calls) then names its case in pytest -v output.
+BAD_CORE_INPUTS = {
+    "int": (lambda q, kv, mask: (q.int(), kv.int(), mask, 2),
+            "the CUDA kernels take float16, bfloat16, float32 or float64 q, got Int"),
+    "kv_double": (lambda q, kv, mask: (q, kv.double(), mask, 2), "kv must have q's dtype and device"),
+    "kv_on_cpu": (lambda q, kv, mask: (q, kv.cpu(), mask, 2), "kv must have q's dtype and device"),
+    "mask_on_cpu": (lambda q, kv, mask: (q, kv, mask.cpu(), 2), r"key_mask must have shape \(2, 7\) on q's device"),
+    "head_dim_132": (lambda q, kv, mask: (q[..., :8].repeat(1, 1, 33), kv[..., :8].repeat(1, 1, 66), mask, 2),
+                     "the CUDA kernels take head dims up to 128, got D / heads = 264 / 2 = 132"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(BAD_CORE_INPUTS))
+def test_gpu_bad_core_inputs(case):
+    """What the CUDA forward kernel cannot run raises a clear error."""
+    ops_module._register_cpp_ops()
+    make_args, match = BAD_CORE_INPUTS[case]
+    q, kv, mask = gpu_core_inputs(2, 5, 7, 16, 2, dtype=torch.float32, masked=True)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.bharnet.cross_attention_core_cpp(*make_args(q, kv, mask))
+
+
 @pytest.mark.gpu
 def test_gpu_backend_choice_and_bad_inputs():
     """cpp is available on CUDA (auto still prefers triton); what the CUDA kernels cannot run
@@ -488,20 +512,8 @@ def test_gpu_backend_choice_and_bad_inputs():
     with pytest.raises(ValueError, match="CUDA kernels support head dims <= 128, got dim 258 / heads 2 = 129"):
         cpp_fn(*inputs)
     ops_module._register_cpp_ops()
-    op = torch.ops.bharnet.cross_attention_core_cpp
     q, kv, mask = gpu_core_inputs(2, 5, 7, 16, 2, dtype=torch.float32, masked=True)
-    cases = [
-        ((q.int(), kv.int(), mask, 2), "the CUDA kernels take float16, bfloat16, float32 or float64 q, got Int"),
-        ((q, kv.double(), mask, 2), "kv must have q's dtype and device"),
-        ((q, kv.cpu(), mask, 2), "kv must have q's dtype and device"),
-        ((q, kv, mask.cpu(), 2), r"key_mask must have shape \(2, 7\) on q's device"),
-        ((q[..., :8].repeat(1, 1, 33), kv[..., :8].repeat(1, 1, 66), mask, 2),
-         "the CUDA kernels take head dims up to 128, got D / heads = 264 / 2 = 132"),
-    ]
-    for args, match in cases:
-        with pytest.raises(RuntimeError, match=match):
-            op(*args)
-    o, lse = op(q, kv, mask, 2)
+    o, lse = torch.ops.bharnet.cross_attention_core_cpp(q, kv, mask, 2)
     with pytest.raises(RuntimeError, match=r"lse must have shape \[2, 2, 5\] and the accumulation dtype Float"):
         torch.ops.bharnet.cross_attention_core_cpp_backward(o, q, kv, lse.double(), mask, 2)
     with pytest.raises(RuntimeError, match=r"grad_o must have shape \[2, 5, 16\] and q's dtype"):

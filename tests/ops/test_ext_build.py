@@ -11,6 +11,9 @@ NO_COMPILER = """
 import torch
 from bharnet import _ext
 from bharnet.ops import ctr_graph_conv, deformable_temporal_conv
+builds = []
+jit_build = _ext._jit_build
+_ext._jit_build = lambda cuda: (builds.append(cuda), jit_build(cuda))
 reason = _ext.cpp_availability("cpu")
 assert reason is not None and "could not build the C++ extension" in reason and "reference" in reason, reason
 v, A = torch.randn(1, 3, 4, 5, 25), torch.randn(3, 25, 25)
@@ -23,6 +26,8 @@ except RuntimeError as error:
     assert "backend 'cpp' cannot run ctr_graph_conv" in str(error) and "could not build" in str(error)
 else:
     raise AssertionError("the cpp backend ran without an extension")
+assert _ext.cpp_availability("cpu") == reason
+assert builds and len(builds) == len(set(builds)), builds  # each build tried once, not per call
 print("ok")
 """
 
