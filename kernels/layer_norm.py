@@ -29,7 +29,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _reciprocal_sqrt(v, ACC_FP64: tl.constexpr):
+def reciprocal_sqrt(v, ACC_FP64: tl.constexpr):
     """1 / sqrt(v), correctly rounded square root and division (IEEE for fp64)."""
     if ACC_FP64:
         r = 1.0 / tl.sqrt(v)
@@ -54,7 +54,7 @@ def layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, D, 
     x = x.to(ACC_DTYPE)
     mean = tl.sum(x, axis=1) / D
     diff = tl.where(inside, x - mean[:, None], 0.0)
-    rstd = _reciprocal_sqrt(tl.sum(diff * diff, axis=1) / D + EPS, ACC_FP64)
+    rstd = reciprocal_sqrt(tl.sum(diff * diff, axis=1) / D + EPS, ACC_FP64)
     y = diff * rstd[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]

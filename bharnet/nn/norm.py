@@ -7,11 +7,14 @@ import torch
 from torch import nn
 
 from ..ops import batch_norm
+from ..ops._backend import resolve_missing_as_auto
 
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose normalisation runs through :func:`bharnet.ops.batch_norm`
-    (``impl`` picks the backend: on CPU the C++ kernel computes the training-mode statistics).
+    (``impl`` picks the backend: on CPU the C++ kernel computes the training-mode statistics,
+    on the GPU the Triton kernels where ``impl`` resolves to ``triton``; other GPU calls take
+    ``nn.BatchNorm2d``'s own path).
 
     The same parameters, buffers, state-dict keys and running-statistics rule (``momentum``,
     or the cumulative average with ``momentum=None``; ``track_running_stats``): checkpoints load
@@ -29,8 +32,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":  # every backend is F.batch_norm there: nn.BatchNorm2d's own path
-            return super().forward(x)
+        if x.device.type != "cpu" and resolve_missing_as_auto(self.fused_op, self.impl, x.device.type) != "triton":
+            return super().forward(x)  # F.batch_norm either way: nn.BatchNorm2d's own path
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -17,30 +17,52 @@ contiguous NCHW float tensor in training mode takes about 4x its own backward's 
 61 us at 2 x 64 x 64 x 42 on this project's 2-core EPYC; ``csrc/batch_norm.cpp``: 52 us), about
 8% of a CPU training step.
 
-Backends: ``reference`` (``F.batch_norm``) and ``cpp``: the C++ forward
-(``csrc/batch_norm.cpp``, running statistics then updated here) for training-mode calls on
-non-empty float32/float64 CPU tensors with more than one value per channel, whose channels are
-not the innermost dimension (channels-last), with parameters and running statistics in x's
-dtype and eps > 0, outside CPU autocast, ``torch.func`` transforms and forward-mode AD;
-everything else, evaluation mode and invalid arguments included, is ``F.batch_norm``. A backend the op
-does not have (``triton``) counts as ``auto``. Autograd is registered in C++
-(``csrc/autograd.cpp``), differentiable again under ``create_graph``. The op is
-``torch.ops.bharnet.batch_norm_train_cpp(x, weight, bias, eps) -> (y, mean, invstd, var)``
-(var biased).
+On the GPU, PyTorch's batch norm of a bf16 NCHW tensor with few positions per sample is slow:
+in a bf16 BHaRNet-E training step on the H100 (32 clips), its forward and backward kernels
+took 56 of the 124 ms of device time (``bench/results/h100/2026-11-27/``).
+
+Backends, each for training-mode calls (batch statistics; everything else, evaluation mode
+and invalid arguments included, is ``F.batch_norm``, whose errors they raise):
+
+* ``cpp``: the C++ forward (``csrc/batch_norm.cpp``) on non-empty float32/float64 CPU tensors
+  with more than one value per channel, whose channels are not the innermost dimension
+  (channels-last), with parameters and running statistics in x's dtype and eps > 0, outside
+  CPU autocast, ``torch.func`` transforms and forward-mode AD. Autograd is registered in C++
+  (``csrc/autograd.cpp``), differentiable again under ``create_graph``. The op is
+  ``torch.ops.bharnet.batch_norm_train_cpp(x, weight, bias, eps) -> (y, mean, invstd, var)``
+  (var biased).
+* ``triton``: the Triton kernels (``bharnet.kernels.batch_norm``: two passes over x forward,
+  two over x and dy backward, statistics in float32, float64 for float64 x) on contiguous
+  float16/bfloat16/float32/float64 tensors with more than one value per channel, parameters
+  and running statistics of any of those dtypes (bf16 x with float32 parameters under
+  autocast), eps > 0, outside ``torch.func`` transforms and forward-mode AD. y and dx come in
+  x's dtype. The op is ``torch.ops.bharnet.batch_norm_train(x, weight, bias, eps) -> (y, mean,
+  invstd, unbiased_var)`` with autograd through ``batch_norm_train_backward(dy, x, weight,
+  mean, invstd) -> (dx, [dw; db])``; plain eager calls skip the dispatcher
+  (``_custom_op.with_autograd``). Double backward is not supported.
+
+Both update the running statistics here, with torch ops. ``nn.BatchNorm2d`` layers
+(:class:`bharnet.nn.BatchNorm2d`) run through this op on the CPU, and on the GPU when their
+backend resolves to ``triton`` (``auto`` included).
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._ext import cpp_on_cpu_availability, registered_after_loading
-from ._backend import register_backend, resolve_missing_as_auto
-from ._checks import nn_layer_kernel_applies
+from ._backend import register_backend, resolve_missing_as_auto, triton_availability
+from ._checks import TRITON_DTYPES, nn_layer_kernel_applies
+from ._custom_op import cdiv, launch_config, launcher, new_output, next_pow2, triton_custom_op, with_autograd
 
 OP_NAME = "batch_norm"
+TILE = 2048  # elements of one (BLOCK_N rows, BLOCK_P positions) tile (half that for float64)
+MAX_BLOCK_P = 512
+NUM_WARPS = 4
 
 
 def batch_norm_reference(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -84,8 +106,146 @@ def _batch_norm_cpp(x, running_mean, running_var, weight, bias, training, moment
     return y
 
 
-_IMPLS = {"reference": batch_norm_reference, "cpp": _batch_norm_cpp}
+@functools.cache
+def _kernels():
+    """The Triton kernels, imported on first use (after TRITON_INTERPRET has been chosen)."""
+    from bharnet.kernels import batch_norm as kernels
+    return kernels
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@launch_config
+def _triton_config(N: int, P: int, tile: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_P, S, BLOCK_S): BLOCK_P positions (a power of two up to MAX_BLOCK_P),
+    BLOCK_N rows to fill a ``tile``-element tile, S = cdiv(N, BLOCK_N) programs per channel."""
+    block_p = min(next_pow2(P), MAX_BLOCK_P, tile)
+    block_n = max(1, tile // block_p)
+    programs = cdiv(N, block_n)
+    return block_n, block_p, programs, next_pow2(programs)
+
+
+def _sizes(x: Tensor):
+    N, C = x.shape[0], x.shape[1]
+    return N, C, x.numel() // max(N * C, 1)
+
+
+def _config(x: Tensor):
+    N, _, P = _sizes(x)
+    return _triton_config(N, P, TILE // 2 if x.dtype == torch.float64 else TILE)
+
+
+def _forward_fake(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[1], dtype=_acc_dtype(x))
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape), stats.new_empty(stats.shape)
+
+
+def _backward_fake(dy, x, weight, mean, invstd):
+    return x.new_empty(x.shape), mean.new_empty((2, x.shape[1]))
+
+
+@triton_custom_op("batch_norm_train", _forward_fake)
+def _batch_norm_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y like x, mean, invstd, unbiased variance (C,) in the accumulation dtype) of a
+    contiguous x. Grid (C, S) twice: partial sums, then y."""
+    N, C, P = _sizes(x)
+    block_n, block_p, programs, block_s = _config(x)
+    acc = _acc_dtype(x)
+    y = new_output(x.shape, x.dtype, x.device)
+    mean, invstd, var = (new_output((C,), acc, x.device) for _ in range(3))
+    part = new_output((2, C, programs), acc, x.device)
+    kernels = _kernels()
+    launcher(kernels.batch_norm_stats_kernel)[(C, programs)](
+        x, part, N, C, P, ACC_FP64=acc == torch.float64, BLOCK_N=block_n, BLOCK_P=block_p,
+        num_warps=NUM_WARPS)
+    launcher(kernels.batch_norm_forward_kernel)[(C, programs)](
+        x, part, x if weight is None else weight, x if bias is None else bias, y, mean, invstd, var,
+        N, C, P, programs, EPS=eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        ACC_FP64=acc == torch.float64, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_S=block_s,
+        num_warps=NUM_WARPS)
+    return y, mean, invstd, var
+
+
+@triton_custom_op("batch_norm_train_backward", _backward_fake)
+def _batch_norm_train_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                                  invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dx like x, [dw; db] (2, C) in the accumulation dtype). Grid (C, S) twice: partial
+    sums of dy and dy xhat, then dx."""
+    N, C, P = _sizes(x)
+    dy = dy.contiguous()
+    block_n, block_p, programs, block_s = _config(x)
+    dx = new_output(x.shape, x.dtype, x.device)
+    dparams = new_output((2, C), mean.dtype, x.device)
+    part = new_output((2, C, programs), mean.dtype, x.device)
+    fp64 = mean.dtype == torch.float64
+    kernels = _kernels()
+    launcher(kernels.batch_norm_backward_reduce_kernel)[(C, programs)](
+        dy, x, mean, invstd, part, N, C, P, ACC_FP64=fp64, BLOCK_N=block_n, BLOCK_P=block_p,
+        num_warps=NUM_WARPS)
+    launcher(kernels.batch_norm_backward_kernel)[(C, programs)](
+        dy, x, mean, invstd, x if weight is None else weight, part, dx, dparams, N, C, P, programs,
+        HAS_WEIGHT=weight is not None, ACC_FP64=fp64, BLOCK_N=block_n, BLOCK_P=block_p,
+        BLOCK_S=block_s, num_warps=NUM_WARPS)
+    return dx, dparams
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, invstd, var = output
+    ctx.mark_non_differentiable(mean, invstd, var)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _make_backward(run):
+    def backward(ctx, dy, _dmean, _dinvstd, _dvar):
+        """Only x, weight, mean and invstd are saved (not y, not xhat)."""
+        if dy is None:
+            return None, None, None, None
+        x, weight, mean, invstd = ctx.saved_tensors
+        dx, dparams = run(_batch_norm_train_backward_op, dy, x, weight, mean, invstd)
+        dw = None if weight is None else dparams[0].to(weight.dtype)
+        db = None if ctx.bias_dtype is None else dparams[1].to(ctx.bias_dtype)
+        return dx, dw, db, None
+    return backward
+
+
+_batch_norm_train_call = with_autograd(_batch_norm_train_op, _make_backward, _setup_context)
+
+
+def _triton_kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                           weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> bool:
+    """Whether a training-mode call takes the Triton kernels (module docstring)."""
+    if x.dim() < 2 or x.dtype not in TRITON_DTYPES or not x.is_contiguous() or x.numel() <= x.shape[1]:
+        return False
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # the interpreter rounds bf16 wrongly
+        return False
+    vectors = (weight, bias, running_mean, running_var)
+    return (all(t is None or (t.dtype in TRITON_DTYPES and t.shape == (x.shape[1],) and t.device == x.device)
+                for t in vectors)
+            and (running_mean is None) == (running_var is None) and eps > 0
+            and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0)
+
+
+def _batch_norm_triton(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    if not (training and _triton_kernel_applies(x, running_mean, running_var, weight, bias, eps)):
+        return batch_norm_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    y, mean, _, var = _batch_norm_train_call(x, weight, bias, float(eps))
+    if running_mean is not None:
+        with torch.no_grad():
+            torch._foreach_lerp_([running_mean, running_var],
+                                 [mean.to(running_mean.dtype), var.to(running_var.dtype)], momentum)
+    return y
+
+
+_IMPLS = {"reference": batch_norm_reference, "cpp": _batch_norm_cpp, "triton": _batch_norm_triton}
 register_backend(OP_NAME, "cpp", cpp_on_cpu_availability)
+register_backend(OP_NAME, "triton", triton_availability)
 
 
 def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
