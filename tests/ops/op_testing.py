@@ -110,3 +110,43 @@ def wide_supported() -> bool:
         return False
     torch.ops.bharnet.cpu_vector_bytes(previous)
     return True
+
+
+
+_COMPILE_FOR_SM90 = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+module_name, jobs = json.loads(sys.stdin.read())
+module = importlib.import_module(module_name)
+for name, pointers, constexprs in jobs:
+    kernel = getattr(module, name)
+    signature = {arg: ("constexpr" if arg in constexprs else "*" + pointers[arg] if arg in pointers else "i32")
+                 for arg in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(arg),): value for arg, value in constexprs.items()})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert ".entry " + name in ptx, name
+print(len(jobs), "compiled")
+"""
+
+
+def compile_for_sm90(module, jobs):
+    """Compile Triton kernels of ``module`` (e.g. ``"bharnet.kernels.batch_norm"``) for an H100
+    (sm_90) without a GPU, as the GPU machine's Triton would: catches what the interpreter
+    accepts but the compiler rejects. ``jobs``: (kernel name, {pointer argument: element type
+    such as "bf16"}, {constexpr argument: value, also integers Triton specialises such as a
+    size of 1}); every other argument is an int32. Runs in a subprocess without
+    TRITON_INTERPRET (which makes ``triton.jit`` return interpreted functions)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], input=json.dumps([module, jobs]),
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"{len(jobs)} compiled", result.stdout
