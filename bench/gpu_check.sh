@@ -13,7 +13,7 @@
 #   GPU_CHECK_PROFILE=1 GPU_CHECK_PROFILE_ARGS="--host --backend triton" ...
 #                                                 # extra bench/profile_ops.py arguments
 #   GPU_CHECK_PROFILE_MODEL=1 ...                 # also profile a BHaRNet-E training step
-#                                                 # (bench/profile_model.py, at most 100 s)
+#                                                 # (bench/profile_model.py, at most 150 s)
 #   GPU_CHECK_TUNE=90 ...                         # also sweep ctr_graph_conv's launch configs
 #                                                 # (bench/tune_ctr_graph_conv.py, ~90 s)
 #
@@ -29,7 +29,7 @@
 #   profile  only with GPU_CHECK_PROFILE=1: bench/profile_ops.py (per-kernel device time and
 #            host overhead of each op's fwd+bwd; at most 120 s)
 #   model_profile  only with GPU_CHECK_PROFILE_MODEL=1: bench/profile_model.py (the kernels
-#            and ops of a BHaRNet-E bf16 training step, eager and auto; at most 100 s)
+#            and ops of a BHaRNet-E bf16 training step: eager, auto, triton; at most 150 s)
 #   tune     only with GPU_CHECK_TUNE=<seconds>: bench/tune_ctr_graph_conv.py with that budget
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
 #            left: measurements that do not fit are listed as skipped, never half-run
@@ -173,7 +173,7 @@ fi
 RESERVED=20  # seconds kept for the stages after the tests
 if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=190; elif [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=110; fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 45)); fi
-if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 100)); fi
+if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
@@ -188,7 +188,7 @@ fi
 if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then
   MODEL_PROFILE_ARGS=(--device "$DEVICE")
   if [[ $DEVICE == cpu ]]; then MODEL_PROFILE_ARGS+=(--preset small --frames 16 --clips 2 --iters 1 --top 5); fi
-  stage model_profile 100 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
+  stage model_profile 150 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
 fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then
   stage tune $((GPU_CHECK_TUNE + 45)) "$PY" "$ROOT/bench/tune_ctr_graph_conv.py" --budget "$GPU_CHECK_TUNE"

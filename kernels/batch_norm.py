@@ -20,7 +20,7 @@ every program of the channel (S values: cheaper than a third launch).
   the channel's own values keeps sum d^2 - (sum d)^2 / M from cancelling when the mean is
   far from zero).
 * ``batch_norm_forward_kernel``: mean, var, invstd from the partials; y; program s = 0 also
-  stores mean, invstd and the unbiased variance (for the running statistics).
+  stores ``stats`` (3, C): mean, invstd and the unbiased variance (for the running statistics).
 * ``batch_norm_backward_reduce_kernel``: partial sums of dy and dy xhat.
 * ``batch_norm_backward_kernel``: dx; program s = 0 also stores dw and db.
 
@@ -81,8 +81,7 @@ def batch_norm_stats_kernel(x_ptr, part_ptr, N, C, P, ACC_FP64: tl.constexpr,
 
 
 @triton.jit
-def batch_norm_forward_kernel(x_ptr, part_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, invstd_ptr, var_ptr,
-                              N, C, P, S, EPS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+def batch_norm_forward_kernel(x_ptr, part_ptr, w_ptr, b_ptr, y_ptr, stats_ptr, N, C, P, S, EPS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                               HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
     """y for the program's rows of channel c; program s = 0 stores the channel's statistics."""
@@ -103,9 +102,9 @@ def batch_norm_forward_kernel(x_ptr, part_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, in
     if HAS_BIAS:
         offset = tl.load(b_ptr + c).to(ACC_DTYPE)
     if s == 0:
-        tl.store(mean_ptr + c, mean)
-        tl.store(invstd_ptr + c, invstd)
-        tl.store(var_ptr + c, var * count / (count - 1.0))
+        tl.store(stats_ptr + c, mean)
+        tl.store(stats_ptr + C + c, invstd)
+        tl.store(stats_ptr + 2 * C + c, var * count / (count - 1.0))
     for p0 in range(0, P, BLOCK_P):
         ptrs, inside = _tile(x_ptr, c, s, p0, N, C, P, BLOCK_N, BLOCK_P)
         x = tl.load(ptrs, mask=inside, other=0.0).to(ACC_DTYPE)
@@ -115,7 +114,7 @@ def batch_norm_forward_kernel(x_ptr, part_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, in
 
 
 @triton.jit
-def batch_norm_backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, part_ptr, N, C, P,
+def batch_norm_backward_reduce_kernel(dy_ptr, x_ptr, stats_ptr, part_ptr, N, C, P,
                                       ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr,
                                       BLOCK_P: tl.constexpr):
     """part[0, c, s] = sum dy, part[1, c, s] = sum dy xhat over the program's rows."""
@@ -123,8 +122,8 @@ def batch_norm_backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, part_
     c = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
-    mean = tl.load(mean_ptr + c)
-    invstd = tl.load(invstd_ptr + c)
+    mean = tl.load(stats_ptr + c)
+    invstd = tl.load(stats_ptr + C + c)
     total = tl.zeros([BLOCK_N, BLOCK_P], ACC_DTYPE)
     projected = tl.zeros([BLOCK_N, BLOCK_P], ACC_DTYPE)
     for p0 in range(0, P, BLOCK_P):
@@ -138,7 +137,7 @@ def batch_norm_backward_reduce_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, part_
 
 
 @triton.jit
-def batch_norm_backward_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, part_ptr, dx_ptr,
+def batch_norm_backward_kernel(dy_ptr, x_ptr, stats_ptr, w_ptr, part_ptr, dx_ptr,
                                dparams_ptr, N, C, P, S, HAS_WEIGHT: tl.constexpr,
                                ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -147,8 +146,8 @@ def batch_norm_backward_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, part_
     ACC_DTYPE: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     c = tl.program_id(0)
     s = tl.program_id(1)
-    mean = tl.load(mean_ptr + c)
-    invstd = tl.load(invstd_ptr + c)
+    mean = tl.load(stats_ptr + c)
+    invstd = tl.load(stats_ptr + C + c)
     sum_dy, sum_dy_xhat = _channel_sums(part_ptr, c, C, S, BLOCK_S)
     if s == 0:
         tl.store(dparams_ptr + c, sum_dy_xhat)

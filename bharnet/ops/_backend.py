@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 BACKENDS = ("reference", "triton", "cpp", "auto")
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
@@ -18,6 +18,8 @@ _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference
 _global_backend: Optional[str] = None
 # op name -> backend name -> callable returning None when usable or a reason string
 _availability: Dict[str, Dict[str, Callable[[str], Optional[str]]]] = {}
+# (op, backend) pairs that ``auto`` passes over (run only when named)
+_explicit_only: Set[Tuple[str, str]] = set()
 
 
 def _check_name(name: str) -> str:
@@ -54,10 +56,14 @@ class use_backend(contextlib.ContextDecorator):
         return False
 
 
-def register_backend(op: str, backend: str, availability: Callable[[str], Optional[str]]) -> None:
+def register_backend(op: str, backend: str, availability: Callable[[str], Optional[str]],
+                     in_auto: bool = True) -> None:
     """Declare that ``op`` has ``backend``; ``availability(device_type)`` returns None if it can
-    run on that device type, else a one-line reason."""
+    run on that device type, else a one-line reason. With ``in_auto=False``, ``auto`` passes
+    over it: it runs only when named (a backend not yet shown to be faster where it runs)."""
     _availability.setdefault(op, {})[_check_name(backend)] = availability
+    if not in_auto:
+        _explicit_only.add((op, backend))
 
 
 def has_backend(op: str, backend: str) -> bool:
@@ -89,7 +95,7 @@ def resolve(op: str, backend: Optional[str], device_type: str) -> str:
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
-            if unavailable_reason(op, candidate, device_type) is None:
+            if (op, candidate) not in _explicit_only and unavailable_reason(op, candidate, device_type) is None:
                 return candidate
         return "reference"
     reason = unavailable_reason(op, name, device_type)

@@ -18,6 +18,7 @@ from torch import nn
 from bharnet.fast import swap_layers
 from bharnet.nn import BatchNorm2d
 from bharnet.ops import batch_norm, batch_norm_reference
+from bharnet.ops._backend import resolve
 from op_testing import assert_low_precision_rule, compile_for_sm90, rel_err
 from test_batch_norm import NAMES, SHAPES, TOLERANCE, _inputs, _train_step
 
@@ -111,9 +112,9 @@ def test_opcheck(affine):
     x, weight, bias = _inputs(2, 5, 3, 7)
     params = [weight.requires_grad_(), bias.requires_grad_()] if affine else [None, None]
     torch.library.opcheck(torch.ops.bharnet.batch_norm_train.default, (x.requires_grad_(), *params, 1e-5))
-    _, mean, invstd, _ = torch.ops.bharnet.batch_norm_train(x.detach(), weight.detach(), None, 1e-5)
+    _, stats = torch.ops.bharnet.batch_norm_train(x.detach(), weight.detach(), None, 1e-5)
     torch.library.opcheck(torch.ops.bharnet.batch_norm_train_backward.default,
-                          (torch.randn_like(x), x.detach(), weight.detach() if affine else None, mean, invstd))
+                          (torch.randn_like(x), x.detach(), weight.detach() if affine else None, stats))
 
 
 def test_torch_compile_fullgraph_with_running_statistics():
@@ -204,7 +205,7 @@ def test_kernels_compile_for_the_h100():
     for x_dtype in ("bf16", "fp16", "fp32", "fp64"):
         acc = "fp64" if x_dtype == "fp64" else "fp32"
         tensors = dict(x_ptr=x_dtype, dy_ptr=x_dtype, y_ptr=x_dtype, dx_ptr=x_dtype, w_ptr="fp32", b_ptr="fp32",
-                       part_ptr=acc, mean_ptr=acc, invstd_ptr=acc, var_ptr=acc, dparams_ptr=acc)
+                       part_ptr=acc, stats_ptr=acc, dparams_ptr=acc)
         flags = dict(ACC_FP64=x_dtype == "fp64", BLOCK_N=4, BLOCK_P=512, BLOCK_S=16, EPS=1e-5, HAS_WEIGHT=True,
                      HAS_BIAS=True)
         for name in names:
@@ -259,21 +260,30 @@ def test_gpu_float32_float64(shape, dtype, poisoned):
     _assert_matches(_gpu_step(_triton, x.to(dtype), weight, bias), expected, dtype, NAMES)
 
 
+def test_auto_passes_over_the_triton_backend():
+    """Until a GPU run shows it faster in a model, auto keeps PyTorch's batch norm on CUDA
+    (through the cpp backend, which is F.batch_norm there); named, triton runs."""
+    assert resolve("batch_norm", "auto", "cuda") == "cpp"
+    assert resolve("batch_norm", "triton", "cuda") == "triton"
+    assert resolve("ctr_graph_conv", "auto", "cuda") == "triton"
+
+
 @pytest.mark.gpu
-def test_gpu_model_layers_take_the_triton_kernels(monkeypatch):
-    """On CUDA under auto, bharnet.nn.BatchNorm2d in training mode calls the Triton op and
-    matches nn.BatchNorm2d (bf16 autocast, as in training)."""
+def test_gpu_model_layers_take_the_triton_kernels_when_named(monkeypatch):
+    """On CUDA, bharnet.nn.BatchNorm2d on triton calls the Triton op in training mode and
+    matches nn.BatchNorm2d (bf16 autocast, as in training); on auto it does not call it."""
     calls = []
     real = ops_module._batch_norm_train_call
     monkeypatch.setattr(ops_module, "_batch_norm_train_call", lambda *args: calls.append(1) or real(*args))
     torch.manual_seed(0)
     reference = nn.BatchNorm2d(64).cuda()
     torch.manual_seed(0)
-    layer = BatchNorm2d(64).cuda()
+    layer = BatchNorm2d(64, impl="triton").cuda()
     x = _inputs(16, 64, 64, 25)[0].float().cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         x16 = x.bfloat16()
         got, expected = layer(x16), reference(x16)
+        BatchNorm2d(64).cuda()(x16)
     assert calls == [1]
     assert got.dtype == expected.dtype == torch.bfloat16
     assert rel_err(got, expected) <= 1e-2
