@@ -123,11 +123,14 @@ module_name, jobs = json.loads(sys.stdin.read())
 module = importlib.import_module(module_name)
 for name, pointers, constexprs in jobs:
     kernel = getattr(module, name)
+    options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages") if key in constexprs}
+    constexprs = {arg: getattr(triton.language, value[3:]) if isinstance(value, str) and value.startswith("tl.")
+                  else value for arg, value in constexprs.items()}
     signature = {arg: ("constexpr" if arg in constexprs else "*" + pointers[arg] if arg in pointers else "i32")
                  for arg in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(kernel.arg_names.index(arg),): value for arg, value in constexprs.items()})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     assert ".entry " + name in ptx, name
 print(len(jobs), "compiled")
 """
@@ -138,8 +141,9 @@ def compile_for_sm90(module, jobs):
     (sm_90) without a GPU, as the GPU machine's Triton would: catches what the interpreter
     accepts but the compiler rejects. ``jobs``: (kernel name, {pointer argument: element type
     such as "bf16"}, {constexpr argument: value, also integers Triton specialises such as a
-    size of 1}); every other argument is an int32. Runs in a subprocess without
-    TRITON_INTERPRET (which makes ``triton.jit`` return interpreted functions)."""
+    size of 1; a Triton dtype as its name, e.g. "tl.bfloat16"; and the launch options
+    "num_warps" and "num_stages"}); every other argument is an int32. Runs in a subprocess
+    without TRITON_INTERPRET (which makes ``triton.jit`` return interpreted functions)."""
     import json
     import os
     import subprocess
