@@ -3,7 +3,7 @@
 Backends: ``reference`` (pure PyTorch, the numerical ground truth), ``triton`` (Triton
 kernels; on CPU only under ``TRITON_INTERPRET=1``), ``cpp`` (the C++/CUDA extension) and
 ``auto`` (the fastest backend that can run on the tensor's device, falling back to
-``reference``). The choice is made per call (``backend=``), per layer (``impl=``) or globally
+``reference``; a backend registered with ``in_auto=False`` runs only when named). The choice is made per call (``backend=``), per layer (``impl=``) or globally
 (:func:`use_backend`, environment variable ``BHARNET_BACKEND``), in that order of precedence.
 """
 from __future__ import annotations
@@ -90,7 +90,8 @@ def resolve(op: str, backend: Optional[str], device_type: str) -> str:
     """Turn a requested backend (None = global default) into a concrete one for ``device_type``.
 
     An explicitly requested backend that cannot run raises ``RuntimeError`` with the reason;
-    ``auto`` picks the first usable backend in a fixed preference order.
+    ``auto`` picks the first usable backend in a fixed preference order, passing over those
+    registered with ``in_auto=False``.
     """
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":

@@ -33,10 +33,10 @@ and invalid arguments included, is ``F.batch_norm``, whose errors they raise):
   (var biased).
 * ``triton``: the Triton kernels (``bharnet.kernels.batch_norm``: two passes over x forward,
   two over x and dy backward, statistics in float32, float64 for float64 x) on contiguous
-  float16/bfloat16/float32/float64 tensors with more than one value per channel, parameters
-  and running statistics of any of those dtypes (bf16 x with float32 parameters under
-  autocast), eps > 0, outside ``torch.func`` transforms and forward-mode AD. y and dx come in
-  x's dtype. The op is ``torch.ops.bharnet.batch_norm_train(x, weight, bias, eps) -> (y, stats)``
+  float16/bfloat16/float32/float64 tensors with more than one value per channel, contiguous
+  parameters and running statistics in x's dtype or, next to 16-bit x, float32 (bf16 x with
+  float32 parameters under autocast; PyTorch's rule on CUDA), eps > 0, outside ``torch.func``
+  transforms and forward-mode AD. y and dx come in x's dtype. The op is ``torch.ops.bharnet.batch_norm_train(x, weight, bias, eps) -> (y, stats)``
   with ``stats`` (3, C) = [mean; invstd; unbiased var], autograd through
   ``batch_norm_train_backward(dy, x, weight, stats) -> (dx, [dw; db])``; plain eager calls skip
   the dispatcher (``_custom_op.with_autograd``). Double backward is not supported. ``auto``
@@ -66,6 +66,7 @@ from ._custom_op import cdiv, launch_config, launcher, new_output, next_pow2, tr
 OP_NAME = "batch_norm"
 TILE = 2048  # elements of one (BLOCK_N rows, BLOCK_P positions) tile (half that for float64)
 MAX_BLOCK_P = 512
+MAX_ROW_PROGRAMS = 64  # programs per channel (grid axis 1), each loops over its row blocks
 NUM_WARPS = 4
 
 
@@ -122,12 +123,13 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 @launch_config
-def _triton_config(N: int, P: int, tile: int) -> Tuple[int, int, int, int]:
+def _triton_config(N: int, P: int, tile: int, max_programs: int) -> Tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_P, S, BLOCK_S): BLOCK_P positions (a power of two up to MAX_BLOCK_P),
-    BLOCK_N rows to fill a ``tile``-element tile, S = cdiv(N, BLOCK_N) programs per channel."""
+    BLOCK_N rows to fill a ``tile``-element tile, S = min(cdiv(N, BLOCK_N), max_programs)
+    programs per channel."""
     block_p = min(next_pow2(P), MAX_BLOCK_P, tile)
     block_n = max(1, tile // block_p)
-    programs = cdiv(N, block_n)
+    programs = min(cdiv(N, block_n), max_programs)
     return block_n, block_p, programs, next_pow2(programs)
 
 
@@ -138,7 +140,7 @@ def _sizes(x: Tensor):
 
 def _config(x: Tensor):
     N, _, P = _sizes(x)
-    return _triton_config(N, P, TILE // 2 if x.dtype == torch.float64 else TILE)
+    return _triton_config(N, P, TILE // 2 if x.dtype == torch.float64 else TILE, MAX_ROW_PROGRAMS)
 
 
 def _forward_fake(x, weight, bias, eps):
@@ -226,8 +228,11 @@ def _triton_kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_va
         return False
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # the interpreter rounds bf16 wrongly
         return False
+    # PyTorch's rule on CUDA: x's dtype, or float32 next to 16-bit x
+    vector_dtypes = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
     vectors = (weight, bias, running_mean, running_var)
-    return (all(t is None or (t.dtype in TRITON_DTYPES and t.shape == (x.shape[1],) and t.device == x.device)
+    return (all(t is None or (t.dtype in vector_dtypes and t.shape == (x.shape[1],) and t.is_contiguous()
+                              and t.device == x.device)
                 for t in vectors)
             and (running_mean is None) == (running_var is None) and eps > 0
             and not torch._C._are_functorch_transforms_active()

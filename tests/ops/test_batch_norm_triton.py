@@ -55,15 +55,31 @@ def test_training_mode_matches_fp64_batch_norm(shape, dtype, affine, poisoned):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_several_programs_per_channel_and_position_blocks(dtype, monkeypatch, poisoned):
+@pytest.mark.parametrize("max_programs", [64, 2], ids=["one_block_each", "row_block_loop"])
+def test_several_programs_per_channel_and_position_blocks(dtype, max_programs, monkeypatch, poisoned):
     """Tiles of 2 rows x 8 positions: 3 programs per channel (the last one half empty) and 3
-    position blocks per row (the last one partial)."""
+    position blocks per row (the last one partial); or, with programs capped at 2 per channel,
+    one program looping over two row blocks."""
     monkeypatch.setattr(ops_module, "TILE", 32 if dtype == torch.float64 else 16)
     monkeypatch.setattr(ops_module, "MAX_BLOCK_P", 8)
+    monkeypatch.setattr(ops_module, "MAX_ROW_PROGRAMS", max_programs)
     x, weight, bias = _inputs(5, 3, 3, 7)
-    assert ops_module._config(x.to(dtype)) == (2, 8, 3, 4)
+    assert ops_module._config(x.to(dtype)) == ((2, 8, 3, 4) if max_programs == 64 else (2, 8, 2, 2))
     expected = _train_step(batch_norm_reference, x, weight, bias, torch.float64)
     _assert_matches(_train_step(_triton, x, weight, bias, dtype), expected, dtype, NAMES)
+
+
+def test_float32_precision_with_one_value_far_from_the_rest():
+    """A channel whose first value is 1000 standard deviations out: the shift is the mean of
+    the first 256 values, not that value alone (with it alone, the error was 7e-3)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 1, 4096, generator=gen, dtype=torch.float64)
+    x[0, 0, 0] = 1000
+    x32 = x.float().double()
+    expected = F.batch_norm(x32, None, None, training=True)
+    ours = _triton(x32.float(), None, None, None, None, True, 0.1, 1e-5)
+    torch_f32 = F.batch_norm(x32.float(), None, None, training=True)
+    assert rel_err(ours, expected) <= max(1e-6, 2 * rel_err(torch_f32, expected))
 
 
 def test_float32_precision_with_a_mean_far_from_zero():
@@ -158,6 +174,12 @@ def test_other_calls_are_batch_norm_itself():
         lambda v: F.batch_norm(v, None, None, weight, bias, True, 0.1, 1e-5))(x.unsqueeze(1)))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         _triton(torch.randn(1, 5, 1, 1), None, None, weight, bias, True, 0.1, 1e-5)
+    # parameters not laid out as C contiguous values, or in a dtype PyTorch refuses next to x
+    strided = torch.randn(10)[::2]
+    assert torch.equal(_triton(x, None, None, strided, bias, True, 0.1, 1e-5),
+                       F.batch_norm(x, None, None, strided, bias, True, 0.1, 1e-5))
+    with pytest.raises(RuntimeError):
+        _triton(x, None, None, weight.double(), bias, True, 0.1, 1e-5)
 
 
 def test_invalid_arguments_raise_like_batch_norm():
