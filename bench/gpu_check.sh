@@ -24,8 +24,9 @@
 #   build    JIT-builds the C++/CUDA extension from csrc/ (device code for
 #            TORCH_CUDA_ARCH_LIST, default 9.0 here) and lists the ops with CUDA kernels
 #   tests    pytest -m gpu, one process per test file, GPU_CHECK_TEST_JOBS (default 6) at a
-#            time (at most GPU_CHECK_TEST_SECONDS, default 150 s, leaving the benchmark
-#            about 3 minutes); each file's log is printed when it ends
+#            time (at most GPU_CHECK_TEST_SECONDS, default 150 s, and no more than leaves the
+#            later stages their time: the benchmark GPU_CHECK_BENCH_SECONDS, default 170 s);
+#            each file's log is printed when it ends
 #   profile  only with GPU_CHECK_PROFILE=1: bench/profile_ops.py (per-kernel device time and
 #            host overhead of each op's fwd+bwd; at most 120 s)
 #   model_profile  only with GPU_CHECK_PROFILE_MODEL=1: bench/profile_model.py (the kernels
@@ -171,7 +172,8 @@ if [[ " ${FAILED[*]} " == *" setup "* ]]; then
   exit 1
 fi
 RESERVED=20  # seconds kept for the stages after the tests
-if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=190; elif [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=110; fi
+if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=$((RESERVED + ${GPU_CHECK_BENCH_SECONDS:-170})); fi
+if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=$((RESERVED + 120)); fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 45)); fi
 if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
