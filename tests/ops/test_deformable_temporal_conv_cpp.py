@@ -168,3 +168,14 @@ def test_gpu_opcheck():
     dy = torch.randn(2, 5, 4, 5, device=GPU)
     torch.library.opcheck(torch.ops.bharnet.deformable_temporal_conv_cpp_backward.default,
                           (dy, x.detach(), tau, weight, 2, True))
+
+
+@pytest.mark.gpu
+def test_gpu_bad_offsets_dtype_is_a_clear_error():
+    """A TORCH_CHECK in the CUDA binding raises RuntimeError. (The first H100 run of the
+    cross-attention CUDA tests died with SIGSEGV in calls that should raise like this; if this
+    test crashes too, C++ errors from the JIT-built extension crash there in general.)"""
+    x, tau, weight, bias = to_device(make_inputs(2, 3, 5, 7, 5, torch.float64), GPU)
+    run(cpp_fn(1), (x, tau, weight, bias))
+    with pytest.raises(RuntimeError, match="offsets must be float32 or float64"):
+        torch.ops.bharnet.deformable_temporal_conv_cpp(x, tau.float(), weight, bias, 1)
