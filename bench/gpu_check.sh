@@ -189,7 +189,9 @@ if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
 fi
 if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then
   MODEL_PROFILE_ARGS=(--device "$DEVICE")
-  if [[ $DEVICE == cpu ]]; then MODEL_PROFILE_ARGS+=(--preset small --frames 16 --clips 2 --iters 1 --top 5); fi
+  if [[ $DEVICE == cpu ]]; then  # no Triton without a GPU
+    MODEL_PROFILE_ARGS+=(--preset small --frames 16 --clips 2 --iters 1 --top 5 --backend reference --backend auto)
+  fi
   stage model_profile 150 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
 fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then
