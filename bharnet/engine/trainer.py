@@ -65,6 +65,15 @@ class JsonlLog:
             handle.write(json.dumps(record) + "\n")
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum and weight decay; torch's fused implementation on CPU and CUDA
+    (one kernel over all parameters instead of several ops per tensor: 13.6 -> 3.6 ms per step
+    for BHaRNet-E's 1,310 parameter tensors on this project's 2-core EPYC, ~3% of a CPU training
+    step; the same updates up to rounding)."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay, fused=True if device.type in ("cpu", "cuda") else None)
+
+
 def _inputs(batch, device):
     body, hand, label = batch
     return body.to(device, non_blocking=True), hand.to(device, non_blocking=True), label.to(device)
@@ -83,8 +92,7 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
     num_classes = train_set.num_classes
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=True, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     log = JsonlLog(os.path.join(config.out, "log.jsonl") if context.is_main else None)
     start_epoch, step = 0, 0
