@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bharnet.ops._checks import accumulation_dtype
 from bharnet.ops._custom_op import cdiv, new_output, next_pow2
 from bharnet.ops.deformable_temporal_conv import clamp_passes_gradient_at_bounds
 
@@ -352,10 +353,6 @@ def _block(n: int, lo: int, hi: int) -> int:
     return min(max(next_pow2(n), lo), hi)
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @functools.lru_cache(maxsize=None)
 def _dtype_args(x_dtype: torch.dtype, offsets_dtype: torch.dtype) -> dict:
     """Kernel dtype arguments (module docstring): dot operands in x's dtype, fp32 dot precision
@@ -446,7 +443,7 @@ def backward(dy, x, offsets, weight, stride: int):
     T_out = dy.shape[2]
     launch = _backward_launch(B, C, T, V, O, E, T_out)
     args = _dtype_args(x.dtype, offsets.dtype)
-    part = new_output((launch.scratch,), _accumulation_dtype(x), x.device)
+    part = new_output((launch.scratch,), accumulation_dtype(x), x.device)
     _param_grad_kernel[launch.param_grid](
         x, offsets, dy, weight, part,
         *x.stride(), offsets.stride(0), *dy.stride(), *weight.stride(),

@@ -3,8 +3,9 @@
 Backends: ``reference`` (pure PyTorch, the numerical ground truth), ``triton`` (Triton
 kernels; on CPU only under ``TRITON_INTERPRET=1``), ``cpp`` (the C++/CUDA extension) and
 ``auto`` (the fastest backend that can run on the tensor's device, falling back to
-``reference``; a backend registered with ``in_auto=False`` runs only when named). The choice is made per call (``backend=``), per layer (``impl=``) or globally
-(:func:`use_backend`, environment variable ``BHARNET_BACKEND``), in that order of precedence.
+``reference``; a backend registered with ``in_auto=False`` runs only when named). The choice
+is made per call (``backend=``), per layer (``impl=``) or globally (:func:`use_backend`,
+environment variable ``BHARNET_BACKEND``), in that order of precedence.
 """
 from __future__ import annotations
 

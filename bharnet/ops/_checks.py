@@ -21,6 +21,11 @@ def expect_tensor(op: str, name: str, t, shape, ref: torch.Tensor, ref_name: str
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the Triton kernels accumulate ``x`` in: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def expect_triton_dtype(op: str, name: str, t: torch.Tensor) -> None:
     """Raise unless the Triton kernels take ``t``'s dtype on its device: float16, bfloat16,
     float32 or float64, and no bfloat16 on CPU, where the Triton interpreter's bf16 ``tl.dot``

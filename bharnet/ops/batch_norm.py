@@ -36,8 +36,9 @@ and invalid arguments included, is ``F.batch_norm``, whose errors they raise):
   float16/bfloat16/float32/float64 tensors with more than one value per channel, contiguous
   parameters and running statistics in x's dtype or, next to 16-bit x, float32 (bf16 x with
   float32 parameters under autocast; PyTorch's rule on CUDA), eps > 0, outside ``torch.func``
-  transforms and forward-mode AD. y and dx come in x's dtype. The op is ``torch.ops.bharnet.batch_norm_train(x, weight, bias, eps) -> (y, stats)``
-  with ``stats`` (3, C) = [mean; invstd; unbiased var], autograd through
+  transforms and forward-mode AD. y and dx come in x's dtype. The op is
+  ``torch.ops.bharnet.batch_norm_train(x, weight, bias, eps) -> (y, stats)`` with ``stats``
+  (3, C) = [mean; invstd; unbiased var], autograd through
   ``batch_norm_train_backward(dy, x, weight, stats) -> (dx, [dw; db])``; plain eager calls skip
   the dispatcher (``_custom_op.with_autograd``). Double backward is not supported. ``auto``
   passes over this backend (it runs when named): on the H100 an eager call of PyTorch's batch
@@ -60,7 +61,7 @@ from torch import Tensor
 
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto, triton_availability
-from ._checks import TRITON_DTYPES, nn_layer_kernel_applies
+from ._checks import TRITON_DTYPES, accumulation_dtype, nn_layer_kernel_applies
 from ._custom_op import cdiv, launch_config, launcher, new_output, next_pow2, triton_custom_op, with_autograd
 
 OP_NAME = "batch_norm"
@@ -97,17 +98,24 @@ def _kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
             and (running_mean is None) == (running_var is None) and eps > 0)
 
 
+def _update_running_statistics(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                               unbiased_var: Tensor, momentum: float) -> None:
+    """running = (1 - momentum) running + momentum batch value, as F.batch_norm updates them (one
+    foreach lerp); the backends pass both running statistics or neither."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        torch._foreach_lerp_([running_mean, running_var],
+                             [mean.to(running_mean.dtype), unbiased_var.to(running_var.dtype)], momentum)
+
+
 def _batch_norm_cpp(x, running_mean, running_var, weight, bias, training, momentum, eps):
     if not (training and _kernel_applies(x, running_mean, running_var, weight, bias, eps)):  # F.batch_norm
         return batch_norm_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
     _register_cpp_ops()
     y, mean, _, var = torch.ops.bharnet.batch_norm_train_cpp(x, weight, bias, eps)
-    with torch.no_grad():
-        values = x.numel() // x.shape[1]
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        if running_var is not None:
-            running_var.mul_(1 - momentum).add_(var, alpha=momentum * values / (values - 1))
+    values = x.numel() // x.shape[1]
+    _update_running_statistics(running_mean, running_var, mean, var * (values / (values - 1)), momentum)
     return y
 
 
@@ -116,10 +124,6 @@ def _kernels():
     """The Triton kernels, imported on first use (after TRITON_INTERPRET has been chosen)."""
     from bharnet.kernels import batch_norm as kernels
     return kernels
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @launch_config
@@ -144,7 +148,7 @@ def _config(x: Tensor):
 
 
 def _forward_fake(x, weight, bias, eps):
-    return x.new_empty(x.shape), x.new_empty((3, x.shape[1]), dtype=_acc_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((3, x.shape[1]), dtype=accumulation_dtype(x))
 
 
 def _backward_fake(dy, x, weight, stats):
@@ -158,7 +162,7 @@ def _batch_norm_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     of a contiguous x. Grid (C, S) twice: partial sums, then y."""
     N, C, P = _sizes(x)
     block_n, block_p, programs, block_s = _config(x)
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     y = new_output(x.shape, x.dtype, x.device)
     stats = new_output((3, C), acc, x.device)
     part = new_output((2, C, programs), acc, x.device)
@@ -167,9 +171,9 @@ def _batch_norm_train_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         x, part, N, C, P, ACC_FP64=acc == torch.float64, BLOCK_N=block_n, BLOCK_P=block_p,
         num_warps=NUM_WARPS)
     launcher(kernels.batch_norm_forward_kernel)[(C, programs)](
-        x, part, x if weight is None else weight, x if bias is None else bias, y, stats, N, C, P, programs, EPS=eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ACC_FP64=acc == torch.float64, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_S=block_s,
-        num_warps=NUM_WARPS)
+        x, part, x if weight is None else weight, x if bias is None else bias, y, stats, N, C, P, programs,
+        EPS=eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC_FP64=acc == torch.float64,
+        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_S=block_s, num_warps=NUM_WARPS)
     return y, stats
 
 
@@ -243,10 +247,7 @@ def _batch_norm_triton(x, running_mean, running_var, weight, bias, training, mom
     if not (training and _triton_kernel_applies(x, running_mean, running_var, weight, bias, eps)):
         return batch_norm_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
     y, stats = _batch_norm_train_call(x, weight, bias, float(eps))
-    if running_mean is not None:
-        with torch.no_grad():
-            torch._foreach_lerp_([running_mean, running_var],
-                                 [stats[0].to(running_mean.dtype), stats[2].to(running_var.dtype)], momentum)
+    _update_running_statistics(running_mean, running_var, stats[0], stats[2], momentum)
     return y
 
 

@@ -77,7 +77,7 @@ from torch.autograd.function import once_differentiable
 from .._ext import cpp_backend_availability, registered_after_loading
 from . import cpu_linear
 from ._backend import register_backend, resolve, triton_availability
-from ._checks import expect_tensor, expect_triton_dtype
+from ._checks import accumulation_dtype, expect_tensor, expect_triton_dtype
 from ._custom_op import (cdiv, direct_call_allowed, launcher, new_output, next_pow2, triton_custom_op,
                          with_autograd)
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
@@ -191,10 +191,6 @@ def _config(Lq: int, Lk: int, head_dim: int, element_size: int):
     return block_q, block_k, block_d, fused, num_warps
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _kernel_flags(x: Tensor, has_mask: bool):
     """Constexpr flags shared by every kernel: fp64 accumulation only for fp64 inputs, exact
     fp32 products (no TF32) for fp32 inputs."""
@@ -224,7 +220,7 @@ def _mask_args(key_mask: Optional[Tensor], kv: Tensor):
 
 def _core_fake(q, kv, key_mask, heads):
     N, Lq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((N, heads, Lq), dtype=_acc_dtype(q))
+    return q.new_empty(q.shape), q.new_empty((N, heads, Lq), dtype=accumulation_dtype(q))
 
 
 def _core_backward_fake(grad_o, q, kv, o, lse, key_mask, heads):
@@ -243,7 +239,7 @@ def _core_op(q: Tensor, kv: Tensor, key_mask: Optional[Tensor], heads: int) -> T
     head_dim = D // heads
     block_q, block_k, block_d, _, num_warps = _config(Lq, Lk, head_dim, q.element_size())
     o = new_output((N, Lq, D), q.dtype, q.device)
-    lse = new_output((N, heads, Lq), _acc_dtype(q), q.device)
+    lse = new_output((N, heads, Lq), accumulation_dtype(q), q.device)
     mask, stride_mn, stride_ml = _mask_args(key_mask, kv)
     launcher(kernels.cross_attention_fwd_kernel)[(N * heads, cdiv(Lq, block_q))](
         q, kv, mask, o, lse, heads, Lq, Lk, D, head_dim,

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import TRITON_DTYPES, expect_tensor
+from ._checks import TRITON_DTYPES, accumulation_dtype, expect_tensor
 from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
 
 OP_NAME = "layer_norm"
@@ -79,10 +79,6 @@ def layer_norm_reference(x: Tensor, weight: Optional[Tensor] = None, bias: Optio
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(compute_dtype(x))
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _rows(t: Tensor) -> Tensor:
     """(M, D) view of t (a copy only if no such view with unit feature stride exists)."""
     rows = t.reshape(-1, t.shape[-1])
@@ -102,12 +98,12 @@ def _config(D: int, x: Tensor):
 
 
 def _forward_fake(x, weight, bias, eps, out_dtype):
-    stats = x.new_empty(x.shape[:-1], dtype=_acc_dtype(x))
+    stats = x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x))
     return x.new_empty(x.shape, dtype=out_dtype), stats, stats.new_empty(stats.shape)
 
 
 def _backward_fake(dy, x, weight, mean, rstd):
-    return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=_acc_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=accumulation_dtype(x))
 
 
 @triton_custom_op("layer_norm", _forward_fake)
@@ -120,8 +116,8 @@ def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     M = rows.shape[0]
     block_m, block_d = _config(D, x)
     y = new_output(x.shape, out_dtype, x.device)
-    mean = new_output(x.shape[:-1], _acc_dtype(x), x.device)
-    rstd = new_output(x.shape[:-1], _acc_dtype(x), x.device)
+    mean = new_output(x.shape[:-1], accumulation_dtype(x), x.device)
+    rstd = new_output(x.shape[:-1], accumulation_dtype(x), x.device)
     if M > 0:
         launcher(_kernels().layer_norm_fwd_kernel)[(cdiv(M, block_m),)](
             rows, _params(weight, rows), _params(bias, rows), y, mean, rstd,
@@ -142,7 +138,7 @@ def _layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mea
     block_m, block_d = _config(D, x)
     programs = min(cdiv(M, block_m), BACKWARD_PROGRAMS)
     dx = new_output(x.shape, x.dtype, x.device)
-    part = new_output((2, programs, D), _acc_dtype(x), x.device)
+    part = new_output((2, programs, D), accumulation_dtype(x), x.device)
     if M > 0:
         launcher(_kernels().layer_norm_bwd_kernel)[(programs,)](
             dy_rows, rows, _params(weight, rows), mean, rstd, dx, part,

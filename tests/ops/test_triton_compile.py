@@ -125,7 +125,8 @@ def test_ctr_graph_conv_kernels_compile_for_the_h100():
 # --- deformable_temporal_conv -------------------------------------------------------------------
 # (B, C, O, T, V, E, stride): the MSTCN branches' shapes at V = 25 and 42, stride 1 and 2, and
 # every size 1.
-DETGC_BODY, DETGC_STRIDED, DETGC_HAND = (8, 64, 64, 64, 25, 4, 1), (8, 64, 128, 64, 25, 4, 2), (8, 256, 256, 16, 42, 4, 1)
+DETGC_BODY, DETGC_STRIDED = (8, 64, 64, 64, 25, 4, 1), (8, 64, 128, 64, 25, 4, 2)
+DETGC_HAND = (8, 256, 256, 16, 42, 4, 1)
 DETGC_ONES = (1, 1, 1, 1, 1, 1, 1)
 # (x dtype, offsets dtype, weight and bias dtype, shape, bias).
 DETGC_CASES = ([("bf16", "fp32", "fp32", DETGC_BODY, True), ("fp16", "fp32", "fp32", DETGC_STRIDED, True),
@@ -168,7 +169,8 @@ def test_deformable_temporal_conv_kernels_compile_for_the_h100():
     in float32 next to 16-bit x, or in x's dtype), with stride 1 and 2, without bias, and with
     every size 1."""
     kernels = detgc_ops._kernels()
-    jobs = [job for x, offsets, w, shape, bias in DETGC_CASES for job in _detgc_jobs(kernels, x, offsets, w, shape, bias)]
+    jobs = [job for x, offsets, w, shape, bias in DETGC_CASES
+            for job in _detgc_jobs(kernels, x, offsets, w, shape, bias)]
     assert {name for name, _, _ in jobs} == _kernel_names(kernels)
     compile_for_sm90("bharnet.kernels.deformable_temporal_conv", jobs)
 
