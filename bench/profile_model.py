@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from bharnet.bench.model_cases import ModelCase, make_step
 from bharnet.ops import use_backend
-from profile_ops import host_profile, wall_ms
+from profile_ops import host_profile, print_by_device_time, profiled, wall_ms
 
 
 def profile_step(case, backend, device, dtype, iters, top, host=False):
@@ -32,24 +31,16 @@ def profile_step(case, backend, device, dtype, iters, top, host=False):
         if host:  # before torch.profiler, which can leave cProfile without its hook (Python 3.12)
             print(f"\n## {case.model} {case.mode} {case.x} [{backend}, {dtype}]")
             host_profile(step, iters, top)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(iters):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-    averages = prof.key_averages()
+        averages = profiled(step, device, iters)
     kernels = [e for e in averages if e.device_type.name == "CUDA"]
     kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / iters
     print(f"\n## {case.model} {case.mode} {case.x} [{backend}, {dtype}]: wall {wall:.2f} ms/step, "
           f"kernels {kernel_ms:.2f} ms/step, {sum(e.count for e in kernels) / iters:.0f} launches/step")
     print("  kernels by device time:")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"  {e.self_device_time_total / 1e3 / iters:8.3f} ms  x{e.count / iters:5.1f}  {e.key[:100]}")
+    print_by_device_time(kernels, iters, top)
     print("  PyTorch ops by the device time of their own kernels:")
-    ops = [e for e in averages if e.device_type.name == "CPU" and e.self_device_time_total > 0]
-    for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"  {e.self_device_time_total / 1e3 / iters:8.3f} ms  x{e.count / iters:5.1f}  {e.key[:100]}")
+    print_by_device_time([e for e in averages if e.device_type.name == "CPU" and e.self_device_time_total > 0],
+                         iters, top)
 
 
 def main():

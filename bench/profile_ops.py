@@ -115,6 +115,23 @@ def launch_overhead(device, iters=2000):
         print(f"  launch overhead: {elapsed / iters * 1e6:6.1f} us  {name}")
 
 
+def profiled(call, device, iters):
+    """torch.profiler's per-name averages of ``iters`` calls (CPU ops, and CUDA kernels on CUDA)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def print_by_device_time(events, iters, top):
+    """The ``top`` events with the most own device time, per call."""
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / 1e3 / iters:8.3f} ms  x{e.count / iters:5.1f}  {e.key[:110]}")
+
+
 def profile_one(case, backend, device, dtype, iters, top, host=False):
     call = fwd_bwd_call(case, backend, device, dtype)
     for _ in range(3):
@@ -124,18 +141,12 @@ def profile_one(case, backend, device, dtype, iters, top, host=False):
         host_rows = io.StringIO()
         with contextlib.redirect_stdout(host_rows):
             host_profile(call, iters, 2 * top)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(iters):
-            call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
+    averages = profiled(call, device, iters)
+    events = [e for e in averages if e.device_type.name == "CUDA"]
     kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / iters
     print(f"\n## {case.op} {case.x} [{backend}, {dtype}]: wall {wall:.3f} ms/call, "
           f"kernels {kernel_ms:.3f} ms/call, {sum(e.count for e in events) / iters:.0f} launches/call")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"  {e.self_device_time_total / 1e3 / iters:8.3f} ms  x{e.count / iters:4.1f}  {e.key[:110]}")
+    print_by_device_time(events, iters, top)
     if host:
         print(host_rows.getvalue(), end="")
 
