@@ -19,7 +19,7 @@ from bharnet.fast import swap_layers
 from bharnet.nn import BatchNorm2d
 from bharnet.ops import batch_norm, batch_norm_reference
 from bharnet.ops._backend import resolve
-from op_testing import assert_low_precision_rule, compile_for_sm90, rel_err
+from op_testing import assert_low_precision_rule, rel_err
 from test_batch_norm import NAMES, SHAPES, TOLERANCE, _inputs, _train_step
 
 ops_module = importlib.import_module("bharnet.ops.batch_norm")
@@ -216,26 +216,6 @@ def run_layer(layer, x):
     y = layer(x)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
     return [y.detach(), *torch.autograd.grad(y, [x, layer.weight, layer.bias], dy)]
-
-
-def test_kernels_compile_for_the_h100():
-    """Every kernel compiles for sm_90 (no GPU needed) in every input dtype, also with N = 1,
-    which Triton turns into a constexpr."""
-    names = ("batch_norm_stats_kernel", "batch_norm_forward_kernel", "batch_norm_backward_reduce_kernel",
-             "batch_norm_backward_kernel")
-    jobs = []
-    for x_dtype in ("bf16", "fp16", "fp32", "fp64"):
-        acc = "fp64" if x_dtype == "fp64" else "fp32"
-        tensors = dict(x_ptr=x_dtype, dy_ptr=x_dtype, y_ptr=x_dtype, dx_ptr=x_dtype, w_ptr="fp32", b_ptr="fp32",
-                       part_ptr=acc, stats_ptr=acc, dparams_ptr=acc)
-        flags = dict(ACC_FP64=x_dtype == "fp64", BLOCK_N=4, BLOCK_P=512, BLOCK_S=16, EPS=1e-5, HAS_WEIGHT=True,
-                     HAS_BIAS=True)
-        for name in names:
-            arg_names = getattr(ops_module._kernels(), name).arg_names
-            for sizes in ({}, {"N": 1}):
-                constexprs = {arg: value for arg, value in {**flags, **sizes}.items() if arg in arg_names}
-                jobs.append((name, {arg: t for arg, t in tensors.items() if arg in arg_names}, constexprs))
-    compile_for_sm90("bharnet.kernels.batch_norm", jobs)
 
 
 # --- CUDA (run by bench/gpu_check.sh) -----------------------------------------------------------

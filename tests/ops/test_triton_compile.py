@@ -1,5 +1,5 @@
-"""The Triton kernels of ctr_graph_conv, deformable_temporal_conv, cross_attention and layer_norm
-compile for an H100 (batch_norm's: tests/ops/test_batch_norm_triton.py).
+"""The Triton kernels of ctr_graph_conv, deformable_temporal_conv, cross_attention, layer_norm
+and batch_norm compile for an H100.
 
 Every other Triton test on this machine runs the kernels in the interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1), which accepts code that the compiler rejects
@@ -32,6 +32,7 @@ import triton.language as tl
 
 from op_testing import compile_for_sm90
 
+batch_norm_ops = importlib.import_module("bharnet.ops.batch_norm")
 ctr_ops = importlib.import_module("bharnet.ops.ctr_graph_conv")
 detgc_ops = importlib.import_module("bharnet.ops.deformable_temporal_conv")
 attention_ops = importlib.import_module("bharnet.ops.cross_attention")
@@ -257,3 +258,36 @@ def test_layer_norm_kernels_compile_for_the_h100():
     jobs = [job for x, p, out, shape in LAYER_NORM_CASES for job in _layer_norm_jobs(kernels, x, p, out, shape)]
     assert {name for name, _, _ in jobs} == _kernel_names(kernels)
     compile_for_sm90("bharnet.kernels.layer_norm", jobs)
+
+
+# --- batch_norm ---------------------------------------------------------------------------------
+# (N, C, P): the graph convolution's output at B = 32 clips x 2 persons (P = T x V = 64 x 25),
+# and one sample with one position (both integer sizes turn into the constexpr 1).
+BATCH_NORM_SHAPES = [(64, 64, 1600), (1, 3, 1)]
+
+
+def _batch_norm_jobs(kernels, x, p, shape):
+    """The forward (stats, then y) and backward (partial sums, then dx) launches of
+    ``bharnet.ops.batch_norm``'s triton backend for x and dy in ``x``, weight and bias in ``p``."""
+    N, C, P = shape
+    acc = _acc(x)
+    tile = batch_norm_ops.TILE // 2 if x == "fp64" else batch_norm_ops.TILE
+    block_n, block_p, programs, block_s = batch_norm_ops._triton_config(N, P, tile, batch_norm_ops.MAX_ROW_PROGRAMS)
+    tensors = dict(x_ptr=x, dy_ptr=x, y_ptr=x, dx_ptr=x, w_ptr=p, b_ptr=p, part_ptr=acc, stats_ptr=acc,
+                   dparams_ptr=acc)
+    constexprs = dict(ACC_FP64=x == "fp64", BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_S=block_s, EPS=1e-5,
+                      HAS_WEIGHT=True, HAS_BIAS=True)
+    ints = dict(N=N, C=C, P=P, S=programs)
+    return [_job(kernels, name, tensors, constexprs, ints)
+            for name in ("batch_norm_stats_kernel", "batch_norm_forward_kernel", "batch_norm_backward_reduce_kernel",
+                         "batch_norm_backward_kernel")]
+
+
+def test_batch_norm_kernels_compile_for_the_h100():
+    """Every batch_norm kernel compiles for sm_90 for every x dtype (16-bit x with float32 or
+    16-bit parameters), at the model's shape and with N = P = 1."""
+    kernels = batch_norm_ops._kernels()
+    jobs = [job for x, p in MAIN_DTYPES + OWN_16BIT_DTYPES for shape in BATCH_NORM_SHAPES
+            for job in _batch_norm_jobs(kernels, x, p, shape)]
+    assert {name for name, _, _ in jobs} == _kernel_names(kernels)
+    compile_for_sm90("bharnet.kernels.batch_norm", jobs)
