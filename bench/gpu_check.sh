@@ -100,8 +100,7 @@ start = time.perf_counter()
 from bharnet import _ext
 _ext.load()
 with_cuda = [op for op in ("ctr_graph_conv_cpp", "deformable_temporal_conv_cpp", "cross_attention_core_cpp")
-             if hasattr(torch.ops.bharnet, op)
-             and torch._C._dispatch_has_kernel_for_dispatch_key(f"bharnet::{op}", "CUDA")]
+             if _ext.cuda_availability(op) is None]
 print(f"extension ready in {time.perf_counter() - start:.0f} s; CUDA kernels: {with_cuda or None}")
 assert with_cuda or torch.device("'"$DEVICE"'").type == "cpu", "built without CUDA kernels"'
 }
