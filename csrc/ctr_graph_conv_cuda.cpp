@@ -17,7 +17,12 @@ namespace {
 
 constexpr const char* kOpName = "bharnet::ctr_graph_conv_cpp";
 
-cuda::CtrShape cuda_shape(const CtrSizes& s) { return {s.B, s.H, s.C, s.T, s.V, s.R, s.G, s.dynamic}; }
+// The kernels' shape, after checking that one group's rows (C/G T V elements) have 32-bit offsets.
+cuda::CtrShape cuda_shape(const CtrSizes& s) {
+  TORCH_CHECK(s.C / s.G * s.T * s.V < (int64_t(1) << 31), kOpName, " (CUDA kernel): a group of C/G = ", s.C / s.G,
+              " channels x T ", s.T, " x V ", s.V, " must have fewer than 2^31 elements");
+  return {s.B, s.H, s.C, s.T, s.V, s.R, s.G, s.dynamic};
+}
 
 void check_cuda(const at::Tensor& v) {
   TORCH_CHECK(v.is_cuda(), "bharnet::ctr_graph_conv_cpp (CUDA kernel): expected CUDA tensors, got ", v.device());

@@ -32,7 +32,7 @@
 //                 registers for the whole loop: deterministic, no atomics, no second pass) and
 //                 dv = dy topo (topo staged once per block) out through the staging tile.
 //                 dtopo goes out per fragment through a per-warp 16x16 scratch.
-// Offsets inside a group use 32-bit ints (the path requires M V < 2^31); group bases are 64-bit.
+// Offsets inside a group use 32-bit ints (M V < 2^31, checked by the binding); group bases are 64-bit.
 // float32 / float64, V > 128 or pre-sm_80 devices take cuda_gemm.cuh's generic SIMT GEMM,
 // whose operands are read through the problem objects below.
 #include <mma.h>
@@ -64,33 +64,46 @@ __global__ void topology_kernel(CtrShape s, const acc_t* A, const acc_t* q, cons
 }
 
 // Offset of the topology of (b, h, g) (static mode: A, shared by every b).
-__device__ __forceinline__ int64_t topology_offset(const CtrShape& s, int64_t b, int64_t h, int64_t g) {
+BHARNET_HD int64_t topology_offset(const CtrShape& s, int64_t b, int64_t h, int64_t g) {
   return (((s.dynamic ? b : 0) * s.H + h) * s.G + g) * s.V * s.V;
 }
 
-// batch = b G + g; rows m of the group; k = h V + j; n = i.
+// The rows m = c_local T + t of group g are runs of V elements: offset m V + j from the group's base.
+
+// batch = b G + g; rows m of the group; k = h V + j (split by by_V); n = i.
 template <typename T>
 struct ForwardProblem {
   using acc_t = acc_of<T>;
   static constexpr bool kAContiguousInK = true;
   CtrShape s;
+  FastDivmod by_V;
   const T* v;
   const acc_t* topo;
   T* y;
-  __device__ int64_t m_size() const { return s.C / s.G * s.T; }
-  __device__ int64_t n_size() const { return s.V; }
-  __device__ int64_t k_size(int64_t) const { return s.H * s.V; }
-  __device__ acc_t a(int64_t batch, int64_t m, int64_t k) const {
-    const int64_t b = batch / s.G, g = batch % s.G, h = k / s.V, j = k % s.V;
-    return to_acc(v[((b * s.H + h) * s.C + g * (s.C / s.G)) * s.T * s.V + m * s.V + j]);
-  }
-  __device__ acc_t b(int64_t batch, int64_t k, int64_t n) const {
-    const int64_t h = k / s.V, j = k % s.V;
-    return topo[topology_offset(s, batch / s.G, h, batch % s.G) + n * s.V + j];
-  }
-  __device__ void store(int64_t batch, int64_t m, int64_t n, acc_t value) const {
-    const int64_t b = batch / s.G, g = batch % s.G;
-    y[(b * s.C + g * (s.C / s.G)) * s.T * s.V + m * s.V + n] = from_acc<T>(value);
+  struct View {
+    int M, N, K, V;
+    FastDivmod by_V;
+    int64_t v_head, topo_head;  // strides of h in v and in the topologies
+    const T* vg;                // v[b, 0, group g]
+    const acc_t* topo_g;        // topo[b, 0, g]
+    T* yg;                      // y[b, group g]
+    BHARNET_HD acc_t a(int m, int k) const {
+      int h, j;
+      by_V.divmod(k, h, j);
+      return to_acc(vg[h * v_head + m * V + j]);
+    }
+    BHARNET_HD acc_t b(int k, int n) const {
+      int h, j;
+      by_V.divmod(k, h, j);
+      return topo_g[h * topo_head + n * V + j];
+    }
+    BHARNET_HD void store(int m, int n, acc_t value) const { yg[m * V + n] = from_acc<T>(value); }
+  };
+  BHARNET_HD View at(int64_t batch) const {
+    const int64_t b = batch / s.G, g = batch % s.G, group = g * (s.C / s.G) * s.T * s.V;
+    const int M = static_cast<int>(s.C / s.G * s.T), V = static_cast<int>(s.V);
+    return {M, V, static_cast<int>(s.H) * V, V, by_V, s.C * s.T * s.V, s.G * s.V * s.V,
+            v + b * s.H * s.C * s.T * s.V + group, topo + topology_offset(s, b, 0, g), y + b * s.C * s.T * s.V + group};
   }
 };
 
@@ -103,20 +116,21 @@ struct InputGradProblem {
   const T* dy;
   const acc_t* topo;
   T* dv;
-  __device__ int64_t m_size() const { return s.C / s.G * s.T; }
-  __device__ int64_t n_size() const { return s.V; }
-  __device__ int64_t k_size(int64_t) const { return s.V; }
-  __device__ acc_t a(int64_t batch, int64_t m, int64_t k) const {
-    const int64_t b = batch / (s.H * s.G), g = batch % s.G;
-    return to_acc(dy[(b * s.C + g * (s.C / s.G)) * s.T * s.V + m * s.V + k]);
-  }
-  __device__ acc_t b(int64_t batch, int64_t k, int64_t n) const {
+  struct View {
+    int M, N, K;
+    const T* dyg;           // dy[b, group g]
+    const acc_t* topo_hg;   // topo[b, h, g]
+    T* dvg;                 // dv[b, h, group g]
+    BHARNET_HD acc_t a(int m, int k) const { return to_acc(dyg[m * K + k]); }
+    BHARNET_HD acc_t b(int k, int n) const { return topo_hg[k * N + n]; }
+    BHARNET_HD void store(int m, int n, acc_t value) const { dvg[m * N + n] = from_acc<T>(value); }
+  };
+  BHARNET_HD View at(int64_t batch) const {
     const int64_t b = batch / (s.H * s.G), h = batch / s.G % s.H, g = batch % s.G;
-    return topo[topology_offset(s, b, h, g) + k * s.V + n];
-  }
-  __device__ void store(int64_t batch, int64_t m, int64_t n, acc_t value) const {
-    const int64_t b = batch / (s.H * s.G), h = batch / s.G % s.H, g = batch % s.G;
-    dv[((b * s.H + h) * s.C + g * (s.C / s.G)) * s.T * s.V + m * s.V + n] = from_acc<T>(value);
+    const int64_t group = g * (s.C / s.G) * s.T * s.V;
+    const int M = static_cast<int>(s.C / s.G * s.T), V = static_cast<int>(s.V);
+    return {M, V, V, dy + b * s.C * s.T * s.V + group, topo + topology_offset(s, b, h, g),
+            dv + (b * s.H + h) * s.C * s.T * s.V + group};
   }
 };
 
@@ -129,19 +143,21 @@ struct TopologyGradProblem {
   const T* dy;
   const T* v;
   acc_t* dtopo;
-  __device__ int64_t m_size() const { return s.V; }
-  __device__ int64_t n_size() const { return s.V; }
-  __device__ int64_t k_size(int64_t) const { return s.C / s.G * s.T; }
-  __device__ acc_t a(int64_t batch, int64_t m, int64_t k) const {
-    const int64_t b = batch / (s.H * s.G), g = batch % s.G;
-    return to_acc(dy[(b * s.C + g * (s.C / s.G)) * s.T * s.V + k * s.V + m]);
-  }
-  __device__ acc_t b(int64_t batch, int64_t k, int64_t n) const {
+  struct View {
+    int M, N, K;
+    const T* dyg;      // dy[b, group g]
+    const T* vhg;      // v[b, h, group g]
+    acc_t* dtopo_hg;   // dtopo[b, h, g]
+    BHARNET_HD acc_t a(int m, int k) const { return to_acc(dyg[k * M + m]); }
+    BHARNET_HD acc_t b(int k, int n) const { return to_acc(vhg[k * N + n]); }
+    BHARNET_HD void store(int m, int n, acc_t value) const { dtopo_hg[m * N + n] = value; }
+  };
+  BHARNET_HD View at(int64_t batch) const {
     const int64_t b = batch / (s.H * s.G), h = batch / s.G % s.H, g = batch % s.G;
-    return to_acc(v[((b * s.H + h) * s.C + g * (s.C / s.G)) * s.T * s.V + k * s.V + n]);
-  }
-  __device__ void store(int64_t batch, int64_t m, int64_t n, acc_t value) const {
-    dtopo[(batch * s.V + m) * s.V + n] = value;
+    const int64_t group = g * (s.C / s.G) * s.T * s.V;
+    const int V = static_cast<int>(s.V);
+    return {V, V, static_cast<int>(s.C / s.G * s.T), dy + b * s.C * s.T * s.V + group,
+            v + (b * s.H + h) * s.C * s.T * s.V + group, dtopo + batch * s.V * s.V};
   }
 };
 
@@ -569,7 +585,8 @@ cudaError_t ctr_forward(DType dtype, const CtrShape& s, const void* v, const voi
   }
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const ForwardProblem<T> p{s, static_cast<const T*>(v), static_cast<const acc_of<T>*>(topo), static_cast<T*>(y)};
+    const ForwardProblem<T> p{s, FastDivmod(s.V), static_cast<const T*>(v), static_cast<const acc_of<T>*>(topo),
+                              static_cast<T*>(y)};
     return launch_gemm<64, 32, 16, 4, 2>(p, s.C / s.G * s.T, s.V, s.B * s.G, stream);
   });
 }

@@ -3,11 +3,14 @@
 // samples, topology lookups, CSR tables) happens while the tiles are loaded and no
 // intermediate tensor is ever written.
 //
-// tiled_gemm<P, BM, BN, BK, TM, TN>: for every batch index (grid z, plus batch_base)
-//   C[m, n] = sum_{k < P.k_size(batch)} P.a(batch, m, k) * P.b(batch, k, n),  then P.store(batch, m, n, C)
-// for m < P.m_size(), n < P.n_size(). A block owns a BM x BN tile of C (grid y over m, x over
-// n); each of its (BM/TM)(BN/TN) threads accumulates a TM x TN micro-tile in registers, in the
-// accumulation type P::acc_t, over BK-deep slices of k staged in shared memory.
+// tiled_gemm<P, BM, BN, BK, TM, TN>: for every batch index (grid z, plus batch_base), with
+// the batch's operand view `op = P.at(batch)` (a small struct holding the batch's base
+// pointers, so that the per-element loads do no batch arithmetic):
+//   C[m, n] = sum_{k < op.K} op.a(m, k) * op.b(k, n),  then op.store(m, n, C)
+// for m < op.M, n < op.N (int: a batch's GEMM has fewer than 2^31 rows, columns and reduction
+// steps). A block owns a BM x BN tile of C (grid y over m, x over n); each of its
+// (BM/TM)(BN/TN) threads accumulates a TM x TN micro-tile in registers, in the accumulation
+// type P::acc_t, over BK-deep slices of k staged in shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +20,7 @@
 #include <cstdint>
 
 #include "cuda_launchers.h"
+#include "fast_divmod.h"  // also BHARNET_HD: host-device functions
 
 namespace bharnet {
 namespace cuda {
@@ -25,16 +29,16 @@ template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 template <typename T> using acc_of = typename AccOf<T>::type;
 
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
+BHARNET_HD float to_acc(__half x) { return __half2float(x); }
+BHARNET_HD float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+BHARNET_HD float to_acc(float x) { return x; }
+BHARNET_HD double to_acc(double x) { return x; }
 
-template <typename T> __device__ __forceinline__ T from_acc(acc_of<T> x);
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <typename T> BHARNET_HD T from_acc(acc_of<T> x);
+template <> BHARNET_HD __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> BHARNET_HD __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> BHARNET_HD float from_acc<float>(float x) { return x; }
+template <> BHARNET_HD double from_acc<double>(double x) { return x; }
 
 template <class P, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t batch_base) {
@@ -42,9 +46,9 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t
   constexpr int kThreads = (BM / TM) * (BN / TN);
   __shared__ acc_t As[BK][BM + 1];  // +1: the k-major stores below hit different banks
   __shared__ acc_t Bs[BK][BN];
-  const int64_t batch = batch_base + blockIdx.z;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const int64_t M = p.m_size(), N = p.n_size(), K = p.k_size(batch);
+  const auto op = p.at(batch_base + blockIdx.z);
+  const int m0 = static_cast<int>(blockIdx.y) * BM, n0 = static_cast<int>(blockIdx.x) * BN;
+  const int M = op.M, N = op.N, K = op.K;
   const int tid = threadIdx.x;
   const int tx = tid % (BN / TN), ty = tid / (BN / TN);
   acc_t acc[TM][TN];
@@ -52,18 +56,18 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t
   for (int r = 0; r < TM; ++r)
 #pragma unroll
     for (int c = 0; c < TN; ++c) acc[r][c] = acc_t(0);
-  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+  for (int k0 = 0; k0 < K; k0 += BK) {
     for (int e = tid; e < BM * BK; e += kThreads) {
       // Consecutive threads walk the operand's contiguous dimension (coalesced loads).
       const int mm = P::kAContiguousInK ? e / BK : e % BM;
       const int kk = P::kAContiguousInK ? e % BK : e / BM;
-      const int64_t m = m0 + mm, k = k0 + kk;
-      As[kk][mm] = (m < M && k < K) ? p.a(batch, m, k) : acc_t(0);
+      const int m = m0 + mm, k = k0 + kk;
+      As[kk][mm] = (m < M && k < K) ? op.a(m, k) : acc_t(0);
     }
     for (int e = tid; e < BN * BK; e += kThreads) {
       const int nn = e % BN, kk = e / BN;
-      const int64_t n = n0 + nn, k = k0 + kk;
-      Bs[kk][nn] = (n < N && k < K) ? p.b(batch, k, n) : acc_t(0);
+      const int n = n0 + nn, k = k0 + kk;
+      Bs[kk][nn] = (n < N && k < K) ? op.b(k, n) : acc_t(0);
     }
     __syncthreads();
 #pragma unroll
@@ -84,16 +88,18 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t
   for (int r = 0; r < TM; ++r)
 #pragma unroll
     for (int c = 0; c < TN; ++c) {
-      const int64_t m = m0 + ty * TM + r, n = n0 + tx * TN + c;
-      if (m < M && n < N) p.store(batch, m, n, acc[r][c]);
+      const int m = m0 + ty * TM + r, n = n0 + tx * TN + c;
+      if (m < M && n < N) op.store(m, n, acc[r][c]);
     }
 }
 
 // Launches tiled_gemm over `batches` batch indices (in chunks of at most 65535, the grid's z
-// limit) with an M x N output tile grid; returns the launch error.
+// limit) with an M x N output tile grid (M, N: the largest op.M, op.N of any batch, below
+// 2^31); returns the launch error.
 template <int BM, int BN, int BK, int TM, int TN, class P>
 cudaError_t launch_gemm(const P& p, int64_t M, int64_t N, int64_t batches, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
+  if (M >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
   constexpr int64_t kMaxZ = 65535;
   const dim3 block((BM / TM) * (BN / TN));
   for (int64_t base = 0; base < batches; base += kMaxZ) {

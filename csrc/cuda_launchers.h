@@ -35,16 +35,23 @@ cudaError_t ctr_backward(DType dtype, const CtrShape& s, const void* dy, const v
                          void* dtopo, cudaStream_t stream);
 
 // DeTGC: x (B, C, T, V); weight (O, C, E); y (B, O, T_out, V). The sampling table has one
-// entry per (t', e): rows p0, p1 (int32) and the weight w (acc) of row p1.
+// entry per (t', e): rows p0, p1 (int32) and the weight w (acc) of row p1. The kernels index
+// within a sample, and the (b, t', v) reduction, in 32-bit ints: C T V, O T_out V, B T_out V
+// and B T must be below 2^31 (the binding checks).
 struct DetShape {
   int64_t B, C, T, V, O, E, T_out;
 };
 
+// Output-row tile of the forward and parameter-gradient GEMMs for O output channels (the
+// binding sizes the split-K of the parameter gradients with it).
+inline int64_t det_row_tile(int64_t O) { return O <= 16 ? 16 : O <= 32 ? 32 : 64; }
+
 // y[b, o, t', v] = bias[o] + sum_{c, e} weight[o, c, e] ((1 - w) x[b, c, p0, v] + w x[b, c, p1, v]); bias may be null
 cudaError_t det_forward(DType dtype, const DetShape& s, const void* x, const int32_t* p0, const int32_t* p1,
                         const void* w, const void* weight, const void* bias, void* y, cudaStream_t stream);
-// out[split, o, k] (acc, (splits, O, C E)) = sum over split's share of (b, t', v) of dy[b, o, t', v] * s[b, k, t', v]
-// with s = the interpolated samples (inside == null), or inside[t', e] * (x[p1] - x[p0]) (inside: acc 0/1).
+// out[split, o, k] (acc, (splits, O, 2 C E)) = sum over split's share of (b, t', v) of dy[b, o, t', v] * s[b, k, t', v]
+// with s = the interpolated samples for k < C E (dW), and inside[t', e] * (x[p1] - x[p0]) at k - C E for
+// k >= C E (D; inside: acc 0/1).
 cudaError_t det_param_grad(DType dtype, const DetShape& s, const void* dy, const void* x, const int32_t* p0,
                            const int32_t* p1, const void* w, const void* inside, int64_t splits, void* out,
                            cudaStream_t stream);

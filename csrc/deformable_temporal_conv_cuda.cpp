@@ -9,8 +9,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "cuda_binding.h"
 #include "deformable_temporal_conv.h"
+#include "fast_divmod.h"
 
 namespace bharnet {
 namespace {
@@ -22,7 +25,13 @@ constexpr int64_t kTargetBlocks = 512;
 
 at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-cuda::DetShape cuda_shape(const DetSizes& s) { return {s.B, s.C, s.T, s.V, s.O, s.E, s.T_out}; }
+// The kernels' shape, after checking the 32-bit index ranges of cuda_launchers.h.
+cuda::DetShape cuda_shape(const char* op, const DetSizes& s) {
+  const int64_t largest = std::max({s.C * s.T * s.V, s.O * s.T_out * s.V, s.B * s.T_out * s.V, s.B * s.T, s.C * s.E});
+  TORCH_CHECK(fits_fast_divmod(largest), op, " (CUDA kernel): index ranges need C T V, C_out T_out V, B T_out V and "
+              "B T below 2^31, got B ", s.B, ", C ", s.C, ", C_out ", s.O, ", T ", s.T, ", T_out ", s.T_out, ", V ", s.V);
+  return {s.B, s.C, s.T, s.V, s.O, s.E, s.T_out};
+}
 
 struct Samples {
   at::Tensor p0, p1;  // int32 (T_out, E)
@@ -51,7 +60,7 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& offsets_in, co
   if (y.numel() == 0) return y;
   const Samples smp = samples(s, x, offsets_in.contiguous());
   const auto w = smp.w.to(acc_dtype(x)).contiguous();
-  check_launch(cuda::det_forward(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), x.data_ptr(), smp.p0.data_ptr<int32_t>(),
+  check_launch(cuda::det_forward(cuda_dtype(x, kForwardName, "x"), cuda_shape(kForwardName, s), x.data_ptr(), smp.p0.data_ptr<int32_t>(),
                                  smp.p1.data_ptr<int32_t>(), w.data_ptr(), weight.data_ptr(),
                                  bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
                                  c10::cuda::getCurrentCUDAStream()), kForwardName);
@@ -81,21 +90,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
                           .to(acc)
                           .contiguous();
 
-  // dW and D: split-K over the flattened (b, t', v), partials summed here.
+  // dW and D: one split-K GEMM over the flattened (b, t', v) with [dW | D] as its columns,
+  // partials summed here.
+  const cuda::DetShape shape = cuda_shape(kBackwardName, s);
+  const cuda::DType dtype = cuda_dtype(x, kBackwardName, "x");
   const int64_t K = s.C * s.E, reduction = s.B * s.T_out * s.V;
-  const int64_t tiles = ((s.O + 63) / 64) * ((K + 63) / 64);
+  const int64_t row_tile = cuda::det_row_tile(s.O);
+  const int64_t tiles = ((s.O + row_tile - 1) / row_tile) * ((2 * K + 63) / 64);
   const int64_t splits = std::max<int64_t>(1, std::min(kTargetBlocks / tiles, (reduction + 255) / 256));
-  auto dw_part = at::empty({splits, s.O, K}, x.options().dtype(acc));
-  auto d_part = at::empty({splits, s.O, K}, x.options().dtype(acc));
+  auto part = at::empty({splits, s.O, 2 * K}, x.options().dtype(acc));
   const int32_t* p0 = smp.p0.data_ptr<int32_t>();
   const int32_t* p1 = smp.p1.data_ptr<int32_t>();
-  check_launch(cuda::det_param_grad(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
-                                    nullptr, splits, dw_part.data_ptr(), stream), kForwardName);
-  check_launch(cuda::det_param_grad(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
-                                    inside.data_ptr(), splits, d_part.data_ptr(), stream), kForwardName);
-  const auto D = d_part.sum(0).view({s.O, s.C, s.E});
+  check_launch(cuda::det_param_grad(dtype, shape, dy.data_ptr(), x.data_ptr(), p0, p1, w.data_ptr(),
+                                    inside.data_ptr(), splits, part.data_ptr(), stream), kBackwardName);
+  const auto sums = part.sum(0);  // (O, 2K) = [dW | D]
+  const auto D = sums.slice(1, K, 2 * K).reshape({s.O, s.C, s.E});
   const auto doffsets = (weight.to(acc) * D).sum(at::IntArrayRef{0, 1}).to(offsets.scalar_type());
-  const auto dweight = dw_part.sum(0).view({s.O, s.C, s.E}).to(weight.scalar_type());
+  const auto dweight = sums.slice(1, 0, K).reshape({s.O, s.C, s.E}).to(weight.scalar_type());
   const auto dbias = dy.sum(at::IntArrayRef{0, 2, 3}, false, acc).to(weight.scalar_type());
 
   // dx: CSR table of the samples reading each input row, then one GEMM per (b, t).
@@ -107,9 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
   const auto entry_src = src.index_select(0, order).contiguous();
   const auto entry_coef = coef.index_select(0, order).contiguous();
   auto dx = at::empty_like(x);
-  check_launch(cuda::det_input_grad(cuda_dtype(x, kForwardName, "x"), cuda_shape(s), dy.data_ptr(), weight.data_ptr(),
-                                    row_start.data_ptr<int32_t>(), entry_src.data_ptr<int32_t>(),
-                                    entry_coef.data_ptr(), dx.data_ptr(), stream), kForwardName);
+  check_launch(cuda::det_input_grad(dtype, shape, dy.data_ptr(), weight.data_ptr(), row_start.data_ptr<int32_t>(),
+                                    entry_src.data_ptr<int32_t>(), entry_coef.data_ptr(), dx.data_ptr(), stream),
+               kBackwardName);
   return {dx, doffsets, dweight, dbias};
 }
 

@@ -9,10 +9,16 @@
 //   dx[b,c,t,v] = sum_{(t',e,coef) reading row t} coef sum_o W[o,c,e] dy[b,o,t',v]
 // All three are GEMMs of cuda_gemm.cuh's tiled kernel whose operand loads do the gather:
 //   forward      batch b: y_b (O x N) = W (O x K) . xs_b (K x N)
-//   param grads  batch = split of the (b, n) reduction: partial (O x K) = dy . xs^T (or dxs^T),
-//                summed over the splits by the binding (deterministic, no atomics)
+//   param grads  batch = split of the (b, n) reduction: partial (O x 2K) = dy . [xs | dxs]^T,
+//                dW in columns [0, K) and D in [K, 2K) of one GEMM (dy's tile is loaded once
+//                for both), summed over the splits by the binding (deterministic, no atomics)
 //   dx           batch (b, t): dx[b, :, t, :] (C x V) = sum over k = (entry, o) of
 //                coef W[o, c, e] . dy[b, o, t', :], entries from the CSR table of row t
+// The gathers split flat indices (k into c, e; n into t', v; ...) on every operand load, so
+// they divide by FastDivmod (fast_divmod.h) in 32-bit ints: the binding checks that one
+// sample's tensors and the flattened (b, t', v) reduction have fewer than 2^31 elements; only
+// the sample's base offset is 64-bit. The output-row tile (BM = 16, 32 or 64) follows O, so
+// that narrow layers (the model's O is 16 to 256) do not run FMAs on padding rows.
 // Accumulation in float32 (float64 for float64 x).
 #include "cuda_gemm.cuh"
 
@@ -20,14 +26,30 @@ namespace bharnet {
 namespace cuda {
 namespace {
 
+// One sample's sizes in 32-bit ints, with the divisors the gathers use.
+struct DetDims {
+  int C, T, V, O, E, T_out, N, K;  // N = T_out V, K = C E
+  FastDivmod by_E, by_V, by_N, by_O, by_T;
+};
+
+DetDims det_dims(const DetShape& s) {
+  const auto i = [](int64_t x) { return static_cast<int>(x); };
+  return {i(s.C), i(s.T), i(s.V), i(s.O), i(s.E), i(s.T_out), i(s.T_out * s.V), i(s.C * s.E),
+          FastDivmod(s.E), FastDivmod(s.V), FastDivmod(s.T_out * s.V), FastDivmod(s.O), FastDivmod(s.T)};
+}
+
+// The interpolated sample xs[b, k, n] (inside == null) or dxs[b, k, n] = inside (x[p1] - x[p0]);
+// xb = x + b C T V.
 template <typename T>
-__device__ __forceinline__ acc_of<T> sample(const DetShape& s, const T* x, const int32_t* p0, const int32_t* p1,
-                                            const acc_of<T>* w, int64_t b, int64_t k, int64_t n,
-                                            const acc_of<T>* inside) {
-  const int64_t c = k / s.E, e = k % s.E, t = n / s.V, v = n % s.V, i = t * s.E + e;
-  const T* xc = x + (b * s.C + c) * s.T * s.V + v;
-  const acc_of<T> x0 = to_acc(xc[static_cast<int64_t>(p0[i]) * s.V]);
-  const acc_of<T> x1 = to_acc(xc[static_cast<int64_t>(p1[i]) * s.V]);
+BHARNET_HD acc_of<T> sample(const DetDims& d, const T* xb, const int32_t* p0, const int32_t* p1, const acc_of<T>* w,
+                            int k, int n, const acc_of<T>* inside) {
+  int c, e, t, v;
+  d.by_E.divmod(k, c, e);
+  d.by_V.divmod(n, t, v);
+  const int i = t * d.E + e;
+  const T* xc = xb + c * d.T * d.V + v;
+  const acc_of<T> x0 = to_acc(xc[p0[i] * d.V]);
+  const acc_of<T> x1 = to_acc(xc[p1[i] * d.V]);
   if (inside) return inside[i] * (x1 - x0);
   return (acc_of<T>(1) - w[i]) * x0 + w[i] * x1;
 }
@@ -37,7 +59,7 @@ template <typename T>
 struct ForwardProblem {
   using acc_t = acc_of<T>;
   static constexpr bool kAContiguousInK = true;
-  DetShape s;
+  DetDims d;
   const T* x;
   const int32_t* p0;
   const int32_t* p1;
@@ -45,48 +67,63 @@ struct ForwardProblem {
   const T* weight;
   const T* bias;
   T* y;
-  __device__ int64_t m_size() const { return s.O; }
-  __device__ int64_t n_size() const { return s.T_out * s.V; }
-  __device__ int64_t k_size(int64_t) const { return s.C * s.E; }
-  __device__ acc_t a(int64_t, int64_t m, int64_t k) const { return to_acc(weight[m * s.C * s.E + k]); }
-  __device__ acc_t b(int64_t batch, int64_t k, int64_t n) const { return sample(s, x, p0, p1, w, batch, k, n, nullptr); }
-  __device__ void store(int64_t batch, int64_t m, int64_t n, acc_t value) const {
-    if (bias) value += to_acc(bias[m]);
-    y[(batch * s.O + m) * s.T_out * s.V + n] = from_acc<T>(value);
+  struct View {
+    int M, N, K;
+    const DetDims* d;
+    const ForwardProblem* p;
+    const T* xb;
+    T* yb;
+    BHARNET_HD acc_t a(int m, int k) const { return to_acc(p->weight[m * K + k]); }
+    BHARNET_HD acc_t b(int k, int n) const { return sample(*d, xb, p->p0, p->p1, p->w, k, n, nullptr); }
+    BHARNET_HD void store(int m, int n, acc_t value) const {
+      if (p->bias) value += to_acc(p->bias[m]);
+      yb[m * N + n] = from_acc<T>(value);
+    }
+  };
+  BHARNET_HD View at(int64_t b) const {
+    return {d.O, d.N, d.K, &d, this, x + b * d.C * d.T * d.V, y + b * d.O * d.N};
   }
 };
 
 // batch = split; m = o; the reduction index q runs over split's share [q0, q0 + per) of the
-// flattened (b, n); n (of the GEMM) = k = c E + e.
+// flattened (b, n); n (of the GEMM) = k = c E + e for dW (n < K) and K + k for D.
 template <typename T>
 struct ParamGradProblem {
   using acc_t = acc_of<T>;
   static constexpr bool kAContiguousInK = true;
-  DetShape s;
+  DetDims d;
+  int total;  // B N, the length of the reduction
+  int per_split;
   const T* dy;
   const T* x;
   const int32_t* p0;
   const int32_t* p1;
   const acc_t* w;
   const acc_t* inside;
-  int64_t per_split;
   acc_t* out;
-  __device__ int64_t m_size() const { return s.O; }
-  __device__ int64_t n_size() const { return s.C * s.E; }
-  __device__ int64_t k_size(int64_t batch) const {
-    const int64_t rest = s.B * s.T_out * s.V - batch * per_split;
-    return rest < 0 ? 0 : (rest < per_split ? rest : per_split);
-  }
-  __device__ acc_t a(int64_t batch, int64_t m, int64_t q) const {
-    const int64_t flat = batch * per_split + q, N = s.T_out * s.V;
-    return to_acc(dy[(flat / N * s.O + m) * N + flat % N]);
-  }
-  __device__ acc_t b(int64_t batch, int64_t q, int64_t k) const {
-    const int64_t flat = batch * per_split + q, N = s.T_out * s.V;
-    return sample(s, x, p0, p1, w, flat / N, k, flat % N, inside);
-  }
-  __device__ void store(int64_t batch, int64_t m, int64_t n, acc_t value) const {
-    out[(batch * s.O + m) * s.C * s.E + n] = value;
+  struct View {
+    int M, N, K, q0;
+    const DetDims* d;
+    const ParamGradProblem* p;
+    acc_t* out;
+    BHARNET_HD acc_t a(int m, int q) const {
+      int b, n;
+      d->by_N.divmod(q0 + q, b, n);
+      return to_acc(p->dy[static_cast<int64_t>(b) * d->O * d->N + m * d->N + n]);
+    }
+    BHARNET_HD acc_t b(int q, int col) const {
+      int b, n;
+      d->by_N.divmod(q0 + q, b, n);
+      const bool derivative = col >= d->K;
+      return sample(*d, p->x + static_cast<int64_t>(b) * d->C * d->T * d->V, p->p0, p->p1, p->w,
+                    derivative ? col - d->K : col, n, derivative ? p->inside : nullptr);
+    }
+    BHARNET_HD void store(int m, int n, acc_t value) const { out[m * N + n] = value; }
+  };
+  BHARNET_HD View at(int64_t split) const {
+    const int q0 = static_cast<int>(split) * per_split;
+    const int rest = total - q0;
+    return {d.O, 2 * d.K, rest < per_split ? rest : per_split, q0, &d, this, out + split * d.O * 2 * d.K};
   }
 };
 
@@ -95,65 +132,90 @@ template <typename T>
 struct InputGradProblem {
   using acc_t = acc_of<T>;
   static constexpr bool kAContiguousInK = false;  // A(c, (entry, o)) = coef W[o, c, e]: stride E in c
-  DetShape s;
+  DetDims d;
   const T* dy;
   const T* weight;
   const int32_t* row_start;
   const int32_t* src;
   const acc_t* coef;
   T* dx;
-  __device__ int64_t m_size() const { return s.C; }
-  __device__ int64_t n_size() const { return s.V; }
-  __device__ int64_t k_size(int64_t batch) const {
-    const int64_t t = batch % s.T;
-    return static_cast<int64_t>(row_start[t + 1] - row_start[t]) * s.O;
-  }
-  __device__ acc_t a(int64_t batch, int64_t m, int64_t k) const {
-    const int64_t entry = row_start[batch % s.T] + k / s.O, o = k % s.O, e = src[entry] % s.E;
-    return coef[entry] * to_acc(weight[(o * s.C + m) * s.E + e]);
-  }
-  __device__ acc_t b(int64_t batch, int64_t k, int64_t n) const {
-    const int64_t entry = row_start[batch % s.T] + k / s.O, o = k % s.O, t_out = src[entry] / s.E;
-    return to_acc(dy[((batch / s.T * s.O + o) * s.T_out + t_out) * s.V + n]);
-  }
-  __device__ void store(int64_t batch, int64_t m, int64_t n, acc_t value) const {
-    const int64_t b = batch / s.T, t = batch % s.T;
-    dx[((b * s.C + m) * s.T + t) * s.V + n] = from_acc<T>(value);
+  struct View {
+    int M, N, K, first;  // first: the row's first CSR entry
+    const DetDims* d;
+    const InputGradProblem* p;
+    const T* dyb;
+    T* dxt;  // dx[b, :, t, :]
+    BHARNET_HD acc_t a(int m, int k) const {
+      int entry, o, t_out, e;
+      d->by_O.divmod(k, entry, o);
+      entry += first;
+      d->by_E.divmod(p->src[entry], t_out, e);
+      return p->coef[entry] * to_acc(p->weight[(o * d->C + m) * d->E + e]);
+    }
+    BHARNET_HD acc_t b(int k, int n) const {
+      int entry, o;
+      d->by_O.divmod(k, entry, o);
+      const int t_out = d->by_E.div(p->src[first + entry]);
+      return to_acc(dyb[o * d->N + t_out * d->V + n]);
+    }
+    BHARNET_HD void store(int m, int n, acc_t value) const { dxt[m * d->T * d->V + n] = from_acc<T>(value); }
+  };
+  BHARNET_HD View at(int64_t batch) const {
+    int b, t;
+    d.by_T.divmod(static_cast<int>(batch), b, t);
+    const int first = row_start[t];
+    return {d.C, d.V, (row_start[t + 1] - first) * d.O, first, &d, this, dy + static_cast<int64_t>(b) * d.O * d.N,
+            dx + static_cast<int64_t>(b) * d.C * d.T * d.V + t * d.V};
   }
 };
+
+// Launches the GEMM of problem p with the output-row tile BM = det_row_tile(M) and 256
+// threads, BN = 64, BK = 16, 4 columns a thread.
+template <class P>
+cudaError_t launch_rows_tiled(const P& p, int64_t M, int64_t N, int64_t batches, cudaStream_t stream) {
+  switch (det_row_tile(M)) {
+    case 16: return launch_gemm<16, 64, 16, 1, 4>(p, M, N, batches, stream);
+    case 32: return launch_gemm<32, 64, 16, 2, 4>(p, M, N, batches, stream);
+    default: return launch_gemm<64, 64, 16, 4, 4>(p, M, N, batches, stream);
+  }
+}
 
 }  // namespace
 
 cudaError_t det_forward(DType dtype, const DetShape& s, const void* x, const int32_t* p0, const int32_t* p1,
                         const void* w, const void* weight, const void* bias, void* y, cudaStream_t stream) {
+  const DetDims d = det_dims(s);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const ForwardProblem<T> p{s, static_cast<const T*>(x), p0, p1, static_cast<const acc_of<T>*>(w),
+    const ForwardProblem<T> p{d, static_cast<const T*>(x), p0, p1, static_cast<const acc_of<T>*>(w),
                               static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(y)};
-    return launch_gemm<64, 64, 16, 4, 4>(p, s.O, s.T_out * s.V, s.B, stream);
+    return launch_rows_tiled(p, s.O, s.T_out * s.V, s.B, stream);
   });
 }
 
 cudaError_t det_param_grad(DType dtype, const DetShape& s, const void* dy, const void* x, const int32_t* p0,
                            const int32_t* p1, const void* w, const void* inside, int64_t splits, void* out,
                            cudaStream_t stream) {
+  const DetDims d = det_dims(s);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using acc_t = acc_of<T>;
     const int64_t total = s.B * s.T_out * s.V;
-    const ParamGradProblem<T> p{s, static_cast<const T*>(dy), static_cast<const T*>(x), p0, p1,
+    const ParamGradProblem<T> p{d, static_cast<int>(total), static_cast<int>((total + splits - 1) / splits),
+                                static_cast<const T*>(dy), static_cast<const T*>(x), p0, p1,
                                 static_cast<const acc_t*>(w), static_cast<const acc_t*>(inside),
-                                (total + splits - 1) / splits, static_cast<acc_t*>(out)};
-    return launch_gemm<64, 64, 16, 4, 4>(p, s.O, s.C * s.E, splits, stream);
+                                static_cast<acc_t*>(out)};
+    return launch_rows_tiled(p, s.O, 2 * s.C * s.E, splits, stream);
   });
 }
 
 cudaError_t det_input_grad(DType dtype, const DetShape& s, const void* dy, const void* weight,
                            const int32_t* row_start, const int32_t* src, const void* coef, void* dx,
                            cudaStream_t stream) {
+  const DetDims d = det_dims(s);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const InputGradProblem<T> p{s, static_cast<const T*>(dy), static_cast<const T*>(weight), row_start, src,
+    const InputGradProblem<T> p{d, static_cast<const T*>(dy), static_cast<const T*>(weight), row_start, src,
                                 static_cast<const acc_of<T>*>(coef), static_cast<T*>(dx)};
     return launch_gemm<32, 32, 16, 2, 2>(p, s.C, s.V, s.B * s.T, stream);
   });
