@@ -32,7 +32,7 @@
 //                 registers for the whole loop: deterministic, no atomics, no second pass) and
 //                 dv = dy topo (topo staged once per block) out through the staging tile.
 //                 dtopo goes out per fragment through a per-warp 16x16 scratch.
-// Offsets inside a group use 32-bit ints (M V < 2^31, checked by the binding); group bases are 64-bit.
+// Offsets inside a group use 32-bit ints (M V < 2^30, checked by the binding); group bases are 64-bit.
 // float32 / float64, V > 128 or pre-sm_80 devices take cuda_gemm.cuh's generic SIMT GEMM,
 // whose operands are read through the problem objects below.
 #include <mma.h>

@@ -7,8 +7,8 @@
 // the batch's operand view `op = P.at(batch)` (a small struct holding the batch's base
 // pointers, so that the per-element loads do no batch arithmetic):
 //   C[m, n] = sum_{k < op.K} op.a(m, k) * op.b(k, n),  then op.store(m, n, C)
-// for m < op.M, n < op.N (int: a batch's GEMM has fewer than 2^31 rows, columns and reduction
-// steps). A block owns a BM x BN tile of C (grid y over m, x over n); each of its
+// for m < op.M, n < op.N (int: a batch's GEMM has fewer than kMaxIndexExtent = 2^30 rows,
+// columns and reduction steps). A block owns a BM x BN tile of C (grid y over m, x over n); each of its
 // (BM/TM)(BN/TN) threads accumulates a TM x TN micro-tile in registers, in the accumulation
 // type P::acc_t, over BK-deep slices of k staged in shared memory.
 #pragma once
@@ -95,11 +95,11 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t
 
 // Launches tiled_gemm over `batches` batch indices (in chunks of at most 65535, the grid's z
 // limit) with an M x N output tile grid (M, N: the largest op.M, op.N of any batch, below
-// 2^31); returns the launch error.
+// kMaxIndexExtent, as every op.K); returns the launch error.
 template <int BM, int BN, int BK, int TM, int TN, class P>
 cudaError_t launch_gemm(const P& p, int64_t M, int64_t N, int64_t batches, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
-  if (M >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+  if (M >= kMaxIndexExtent || N >= kMaxIndexExtent) return cudaErrorInvalidValue;
   constexpr int64_t kMaxZ = 65535;
   const dim3 block((BM / TM) * (BN / TN));
   for (int64_t base = 0; base < batches; base += kMaxZ) {

@@ -17,6 +17,11 @@ namespace cuda {
 
 enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
+// The generic GEMM (cuda_gemm.cuh) and the operand views index inside one batch with int, and
+// divide with FastDivmod (numerators below 2^31): the bindings keep every such index below
+// 2^30, which leaves headroom for the tile edges (m0 + BM, k0 + BK) in int.
+constexpr int64_t kMaxIndexExtent = int64_t(1) << 30;
+
 // CTR-GC: v (B, H, C, T, V); topologies (B or 1, H, G, V, V) in acc (static mode: A itself,
 // shared by every b, G = 1).
 struct CtrShape {
@@ -36,8 +41,9 @@ cudaError_t ctr_backward(DType dtype, const CtrShape& s, const void* dy, const v
 
 // DeTGC: x (B, C, T, V); weight (O, C, E); y (B, O, T_out, V). The sampling table has one
 // entry per (t', e): rows p0, p1 (int32) and the weight w (acc) of row p1. The kernels index
-// within a sample, and the (b, t', v) reduction, in 32-bit ints: C T V, O T_out V, B T_out V
-// and B T must be below 2^31 (the binding checks).
+// within a sample, and the (b, t', v) reduction, in 32-bit ints: C T V, O T_out V, B T_out V,
+// B T, 2 O C E and 2 T_out E O (an input row's reduction when every sample reads it) must be
+// below kMaxIndexExtent (the binding checks).
 struct DetShape {
   int64_t B, C, T, V, O, E, T_out;
 };

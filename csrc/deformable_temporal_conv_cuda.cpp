@@ -13,7 +13,6 @@
 
 #include "cuda_binding.h"
 #include "deformable_temporal_conv.h"
-#include "fast_divmod.h"
 
 namespace bharnet {
 namespace {
@@ -27,9 +26,11 @@ at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kD
 
 // The kernels' shape, after checking the 32-bit index ranges of cuda_launchers.h.
 cuda::DetShape cuda_shape(const char* op, const DetSizes& s) {
-  const int64_t largest = std::max({s.C * s.T * s.V, s.O * s.T_out * s.V, s.B * s.T_out * s.V, s.B * s.T, s.C * s.E});
-  TORCH_CHECK(fits_fast_divmod(largest), op, " (CUDA kernel): index ranges need C T V, C_out T_out V, B T_out V and "
-              "B T below 2^31, got B ", s.B, ", C ", s.C, ", C_out ", s.O, ", T ", s.T, ", T_out ", s.T_out, ", V ", s.V);
+  const int64_t largest = std::max({s.C * s.T * s.V, s.O * s.T_out * s.V, s.B * s.T_out * s.V, s.B * s.T,
+                                    2 * s.O * s.C * s.E, 2 * s.T_out * s.E * s.O});
+  TORCH_CHECK(largest < cuda::kMaxIndexExtent, op, " (CUDA kernel): the kernels' 32-bit indices need C T V, ",
+              "C_out T_out V, B T_out V, B T, 2 C_out C E and 2 T_out E C_out below 2^30, got B ", s.B, ", C ", s.C,
+              ", C_out ", s.O, ", T ", s.T, ", T_out ", s.T_out, ", V ", s.V, ", E ", s.E);
   return {s.B, s.C, s.T, s.V, s.O, s.E, s.T_out};
 }
 
@@ -82,6 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
     return {at::zeros_like(x), at::zeros_like(offsets), at::zeros_like(weight), at::zeros({s.O}, weight.options())};
   }
   const auto acc = acc_dtype(x);
+  if (s.E == 0) {  // no samples: only the bias has a gradient
+    return {at::zeros_like(x), at::zeros_like(offsets), at::zeros_like(weight),
+            dy.sum(at::IntArrayRef{0, 2, 3}, false, acc).to(weight.scalar_type())};
+  }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Samples smp = samples(s, x, offsets);
   const auto w = smp.w.to(acc).contiguous();

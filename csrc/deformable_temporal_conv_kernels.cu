@@ -15,9 +15,9 @@
 //   dx           batch (b, t): dx[b, :, t, :] (C x V) = sum over k = (entry, o) of
 //                coef W[o, c, e] . dy[b, o, t', :], entries from the CSR table of row t
 // The gathers split flat indices (k into c, e; n into t', v; ...) on every operand load, so
-// they divide by FastDivmod (fast_divmod.h) in 32-bit ints: the binding checks that one
-// sample's tensors and the flattened (b, t', v) reduction have fewer than 2^31 elements; only
-// the sample's base offset is 64-bit. The output-row tile (BM = 16, 32 or 64) follows O, so
+// they divide by FastDivmod (fast_divmod.h) in 32-bit ints: the binding keeps one sample's
+// tensors, the flattened (b, t', v) reduction and each GEMM's extent below 2^30 (DetShape in
+// cuda_launchers.h); only the sample's base offset is 64-bit. The output-row tile (BM = 16, 32 or 64) follows O, so
 // that narrow layers (the model's O is 16 to 256) do not run FMAs on padding rows.
 // Accumulation in float32 (float64 for float64 x).
 #include "cuda_gemm.cuh"

@@ -9,8 +9,9 @@
 // the quotient of any 0 <= n < 2^31 is
 //   n / d = (mulhi(n, m) + n) >> s              (mulhi = the high 32 bits of the 64-bit product)
 // and the remainder n - (n / d) d: a multiply-high, an add, a shift and a multiply-add.
-// n < 2^31 keeps mulhi(n, m) + n below 2^32; callers check their index ranges on the host
-// (fits_fast_divmod). tests/ops/test_fast_divmod.py checks the identity against plain division.
+// n < 2^31 keeps mulhi(n, m) + n below 2^32; the CUDA bindings keep every index below
+// kMaxIndexExtent = 2^30 (cuda_launchers.h). tests/ops/test_cuda_views.py checks the identity
+// against plain division.
 #pragma once
 
 #include <cstdint>
@@ -24,11 +25,6 @@
 #endif
 
 namespace bharnet {
-
-// Largest numerator (exclusive) FastDivmod handles.
-constexpr int64_t kFastDivmodLimit = int64_t(1) << 31;
-
-inline bool fits_fast_divmod(int64_t n) { return n >= 0 && n < kFastDivmodLimit; }
 
 struct FastDivmod {
   uint32_t divisor = 1, magic = 1, shift = 0;

@@ -11,7 +11,9 @@ compile error:
   ``Problem::at(batch)`` objects of ``csrc/*_kernels.cu``, host-device functions), run through
   ``cuda_gemm.cuh``'s GEMM contract with plain host loops and compared with each op's math
   written as loops, in float64 (1e-12) and float32 (``cuda_host/*_views.cu``, compiled by nvcc
-  for the host; its device code is compiled for sm_90 along the way).
+  for the host; its device code is compiled for sm_90 along the way). The DeTGC cases cover
+  odd sizes, stride 2 and 3, positions at and beyond the clamp bounds, output channels above
+  32 (the 64-row tile), uneven and empty split-K shares.
 
 The tiling, shared memory and launch configuration of the GPU kernels are not covered here.
 """
@@ -51,7 +53,7 @@ def test_fast_divmod_matches_division(tmp_path):
 
 def test_detgc_cuda_views_match_the_math(tmp_path):
     out = _build_and_run([_nvcc(), "-arch=sm_90"], "detgc_views.cu", tmp_path)
-    assert out.count("ok ") == 3 * 3 * 2, out  # forward, [dW | D], dx; three cases; float64 and float32
+    assert out.count("ok ") == 3 * 4 * 2, out  # forward, [dW | D], dx; four cases; float64 and float32
     assert "all DeTGC view checks passed" in out
 
 

@@ -109,6 +109,7 @@ int main() {
       {3, 5, 7, 5, 3, 3, 2, 5, {-1.3, 0.4, 2.7}},         // stride 2, odd sizes, uneven splits
       {2, 3, 6, 7, 40, 4, 1, 1, {-2.0, -2.0 / 3, 2.0 / 3, 2.0}},  // O > 32, positions at the bounds
       {1, 2, 5, 3, 17, 2, 1, 4, {0.25, -7.5}},            // offsets beyond the clamp range
+      {2, 4, 3, 2, 5, 1, 3, 7, {0.5}},                    // E 1, T_out 1, more splits than steps: empty splits
   };
   for (const Case& c : cases) {
     std::printf("case B%ld C%ld T%ld V%ld O%ld E%ld stride %ld splits %ld\n", (long)c.B, (long)c.C, (long)c.T,
