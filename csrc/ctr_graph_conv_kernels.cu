@@ -68,8 +68,6 @@ BHARNET_HD int64_t topology_offset(const CtrShape& s, int64_t b, int64_t h, int6
   return (((s.dynamic ? b : 0) * s.H + h) * s.G + g) * s.V * s.V;
 }
 
-// The rows m = c_local T + t of group g are runs of V elements: offset m V + j from the group's base.
-
 // batch = b G + g; rows m of the group; k = h V + j (split by by_V); n = i.
 template <typename T>
 struct ForwardProblem {

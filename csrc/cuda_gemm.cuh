@@ -8,9 +8,9 @@
 // pointers, so that the per-element loads do no batch arithmetic):
 //   C[m, n] = sum_{k < op.K} op.a(m, k) * op.b(k, n),  then op.store(m, n, C)
 // for m < op.M, n < op.N (int: a batch's GEMM has fewer than kMaxIndexExtent = 2^30 rows,
-// columns and reduction steps). A block owns a BM x BN tile of C (grid y over m, x over n); each of its
-// (BM/TM)(BN/TN) threads accumulates a TM x TN micro-tile in registers, in the accumulation
-// type P::acc_t, over BK-deep slices of k staged in shared memory.
+// columns and reduction steps). A block owns a BM x BN tile of C (grid y over m, x over n);
+// each of its (BM/TM)(BN/TN) threads accumulates a TM x TN micro-tile in registers, in the
+// accumulation type P::acc_t, over BK-deep slices of k staged in shared memory.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -48,9 +48,11 @@ struct DetShape {
   int64_t B, C, T, V, O, E, T_out;
 };
 
-// Output-row tile of the forward and parameter-gradient GEMMs for O output channels (the
-// binding sizes the split-K of the parameter gradients with it).
+// Output tile of the forward and parameter-gradient GEMMs: det_row_tile(O) rows for O output
+// channels by kDetColTile columns (the binding sizes the split-K of the parameter gradients
+// with them).
 inline int64_t det_row_tile(int64_t O) { return O <= 16 ? 16 : O <= 32 ? 32 : 64; }
+constexpr int64_t kDetColTile = 64;
 
 // y[b, o, t', v] = bias[o] + sum_{c, e} weight[o, c, e] ((1 - w) x[b, c, p0, v] + w x[b, c, p1, v]); bias may be null
 cudaError_t det_forward(DType dtype, const DetShape& s, const void* x, const int32_t* p0, const int32_t* p1,

@@ -61,9 +61,9 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& offsets_in, co
   if (y.numel() == 0) return y;
   const Samples smp = samples(s, x, offsets_in.contiguous());
   const auto w = smp.w.to(acc_dtype(x)).contiguous();
-  check_launch(cuda::det_forward(cuda_dtype(x, kForwardName, "x"), cuda_shape(kForwardName, s), x.data_ptr(), smp.p0.data_ptr<int32_t>(),
-                                 smp.p1.data_ptr<int32_t>(), w.data_ptr(), weight.data_ptr(),
-                                 bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
+  check_launch(cuda::det_forward(cuda_dtype(x, kForwardName, "x"), cuda_shape(kForwardName, s), x.data_ptr(),
+                                 smp.p0.data_ptr<int32_t>(), smp.p1.data_ptr<int32_t>(), w.data_ptr(),
+                                 weight.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
                                  c10::cuda::getCurrentCUDAStream()), kForwardName);
   return y;
 }
@@ -83,9 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
     return {at::zeros_like(x), at::zeros_like(offsets), at::zeros_like(weight), at::zeros({s.O}, weight.options())};
   }
   const auto acc = acc_dtype(x);
+  const auto dbias = dy.sum(at::IntArrayRef{0, 2, 3}, false, acc).to(weight.scalar_type());
   if (s.E == 0) {  // no samples: only the bias has a gradient
-    return {at::zeros_like(x), at::zeros_like(offsets), at::zeros_like(weight),
-            dy.sum(at::IntArrayRef{0, 2, 3}, false, acc).to(weight.scalar_type())};
+    return {at::zeros_like(x), at::zeros_like(offsets), at::zeros_like(weight), dbias};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const Samples smp = samples(s, x, offsets);
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
   const cuda::DType dtype = cuda_dtype(x, kBackwardName, "x");
   const int64_t K = s.C * s.E, reduction = s.B * s.T_out * s.V;
   const int64_t row_tile = cuda::det_row_tile(s.O);
-  const int64_t tiles = ((s.O + row_tile - 1) / row_tile) * ((2 * K + 63) / 64);
+  const int64_t tiles = ((s.O + row_tile - 1) / row_tile) * ((2 * K + cuda::kDetColTile - 1) / cuda::kDetColTile);
   const int64_t splits = std::max<int64_t>(1, std::min(kTargetBlocks / tiles, (reduction + 255) / 256));
   auto part = at::empty({splits, s.O, 2 * K}, x.options().dtype(acc));
   const int32_t* p0 = smp.p0.data_ptr<int32_t>();
@@ -112,7 +112,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
   const auto D = sums.slice(1, K, 2 * K).reshape({s.O, s.C, s.E});
   const auto doffsets = (weight.to(acc) * D).sum(at::IntArrayRef{0, 1}).to(offsets.scalar_type());
   const auto dweight = sums.slice(1, 0, K).reshape({s.O, s.C, s.E}).to(weight.scalar_type());
-  const auto dbias = dy.sum(at::IntArrayRef{0, 2, 3}, false, acc).to(weight.scalar_type());
 
   // dx: CSR table of the samples reading each input row, then one GEMM per (b, t).
   const auto rows = at::cat({smp.p0.flatten(), smp.p1.flatten()}).to(at::kLong);

@@ -17,8 +17,9 @@
 // The gathers split flat indices (k into c, e; n into t', v; ...) on every operand load, so
 // they divide by FastDivmod (fast_divmod.h) in 32-bit ints: the binding keeps one sample's
 // tensors, the flattened (b, t', v) reduction and each GEMM's extent below 2^30 (DetShape in
-// cuda_launchers.h); only the sample's base offset is 64-bit. The output-row tile (BM = 16, 32 or 64) follows O, so
-// that narrow layers (the model's O is 16 to 256) do not run FMAs on padding rows.
+// cuda_launchers.h); only the sample's base offset is 64-bit. The output-row tile (BM = 16,
+// 32 or 64) follows O, so that narrow layers (the model's O is 16 to 256) do not run FMAs on
+// padding rows.
 // Accumulation in float32 (float64 for float64 x).
 #include "cuda_gemm.cuh"
 
@@ -169,14 +170,15 @@ struct InputGradProblem {
   }
 };
 
-// Launches the GEMM of problem p with the output-row tile BM = det_row_tile(M) and 256
-// threads, BN = 64, BK = 16, 4 columns a thread.
+// Launches the GEMM of problem p with the output tile BM = det_row_tile(M) by BN = kDetColTile
+// and 256 threads, BK = 16, 4 columns a thread.
 template <class P>
 cudaError_t launch_rows_tiled(const P& p, int64_t M, int64_t N, int64_t batches, cudaStream_t stream) {
+  constexpr int BN = kDetColTile;
   switch (det_row_tile(M)) {
-    case 16: return launch_gemm<16, 64, 16, 1, 4>(p, M, N, batches, stream);
-    case 32: return launch_gemm<32, 64, 16, 2, 4>(p, M, N, batches, stream);
-    default: return launch_gemm<64, 64, 16, 4, 4>(p, M, N, batches, stream);
+    case 16: return launch_gemm<16, BN, 16, 1, 4>(p, M, N, batches, stream);
+    case 32: return launch_gemm<32, BN, 16, 2, 4>(p, M, N, batches, stream);
+    default: return launch_gemm<64, BN, 16, 4, 4>(p, M, N, batches, stream);
   }
 }
 
