@@ -13,18 +13,22 @@ cross-attention projections (M = 800-1344, K = 256, N = 256-512): forward 0.21 -
 dX 2.3x and dW 1.4x faster (one micro-benchmark, oneDNN's ``torch.ops.mkldnn._linear_pointwise``
 against ``F.linear`` and ``torch.mm``; ``bharnet bench`` measures the layer).
 
-``linear(x, weight, bias)`` takes that path for non-empty float32 CPU tensors outside autocast
-and outside ``torch.compile`` (which picks its own CPU GEMMs), when PyTorch was built with
-oneDNN; every other call is ``F.linear`` itself (also a bias that is not an (N,) vector, which
-``F.linear`` broadcasts and oneDNN would not). The three products are oneDNN matmuls, on
-transposed views where they need them (oneDNN copies a source that is not row-major; a
-strided bias is made contiguous first: oneDNN ignores a bias's strides), except dW, which the
-C++ kernel ``bharnet::linear_weight_grad_cpp`` (``csrc/linear_weight_grad.cpp``) computes from dY
-and X in place (oneDNN would first copy dY^T: 1.25-1.44x faster at the projections' shapes,
-one micro-benchmark; oneDNN when the extension cannot load); dW and db come back in the
-parameters' dtype (float32). Results equal ``F.linear``'s up to float32
-rounding of the summation order. Double backward is not supported. Used by the cpp backend of
-``bharnet.ops.cross_attention``.
+``linear(x, weight, bias)`` takes that path for non-empty float32 CPU tensors outside autocast,
+when PyTorch was built with oneDNN; every other call is ``F.linear`` itself (also a bias that is
+not an (N,) vector, which ``F.linear`` broadcasts and oneDNN would not). The path is the custom
+op ``bharnet::onednn_linear`` (2-D x), which ``torch.compile`` keeps as it is: traced through,
+the projections became Inductor's CPU GEMM, MKL's again, and the compiled cross-attention layer
+ran 2x slower than the eager one (``bharnet bench``, frame mode, 2-core EPYC: 11.2 vs 5.7 ms
+fwd+bwd; 5.1 ms with the op). The three products are oneDNN matmuls, on transposed views where
+they need them (oneDNN copies a source that is not row-major; a strided bias is made
+contiguous first: oneDNN ignores a bias's strides), except dW, which the C++ kernel
+``bharnet::linear_weight_grad_cpp`` (``csrc/linear_weight_grad.cpp``) computes from dY and X in
+place (oneDNN would first copy dY^T: 1.25-1.44x faster at the projections' shapes, one
+micro-benchmark; oneDNN when the extension cannot load, and under ``create_graph``, so that
+double backward works). dW and db come back in the parameters' dtype (float32). Results equal
+``F.linear``'s up to float32 rounding of the summation order. The op's Python dispatch costs
+about 25 us more per linear (forward and backward) than a plain autograd Function did, ~1.5%
+of the layer. Used by the cpp backend of ``bharnet.ops.cross_attention``.
 """
 from __future__ import annotations
 
@@ -61,47 +65,64 @@ def _cpp_weight_grad():
     return torch.ops.bharnet.linear_weight_grad_cpp.default
 
 
+@torch.compiler.assume_constant_result
+def _has_onednn() -> bool:
+    """Whether oneDNN's matmul exists (run eagerly, not traced, under ``torch.compile``)."""
+    return _onednn_matmul() is not None
+
+
 def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether ``linear`` takes the oneDNN path for these tensors (see the module docstring)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]))
             and weight.dim() == 2
             and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() > 0 and weight.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and _onednn_matmul() is not None)
+            and not torch.is_autocast_enabled("cpu")
+            and _has_onednn())
 
 
-class _OneDnnLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        matmul = _onednn_matmul()
-        rows = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(rows, weight)
-        ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
-        # oneDNN reads the bias as contiguous whatever its strides (a strided bias gave wrong sums)
-        bias = bias.contiguous() if bias is not None else None
-        return matmul(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+@torch.library.custom_op("bharnet::onednn_linear", mutates_args=())
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """X W^T + b for 2-D float32 CPU tensors through oneDNN's matmul (an opaque op, so that
+    ``torch.compile`` keeps it instead of lowering to its own CPU GEMM)."""
+    # oneDNN reads the bias as contiguous whatever its strides (a strided bias gave wrong sums)
+    return _onednn_matmul()(x, weight, bias.contiguous() if bias is not None else None)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        matmul = _onednn_matmul()
-        rows, weight = ctx.saved_tensors
-        dy_rows = dy.reshape(-1, weight.shape[0])
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = matmul(dy_rows, weight.t()).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            weight_grad = _cpp_weight_grad()
-            dw = weight_grad(dy_rows, rows) if weight_grad is not None else matmul(dy_rows.t(), rows.t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy_rows.sum(0)
-        return dx, dw, db
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    """dX = dY W, dW = dY^T X, db = sum_rows dY, each only when needed. dW comes from the C++
+    kernel, except under ``create_graph``: then from this op (differentiable, so that double
+    backward works), as it does without the extension."""
+    x, weight = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _onednn_linear(dy, weight.t(), None)
+    if ctx.needs_input_grad[1]:
+        weight_grad = _cpp_weight_grad()
+        use_cpp = weight_grad is not None and not torch.is_grad_enabled()
+        dw = weight_grad(dy, x) if use_cpp else _onednn_linear(dy.t(), x.t(), None)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = dy.sum(0)
+    return dx, dw, db
+
+
+_onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN for float32 CPU tensors (module docstring)."""
     if onednn_linear_applies(x, weight, bias):
-        return _OneDnnLinear.apply(x, weight, bias)
+        rows = _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        return rows.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
