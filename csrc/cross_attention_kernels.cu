@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(AttnShape s, const T* __restrict__ q, const T* __restrict__ kv, const bool* __restrict__ mask,
                    T* __restrict__ o, acc_of<T>* __restrict__ lse, acc_of<T> scale) {
   using A = acc_of<T>;
-  extern __shared__ __align__(16) unsigned char shared[];
+  BHARNET_DYNAMIC_SHARED(16, shared);
   const int d = static_cast<int>(s.d), ld = d + 1;
   const int64_t D = s.D, Lq = s.Lq, Lk = s.Lk;
   const int64_t row_blocks = (Lq + kRows - 1) / kRows;
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
                           const bool* __restrict__ mask, acc_of<T>* __restrict__ delta_out, T* __restrict__ dq,
                           acc_of<T> scale) {
   using A = acc_of<T>;
-  extern __shared__ __align__(16) unsigned char shared[];
+  BHARNET_DYNAMIC_SHARED(16, shared);
   const int d = static_cast<int>(s.d), ld = d + 1;
   const int64_t D = s.D, Lq = s.Lq, Lk = s.Lk;
   const int64_t row_blocks = (Lq + kRows - 1) / kRows;
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kThreads)
                         const bool* __restrict__ mask, const acc_of<T>* __restrict__ delta, T* __restrict__ dkv,
                         acc_of<T> scale) {
   using A = acc_of<T>;
-  extern __shared__ __align__(16) unsigned char shared[];
+  BHARNET_DYNAMIC_SHARED(16, shared);
   const int d = static_cast<int>(s.d), ld = d + 1;
   const int64_t D = s.D, Lq = s.Lq, Lk = s.Lk;
   const int64_t key_blocks = (Lk + kRows - 1) / kRows;
@@ -395,7 +395,7 @@ cudaError_t launch(Kernel kernel, int64_t blocks, size_t bytes, cudaStream_t str
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (error != cudaSuccess) return error;
   }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(args...);
+  BHARNET_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, bytes, stream)(args...);
   return cudaGetLastError();
 }
 

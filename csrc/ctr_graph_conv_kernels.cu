@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<NT>::kForwardMinBlocks)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using L = Tiles<NT>;
   constexpr int LD = L::kLd, LDO = L::kLdOut;
-  extern __shared__ __align__(128) unsigned char smem[];
+  BHARNET_DYNAMIC_SHARED(128, smem);
   uint16_t* v_tile = reinterpret_cast<uint16_t*>(smem);
   uint16_t* topo_tile = v_tile + kForwardRows * LD;  // [i][j]: B = topo^T, col-major
   uint16_t* const tile_v[1] = {v_tile};
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<NT>::kBackwardMinBlocks)
   constexpr int kStrips = BM / 16, kColGroups = kWarps / kStrips;
   constexpr int kDvFrags = (NT + kColGroups - 1) / kColGroups;
   constexpr int kTopoFrags = (NT * NT + kWarps - 1) / kWarps;
-  extern __shared__ __align__(128) unsigned char smem[];
+  BHARNET_DYNAMIC_SHARED(128, smem);
   uint16_t* dy_tile = reinterpret_cast<uint16_t*>(smem);
   uint16_t* v_tile = dy_tile + BM * LD;
   uint16_t* topo_tile = v_tile + BM * LD;  // [i][j]: B of dv, row-major
@@ -528,7 +528,7 @@ cudaError_t launch_mma(Kernel kernel, int64_t blocks, int bytes, cudaStream_t st
     const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (error != cudaSuccess) return error;
   }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(args...);
+  BHARNET_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, bytes, stream)(args...);
   return cudaGetLastError();
 }
 
@@ -563,12 +563,12 @@ cudaError_t ctr_topology(DType dtype, const CtrShape& s, const void* A, const vo
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((total + threads - 1) / threads < 65535 ? (total + threads - 1) / threads : 65535);
   if (dtype == DType::kFloat64) {
-    topology_kernel<double><<<blocks, threads, 0, stream>>>(
+    BHARNET_LAUNCH(topology_kernel<double>, blocks, threads, 0, stream)(
         s, static_cast<const double*>(A), static_cast<const double*>(q), static_cast<const double*>(k),
         static_cast<const double*>(weight), static_cast<const double*>(bias), static_cast<const double*>(alpha),
         static_cast<double*>(topo));
   } else {
-    topology_kernel<float><<<blocks, threads, 0, stream>>>(
+    BHARNET_LAUNCH(topology_kernel<float>, blocks, threads, 0, stream)(
         s, static_cast<const float*>(A), static_cast<const float*>(q), static_cast<const float*>(k),
         static_cast<const float*>(weight), static_cast<const float*>(bias), static_cast<const float*>(alpha),
         static_cast<float*>(topo));

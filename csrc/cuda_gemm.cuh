@@ -22,6 +22,16 @@
 #include "cuda_launchers.h"
 #include "fast_divmod.h"  // also BHARNET_HD: host-device functions
 
+// Kernel launches and dynamic shared memory are spelled with these macros, so that the kernels
+// also compile for tests/ops/cuda_host/cuda_emulation.h, which runs them on the CPU in tests.
+#if defined(BHARNET_CUDA_EMULATION)
+#define BHARNET_LAUNCH(kernel, grid, block, bytes, stream) ::bharnet::emu::launch(kernel, grid, block, bytes)
+#define BHARNET_DYNAMIC_SHARED(alignment, name) unsigned char* name = ::bharnet::emu::dynamic_shared()
+#else
+#define BHARNET_LAUNCH(kernel, grid, block, bytes, stream) kernel<<<grid, block, bytes, stream>>>
+#define BHARNET_DYNAMIC_SHARED(alignment, name) extern __shared__ __align__(alignment) unsigned char name[]
+#endif
+
 namespace bharnet {
 namespace cuda {
 
@@ -106,7 +116,8 @@ cudaError_t launch_gemm(const P& p, int64_t M, int64_t N, int64_t batches, cudaS
     const int64_t count = batches - base < kMaxZ ? batches - base : kMaxZ;
     const dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM),
                     static_cast<unsigned>(count));
-    tiled_gemm<P, BM, BN, BK, TM, TN><<<grid, block, 0, stream>>>(p, base);
+    const auto kernel = tiled_gemm<P, BM, BN, BK, TM, TN>;
+    BHARNET_LAUNCH(kernel, grid, block, 0, stream)(p, base);
   }
   return cudaGetLastError();
 }

@@ -10,14 +10,14 @@
 //   n / d = (mulhi(n, m) + n) >> s              (mulhi = the high 32 bits of the 64-bit product)
 // and the remainder n - (n / d) d: a multiply-high, an add, a shift and a multiply-add.
 // n < 2^31 keeps mulhi(n, m) + n below 2^32; the CUDA bindings keep every index below
-// kMaxIndexExtent = 2^30 (cuda_launchers.h). tests/ops/test_cuda_views.py checks the identity
-// against plain division.
+// kMaxIndexExtent = 2^30 (cuda_launchers.h). tests/ops/test_cuda_emulated.py checks the
+// identity against plain division.
 #pragma once
 
 #include <cstdint>
 
-// Host and device functions under nvcc (the CUDA kernels' operand views also run on the
-// host, in tests/ops/cuda_views_check.cu), plain inline functions in C++.
+// Host and device functions under nvcc (divisors are prepared on the host), plain inline
+// functions in C++ (the host code, and the kernels' CPU emulation in the tests).
 #if defined(__CUDACC__)
 #define BHARNET_HD __host__ __device__ __forceinline__
 #else

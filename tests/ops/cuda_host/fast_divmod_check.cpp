@@ -1,4 +1,4 @@
-// Checks csrc/fast_divmod.h against plain division (see test_cuda_views.py): every divisor up
+// Checks csrc/fast_divmod.h against plain division (see test_cuda_emulated.py): every divisor up
 // to 4096 and divisors up to 2^31 - 1, with numerators at 0, around multiples of the divisor,
 // at the top of the range (2^31 - 1) and at random; and the divisor 0 of an empty dimension.
 #include <cstdio>

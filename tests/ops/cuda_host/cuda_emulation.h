@@ -1,0 +1,390 @@
+// Runs the project's CUDA kernels (csrc/*.cu) on the CPU, so that tests can check whole kernels
+// (tiling, shared memory, warp shuffles, tensor-core fragments, launch code) without a GPU.
+//
+// Include this header, then the .cu files, in one C++20 translation unit compiled by the host
+// compiler (g++) with the CUDA toolkit's include directory; csrc spells its launches and its
+// dynamic shared memory as macros (BHARNET_LAUNCH, BHARNET_DYNAMIC_SHARED in cuda_gemm.cuh) that
+// this header turns into calls to it. Device pointers are host pointers.
+//
+// Execution model. The blocks of a grid run one after another. The threads of a block are
+// fibers (ucontext) on the calling OS thread, switched only at synchronisation points, so the
+// emulation has no data races of its own and is deterministic. Between two barriers each thread
+// runs alone, in thread order or (emu_set_reverse) in reverse: a thread that reads what another
+// writes without a barrier in between sees the old value in one of the two orders.
+//   __syncthreads()   every live thread of the block must arrive (exited threads count as
+//                     arrived, as on the hardware) before any goes on;
+//   __syncwarp(), shuffles: the same for the live lanes of the thread's warp (32 consecutive
+//                     threads); a shuffle that reads an exited lane, or a barrier that no thread
+//                     can pass, aborts with a message (the kernel would hang or read garbage on a
+//                     GPU).
+// `__shared__` variables become static locals (one copy, shared by the block's fibers; blocks
+// run one at a time). Dynamic shared memory is filled with 0xff bytes (NaN for floating-point
+// reads) before each block, so that reading what the block did not write shows in the results.
+// Tensor-core fragments (nvcuda::wmma) hold the whole tile in every lane; mma_sync multiplies
+// the 16-bit inputs exactly in float32 and adds in k order into float32 (the hardware's order
+// within a k-step is unspecified: results agree to float32 rounding, which the tests allow).
+// __CUDA_ARCH__ is 900 for the kernels, and the device is reported as sm_90 with 227 KB of
+// opt-in shared memory. Launch errors (a block over 1024 threads, shared memory over the
+// limit, an empty grid dimension) come back from cudaGetLastError as on the hardware.
+#pragma once
+
+#define __shared__ static  // before the CUDA headers, which keep a definition they find
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+namespace bharnet {
+namespace emu {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 1024;
+constexpr size_t kMaxSharedBytes = 227 * 1024;  // the H100's opt-in limit per block
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda_emulation: %s\n", what);
+  std::abort();
+}
+
+enum class Wait { kNone, kBlock, kWarp };
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  bool done = false;
+  Wait wait = Wait::kNone;
+};
+
+struct State {
+  dim3 grid, block, block_idx;
+  uint3 thread_idx;
+  int threads = 0, current = -1;
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  std::vector<unsigned char> dynamic_shared;
+  uint64_t warp_slots[kMaxThreads];  // one shuffle value per thread
+  size_t opt_in_shared = kDefaultSharedBytes;
+  cudaError_t last_error = cudaSuccess;
+  bool reverse = false;  // resume fibers from the last thread to the first
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+
+inline uint3 thread_index(int linear) {
+  const State& s = state();
+  return {static_cast<unsigned>(linear % s.block.x), static_cast<unsigned>(linear / s.block.x % s.block.y),
+          static_cast<unsigned>(linear / (s.block.x * s.block.y))};
+}
+
+// Back to the scheduler until the barrier this fiber waits at opens.
+inline void wait_at(Wait kind) {
+  State& s = state();
+  if (s.current < 0) fail("a barrier outside a kernel");
+  Fiber& f = s.fibers[s.current];
+  f.wait = kind;
+  swapcontext(&f.context, &s.scheduler);
+}
+
+inline void fiber_entry() {
+  State& s = state();
+  s.body(s.body_arg);
+  s.fibers[s.current].done = true;  // uc_link returns to the scheduler
+}
+
+// Opens the barriers every live participant has reached; false when none opened.
+inline bool open_barriers() {
+  State& s = state();
+  bool opened = false;
+  bool block_ready = true, any_at_block = false;
+  for (const Fiber& f : s.fibers) {
+    if (f.done) continue;
+    if (f.wait == Wait::kBlock) any_at_block = true;
+    else block_ready = false;
+  }
+  if (block_ready && any_at_block) {
+    for (Fiber& f : s.fibers) f.wait = Wait::kNone;
+    return true;
+  }
+  for (int w = 0; w < s.threads; w += kWarpSize) {
+    const int end = w + kWarpSize < s.threads ? w + kWarpSize : s.threads;
+    bool ready = true, any = false;
+    for (int t = w; t < end; ++t) {
+      const Fiber& f = s.fibers[t];
+      if (f.done) continue;
+      if (f.wait == Wait::kWarp) any = true;
+      else ready = false;
+    }
+    if (ready && any) {
+      for (int t = w; t < end; ++t) s.fibers[t].wait = Wait::kNone;
+      opened = true;
+    }
+  }
+  return opened;
+}
+
+// Runs body(arg) as every thread of the current block.
+inline void run_block(void (*body)(void*), void* arg) {
+  State& s = state();
+  s.body = body;
+  s.body_arg = arg;
+  std::memset(s.dynamic_shared.data(), 0xff, s.dynamic_shared.size());
+  for (int t = 0; t < s.threads; ++t) {
+    Fiber& f = s.fibers[t];
+    f.done = false;
+    f.wait = Wait::kNone;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &s.scheduler;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  for (;;) {
+    bool ran = false, all_done = true;
+    for (int i = 0; i < s.threads; ++i) {
+      const int t = s.reverse ? s.threads - 1 - i : i;
+      Fiber& f = s.fibers[t];
+      if (f.done) continue;
+      all_done = false;
+      if (f.wait != Wait::kNone) continue;
+      s.current = t;
+      s.thread_idx = thread_index(t);
+      swapcontext(&s.scheduler, &f.context);
+      ran = true;
+    }
+    if (all_done) break;
+    if (!open_barriers() && !ran) fail("deadlock: threads wait at barriers that the others never reach");
+  }
+  s.current = -1;
+}
+
+template <class Kernel, class Tuple, size_t... I>
+void call(Kernel kernel, Tuple& args, std::index_sequence<I...>) {
+  kernel(std::get<I>(args)...);
+}
+
+// kernel<<<grid, block, bytes>>>(args...): the blocks in order, each with its fibers.
+template <class Kernel>
+struct Launch {
+  Kernel kernel;
+  dim3 grid, block;
+  size_t bytes;
+
+  template <class... Args>
+  void operator()(Args... args) const {
+    State& s = state();
+    const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+    if (threads == 0 || threads > kMaxThreads || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+        grid.z > 65535 || block.z > 64) {
+      s.last_error = cudaErrorInvalidConfiguration;
+      return;
+    }
+    if (bytes > s.opt_in_shared) {
+      s.last_error = cudaErrorInvalidValue;
+      return;
+    }
+    s.grid = grid;
+    s.block = block;
+    s.threads = static_cast<int>(threads);
+    if (s.fibers.size() < threads) {
+      s.fibers.resize(threads);
+      for (Fiber& f : s.fibers)
+        if (!f.stack) f.stack.reset(new char[kStackBytes]);
+    }
+    s.dynamic_shared.assign(bytes, 0xff);
+    auto packed = std::make_tuple(args...);
+    struct Closure {
+      Kernel kernel;
+      decltype(packed)* args;
+    } closure{kernel, &packed};
+    auto body = [](void* p) {
+      auto* c = static_cast<Closure*>(p);
+      call(c->kernel, *c->args, std::make_index_sequence<sizeof...(Args)>());
+    };
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          s.block_idx = dim3(x, y, z);
+          run_block(body, &closure);
+        }
+    s.opt_in_shared = kDefaultSharedBytes;  // per kernel on the hardware; reset for the next
+  }
+};
+
+template <class Kernel>
+Launch<Kernel> launch(Kernel kernel, dim3 grid, dim3 block, size_t bytes) {
+  return {kernel, grid, block, bytes};
+}
+
+inline unsigned char* dynamic_shared() { return state().dynamic_shared.data(); }
+
+inline int lane() { return state().current % kWarpSize; }
+
+// The value `v` of lane `source` of this thread's warp.
+template <typename T>
+T exchange(T v, int source) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a value wider than 8 bytes");
+  State& s = state();
+  const int warp = s.current - lane();
+  std::memcpy(&s.warp_slots[s.current], &v, sizeof(T));
+  wait_at(Wait::kWarp);
+  if (warp + source >= s.threads || s.fibers[warp + source].done) fail("a shuffle reads a lane that has exited");
+  T out;
+  std::memcpy(&out, &s.warp_slots[warp + source], sizeof(T));
+  wait_at(Wait::kWarp);  // nobody overwrites a slot before every lane has read
+  return out;
+}
+
+}  // namespace emu
+}  // namespace bharnet
+
+// Built-in variables, attributes and device functions the kernels use.
+#define __launch_bounds__(...)
+#define threadIdx (::bharnet::emu::state().thread_idx)
+#define blockIdx (::bharnet::emu::state().block_idx)
+#define blockDim (::bharnet::emu::state().block)
+#define gridDim (::bharnet::emu::state().grid)
+
+inline void __syncthreads() { ::bharnet::emu::wait_at(::bharnet::emu::Wait::kBlock); }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::bharnet::emu::wait_at(::bharnet::emu::Wait::kWarp); }
+
+template <typename T>
+T __shfl_sync(unsigned, T v, int source, int width = 32) {
+  const int lane = ::bharnet::emu::lane();
+  return ::bharnet::emu::exchange(v, lane / width * width + source % width);
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  const int lane = ::bharnet::emu::lane();
+  const int source = lane ^ mask;
+  return ::bharnet::emu::exchange(v, source / width == lane / width ? source : lane);
+}
+
+using std::max;  // CUDA's global min/max overloads
+using std::min;
+inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t(a) * b) >> 32); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+
+// The runtime calls the launchers make.
+extern "C" {
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t error = ::bharnet::emu::state().last_error;
+  ::bharnet::emu::state().last_error = cudaSuccess;
+  return error;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(::bharnet::emu::kMaxSharedBytes); return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > ::bharnet::emu::kMaxSharedBytes) {
+    return cudaErrorInvalidValue;
+  }
+  ::bharnet::emu::state().opt_in_shared = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void*) {
+  *attributes = cudaFuncAttributes{};
+  attributes->ptxVersion = 90;
+  attributes->binaryVersion = 90;
+  attributes->maxThreadsPerBlock = ::bharnet::emu::kMaxThreads;
+  return cudaSuccess;
+}
+}
+
+// The C++ overloads that nvcc's runtime header adds for kernel pointers.
+template <class Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+template <class Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel* kernel) {
+  return cudaFuncGetAttributes(attributes, reinterpret_cast<const void*>(kernel));
+}
+
+// Tensor-core fragments: the whole tile in every lane.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K> struct FragmentShape;
+template <int M, int N, int K> struct FragmentShape<matrix_a, M, N, K> { static constexpr int kRows = M, kCols = K; };
+template <int M, int N, int K> struct FragmentShape<matrix_b, M, N, K> { static constexpr int kRows = K, kCols = N; };
+template <int M, int N, int K> struct FragmentShape<accumulator, M, N, K> { static constexpr int kRows = M, kCols = N; };
+
+template <class Use, int M, int N, int K, typename T, class Layout = void>
+struct fragment {
+  static constexpr int kRows = FragmentShape<Use, M, N, K>::kRows, kCols = FragmentShape<Use, M, N, K>::kCols;
+  static constexpr int num_elements = kRows * kCols;
+  T x[num_elements];
+};
+
+template <class Use, int M, int N, int K, typename T, class Layout, typename V>
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, V value) {
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = static_cast<T>(value);
+}
+
+template <class Use, int M, int N, int K, typename T, class Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_void_v<Layout>, "an operand fragment needs a layout");
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int r = 0; r < F::kRows; ++r)
+    for (int c = 0; c < F::kCols; ++c)
+      f.x[r * F::kCols + c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K, typename T>
+void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
+}
+
+template <int M, int N, int K, typename T, class LA, class LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float sum = c.x[m * N + n];
+      for (int k = 0; k < K; ++k) sum += static_cast<float>(a.x[m * K + k]) * static_cast<float>(b.x[k * N + n]);
+      out[m * N + n] = sum;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+#define __CUDA_ARCH__ 900
+#define BHARNET_CUDA_EMULATION 1

@@ -1,0 +1,298 @@
+"""The CUDA kernels, run on the CPU by ``cuda_host/cuda_emulation.h``.
+
+No GPU runs here; ``bench/gpu_check.sh`` runs the CUDA tests on a lent one. These tests run the
+kernels themselves (``csrc/*_kernels.cu``: tiling, shared memory, warp shuffles, tensor-core
+fragments, launch configuration, dtype dispatch) through their launchers
+(``csrc/cuda_launchers.h``), built by the host compiler against the emulation header, and
+compare what they write with each launcher's contract written as float64 torch math: float64 at
+1e-12, float32 at 1e-5, float16/bfloat16 by DESIGN.md section 6's rule against the same math
+run in that dtype. Outputs are poisoned with NaN before each call, and the emulated dynamic
+shared memory is NaN before each block, so unwritten elements and reads of unwritten shared
+memory show. The bindings (``csrc/*_cuda.cpp``: input checks, the DeTGC tables, the split-K
+sum) need torch's CUDA build and are covered by the GPU tests only; here the tables are built
+as the binding documents them. Also here: ``csrc/fast_divmod.h`` (the kernels' division by
+multiplication) against plain division, for 4,154 divisors (``cuda_host/fast_divmod_check.cpp``).
+"""
+import concurrent.futures
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from op_testing import assert_close, assert_low_precision_rule
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST_DIR = Path(__file__).resolve().parent / "cuda_host"
+KERNELS = ["cross_attention_kernels.cu", "ctr_graph_conv_kernels.cu", "deformable_temporal_conv_kernels.cu"]
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+LOW = [torch.float16, torch.bfloat16]
+ALL_DTYPES = [torch.float64, torch.float32, *LOW]
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def _cuda_include() -> Path:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return Path(root) / "include"
+    pytest.skip("the CUDA toolkit's headers were not found (CUDA_HOME or /usr/local/cuda)")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """The launchers of every .cu file, built for the emulator into one library (~10 s)."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("the emulator needs g++ (GCC's ucontext and vector extensions)")
+    out = tmp_path_factory.mktemp("cuda_emulation")
+    flags = [cxx, "-std=c++20", "-O1", "-fPIC", "-w", f"-I{_cuda_include()}", f"-I{ROOT / 'csrc'}"]
+    jobs = [[*flags, "-include", str(HOST_DIR / "cuda_emulation.h"), "-x", "c++", "-c", str(ROOT / "csrc" / name),
+             "-o", str(out / f"{name}.o")] for name in KERNELS]
+    jobs.append([*flags, "-c", str(HOST_DIR / "emulated_launchers.cpp"), "-o", str(out / "launchers.o")])
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        for build in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs):
+            assert build.returncode == 0, f"{' '.join(build.args)}\n{build.stdout}{build.stderr}"
+    library = out / "libemulated.so"
+    link = subprocess.run([cxx, "-shared", "-Wl,--no-undefined", *map(str, sorted(out.glob("*.o"))), "-o",
+                           str(library)], capture_output=True, text=True)
+    assert link.returncode == 0, link.stderr
+    return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(params=["threads_in_order", "threads_reversed"])
+def emu(library, request):
+    """The library, its fibers resumed in thread order or in reverse (races show in one)."""
+    library.emu_set_reverse(int(request.param == "threads_reversed"))
+    return library
+
+
+def test_fast_divmod_matches_division(tmp_path):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx, "a C++ compiler is needed (the extension builds with it too)"
+    binary = tmp_path / "fast_divmod_check"
+    build = subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", "-o", str(binary),
+                            str(HOST_DIR / "fast_divmod_check.cpp")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok FastDivmod" in run.stdout, run.stdout + run.stderr
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _sizes(*values):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(dtype, got, low, ref, names):
+    """got: the kernel's results; low: the contract math in dtype (for 16-bit dtypes); ref: float64."""
+    if dtype in LOW:
+        assert_low_precision_rule(got, low, ref, names)
+    else:
+        assert_close(got, ref, TOLERANCE[dtype], names)
+
+
+# Cross-attention ---------------------------------------------------------------------------------
+
+def _attention(q, kv, mask, heads, dO):
+    """The attention launchers' contract in q's dtype: (o, lse, dq, dkv, delta); masked keys get
+    no weight, a query without valid keys o = 0, lse = +inf and zero gradients."""
+    q, kv = q.detach().requires_grad_(), kv.detach().requires_grad_()
+    N, Lq, D = q.shape
+    Lk, d = kv.shape[1], D // heads
+    heads_of = lambda t, L: t.reshape(N, L, heads, d).transpose(1, 2)
+    k, v = heads_of(kv[..., :D], Lk), heads_of(kv[..., D:], Lk)
+    valid = mask[:, None, None, :] if mask is not None else torch.ones(N, 1, 1, Lk, dtype=torch.bool)
+    s = (heads_of(q, Lq) @ k.transpose(-1, -2)) * (1 / math.sqrt(d))
+    s = s.masked_fill(~valid, -math.inf)
+    top = s.amax(-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.where(valid, torch.exp(s - top), torch.zeros_like(s))
+    total = e.sum(-1, keepdim=True)
+    p = e / torch.where(total > 0, total, torch.ones_like(total))
+    o = (p @ v).transpose(1, 2).reshape(N, Lq, D)
+    lse = torch.where(total > 0, torch.log(total) + top, torch.full_like(total, math.inf)).squeeze(-1)
+    dq, dkv = torch.autograd.grad(o, [q, kv], dO)
+    delta = (dO * o.detach()).reshape(N, Lq, heads, d).sum(-1).transpose(1, 2)
+    return [t.detach() for t in (o, lse, dq, dkv, delta)]
+
+
+# (N, Lq, Lk, heads, d, mask): one block; query and key blocks past one tile with d in (32, 64]
+# (two features per lane); d = 96 (four per lane) with Lk below a tile; a fully masked sequence.
+ATTENTION_CASES = [(2, 5, 7, 2, 8, "random"), (1, 37, 45, 1, 40, "none"), (2, 17, 3, 3, 96, "random"),
+                   (2, 4, 6, 2, 16, "one_sequence_masked")]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention_kernels(emu, case, dtype):
+    N, Lq, Lk, heads, d, mask_kind = case
+    D = heads * d
+    g = torch.Generator().manual_seed(0)
+    q, kv, dO = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in
+                 ((N, Lq, D), (N, Lk, 2 * D), (N, Lq, D)))
+    mask = None if mask_kind == "none" else torch.rand(N, Lk, generator=g) > 0.3
+    if mask_kind == "one_sequence_masked":
+        mask[0] = False
+    if mask is not None:
+        mask[:, 0] |= mask_kind != "one_sequence_masked"
+    qd, kvd, dOd = q.to(dtype), kv.to(dtype), dO.to(dtype)
+    acc, shape = _acc(dtype), _sizes(N, Lq, Lk, D, heads, d)
+    o, lse = _poisoned((N, Lq, D), dtype), _poisoned((N, heads, Lq), acc)
+    assert emu.emu_attn_forward(DTYPE_CODES[dtype], shape, _ptr(qd), _ptr(kvd), _ptr(mask), _ptr(o), _ptr(lse)) == 0
+    delta, dq, dkv = _poisoned((N, heads, Lq), acc), _poisoned((N, Lq, D), dtype), _poisoned((N, Lk, 2 * D), dtype)
+    assert emu.emu_attn_backward(DTYPE_CODES[dtype], shape, _ptr(dOd), _ptr(qd), _ptr(kvd), _ptr(lse), _ptr(mask),
+                                 _ptr(delta), _ptr(dq), _ptr(dkv)) == 0
+    ref = _attention(qd.double(), kvd.double(), mask, heads, dOd.double())
+    masked = torch.isinf(ref[1])
+    assert torch.equal(torch.isinf(lse), masked) and (lse[masked] > 0).all(), "lse is +inf exactly without keys"
+    if masked.any():
+        assert (o.reshape(N, Lq, heads, d).transpose(1, 2)[masked] == 0).all()
+        assert (dq.reshape(N, Lq, heads, d).transpose(1, 2)[masked] == 0).all()
+    finite = [lse.masked_fill(masked, 0), ref[1].masked_fill(masked, 0)]
+    got = [o, finite[0], dq, dkv, delta]
+    expected = [ref[0], finite[1], *ref[2:]]
+    low = None
+    if dtype in LOW:
+        low = _attention(qd, kvd, mask, heads, dOd)
+        low[1] = low[1].masked_fill(masked, 0)
+    _check(dtype, got, low, expected, ["o", "lse", "dq", "dkv", "delta"])
+
+
+# DeTGC ----------------------------------------------------------------------------------------------
+
+def _detgc_tables(T, T_out, stride, offsets, acc):
+    """The sampling table (p0, p1, w, inside per (t', e)) and the CSR scatter table (row_start,
+    src, coef) as csrc/deformable_temporal_conv_cuda.cpp builds them: positions t' stride +
+    offset clamped to [0, T - 1]; inside where the unclamped position is strictly inside; the
+    entries reading each input row, p0 ones (coefficient 1 - w) before p1 ones (w)."""
+    r = torch.arange(T_out, dtype=torch.float64)[:, None] * stride + torch.tensor(offsets, dtype=torch.float64)
+    p = r.clamp(0, T - 1)
+    p0 = p.floor().to(torch.int32)
+    p1 = (p0 + 1).clamp(max=T - 1)
+    w = (p - p.floor()).to(acc)
+    inside = ((r > 0) & (r < T - 1)).to(acc)
+    src, coef, row_start = [], [], [0]
+    flat0, flat1, wf = p0.flatten().tolist(), p1.flatten().tolist(), w.flatten().tolist()
+    for row in range(T):
+        for side, rows in ((0, flat0), (1, flat1)):
+            for i, rr in enumerate(rows):
+                if rr == row:
+                    src.append(i)
+                    coef.append(1 - wf[i] if side == 0 else wf[i])
+        row_start.append(len(src))
+    return (p0.contiguous(), p1.contiguous(), w.contiguous(), inside.contiguous(),
+            torch.tensor(row_start, dtype=torch.int32), torch.tensor(src, dtype=torch.int32),
+            torch.tensor(coef, dtype=acc))
+
+
+def _detgc(x, weight, bias, dy, p0, p1, w, inside, T):
+    """The DeTGC launchers' contract in x's dtype: y, dW, D and dx (k = c E + e)."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    w, inside = w.to(x.dtype), inside.to(x.dtype)
+    x0, x1 = x[:, :, p0.long(), :], x[:, :, p1.long(), :]  # (B, C, T_out, E, V)
+    xs = (1 - w)[None, None, :, :, None] * x0 + w[None, None, :, :, None] * x1
+    y = torch.einsum("oce,bctev->botv", weight, xs) + bias[None, :, None, None]
+    dW, dx = torch.autograd.grad(y, [weight, x], dy)
+    D = torch.einsum("botv,bctev->oce", dy, inside[None, None, :, :, None] * (x1 - x0).detach())
+    return [y.detach(), dW, D, dx]
+
+
+# (B, C, T, V, O, E, stride, splits, offsets): stride 2 with odd sizes and uneven splits; O > 32
+# (the 64-row tile) with positions at the bounds; offsets beyond the clamp range; one tap, one
+# output frame and more splits than reduction steps (empty splits).
+DETGC_CASES = [(3, 5, 7, 5, 3, 3, 2, 5, [-1.3, 0.4, 2.7]), (2, 3, 6, 7, 40, 4, 1, 1, [-2.0, -2 / 3, 2 / 3, 2.0]),
+               (1, 2, 5, 3, 17, 2, 1, 4, [0.25, -7.5]), (2, 4, 3, 2, 5, 1, 3, 7, [0.5])]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", DETGC_CASES, ids=str)
+def test_detgc_kernels(emu, case, dtype):
+    B, C, T, V, O, E, stride, splits, offsets = case
+    T_out, acc = (T - 1) // stride + 1, _acc(dtype)
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias, dy = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for shape in
+                           ((B, C, T, V), (O, C, E), (O,), (B, O, T_out, V)))
+    p0, p1, w, inside, row_start, src, coef = _detgc_tables(T, T_out, stride, offsets, acc)
+    code, shape = DTYPE_CODES[dtype], _sizes(B, C, T, V, O, E, T_out)
+    y = _poisoned((B, O, T_out, V), dtype)
+    assert emu.emu_det_forward(code, shape, _ptr(x), _ptr(p0), _ptr(p1), _ptr(w), _ptr(weight), _ptr(bias),
+                               _ptr(y)) == 0
+    parts = _poisoned((splits, O, 2 * C * E), acc)
+    assert emu.emu_det_param_grad(code, shape, _ptr(dy), _ptr(x), _ptr(p0), _ptr(p1), _ptr(w), _ptr(inside),
+                                  ctypes.c_int64(splits), _ptr(parts)) == 0
+    dx = _poisoned((B, C, T, V), dtype)
+    assert emu.emu_det_input_grad(code, shape, _ptr(dy), _ptr(weight), _ptr(row_start), _ptr(src), _ptr(coef),
+                                  _ptr(dx)) == 0
+    total = parts.sum(0)
+    got = [y, total[:, :C * E].reshape(O, C, E), total[:, C * E:].reshape(O, C, E), dx]
+    ref = _detgc(*(t.double() for t in (x, weight, bias, dy)), p0, p1, w.double(), inside.double(), T)
+    low = _detgc(x, weight, bias, dy, p0, p1, w, inside, T) if dtype in LOW else None
+    _check(dtype, got, low, ref, ["y", "dW", "D", "dx"])
+
+
+# CTR-GC ---------------------------------------------------------------------------------------------
+
+def _ctr(v, topo, dy, G, dynamic):
+    """The CTR-GC launchers' contract in v's dtype (topo cast to it, as the 16-bit kernels stage
+    it): y, dv and dtopo (B, H, G, V, V); topo (B or 1, H, G, V, V)."""
+    v, topo = v.detach().requires_grad_(), topo.to(v.dtype).detach().requires_grad_()
+    B, H, C, T, V = v.shape
+    vg = v.reshape(B, H, G, C // G, T, V)
+    t = topo if dynamic else topo.expand(B, -1, -1, -1, -1)
+    y = torch.einsum("bhgij,bhgctj->bgcti", t, vg).reshape(B, C, T, V)
+    dv, = torch.autograd.grad(y, [v], dy)
+    dtopo = torch.einsum("bgcti,bhgctj->bhgij", dy.reshape(B, G, C // G, T, V), vg.detach())
+    return [y.detach(), dv, dtopo]
+
+
+def _ctr_topology(A, q, k, weight, bias, alpha):
+    """topo[b, h, g, i, j] = alpha (sum_r W[h, g, r] tanh(q[b, h, r, i] - k[b, h, r, j]) + bias[h, g]) + A[h, i, j]."""
+    t = torch.tanh(q[:, :, :, :, None] - k[:, :, :, None, :])  # (B, H, R, V, V)
+    return alpha * (torch.einsum("hgr,bhrij->bhgij", weight, t) + bias[None, :, :, None, None]) + A[None, :, None]
+
+
+# (B, H, C, T, V, R, G, dynamic): the joint-tile widths of V = 7, 25 and 42 (NT 1-3) and 100 (NT 7,
+# the 64-row backward tile), more rows than one tensor-core tile (C/G T > 128), V > 128 (the SIMT
+# GEMM for every dtype), static topologies (ST-GC: A shared by every sample, G = 1).
+CTR_CASES = [(2, 3, 4, 5, 7, 2, 2, True), (2, 2, 8, 36, 25, 3, 2, True), (1, 3, 6, 4, 42, 2, 3, True),
+             (1, 1, 2, 3, 100, 2, 1, True), (1, 1, 2, 2, 131, 1, 1, True), (2, 3, 4, 6, 25, 1, 1, False)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CTR_CASES, ids=str)
+def test_ctr_kernels(emu, case, dtype):
+    B, H, C, T, V, R, G, dynamic = case
+    acc = _acc(dtype)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64)
+    v, dy = rand(B, H, C, T, V).to(dtype), rand(B, C, T, V).to(dtype)
+    A, q, k, weight, bias, alpha = rand(H, V, V), rand(B, H, R, V), rand(B, H, R, V), rand(H, G, R), rand(H, G), rand(1)
+    code, shape = DTYPE_CODES[dtype], _sizes(B, H, C, T, V, R, G, int(dynamic))
+    if dynamic:
+        inputs = [t.to(acc) for t in (A, q, k, weight, bias, alpha)]
+        topo = _poisoned((B, H, G, V, V), acc)
+        assert emu.emu_ctr_topology(code, shape, *map(_ptr, inputs), _ptr(topo)) == 0
+        assert_close([topo], [_ctr_topology(*(t.double() for t in inputs))], TOLERANCE[acc], ["topology"])
+    else:
+        topo = A.to(acc)[None, :, None]
+    y = _poisoned((B, C, T, V), dtype)
+    assert emu.emu_ctr_forward(code, shape, _ptr(v), _ptr(topo), _ptr(y)) == 0
+    dv, dtopo = _poisoned((B, H, C, T, V), dtype), _poisoned((B, H, G, V, V), acc)
+    assert emu.emu_ctr_backward(code, shape, _ptr(dy), _ptr(v), _ptr(topo), _ptr(dv), _ptr(dtopo)) == 0
+    ref = _ctr(v.double(), topo.double(), dy.double(), G, dynamic)
+    low = _ctr(v, topo, dy, G, dynamic) if dtype in LOW else None
+    _check(dtype, [y, dv, dtopo], low, ref, ["y", "dv", "dtopo"])
