@@ -14,6 +14,8 @@
 // delta is taken from the recomputed P (as in the CPU kernels): with one valid key P = 1 and
 // delta = dP exactly, so dS = 0 and dQ = 0 like the reference.
 //
+// float16 / bfloat16 on sm_80+ take the tensor-core kernels of cross_attention_mma_kernels.cu
+// (attn_mma_usable); what follows is the SIMT path for the other dtypes and devices.
 // Structure: plain SIMT, one warp per row, lanes over keys for the scores and over features for
 // the products (d <= 128: NC = 1, 2 or 4 features per lane, a template parameter). A
 // block of kWarps warps owns kRows = kWarps * kRowsPerWarp rows of one (n, h) (warp w: rows
@@ -413,6 +415,7 @@ A attention_scale(int64_t d) {
 cudaError_t attn_forward(DType dtype, const AttnShape& s, const void* q, const void* kv, const bool* mask, void* o,
                          void* lse, cudaStream_t stream) {
   if (!valid_shape(s)) return cudaErrorInvalidValue;
+  if (attn_mma_usable(dtype, s)) return attn_forward_mma(dtype, s, q, kv, mask, o, lse, stream);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_of<T>;
@@ -429,6 +432,7 @@ cudaError_t attn_forward(DType dtype, const AttnShape& s, const void* q, const v
 cudaError_t attn_backward(DType dtype, const AttnShape& s, const void* grad_o, const void* q, const void* kv,
                           const void* lse, const bool* mask, void* delta, void* dq, void* dkv, cudaStream_t stream) {
   if (!valid_shape(s)) return cudaErrorInvalidValue;
+  if (attn_mma_usable(dtype, s)) return attn_backward_mma(dtype, s, grad_o, q, kv, lse, mask, delta, dq, dkv, stream);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_of<T>;

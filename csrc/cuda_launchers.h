@@ -87,5 +87,15 @@ cudaError_t attn_forward(DType dtype, const AttnShape& s, const void* q, const v
 cudaError_t attn_backward(DType dtype, const AttnShape& s, const void* grad_o, const void* q, const void* kv,
                           const void* lse, const bool* mask, void* delta, void* dq, void* dkv, cudaStream_t stream);
 
+// Their tensor-core path (csrc/cross_attention_mma_kernels.cu), which attn_forward and
+// attn_backward take when attn_mma_usable: float16 / bfloat16, d <= 128, a device of sm_80 or
+// newer with the shared memory it needs, kernels compiled for it. Same contract; delta in float32.
+bool attn_mma_usable(DType dtype, const AttnShape& s);
+cudaError_t attn_forward_mma(DType dtype, const AttnShape& s, const void* q, const void* kv, const bool* mask,
+                             void* o, void* lse, cudaStream_t stream);
+cudaError_t attn_backward_mma(DType dtype, const AttnShape& s, const void* grad_o, const void* q, const void* kv,
+                              const void* lse, const bool* mask, void* delta, void* dq, void* dkv,
+                              cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace bharnet

@@ -437,9 +437,10 @@ def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bia
 # accumulation dtype: float64 for float64 inputs, else float32) and autograd of the Triton core
 # op, except that the backward takes no o (it forms delta = rowsum(P * dP) from the recomputed
 # P); they get names of their own because bharnet::cross_attention_core is the Triton op (on
-# CPU it runs the Triton interpreter, which the Triton tests rely on). The CUDA kernels are a
-# simple SIMT design (one warp per query row, or per key row for dk/dv), not tuned; on a GPU
-# the triton backend remains the fused, faster one and what ``auto`` picks.
+# CPU it runs the Triton interpreter, which the Triton tests rely on). On CUDA, float16/bfloat16
+# run flash-attention-style tensor-core kernels on sm_80+ (csrc/cross_attention_mma_kernels.cu,
+# not yet timed on a GPU), float32/float64 a SIMT design (one warp per query row, or per key row
+# for dk/dv); the triton backend is what ``auto`` picks on a GPU.
 
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
 CPP_CUDA_MAX_HEAD_DIM = 128

@@ -28,7 +28,6 @@ from op_testing import assert_close, assert_low_precision_rule
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_DIR = Path(__file__).resolve().parent / "cuda_host"
-KERNELS = ["cross_attention_kernels.cu", "ctr_graph_conv_kernels.cu", "deformable_temporal_conv_kernels.cu"]
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 LOW = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float64, torch.float32, *LOW]
@@ -50,8 +49,8 @@ def library(tmp_path_factory):
         pytest.skip("the emulator needs g++ (GCC's ucontext and vector extensions)")
     out = tmp_path_factory.mktemp("cuda_emulation")
     flags = [cxx, "-std=c++20", "-O1", "-fPIC", "-w", f"-I{_cuda_include()}", f"-I{ROOT / 'csrc'}"]
-    jobs = [[*flags, "-include", str(HOST_DIR / "cuda_emulation.h"), "-x", "c++", "-c", str(ROOT / "csrc" / name),
-             "-o", str(out / f"{name}.o")] for name in KERNELS]
+    jobs = [[*flags, "-include", str(HOST_DIR / "cuda_emulation.h"), "-x", "c++", "-c", str(path),
+             "-o", str(out / f"{path.name}.o")] for path in sorted((ROOT / "csrc").glob("*.cu"))]
     jobs.append([*flags, "-c", str(HOST_DIR / "emulated_launchers.cpp"), "-o", str(out / "launchers.o")])
     with concurrent.futures.ThreadPoolExecutor() as pool:
         for build in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs):
@@ -131,14 +130,32 @@ def _attention(q, kv, mask, heads, dO):
 
 
 # (N, Lq, Lk, heads, d, mask): one block; query and key blocks past one tile with d in (32, 64]
-# (two features per lane); d = 96 (four per lane) with Lk below a tile; a fully masked sequence.
+# (two features per lane); d = 96 (four per lane) with Lk below a tile; a fully masked sequence;
+# several 64-row blocks and 64-key steps of the tensor-core kernels (float16 / bfloat16, whose
+# head tiles are 16, 64, 128, 16 and 32 wide in these cases).
 ATTENTION_CASES = [(2, 5, 7, 2, 8, "random"), (1, 37, 45, 1, 40, "none"), (2, 17, 3, 3, 96, "random"),
-                   (2, 4, 6, 2, 16, "one_sequence_masked")]
+                   (2, 4, 6, 2, 16, "one_sequence_masked"), (1, 70, 130, 2, 32, "random")]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
 def test_attention_kernels(emu, case, dtype):
+    """float16/bfloat16 take the tensor-core kernels here (an sm_90 device), float32/float64 the
+    SIMT ones."""
+    _check_attention(emu, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES[:3], ids=str)
+def test_attention_simt_kernels_take_16_bit_dtypes_before_sm80(emu, case, dtype):
+    emu.emu_set_compute_major(7)
+    try:
+        _check_attention(emu, case, dtype)
+    finally:
+        emu.emu_set_compute_major(9)
+
+
+def _check_attention(emu, case, dtype):
     N, Lq, Lk, heads, d, mask_kind = case
     D = heads * d
     g = torch.Generator().manual_seed(0)
@@ -275,6 +292,21 @@ CTR_CASES = [(2, 3, 4, 5, 7, 2, 2, True), (2, 2, 8, 36, 25, 3, 2, True), (1, 3, 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CTR_CASES, ids=str)
 def test_ctr_kernels(emu, case, dtype):
+    """float16/bfloat16 with V <= 128 take the tensor-core kernels here (an sm_90 device), the rest
+    the SIMT GEMM."""
+    _check_ctr(emu, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_ctr_simt_kernels_take_16_bit_dtypes_before_sm80(emu, dtype):
+    emu.emu_set_compute_major(7)
+    try:
+        _check_ctr(emu, CTR_CASES[1], dtype)
+    finally:
+        emu.emu_set_compute_major(9)
+
+
+def _check_ctr(emu, case, dtype):
     B, H, C, T, V, R, G, dynamic = case
     acc = _acc(dtype)
     g = torch.Generator().manual_seed(0)

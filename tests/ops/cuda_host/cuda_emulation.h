@@ -20,11 +20,13 @@
 // `__shared__` variables become static locals (one copy, shared by the block's fibers; blocks
 // run one at a time). Dynamic shared memory is filled with 0xff bytes (NaN for floating-point
 // reads) before each block, so that reading what the block did not write shows in the results.
-// Tensor-core fragments (nvcuda::wmma) hold the whole tile in every lane; mma_sync multiplies
+// Tensor-core fragments (nvcuda::wmma) hold the whole tile in every lane, and their *_sync
+// operations wait for the whole warp as they do on the hardware; mma_sync multiplies
 // the 16-bit inputs exactly in float32 and adds in k order into float32 (the hardware's order
 // within a k-step is unspecified: results agree to float32 rounding, which the tests allow).
-// __CUDA_ARCH__ is 900 for the kernels, and the device is reported as sm_90 with 227 KB of
-// opt-in shared memory. Launch errors (a block over 1024 threads, shared memory over the
+// __CUDA_ARCH__ is 900 for the kernels, and the device is reported as sm_90 (or an older major
+// version, emu_set_compute_major, so that the launchers take their pre-sm_80 paths) with 227 KB
+// of opt-in shared memory. Launch errors (a block over 1024 threads, shared memory over the
 // limit, an empty grid dimension) come back from cudaGetLastError as on the hardware.
 #pragma once
 
@@ -79,6 +81,7 @@ struct State {
   size_t opt_in_shared = kDefaultSharedBytes;
   cudaError_t last_error = cudaSuccess;
   bool reverse = false;  // resume fibers from the last thread to the first
+  int compute_major = 9;  // the device's compute capability, as cudaDeviceGetAttribute reports it
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
 };
@@ -297,7 +300,7 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
-    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = ::bharnet::emu::state().compute_major; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(::bharnet::emu::kMaxSharedBytes); return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
@@ -332,6 +335,10 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel* kernel
 // Tensor-core fragments: the whole tile in every lane.
 namespace nvcuda {
 namespace wmma {
+// The *_sync operations start with the warp converged: every lane arrives before any goes on
+// (so a lane never loads what another lane's later store wrote).
+inline void converge() { ::bharnet::emu::wait_at(::bharnet::emu::Wait::kWarp); }
+
 struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
@@ -358,6 +365,7 @@ void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, V value) {
 
 template <class Use, int M, int N, int K, typename T, class Layout>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  converge();
   static_assert(!std::is_void_v<Layout>, "an operand fragment needs a layout");
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < F::kRows; ++r)
@@ -366,7 +374,15 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned
 }
 
 template <int M, int N, int K, typename T>
+void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout) {
+  converge();
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K, typename T>
 void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+  converge();
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
 }
@@ -374,6 +390,7 @@ void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigne
 template <int M, int N, int K, typename T, class LA, class LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  converge();
   float out[M * N];
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {

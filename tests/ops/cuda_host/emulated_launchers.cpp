@@ -17,6 +17,8 @@ CtrShape ctr_shape(const int64_t* s) { return {s[0], s[1], s[2], s[3], s[4], s[5
 extern "C" {
 // Between barriers, run the threads of a block from the last to the first (reverse != 0).
 void emu_set_reverse(int reverse) { bharnet::emu::state().reverse = reverse != 0; }
+// The compute capability's major version the emulated device reports (9 unless set).
+void emu_set_compute_major(int major) { bharnet::emu::state().compute_major = major; }
 
 int emu_attn_forward(int dtype, const int64_t* shape, const void* q, const void* kv, const bool* mask, void* o,
                      void* lse) {
