@@ -18,11 +18,15 @@
 //   key_grad_mma:  per query step: S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
 //                  dS^T = P^T (dP^T - delta); dv += P^T dO and dk += dS^T Q in registers;
 //                  dk = scale dk. Masked keys get P = 0, so zero dk and dv.
-// Every score is the same sequence of WMMA products in each kernel (Q and K fragments in the
-// same order), so the backward recomputes the forward's scores and P = exp(s - lse) <= 1.
+// The forward and the query-side backward compute each score with the same WMMA products (Q
+// rows times K rows, in the same order), so dq's P = exp(s - lse) is the forward's; the
+// key-side backward computes S^T = K Q^T, the same products with the operands swapped.
 // Deterministic: each output element is written by one thread, sums run in a fixed order.
 // Global offsets are 64-bit; indices inside a block are int.
 #include <mma.h>
+
+#include <climits>
+#include <type_traits>
 
 #include "cuda_gemm.cuh"
 
@@ -37,7 +41,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockRows = 16 * kWarps;  // rows of one block: 16 per warp
 constexpr int kStep = 64;                // rows of the other side per step
 constexpr int kDefaultSharedBytes = 48 * 1024;
-constexpr unsigned kFullMask = 0xffffffffu;
+[[maybe_unused]] constexpr unsigned kFullMask = 0xffffffffu;  // unused below sm_80 (empty bodies)
 
 template <int DP>
 struct Layout {
@@ -82,6 +86,10 @@ __device__ __forceinline__ void stage(T* tile, const T* src, int64_t stride, int
     tile[r * Layout<DP>::kLd + c] = (row0 + r < rows && c < d) ? src[(row0 + r) * stride + c] : from_acc<T>(0.0f);
   }
 }
+
+// scale * x rounded on its own (never contracted into the following subtraction): the same score
+// in every kernel, so that P = exp(s - lse) is exactly 1 for a query's only valid key.
+__device__ __forceinline__ float scaled(float scale, float x) { return __fmul_rn(scale, x); }
 
 __device__ __forceinline__ bool key_valid(const bool* mask, int64_t n, int64_t j, int64_t Lk) {
   return j < Lk && (mask == nullptr || mask[n * Lk + j]);
@@ -165,6 +173,7 @@ __global__ void __launch_bounds__(kThreads)
   T* my_p = p_tile + warp * 16 * L::kLdP;
   float* my_o = o_acc + warp * 16 * L::kLdO;
   for (int e = lane; e < 16 * L::kLdO; e += 32) my_o[e] = 0.0f;
+  __syncwarp();  // read back by other lanes (at the end when Lk = 0)
   const bool active = i0 + 16 * warp < s.Lq;  // a warp whose rows are all past Lq only stages
   const int row = lane / 2, col0 = (lane % 2) * (kStep / 2);
   float m = -INFINITY, l = 0.0f;
@@ -179,13 +188,13 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
       float top = -INFINITY;
       for (int c = col0; c < col0 + kStep / 2; ++c)
-        if (valid[c] != 0.0f) top = fmaxf(top, scale * my_scores[row * L::kLdS + c]);
+        if (valid[c] != 0.0f) top = fmaxf(top, scaled(scale, my_scores[row * L::kLdS + c]));
       top = fmaxf(top, __shfl_xor_sync(kFullMask, top, 1));
       const float m_new = fmaxf(m, top);
       const float correction = m_new == -INFINITY ? 1.0f : expf(m - m_new);
       float sum = 0.0f;
       for (int c = col0; c < col0 + kStep / 2; ++c) {
-        const float p = valid[c] != 0.0f ? expf(scale * my_scores[row * L::kLdS + c] - m_new) : 0.0f;
+        const float p = valid[c] != 0.0f ? expf(scaled(scale, my_scores[row * L::kLdS + c]) - m_new) : 0.0f;
         sum += p;
         my_p[row * L::kLdP + c] = from_acc<T>(p);
       }
@@ -208,8 +217,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         wmma::store_matrix_sync(my_o + ct * 16, acc, L::kLdO, wmma::mem_row_major);
       }
-      __syncwarp();
-    }
+          }
     __syncthreads();
   }
   if (!active) return;
@@ -228,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
 // query-side kernels the rows are queries (lse, delta per row; valid per column); for the
 // key-side kernel they are keys (valid per row; lse, delta per column).
 __device__ __forceinline__ float probability(float s, float scale, float lse, bool valid) {
-  return valid ? expf(scale * s - lse) : 0.0f;
+  return valid ? expf(scaled(scale, s) - lse) : 0.0f;
 }
 
 // Block = (n, h, 64 queries): delta, then dq.
@@ -288,8 +296,7 @@ __global__ void __launch_bounds__(kThreads)
           __syncwarp();
           accumulate_product<T, DP>(acc, my_ds, k_tile);
         }
-        __syncwarp();
-      }
+              }
       __syncthreads();
     }
     if (pass == 0 && active) {
@@ -361,8 +368,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
       accumulate_product<T, DP>(dv, my_p, do_tile);
       accumulate_product<T, DP>(dk, my_ds, q_tile);
-      __syncwarp();
-    }
+          }
     __syncthreads();
   }
   if (!active) return;
@@ -395,7 +401,7 @@ cudaError_t launch(Kernel kernel, int64_t blocks, int bytes, cudaStream_t stream
 }
 
 template <typename T>
-bool kernels_usable(const AttnShape& s) {
+bool kernels_probe(const AttnShape& s) {
   int device = 0, major = 0, optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
@@ -413,6 +419,13 @@ bool kernels_usable(const AttnShape& s) {
                         forward.ptxVersion >= 80 && query.ptxVersion >= 80 && key.ptxVersion >= 80;
     return usable ? cudaSuccess : cudaErrorNotSupported;
   }) == cudaSuccess;
+}
+
+template <typename T>
+bool kernels_usable(const AttnShape& s) {
+  const bool usable = kernels_probe<T>(s);
+  if (!usable) cudaGetLastError();  // a failed runtime query leaves no pending error for the SIMT launch
+  return usable;
 }
 
 template <typename T>

@@ -132,9 +132,11 @@ def _attention(q, kv, mask, heads, dO):
 # (N, Lq, Lk, heads, d, mask): one block; query and key blocks past one tile with d in (32, 64]
 # (two features per lane); d = 96 (four per lane) with Lk below a tile; a fully masked sequence;
 # several 64-row blocks and 64-key steps of the tensor-core kernels (float16 / bfloat16, whose
-# head tiles are 16, 64, 128, 16 and 32 wide in these cases).
+# head tiles are 16, 64, 128, 16, 32, 64 and 128 wide in these cases), the first step's keys all
+# masked; no keys at all.
 ATTENTION_CASES = [(2, 5, 7, 2, 8, "random"), (1, 37, 45, 1, 40, "none"), (2, 17, 3, 3, 96, "random"),
-                   (2, 4, 6, 2, 16, "one_sequence_masked"), (1, 70, 130, 2, 32, "random")]
+                   (2, 4, 6, 2, 16, "one_sequence_masked"), (1, 70, 130, 2, 32, "random"),
+                   (1, 66, 70, 1, 64, "first_step_masked"), (1, 65, 67, 1, 100, "none"), (2, 3, 0, 2, 8, "none")]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -142,6 +144,8 @@ ATTENTION_CASES = [(2, 5, 7, 2, 8, "random"), (1, 37, 45, 1, 40, "none"), (2, 17
 def test_attention_kernels(emu, case, dtype):
     """float16/bfloat16 take the tensor-core kernels here (an sm_90 device), float32/float64 the
     SIMT ones."""
+    N, Lq, Lk, heads, d, _ = case
+    assert emu.emu_attn_mma_usable(DTYPE_CODES[dtype], _sizes(N, Lq, Lk, heads * d, heads, d)) == (dtype in LOW)
     _check_attention(emu, case, dtype)
 
 
@@ -150,6 +154,8 @@ def test_attention_kernels(emu, case, dtype):
 def test_attention_simt_kernels_take_16_bit_dtypes_before_sm80(emu, case, dtype):
     emu.emu_set_compute_major(7)
     try:
+        N, Lq, Lk, heads, d, _ = case
+        assert not emu.emu_attn_mma_usable(DTYPE_CODES[dtype], _sizes(N, Lq, Lk, heads * d, heads, d))
         _check_attention(emu, case, dtype)
     finally:
         emu.emu_set_compute_major(9)
@@ -162,10 +168,12 @@ def _check_attention(emu, case, dtype):
     q, kv, dO = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in
                  ((N, Lq, D), (N, Lk, 2 * D), (N, Lq, D)))
     mask = None if mask_kind == "none" else torch.rand(N, Lk, generator=g) > 0.3
+    if mask is not None:
+        mask[:, -1] = True  # a valid key in every sequence, but:
     if mask_kind == "one_sequence_masked":
         mask[0] = False
-    if mask is not None:
-        mask[:, 0] |= mask_kind != "one_sequence_masked"
+    if mask_kind == "first_step_masked":
+        mask[:, :64] = False
     qd, kvd, dOd = q.to(dtype), kv.to(dtype), dO.to(dtype)
     acc, shape = _acc(dtype), _sizes(N, Lq, Lk, D, heads, d)
     o, lse = _poisoned((N, Lq, D), dtype), _poisoned((N, heads, Lq), acc)
@@ -173,6 +181,9 @@ def _check_attention(emu, case, dtype):
     delta, dq, dkv = _poisoned((N, heads, Lq), acc), _poisoned((N, Lq, D), dtype), _poisoned((N, Lk, 2 * D), dtype)
     assert emu.emu_attn_backward(DTYPE_CODES[dtype], shape, _ptr(dOd), _ptr(qd), _ptr(kvd), _ptr(lse), _ptr(mask),
                                  _ptr(delta), _ptr(dq), _ptr(dkv)) == 0
+    if Lk == 0:  # every query without keys: o = 0, lse = +inf, zero gradients
+        assert (o == 0).all() and (lse == math.inf).all() and (dq == 0).all() and (delta == 0).all()
+        return
     ref = _attention(qd.double(), kvd.double(), mask, heads, dOd.double())
     masked = torch.isinf(ref[1])
     assert torch.equal(torch.isinf(lse), masked) and (lse[masked] > 0).all(), "lse is +inf exactly without keys"

@@ -6,28 +6,37 @@
 // dynamic shared memory as macros (BHARNET_LAUNCH, BHARNET_DYNAMIC_SHARED in cuda_gemm.cuh) that
 // this header turns into calls to it. Device pointers are host pointers.
 //
-// Execution model. The blocks of a grid run one after another. The threads of a block are
-// fibers (ucontext) on the calling OS thread, switched only at synchronisation points, so the
+// Execution model. The blocks of a grid run one after another, and the threads of a block are
+// fibers (ucontext) on the calling OS thread, switched only at synchronisation points: the
 // emulation has no data races of its own and is deterministic. Between two barriers each thread
-// runs alone, in thread order or (emu_set_reverse) in reverse: a thread that reads what another
-// writes without a barrier in between sees the old value in one of the two orders.
+// runs alone; with emu_set_reverse the threads (and the blocks) run in reverse order. A thread
+// that reads what another thread (block) writes without a barrier in between sees the old value
+// in one of the two orders, so a missing barrier shows as a wrong result.
 //   __syncthreads()   every live thread of the block must arrive (exited threads count as
 //                     arrived, as on the hardware) before any goes on;
-//   __syncwarp(), shuffles: the same for the live lanes of the thread's warp (32 consecutive
-//                     threads); a shuffle that reads an exited lane, or a barrier that no thread
-//                     can pass, aborts with a message (the kernel would hang or read garbage on a
-//                     GPU).
-// `__shared__` variables become static locals (one copy, shared by the block's fibers; blocks
-// run one at a time). Dynamic shared memory is filled with 0xff bytes (NaN for floating-point
-// reads) before each block, so that reading what the block did not write shows in the results.
-// Tensor-core fragments (nvcuda::wmma) hold the whole tile in every lane, and their *_sync
-// operations wait for the whole warp as they do on the hardware; mma_sync multiplies
-// the 16-bit inputs exactly in float32 and adds in k order into float32 (the hardware's order
-// within a k-step is unspecified: results agree to float32 rounding, which the tests allow).
+//   __syncwarp(), shuffles, WMMA operations: the same for the live lanes of the thread's warp
+//                     (32 consecutive threads).
+// Threads that wait at different barriers (call sites, or kinds of warp operation), a shuffle
+// that reads an exited lane, and a barrier that no thread can pass abort with a message (the
+// kernel would hang or read garbage on a GPU).
+// Memory: `__shared__` variables become static locals (one copy, shared by the block's fibers;
+// blocks run one at a time; not re-poisoned between blocks). Dynamic shared memory is 256-byte
+// aligned and filled before each block with 0xff bytes (NaN) or, in reverse runs, 0x7b bytes
+// (a large finite value in every floating-point dtype, which comparisons do not skip as they do
+// NaN), so that reads of what the block did not write show; a guard area after it catches
+// writes past its end.
+// Tensor-core fragments (nvcuda::wmma) hold the whole tile in every lane. load_matrix_sync
+// reads when the lane arrives and then waits for the warp; store_matrix_sync waits, then each
+// lane writes its own share of the tile (so a missing __syncwarp around them shows); both check
+// WMMA's rules (32-byte aligned pointers, ldm a multiple of 16 bytes). mma_sync multiplies the
+// 16-bit inputs exactly in float32 and adds in k order into float32 (the hardware's order within
+// a k-step is unspecified: results agree to float32 rounding, which the tests allow).
 // __CUDA_ARCH__ is 900 for the kernels, and the device is reported as sm_90 (or an older major
 // version, emu_set_compute_major, so that the launchers take their pre-sm_80 paths) with 227 KB
 // of opt-in shared memory. Launch errors (a block over 1024 threads, shared memory over the
 // limit, an empty grid dimension) come back from cudaGetLastError as on the hardware.
+// Not emulated: memory ordering between lanes beyond the barriers above, global-memory bounds,
+// and compiler floating-point contraction (x86 at -O1 fuses nothing; nvcc may fuse a * b + c).
 #pragma once
 
 #define __shared__ static  // before the CUDA headers, which keep a definition they find
@@ -68,6 +77,7 @@ struct Fiber {
   std::unique_ptr<char[]> stack;
   bool done = false;
   Wait wait = Wait::kNone;
+  const char* site = nullptr;  // what the fiber waits at: "file:line" of the barrier, or the warp operation
 };
 
 struct State {
@@ -76,7 +86,10 @@ struct State {
   int threads = 0, current = -1;
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
-  std::vector<unsigned char> dynamic_shared;
+  std::vector<unsigned char> dynamic_shared_storage;
+  unsigned char* dynamic_shared = nullptr;
+  size_t dynamic_bytes = 0;
+  static constexpr size_t kGuard = 1024;
   uint64_t warp_slots[kMaxThreads];  // one shuffle value per thread
   size_t opt_in_shared = kDefaultSharedBytes;
   cudaError_t last_error = cudaSuccess;
@@ -97,13 +110,24 @@ inline uint3 thread_index(int linear) {
           static_cast<unsigned>(linear / (s.block.x * s.block.y))};
 }
 
-// Back to the scheduler until the barrier this fiber waits at opens.
-inline void wait_at(Wait kind) {
+// Back to the scheduler until the barrier this fiber waits at opens. `site` names the barrier:
+// every participant must wait at the same one (the same __syncthreads / __syncwarp call, or the
+// same kind of warp operation), else the kernel diverges at a barrier, which the hardware does
+// not allow.
+inline void wait_at(Wait kind, const char* site) {
   State& s = state();
   if (s.current < 0) fail("a barrier outside a kernel");
   Fiber& f = s.fibers[s.current];
   f.wait = kind;
+  f.site = site;
   swapcontext(&f.context, &s.scheduler);
+}
+
+inline void same_site(const Fiber& a, const Fiber& b) {
+  if (std::strcmp(a.site, b.site) != 0) {
+    std::fprintf(stderr, "cuda_emulation: threads wait at different barriers: %s and %s\n", a.site, b.site);
+    std::abort();
+  }
 }
 
 inline void fiber_entry() {
@@ -116,26 +140,31 @@ inline void fiber_entry() {
 inline bool open_barriers() {
   State& s = state();
   bool opened = false;
-  bool block_ready = true, any_at_block = false;
-  for (const Fiber& f : s.fibers) {
+  bool block_ready = true;
+  const Fiber* first = nullptr;
+  for (int t = 0; t < s.threads; ++t) {
+    const Fiber& f = s.fibers[t];
     if (f.done) continue;
-    if (f.wait == Wait::kBlock) any_at_block = true;
-    else block_ready = false;
+    if (f.wait != Wait::kBlock) block_ready = false;
+    else if (first == nullptr) first = &f;
+    else same_site(*first, f);
   }
-  if (block_ready && any_at_block) {
-    for (Fiber& f : s.fibers) f.wait = Wait::kNone;
+  if (block_ready && first != nullptr) {
+    for (int t = 0; t < s.threads; ++t) s.fibers[t].wait = Wait::kNone;
     return true;
   }
   for (int w = 0; w < s.threads; w += kWarpSize) {
     const int end = w + kWarpSize < s.threads ? w + kWarpSize : s.threads;
-    bool ready = true, any = false;
+    bool ready = true;
+    const Fiber* lead = nullptr;
     for (int t = w; t < end; ++t) {
       const Fiber& f = s.fibers[t];
       if (f.done) continue;
-      if (f.wait == Wait::kWarp) any = true;
-      else ready = false;
+      if (f.wait != Wait::kWarp) ready = false;
+      else if (lead == nullptr) lead = &f;
+      else same_site(*lead, f);
     }
-    if (ready && any) {
+    if (ready && lead != nullptr) {
       for (int t = w; t < end; ++t) s.fibers[t].wait = Wait::kNone;
       opened = true;
     }
@@ -148,7 +177,7 @@ inline void run_block(void (*body)(void*), void* arg) {
   State& s = state();
   s.body = body;
   s.body_arg = arg;
-  std::memset(s.dynamic_shared.data(), 0xff, s.dynamic_shared.size());
+  std::memset(s.dynamic_shared, s.reverse ? 0x7b : 0xff, s.dynamic_bytes + State::kGuard);
   for (int t = 0; t < s.threads; ++t) {
     Fiber& f = s.fibers[t];
     f.done = false;
@@ -176,6 +205,8 @@ inline void run_block(void (*body)(void*), void* arg) {
     if (!open_barriers() && !ran) fail("deadlock: threads wait at barriers that the others never reach");
   }
   s.current = -1;
+  for (size_t i = 0; i < State::kGuard; ++i)
+    if (s.dynamic_shared[s.dynamic_bytes + i] != (s.reverse ? 0x7b : 0xff)) fail("a write past the end of the dynamic shared memory");
 }
 
 template <class Kernel, class Tuple, size_t... I>
@@ -211,7 +242,9 @@ struct Launch {
       for (Fiber& f : s.fibers)
         if (!f.stack) f.stack.reset(new char[kStackBytes]);
     }
-    s.dynamic_shared.assign(bytes, 0xff);
+    s.dynamic_shared_storage.assign(bytes + State::kGuard + 256, 0xff);
+    s.dynamic_bytes = bytes;
+    s.dynamic_shared = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(s.dynamic_shared_storage.data()) + 255) & ~uintptr_t(255));
     auto packed = std::make_tuple(args...);
     struct Closure {
       Kernel kernel;
@@ -221,12 +254,12 @@ struct Launch {
       auto* c = static_cast<Closure*>(p);
       call(c->kernel, *c->args, std::make_index_sequence<sizeof...(Args)>());
     };
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          s.block_idx = dim3(x, y, z);
-          run_block(body, &closure);
-        }
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    for (uint64_t i = 0; i < blocks; ++i) {
+      const uint64_t b = s.reverse ? blocks - 1 - i : i;
+      s.block_idx = dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y)));
+      run_block(body, &closure);
+    }
     s.opt_in_shared = kDefaultSharedBytes;  // per kernel on the hardware; reset for the next
   }
 };
@@ -236,7 +269,7 @@ Launch<Kernel> launch(Kernel kernel, dim3 grid, dim3 block, size_t bytes) {
   return {kernel, grid, block, bytes};
 }
 
-inline unsigned char* dynamic_shared() { return state().dynamic_shared.data(); }
+inline unsigned char* dynamic_shared() { return state().dynamic_shared; }
 
 inline int lane() { return state().current % kWarpSize; }
 
@@ -247,11 +280,11 @@ T exchange(T v, int source) {
   State& s = state();
   const int warp = s.current - lane();
   std::memcpy(&s.warp_slots[s.current], &v, sizeof(T));
-  wait_at(Wait::kWarp);
+  wait_at(Wait::kWarp, "a shuffle");
   if (warp + source >= s.threads || s.fibers[warp + source].done) fail("a shuffle reads a lane that has exited");
   T out;
   std::memcpy(&out, &s.warp_slots[warp + source], sizeof(T));
-  wait_at(Wait::kWarp);  // nobody overwrites a slot before every lane has read
+  wait_at(Wait::kWarp, "a shuffle");  // nobody overwrites a slot before every lane has read
   return out;
 }
 
@@ -265,20 +298,24 @@ T exchange(T v, int source) {
 #define blockDim (::bharnet::emu::state().block)
 #define gridDim (::bharnet::emu::state().grid)
 
-inline void __syncthreads() { ::bharnet::emu::wait_at(::bharnet::emu::Wait::kBlock); }
-inline void __syncwarp(unsigned = 0xffffffffu) { ::bharnet::emu::wait_at(::bharnet::emu::Wait::kWarp); }
+#define BHARNET_EMU_STRING(x) #x
+#define BHARNET_EMU_SITE(line) __FILE__ ":" BHARNET_EMU_STRING(line)
+#define __syncthreads() ::bharnet::emu::wait_at(::bharnet::emu::Wait::kBlock, BHARNET_EMU_SITE(__LINE__))
+#define __syncwarp(...) ::bharnet::emu::wait_at(::bharnet::emu::Wait::kWarp, BHARNET_EMU_SITE(__LINE__))
 
 template <typename T>
 T __shfl_sync(unsigned, T v, int source, int width = 32) {
   const int lane = ::bharnet::emu::lane();
-  return ::bharnet::emu::exchange(v, lane / width * width + source % width);
+  if (width < 1 || width > 32 || (width & (width - 1))) ::bharnet::emu::fail("shuffle width must be a power of 2 <= 32");
+  return ::bharnet::emu::exchange(v, (lane & ~(width - 1)) | (source & (width - 1)));
 }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
   const int lane = ::bharnet::emu::lane();
   const int source = lane ^ mask;
-  return ::bharnet::emu::exchange(v, source / width == lane / width ? source : lane);
+  if (width < 1 || width > 32 || (width & (width - 1))) ::bharnet::emu::fail("shuffle width must be a power of 2 <= 32");
+  return ::bharnet::emu::exchange(v, (source & 31) > (lane | (width - 1)) ? lane : (source & 31));
 }
 
 using std::max;  // CUDA's global min/max overloads
@@ -337,7 +374,12 @@ namespace nvcuda {
 namespace wmma {
 // The *_sync operations start with the warp converged: every lane arrives before any goes on
 // (so a lane never loads what another lane's later store wrote).
-inline void converge() { ::bharnet::emu::wait_at(::bharnet::emu::Wait::kWarp); }
+inline void converge() { ::bharnet::emu::wait_at(::bharnet::emu::Wait::kWarp, "a WMMA operation"); }
+template <typename T>
+inline void check_operand(const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) ::bharnet::emu::fail("WMMA: fragment pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16 != 0) ::bharnet::emu::fail("WMMA: ldm not a multiple of 16 bytes");
+}
 
 struct matrix_a {};
 struct matrix_b {};
@@ -365,26 +407,31 @@ void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, V value) {
 
 template <class Use, int M, int N, int K, typename T, class Layout>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
-  converge();
+  check_operand(p, ldm);
   static_assert(!std::is_void_v<Layout>, "an operand fragment needs a layout");
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < F::kRows; ++r)
     for (int c = 0; c < F::kCols; ++c)
       f.x[r * F::kCols + c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+  converge();
 }
 
 template <int M, int N, int K, typename T>
 void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout) {
-  converge();
+  check_operand(p, ldm);
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  converge();
 }
 
 template <int M, int N, int K, typename T>
 void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+  check_operand(p, ldm);
   converge();
+  const int lane = ::bharnet::emu::lane();
   for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
+    for (int c = 0; c < N; ++c)
+      if ((r * N + c) % 32 == lane) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
 }
 
 template <int M, int N, int K, typename T, class LA, class LB>

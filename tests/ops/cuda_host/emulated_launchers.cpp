@@ -20,6 +20,7 @@ void emu_set_reverse(int reverse) { bharnet::emu::state().reverse = reverse != 0
 // The compute capability's major version the emulated device reports (9 unless set).
 void emu_set_compute_major(int major) { bharnet::emu::state().compute_major = major; }
 
+int emu_attn_mma_usable(int dtype, const int64_t* shape) { return attn_mma_usable(dtype_of(dtype), attn_shape(shape)); }
 int emu_attn_forward(int dtype, const int64_t* shape, const void* q, const void* kv, const bool* mask, void* o,
                      void* lse) {
   return attn_forward(dtype_of(dtype), attn_shape(shape), q, kv, mask, o, lse, nullptr);
