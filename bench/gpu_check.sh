@@ -16,6 +16,8 @@
 #                                                 # (bench/profile_model.py, at most 150 s)
 #   GPU_CHECK_TUNE=90 ...                         # also sweep ctr_graph_conv's launch configs
 #                                                 # (bench/tune_ctr_graph_conv.py, ~90 s)
+#   GPU_CHECK_SANITIZE=1 ...                      # also run the C++/CUDA kernels under
+#                                                 # compute-sanitizer (at most 150 s)
 #
 # Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
 #   env      GPU, driver, Python, torch and triton versions
@@ -31,6 +33,9 @@
 #            host overhead of each op's fwd+bwd; at most 120 s)
 #   model_profile  only with GPU_CHECK_PROFILE_MODEL=1: bench/profile_model.py (the kernels
 #            and ops of a BHaRNet-E bf16 training step: eager, auto, triton; at most 150 s)
+#   sanitize only with GPU_CHECK_SANITIZE=1: bench/sanitize_cuda.py (each op's CUDA kernels
+#            once, bf16) under compute-sanitizer's racecheck, synccheck, memcheck and initcheck
+#            (the toolkit's, from PATH, CUDA_HOME or /usr/local/cuda; at most 150 s)
 #   tune     only with GPU_CHECK_TUNE=<seconds>: bench/tune_ctr_graph_conv.py with that budget
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
 #            left: measurements that do not fit are listed as skipped, never half-run
@@ -132,6 +137,16 @@ gpu_tests() {
   printf '%s\n' "${files[@]}" | xargs -P "${GPU_CHECK_TEST_JOBS:-6}" -I{} bash -c 'pytest_file "$1"' _ {}
 }
 
+sanitize() {
+  local sanitizer tool
+  sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)
+  if [[ -z $sanitizer ]]; then echo "compute-sanitizer not found"; return 1; fi
+  for tool in racecheck synccheck memcheck initcheck; do
+    echo "--- $tool"
+    "$sanitizer" --tool "$tool" --error-exitcode 3 "$PY" "$ROOT/bench/sanitize_cuda.py" --dtypes bf16 || return $?
+  done
+}
+
 latest_csv() { ls -t "$RESULTS"/"$DEVICE"-*.csv 2>/dev/null | head -n 1; }
 
 summary() {
@@ -155,7 +170,7 @@ copy_out() {
   fi
   echo "copied to $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
-export -f environment setup_tree build_extension pytest_file gpu_tests latest_csv summary
+export -f environment setup_tree build_extension pytest_file gpu_tests sanitize latest_csv summary
 
 if [[ $DEVICE == cpu ]]; then BENCH_OPTS=(--device cpu --quick); else BENCH_OPTS=(--device cuda --compile ops,infer); fi
 read -r -a EXTRA_BENCH_OPTS <<< "${GPU_CHECK_BENCH_ARGS:-}"
@@ -175,6 +190,7 @@ if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=$((RESERVED + ${GPU_CHEC
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=$((RESERVED + 120)); fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 45)); fi
 if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
+if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
@@ -192,6 +208,9 @@ if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then
     MODEL_PROFILE_ARGS+=(--preset small --frames 16 --clips 2 --iters 1 --top 5 --backend reference --backend auto)
   fi
   stage model_profile 150 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
+fi
+if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then
+  stage sanitize 150 bash -c sanitize
 fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then
   stage tune $((GPU_CHECK_TUNE + 45)) "$PY" "$ROOT/bench/tune_ctr_graph_conv.py" --budget "$GPU_CHECK_TUNE"

@@ -105,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fp32 and/or bf16 (bf16: autocast, parameters stay fp32); "
                              "default fp32,bf16 (--quick: fp32)")
     parser.add_argument("--batch", type=_positive(int), default=None,
-                        help="clips per training step (default 32; --quick: 2)")
+                        help="clips per training step (default 32 on CUDA; on CPU 1: a full "
+                             "BHaRNet-E step at 32 clips needs more than 24 GiB there; --quick: 2)")
     parser.add_argument("--op-batch", type=_positive(int), default=None,
                         help="sequences per op call at the full op shapes (default 128 on CUDA; on "
                              "CPU 2: one clip of 2 persons, as in single-clip inference)")
@@ -175,7 +176,7 @@ def resolve_options(args: argparse.Namespace) -> Options:
     else:
         settings, copy_bytes = TimerSettings(warmup=2, min_reps=5, min_time_s=0.5), 256 << 20
     return Options(device, quick, args.ops, args.models, pick(args.dtypes, ["fp32", "bf16"], ["fp32"]),
-                   pick(args.batch, 32, 2), op_batch, args.persons, pick(args.frames, 64, 16),
+                   pick(args.batch, 32 if device.type == "cuda" else 1, 2), op_batch, args.persons, pick(args.frames, 64, 16),
                    pick(args.preset, "full", "small"),
                    pick(args.compile_scopes, list(COMPILE_SCOPES), ["ops"]),
                    args.compile_modes or ["default"], pick(args.budget, None, 150.0),

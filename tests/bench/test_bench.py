@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bharnet.bench import add_arguments, run
+from bharnet.bench.runner import resolve_options
 from bharnet.bench.baselines import Rejected
 from bharnet.bench.memory import MIB, peak_memory, saved_tensor_bytes
 from bharnet.bench.op_cases import FULL_BATCH, OP_FUNCTIONS, attention_case, full_cases
@@ -129,6 +130,16 @@ def test_cpu_op_shapes_default_to_one_clip(tmp_path):
     rows = [r for r in read_csv(str(only_csv(results))) if r.op == "bone"]
     assert rows and {r.x for r in rows} == {"B2 T64 V25", "B2 T64 V42"}
     assert all("N=1;" in r.config and "run=quick" not in r.config for r in rows)
+
+
+def test_cpu_training_steps_default_to_one_clip():
+    """A full CPU run trains on one clip per step: at the CUDA default of 32 clips, BHaRNet-E's
+    eager step needs more than 24 GiB and the run was killed for memory."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert resolve_options(parser.parse_args(["--device", "cpu"])).batch == 1
+    assert resolve_options(parser.parse_args(["--device", "cpu", "--batch", "4"])).batch == 4
+    assert resolve_options(parser.parse_args(["--device", "cpu", "--quick"])).batch == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
