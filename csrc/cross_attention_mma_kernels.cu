@@ -78,12 +78,25 @@ struct Carve {
 };
 
 // tile[r * ld + c] = src[(row0 + r) * stride + c] for rows row0 + r < rows and c < d, zero
-// elsewhere (kBlockRows x DP). Consecutive threads read consecutive features of a row.
+// elsewhere (kBlockRows x DP). Consecutive threads read consecutive features of a row: 16 bytes
+// (8 features) at a time when d, the stride and src keep every row's features 16-byte aligned
+// (the model's head dims and widths), else one element at a time.
 template <typename T, int DP>
 __device__ __forceinline__ void stage(T* tile, const T* src, int64_t stride, int64_t row0, int64_t rows, int d) {
+  constexpr int ld = Layout<DP>::kLd;
+  if (d % 8 == 0 && stride % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    constexpr int chunks = DP / 8;  // 16-byte chunks per staged row; ld * 2 bytes is a multiple of 16
+    for (int e = threadIdx.x; e < kBlockRows * chunks; e += kThreads) {
+      const int r = e / chunks, c = e % chunks * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row0 + r < rows && c < d) v = *reinterpret_cast<const uint4*>(src + (row0 + r) * stride + c);
+      *reinterpret_cast<uint4*>(tile + r * ld + c) = v;
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < kBlockRows * DP; e += kThreads) {
     const int r = e / DP, c = e % DP;
-    tile[r * Layout<DP>::kLd + c] = (row0 + r < rows && c < d) ? src[(row0 + r) * stride + c] : from_acc<T>(0.0f);
+    tile[r * ld + c] = (row0 + r < rows && c < d) ? src[(row0 + r) * stride + c] : from_acc<T>(0.0f);
   }
 }
 

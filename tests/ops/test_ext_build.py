@@ -46,6 +46,7 @@ def test_cpu_and_cuda_source_lists():
     assert {"bone.cpp", "cross_attention.cpp", "ctr_graph_conv.cpp", "deformable_temporal_conv.cpp"} <= set(cpu)
     assert not any(name.endswith("_cuda.cpp") or name.endswith(".cu") for name in cpu)
     assert set(cuda) - set(cpu) == {"cross_attention_cuda.cpp", "cross_attention_kernels.cu",
+                                    "cross_attention_mma_kernels.cu",
                                     "ctr_graph_conv_cuda.cpp", "ctr_graph_conv_kernels.cu",
                                     "deformable_temporal_conv_cuda.cpp", "deformable_temporal_conv_kernels.cu"}
     stems = [Path(name).stem for name in cuda]  # setuptools names each object file after its stem
