@@ -53,7 +53,6 @@ constexpr int kRowsPerWarp = 4;
 constexpr int kRows = kWarps * kRowsPerWarp;  // rows (queries, or keys for dk/dv) of one block
 constexpr int kTile = 32;                     // rows of the other side per staged tile: one per lane
 constexpr int kMaxChunks = 4;                 // head dims up to 32 * kMaxChunks = 128
-constexpr int kDefaultSharedBytes = 48 * 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
@@ -386,21 +385,6 @@ cudaError_t with_chunks(int64_t d, Fn&& fn) {
   return fn(std::integral_constant<int, kMaxChunks>());
 }
 
-// Launches kernel on `blocks` blocks of kThreads with `bytes` of dynamic shared memory (opting in
-// above the 48 KB default).
-template <class Kernel, class... Args>
-cudaError_t launch(Kernel kernel, int64_t blocks, size_t bytes, cudaStream_t stream, Args... args) {
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  if (bytes > static_cast<size_t>(kDefaultSharedBytes)) {
-    const cudaError_t error =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (error != cudaSuccess) return error;
-  }
-  BHARNET_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, bytes, stream)(args...);
-  return cudaGetLastError();
-}
-
 bool valid_shape(const AttnShape& s) {
   return s.d >= 1 && s.d <= 32 * kMaxChunks && s.D == s.heads * s.d && s.N >= 0 && s.Lq >= 0 && s.Lk >= 0;
 }
@@ -422,9 +406,10 @@ cudaError_t attn_forward(DType dtype, const AttnShape& s, const void* q, const v
     return with_chunks(s.d, [&](auto chunks) {
       constexpr int NC = decltype(chunks)::value;
       const size_t bytes = (kRows * s.d + kTile * (s.d + 1) + kTile * s.d) * sizeof(A);
-      return launch(forward_kernel<T, NC>, s.N * s.heads * ((s.Lq + kRows - 1) / kRows), bytes, stream, s,
-                    static_cast<const T*>(q), static_cast<const T*>(kv), mask, static_cast<T*>(o),
-                    static_cast<A*>(lse), attention_scale<A>(s.d));
+      const int64_t blocks = s.N * s.heads * ((s.Lq + kRows - 1) / kRows);
+      return launch_blocks(forward_kernel<T, NC>, blocks, kThreads, bytes, stream, s, static_cast<const T*>(q),
+                           static_cast<const T*>(kv), mask, static_cast<T*>(o), static_cast<A*>(lse),
+                           attention_scale<A>(s.d));
     });
   });
 }
@@ -440,15 +425,18 @@ cudaError_t attn_backward(DType dtype, const AttnShape& s, const void* grad_o, c
       constexpr int NC = decltype(chunks)::value;
       const A scale = attention_scale<A>(s.d);
       const size_t query_bytes = (2 * kRows * s.d + 2 * kTile * (s.d + 1)) * sizeof(A);
-      cudaError_t error = launch(backward_query_kernel<T, NC>, s.N * s.heads * ((s.Lq + kRows - 1) / kRows),
-                                 query_bytes, stream, s, static_cast<const T*>(grad_o), static_cast<const T*>(q),
-                                 static_cast<const T*>(kv), static_cast<const A*>(lse), mask,
-                                 static_cast<A*>(delta), static_cast<T*>(dq), scale);
+      const int64_t query_blocks = s.N * s.heads * ((s.Lq + kRows - 1) / kRows);
+      const int64_t key_blocks = s.N * s.heads * ((s.Lk + kRows - 1) / kRows);
+      cudaError_t error = launch_blocks(backward_query_kernel<T, NC>, query_blocks, kThreads, query_bytes, stream, s,
+                                        static_cast<const T*>(grad_o), static_cast<const T*>(q),
+                                        static_cast<const T*>(kv), static_cast<const A*>(lse), mask,
+                                        static_cast<A*>(delta), static_cast<T*>(dq), scale);
       if (error != cudaSuccess) return error;
       const size_t key_bytes = (2 * kRows * s.d + 2 * kTile * (s.d + 1) + 2 * kTile) * sizeof(A);
-      return launch(backward_key_kernel<T, NC>, s.N * s.heads * ((s.Lk + kRows - 1) / kRows), key_bytes, stream,
-                    s, static_cast<const T*>(grad_o), static_cast<const T*>(q), static_cast<const T*>(kv),
-                    static_cast<const A*>(lse), mask, static_cast<const A*>(delta), static_cast<T*>(dkv), scale);
+      return launch_blocks(backward_key_kernel<T, NC>, key_blocks, kThreads, key_bytes, stream, s,
+                           static_cast<const T*>(grad_o), static_cast<const T*>(q), static_cast<const T*>(kv),
+                           static_cast<const A*>(lse), mask, static_cast<const A*>(delta), static_cast<T*>(dkv),
+                           scale);
     });
   });
 }

@@ -40,7 +40,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockRows = 16 * kWarps;  // rows of one block: 16 per warp
 constexpr int kStep = 64;                // rows of the other side per step
-constexpr int kDefaultSharedBytes = 48 * 1024;
 [[maybe_unused]] constexpr unsigned kFullMask = 0xffffffffu;  // unused below sm_80 (empty bodies)
 
 template <int DP>
@@ -401,18 +400,6 @@ cudaError_t with_head_tile(int64_t d, Fn&& fn) {
   return fn(std::integral_constant<int, 128>());
 }
 
-template <class Kernel, class... Args>
-cudaError_t launch(Kernel kernel, int64_t blocks, int bytes, cudaStream_t stream, Args... args) {
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  if (bytes > kDefaultSharedBytes) {
-    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (error != cudaSuccess) return error;
-  }
-  BHARNET_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, bytes, stream)(args...);
-  return cudaGetLastError();
-}
-
 template <typename T>
 bool kernels_probe(const AttnShape& s) {
   int device = 0, major = 0, optin = 0;
@@ -446,9 +433,10 @@ cudaError_t forward_mma(const AttnShape& s, const void* q, const void* kv, const
                         float scale, cudaStream_t stream) {
   return with_head_tile(s.d, [&](auto dp) {
     constexpr int DP = decltype(dp)::value;
-    return launch(forward_mma_kernel<T, DP>, s.N * s.heads * ((s.Lq + kBlockRows - 1) / kBlockRows),
-                  Layout<DP>::kForwardBytes, stream, s, static_cast<const T*>(q), static_cast<const T*>(kv), mask,
-                  static_cast<T*>(o), static_cast<float*>(lse), scale);
+    const int64_t blocks = s.N * s.heads * ((s.Lq + kBlockRows - 1) / kBlockRows);
+    return launch_blocks(forward_mma_kernel<T, DP>, blocks, kThreads, Layout<DP>::kForwardBytes, stream, s,
+                         static_cast<const T*>(q), static_cast<const T*>(kv), mask, static_cast<T*>(o),
+                         static_cast<float*>(lse), scale);
   });
 }
 
@@ -457,16 +445,17 @@ cudaError_t backward_mma(const AttnShape& s, const void* grad_o, const void* q, 
                          const bool* mask, void* delta, void* dq, void* dkv, float scale, cudaStream_t stream) {
   return with_head_tile(s.d, [&](auto dp) {
     constexpr int DP = decltype(dp)::value;
-    const cudaError_t error =
-        launch(query_grad_mma_kernel<T, DP>, s.N * s.heads * ((s.Lq + kBlockRows - 1) / kBlockRows),
-               Layout<DP>::kQueryGradBytes, stream, s, static_cast<const T*>(grad_o), static_cast<const T*>(q),
-               static_cast<const T*>(kv), static_cast<const float*>(lse), mask, static_cast<float*>(delta),
-               static_cast<T*>(dq), scale);
+    const int64_t query_blocks = s.N * s.heads * ((s.Lq + kBlockRows - 1) / kBlockRows);
+    const int64_t key_blocks = s.N * s.heads * ((s.Lk + kBlockRows - 1) / kBlockRows);
+    const cudaError_t error = launch_blocks(
+        query_grad_mma_kernel<T, DP>, query_blocks, kThreads, Layout<DP>::kQueryGradBytes, stream, s,
+        static_cast<const T*>(grad_o), static_cast<const T*>(q), static_cast<const T*>(kv),
+        static_cast<const float*>(lse), mask, static_cast<float*>(delta), static_cast<T*>(dq), scale);
     if (error != cudaSuccess) return error;
-    return launch(key_grad_mma_kernel<T, DP>, s.N * s.heads * ((s.Lk + kBlockRows - 1) / kBlockRows),
-                  Layout<DP>::kKeyGradBytes, stream, s, static_cast<const T*>(grad_o), static_cast<const T*>(q),
-                  static_cast<const T*>(kv), static_cast<const float*>(lse), mask, static_cast<const float*>(delta),
-                  static_cast<T*>(dkv), scale);
+    return launch_blocks(key_grad_mma_kernel<T, DP>, key_blocks, kThreads, Layout<DP>::kKeyGradBytes, stream, s,
+                         static_cast<const T*>(grad_o), static_cast<const T*>(q), static_cast<const T*>(kv),
+                         static_cast<const float*>(lse), mask, static_cast<const float*>(delta),
+                         static_cast<T*>(dkv), scale);
   });
 }
 

@@ -168,7 +168,6 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 8;            // elements per thread in flight while a tile is staged
 constexpr int kForwardRows = 128;    // rows m of a forward block (one 16-row strip per warp)
 constexpr int kMaxJoints = 128;      // NT <= 8
-constexpr int kDefaultSharedBytes = 48 * 1024;
 
 // The sizes the kernels index with (32-bit: the host checks M V < 2^31).
 struct MmaDims {
@@ -519,26 +518,14 @@ bool use_tensor_cores(DType dtype, const CtrShape& s) {
   return dtype == DType::kFloat16 ? mma_kernels_usable<__half>(s.V) : mma_kernels_usable<__nv_bfloat16>(s.V);
 }
 
-// Launches kernel on `blocks` blocks of kThreads with `bytes` of dynamic shared memory (opting in
-// above the 48 KB default).
-template <class Kernel, class... Args>
-cudaError_t launch_mma(Kernel kernel, int64_t blocks, int bytes, cudaStream_t stream, Args... args) {
-  if (blocks == 0) return cudaSuccess;
-  if (bytes > kDefaultSharedBytes) {
-    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (error != cudaSuccess) return error;
-  }
-  BHARNET_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, bytes, stream)(args...);
-  return cudaGetLastError();
-}
-
 template <typename T>
 cudaError_t forward_mma(const CtrShape& s, const void* v, const void* topo, void* y, cudaStream_t stream) {
   const MmaDims d = mma_dims(s);
   return with_joint_tiles(s.V, [&](auto nt) {
     constexpr int NT = decltype(nt)::value;
-    return launch_mma(forward_mma_kernel<T, NT>, s.B * s.G * d.row_tiles, Tiles<NT>::kForwardBytes, stream, d,
-                      static_cast<const uint16_t*>(v), static_cast<const float*>(topo), static_cast<uint16_t*>(y));
+    return launch_blocks(forward_mma_kernel<T, NT>, s.B * s.G * d.row_tiles, kThreads, Tiles<NT>::kForwardBytes,
+                         stream, d, static_cast<const uint16_t*>(v), static_cast<const float*>(topo),
+                         static_cast<uint16_t*>(y));
   });
 }
 
@@ -548,9 +535,9 @@ cudaError_t backward_mma(const CtrShape& s, const void* dy, const void* v, const
   const MmaDims d = mma_dims(s);
   return with_joint_tiles(s.V, [&](auto nt) {
     constexpr int NT = decltype(nt)::value;
-    return launch_mma(backward_mma_kernel<T, NT>, s.B * s.H * s.G, Tiles<NT>::kBackwardBytes, stream, d,
-                      static_cast<const uint16_t*>(dy), static_cast<const uint16_t*>(v),
-                      static_cast<const float*>(topo), static_cast<uint16_t*>(dv), static_cast<float*>(dtopo));
+    return launch_blocks(backward_mma_kernel<T, NT>, s.B * s.H * s.G, kThreads, Tiles<NT>::kBackwardBytes, stream,
+                         d, static_cast<const uint16_t*>(dy), static_cast<const uint16_t*>(v),
+                         static_cast<const float*>(topo), static_cast<uint16_t*>(dv), static_cast<float*>(dtopo));
   });
 }
 

@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "cuda_launchers.h"
@@ -119,6 +120,23 @@ cudaError_t launch_gemm(const P& p, int64_t M, int64_t N, int64_t batches, cudaS
     const auto kernel = tiled_gemm<P, BM, BN, BK, TM, TN>;
     BHARNET_LAUNCH(kernel, grid, block, 0, stream)(p, base);
   }
+  return cudaGetLastError();
+}
+
+// Launches kernel on `blocks` one-dimensional blocks of `threads` with `bytes` of dynamic shared
+// memory, opting in above the 48 KB default; returns the launch error.
+template <class Kernel, class... Args>
+cudaError_t launch_blocks(Kernel kernel, int64_t blocks, int threads, size_t bytes, cudaStream_t stream,
+                          Args... args) {
+  constexpr size_t kDefaultSharedBytes = 48 * 1024;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  if (bytes > kDefaultSharedBytes) {
+    const cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (error != cudaSuccess) return error;
+  }
+  BHARNET_LAUNCH(kernel, static_cast<unsigned>(blocks), threads, bytes, stream)(args...);
   return cudaGetLastError();
 }
 
