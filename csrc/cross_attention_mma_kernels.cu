@@ -160,6 +160,16 @@ __device__ __forceinline__ void store_rows(FragAcc (&acc)[DP / 16], float* stagi
   }
 }
 
+// The (n, h) and first row of this block, for blocks of kBlockRows of `rows` rows per (n, h).
+struct BlockRows {
+  int64_t nh, n, h, row0;
+};
+
+__device__ __forceinline__ BlockRows block_rows(const AttnShape& s, int64_t rows) {
+  const int64_t tiles = (rows + kBlockRows - 1) / kBlockRows, nh = blockIdx.x / tiles;
+  return {nh, nh / s.heads, nh % s.heads, static_cast<int64_t>(blockIdx.x % tiles) * kBlockRows};
+}
+
 // Block = (n, h, 64 queries).
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads)
@@ -177,8 +187,8 @@ __global__ void __launch_bounds__(kThreads)
   float* o_acc = carve.take<float>(L::kAccBytes);
   float* valid = carve.take<float>(kStep * 4);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = static_cast<int>(s.d);
-  const int64_t tiles = (s.Lq + kBlockRows - 1) / kBlockRows, nh = blockIdx.x / tiles;
-  const int64_t n = nh / s.heads, h = nh % s.heads, i0 = blockIdx.x % tiles * kBlockRows;
+  const BlockRows block = block_rows(s, s.Lq);
+  const int64_t nh = block.nh, n = block.n, h = block.h, i0 = block.row0;
   const int64_t D = s.D;
   stage<T, DP>(q_tile, q + n * s.Lq * D + h * d, D, i0, s.Lq, d);
   float* my_scores = scores + warp * 16 * L::kLdS;
@@ -269,8 +279,8 @@ __global__ void __launch_bounds__(kThreads)
   T* ds_tile = carve.take<T>(L::kOperandBytes);
   float* valid = carve.take<float>(kStep * 4);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = static_cast<int>(s.d);
-  const int64_t tiles = (s.Lq + kBlockRows - 1) / kBlockRows, nh = blockIdx.x / tiles;
-  const int64_t n = nh / s.heads, h = nh % s.heads, i0 = blockIdx.x % tiles * kBlockRows;
+  const BlockRows block = block_rows(s, s.Lq);
+  const int64_t nh = block.nh, n = block.n, h = block.h, i0 = block.row0;
   const int64_t D = s.D;
   stage<T, DP>(q_tile, q + n * s.Lq * D + h * d, D, i0, s.Lq, d);
   stage<T, DP>(do_tile, grad_o + n * s.Lq * D + h * d, D, i0, s.Lq, d);
@@ -340,8 +350,8 @@ __global__ void __launch_bounds__(kThreads)
   float* lse_step = carve.take<float>(kStep * 4);
   float* delta_step = carve.take<float>(kStep * 4);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = static_cast<int>(s.d);
-  const int64_t tiles = (s.Lk + kBlockRows - 1) / kBlockRows, nh = blockIdx.x / tiles;
-  const int64_t n = nh / s.heads, h = nh % s.heads, j0 = blockIdx.x % tiles * kBlockRows;
+  const BlockRows block = block_rows(s, s.Lk);
+  const int64_t nh = block.nh, n = block.n, h = block.h, j0 = block.row0;
   const int64_t D = s.D;
   const T* k_rows = kv + n * s.Lk * 2 * D + h * d;
   stage<T, DP>(k_tile, k_rows, 2 * D, j0, s.Lk, d);
