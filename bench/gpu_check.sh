@@ -16,8 +16,9 @@
 #                                                 # (bench/profile_model.py, at most 150 s)
 #   GPU_CHECK_TUNE=90 ...                         # also sweep ctr_graph_conv's launch configs
 #                                                 # (bench/tune_ctr_graph_conv.py, ~90 s)
-#   GPU_CHECK_SANITIZE=1 ...                      # also run the C++/CUDA kernels under
-#                                                 # compute-sanitizer (at most 150 s)
+#   GPU_CHECK_SANITIZE=1 GPU_CHECK_BENCH=none ... # also run the C++/CUDA kernels under
+#                                                 # compute-sanitizer (at most 150 s; with the
+#                                                 # benchmark too, raise GPU_CHECK_SECONDS)
 #
 # Stages, each under its own timeout (SIGINT first, so pytest and the benchmark still report):
 #   env      GPU, driver, Python, torch and triton versions
@@ -34,8 +35,11 @@
 #   model_profile  only with GPU_CHECK_PROFILE_MODEL=1: bench/profile_model.py (the kernels
 #            and ops of a BHaRNet-E bf16 training step: eager, auto, triton; at most 150 s)
 #   sanitize only with GPU_CHECK_SANITIZE=1: bench/sanitize_cuda.py (each op's CUDA kernels
-#            once, bf16) under compute-sanitizer's racecheck, synccheck, memcheck and initcheck
-#            (the toolkit's, from PATH, CUDA_HOME or /usr/local/cuda; at most 150 s)
+#            once, bf16 and fp32) under compute-sanitizer's racecheck, synccheck, memcheck and
+#            initcheck, each run whatever the others found, with PyTorch's caching allocator off
+#            (else memcheck misses strays into a neighbouring tensor of the same segment); the
+#            toolkit's compute-sanitizer from PATH, CUDA_HOME or /usr/local/cuda; at most 150 s.
+#            Reports name the kernel: PyTorch's own can appear too (its initcheck false positives)
 #   tune     only with GPU_CHECK_TUNE=<seconds>: bench/tune_ctr_graph_conv.py with that budget
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
 #            left: measurements that do not fit are listed as skipped, never half-run
@@ -138,13 +142,15 @@ gpu_tests() {
 }
 
 sanitize() {
-  local sanitizer tool
+  local sanitizer tool rc=0
   sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)
   if [[ -z $sanitizer ]]; then echo "compute-sanitizer not found"; return 1; fi
   for tool in racecheck synccheck memcheck initcheck; do
     echo "--- $tool"
-    "$sanitizer" --tool "$tool" --error-exitcode 3 "$PY" "$ROOT/bench/sanitize_cuda.py" --dtypes bf16 || return $?
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 3 \
+      "$PY" "$ROOT/bench/sanitize_cuda.py" || rc=$?
   done
+  return "$rc"
 }
 
 latest_csv() { ls -t "$RESULTS"/"$DEVICE"-*.csv 2>/dev/null | head -n 1; }
@@ -210,7 +216,7 @@ if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then
   stage model_profile 150 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then
-  stage sanitize 150 bash -c sanitize
+  stage sanitize $(( $(left) - 15 < 150 ? $(left) - 15 : 150 )) bash -c sanitize
 fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then
   stage tune $((GPU_CHECK_TUNE + 45)) "$PY" "$ROOT/bench/tune_ctr_graph_conv.py" --budget "$GPU_CHECK_TUNE"

@@ -14,10 +14,13 @@ import argparse
 
 import torch
 
-from bharnet.bench.op_cases import quick_cases
+from bharnet.bench.op_cases import attention_case, ctr_case, quick_cases
 from bharnet.bench.providers import autocast
 
 OPS = ("ctr_graph_conv", "deformable_temporal_conv", "cross_attention")
+# Beyond the quick shapes: several 64-row blocks and 64-key steps of the tensor-core attention
+# kernels (d = 64), and more than one 128-row tile of CTR-GC's.
+EXTRA = {"cross_attention": [attention_case(2, 70, 130, 128, 2)], "ctr_graph_conv": [ctr_case(1, 16, 48, 25)]}
 
 
 def main() -> None:
@@ -26,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     for op in OPS:
-        for case in quick_cases(op):
+        for case in quick_cases(op) + EXTRA.get(op, []):
             for dtype in args.dtypes.split(","):
                 inputs = case.make(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
                 with autocast(device, dtype):

@@ -175,8 +175,9 @@ def resolve_options(args: argparse.Namespace) -> Options:
         settings, copy_bytes = TimerSettings(warmup=1, min_reps=3, min_time_s=0.1), 64 << 20
     else:
         settings, copy_bytes = TimerSettings(warmup=2, min_reps=5, min_time_s=0.5), 256 << 20
+    train_batch = pick(args.batch, 32 if device.type == "cuda" else 1, 2)  # 32 clips on CPU: > 24 GiB
     return Options(device, quick, args.ops, args.models, pick(args.dtypes, ["fp32", "bf16"], ["fp32"]),
-                   pick(args.batch, 32 if device.type == "cuda" else 1, 2), op_batch, args.persons, pick(args.frames, 64, 16),
+                   train_batch, op_batch, args.persons, pick(args.frames, 64, 16),
                    pick(args.preset, "full", "small"),
                    pick(args.compile_scopes, list(COMPILE_SCOPES), ["ops"]),
                    args.compile_modes or ["default"], pick(args.budget, None, 150.0),

@@ -19,9 +19,10 @@ not an (N,) vector, which ``F.linear`` broadcasts and oneDNN would not). The pat
 op ``bharnet::onednn_linear`` (2-D x), which ``torch.compile`` keeps as it is: traced through,
 the projections became Inductor's CPU GEMM, MKL's again, and the compiled cross-attention layer
 ran 2x slower than the eager one (``bharnet bench``, frame mode, 2-core EPYC: 11.2 vs 5.7 ms
-fwd+bwd; 5.1 ms with the op). The three products are oneDNN matmuls, on transposed views where
-they need them (oneDNN copies a source that is not row-major; a strided bias is made
-contiguous first: oneDNN ignores a bias's strides), except dW, which the C++ kernel
+fwd+bwd; with the op 5.9 ms, as eager in the same run). The three products are oneDNN
+matmuls, on transposed views where they need them (oneDNN copies a source that is not
+row-major; a strided bias is made contiguous first: oneDNN ignores a bias's strides), except
+dW, which the C++ kernel
 ``bharnet::linear_weight_grad_cpp`` (``csrc/linear_weight_grad.cpp``) computes from dY and X in
 place (oneDNN would first copy dY^T: 1.25-1.44x faster at the projections' shapes, one
 micro-benchmark; oneDNN when the extension cannot load, and under ``create_graph``, so that
@@ -63,6 +64,14 @@ def _cpp_weight_grad():
     torch.library.register_fake("bharnet::linear_weight_grad_cpp")(
         lambda dy, x: x.new_empty((dy.shape[1], x.shape[1])))
     return torch.ops.bharnet.linear_weight_grad_cpp.default
+
+
+@torch.compiler.assume_constant_result
+def _weight_grad_ready() -> bool:
+    """Loads the extension and registers its weight-gradient op (when it can) as ``linear`` runs,
+    also while ``torch.compile`` traces it (run eagerly, not traced): a compiled backward that
+    comes from the compile cache calls the op without tracing ``_backward`` again."""
+    return _cpp_weight_grad() is not None
 
 
 @torch.compiler.assume_constant_result
@@ -123,6 +132,7 @@ _onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN for float32 CPU tensors (module docstring)."""
     if onednn_linear_applies(x, weight, bias):
+        _weight_grad_ready()
         rows = _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return rows.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

@@ -79,6 +79,7 @@ def assert_low_precision_rule(got, same_precision, expected, names, rounding=Tru
             bound += err(r.to(x.dtype), r)
         bound = max(bound, floor.get(x.dtype, 0.0))
         assert torch.isfinite(x).all(), name
+        assert torch.isfinite(r_low).all(), f"{name}: the same-precision reference overflowed (no bound)"
         e = err(x, r)
         assert e <= bound, f"{name} ({x.dtype}): error {e:.2e} > bound {bound:.2e}"
 

@@ -3,6 +3,10 @@ otherwise. The oneDNN path against the float64 ``F.linear``: the output and the 
 weight and bias, as relative errors ``||x - ref|| / ||ref||``; tolerance 1e-5 (float32 products
 summed over K or M <= 300 terms: a few unit roundoffs, 6e-8, grown by at most sqrt(300);
 measured <= 4e-7)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,7 +178,34 @@ def test_torch_compile_keeps_the_onednn_op():
     for name, g, e in zip(["y", "x", "weight", "bias"], got, expected):
         assert rel_err(g, e) < TOLERANCE, name
     cpp = _cpp_weight_grad() is not None
-    assert _calls(lambda: _forward_backward(compiled, *f32, dy.float())) == (2 if cpp else 3)
+    with torch.profiler.profile() as prof:
+        _forward_backward(compiled, *f32, dy.float())
+    names = [e.name for e in prof.events()]
+    assert names.count("mkldnn::_linear_pointwise") == (2 if cpp else 3)
+    assert names.count("bharnet::linear_weight_grad_cpp") == int(cpp)
+    assert not {"aten::mm", "aten::addmm", "aten::bmm"} & set(names)
     rows = f32[0].reshape(-1, 16)
     for bias in (f32[2], None):
-        torch.library.opcheck(torch.ops.bharnet.onednn_linear.default, [rows, f32[1], bias])
+        args = [t.detach().clone().requires_grad_() if t is not None else None for t in (rows, f32[1], bias)]
+        torch.library.opcheck(torch.ops.bharnet.onednn_linear.default, args)
+
+
+COMPILE_IN_A_FRESH_PROCESS = """
+import torch
+from bharnet.ops.cpu_linear import linear
+x, w, b = (torch.randn(shape, requires_grad=True) for shape in ((5, 8), (4, 8), (4,)))
+torch.compile(linear, fullgraph=True)(x, w, b).sum().backward()
+assert torch.allclose(w.grad, torch.ones(5, 4).t() @ x, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_compiled_backward_from_the_compile_cache(tmp_path):
+    """The second process gets its compiled forward and backward from the cache, without tracing
+    the backward, whose C++ weight-gradient op must still be there (it once was not: the
+    extension only loaded while the backward was traced)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -202,16 +202,17 @@ def _check_attention(emu, case, dtype):
 
 # DeTGC ----------------------------------------------------------------------------------------------
 
-def _detgc_tables(T, T_out, stride, offsets, acc):
+def _detgc_tables(T, T_out, stride, offsets, dtype, acc):
     """The sampling table (p0, p1, w, inside per (t', e)) and the CSR scatter table (row_start,
     src, coef) as csrc/deformable_temporal_conv_cuda.cpp builds them: positions t' stride +
-    offset clamped to [0, T - 1]; inside where the unclamped position is strictly inside; the
-    entries reading each input row, p0 ones (coefficient 1 - w) before p1 ones (w)."""
+    offset clamped to [0, T - 1]; w rounded to x's dtype, then held in acc; inside where the
+    unclamped position is strictly inside; the entries reading each input row, p0 ones
+    (coefficient 1 - w) before p1 ones (w)."""
     r = torch.arange(T_out, dtype=torch.float64)[:, None] * stride + torch.tensor(offsets, dtype=torch.float64)
     p = r.clamp(0, T - 1)
     p0 = p.floor().to(torch.int32)
     p1 = (p0 + 1).clamp(max=T - 1)
-    w = (p - p.floor()).to(acc)
+    w = (p - p.floor()).to(dtype).to(acc)
     inside = ((r > 0) & (r < T - 1)).to(acc)
     src, coef, row_start = [], [], [0]
     flat0, flat1, wf = p0.flatten().tolist(), p1.flatten().tolist(), w.flatten().tolist()
@@ -254,7 +255,7 @@ def test_detgc_kernels(emu, case, dtype):
     g = torch.Generator().manual_seed(0)
     x, weight, bias, dy = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for shape in
                            ((B, C, T, V), (O, C, E), (O,), (B, O, T_out, V)))
-    p0, p1, w, inside, row_start, src, coef = _detgc_tables(T, T_out, stride, offsets, acc)
+    p0, p1, w, inside, row_start, src, coef = _detgc_tables(T, T_out, stride, offsets, dtype, acc)
     code, shape = DTYPE_CODES[dtype], _sizes(B, C, T, V, O, E, T_out)
     y = _poisoned((B, O, T_out, V), dtype)
     assert emu.emu_det_forward(code, shape, _ptr(x), _ptr(p0), _ptr(p1), _ptr(w), _ptr(weight), _ptr(bias),
