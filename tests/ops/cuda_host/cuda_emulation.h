@@ -33,8 +33,9 @@
 // a k-step is unspecified: results agree to float32 rounding, which the tests allow).
 // __CUDA_ARCH__ is 900 for the kernels, and the device is reported as sm_90 (or an older major
 // version, emu_set_compute_major, so that the launchers take their pre-sm_80 paths) with 227 KB
-// of opt-in shared memory. Launch errors (a block over 1024 threads, shared memory over the
-// limit, an empty grid dimension) come back from cudaGetLastError as on the hardware.
+// of opt-in shared memory. Launch errors (a block over 1024 threads, dynamic shared memory over
+// 48 KB or over what cudaFuncSetAttribute opted this kernel into, an empty grid dimension) come
+// back from cudaGetLastError as on the hardware.
 // Not emulated: memory ordering between lanes beyond the barriers above, global-memory bounds,
 // and compiler floating-point contraction (x86 at -O1 fuses nothing; nvcc may fuse a * b + c).
 #pragma once
@@ -52,6 +53,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -91,7 +93,7 @@ struct State {
   size_t dynamic_bytes = 0;
   static constexpr size_t kGuard = 1024;
   uint64_t warp_slots[kMaxThreads];  // one shuffle value per thread
-  size_t opt_in_shared = kDefaultSharedBytes;
+  std::map<const void*, size_t> opt_in_shared;  // per kernel, set by cudaFuncSetAttribute
   cudaError_t last_error = cudaSuccess;
   bool reverse = false;  // resume fibers from the last thread to the first
   int compute_major = 9;  // the device's compute capability, as cudaDeviceGetAttribute reports it
@@ -230,7 +232,8 @@ struct Launch {
       s.last_error = cudaErrorInvalidConfiguration;
       return;
     }
-    if (bytes > s.opt_in_shared) {
+    const auto opted = s.opt_in_shared.find(reinterpret_cast<const void*>(kernel));
+    if (bytes > (opted == s.opt_in_shared.end() ? kDefaultSharedBytes : opted->second)) {
       s.last_error = cudaErrorInvalidValue;
       return;
     }
@@ -260,7 +263,6 @@ struct Launch {
       s.block_idx = dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y)));
       run_block(body, &closure);
     }
-    s.opt_in_shared = kDefaultSharedBytes;  // per kernel on the hardware; reset for the next
   }
 };
 
@@ -342,12 +344,12 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
     default: return cudaErrorInvalidValue;
   }
 }
-inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
+inline cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
       static_cast<size_t>(value) > ::bharnet::emu::kMaxSharedBytes) {
     return cudaErrorInvalidValue;
   }
-  ::bharnet::emu::state().opt_in_shared = static_cast<size_t>(value);
+  ::bharnet::emu::state().opt_in_shared[func] = static_cast<size_t>(value);
   return cudaSuccess;
 }
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void*) {
