@@ -508,16 +508,6 @@ bool mma_kernels_usable(int64_t V) {
   }) == cudaSuccess;
 }
 
-bool use_tensor_cores(DType dtype, const CtrShape& s) {
-  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
-  const int64_t M = s.C / s.G * s.T;
-  const int64_t row_tiles = (M + kForwardRows - 1) / kForwardRows;
-  const bool fits = s.V >= 1 && s.V <= kMaxJoints && M * s.V <= INT_MAX && s.C <= INT_MAX && s.H <= INT_MAX &&
-                    s.B * s.H * s.G <= INT_MAX && s.B * s.G * row_tiles <= INT_MAX;
-  if (!fits || !device_has_tensor_cores()) return false;
-  return dtype == DType::kFloat16 ? mma_kernels_usable<__half>(s.V) : mma_kernels_usable<__nv_bfloat16>(s.V);
-}
-
 template <typename T>
 cudaError_t forward_mma(const CtrShape& s, const void* v, const void* topo, void* y, cudaStream_t stream) {
   const MmaDims d = mma_dims(s);
@@ -543,6 +533,19 @@ cudaError_t backward_mma(const CtrShape& s, const void* dy, const void* v, const
 
 }  // namespace
 
+bool ctr_mma_usable(DType dtype, const CtrShape& s) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+  const int64_t M = s.C / s.G * s.T;
+  const int64_t row_tiles = (M + kForwardRows - 1) / kForwardRows;
+  const bool fits = s.V >= 1 && s.V <= kMaxJoints && M * s.V <= INT_MAX && s.C <= INT_MAX && s.H <= INT_MAX &&
+                    s.B * s.H * s.G <= INT_MAX && s.B * s.G * row_tiles <= INT_MAX;
+  const bool usable = fits && device_has_tensor_cores() &&
+                      (dtype == DType::kFloat16 ? mma_kernels_usable<__half>(s.V)
+                                                : mma_kernels_usable<__nv_bfloat16>(s.V));
+  if (!usable) cudaGetLastError();  // a failed runtime query leaves no pending error for the SIMT launch
+  return usable;
+}
+
 cudaError_t ctr_topology(DType dtype, const CtrShape& s, const void* A, const void* q, const void* k,
                          const void* weight, const void* bias, const void* alpha, void* topo, cudaStream_t stream) {
   const int64_t total = s.B * s.H * s.G * s.V * s.V;
@@ -564,7 +567,7 @@ cudaError_t ctr_topology(DType dtype, const CtrShape& s, const void* A, const vo
 }
 
 cudaError_t ctr_forward(DType dtype, const CtrShape& s, const void* v, const void* topo, void* y, cudaStream_t stream) {
-  if (use_tensor_cores(dtype, s)) {
+  if (ctr_mma_usable(dtype, s)) {
     return dtype == DType::kFloat16 ? forward_mma<__half>(s, v, topo, y, stream)
                                     : forward_mma<__nv_bfloat16>(s, v, topo, y, stream);
   }
@@ -578,7 +581,7 @@ cudaError_t ctr_forward(DType dtype, const CtrShape& s, const void* v, const voi
 
 cudaError_t ctr_backward(DType dtype, const CtrShape& s, const void* dy, const void* v, const void* topo, void* dv,
                          void* dtopo, cudaStream_t stream) {
-  if (use_tensor_cores(dtype, s)) {
+  if (ctr_mma_usable(dtype, s)) {
     return dtype == DType::kFloat16 ? backward_mma<__half>(s, dy, v, topo, dv, dtopo, stream)
                                     : backward_mma<__nv_bfloat16>(s, dy, v, topo, dv, dtopo, stream);
   }

@@ -32,6 +32,10 @@ struct CtrShape {
 // topo[b, h, g, i, j] = alpha (sum_r W[h, g, r] tanh(q[b, h, r, i] - k[b, h, r, j]) + bias[h, g]) + A[h, i, j]
 cudaError_t ctr_topology(DType dtype, const CtrShape& s, const void* A, const void* q, const void* k,
                          const void* weight, const void* bias, const void* alpha, void* topo, cudaStream_t stream);
+// Whether ctr_forward and ctr_backward take their tensor-core kernels for these inputs: float16 /
+// bfloat16, V <= 128, a device of sm_80 or newer with the shared memory they need, kernels
+// compiled for it (else the SIMT GEMM; same contract).
+bool ctr_mma_usable(DType dtype, const CtrShape& s);
 // y[b, c, t, i] = sum_h sum_j topo[b, h, g(c), i, j] v[b, h, c, t, j]
 cudaError_t ctr_forward(DType dtype, const CtrShape& s, const void* v, const void* topo, void* y, cudaStream_t stream);
 // dv[b, h, c, t, j] = sum_i topo[b, h, g(c), i, j] dy[b, c, t, i];

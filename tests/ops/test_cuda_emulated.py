@@ -306,6 +306,9 @@ CTR_CASES = [(2, 3, 4, 5, 7, 2, 2, True), (2, 2, 8, 36, 25, 3, 2, True), (1, 3, 
 def test_ctr_kernels(emu, case, dtype):
     """float16/bfloat16 with V <= 128 take the tensor-core kernels here (an sm_90 device), the rest
     the SIMT GEMM."""
+    B, H, C, T, V, R, G, dynamic = case
+    usable = emu.emu_ctr_mma_usable(DTYPE_CODES[dtype], _sizes(B, H, C, T, V, R, G, int(dynamic)))
+    assert usable == (dtype in LOW and V <= 128)
     _check_ctr(emu, case, dtype)
 
 
@@ -313,6 +316,7 @@ def test_ctr_kernels(emu, case, dtype):
 def test_ctr_simt_kernels_take_16_bit_dtypes_before_sm80(emu, dtype):
     emu.emu_set_compute_major(7)
     try:
+        assert not emu.emu_ctr_mma_usable(DTYPE_CODES[dtype], _sizes(*CTR_CASES[1][:7], 1))
         _check_ctr(emu, CTR_CASES[1], dtype)
     finally:
         emu.emu_set_compute_major(9)

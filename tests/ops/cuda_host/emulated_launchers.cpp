@@ -41,6 +41,7 @@ int emu_det_input_grad(int dtype, const int64_t* shape, const void* dy, const vo
                        const int32_t* src, const void* coef, void* dx) {
   return det_input_grad(dtype_of(dtype), det_shape(shape), dy, weight, row_start, src, coef, dx, nullptr);
 }
+int emu_ctr_mma_usable(int dtype, const int64_t* shape) { return ctr_mma_usable(dtype_of(dtype), ctr_shape(shape)); }
 int emu_ctr_topology(int dtype, const int64_t* shape, const void* A, const void* q, const void* k, const void* weight,
                      const void* bias, const void* alpha, void* topo) {
   return ctr_topology(dtype_of(dtype), ctr_shape(shape), A, q, k, weight, bias, alpha, topo, nullptr);
