@@ -41,6 +41,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "cross_attention_device.cuh"
 #include "cuda_gemm.cuh"
 
 namespace bharnet {
@@ -61,10 +62,6 @@ __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
-// scale * x rounded on its own (never contracted into a later add): the scores are then the same
-// value in every kernel, also where they are only used as exp(s - lse).
-__device__ __forceinline__ float scaled(float scale, float x) { return __fmul_rn(scale, x); }
-__device__ __forceinline__ double scaled(double scale, double x) { return __dmul_rn(scale, x); }
 
 template <typename A>
 __device__ __forceinline__ A infinity() {
@@ -107,10 +104,6 @@ __device__ __forceinline__ void stage(const T* src, int64_t stride, int count, i
     const int r = e / d, c = e - r * d;
     dst[r * ld + c] = r < count ? to_acc(src[r * stride + c]) : acc_of<T>(0);
   }
-}
-
-__device__ __forceinline__ bool key_valid(const bool* mask, int64_t n, int64_t j, int64_t Lk) {
-  return j < Lk && (mask == nullptr || mask[n * Lk + j]);
 }
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

@@ -28,6 +28,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "cross_attention_device.cuh"
 #include "cuda_gemm.cuh"
 
 namespace bharnet {
@@ -99,12 +100,17 @@ __device__ __forceinline__ void stage(T* tile, const T* src, int64_t stride, int
   }
 }
 
-// scale * x rounded on its own (never contracted into the following subtraction): the same score
-// in every kernel, so that P = exp(s - lse) is exactly 1 for a query's only valid key.
-__device__ __forceinline__ float scaled(float scale, float x) { return __fmul_rn(scale, x); }
-
-__device__ __forceinline__ bool key_valid(const bool* mask, int64_t n, int64_t j, int64_t Lk) {
-  return j < Lk && (mask == nullptr || mask[n * Lk + j]);
+// The keys and values of (n, h) from key j0 (kStep rows, zero past Lk) into k_tile and v_tile,
+// and valid[j] = 1 for the valid keys among them (0 elsewhere).
+template <typename T, int DP>
+__device__ __forceinline__ void stage_keys(T* k_tile, T* v_tile, float* valid, const AttnShape& s, const T* kv,
+                                           const bool* mask, int64_t n, int64_t h, int64_t j0) {
+  static_assert(kStep == kBlockRows, "stage() fills kBlockRows rows");
+  const int d = static_cast<int>(s.d);
+  const T* k_rows = kv + n * s.Lk * 2 * s.D + h * d;
+  stage<T, DP>(k_tile, k_rows, 2 * s.D, j0, s.Lk, d);
+  stage<T, DP>(v_tile, k_rows + s.D, 2 * s.D, j0, s.Lk, d);
+  for (int j = threadIdx.x; j < kStep; j += kThreads) valid[j] = key_valid(mask, n, j0 + j, s.Lk) ? 1.0f : 0.0f;
 }
 
 // out (16 x kStep, ld kLdS) = a_rows (16 x DP) . b_rows^T (b_rows: kStep rows of DP): the scores
@@ -200,10 +206,7 @@ __global__ void __launch_bounds__(kThreads)
   const int row = lane / 2, col0 = (lane % 2) * (kStep / 2);
   float m = -INFINITY, l = 0.0f;
   for (int64_t j0 = 0; j0 < s.Lk; j0 += kStep) {
-    const T* k_rows = kv + n * s.Lk * 2 * D + h * d;
-    stage<T, DP>(k_tile, k_rows, 2 * D, j0, s.Lk, d);
-    stage<T, DP>(v_tile, k_rows + D, 2 * D, j0, s.Lk, d);
-    for (int j = threadIdx.x; j < kStep; j += kThreads) valid[j] = key_valid(mask, n, j0 + j, s.Lk) ? 1.0f : 0.0f;
+    stage_keys<T, DP>(k_tile, v_tile, valid, s, kv, mask, n, h, j0);
     __syncthreads();
     if (active) {
       rows_times_rows_t<T, DP>(q_tile + warp * 16 * L::kLd, k_tile, my_scores);
@@ -225,21 +228,15 @@ __global__ void __launch_bounds__(kThreads)
       m = m_new;
       for (int c = (lane % 2) * (DP / 2); c < (lane % 2 + 1) * (DP / 2); ++c) my_o[row * L::kLdO + c] *= correction;
       __syncwarp();
+      FragAcc acc[DP / 16];  // o += P V, through the rescaled accumulator in shared memory
 #pragma unroll
-      for (int ct = 0; ct < DP / 16; ++ct) {
-        FragAcc acc;
-        wmma::load_matrix_sync(acc, my_o + ct * 16, L::kLdO, wmma::mem_row_major);
+      for (int ct = 0; ct < DP / 16; ++ct)
+        wmma::load_matrix_sync(acc[ct], my_o + ct * 16, L::kLdO, wmma::mem_row_major);
+      accumulate_product<T, DP>(acc, my_p, v_tile);
 #pragma unroll
-        for (int kt = 0; kt < kStep / 16; ++kt) {
-          FragA<T> a;
-          FragBRow<T> b;
-          wmma::load_matrix_sync(a, my_p + kt * 16, L::kLdP);
-          wmma::load_matrix_sync(b, v_tile + kt * 16 * L::kLd + ct * 16, L::kLd);
-          wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(my_o + ct * 16, acc, L::kLdO, wmma::mem_row_major);
-      }
-          }
+      for (int ct = 0; ct < DP / 16; ++ct)
+        wmma::store_matrix_sync(my_o + ct * 16, acc[ct], L::kLdO, wmma::mem_row_major);
+    }
     __syncthreads();
   }
   if (!active) return;
@@ -291,16 +288,13 @@ __global__ void __launch_bounds__(kThreads)
   const int row = lane / 2, col0 = (lane % 2) * (kStep / 2);
   const int64_t i = i0 + 16 * warp + row;
   const float lse_i = i < s.Lq ? lse[nh * s.Lq + i] : INFINITY;
-  const T* k_rows = kv + n * s.Lk * 2 * D + h * d;
   float delta_i = 0.0f;
   FragAcc acc[DP / 16];
 #pragma unroll
   for (int ct = 0; ct < DP / 16; ++ct) wmma::fill_fragment(acc[ct], 0.0f);
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t j0 = 0; j0 < s.Lk; j0 += kStep) {
-      stage<T, DP>(k_tile, k_rows, 2 * D, j0, s.Lk, d);
-      stage<T, DP>(v_tile, k_rows + D, 2 * D, j0, s.Lk, d);
-      for (int j = threadIdx.x; j < kStep; j += kThreads) valid[j] = key_valid(mask, n, j0 + j, s.Lk) ? 1.0f : 0.0f;
+      stage_keys<T, DP>(k_tile, v_tile, valid, s, kv, mask, n, h, j0);
       __syncthreads();
       if (active) {
         rows_times_rows_t<T, DP>(q_tile + warp * 16 * L::kLd, k_tile, my_scores);

@@ -138,39 +138,32 @@ inline void fiber_entry() {
   s.fibers[s.current].done = true;  // uc_link returns to the scheduler
 }
 
-// Opens the barriers every live participant has reached; false when none opened.
-inline bool open_barriers() {
+// Opens the barrier of kind `kind` for the threads [begin, end) when every live one waits at it
+// (at the same site) and at least one does; whether it opened.
+inline bool open_if_all_wait(int begin, int end, Wait kind) {
   State& s = state();
-  bool opened = false;
-  bool block_ready = true;
+  bool all = true;
   const Fiber* first = nullptr;
-  for (int t = 0; t < s.threads; ++t) {
+  for (int t = begin; t < end; ++t) {
     const Fiber& f = s.fibers[t];
     if (f.done) continue;
-    if (f.wait != Wait::kBlock) block_ready = false;
+    if (f.wait != kind) all = false;
     else if (first == nullptr) first = &f;
-    else same_site(*first, f);
+    else same_site(*first, f);  // checked as soon as two wait, before the others arrive
   }
-  if (block_ready && first != nullptr) {
-    for (int t = 0; t < s.threads; ++t) s.fibers[t].wait = Wait::kNone;
-    return true;
-  }
-  for (int w = 0; w < s.threads; w += kWarpSize) {
-    const int end = w + kWarpSize < s.threads ? w + kWarpSize : s.threads;
-    bool ready = true;
-    const Fiber* lead = nullptr;
-    for (int t = w; t < end; ++t) {
-      const Fiber& f = s.fibers[t];
-      if (f.done) continue;
-      if (f.wait != Wait::kWarp) ready = false;
-      else if (lead == nullptr) lead = &f;
-      else same_site(*lead, f);
-    }
-    if (ready && lead != nullptr) {
-      for (int t = w; t < end; ++t) s.fibers[t].wait = Wait::kNone;
-      opened = true;
-    }
-  }
+  if (!all || first == nullptr) return false;
+  for (int t = begin; t < end; ++t) s.fibers[t].wait = Wait::kNone;
+  return true;
+}
+
+// Opens the barriers every live participant has reached (the block's, else each warp's);
+// false when none opened.
+inline bool open_barriers() {
+  State& s = state();
+  if (open_if_all_wait(0, s.threads, Wait::kBlock)) return true;
+  bool opened = false;
+  for (int w = 0; w < s.threads; w += kWarpSize)
+    opened |= open_if_all_wait(w, w + kWarpSize < s.threads ? w + kWarpSize : s.threads, Wait::kWarp);
   return opened;
 }
 
