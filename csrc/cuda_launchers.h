@@ -58,6 +58,19 @@ struct DetShape {
 inline int64_t det_row_tile(int64_t O) { return O <= 16 ? 16 : O <= 32 ? 32 : 64; }
 constexpr int64_t kDetColTile = 64;
 
+// The tables, as the reference computes positions: in P (float64 if offsets_fp64, else float32;
+// offsets tau (E,) in P) for every (t', e), i = t' E + e,
+//   r = t' stride + tau[e];  p = clamp(r, 0, T - 1) (NaN stays NaN);  p0[i] = floor(p) (0 for NaN);
+//   p1[i] = min(p0 + 1, T - 1);  w[i] (acc) = p - floor(p) rounded to dtype;
+//   inside[i] (acc) = 1 where the clamp passes the gradient (0 <= r <= T - 1 if bounds_pass_grad,
+//   else 0 < r < T - 1), 0 elsewhere; inside may be null.
+// With row_start non-null, also the CSR table of the samples reading each input row q:
+// row_start (T + 1), src (2 T_out E: i) and coef (acc, 2 T_out E), the entries of row q being
+// those with p0[i] = q (coef 1 - w[i] rounded to dtype) in ascending i, then those with p1[i] = q
+// (coef w[i]). One block of 256 threads.
+cudaError_t det_tables(DType dtype, const DetShape& s, int64_t stride, const void* offsets, bool offsets_fp64,
+                       bool bounds_pass_grad, int32_t* p0, int32_t* p1, void* w, void* inside, int32_t* row_start,
+                       int32_t* src, void* coef, cudaStream_t stream);
 // y[b, o, t', v] = bias[o] + sum_{c, e} weight[o, c, e] ((1 - w) x[b, c, p0, v] + w x[b, c, p1, v]); bias may be null
 cudaError_t det_forward(DType dtype, const DetShape& s, const void* x, const int32_t* p0, const int32_t* p1,
                         const void* w, const void* weight, const void* bias, void* y, cudaStream_t stream);
@@ -67,6 +80,10 @@ cudaError_t det_forward(DType dtype, const DetShape& s, const void* x, const int
 cudaError_t det_param_grad(DType dtype, const DetShape& s, const void* dy, const void* x, const int32_t* p0,
                            const int32_t* p1, const void* w, const void* inside, int64_t splits, void* out,
                            cudaStream_t stream);
+// From det_param_grad's partials part (acc, (splits, O, 2 C E)): dweight[o, k] = sum_split part[split, o, k]
+// (in dtype, like weight) and dtau[e] (acc, (E,)) = sum_{o, c} weight[o, c, e] sum_split part[split, o, C E + c E + e].
+cudaError_t det_finish_param_grad(DType dtype, const DetShape& s, int64_t splits, const void* part,
+                                  const void* weight, void* dweight, void* dtau, cudaStream_t stream);
 // dx[b, c, t, v] = sum_{entries i of row t} coef[i] sum_o weight[o, c, e_i] dy[b, o, t'_i, v] with the CSR table
 // row_start (T + 1), src (t' E + e) and coef (acc).
 cudaError_t det_input_grad(DType dtype, const DetShape& s, const void* dy, const void* weight,

@@ -1,5 +1,5 @@
 // Deformable temporal convolution (DeTGC) on CUDA (torch-free; bound by
-// csrc/deformable_temporal_conv_cuda.cpp, which also builds the sampling and scatter tables).
+// csrc/deformable_temporal_conv_cuda.cpp).
 //
 // Math (bharnet/ops/deformable_temporal_conv.py; k = c E + e, n = t' V + v, N = T_out V):
 //   xs[b,k,n] = (1 - w[t',e]) x[b,c,p0[t',e],v] + w[t',e] x[b,c,p1[t',e],v]
@@ -11,7 +11,7 @@
 //   forward      batch b: y_b (O x N) = W (O x K) . xs_b (K x N)
 //   param grads  batch = split of the (b, n) reduction: partial (O x 2K) = dy . [xs | dxs]^T,
 //                dW in columns [0, K) and D in [K, 2K) of one GEMM (dy's tile is loaded once
-//                for both), summed over the splits by the binding (deterministic, no atomics)
+//                for both), summed over the splits by det_finish_param_grad (deterministic, no atomics)
 //   dx           batch (b, t): dx[b, :, t, :] (C x V) = sum over k = (entry, o) of
 //                coef W[o, c, e] . dy[b, o, t', :], entries from the CSR table of row t
 // The gathers split flat indices (k into c, e; n into t', v; ...) on every operand load, so
@@ -20,6 +20,10 @@
 // cuda_launchers.h); only the sample's base offset is 64-bit. The output-row tile (BM = 16,
 // 32 or 64) follows O, so that narrow layers (the model's O is 16 to 256) do not run FMAs on
 // padding rows.
+// Around them, two small kernels: det_tables (one block) computes the sampling table of the
+// (t', e) positions and, for the backward, the CSR table of the samples reading each input row;
+// det_finish_param_grad sums the split-K partials into dW and dtau. A forward is two launches,
+// a backward four (plus torch's dbias reduction).
 // Accumulation in float32 (float64 for float64 x).
 #include "cuda_gemm.cuh"
 
@@ -170,6 +174,144 @@ struct InputGradProblem {
   }
 };
 
+BHARNET_HD float floor_of(float x) { return floorf(x); }
+BHARNET_HD double floor_of(double x) { return floor(x); }
+
+// min{t' in [0, T_out) : p[t' E + e] >= q}, or T_out if there is none. p (p0 or p1) is
+// non-decreasing in t' for each e: so is the rounded position t' s + tau[e], and clamp and floor
+// keep the order (NaN offsets give p0 = 0 and p1 = min(1, T - 1) for every t').
+__device__ int first_at_least(const int32_t* p, int E, int e, int T_out, int q) {
+  int lo = 0, hi = T_out;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (p[mid * E + e] >= q) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Appends to the CSR entries at `out` the samples (t', e) whose row p[t' E + e] is q, in ascending
+// t' E + e, with coefficient 1 - w rounded to T (p = p0) or w (p = p1); returns the new end.
+// The t' scanned are the union of the per-tap ranges [first(q), first(q + 1)).
+template <typename T>
+__device__ int append_row_entries(const int32_t* p, bool is_p0, const acc_of<T>* w, int E, int T_out, int q,
+                                  int out, int32_t* src, acc_of<T>* coef) {
+  using acc_t = acc_of<T>;
+  int lo = T_out, hi = 0;
+  for (int e = 0; e < E; ++e) {
+    lo = min(lo, first_at_least(p, E, e, T_out, q));
+    hi = max(hi, first_at_least(p, E, e, T_out, q + 1));
+  }
+  for (int t = lo; t < hi; ++t)
+    for (int e = 0; e < E; ++e) {
+      const int i = t * E + e;
+      if (p[i] != q) continue;
+      src[out] = i;
+      coef[out] = is_p0 ? to_acc(from_acc<T>(acc_t(1) - w[i])) : w[i];
+      ++out;
+    }
+  return out;
+}
+
+constexpr int kTableThreads = 256;
+
+// det_tables' kernel (cuda_launchers.h); one block. P: the position dtype.
+template <typename T, typename P>
+__global__ void __launch_bounds__(kTableThreads)
+    det_tables_kernel(int T_len, int T_out, int E, int64_t stride, const P* tau, bool bounds_pass_grad, int32_t* p0,
+                      int32_t* p1, acc_of<T>* w, acc_of<T>* inside, int32_t* row_start, int32_t* src,
+                      acc_of<T>* coef) {
+  using acc_t = acc_of<T>;
+  __shared__ int scan[kTableThreads];
+  const int tid = threadIdx.x;
+  const P last = P(T_len - 1);
+  for (int i = tid; i < T_out * E; i += kTableThreads) {
+    const int t = i / E, e = i - t * E;
+    const P r = P(t * stride) + tau[e];  // t * stride in integers: exact, and no contraction
+    const P p = r < P(0) ? P(0) : (r > last ? last : r);  // NaN stays NaN
+    const P floor_p = floor_of(p);
+    const int q0 = floor_p >= P(0) ? static_cast<int>(floor_p) : 0;  // floor_p <= T - 1; NaN: 0
+    p0[i] = q0;
+    p1[i] = min(q0 + 1, T_len - 1);
+    w[i] = to_acc(from_acc<T>(static_cast<acc_t>(p - floor_p)));
+    const bool passes = bounds_pass_grad ? (r >= P(0) && r <= last) : (r > P(0) && r < last);
+    if (inside) inside[i] = passes ? acc_t(1) : acc_t(0);
+  }
+  if (!row_start) return;
+  __syncthreads();  // p0, p1 and w complete
+
+  // Entries per row (into row_start[q + 1]), then their running sum in chunks of the block.
+  for (int q = tid; q < T_len; q += kTableThreads) {
+    int count = 0;
+    for (int e = 0; e < E; ++e)
+      count += first_at_least(p0, E, e, T_out, q + 1) - first_at_least(p0, E, e, T_out, q) +
+               first_at_least(p1, E, e, T_out, q + 1) - first_at_least(p1, E, e, T_out, q);
+    row_start[q + 1] = count;
+  }
+  if (tid == 0) row_start[0] = 0;
+  __syncthreads();
+  int carry = 0;
+  for (int base = 0; base < T_len; base += kTableThreads) {
+    const int q = base + tid;
+    int value = q < T_len ? row_start[q + 1] : 0;
+    for (int step = 1; step < kTableThreads; step *= 2) {  // inclusive scan (Hillis-Steele)
+      scan[tid] = value;
+      __syncthreads();
+      if (tid >= step) value += scan[tid - step];
+      __syncthreads();
+    }
+    if (q < T_len) row_start[q + 1] = carry + value;
+    scan[tid] = value;
+    __syncthreads();
+    carry += scan[kTableThreads - 1];
+    __syncthreads();
+  }
+
+  for (int q = tid; q < T_len; q += kTableThreads) {
+    const int out = append_row_entries<T>(p0, true, w, E, T_out, q, row_start[q], src, coef);
+    append_row_entries<T>(p1, false, w, E, T_out, q, out, src, coef);
+  }
+}
+
+constexpr int kFinishThreads = 256;
+
+// det_finish_param_grad's kernel: blocks [0, E) reduce dtau[e], the rest sum kFinishThreads
+// elements of dW each. part: (splits, O, 2K), K = C E.
+template <typename T>
+__global__ void __launch_bounds__(kFinishThreads)
+    det_finish_kernel(int splits, int O, int C, int E, const acc_of<T>* part, const T* weight, T* dweight,
+                      acc_of<T>* dtau) {
+  using acc_t = acc_of<T>;
+  __shared__ acc_t partial[kFinishThreads];
+  const int K = C * E;
+  const int64_t row = 2 * static_cast<int64_t>(K);  // one (split, o) row of part
+  const int tid = threadIdx.x;
+  if (static_cast<int>(blockIdx.x) < E) {
+    const int e = blockIdx.x;
+    acc_t sum = 0;
+    for (int j = tid; j < O * C; j += kFinishThreads) {
+      const int o = j / C, k = (j - o * C) * E + e;
+      acc_t D = 0;
+      for (int split = 0; split < splits; ++split) D += part[(static_cast<int64_t>(split) * O + o) * row + K + k];
+      sum += to_acc(weight[o * K + k]) * D;
+    }
+    partial[tid] = sum;
+    __syncthreads();
+    for (int half = kFinishThreads / 2; half > 0; half /= 2) {
+      if (tid < half) partial[tid] += partial[tid + half];
+      __syncthreads();
+    }
+    if (tid == 0) dtau[e] = partial[0];
+    return;
+  }
+  const int j = (static_cast<int>(blockIdx.x) - E) * kFinishThreads + tid;
+  if (j >= O * K) return;
+  const int o = j / K, k = j - o * K;
+  acc_t sum = 0;
+  for (int split = 0; split < splits; ++split) sum += part[(static_cast<int64_t>(split) * O + o) * row + k];
+  dweight[j] = from_acc<T>(sum);
+}
+
 // Launches the GEMM of problem p with the output tile BM = det_row_tile(M) by BN = kDetColTile
 // and 256 threads, BK = 16, 4 columns a thread.
 template <class P>
@@ -220,6 +362,37 @@ cudaError_t det_input_grad(DType dtype, const DetShape& s, const void* dy, const
     const InputGradProblem<T> p{d, static_cast<const T*>(dy), static_cast<const T*>(weight), row_start, src,
                                 static_cast<const acc_of<T>*>(coef), static_cast<T*>(dx)};
     return launch_gemm<32, 32, 16, 2, 2>(p, s.C, s.V, s.B * s.T, stream);
+  });
+}
+
+cudaError_t det_tables(DType dtype, const DetShape& s, int64_t stride, const void* offsets, bool offsets_fp64,
+                       bool bounds_pass_grad, int32_t* p0, int32_t* p1, void* w, void* inside, int32_t* row_start,
+                       int32_t* src, void* coef, cudaStream_t stream) {
+  if (s.T_out * s.E == 0 && !row_start) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using acc_t = acc_of<T>;
+    const auto launch = [&](auto position) {
+      using P = decltype(position);
+      return launch_blocks(det_tables_kernel<T, P>, 1, kTableThreads, 0, stream, static_cast<int>(s.T),
+                           static_cast<int>(s.T_out), static_cast<int>(s.E), stride, static_cast<const P*>(offsets),
+                           bounds_pass_grad, p0, p1, static_cast<acc_t*>(w), static_cast<acc_t*>(inside), row_start,
+                           src, static_cast<acc_t*>(coef));
+    };
+    return offsets_fp64 ? launch(double()) : launch(float());
+  });
+}
+
+cudaError_t det_finish_param_grad(DType dtype, const DetShape& s, int64_t splits, const void* part,
+                                  const void* weight, void* dweight, void* dtau, cudaStream_t stream) {
+  const int64_t blocks = s.E + (s.O * s.C * s.E + kFinishThreads - 1) / kFinishThreads;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using acc_t = acc_of<T>;
+    return launch_blocks(det_finish_kernel<T>, blocks, kFinishThreads, 0, stream, static_cast<int>(splits),
+                         static_cast<int>(s.O), static_cast<int>(s.C), static_cast<int>(s.E),
+                         static_cast<const acc_t*>(part), static_cast<const T*>(weight), static_cast<T*>(dweight),
+                         static_cast<acc_t*>(dtau));
   });
 }
 

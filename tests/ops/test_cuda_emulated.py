@@ -8,9 +8,9 @@ compare what they write with each launcher's contract written as float64 torch m
 1e-12, float32 at 1e-5, float16/bfloat16 by DESIGN.md section 6's rule against the same math
 run in that dtype. Outputs are poisoned with NaN before each call, and the emulated dynamic
 shared memory is NaN before each block, so unwritten elements and reads of unwritten shared
-memory show. The bindings (``csrc/*_cuda.cpp``: input checks, the DeTGC tables, the split-K
-sum) need torch's CUDA build and are covered by the GPU tests only; here the tables are built
-as the binding documents them. Also here: ``csrc/fast_divmod.h`` (the kernels' division by
+memory show. The bindings (``csrc/*_cuda.cpp``: input checks, allocations, the launch sequence)
+need torch's CUDA build and are covered by the GPU tests only; the DeTGC test runs the DeTGC
+binding's launch sequence. Also here: ``csrc/fast_divmod.h`` (the kernels' division by
 multiplication) against plain division, for 4,154 divisors (``cuda_host/fast_divmod_check.cpp``).
 """
 import concurrent.futures
@@ -202,34 +202,50 @@ def _check_attention(emu, case, dtype):
 
 # DeTGC ----------------------------------------------------------------------------------------------
 
-def _detgc_tables(T, T_out, stride, offsets, dtype, acc):
-    """The sampling table (p0, p1, w, inside per (t', e)) and the CSR scatter table (row_start,
-    src, coef) as csrc/deformable_temporal_conv_cuda.cpp builds them: positions t' stride +
-    offset clamped to [0, T - 1]; w rounded to x's dtype, then held in acc; inside where the
-    unclamped position is strictly inside; the entries reading each input row, p0 ones
-    (coefficient 1 - w) before p1 ones (w)."""
-    r = torch.arange(T_out, dtype=torch.float64)[:, None] * stride + torch.tensor(offsets, dtype=torch.float64)
-    p = r.clamp(0, T - 1)
-    p0 = p.floor().to(torch.int32)
+def _detgc_tables(T, stride, offsets, dtype, position_dtype, bounds_pass_grad):
+    """det_tables' contract (cuda_launchers.h) in torch, built as the CUDA binding built it before
+    the kernel existed: positions in ``position_dtype``, the CSR table by a stable sort of the
+    rows [p0 | p1]. Returns (p0, p1, w, inside, row_start, src, coef)."""
+    acc = _acc(dtype)
+    T_out = (T - 1) // stride + 1
+    tau = torch.tensor(offsets, dtype=position_dtype)
+    r = torch.arange(T_out, dtype=position_dtype)[:, None] * stride + tau[None, :]
+    p = r.clamp(0, T - 1)  # NaN stays NaN
+    floor_p = p.floor()
+    p0 = floor_p.nan_to_num(0).to(torch.int32)
     p1 = (p0 + 1).clamp(max=T - 1)
-    w = (p - p.floor()).to(dtype).to(acc)
-    inside = ((r > 0) & (r < T - 1)).to(acc)
-    src, coef, row_start = [], [], [0]
-    flat0, flat1, wf = p0.flatten().tolist(), p1.flatten().tolist(), w.flatten().tolist()
-    for row in range(T):
-        for side, rows in ((0, flat0), (1, flat1)):
-            for i, rr in enumerate(rows):
-                if rr == row:
-                    src.append(i)
-                    coef.append(1 - wf[i] if side == 0 else wf[i])
-        row_start.append(len(src))
-    return (p0.contiguous(), p1.contiguous(), w.contiguous(), inside.contiguous(),
-            torch.tensor(row_start, dtype=torch.int32), torch.tensor(src, dtype=torch.int32),
-            torch.tensor(coef, dtype=acc))
+    w_x = (p - floor_p).to(dtype)
+    inside = ((r >= 0) & (r <= T - 1)) if bounds_pass_grad else ((r > 0) & (r < T - 1))
+    rows = torch.cat([p0.flatten(), p1.flatten()]).long()
+    order = torch.sort(rows, stable=True).indices
+    src = torch.arange(p0.numel(), dtype=torch.int32).repeat(2)[order]
+    coef = torch.cat([(1 - w_x).flatten(), w_x.flatten()]).to(acc)[order]
+    row_start = torch.searchsorted(rows[order], torch.arange(T + 1), out_int32=True)
+    return p0, p1, w_x.to(acc), inside.to(acc), row_start, src, coef
+
+
+def _emulated_detgc_tables(emu, T, stride, offsets, dtype, position_dtype, bounds_pass_grad):
+    """The same tables from the det_tables kernel (outputs poisoned before the call)."""
+    acc, E = _acc(dtype), len(offsets)
+    T_out = (T - 1) // stride + 1
+    tau = torch.tensor(offsets, dtype=position_dtype)
+    p0, p1 = torch.full((T_out, E), -7, dtype=torch.int32), torch.full((T_out, E), -7, dtype=torch.int32)
+    w, inside = _poisoned((T_out, E), acc), _poisoned((T_out, E), acc)
+    row_start, src = torch.full((T + 1,), -7, dtype=torch.int32), torch.full((2 * T_out * E,), -7, dtype=torch.int32)
+    coef = _poisoned((2 * T_out * E,), acc)
+    assert emu.emu_det_tables(DTYPE_CODES[dtype], _sizes(1, 1, T, 1, 1, E, T_out), ctypes.c_int64(stride), _ptr(tau),
+                              int(position_dtype == torch.float64), int(bounds_pass_grad), _ptr(p0), _ptr(p1),
+                              _ptr(w), _ptr(inside), _ptr(row_start), _ptr(src), _ptr(coef)) == 0
+    return p0, p1, w, inside, row_start, src, coef
+
+
+def _position_dtypes(dtype):
+    """The offsets' dtypes the binding accepts for x's dtype (float64 x: float64 only)."""
+    return [torch.float64] if dtype == torch.float64 else [torch.float32, torch.float64]
 
 
 def _detgc(x, weight, bias, dy, p0, p1, w, inside, T):
-    """The DeTGC launchers' contract in x's dtype: y, dW, D and dx (k = c E + e)."""
+    """The DeTGC launchers' contract in x's dtype: y, dW, D, dtau and dx (k = c E + e)."""
     x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
     w, inside = w.to(x.dtype), inside.to(x.dtype)
     x0, x1 = x[:, :, p0.long(), :], x[:, :, p1.long(), :]  # (B, C, T_out, E, V)
@@ -237,7 +253,8 @@ def _detgc(x, weight, bias, dy, p0, p1, w, inside, T):
     y = torch.einsum("oce,bctev->botv", weight, xs) + bias[None, :, None, None]
     dW, dx = torch.autograd.grad(y, [weight, x], dy)
     D = torch.einsum("botv,bctev->oce", dy, inside[None, None, :, :, None] * (x1 - x0).detach())
-    return [y.detach(), dW, D, dx]
+    dtau = (weight.detach() * D).sum((0, 1))
+    return [y.detach(), dW, D, dtau, dx]
 
 
 # (B, C, T, V, O, E, stride, splits, offsets): stride 2 with odd sizes and uneven splits; O > 32
@@ -247,15 +264,41 @@ DETGC_CASES = [(3, 5, 7, 5, 3, 3, 2, 5, [-1.3, 0.4, 2.7]), (2, 3, 6, 7, 40, 4, 1
                (1, 2, 5, 3, 17, 2, 1, 4, [0.25, -7.5]), (2, 4, 3, 2, 5, 1, 3, 7, [0.5])]
 
 
+# (T, stride, offsets): DETGC_CASES' and: more rows than the kernel's 256 threads (its running
+# sum in chunks) with a tap clamped to the last row for most t'; a NaN offset (rows p0 = 0, p1 = 1,
+# w NaN); a single frame (p0 = p1 = 0); no taps (every row empty).
+TABLE_CASES = [(c[2], c[6], c[8]) for c in DETGC_CASES] + [(600, 1, [-3.7, 0.2, 250.5]), (9, 2, [math.nan, 0.5]),
+                                                          (1, 1, [0.3, -2.0]), (5, 1, [])]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TABLE_CASES, ids=str)
+def test_detgc_tables(emu, case, dtype):
+    T, stride, offsets = case
+    for position_dtype in _position_dtypes(dtype):
+        for bounds_pass_grad in (False, True):
+            got = _emulated_detgc_tables(emu, T, stride, offsets, dtype, position_dtype, bounds_pass_grad)
+            expected = _detgc_tables(T, stride, offsets, dtype, position_dtype, bounds_pass_grad)
+            for name, a, b in zip(["p0", "p1", "w", "inside", "row_start", "src", "coef"], got, expected):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m: f"{name} ({position_dtype}, {bounds_pass_grad}): {m}")
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", DETGC_CASES, ids=str)
 def test_detgc_kernels(emu, case, dtype):
+    """The launch sequence of the CUDA binding: tables, forward; tables with the CSR part,
+    parameter-gradient partials, their sums, dx."""
     B, C, T, V, O, E, stride, splits, offsets = case
     T_out, acc = (T - 1) // stride + 1, _acc(dtype)
     g = torch.Generator().manual_seed(0)
     x, weight, bias, dy = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for shape in
                            ((B, C, T, V), (O, C, E), (O,), (B, O, T_out, V)))
-    p0, p1, w, inside, row_start, src, coef = _detgc_tables(T, T_out, stride, offsets, dtype, acc)
+    position_dtype = _position_dtypes(dtype)[0]
+    tables = _emulated_detgc_tables(emu, T, stride, offsets, dtype, position_dtype, False)
+    expected_tables = _detgc_tables(T, stride, offsets, dtype, position_dtype, False)
+    assert all(torch.equal(a, b) for a, b in zip(tables, expected_tables))
+    p0, p1, w, inside, row_start, src, coef = tables
     code, shape = DTYPE_CODES[dtype], _sizes(B, C, T, V, O, E, T_out)
     y = _poisoned((B, O, T_out, V), dtype)
     assert emu.emu_det_forward(code, shape, _ptr(x), _ptr(p0), _ptr(p1), _ptr(w), _ptr(weight), _ptr(bias),
@@ -263,14 +306,17 @@ def test_detgc_kernels(emu, case, dtype):
     parts = _poisoned((splits, O, 2 * C * E), acc)
     assert emu.emu_det_param_grad(code, shape, _ptr(dy), _ptr(x), _ptr(p0), _ptr(p1), _ptr(w), _ptr(inside),
                                   ctypes.c_int64(splits), _ptr(parts)) == 0
+    dweight, dtau = _poisoned((O, C, E), dtype), _poisoned((E,), acc)
+    assert emu.emu_det_finish_param_grad(code, shape, ctypes.c_int64(splits), _ptr(parts), _ptr(weight),
+                                         _ptr(dweight), _ptr(dtau)) == 0
     dx = _poisoned((B, C, T, V), dtype)
     assert emu.emu_det_input_grad(code, shape, _ptr(dy), _ptr(weight), _ptr(row_start), _ptr(src), _ptr(coef),
                                   _ptr(dx)) == 0
-    total = parts.sum(0)
-    got = [y, total[:, :C * E].reshape(O, C, E), total[:, C * E:].reshape(O, C, E), dx]
+    D = parts.sum(0)[:, C * E:].reshape(O, C, E)
+    got = [y, dweight, D, dtau, dx]
     ref = _detgc(*(t.double() for t in (x, weight, bias, dy)), p0, p1, w.double(), inside.double(), T)
     low = _detgc(x, weight, bias, dy, p0, p1, w, inside, T) if dtype in LOW else None
-    _check(dtype, got, low, ref, ["y", "dW", "D", "dx"])
+    _check(dtype, got, low, ref, ["y", "dW", "D", "dtau", "dx"])
 
 
 # CTR-GC ---------------------------------------------------------------------------------------------

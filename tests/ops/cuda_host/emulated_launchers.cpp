@@ -29,6 +29,16 @@ int emu_attn_backward(int dtype, const int64_t* shape, const void* grad_o, const
                       const void* lse, const bool* mask, void* delta, void* dq, void* dkv) {
   return attn_backward(dtype_of(dtype), attn_shape(shape), grad_o, q, kv, lse, mask, delta, dq, dkv, nullptr);
 }
+int emu_det_tables(int dtype, const int64_t* shape, int64_t stride, const void* offsets, int offsets_fp64,
+                   int bounds_pass_grad, int32_t* p0, int32_t* p1, void* w, void* inside, int32_t* row_start,
+                   int32_t* src, void* coef) {
+  return det_tables(dtype_of(dtype), det_shape(shape), stride, offsets, offsets_fp64 != 0, bounds_pass_grad != 0, p0,
+                    p1, w, inside, row_start, src, coef, nullptr);
+}
+int emu_det_finish_param_grad(int dtype, const int64_t* shape, int64_t splits, const void* part, const void* weight,
+                              void* dweight, void* dtau) {
+  return det_finish_param_grad(dtype_of(dtype), det_shape(shape), splits, part, weight, dweight, dtau, nullptr);
+}
 int emu_det_forward(int dtype, const int64_t* shape, const void* x, const int32_t* p0, const int32_t* p1,
                     const void* w, const void* weight, const void* bias, void* y) {
   return det_forward(dtype_of(dtype), det_shape(shape), x, p0, p1, w, weight, bias, y, nullptr);
