@@ -54,7 +54,6 @@ constexpr int kRowsPerWarp = 4;
 constexpr int kRows = kWarps * kRowsPerWarp;  // rows (queries, or keys for dk/dv) of one block
 constexpr int kTile = 32;                     // rows of the other side per staged tile: one per lane
 constexpr int kMaxChunks = 4;                 // head dims up to 32 * kMaxChunks = 128
-constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double madd(double a, double b, double c) { return fma(a, b, c); }
@@ -68,14 +67,7 @@ __device__ __forceinline__ A infinity() {
   return static_cast<A>(INFINITY);
 }
 
-// Xor-butterfly reductions over the warp: every lane ends with the same value.
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
-
+// Xor-butterfly maximum over the warp (warp_sum: cuda_gemm.cuh): every lane ends with the same value.
 template <typename A>
 __device__ __forceinline__ A warp_max(A x) {
 #pragma unroll

@@ -41,7 +41,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockRows = 16 * kWarps;  // rows of one block: 16 per warp
 constexpr int kStep = 64;                // rows of the other side per step
-[[maybe_unused]] constexpr unsigned kFullMask = 0xffffffffu;  // unused below sm_80 (empty bodies)
 
 template <int DP>
 struct Layout {

@@ -1,9 +1,7 @@
 // CUDA binding of bharnet::ctr_graph_conv_cpp* (kernels in csrc/ctr_graph_conv_kernels.cu; schemas in
-// csrc/ctr_graph_conv.cpp). The heavy parts - the aggregation, dv and dAref - are CUDA
-// kernels; the small (B, H, R, V, V)-sized refinement gradients and the sums over b are ATen ops:
-//   th = tanh(q_i - k_j);  u_r = (sum_g W[h,g,r] dAref[b,h,g]) (1 - th_r^2)
-//   dq = alpha sum_j u,  dk = -alpha sum_i u,  P = sum_{b,i,j} dAref th_r,  S = sum_{b,i,j} dAref
-//   dW = alpha P,  dbias = alpha S,  dalpha = sum W P + sum bias S,  dA = sum_{b,g} dAref
+// csrc/ctr_graph_conv.cpp): checks, allocations and launches. The topologies, the aggregation,
+// dv and dAref, and the refinement gradients from dAref (cuda::ctr_refinement_grad) are CUDA
+// kernels; the static mode's dA = sum_{b, g} dAref is a torch sum.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -101,19 +99,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const auto topo = topologies(s, v, A, q, k, weight, bias, alpha);
   auto [dv, dtopo] = topology_grad(s, dy, v, topo);
-  // The refinement gradients as (batched) GEMMs over the flattened V x V topology elements
-  // (an einsum picked a batched GEMV here that took 1.3-6.7 ms on an H100).
-  const int64_t VV = s.V * s.V;
-  const auto a = alpha.reshape({});
-  const auto th = at::tanh(q.unsqueeze(-1) - k.unsqueeze(-2)).reshape({s.B, s.H, s.R, VV});
-  const auto dtopo_flat = dtopo.reshape({s.B, s.H, s.G, VV});
-  const auto u = (at::matmul(weight.transpose(1, 2), dtopo_flat) * (1 - th * th))  // (B, H, R, VV)
-                     .reshape({s.B, s.H, s.R, s.V, s.V});
-  const auto P = at::matmul(dtopo_flat, th.transpose(-1, -2)).sum(0);  // (H, G, R)
-  const auto dA_groups = dtopo.sum(0);                                  // (H, G, V, V)
-  const auto S = dA_groups.sum(at::IntArrayRef{2, 3});
-  const auto dalpha = ((weight * P).sum() + (bias * S).sum()).reshape(alpha.sizes());
-  return {dv, dA_groups.sum(1), a * u.sum(-1), -a * u.sum(-2), a * P, a * S, dalpha};
+  const auto params = [](const at::Tensor& t) { return at::empty(t.sizes(), t.options()); };  // contiguous
+  auto dA = params(A), dq = params(q), dk = params(k), dweight = params(weight), dbias = params(bias);
+  auto dalpha = params(alpha);
+  const auto scratch = at::empty({s.H * s.G * s.R + s.H * s.G + s.B * s.H * s.G * s.R}, A.options());
+  const auto qc = q.contiguous(), kc = k.contiguous(), wc = weight.contiguous(), bc = bias.contiguous();
+  const auto ac = alpha.contiguous();
+  check_launch(cuda::ctr_refinement_grad(cuda_dtype(v, kOpName, "features"), cuda_shape(s), dtopo.data_ptr(),
+                                         qc.data_ptr(), kc.data_ptr(), wc.data_ptr(), bc.data_ptr(), ac.data_ptr(),
+                                         dA.data_ptr(), dq.data_ptr(), dk.data_ptr(), dweight.data_ptr(),
+                                         dbias.data_ptr(), dalpha.data_ptr(), scratch.data_ptr(),
+                                         c10::cuda::getCurrentCUDAStream()),
+               kOpName);
+  return {dv, dA, dq, dk, dweight, dbias, dalpha};
 }
 
 }  // namespace

@@ -11,7 +11,8 @@
 //   dv       batch (b, h, g): dv_hg (M x V) = dy_g (M x V) . topo_hg (V x V)
 //   dtopo    batch (b, h, g): (V x V) = dy_g^T (V x M) . v_hg (M x V), K = M
 // The topology kernel writes the (B, H, G, V, V) refined topologies once per call (acc dtype);
-// it is tiny next to v. Accumulation in float32 (float64 for float64 features).
+// it is tiny next to v; the refinement kernels below turn dtopo into the gradients of q, k,
+// W, bias, alpha and A. Accumulation in float32 (float64 for float64 features).
 //
 // float16 / bfloat16 with V <= 128 on sm_80+: tensor-core kernels (WMMA 16x16x16, float32
 // accumulators), 8 warps per block. V is padded to Vp = 16 NT (NT = 1..8, a template
@@ -61,6 +62,145 @@ __global__ void topology_kernel(CtrShape s, const acc_t* A, const acc_t* q, cons
     for (int64_t r = 0; r < s.R; ++r) sum += w[r] * tanh(qr[r * V] - kr[r * V]);
     topo[idx] = alpha[0] * (sum + bias[h * s.G + g]) + A[(h * V + i) * V + j];
   }
+}
+
+// The refinement gradients (ctr_refinement_grad in cuda_launchers.h), three launches:
+//   refinement_grad_kernel  block (b, h, r): th = tanh(q_i - k_j), slope = alpha D_r (1 - th^2)
+//                           over the V x V grid, warp w taking rows w, w + 4, ... with its lanes
+//                           on 128 columns at a time: dq[b, h, r, i] (warp sums of its rows) and
+//                           dk[b, h, r, j] (column sums over the warps, in shared memory) complete;
+//                           then P[b, h, g, r] = sum_ij dtopo th per g (block sums) to scratch.
+//   refinement_sums_kernel  S[h, g] = sum_{b, ij} dtopo (block sums), dA[h, ij] = sum_{b, g} dtopo,
+//                           P[h, g, r] summed over b: to scratch and dA.
+//   refinement_params_kernel one block: dW = alpha P, dbias = alpha S, dalpha = sum W P + sum bias S.
+// Every sum has a fixed order (no atomics).
+constexpr int kRefineThreads = 128;
+constexpr int kRefineWarps = kRefineThreads / 32;
+constexpr int kRefineColumns = 128;  // columns per sweep: 4 per lane
+
+// The sum of every thread's x over a block of kThreads (a multiple of 32), in thread 0; `red`
+// holds kThreads / 32 values. Starts and ends with a barrier (so it can be called in a loop).
+template <int kThreads, typename A>
+__device__ A block_sum(A x, A* red) {
+  x = warp_sum(x);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  __syncthreads();
+  A total = A(0);
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kThreads / 32; ++w) total += red[w];
+  return total;
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kRefineThreads)
+    refinement_grad_kernel(CtrShape s, const A* dtopo, const A* q, const A* k, const A* weight, const A* alpha, A* dq,
+                           A* dk, A* p_part) {
+  __shared__ A column_part[kRefineWarps][kRefineColumns];
+  __shared__ A red[kRefineWarps];
+  const int V = static_cast<int>(s.V), G = static_cast<int>(s.G), R = static_cast<int>(s.R);
+  const int r = static_cast<int>(blockIdx.x % R);
+  const int64_t bh = blockIdx.x / R;
+  const int h = static_cast<int>(bh % s.H);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const A a = alpha[0];
+  const int64_t qk_row = (bh * R + r) * V;
+  const A* dt = dtopo + bh * G * V * V;
+  const A* w = weight + static_cast<int64_t>(h) * G * R + r;  // w[g R] = W[h, g, r]
+  for (int j0 = 0; j0 < V; j0 += kRefineColumns) {
+    A column[kRefineColumns / 32];
+    for (int c = 0; c < kRefineColumns / 32; ++c) column[c] = A(0);
+    for (int i = warp; i < V; i += kRefineWarps) {
+      const A qi = q[qk_row + i];
+      A row = A(0);
+      for (int c = 0; c < kRefineColumns / 32; ++c) {
+        const int j = j0 + 32 * c + lane;
+        if (j >= V) continue;
+        const A th = tanh(qi - k[qk_row + j]);
+        A D = A(0);
+        for (int g = 0; g < G; ++g) D += w[g * R] * dt[(static_cast<int64_t>(g) * V + i) * V + j];
+        const A slope = a * D * (A(1) - th * th);
+        row += slope;
+        column[c] += slope;
+      }
+      row = warp_sum(row);
+      if (lane == 0) dq[qk_row + i] = (j0 == 0 ? A(0) : dq[qk_row + i]) + row;
+    }
+    for (int c = 0; c < kRefineColumns / 32; ++c) column_part[warp][32 * c + lane] = column[c];
+    __syncthreads();
+    if (tid < kRefineColumns && j0 + tid < V) {
+      A sum = A(0);
+      for (int wp = 0; wp < kRefineWarps; ++wp) sum += column_part[wp][tid];
+      dk[qk_row + j0 + tid] = -sum;
+    }
+    __syncthreads();
+  }
+  for (int g = 0; g < G; ++g) {
+    A sum = A(0);
+    for (int e = tid; e < V * V; e += kRefineThreads) {
+      const int i = e / V, j = e - i * V;
+      sum += dt[static_cast<int64_t>(g) * V * V + e] * tanh(q[qk_row + i] - k[qk_row + j]);
+    }
+    sum = block_sum<kRefineThreads>(sum, red);
+    if (tid == 0) p_part[(bh * G + g) * R + r] = sum;
+  }
+}
+
+constexpr int kSumThreads = 256;
+
+// Blocks [0, H G): S[h, g]; the next ceil(H V V / kSumThreads): dA; the rest: P summed over b.
+// scratch: P (H, G, R) then S (H, G).
+template <typename A>
+__global__ void __launch_bounds__(kSumThreads)
+    refinement_sums_kernel(CtrShape s, const A* dtopo, const A* p_part, A* dA, A* scratch) {
+  __shared__ A red[kSumThreads / 32];
+  const int64_t HG = s.H * s.G, VV = s.V * s.V, HVV = s.H * VV, HGR = HG * s.R;
+  const int64_t da_blocks = (HVV + kSumThreads - 1) / kSumThreads;
+  const int64_t block = blockIdx.x;
+  if (block < HG) {
+    const int64_t h = block / s.G, g = block % s.G;
+    A sum = A(0);
+    for (int64_t b = 0; b < s.B; ++b) {
+      const A* dt = dtopo + ((b * s.H + h) * s.G + g) * VV;
+      for (int64_t e = threadIdx.x; e < VV; e += kSumThreads) sum += dt[e];
+    }
+    sum = block_sum<kSumThreads>(sum, red);
+    if (threadIdx.x == 0) scratch[HGR + block] = sum;
+    return;
+  }
+  const int64_t index = (block < HG + da_blocks ? block - HG : block - HG - da_blocks) * kSumThreads + threadIdx.x;
+  A sum = A(0);
+  if (block < HG + da_blocks) {
+    if (index >= HVV) return;
+    const int64_t h = index / VV, e = index % VV;
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t g = 0; g < s.G; ++g) sum += dtopo[((b * s.H + h) * s.G + g) * VV + e];
+    dA[index] = sum;
+  } else {
+    if (index >= HGR) return;
+    for (int64_t b = 0; b < s.B; ++b) sum += p_part[b * HGR + index];
+    scratch[index] = sum;
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kSumThreads)
+    refinement_params_kernel(CtrShape s, const A* scratch, const A* weight, const A* bias, const A* alpha, A* dweight,
+                             A* dbias, A* dalpha) {
+  __shared__ A red[kSumThreads / 32];
+  const int64_t HG = s.H * s.G, HGR = HG * s.R;
+  const A a = alpha[0];
+  A sum = A(0);
+  for (int64_t e = threadIdx.x; e < HGR; e += kSumThreads) {
+    dweight[e] = a * scratch[e];
+    sum += weight[e] * scratch[e];
+  }
+  for (int64_t e = threadIdx.x; e < HG; e += kSumThreads) {
+    dbias[e] = a * scratch[HGR + e];
+    sum += bias[e] * scratch[HGR + e];
+  }
+  sum = block_sum<kSumThreads>(sum, red);
+  if (threadIdx.x == 0) dalpha[0] = sum;
 }
 
 // Offset of the topology of (b, h, g) (static mode: A, shared by every b).
@@ -594,6 +734,29 @@ cudaError_t ctr_backward(DType dtype, const CtrShape& s, const void* dy, const v
     const TopologyGradProblem<T> pt{s, static_cast<const T*>(dy), static_cast<const T*>(v), static_cast<acc_t*>(dtopo)};
     return launch_gemm<32, 32, 32, 2, 2>(pt, s.V, s.V, s.B * s.H * s.G, stream);
   });
+}
+
+cudaError_t ctr_refinement_grad(DType dtype, const CtrShape& s, const void* dtopo, const void* q, const void* k,
+                                const void* weight, const void* bias, const void* alpha, void* dA, void* dq, void* dk,
+                                void* dweight, void* dbias, void* dalpha, void* scratch, cudaStream_t stream) {
+  const auto run = [&](auto tag) {
+    using A = decltype(tag);
+    const auto* dt = static_cast<const A*>(dtopo);
+    A* p_part = static_cast<A*>(scratch) + s.H * s.G * s.R + s.H * s.G;
+    cudaError_t error = launch_blocks(refinement_grad_kernel<A>, s.B * s.H * s.R, kRefineThreads, 0, stream, s, dt,
+                                      static_cast<const A*>(q), static_cast<const A*>(k), static_cast<const A*>(weight),
+                                      static_cast<const A*>(alpha), static_cast<A*>(dq), static_cast<A*>(dk), p_part);
+    if (error != cudaSuccess) return error;
+    const int64_t HG = s.H * s.G;
+    const int64_t blocks = HG + (s.H * s.V * s.V + kSumThreads - 1) / kSumThreads + (HG * s.R + kSumThreads - 1) / kSumThreads;
+    error = launch_blocks(refinement_sums_kernel<A>, blocks, kSumThreads, 0, stream, s, dt,
+                          static_cast<const A*>(p_part), static_cast<A*>(dA), static_cast<A*>(scratch));
+    if (error != cudaSuccess) return error;
+    return launch_blocks(refinement_params_kernel<A>, 1, kSumThreads, 0, stream, s, static_cast<const A*>(scratch),
+                         static_cast<const A*>(weight), static_cast<const A*>(bias), static_cast<const A*>(alpha),
+                         static_cast<A*>(dweight), static_cast<A*>(dbias), static_cast<A*>(dalpha));
+  };
+  return dtype == DType::kFloat64 ? run(double()) : run(float());
 }
 
 }  // namespace cuda

@@ -51,6 +51,16 @@ template <> BHARNET_HD __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return _
 template <> BHARNET_HD float from_acc<float>(float x) { return x; }
 template <> BHARNET_HD double from_acc<double>(double x) { return x; }
 
+inline constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp
+
+// Xor-butterfly sum over the warp (all 32 lanes take part): every lane ends with the same value.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
 template <class P, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t batch_base) {
   using acc_t = typename P::acc_t;

@@ -43,6 +43,16 @@ cudaError_t ctr_forward(DType dtype, const CtrShape& s, const void* v, const voi
 cudaError_t ctr_backward(DType dtype, const CtrShape& s, const void* dy, const void* v, const void* topo, void* dv,
                          void* dtopo, cudaStream_t stream);
 
+// The refinement's gradients (dynamic mode), all in acc, from dtopo (B, H, G, V, V) = dL/dtopo, with
+// th_r[i, j] = tanh(q[b, h, r, i] - k[b, h, r, j]) and D_r = sum_g weight[h, g, r] dtopo[b, h, g]:
+//   dq[b, h, r, i] = alpha sum_j D_r (1 - th_r^2),  dk[b, h, r, j] = -alpha sum_i D_r (1 - th_r^2),
+//   dA[h, i, j] = sum_{b, g} dtopo,  P[h, g, r] = sum_{b, i, j} dtopo[b, h, g] th_r,  S[h, g] = sum_{b, i, j} dtopo[b, h, g],
+//   dweight = alpha P,  dbias = alpha S,  dalpha (1 element) = sum W P + sum bias S.
+// scratch (acc) holds H G R + H G + B H G R elements. Three launches, no atomics.
+cudaError_t ctr_refinement_grad(DType dtype, const CtrShape& s, const void* dtopo, const void* q, const void* k,
+                                const void* weight, const void* bias, const void* alpha, void* dA, void* dq, void* dk,
+                                void* dweight, void* dbias, void* dalpha, void* scratch, cudaStream_t stream);
+
 // DeTGC: x (B, C, T, V); weight (O, C, E); y (B, O, T_out, V). The sampling table has one
 // entry per (t', e): rows p0, p1 (int32) and the weight w (acc) of row p1. The kernels index
 // within a sample, and the (b, t', v) reduction, in 32-bit ints: C T V, O T_out V, B T_out V,

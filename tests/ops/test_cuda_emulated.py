@@ -62,10 +62,12 @@ def library(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-@pytest.fixture(params=["threads_in_order", "threads_reversed"])
+@pytest.fixture(params=["threads_in_order", "threads_reversed", "warps_ahead", "warps_ahead_reversed"])
 def emu(library, request):
-    """The library, its fibers resumed in thread order or in reverse (races show in one)."""
-    library.emu_set_reverse(int(request.param == "threads_reversed"))
+    """The library, its fibers resumed in thread order or in reverse, thread by thread or warps
+    ahead (cuda_emulation.h; races show in one of them)."""
+    library.emu_set_reverse(int(request.param.endswith("reversed")))
+    library.emu_set_warps_ahead(int(request.param.startswith("warps_ahead")))
     return library
 
 
@@ -390,3 +392,29 @@ def _check_ctr(emu, case, dtype):
     ref = _ctr(v.double(), topo.double(), dy.double(), G, dynamic)
     low = _ctr(v, topo, dy, G, dynamic) if dtype in LOW else None
     _check(dtype, [y, dv, dtopo], low, ref, ["y", "dv", "dtopo"])
+
+
+# (B, H, V, R, G): V = 7 and 25 (one column sweep, fewer columns than lanes), 42, 131 (two sweeps
+# of 128 columns), one relation channel and group.
+REFINEMENT_CASES = [(2, 3, 7, 2, 2), (2, 2, 25, 3, 4), (1, 3, 42, 8, 3), (2, 1, 131, 2, 1), (3, 2, 5, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", REFINEMENT_CASES, ids=str)
+def test_ctr_refinement_grad(emu, case, dtype):
+    """The refinement's gradients from dL/dtopo (in acc, whatever the features' dtype) against
+    float64 autograd through the topology formula."""
+    B, H, V, R, G = case
+    acc = _acc(dtype)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64).to(acc)
+    A, q, k, weight, bias, alpha, dtopo = (rand(H, V, V), rand(B, H, R, V), rand(B, H, R, V), rand(H, G, R),
+                                           rand(H, G), rand(1), rand(B, H, G, V, V))
+    outputs = [_poisoned(t.shape, acc) for t in (A, q, k, weight, bias, alpha)]
+    scratch = _poisoned((H * G * R + H * G + B * H * G * R,), acc)
+    shape = _sizes(B, H, G, 1, V, R, G, 1)
+    assert emu.emu_ctr_refinement_grad(DTYPE_CODES[dtype], shape, *map(_ptr, (dtopo, q, k, weight, bias, alpha)),
+                                       *map(_ptr, outputs), _ptr(scratch)) == 0
+    inputs = [t.double().requires_grad_() for t in (A, q, k, weight, bias, alpha)]
+    expected = torch.autograd.grad(_ctr_topology(*inputs), inputs, dtopo.double())
+    assert_close(outputs, expected, TOLERANCE[acc], ["dA", "dq", "dk", "dweight", "dbias", "dalpha"])

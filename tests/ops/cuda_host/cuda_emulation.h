@@ -11,7 +11,11 @@
 // emulation has no data races of its own and is deterministic. Between two barriers each thread
 // runs alone; with emu_set_reverse the threads (and the blocks) run in reverse order. A thread
 // that reads what another thread (block) writes without a barrier in between sees the old value
-// in one of the two orders, so a missing barrier shows as a wrong result.
+// in one of the two orders, so a missing barrier shows as a wrong result. Two schedules: thread
+// by thread (each thread up to its next synchronisation point, then the next one), or warps
+// ahead (emu_set_warps_ahead: each warp as far as its own warp operations let it, up to the
+// next __syncthreads, before the next warp), which also shows a barrier missing between warps
+// whose accesses are separated by warp operations.
 //   __syncthreads()   every live thread of the block must arrive (exited threads count as
 //                     arrived, as on the hardware) before any goes on;
 //   __syncwarp(), shuffles, WMMA operations: the same for the live lanes of the thread's warp
@@ -96,6 +100,7 @@ struct State {
   std::map<const void*, size_t> opt_in_shared;  // per kernel, set by cudaFuncSetAttribute
   cudaError_t last_error = cudaSuccess;
   bool reverse = false;  // resume fibers from the last thread to the first
+  bool warps_ahead = false;  // the warps-ahead schedule (run_warps_ahead)
   int compute_major = 9;  // the device's compute capability, as cudaDeviceGetAttribute reports it
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
@@ -167,6 +172,55 @@ inline bool open_barriers() {
   return opened;
 }
 
+// Resumes each fiber of [begin, end) that waits at nothing (in thread order, or reversed) until it
+// waits or ends; whether any ran.
+inline bool run_ready(int begin, int end) {
+  State& s = state();
+  bool ran = false;
+  for (int i = begin; i < end; ++i) {
+    const int t = s.reverse ? end - 1 - (i - begin) : i;
+    Fiber& f = s.fibers[t];
+    if (f.done || f.wait != Wait::kNone) continue;
+    s.current = t;
+    s.thread_idx = thread_index(t);
+    swapcontext(&s.scheduler, &f.context);
+    ran = true;
+  }
+  return ran;
+}
+
+inline bool all_done(int begin, int end) {
+  for (int t = begin; t < end; ++t)
+    if (!state().fibers[t].done) return false;
+  return true;
+}
+
+// The warps-ahead schedule: each warp in turn (or in reverse) runs through its warp-level
+// barriers as far as it can, up to the block's next __syncthreads, before the next warp starts;
+// so one warp's writes after a warp operation land before another warp's reads of them, which
+// the thread-by-thread schedule (every thread up to its next warp operation, then the next
+// thread) never shows.
+inline void run_warps_ahead() {
+  State& s = state();
+  const int warps = (s.threads + kWarpSize - 1) / kWarpSize;
+  for (;;) {
+    bool progress = false;
+    for (int i = 0; i < warps; ++i) {
+      const int w = (s.reverse ? warps - 1 - i : i) * kWarpSize;
+      const int end = w + kWarpSize < s.threads ? w + kWarpSize : s.threads;
+      for (;;) {
+        const bool ran = run_ready(w, end);
+        const bool opened = open_if_all_wait(w, end, Wait::kWarp);
+        progress |= ran || opened;
+        if (!ran && !opened) break;
+      }
+    }
+    if (all_done(0, s.threads)) break;
+    if (!open_if_all_wait(0, s.threads, Wait::kBlock) && !progress)
+      fail("deadlock: threads wait at barriers that the others never reach");
+  }
+}
+
 // Runs body(arg) as every thread of the current block.
 inline void run_block(void (*body)(void*), void* arg) {
   State& s = state();
@@ -183,21 +237,14 @@ inline void run_block(void (*body)(void*), void* arg) {
     f.context.uc_link = &s.scheduler;
     makecontext(&f.context, fiber_entry, 0);
   }
-  for (;;) {
-    bool ran = false, all_done = true;
-    for (int i = 0; i < s.threads; ++i) {
-      const int t = s.reverse ? s.threads - 1 - i : i;
-      Fiber& f = s.fibers[t];
-      if (f.done) continue;
-      all_done = false;
-      if (f.wait != Wait::kNone) continue;
-      s.current = t;
-      s.thread_idx = thread_index(t);
-      swapcontext(&s.scheduler, &f.context);
-      ran = true;
+  if (s.warps_ahead) {
+    run_warps_ahead();
+  } else {
+    for (;;) {
+      const bool ran = run_ready(0, s.threads);
+      if (all_done(0, s.threads)) break;
+      if (!open_barriers() && !ran) fail("deadlock: threads wait at barriers that the others never reach");
     }
-    if (all_done) break;
-    if (!open_barriers() && !ran) fail("deadlock: threads wait at barriers that the others never reach");
   }
   s.current = -1;
   for (size_t i = 0; i < State::kGuard; ++i)

@@ -17,6 +17,8 @@ CtrShape ctr_shape(const int64_t* s) { return {s[0], s[1], s[2], s[3], s[4], s[5
 extern "C" {
 // Between barriers, run the threads of a block from the last to the first (reverse != 0).
 void emu_set_reverse(int reverse) { bharnet::emu::state().reverse = reverse != 0; }
+// The warps-ahead schedule (warps_ahead != 0) or thread by thread (cuda_emulation.h).
+void emu_set_warps_ahead(int warps_ahead) { bharnet::emu::state().warps_ahead = warps_ahead != 0; }
 // The compute capability's major version the emulated device reports (9 unless set).
 void emu_set_compute_major(int major) { bharnet::emu::state().compute_major = major; }
 
@@ -55,6 +57,12 @@ int emu_ctr_mma_usable(int dtype, const int64_t* shape) { return ctr_mma_usable(
 int emu_ctr_topology(int dtype, const int64_t* shape, const void* A, const void* q, const void* k, const void* weight,
                      const void* bias, const void* alpha, void* topo) {
   return ctr_topology(dtype_of(dtype), ctr_shape(shape), A, q, k, weight, bias, alpha, topo, nullptr);
+}
+int emu_ctr_refinement_grad(int dtype, const int64_t* shape, const void* dtopo, const void* q, const void* k,
+                            const void* weight, const void* bias, const void* alpha, void* dA, void* dq, void* dk,
+                            void* dweight, void* dbias, void* dalpha, void* scratch) {
+  return ctr_refinement_grad(dtype_of(dtype), ctr_shape(shape), dtopo, q, k, weight, bias, alpha, dA, dq, dk, dweight,
+                             dbias, dalpha, scratch, nullptr);
 }
 int emu_ctr_forward(int dtype, const int64_t* shape, const void* v, const void* topo, void* y) {
   return ctr_forward(dtype_of(dtype), ctr_shape(shape), v, topo, y, nullptr);
