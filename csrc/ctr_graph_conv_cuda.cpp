@@ -15,11 +15,13 @@ namespace {
 
 constexpr const char* kOpName = "bharnet::ctr_graph_conv_cpp";
 
-// The kernels' shape, after checking that one group's rows (C/G T V elements) have 32-bit offsets
-// (cuda_launchers.h).
+// The kernels' shape, after checking that one group's rows (C/G T V elements) and one topology
+// (V V) have 32-bit offsets (cuda_launchers.h).
 cuda::CtrShape cuda_shape(const CtrSizes& s) {
   TORCH_CHECK(s.C / s.G * s.T * s.V < cuda::kMaxIndexExtent, kOpName, " (CUDA kernel): a group of C/G = ", s.C / s.G,
               " channels x T ", s.T, " x V ", s.V, " must have fewer than 2^30 elements");
+  TORCH_CHECK(s.V * s.V < cuda::kMaxIndexExtent, kOpName, " (CUDA kernel): a topology of V x V = ", s.V, " x ", s.V,
+              " must have fewer than 2^30 elements");
   return {s.B, s.H, s.C, s.T, s.V, s.R, s.G, s.dynamic};
 }
 

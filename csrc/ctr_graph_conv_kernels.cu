@@ -69,7 +69,7 @@ __global__ void topology_kernel(CtrShape s, const acc_t* A, const acc_t* q, cons
 //                           over the V x V grid, warp w taking rows w, w + 4, ... with its lanes
 //                           on 128 columns at a time: dq[b, h, r, i] (warp sums of its rows) and
 //                           dk[b, h, r, j] (column sums over the warps, in shared memory) complete;
-//                           then P[b, h, g, r] = sum_ij dtopo th per g (block sums) to scratch.
+//                           then P[b, h, g, r] = sum_ij dtopo th (block sums, 8 groups per sweep).
 //   refinement_sums_kernel  S[h, g] = sum_{b, ij} dtopo (block sums), dA[h, ij] = sum_{b, g} dtopo,
 //                           P[h, g, r] summed over b: to scratch and dA.
 //   refinement_params_kernel one block: dW = alpha P, dbias = alpha S, dalpha = sum W P + sum bias S.
@@ -77,6 +77,7 @@ __global__ void topology_kernel(CtrShape s, const acc_t* A, const acc_t* q, cons
 constexpr int kRefineThreads = 128;
 constexpr int kRefineWarps = kRefineThreads / 32;
 constexpr int kRefineColumns = 128;  // columns per sweep: 4 per lane
+constexpr int kPGroups = 8;          // groups whose P one sweep sums
 
 // The sum of every thread's x over a block of kThreads (a multiple of 32), in thread 0; `red`
 // holds kThreads / 32 values. Starts and ends with a barrier (so it can be called in a loop).
@@ -135,14 +136,25 @@ __global__ void __launch_bounds__(kRefineThreads)
     }
     __syncthreads();
   }
-  for (int g = 0; g < G; ++g) {
-    A sum = A(0);
+  // P for kPGroups groups per sweep of the V x V grid (th once per element and sweep).
+  for (int g0 = 0; g0 < G; g0 += kPGroups) {
+    const int groups = G - g0 < kPGroups ? G - g0 : kPGroups;
+    A sums[kPGroups];
+#pragma unroll
+    for (int c = 0; c < kPGroups; ++c) sums[c] = A(0);
     for (int e = tid; e < V * V; e += kRefineThreads) {
       const int i = e / V, j = e - i * V;
-      sum += dt[static_cast<int64_t>(g) * V * V + e] * tanh(q[qk_row + i] - k[qk_row + j]);
+      const A th = tanh(q[qk_row + i] - k[qk_row + j]);
+#pragma unroll
+      for (int c = 0; c < kPGroups; ++c)
+        if (c < groups) sums[c] += dt[static_cast<int64_t>(g0 + c) * V * V + e] * th;
     }
-    sum = block_sum<kRefineThreads>(sum, red);
-    if (tid == 0) p_part[(bh * G + g) * R + r] = sum;
+#pragma unroll
+    for (int c = 0; c < kPGroups; ++c) {
+      if (c >= groups) break;
+      const A total = block_sum<kRefineThreads>(sums[c], red);
+      if (tid == 0) p_part[(bh * G + g0 + c) * R + r] = total;
+    }
   }
 }
 

@@ -333,8 +333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at
   auto dx = at::empty_like(x);
   auto doffsets = at::zeros_like(offsets), dweight = at::zeros_like(weight);
   auto dbias = at::zeros({s.O}, weight.options());
-  if (dy.numel() == 0 || x.numel() == 0) {
+  if (dy.numel() == 0 || x.numel() == 0) {  // without input channels y = bias: only dbias
     dx.zero_();
+    if (dy.numel() > 0) dbias = dy.sum(at::IntArrayRef{0, 2, 3});
     return {dx, doffsets, dweight, dbias};
   }
   dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {

@@ -94,12 +94,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(const a
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto dy = dy_in.contiguous(), x = x_in.contiguous();
   const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
-  if (dy.numel() == 0 || x.numel() == 0) {
+  if (dy.numel() == 0) {
     return {at::zeros_like(x), at::zeros_like(offsets), at::zeros_like(weight), at::zeros({s.O}, weight.options())};
   }
   // Accumulated in float32 for 16-bit dy, like the kernels (weight has dy's dtype).
   const auto dbias = dy.sum(at::IntArrayRef{0, 2, 3});
-  if (s.E == 0) {  // no samples: only the bias has a gradient
+  if (s.E == 0 || x.numel() == 0) {  // no samples, or no input channels (y = bias): only dbias
     return {at::zeros_like(x), at::zeros_like(offsets), at::zeros_like(weight), dbias};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();

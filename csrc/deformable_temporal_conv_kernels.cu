@@ -192,15 +192,18 @@ __device__ int first_at_least(const int32_t* p, int E, int e, int T_out, int q) 
 
 // Appends to the CSR entries at `out` the samples (t', e) whose row p[t' E + e] is q, in ascending
 // t' E + e, with coefficient 1 - w rounded to T (p = p0) or w (p = p1); returns the new end.
-// The t' scanned are the union of the per-tap ranges [first(q), first(q + 1)).
+// The t' scanned span the non-empty per-tap ranges [first(q), first(q + 1)).
 template <typename T>
 __device__ int append_row_entries(const int32_t* p, bool is_p0, const acc_of<T>* w, int E, int T_out, int q,
                                   int out, int32_t* src, acc_of<T>* coef) {
   using acc_t = acc_of<T>;
   int lo = T_out, hi = 0;
   for (int e = 0; e < E; ++e) {
-    lo = min(lo, first_at_least(p, E, e, T_out, q));
-    hi = max(hi, first_at_least(p, E, e, T_out, q + 1));
+    const int first = first_at_least(p, E, e, T_out, q), stop = first_at_least(p, E, e, T_out, q + 1);
+    if (first < stop) {  // taps without entries for row q do not widen the scan
+      lo = min(lo, first);
+      hi = max(hi, stop);
+    }
   }
   for (int t = lo; t < hi; ++t)
     for (int e = 0; e < E; ++e) {

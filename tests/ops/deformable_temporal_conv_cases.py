@@ -8,7 +8,7 @@ Tolerances (each test file's docstring says why): float64 kernels vs the float64
 import torch
 
 from bharnet.ops import deformable_temporal_conv, deformable_temporal_conv_reference
-from op_testing import as_float64, assert_close, assert_low_precision_rule, rel_err, run
+from op_testing import as_float64, assert_close, assert_low_precision_rule, rel_err, run, to_device
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 NAMES = ("y", "dx", "doffsets", "dweight", "dbias")
@@ -127,6 +127,16 @@ def assert_other_tap_counts_match_reference(backend, taps, T, V):
             assert (g == 0).all() and (r == 0).all()
         else:
             assert rel_err(g, r) < TOLERANCE[torch.float32], name
+
+
+def assert_no_input_channels(backend, device="cpu"):
+    """C_in = 0: y is the bias, so dbias = sum dy and every other gradient is empty or zero."""
+    x, tau, weight, bias = make_inputs(2, 0, 5, 7, 3, torch.float64)
+    y, dx, dtau, dweight, dbias = run(backend_fn(backend, 2), to_device((x, tau, weight, bias), device))
+    expected = run(reference_fn(2), (x, tau, weight, bias))
+    assert y.shape == (2, 5, 4, 3) and dx.shape == (2, 0, 7, 3) and dweight.shape == (5, 0, 4)
+    assert_close([y, dbias], [expected[0], expected[4]], TOLERANCE[torch.float64], ["y", "dbias"])
+    assert not dtau.any()
 
 
 def assert_follows_clamp_convention(backend, passes):

@@ -164,6 +164,10 @@ def test_kernel_gradients_match_finite_differences():
     cases.assert_kernel_gradients_match_finite_differences("triton")
 
 
+def test_no_input_channels():
+    cases.assert_no_input_channels("triton")
+
+
 def test_float16_in_interpreter_follows_low_precision_rule():
     """fp16 x, weight and bias (offsets stay fp32 like a parameter under autocast)."""
     cases.assert_within_low_precision_rule("triton", make_inputs(2, 6, 8, 13, 25, torch.float16), 2)

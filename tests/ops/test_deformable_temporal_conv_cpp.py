@@ -96,6 +96,10 @@ def test_empty_batch():
     assert not dtau.any() and not dweight.any() and not dbias.any()
 
 
+def test_no_input_channels():
+    cases.assert_no_input_channels("cpp")
+
+
 def test_results_do_not_depend_on_the_thread_count(cpu_vector_bytes):
     """Fixed task slices and in-order partial sums: bitwise identical for 1 and 2 threads."""
     inputs = make_inputs(3, 8, 8, 33, 25, torch.float32)
@@ -157,6 +161,11 @@ def test_gpu_low_precision_rule(shape, dtype):
     B, C, O, T, V, stride = shape
     inputs = to_device(make_inputs(B, C, O, T, V, dtype), GPU)
     cases.assert_within_low_precision_rule("cpp", inputs, stride)
+
+
+@pytest.mark.gpu
+def test_gpu_no_input_channels():
+    cases.assert_no_input_channels("cpp", GPU)
 
 
 @pytest.mark.gpu
