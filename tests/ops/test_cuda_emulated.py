@@ -8,9 +8,12 @@ compare what they write with each launcher's contract written as float64 torch m
 1e-12, float32 at 1e-5, float16/bfloat16 by DESIGN.md section 6's rule against the same math
 run in that dtype. Outputs are poisoned with NaN before each call, and the emulated dynamic
 shared memory is NaN before each block, so unwritten elements and reads of unwritten shared
-memory show. The bindings (``csrc/*_cuda.cpp``: input checks, allocations, the launch sequence)
-need torch's CUDA build and are covered by the GPU tests only; the DeTGC test runs the DeTGC
-binding's launch sequence. Also here: ``csrc/fast_divmod.h`` (the kernels' division by
+memory show. Every buffer sits between guard elements (NaN for inputs, so that reads past a
+tensor's ends show in the results; a sentinel for outputs, checked after each test, so that
+writes past them show). Each test runs under four schedules of the emulator (threads in order or
+reversed, thread by thread or warps ahead). The bindings (``csrc/*_cuda.cpp``: input checks,
+allocations, the launch sequence) need torch's CUDA build and are covered by the GPU tests only;
+the DeTGC test runs the DeTGC binding's launch sequence. Also here: ``csrc/fast_divmod.h`` (the kernels' division by
 multiplication) against plain division, for 4,154 divisors (``cuda_host/fast_divmod_check.cpp``).
 """
 import concurrent.futures
@@ -82,16 +85,69 @@ def test_fast_divmod_matches_division(tmp_path):
     assert run.returncode == 0 and "ok FastDivmod" in run.stdout, run.stdout + run.stderr
 
 
+# Every buffer a kernel sees sits between GUARD guard elements on each side. Inputs' guards are
+# NaN (-7 in int32 tables, False in masks): a read past a tensor's ends brings NaN into the results
+# (or a wild index). Outputs' guards hold a finite sentinel, so that any write past their ends
+# (NaN included) changes one; the `guards` fixture checks them after each test.
+GUARD = 64  # elements: keeps the base 128-byte aligned for 16-bit dtypes
+_OUTPUT_GUARDS = {}  # data_ptr of each output tensor -> its whole buffer
+_INPUT_BUFFERS = []  # the guarded input copies, kept alive until the test ends
+
+
+def _input_guard(dtype):
+    return float("nan") if dtype.is_floating_point else (False if dtype == torch.bool else -7)
+
+
+def _output_sentinel(dtype):
+    return 1234.5 if dtype.is_floating_point else -7777
+
+
+def _guarded(shape, dtype, guard):
+    """A tensor of ``shape`` in the middle of a buffer filled with ``guard``; (tensor, buffer)."""
+    numel = math.prod(shape)
+    buffer = torch.full((numel + 2 * GUARD,), guard, dtype=dtype)
+    return buffer[GUARD:GUARD + numel].view(shape), buffer
+
+
+@pytest.fixture(autouse=True)
+def guards():
+    _OUTPUT_GUARDS.clear()
+    yield
+    for buffer in _OUTPUT_GUARDS.values():
+        edges = torch.cat([buffer[:GUARD], buffer[-GUARD:]])
+        assert (edges == _output_sentinel(edges.dtype)).all(), "a kernel wrote outside an output buffer"
+    for buffer in _INPUT_BUFFERS:
+        edges = torch.cat([buffer[:GUARD], buffer[-GUARD:]])
+        intact = edges.isnan() if edges.dtype.is_floating_point else edges == _input_guard(edges.dtype)
+        assert intact.all(), "a kernel wrote next to an input buffer"
+    _OUTPUT_GUARDS.clear()
+    _INPUT_BUFFERS.clear()
+
+
 def _ptr(t):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    """The pointer a kernel gets: outputs (made by _poisoned) as they are, other tensors (inputs)
+    copied into a NaN-guarded buffer first."""
+    if t is None:
+        return None
+    assert t.is_contiguous()
+    if t.data_ptr() not in _OUTPUT_GUARDS:
+        copy, buffer = _guarded(t.shape, t.dtype, _input_guard(t.dtype))
+        copy.copy_(t)
+        _INPUT_BUFFERS.append(buffer)
+        t = copy
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _poisoned(shape, dtype):
+    """An output buffer, NaN (-7 in an int32 table) inside its sentinel guards."""
+    inner, buffer = _guarded(tuple(shape), dtype, _output_sentinel(dtype))
+    inner.fill_(_input_guard(dtype))
+    _OUTPUT_GUARDS[inner.data_ptr()] = buffer
+    return inner
 
 
 def _sizes(*values):
     return (ctypes.c_int64 * len(values))(*values)
-
-
-def _poisoned(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 def _acc(dtype):
@@ -231,9 +287,9 @@ def _emulated_detgc_tables(emu, T, stride, offsets, dtype, position_dtype, bound
     acc, E = _acc(dtype), len(offsets)
     T_out = (T - 1) // stride + 1
     tau = torch.tensor(offsets, dtype=position_dtype)
-    p0, p1 = torch.full((T_out, E), -7, dtype=torch.int32), torch.full((T_out, E), -7, dtype=torch.int32)
+    p0, p1 = _poisoned((T_out, E), torch.int32), _poisoned((T_out, E), torch.int32)
     w, inside = _poisoned((T_out, E), acc), _poisoned((T_out, E), acc)
-    row_start, src = torch.full((T + 1,), -7, dtype=torch.int32), torch.full((2 * T_out * E,), -7, dtype=torch.int32)
+    row_start, src = _poisoned((T + 1,), torch.int32), _poisoned((2 * T_out * E,), torch.int32)
     coef = _poisoned((2 * T_out * E,), acc)
     assert emu.emu_det_tables(DTYPE_CODES[dtype], _sizes(1, 1, T, 1, 1, E, T_out), ctypes.c_int64(stride), _ptr(tau),
                               int(position_dtype == torch.float64), int(bounds_pass_grad), _ptr(p0), _ptr(p1),

@@ -40,7 +40,8 @@
 // of opt-in shared memory. Launch errors (a block over 1024 threads, dynamic shared memory over
 // 48 KB or over what cudaFuncSetAttribute opted this kernel into, an empty grid dimension) come
 // back from cudaGetLastError as on the hardware.
-// Not emulated: memory ordering between lanes beyond the barriers above, global-memory bounds,
+// Not emulated: memory ordering between lanes beyond the barriers above, global-memory bounds
+// (test_cuda_emulated.py puts guard elements around every buffer instead),
 // and compiler floating-point contraction (x86 at -O1 fuses nothing; nvcc may fuse a * b + c).
 #pragma once
 
