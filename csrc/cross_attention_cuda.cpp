@@ -1,6 +1,7 @@
 // CUDA binding of bharnet::cross_attention_core_cpp and bharnet::cross_attention_core_cpp_backward
-// (kernels in csrc/cross_attention_kernels.cu; schemas and CPU kernels in csrc/cross_attention.cpp,
-// input checks shared through csrc/cross_attention.h). float16, bfloat16, float32 and float64 q
+// (kernels in csrc/cross_attention_kernels.cu and csrc/cross_attention_mma_kernels.cu; schemas and
+// CPU kernels in csrc/cross_attention.cpp, input checks shared through csrc/cross_attention.h).
+// float16, bfloat16, float32 and float64 q
 // and kv, head dims up to 128; o, dq and dkv in the input dtype, lse (and the backward's delta
 // scratch buffer) in the accumulation dtype: float64 for float64 inputs, else float32 (the
 // Triton op's outputs, and the fake impl's).
