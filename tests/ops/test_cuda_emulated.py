@@ -317,9 +317,11 @@ def _detgc(x, weight, bias, dy, p0, p1, w, inside, T):
 
 # (B, C, T, V, O, E, stride, splits, offsets): stride 2 with odd sizes and uneven splits; O > 32
 # (the 64-row tile) with positions at the bounds; offsets beyond the clamp range; one tap, one
-# output frame and more splits than reduction steps (empty splits).
+# output frame and more splits than reduction steps (empty splits); O C > 256 (every thread of the
+# dtau reduction has terms, dW over two blocks).
 DETGC_CASES = [(3, 5, 7, 5, 3, 3, 2, 5, [-1.3, 0.4, 2.7]), (2, 3, 6, 7, 40, 4, 1, 1, [-2.0, -2 / 3, 2 / 3, 2.0]),
-               (1, 2, 5, 3, 17, 2, 1, 4, [0.25, -7.5]), (2, 4, 3, 2, 5, 1, 3, 7, [0.5])]
+               (1, 2, 5, 3, 17, 2, 1, 4, [0.25, -7.5]), (2, 4, 3, 2, 5, 1, 3, 7, [0.5]),
+               (1, 12, 5, 3, 24, 2, 1, 3, [0.3, -1.2])]
 
 
 # (T, stride, offsets): DETGC_CASES' and: more rows than the kernel's 256 threads (its running
@@ -399,9 +401,11 @@ def _ctr_topology(A, q, k, weight, bias, alpha):
 
 
 # (B, H, C, T, V, R, G, dynamic): the joint-tile widths of V = 7, 25 and 42 (NT 1-3) and 100 (NT 7,
-# the 64-row backward tile), more rows than one tensor-core tile (C/G T > 128), V > 128 (the SIMT
-# GEMM for every dtype), static topologies (ST-GC: A shared by every sample, G = 1).
-CTR_CASES = [(2, 3, 4, 5, 7, 2, 2, True), (2, 2, 8, 36, 25, 3, 2, True), (1, 3, 6, 4, 42, 2, 3, True),
+# the 64-row backward tile), more rows than one tensor-core tile (C/G T > 128; 140: a last tile of
+# 12 rows, not a multiple of 16), V > 128 (the SIMT GEMM for every dtype), static topologies
+# (ST-GC: A shared by every sample, G = 1).
+CTR_CASES = [(2, 3, 4, 5, 7, 2, 2, True), (2, 2, 8, 36, 25, 3, 2, True), (2, 2, 8, 35, 25, 3, 2, True),
+             (1, 3, 6, 4, 42, 2, 3, True),
              (1, 1, 2, 3, 100, 2, 1, True), (1, 1, 2, 2, 131, 1, 1, True), (2, 3, 4, 6, 25, 1, 1, False)]
 
 

@@ -31,7 +31,8 @@
 // writes past its end.
 // Tensor-core fragments (nvcuda::wmma) hold the whole tile in every lane. load_matrix_sync
 // reads when the lane arrives and then waits for the warp; store_matrix_sync waits, then each
-// lane writes its own share of the tile (so a missing __syncwarp around them shows); both check
+// lane writes the elements it holds on the hardware (so a missing __syncwarp around them shows
+// when lanes read back elements other lanes stored); both check
 // WMMA's rules (32-byte aligned pointers, ldm a multiple of 16 bytes). mma_sync multiplies the
 // 16-bit inputs exactly in float32 and adds in k order into float32 (the hardware's order within
 // a k-step is unspecified: results agree to float32 rounding, which the tests allow).
@@ -471,10 +472,13 @@ template <int M, int N, int K, typename T>
 void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
   check_operand(p, ldm);
   converge();
+  // Each lane writes the elements it holds on the hardware (sm_80+ 16x16 float accumulators:
+  // rows r and r + 8 of lane (r % 8) * 4 + (c % 8) / 2), so a lane that reads back an element
+  // another lane stored needs a __syncwarp in between, as on the GPU.
   const int lane = ::bharnet::emu::lane();
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
-      if ((r * N + c) % 32 == lane) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
+      if ((r % 8) * 4 + (c % 8) / 2 == lane) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
 }
 
 template <int M, int N, int K, typename T, class LA, class LB>
