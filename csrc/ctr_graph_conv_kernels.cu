@@ -79,20 +79,6 @@ constexpr int kRefineWarps = kRefineThreads / 32;
 constexpr int kRefineColumns = 128;  // columns per sweep: 4 per lane
 constexpr int kPGroups = 8;          // groups whose P one sweep sums
 
-// The sum of every thread's x over a block of kThreads (a multiple of 32), in thread 0; `red`
-// holds kThreads / 32 values. Starts and ends with a barrier (so it can be called in a loop).
-template <int kThreads, typename A>
-__device__ A block_sum(A x, A* red) {
-  x = warp_sum(x);
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
-  __syncthreads();
-  A total = A(0);
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kThreads / 32; ++w) total += red[w];
-  return total;
-}
-
 template <typename A>
 __global__ void __launch_bounds__(kRefineThreads)
     refinement_grad_kernel(CtrShape s, const A* dtopo, const A* q, const A* k, const A* weight, const A* alpha, A* dq,

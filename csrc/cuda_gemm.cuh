@@ -61,6 +61,21 @@ __device__ __forceinline__ A warp_sum(A x) {
   return x;
 }
 
+// The sum of every thread's x over a block of kThreads (a multiple of 32), in thread 0 (the
+// other threads get 0); `red` is shared memory for kThreads / 32 values. Every thread of the block
+// must call it; it starts with a barrier, so it can be called in a loop with the same `red`.
+template <int kThreads, typename A>
+__device__ A block_sum(A x, A* red) {
+  x = warp_sum(x);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  __syncthreads();
+  A total = A(0);
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kThreads / 32; ++w) total += red[w];
+  return total;
+}
+
 template <class P, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t batch_base) {
   using acc_t = typename P::acc_t;

@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kFinishThreads)
     det_finish_kernel(int splits, int O, int C, int E, const acc_of<T>* part, const T* weight, T* dweight,
                       acc_of<T>* dtau) {
   using acc_t = acc_of<T>;
-  __shared__ acc_t partial[kFinishThreads];
+  __shared__ acc_t red[kFinishThreads / 32];
   const int K = C * E;
   const int64_t row = 2 * static_cast<int64_t>(K);  // one (split, o) row of part
   const int tid = threadIdx.x;
@@ -298,13 +298,8 @@ __global__ void __launch_bounds__(kFinishThreads)
       for (int split = 0; split < splits; ++split) D += part[(static_cast<int64_t>(split) * O + o) * row + K + k];
       sum += to_acc(weight[o * K + k]) * D;
     }
-    partial[tid] = sum;
-    __syncthreads();
-    for (int half = kFinishThreads / 2; half > 0; half /= 2) {
-      if (tid < half) partial[tid] += partial[tid + half];
-      __syncthreads();
-    }
-    if (tid == 0) dtau[e] = partial[0];
+    sum = block_sum<kFinishThreads>(sum, red);
+    if (tid == 0) dtau[e] = sum;
     return;
   }
   const int j = (static_cast<int>(blockIdx.x) - E) * kFinishThreads + tid;
