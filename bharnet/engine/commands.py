@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import replace
 
-from .config import TrainConfig, parse_model_options, read_config_file
+from .config import COMPILE_MODES, TrainConfig, parse_model_options, read_config_file
 
 # The built-in demo: small models that learn the synthetic dataset in minutes on two CPU cores.
 DEMO_MODELS = ("body", "bharnet-e")
@@ -31,8 +31,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(TrainConfig(), name)
         parser.add_argument(flag, dest=name, type=kind, default=None,
                             help=f"(default: {default})" if default is not None else None)
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
-                        help="train through torch.compile")
+    parser.add_argument("--compile", dest="compile", nargs="?", const="default", default=None,
+                        choices=COMPILE_MODES, metavar="MODE",
+                        help="train through torch.compile, in MODE (default: default; reduce-overhead "
+                             "replays the steps as CUDA graphs on a GPU)")
     parser.add_argument("--model-option", dest="model_option", action="append", default=[],
                         metavar="KEY=VALUE", help="model option, e.g. attention_mode=sequence (repeatable)")
     parser.add_argument("--synthetic-dir", default=DEFAULT_SYNTHETIC_DIR,
@@ -48,7 +50,7 @@ def config_from_args(args: argparse.Namespace, base: dict) -> TrainConfig:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.compile:
-        values["compile"] = True
+        values["compile"], values["compile_mode"] = True, args.compile
     if args.model_option:
         values["model_options"] = {**values.get("model_options", {}), **parse_model_options(args.model_option)}
     return TrainConfig.from_dict(values)

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional, Tuple
 
 AMP_MODES = ("none", "bf16", "fp16")
+# torch.compile's modes; reduce-overhead replays each step as CUDA graphs (GPU), which removes
+# the per-kernel host cost that bounds a training step on a slow host
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     amp: str = "none"
     compile: bool = False
+    compile_mode: str = "default"
     backend: Optional[str] = None
     device: str = "auto"
     workers: int = 0
@@ -41,6 +45,8 @@ class TrainConfig:
     def check(self) -> "TrainConfig":
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         for name in ("epochs", "batch_size", "window", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -117,14 +117,14 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = steps_per_epoch * config.warmup_epochs
     runner = DistributedDataParallel(model) if context.distributed else model
-    runner = torch.compile(runner) if config.compile else runner
+    runner = torch.compile(runner, mode=config.compile_mode) if config.compile else runner
     raw_model = model
 
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         runner.train()
-        started, loss_sum, correct, seen = time.time(), 0.0, 0, 0
+        started, losses, correct, sizes = time.time(), [], 0, []
         bar = tqdm(loader, desc=f"{config.model} epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not (progress and context.is_main), dynamic_ncols=True)
         for batch in bar:
@@ -132,6 +132,8 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
             for group in optimizer.param_groups:
                 group["lr"] = lr
             body, hand, label = _inputs(batch, device)
+            if config.compile:  # CUDA graphs (mode reduce-overhead) may reuse the last step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(config, device):
                 out = runner(body, hand)
                 loss = raw_model.loss(out, label)
@@ -140,11 +142,14 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            loss_value = loss.item()  # the one host sync per step (the progress bar shows it)
-            loss_sum += loss_value * label.shape[0]
             correct += (out.logits.argmax(1) == label).sum()  # stays on the device until epoch end
-            seen += label.shape[0]
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}")
+            losses.append(loss.detach())
+            sizes.append(label.shape[0])
+            if len(losses) > 1:  # the previous step's loss: this step's kernels are queued by now
+                bar.set_postfix(loss=f"{losses[-2].item():.3f}", lr=f"{lr:.4f}")
+        # one transfer of the epoch's losses; summed in float64 in step order
+        loss_sum = sum(value * size for value, size in zip(torch.stack(losses).tolist(), sizes)) if losses else 0.0
+        seen = sum(sizes)
         record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
                   "train_top1": 100.0 * int(correct) / max(seen, 1), "lr": lr,
                   "seconds": round(time.time() - started, 2)}
