@@ -62,7 +62,7 @@ from torch import Tensor
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto, triton_availability
 from ._checks import TRITON_DTYPES, accumulation_dtype, nn_layer_kernel_applies
-from ._custom_op import cdiv, launch_config, launcher, new_output, next_pow2, triton_custom_op, with_autograd
+from ._custom_op import as_dtype, cdiv, launch_config, launcher, new_output, next_pow2, triton_custom_op, with_autograd
 
 OP_NAME = "batch_norm"
 TILE = 2048  # elements of one (BLOCK_N rows, BLOCK_P positions) tile (half that for float64)
@@ -106,7 +106,7 @@ def _update_running_statistics(running_mean: Optional[Tensor], running_var: Opti
         return
     with torch.no_grad():
         torch._foreach_lerp_([running_mean, running_var],
-                             [mean.to(running_mean.dtype), unbiased_var.to(running_var.dtype)], momentum)
+                             [as_dtype(mean, running_mean.dtype), as_dtype(unbiased_var, running_var.dtype)], momentum)
 
 
 def _batch_norm_cpp(x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -216,8 +216,8 @@ def _make_backward(run):
             return None, None, None, None
         x, weight, stats = ctx.saved_tensors
         dx, dparams = run(_batch_norm_train_backward_op, dy, x, weight, stats)
-        dw = None if weight is None else dparams[0].to(weight.dtype)
-        db = None if ctx.bias_dtype is None else dparams[1].to(ctx.bias_dtype)
+        dw = None if weight is None else as_dtype(dparams[0], weight.dtype)
+        db = None if ctx.bias_dtype is None else as_dtype(dparams[1], ctx.bias_dtype)
         return dx, dw, db, None
     return backward
 

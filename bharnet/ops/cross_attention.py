@@ -78,7 +78,7 @@ from .._ext import cpp_backend_availability, registered_after_loading
 from . import cpu_linear
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import accumulation_dtype, expect_tensor, expect_triton_dtype
-from ._custom_op import (cdiv, direct_call_allowed, launcher, new_output, next_pow2, triton_custom_op,
+from ._custom_op import (as_dtype, cdiv, direct_call_allowed, launcher, new_output, next_pow2, triton_custom_op,
                          with_autograd)
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import (AUTOCAST_CAST_DTYPES, _layer_norm_backward_op, _layer_norm_op, compute_dtype,
@@ -258,7 +258,7 @@ def _core_backward_op(grad_o: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Ten
     (grid (N * heads, cdiv(Lq, BLOCK_Q)), also writing delta = rowsum(dO * O)) then a dk/dv
     kernel (grid (N * heads, cdiv(Lk, BLOCK_K)))."""
     kernels = _kernels()
-    grad_o, q, kv = (_rows_last(t) for t in (grad_o.to(q.dtype), q, kv))
+    grad_o, q, kv = (_rows_last(t) for t in (as_dtype(grad_o, q.dtype), q, kv))
     o, lse = o.contiguous(), lse.contiguous()
     N, Lq, D = q.shape
     Lk = kv.shape[1]
@@ -342,15 +342,11 @@ def _direct_layer_dtype(x_q: Tensor, x_kv: Tensor, projections) -> Optional[torc
     return x_q.dtype if all(t.dtype == x_q.dtype for t in tensors) else None
 
 
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
 def _linear_grads(g2d: Tensor, a2d: Tensor, weight_c: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """(dL/da, dL/dweight, dL/dbias) of ``a W^T + b`` as autograd computes them (in the compute
     dtype of ``weight_c``, parameter gradients cast back to their parameters' dtypes)."""
-    return (g2d.mm(weight_c), g2d.t().mm(a2d).to(weight.dtype),
-            None if bias is None else g2d.sum(0).to(bias.dtype))
+    return (g2d.mm(weight_c), as_dtype(g2d.t().mm(a2d), weight.dtype),
+            None if bias is None else as_dtype(g2d.sum(0), bias.dtype))
 
 
 class _TritonLayerDirect(torch.autograd.Function):
@@ -371,13 +367,13 @@ class _TritonLayerDirect(torch.autograd.Function):
             a_kv, mean_kv, rstd_kv = _layer_norm_op.body(x_kv, norm_kv_weight, norm_kv_bias, float(eps),
                                                       compute_dtype(x_kv))
             stats = (mean_q, rstd_q, mean_kv, rstd_kv)
-        a_q, a_kv = a_q.to(c), a_kv.to(c)
-        weights = [w.to(c) for w in (q_weight, kv_weight, out_weight)]
-        q = F.linear(a_q, weights[0], _cast(q_bias, c))
-        kv = F.linear(a_kv, weights[1], _cast(kv_bias, c))
+        a_q, a_kv = as_dtype(a_q, c), as_dtype(a_kv, c)
+        weights = [as_dtype(w, c) for w in (q_weight, kv_weight, out_weight)]
+        q = F.linear(a_q, weights[0], as_dtype(q_bias, c))
+        kv = F.linear(a_kv, weights[1], as_dtype(kv_bias, c))
         _check_projections(q, kv)
         o, lse = _core_op.body(q, kv, key_mask, heads)
-        y = x_q + F.linear(o, weights[2], _cast(out_bias, c))
+        y = x_q + F.linear(o, weights[2], as_dtype(out_bias, c))
         ln_inputs = (x_q, x_kv) if pre_norm else (None, None)  # else only their dtypes are needed
         ctx.save_for_backward(*ln_inputs, a_q, a_kv, q, kv, o, lse, key_mask, *weights, q_weight, q_bias,
                               kv_weight, kv_bias, out_weight, out_bias, norm_q_weight, norm_q_bias,
@@ -391,7 +387,7 @@ class _TritonLayerDirect(torch.autograd.Function):
         (x_q, x_kv, a_q, a_kv, q, kv, o, lse, key_mask, q_w, kv_w, out_w, q_weight, q_bias, kv_weight,
          kv_bias, out_weight, out_bias, nq_w, nq_b, nkv_w, nkv_b, mean_q, rstd_q, mean_kv, rstd_kv) = ctx.saved_tensors
         D = a_q.shape[-1]
-        g = dy.to(out_w.dtype).reshape(-1, D)
+        g = as_dtype(dy, out_w.dtype).reshape(-1, D)
         d_o, d_out_w, d_out_b = _linear_grads(g, o.reshape(-1, D), out_w, out_weight, out_bias)
         dq, dkv = _core_backward_op.body(d_o.view(o.shape), q, kv, o, lse, key_mask, ctx.heads)
         da_q, d_q_w, d_q_b = _linear_grads(dq.reshape(-1, D), a_q.reshape(-1, D), q_w, q_weight, q_bias)
@@ -402,12 +398,12 @@ class _TritonLayerDirect(torch.autograd.Function):
         if ctx.pre_norm:
             dx_q, dparams_q = _layer_norm_backward_op.body(da_q, x_q, nq_w, mean_q, rstd_q)
             dx_kv, dparams_kv = _layer_norm_backward_op.body(da_kv, x_kv, nkv_w, mean_kv, rstd_kv)
-            norm_grads = [None if p is None else dparams[row].to(p.dtype)
+            norm_grads = [None if p is None else as_dtype(dparams[row], p.dtype)
                           for p, dparams, row in ((nq_w, dparams_q, 0), (nq_b, dparams_q, 1),
                                                   (nkv_w, dparams_kv, 0), (nkv_b, dparams_kv, 1))]
         else:
-            dx_q, dx_kv = (grad.to(dtype) for grad, dtype in zip((da_q, da_kv), ctx.x_dtypes))
-        return (dy.to(ctx.x_dtypes[0]) + dx_q, dx_kv, d_q_w, d_q_b, d_kv_w, d_kv_b, d_out_w, d_out_b, None,
+            dx_q, dx_kv = (as_dtype(grad, dtype) for grad, dtype in zip((da_q, da_kv), ctx.x_dtypes))
+        return (as_dtype(dy, ctx.x_dtypes[0]) + dx_q, dx_kv, d_q_w, d_q_b, d_kv_w, d_kv_b, d_out_w, d_out_b, None,
                 *norm_grads, None, None, None, None)
 
 
@@ -471,8 +467,8 @@ def _cpp_attend(q, kv, key_mask, heads):
     compute = q.dtype
     if q.device.type == "cpu" and compute not in CPP_CPU_DTYPES:
         compute = torch.float32
-    o = torch.ops.bharnet.cross_attention_core_cpp(q.to(compute), kv.to(compute), key_mask, heads)[0]
-    return o.to(q.dtype)
+    o = torch.ops.bharnet.cross_attention_core_cpp(as_dtype(q, compute), as_dtype(kv, compute), key_mask, heads)[0]
+    return as_dtype(o, q.dtype)
 
 
 def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,

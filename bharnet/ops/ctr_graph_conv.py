@@ -57,7 +57,7 @@ from torch import Tensor
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
+from ._custom_op import as_dtype, cdiv, launcher, new_output, triton_custom_op, with_autograd
 
 OP_NAME = "ctr_graph_conv"
 
@@ -178,7 +178,7 @@ def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tenso
     """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]
     (``topology_grad_kernel``, then ``column_sum_kernel`` sums the chunk x b partials)."""
     kernels = _kernels()
-    dy, v, A = _contiguous(dy.to(v.dtype), v, A)
+    dy, v, A = _contiguous(as_dtype(dy, v.dtype), v, A)
     dv, dtopo = _topology_grad(dy, v, A, 0, 1)
     dA = new_output(A.shape, A.dtype, A.device)
     launch = kernels.SUM_LAUNCH
@@ -200,7 +200,7 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
     alpha sum_b P, dbias = alpha sum_b S, dalpha = sum W * sum_b P + sum bias * sum_b S).
     Every gradient is written in its input's dtype."""
     kernels = _kernels()
-    dy, v, A, q, k, weight, bias, alpha = _contiguous(dy.to(v.dtype), v, A, q, k, weight, bias, alpha)
+    dy, v, A, q, k, weight, bias, alpha = _contiguous(as_dtype(dy, v.dtype), v, A, q, k, weight, bias, alpha)
     B, H, C, T, V, G = _launch_sizes(v, weight)
     R = weight.shape[2]
     topo, topo_stride = _topology(v, A, q, k, weight, bias, alpha)
@@ -228,7 +228,7 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
         B, A.numel(), k.numel(), i_tiles, H * G, R, da_programs, dk_programs,
         ACC_FP64=_accumulates_in_fp64(v), **launch)
     if param_programs > 1:
-        dalpha = dalpha_part.sum().reshape(alpha.shape).to(alpha.dtype)
+        dalpha = as_dtype(dalpha_part.sum().reshape(alpha.shape), alpha.dtype)
     return dv, dA, dq, dk, dweight, dbias, dalpha
 
 
@@ -320,8 +320,8 @@ def ctr_graph_conv_cpp(v, A, q=None, k=None, weight=None, bias=None, alpha=None)
     if v.device.type == "cpu" and compute not in CPP_CPU_DTYPES:
         compute = torch.float32
     params = torch.float64 if compute == torch.float64 else torch.float32
-    cast = [None if t is None else t.to(params) for t in (A, q, k, weight, bias, alpha)]
-    return ops.ctr_graph_conv_cpp(v.to(compute), *cast).to(v.dtype)
+    cast = [as_dtype(t, params) for t in (A, q, k, weight, bias, alpha)]
+    return as_dtype(ops.ctr_graph_conv_cpp(as_dtype(v, compute), *cast), v.dtype)
 
 
 _cpp_availability = cpp_backend_availability("ctr_graph_conv_cpp")

@@ -47,7 +47,7 @@ import torch
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_triton_dtype, is_channels_last
-from ._custom_op import opaque_custom_op, with_autograd
+from ._custom_op import as_dtype, opaque_custom_op, with_autograd
 
 OP_NAME = "deformable_temporal_conv"
 
@@ -135,7 +135,7 @@ def _make_backward(run):
     def backward(ctx, grad_y):
         x, offsets, weight = ctx.saved_tensors
         dx, doffsets, dweight, dbias = run(_triton_backward, grad_y, x, offsets, weight, ctx.stride)
-        dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+        dbias = None if ctx.bias_dtype is None else as_dtype(dbias, ctx.bias_dtype)
         return dx, doffsets, dweight, dbias, None
     return backward
 
@@ -204,9 +204,9 @@ def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):
     if x.device.type == "cpu" and compute not in CPP_CPU_DTYPES:
         compute = torch.float32
     positions = torch.float64 if torch.float64 in (compute, offsets.dtype) else torch.float32
-    y = ops.deformable_temporal_conv_cpp(x.to(compute), offsets.to(positions), weight.to(compute),
-                                         None if bias is None else bias.to(compute), stride)
-    return y.to(x.dtype)
+    y = ops.deformable_temporal_conv_cpp(as_dtype(x, compute), as_dtype(offsets, positions),
+                                         as_dtype(weight, compute), as_dtype(bias, compute), stride)
+    return as_dtype(y, x.dtype)
 
 
 _cpp_availability = cpp_backend_availability("deformable_temporal_conv_cpp")

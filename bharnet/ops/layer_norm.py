@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import TRITON_DTYPES, accumulation_dtype, expect_tensor
-from ._custom_op import cdiv, launcher, new_output, triton_custom_op, with_autograd
+from ._custom_op import as_dtype, cdiv, launcher, new_output, triton_custom_op, with_autograd
 
 OP_NAME = "layer_norm"
 MAX_DIM = 1024  # one BLOCK_D >= D tile of features per row
@@ -164,8 +164,8 @@ def _make_backward(run):
             return None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dparams = run(_layer_norm_backward_op, dy, x, weight, mean, rstd)
-        dw = None if weight is None else dparams[0].to(weight.dtype)
-        db = None if ctx.bias_dtype is None else dparams[1].to(ctx.bias_dtype)
+        dw = None if weight is None else as_dtype(dparams[0], weight.dtype)
+        db = None if ctx.bias_dtype is None else as_dtype(dparams[1], ctx.bias_dtype)
         return dx, dw, db, None, None
     return backward
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
 from ._checks import is_channels_last
+from ._custom_op import as_dtype
 
 OP_NAME = "temporal_max_pool"
 CPP_DTYPES = (torch.float32, torch.float64)
@@ -85,11 +86,11 @@ def _temporal_max_pool_cpp(x, kernel, stride, padding):
     compute = x.dtype if x.dtype in CPP_DTYPES else torch.float32
     if is_channels_last(x):  # memory (N, T, V, C): one plane of T rows of V * C values per n
         N, C, T, V = x.shape
-        planes = x.to(compute).permute(0, 2, 3, 1).reshape(N, 1, T, V * C)  # a view
+        planes = as_dtype(x, compute).permute(0, 2, 3, 1).reshape(N, 1, T, V * C)  # a view
         y, _ = torch.ops.bharnet.temporal_max_pool(planes, kernel, stride, padding)
-        return y.view(N, -1, V, C).permute(0, 3, 1, 2).to(x.dtype)
-    y, _ = torch.ops.bharnet.temporal_max_pool(x.to(compute), kernel, stride, padding)
-    return y.to(x.dtype)
+        return as_dtype(y.view(N, -1, V, C).permute(0, 3, 1, 2), x.dtype)
+    y, _ = torch.ops.bharnet.temporal_max_pool(as_dtype(x, compute), kernel, stride, padding)
+    return as_dtype(y, x.dtype)
 
 
 _IMPLS = {"reference": temporal_max_pool_reference, "cpp": _temporal_max_pool_cpp}
