@@ -103,19 +103,21 @@ struct TemporalMaxPool : public torch::autograd::Function<TemporalMaxPool> {
     ctx->mark_non_differentiable({arg});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({arg});
-    ctx->saved_data["pool"] = std::vector<int64_t>{x.size(2), kernel, stride, padding};
+    ctx->saved_data["frames"] = x.sym_size(2);  // symbolic under torch.export / dynamic shapes
+    ctx->saved_data["pool"] = std::vector<int64_t>{kernel, stride, padding};
     return {y, arg};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
-        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t)>(
+        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t, int64_t)>(
             "bharnet::temporal_max_pool_backward");
     variable_list result(4);
     if (grads[0].defined()) {
       at::AutoDispatchBelowAutograd guard;
       const auto pool = ctx->saved_data["pool"].toIntVector();
-      result[0] = op.call(grads[0], ctx->get_saved_variables()[0], pool[0], pool[1], pool[2], pool[3]);
+      result[0] = op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["frames"].toSymInt(), pool[0],
+                          pool[1], pool[2]);
     }
     return once_differentiable(std::move(result), "bharnet::temporal_max_pool");
   }

@@ -163,7 +163,7 @@ at::Tensor backward_cpu(const at::Tensor& dy_in, const at::Tensor& arg_in, int64
 
 TORCH_LIBRARY_FRAGMENT(bharnet, m) {
   m.def("temporal_max_pool(Tensor x, int kernel, int stride, int padding) -> (Tensor, Tensor)");
-  m.def("temporal_max_pool_backward(Tensor dy, Tensor arg, int T, int kernel, int stride, int padding) -> Tensor");
+  m.def("temporal_max_pool_backward(Tensor dy, Tensor arg, SymInt T, int kernel, int stride, int padding) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bharnet, CPU, m) {

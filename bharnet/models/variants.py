@@ -23,6 +23,10 @@ class ModelOutput:
     parts: Dict[str, torch.Tensor]
 
 
+# a pytree node, so that torch.export and torch.compile's graph outputs may carry it
+torch.export.register_dataclass(ModelOutput, serialized_type_name="bharnet.ModelOutput")
+
+
 class Classifier(nn.Module):
     """Pooled per-person features (N·M, C) → mean over persons → dropout → Linear → (N, K)."""
 

@@ -1,0 +1,68 @@
+"""Deploy a trained model as a ``torch.export`` program: a file that runs without the model's
+Python classes, batch size free.
+
+* :func:`export` fuses an eval-mode model for inference (:func:`bharnet.fast.fuse_for_inference`:
+  BatchNorm folded, the C++ kernels on CPU) and exports it with the batch dimension dynamic;
+  with ``path`` it also saves the program (``torch.export.save``).
+* :func:`load` reads a saved program back; its ``.module()`` is called like the model and
+  returns the same :class:`bharnet.ModelOutput`.
+
+The program calls bharnet's C++ ops (``torch.ops.bharnet.*``) where the fused model does, so
+the process that loads it needs bharnet installed (:func:`load` registers the ops first); the
+clip length T and the number of persons M are fixed at export, as in the model's input
+normalisation (``data_bn``). Absent persons (all-zero inputs) are computed, not skipped: the
+skip depends on the data (:mod:`bharnet.absent_persons`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .fast import fuse_for_inference
+from .ops import register_cpp_ops
+
+MAX_BATCH = 4096
+
+
+def export(model: nn.Module, body: torch.Tensor, hand: torch.Tensor, path: Optional[str] = None,
+           backend: Optional[str] = "auto") -> torch.export.ExportedProgram:
+    """The program of ``model`` (an eval-mode model of :mod:`bharnet.models`, fused here for
+    inference on ``backend``) traced on example inputs ``body`` (N, C, T, 25, M) and ``hand``
+    (N, C, T, 42, M), any batch size 1 to ``MAX_BATCH`` at run time; saved to ``path`` if given."""
+    if model.training:
+        raise ValueError("export takes an eval-mode model (call model.eval() first)")
+    fused = fuse_for_inference(model, backend)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    program = torch.export.export(fused, (body, hand), dynamic_shapes=({0: batch}, {0: batch}))
+    if path is not None:
+        torch.export.save(program, path)
+    return program
+
+
+def load(path: str) -> torch.export.ExportedProgram:
+    """A program saved by :func:`export` (its C++ ops registered first)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no exported model at {path!r}")
+    register_cpp_ops()
+    return torch.export.load(path)
+
+
+def compile_package(program: torch.export.ExportedProgram, path: str) -> str:
+    """Compile ``program`` ahead of time with AOTInductor into the package ``path`` (``.pt2``):
+    generated C++ for everything but bharnet's C++ ops, which it calls through PyTorch's
+    dispatcher; no Python tracing or Inductor compilation when it is loaded. Returns ``path``."""
+    if not path.endswith(".pt2"):
+        raise ValueError(f"an AOTInductor package path must end in .pt2, got {path!r}")
+    return torch._inductor.aoti_compile_and_package(program, package_path=path)
+
+
+def load_package(path: str):
+    """The callable of a package from :func:`compile_package` (its C++ ops registered first):
+    ``load_package(path)(body, hand)`` returns a :class:`bharnet.ModelOutput`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no AOTInductor package at {path!r}")
+    register_cpp_ops()
+    return torch._inductor.aoti_load_package(path)

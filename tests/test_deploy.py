@@ -1,0 +1,79 @@
+"""bharnet.deploy: a trained model exported (torch.export, batch size free) and compiled ahead
+of time (AOTInductor), each loaded in a fresh process that never builds the model, against the
+model's own outputs."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bharnet import deploy
+from bharnet.fast import fuse_for_inference
+from trained_models import trained_like
+
+
+def clips(batch, frames=6):
+    g = torch.Generator().manual_seed(batch)
+    return torch.randn(batch, 3, frames, 25, 2, generator=g), torch.randn(batch, 3, frames, 42, 2, generator=g)
+
+
+def run_in_fresh_process(tmp_path, loader: str, path, batch: int):
+    """Logits and part logits of the saved model at ``path`` on ``clips(batch)``, computed by a
+    new Python process that only imports bharnet.deploy and calls ``loader``."""
+    body, hand = clips(batch)
+    torch.save({"body": body, "hand": hand}, tmp_path / "in.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from bharnet import deploy
+        inputs = torch.load({str(tmp_path / "in.pt")!r})
+        loaded = deploy.{loader}({str(path)!r})
+        run = loaded.module() if hasattr(loaded, "module") else loaded
+        out = run(inputs["body"], inputs["hand"])
+        torch.save({{"logits": out.logits, **out.parts}}, {str(tmp_path / "out.pt")!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def expected(model, batch):
+    with torch.no_grad():
+        out = fuse_for_inference(model)(*clips(batch))
+    return {"logits": out.logits, **out.parts}
+
+
+def assert_same_outputs(got, want, rtol):
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=rtol, atol=rtol * value.abs().max().item(), msg=name)
+
+
+def test_exported_model_runs_any_batch_in_a_fresh_process(tmp_path):
+    model = trained_like("bharnet-e", torch.float32)
+    program = deploy.export(model, *clips(2), path=str(tmp_path / "model.pt2"))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"bharnet.ctr_graph_conv_cpp.default", "bharnet.deformable_temporal_conv_cpp.default",
+            "bharnet.cross_attention_core_cpp.default"} <= targets  # the fused model's C++ kernels
+    for batch in (1, 3):
+        assert_same_outputs(run_in_fresh_process(tmp_path, "load", tmp_path / "model.pt2", batch),
+                            expected(model, batch), 1e-6)
+
+
+def test_aot_compiled_package_runs_in_a_fresh_process(tmp_path):
+    model = trained_like("body", torch.float32)
+    program = deploy.export(model, *clips(2))
+    path = deploy.compile_package(program, str(tmp_path / "body.pt2"))
+    assert_same_outputs(run_in_fresh_process(tmp_path, "load_package", path, 3), expected(model, 3), 1e-5)
+
+
+def test_deploy_errors(tmp_path):
+    model = trained_like("body", torch.float32)
+    with pytest.raises(ValueError, match="eval-mode model"):
+        deploy.export(model.train(), *clips(2))
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        deploy.load(str(tmp_path / "missing.pt2"))
+    with pytest.raises(FileNotFoundError, match="no AOTInductor package"):
+        deploy.load_package(str(tmp_path / "missing.pt2"))
+    with pytest.raises(ValueError, match="must end in .pt2"):
+        deploy.compile_package(None, str(tmp_path / "model.so"))
