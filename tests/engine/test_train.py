@@ -229,11 +229,17 @@ def test_each_step_loss_is_read_after_the_next_step_is_queued(tiny_dataset, tmp_
     assert logged == pytest.approx(expected, rel=1e-12)
 
 
+# BHaRNet-E at its smallest (a one-block stem, one block per branch, the cross-attention between
+# them): every kind of fused layer, and a graph that compiles in a fraction of the small preset's time
+TWO_BLOCKS = {"channels": [16, 16], "strides": [1, 1], "stem_depth": 1}
+
+
 def _assert_compiled_step_matches_eager(data, tmp_path, device, compile_mode, model, rtol, **options):
     """One training step (the 16 samples in one batch) eager and through torch.compile in
     ``compile_mode`` moves every parameter tensor by the same update up to ``rtol`` (norm-wise,
-    plus 1e-7 for the biases in front of a training-mode BatchNorm, whose gradient is zero up to
-    rounding). One step: later ones amplify the compiled kernels' other rounding (checked: the
+    plus 1e-6 for the biases in front of a training-mode BatchNorm: their gradient is zero up to
+    rounding, so their updates, at most 1e-5 here, are rounding noise that differs between runs;
+    the other tensors' updates agree to 2e-4). One step: later ones amplify the compiled kernels' other rounding (checked: the
     first step's loss agrees to 2e-7 and its gradients to 1e-4, the weights after four steps
     differ by up to 1e-3)."""
     runs = {}
@@ -245,11 +251,11 @@ def _assert_compiled_step_matches_eager(data, tmp_path, device, compile_mode, mo
         assert json.loads(open(run / "log.jsonl").readline())["step"] == 1
         runs[compiled] = weights(run)
     torch.manual_seed(cfg.seed)  # the initial weights, as train() draws them
-    initial = build_model(cfg, 4).state_dict()
+    initial = build_model(cfg, 4).state_dict()  # (the dataset's 4 classes)
     for name, eager in runs[False].items():
         update = (eager - initial[name].to(eager.device)).double()
         difference = (runs[True][name] - eager).double()
-        assert difference.norm() <= rtol * update.norm() + 1e-7, (name, difference.norm(), update.norm())
+        assert difference.norm() <= rtol * update.norm() + 1e-6, (name, difference.norm(), update.norm())
 
 
 def test_compiled_training_in_reduce_overhead_mode_matches_eager(tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -267,8 +273,8 @@ def test_compiled_training_in_reduce_overhead_mode_matches_eager(tiny_dataset, t
     assert "invalid choice" in capsys.readouterr().err
     modes, compile_model = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or compile_model(model, mode=mode))
-    _assert_compiled_step_matches_eager(tiny_dataset, tmp_path, "cpu", "reduce-overhead", "body", 1e-3,
-                                        backend="cpp")
+    _assert_compiled_step_matches_eager(tiny_dataset, tmp_path, "cpu", "reduce-overhead", "bharnet-e", 1e-3,
+                                        backend="cpp", model_options=TWO_BLOCKS)
     assert modes == ["reduce-overhead"]
 
 
@@ -278,4 +284,4 @@ def test_cuda_graph_training_matches_eager_on_gpu(tiny_dataset, tmp_path, backen
     """On a GPU, ``compile_mode="reduce-overhead"`` replays the steps as CUDA graphs, with the
     fused layers (Triton kernels, or the CUDA kernels of the C++ extension) inside them."""
     _assert_compiled_step_matches_eager(tiny_dataset, tmp_path, "cuda", "reduce-overhead", "bharnet-e", 1e-2,
-                                        backend=backend)
+                                        backend=backend, model_options=TWO_BLOCKS)
