@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,11 +40,19 @@ def _jit_build(cuda: bool) -> None:
 
     if cuda and cpp_extension.CUDA_HOME is None:  # imported before CUDA_HOME was set
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-    cpp_extension.load(name="bharnet_C_cuda" if cuda else "bharnet_C",
-                       sources=_build.sources(SOURCE_DIR, cuda), extra_cflags=_build.CXX_FLAGS,
-                       extra_cuda_cflags=_build.nvcc_flags() if cuda else None,
-                       extra_ldflags=_build.LINK_FLAGS, is_python_module=False, verbose=False,
-                       with_cuda=cuda)
+    # a cached build loads in about a second: say so only when the compiler runs
+    notice = threading.Timer(3.0, lambda: print(
+        f"bharnet: compiling the C++ extension{' with its CUDA kernels' if cuda else ''} (once; about "
+        "1-2 minutes on two cores, cached by torch afterwards)", file=sys.stderr, flush=True))
+    notice.start()
+    try:
+        cpp_extension.load(name="bharnet_C_cuda" if cuda else "bharnet_C",
+                           sources=_build.sources(SOURCE_DIR, cuda), extra_cflags=_build.CXX_FLAGS,
+                           extra_cuda_cflags=_build.nvcc_flags() if cuda else None,
+                           extra_ldflags=_build.LINK_FLAGS, is_python_module=False, verbose=False,
+                           with_cuda=cuda)
+    finally:
+        notice.cancel()
 
 
 def load() -> None:

@@ -20,13 +20,11 @@ def _info(args) -> int:
         triton_version = "not installed"
     print(f"bharnet {__version__}  torch {torch.__version__}  triton {triton_version}  "
           f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    print(f"backends that run here ({', '.join(devices)}):")
     for op in registered_ops():
-        states = []
-        for backend in ("triton", "cpp"):
-            for device in ("cpu", "cuda"):
-                reason = unavailable_reason(op, backend, device)
-                if reason is None:
-                    states.append(f"{backend}/{device}")
+        states = [f"{backend}/{device}" for backend in ("triton", "cpp") for device in devices
+                  if unavailable_reason(op, backend, device) is None]
         print(f"  {op:<26} reference" + "".join(f", {s}" for s in states))
     print(f"\nVariants at NTU shapes (T={args.frames}, M={args.persons}, {args.classes} classes, "
           f"preset {args.preset}); FLOPs count a multiply-add as 2, one clip, forward only:\n")

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import replace
 
-from .config import COMPILE_MODES, TrainConfig, parse_model_options, read_config_file
+from .config import (AMP_MODES, COMPILE_MODES, RunFolderMismatch, TrainConfig, parse_model_options,
+                     read_config_file)
 
 # The built-in demo: small models that learn the synthetic dataset in minutes on two CPU cores.
 DEMO_MODELS = ("body", "bharnet-e")
@@ -25,12 +27,25 @@ _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type)
 }
 
 
+def _flag_choices() -> dict:
+    """The values argparse accepts for the train flags that name one of a fixed set."""
+    from ..data.features import MODALITIES, PREPROCESSINGS
+    from ..models import MODELS
+    from ..models.config import PRESETS
+    from ..ops import BACKENDS
+    return {"--model": list(MODELS), "--preset": list(PRESETS), "--modality": list(MODALITIES),
+            "--preprocessing": list(PREPROCESSINGS), "--amp": list(AMP_MODES), "--backend": list(BACKENDS)}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON or TOML file of training options (flags override it)")
+    choices = _flag_choices()
     for flag, (name, kind) in _TRAIN_FLAGS.items():
         default = getattr(TrainConfig(), name)
-        parser.add_argument(flag, dest=name, type=kind, default=None,
-                            help=f"(default: {default})" if default is not None else None)
+        demo = " and ".join(DEMO_MODELS) if name == "model" else DEMO_CONFIG.get(name)
+        parser.add_argument(flag, dest=name, type=kind, default=None, choices=choices.get(flag),
+                            help=None if default is None else f"(default: {default})" if demo is None
+                            else f"(default: {default}; the demo without --data: {demo})")
     parser.add_argument("--compile", dest="compile", nargs="?", const="default", default=None,
                         choices=COMPILE_MODES, metavar="MODE",
                         help="train through torch.compile, in MODE (default: default; reduce-overhead "
@@ -95,7 +110,11 @@ def run_train(args: argparse.Namespace) -> int:
     results = {}
     for name in models:
         run_config = replace(config, model=name, out=os.path.join(out, name) if len(models) > 1 else out)
-        results[name] = _train_one(run_config, progress)
+        try:
+            results[name] = _train_one(run_config, progress)
+        except RunFolderMismatch as error:
+            print(f"bharnet train: error: {error}", file=sys.stderr)
+            return 2
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     summary = {"models": {name: {"top1": r["top1"], "top5": r["top5"],

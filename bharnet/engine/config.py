@@ -13,6 +13,10 @@ AMP_MODES = ("none", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+class RunFolderMismatch(ValueError):
+    """A run folder holds a run trained with other options than the ones given."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``data=None`` means the built-in synthetic dataset."""

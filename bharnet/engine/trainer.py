@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..fast import swap_layers
 from ..models import create_model
 from . import checkpoint, distributed
-from .config import TrainConfig
+from .config import RunFolderMismatch, TrainConfig
 from .schedule import warmup_cosine
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +65,28 @@ class JsonlLog:
             handle.write(json.dumps(record) + "\n")
 
 
+# Options a resumed run may change: more epochs extend it (the learning-rate schedule follows
+# the new total), the others do not change what is computed (up to rounding).
+RESUMABLE_CHANGES = ("epochs", "out", "workers", "keep_checkpoints", "device", "compile", "compile_mode", "backend")
+
+
+def _check_resumable(config: TrainConfig) -> None:
+    """Raise if ``config.out`` holds a run trained with other options than ``config``'s (its
+    ``config.json``), so that re-running with new options cannot silently resume the old run."""
+    path = os.path.join(config.out, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, "r", encoding="utf-8") as handle:
+        saved = json.loads(json.dumps(TrainConfig.from_dict(json.load(handle)).to_dict()))
+    current = json.loads(json.dumps(config.to_dict()))  # as saved (tuples become lists)
+    changed = {name: (saved[name], value) for name, value in current.items()
+               if name not in RESUMABLE_CHANGES and saved[name] != value}
+    if changed:
+        listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        raise RunFolderMismatch(f"{config.out} holds a {saved['model']} run trained with other options ({listed}): "
+                         "resume it with its own options, or train into another --out folder")
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.SGD:
     """SGD with Nesterov momentum and weight decay; torch's fused implementation on CPU and CUDA
     (one kernel over all parameters instead of several ops per tensor: 13.6 -> 3.6 ms per step
@@ -98,10 +120,14 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
     start_epoch, step = 0, 0
     latest = checkpoint.latest_checkpoint(ckpt_dir)
     if latest is not None:
+        _check_resumable(config)
         finished_epoch, step = checkpoint.load_checkpoint(latest, model, optimizer, scaler)
         start_epoch = finished_epoch + 1
-        if context.is_main:
-            print(f"resuming {config.model} from {latest} (epoch {start_epoch} of {config.epochs})")
+        if context.is_main and start_epoch >= config.epochs:
+            print(f"{config.model}: {config.out} already holds {start_epoch} trained epochs "
+                  f"(--epochs {config.epochs}); nothing to train")
+        elif context.is_main:
+            print(f"resuming {config.model} from {latest} (epoch {start_epoch + 1} of {config.epochs})")
     elif context.is_main:
         os.makedirs(config.out, exist_ok=True)
         with open(os.path.join(config.out, "config.json"), "w", encoding="utf-8") as handle:

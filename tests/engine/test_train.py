@@ -285,3 +285,35 @@ def test_cuda_graph_training_matches_eager_on_gpu(tiny_dataset, tmp_path, backen
     fused layers (Triton kernels, or the CUDA kernels of the C++ extension) inside them."""
     _assert_compiled_step_matches_eager(tiny_dataset, tmp_path, "cuda", "reduce-overhead", "bharnet-e", 1e-2,
                                         backend=backend, model_options=TWO_BLOCKS)
+
+
+def test_a_run_folder_resumes_only_with_its_own_options(tiny_dataset, tmp_path, capsys):
+    """Re-running into a finished run folder with other options raises instead of silently
+    resuming the old run (and then reporting the new options); more epochs extend it; the same
+    or fewer epochs train nothing and say so."""
+    run = tmp_path / "run"
+    dataset = SkeletonDataset(tiny_dataset, "train", window=8)
+    train(config(tiny_dataset, run, epochs=1, model_options={"channels": (16, 16), "strides": (1, 1),
+                                                             "stem_depth": 1}), dataset, progress=True)
+    options = {"channels": [16, 16], "strides": [1, 1], "stem_depth": 1}  # as the CLI parses them
+    with pytest.raises(ValueError, match=r"other options \(lr 0.05 -> 0.01\)"):
+        train(config(tiny_dataset, run, epochs=2, lr=0.01, model_options=options), dataset, progress=False)
+    capsys.readouterr()
+    train(config(tiny_dataset, run, epochs=1, model_options=options, workers=0), dataset, progress=True)
+    assert "already holds 1 trained epochs (--epochs 1); nothing to train" in capsys.readouterr().out
+    train(config(tiny_dataset, run, epochs=2, model_options=options), dataset, progress=True)
+    assert "(epoch 2 of 2)" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2]
+
+
+def test_train_cli_refuses_a_run_folder_of_other_options(tiny_dataset, tmp_path, capsys):
+    args = ["train", "--data", tiny_dataset, "--model", "body", "--preset", "small", "--window", "8", "--epochs",
+            "1", "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress", "--model-option",
+            "channels=[16,16]", "--model-option", "strides=[1,1]", "--model-option", "stem_depth=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--lr", "0.01"]) == 2
+    assert "bharnet train: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--amp", "bf17"])
+    assert "invalid choice: 'bf17'" in capsys.readouterr().err
