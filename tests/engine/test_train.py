@@ -260,7 +260,8 @@ def _assert_compiled_step_matches_eager(data, tmp_path, device, compile_mode, mo
 
 def test_compiled_training_in_reduce_overhead_mode_matches_eager(tiny_dataset, tmp_path, capsys, monkeypatch):
     """``--compile reduce-overhead`` (CUDA graphs on a GPU; on the CPU torch.compile skips them)
-    makes the eager run's update, through the CLI's flag."""
+    makes the eager run's update, through the CLI's flag. The body model on CPU (a cold compile
+    of the two-block BHaRNet-E takes about 2 minutes here); the GPU test compiles BHaRNet-E."""
     from bharnet.engine.commands import add_train_arguments, config_from_args
     import argparse
     parser = argparse.ArgumentParser()
@@ -273,7 +274,7 @@ def test_compiled_training_in_reduce_overhead_mode_matches_eager(tiny_dataset, t
     assert "invalid choice" in capsys.readouterr().err
     modes, compile_model = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or compile_model(model, mode=mode))
-    _assert_compiled_step_matches_eager(tiny_dataset, tmp_path, "cpu", "reduce-overhead", "bharnet-e", 1e-3,
+    _assert_compiled_step_matches_eager(tiny_dataset, tmp_path, "cpu", "reduce-overhead", "body", 1e-3,
                                         backend="cpp", model_options=TWO_BLOCKS)
     assert modes == ["reduce-overhead"]
 
