@@ -140,12 +140,16 @@ def cpp_on_cpu_availability(device_type: str) -> Optional[str]:
     return cpp_availability(device_type) if device_type == "cpu" else None
 
 
+# every function made by registered_after_loading, for register_all
+_REGISTRATIONS: list = []
+
+
 def registered_after_loading(register: Callable[[], None]) -> Callable[[], bool]:
     """A function that loads the extension and then runs ``register`` (the fake impls and
     autograd of an op's C++ ops) the first time it is called, and does nothing afterwards.
 
     It is an ``assume_constant_result``: ``torch.compile`` runs it eagerly while tracing a caller
-    instead of tracing into the extension loading."""
+    instead of tracing into the extension loading. :func:`register_all` runs every such function."""
     done = False
 
     @torch.compiler.assume_constant_result
@@ -156,4 +160,12 @@ def registered_after_loading(register: Callable[[], None]) -> Callable[[], bool]
             register()
             done = True
         return True
+    _REGISTRATIONS.append(ensure_registered)
     return ensure_registered
+
+
+def register_all() -> None:
+    """Run every op module's registration (see :func:`registered_after_loading`); the op modules
+    that made them must have been imported."""
+    for ensure_registered in _REGISTRATIONS:
+        ensure_registered()

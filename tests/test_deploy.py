@@ -77,3 +77,26 @@ def test_deploy_errors(tmp_path):
         deploy.load_package(str(tmp_path / "missing.pt2"))
     with pytest.raises(ValueError, match="must end in .pt2"):
         deploy.compile_package(None, str(tmp_path / "model.so"))
+
+
+# C++ ops that no model graph contains: diagnostics, and the CPU linear layers' weight gradient,
+# which only their backward calls (bharnet.ops.cpu_linear registers it as that runs)
+NOT_IN_MODEL_GRAPHS = {"bharnet::cpu_vector_bytes", "bharnet::cpu_wide_calls", "bharnet::linear_weight_grad_cpp"}
+
+
+def test_register_cpp_ops_gives_every_op_a_fake_impl_in_a_fresh_process():
+    script = textwrap.dedent("""
+        import torch
+        from torch._library.simple_registry import singleton
+        from bharnet import _ext, ops
+        _ext.load()
+        ops.register_cpp_ops()
+        names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("bharnet::"))
+        print(len(names))
+        print(*[n for n in names if singleton.find(n).fake_impl.kernel is None])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    count, missing = result.stdout.splitlines()[-2:]
+    assert int(count) > 20  # the extension's ops were listed
+    assert set(missing.split()) == NOT_IN_MODEL_GRAPHS

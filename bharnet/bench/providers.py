@@ -29,10 +29,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from ..engine.config import COMPILE_MODES
 from ..ops._backend import BACKENDS, unavailable_reason
 from .baselines import SDPA, SDPA_FORMS, forced_sdpa_providers
 
-COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TRITON_ON_CPU = ("Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1), "
                  "which is not a benchmark")

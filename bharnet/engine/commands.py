@@ -130,14 +130,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..ops import BACKENDS
     parser.add_argument("weights", help="a run's model.safetensors")
     parser.add_argument("--data", required=True, help="prepared dataset folder")
     parser.add_argument("--split", default="test", choices=["train", "test"])
     parser.add_argument("--out", help="where scores, metrics.json and confusion.png go (default: beside the weights)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    parser.add_argument("--backend", default=None, choices=["reference", "triton", "cpp", "auto"],
+    parser.add_argument("--amp", default="none", choices=AMP_MODES)
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
                         help="backend of the fused layers (default: the model's impl option, else the global "
                              "default, auto); the model runs fused for inference "
                              "(bharnet.fast.fuse_for_inference)")

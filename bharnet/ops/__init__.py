@@ -8,22 +8,15 @@ from .cross_attention import cross_attention, cross_attention_reference
 from .temporal_max_pool import temporal_max_pool, temporal_max_pool_reference
 from .pointwise_conv import pointwise_conv, pointwise_conv_reference
 from .batch_norm import batch_norm, batch_norm_reference
-from .batch_norm import _register_cpp_ops as _register_batch_norm
-from .bone import _register_cpp_op as _register_bone
-from .cross_attention import _register_cpp_ops as _register_cross_attention
-from .ctr_graph_conv import _register_cpp_ops as _register_ctr_graph_conv
-from .deformable_temporal_conv import _register_cpp_ops as _register_deformable_temporal_conv
-from .pointwise_conv import _register_cpp_ops as _register_pointwise_conv
-from .temporal_max_pool import _register_cpp_ops as _register_temporal_max_pool
+from .. import _ext
 
 
 def register_cpp_ops() -> None:
     """Load the C++ extension and register every C++ op with its fake impl and autograd (each
     op module does this on its first call; a program that only deserializes a
-    ``torch.export``-ed model calls no op module first, see :mod:`bharnet.deploy`)."""
-    for register in (_register_batch_norm, _register_bone, _register_cross_attention, _register_ctr_graph_conv,
-                     _register_deformable_temporal_conv, _register_pointwise_conv, _register_temporal_max_pool):
-        register()
+    ``torch.export``-ed model calls no op module first, see :mod:`bharnet.deploy`). The op
+    modules are all imported above, so every registration has been made."""
+    _ext.register_all()
 
 __all__ = [
     "BACKENDS", "get_backend", "resolve", "use_backend", "bone", "bone_reference",
