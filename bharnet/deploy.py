@@ -27,16 +27,22 @@ from .ops import register_cpp_ops
 MAX_BATCH = 4096
 
 
-def export(model: nn.Module, body: torch.Tensor, hand: torch.Tensor, path: Optional[str] = None,
-           backend: Optional[str] = "auto") -> torch.export.ExportedProgram:
+def export(model: nn.Module, body: Optional[torch.Tensor], hand: Optional[torch.Tensor],
+           path: Optional[str] = None, backend: Optional[str] = "auto") -> torch.export.ExportedProgram:
     """The program of ``model`` (an eval-mode model of :mod:`bharnet.models`, fused here for
     inference on ``backend``) traced on example inputs ``body`` (N, C, T, 25, M) and ``hand``
-    (N, C, T, 42, M), any batch size 1 to ``MAX_BATCH`` at run time; saved to ``path`` if given."""
+    (N, C, T, 42, M), any batch size 1 to ``MAX_BATCH`` at run time; saved to ``path`` if given.
+    A single-modality model may take None for the input it does not read (the program then
+    takes None there too). A one-clip example is traced as two copies of the clip: torch.export
+    would otherwise take the batch size 1 for a constant."""
     if model.training:
         raise ValueError("export takes an eval-mode model (call model.eval() first)")
     fused = fuse_for_inference(model, backend)
+    inputs = tuple(x if x is None or x.shape[0] != 1 else x.expand(2, *x.shape[1:]).contiguous()
+                   for x in (body, hand))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    program = torch.export.export(fused, (body, hand), dynamic_shapes=({0: batch}, {0: batch}))
+    program = torch.export.export(fused, inputs,
+                                  dynamic_shapes=tuple(None if x is None else {0: batch} for x in inputs))
     if path is not None:
         torch.export.save(program, path)
     return program

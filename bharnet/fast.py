@@ -121,7 +121,7 @@ class SharedInputBranches(nn.Module):
     The unstrided input convolutions run as one convolution with the stacked weights
     ``[W_1; W_2; ...]`` and biases, whose output is split by channels and fed to the rest of
     each branch; other branches run as they are. Same function, one larger GEMM instead of
-    several thin ones. The input convolutions must have biases (folded ones do)."""
+    several thin ones."""
 
     def __init__(self, branches: nn.ModuleList):
         super().__init__()
@@ -133,7 +133,7 @@ class SharedInputBranches(nn.Module):
         self.conv = PointwiseConv2d(first.shape[1], sum(self.widths), device=first.device, dtype=first.dtype)
         with torch.no_grad():
             self.conv.weight.copy_(torch.cat([h.weight for h in stacked]))
-            self.conv.bias.copy_(torch.cat([h.bias for h in stacked]))
+            self.conv.bias.copy_(torch.cat([_bias(h) for h in stacked]))
         self.rests = nn.ModuleList(
             (nn.Identity() if isinstance(b, nn.Conv2d) else b[1:]) if shared else b
             for b, shared in zip(branches, self.shared))
@@ -146,6 +146,8 @@ class SharedInputBranches(nn.Module):
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(s, t)`` in float64 with ``bn(z)_c = s_c z_c + t_c`` in eval mode."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise ValueError(f"fuse_for_inference: {name} is a {type(bn).__name__}, not a BatchNorm")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"fuse_for_inference: {name} has no running statistics "
                          "(track_running_stats=False), so eval mode normalises with batch "
@@ -160,17 +162,26 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm, name: str) -> Tuple[torch.Te
 
 
 @torch.no_grad()
-def _scale_rows(weight: nn.Parameter, bias: nn.Parameter, s: torch.Tensor,
-                t: Optional[torch.Tensor] = None) -> None:
-    """In place, computed in float64: ``weight[o] *= s[o]``, ``bias[o] = s[o] bias[o] + t[o]``
-    (every layer folded here has a bias)."""
+def _bias(layer: nn.Module) -> nn.Parameter:
+    """``layer.bias``, first set to a zero bias when the layer has none (``bias=False``, as a
+    convolution before a BatchNorm usually is): folding gives it one."""
+    if layer.bias is None:
+        weight = layer.weight
+        layer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+    return layer.bias
+
+
+@torch.no_grad()
+def _scale_rows(layer: nn.Module, s: torch.Tensor, t: Optional[torch.Tensor] = None) -> None:
+    """In place, computed in float64: ``weight[o] *= s[o]``, ``bias[o] = s[o] bias[o] + t[o]``."""
+    weight, bias = layer.weight, _bias(layer)
     weight.copy_(weight.double() * s.view((-1,) + (1,) * (weight.dim() - 1)))
     bias.copy_(s * bias.double() + (0 if t is None else t))
 
 
 def _fold_conv_bn(seq: nn.Sequential, name: str) -> nn.Conv2d:
     conv, bn = seq
-    _scale_rows(conv.weight, conv.bias, *_bn_affine(bn, f"{name}.1"))
+    _scale_rows(conv, *_bn_affine(bn, f"{name}.1"))
     return conv
 
 
@@ -184,7 +195,7 @@ def _fold_graph_conv(gcn: nn.Module, name: str) -> torch.Tensor:
     """Fold the BN's scale into conv_v (rows ``h * C + c``, every subset ``h``); remove the BN.
     Returns its shift ``t`` (float64), which the caller adds after the aggregation."""
     s, t = _bn_affine(gcn.bn, f"{name}.bn")
-    _scale_rows(gcn.conv_v.weight, gcn.conv_v.bias, s.repeat(gcn.num_subsets))
+    _scale_rows(gcn.conv_v, s.repeat(gcn.num_subsets))
     gcn.bn = nn.Identity()
     return t
 
@@ -196,7 +207,8 @@ def _add_shift(model: nn.Module, name: str, gcn: nn.Module, t: torch.Tensor) -> 
     :class:`ChannelBias`."""
     block = model.get_submodule(name.rpartition(".")[0])
     if isinstance(block, GCNBlock) and block.gcn is gcn and isinstance(block.res_gcn, nn.Conv2d):
-        block.res_gcn.bias.copy_(block.res_gcn.bias.double() + t)
+        bias = _bias(block.res_gcn)
+        bias.copy_(bias.double() + t)
     else:
         gcn.bn = ChannelBias(t.to(gcn.conv_v.weight.dtype))
 
@@ -219,8 +231,9 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     (``torch.no_grad``, ``torch.inference_mode``): their features depend only on the weights and
     are put in from a one-time computation (:mod:`bharnet.absent_persons`).
 
-    ``model`` is not modified: the copy has its own parameters, and a different module
-    structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy
+    ``model`` is not modified: the copy has its own parameters (a module or weight that
+    ``model`` uses at several places gets a copy per place, each folded with its own BN; a
+    convolution without bias gets one), and a different module structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy
     computes the eval-mode function only, so running it in training mode raises
     ``RuntimeError``; ``model`` in training mode raises ``ValueError`` (training-mode BN uses
     batch statistics, which cannot be folded).
@@ -228,24 +241,27 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     Speed (full-size BHaRNet-E, one clip of 2 persons x 64 frames, float32, ``auto`` = C++
     kernels with channels-last features, on this project's 2-core AMD EPYC with 2 threads):
     2.30x-2.91x the eager reference model in the ``bharnet bench`` runs of 2026-11-26/27 after
-    the channels-last path (78.7 vs 209.8 ms in the last, 63.2 ms under ``torch.compile``; the
+    the channels-last path (79.6 vs 191 ms in the last, 62.6 ms under ``torch.compile``; the
     C++ kernels alone, unfused, 2.13x-2.50x since the 1x1 convolutions run on them too); with
-    one of the 2 persons present, 47.2 vs 187.7 ms (3.98x). See the README's performance
+    one of the 2 persons present, 48.5 vs 192 ms (3.95x). See the README's performance
     section for the latest run.
     On Linux with glibc, large activations freed by one call are returned to the OS and faulted
     back in by the next: call :func:`keep_freed_memory` once (or set ``MALLOC_MMAP_THRESHOLD_``
     and ``MALLOC_TRIM_THRESHOLD_``, or preload jemalloc/tcmalloc) for every model in the process.
     """
+    if getattr(model, _FUSED, False):
+        raise ValueError("fuse_for_inference: this model was already fused for inference; pass the "
+                         "unfused (trained) model")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         raise ValueError(f"fuse_for_inference needs a model in eval mode (call model.eval() first); "
                          f"in training mode: {', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
-    fused = copy.deepcopy(model)
+    fused = _unshared(copy.deepcopy(model))
     for name, module in list(fused.named_modules()):
         if _is_conv_bn(module):
             fused.set_submodule(name, _fold_conv_bn(module, name))
         elif isinstance(module, DeformableTemporalConv):
-            _scale_rows(module.weight, module.bias, *_bn_affine(module.bn, f"{name}.bn"))
+            _scale_rows(module, *_bn_affine(module.bn, f"{name}.bn"))
             module.bn = nn.Identity()
     for name, module in list(fused.named_modules()):
         if isinstance(module, (STGraphConv, CTRGraphConv)):
@@ -266,7 +282,32 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
             if isinstance(module, GCNBlock):
                 module.register_forward_pre_hook(_channels_last_input)
     fused.register_forward_pre_hook(_refuse_training)
-    return skip_absent_persons(fused)
+    setattr(fused, _FUSED, True)
+    return skip_absent_persons(fused).eval()  # also the modules made here
+
+
+# set on a model that fuse_for_inference made
+_FUSED = "_bharnet_fused_for_inference"
+
+
+def _unshared(model: nn.Module) -> nn.Module:
+    """``model`` with every module and parameter at one place only, in place: a module that sits
+    at several places (``named_modules`` lists it once) becomes a copy per extra place, and a
+    parameter that several modules hold (tied weights) a copy per extra module. Folding rewrites
+    weights in place, so a shared one would be folded at one place and wrong at the others (or
+    folded twice); for the eval-mode function computed here, copies are the same function."""
+    seen = set()
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in seen:
+            model.set_submodule(name, copy.deepcopy(module))
+        seen.add(id(module))
+    seen = set()
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and id(param) in seen:
+                module._parameters[key] = nn.Parameter(param.detach().clone(), param.requires_grad)
+            seen.add(id(param))
+    return model
 
 
 def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:

@@ -79,6 +79,23 @@ def test_deploy_errors(tmp_path):
         deploy.compile_package(None, str(tmp_path / "model.so"))
 
 
+def test_one_clip_example_and_a_missing_modality():
+    """A one-clip example still gives a batch-free program; a single-modality model is exported
+    and run with None for the input it does not read."""
+    model = trained_like("bharnet-e", torch.float32)
+    body, hand = clips(1)
+    program = deploy.export(model, body, hand)
+    for batch in (1, 3):
+        out = program.module()(*clips(batch))
+        assert_same_outputs({"logits": out.logits, **out.parts}, expected(model, batch), 1e-6)
+    body_model = trained_like("body", torch.float32)
+    program = deploy.export(body_model, clips(2)[0], None)
+    body3 = clips(3)[0]
+    with torch.no_grad():
+        want = fuse_for_inference(body_model)(body3, None).logits
+    torch.testing.assert_close(program.module()(body3, None).logits, want, rtol=1e-6, atol=1e-6)
+
+
 # C++ ops that no model graph contains: diagnostics, and the CPU linear layers' weight gradient,
 # which only their backward calls (bharnet.ops.cpu_linear registers it as that runs)
 NOT_IN_MODEL_GRAPHS = {"bharnet::cpu_vector_bytes", "bharnet::cpu_wide_calls", "bharnet::linear_weight_grad_cpp"}

@@ -108,6 +108,47 @@ def test_batchnorm_without_running_statistics_is_refused():
         fuse_for_inference(model)
 
 
+def random_bn(channels):
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for t, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2), (bn.weight, 0.5, 2), (bn.bias, -1, 1)):
+            t.uniform_(low, high)
+    return bn.double().eval()
+
+
+def test_shared_modules_and_tied_weights_are_folded_at_every_place():
+    """A conv+BN pair used twice, one convolution before two different BNs, and two
+    convolutions holding one weight: each place is folded with its own BN."""
+    pair = nn.Sequential(nn.Conv2d(4, 4, 1), random_bn(4)).double()
+    conv = nn.Conv2d(4, 4, 1).double()
+    tied = nn.Conv2d(4, 4, 1).double()
+    tied_twin = nn.Conv2d(4, 4, 1).double()
+    tied_twin.weight = tied.weight
+    model = nn.Sequential(pair, nn.ReLU(), pair, nn.Sequential(conv, random_bn(4)), nn.Sequential(conv, random_bn(4)),
+                          nn.Sequential(tied, random_bn(4)), nn.Sequential(tied_twin, random_bn(4))).eval()
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    fused = fuse_for_inference(model, "reference")
+    assert count(fused, nn.BatchNorm2d) == 0
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) < 1e-12
+
+
+def test_convolutions_without_bias_are_folded():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), random_bn(4))).double().eval()
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    fused = fuse_for_inference(model, "reference")
+    assert isinstance(fused[0], nn.Conv2d) and fused[0].bias is not None and model[0][0].bias is None
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) < 1e-12
+
+
+def test_the_fused_model_is_in_eval_mode_and_is_not_fused_again():
+    fused = fuse_for_inference(trained_like("bharnet-e"), "reference")
+    assert not [name for name, m in fused.named_modules() if m.training]
+    with pytest.raises(ValueError, match="already fused for inference; pass the unfused"):
+        fuse_for_inference(fused)
+
+
 @needs_cpp
 def test_swap_layers_cpp_runs_every_fused_layer_on_cpp():
     model = swap_layers(trained_like("bharnet-e", torch.float32), "cpp")

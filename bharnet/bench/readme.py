@@ -120,7 +120,7 @@ def render_device(rows: Sequence[Row], plots: Sequence[str] = ()) -> List[str]:
     if plots:
         names = [os.path.splitext(os.path.basename(p))[0].split("_", 1)[-1] for p in plots]
         lines.append("Plots: " + ", ".join(f"[{name}]({p})" for name, p in zip(names, plots)) + ".")
-    lines += _op_lines(rows, several) + _model_lines(rows, several)
+    lines += _op_lines(rows, several, first.device.startswith("cpu")) + _model_lines(rows, several)
     return lines
 
 
@@ -141,9 +141,10 @@ def _providers(rows: Iterable[Row]) -> List[str]:
     return list(dict.fromkeys(r.provider for r in rows))
 
 
-def _op_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:
+def _op_lines(rows: Sequence[Row], run_column: bool = False, cpu: bool = False) -> List[str]:
     """Two tables: fwd+bwd time per provider, and memory (saved for backward, fwd+bwd peak);
-    with ``run_column``, each case's run (its rows must all come from one run)."""
+    with ``run_column``, each case's run (its rows must all come from one run); ``cpu`` says
+    why the bandwidth share can exceed 100% there."""
     times = by_op(r for r in rows if r.metric == "time" and r.mode == "fwd+bwd")
     if not times:
         return []
@@ -172,7 +173,10 @@ def _op_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:
     return (["", f"Ops, forward + backward, ms (speedup over the baseline: {_baselines_text(times)}); the last column "
              "is the best "
              "provider's traffic (inputs read once, outputs written once) over its time, as a share "
-             "of the copy bandwidth:", ""]
+             "of the copy bandwidth" + (
+                 " (measured on buffers larger than the caches; the CPU timer does not flush the caches between "
+                 "calls, and these shapes' inputs fit in the last-level cache, so the share can exceed "
+                 "100%: a comparison between providers, not a roofline)" if cpu else "") + ":", ""]
             + _table(head + providers + ["best % of copy BW"] + tail, speed)
             + ["", "Ops, memory in MiB: saved for backward by the forward / peak of forward + backward "
                "above the inputs:", ""]
