@@ -27,6 +27,7 @@ Writers (:class:`SplitWriter`, :func:`write_manifest`) fill arrays under ``.part
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional, Sequence, Tuple
@@ -138,6 +139,27 @@ class SplitWriter:
         if exc_type is not None:
             self.discard()
         return False
+
+
+@contextlib.contextmanager
+def exclusive(root: str):
+    """Hold an exclusive lock on the dataset folder ``root`` (a ``flock`` on ``<root>.lock``, which
+    other processes wait for): e.g. the ranks of a ``torchrun`` job that each make the same
+    dataset, of which one writes it and the others then find it complete. Without ``fcntl``
+    (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    with open(os.path.abspath(root) + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remove_partial_files(root: str) -> None:

@@ -37,6 +37,7 @@ never interpolated). Slots without a detection stay zero and invalid.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -140,8 +141,13 @@ def write_hand_npz(path: str, hands: HandSequence) -> None:
 
 
 def read_hand_npz(path: str) -> HandSequence:
-    """Read a per-sample hand file; raises ValueError naming the file on a bad layout."""
-    with np.load(path) as data:
+    """Read a per-sample hand file; raises ValueError naming the file on a bad layout or a file
+    that is not a readable .npz (empty, truncated)."""
+    try:
+        archive = np.load(path)
+    except (EOFError, zipfile.BadZipFile, ValueError) as error:
+        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+    with archive as data:
         missing = {"keypoints", "valid"} - set(data.files)
         if missing:
             raise ValueError(f"{path}: missing arrays {sorted(missing)}; "

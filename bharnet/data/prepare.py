@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -194,7 +195,7 @@ def _cached_meta(task: SampleTask) -> Optional[dict]:
     try:
         with np.load(task.cache_path) as data:
             meta = json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # unreadable: convert again
         return None
     return meta if meta.get("stamp") == task.stamp else None
 

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 
-from .dataset import (NUM_PERSONS, SPLITS, SplitWriter, invalidate, read_manifest,
+from .dataset import (NUM_PERSONS, SPLITS, SplitWriter, exclusive, invalidate, read_manifest,
                       remove_partial_files, split_summary, write_manifest)
 
 SPLIT_SEEDS = {"train": 1, "test": 2}
@@ -417,9 +417,19 @@ def make_synthetic(out_dir: str, num_classes: int = 10, num_hand_centric: int = 
               "num_hand_centric": num_hand_centric,
               "samples_per_class_train": samples_per_class_train,
               "samples_per_class_test": samples_per_class_test, "frames": frames, "seed": seed}
+    with exclusive(out_dir):  # one writer; others wait, then find it complete
+        _write_synthetic(out_dir, source, num_classes, num_hand_centric, num_body, samples_per_class_train,
+                         samples_per_class_test, frames, seed)
+    return out_dir
+
+
+def _write_synthetic(out_dir: str, source: dict, num_classes: int, num_hand_centric: int, num_body: int,
+                     samples_per_class_train: int, samples_per_class_test: int, frames: int, seed: int) -> None:
+    """The body of :func:`make_synthetic`, under its lock: nothing when ``out_dir`` already holds
+    this dataset."""
     try:
         if read_manifest(out_dir).get("source") == source:
-            return out_dir
+            return
     except (FileNotFoundError, ValueError):
         pass
     os.makedirs(out_dir, exist_ok=True)
@@ -445,4 +455,3 @@ def make_synthetic(out_dir: str, num_classes: int = 10, num_hand_centric: int = 
         "has_hands": True, "splits": splits, "source": source,
         "skipped": {}, "outside_benchmark": 0, "notes": {}, "errors": {},
     })
-    return out_dir

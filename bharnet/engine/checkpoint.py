@@ -48,9 +48,9 @@ def save_checkpoint(directory: str, epoch: int, step: int, model, optimizer, sca
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
+    device = _model_device(model)
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}
     path = os.path.join(directory, f"epoch-{epoch:04d}.safetensors")
     save_atomically(path, tensors, {"epoch": epoch, "step": step, "config": config,
@@ -92,10 +92,20 @@ def load_checkpoint(path: str, model, optimizer=None, scaler=None) -> Tuple[int,
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    cuda_state = tensors.get("rng.cuda", tensors.get("rng.cuda.0"))  # rng.cuda.<i>: files of bharnet <= 0.1.0
+    device = _model_device(model)
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
     return meta["epoch"], meta["step"]
+
+
+def _model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any).
+
+    Only this device's CUDA generator is saved and restored: the one that training draws from.
+    Under DDP every rank seeds its device alike and draws as often, so rank 0's state (the one
+    saved) is every rank's, and a run resumes with any number of visible GPUs."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def save_weights(path: str, model, metadata: dict) -> None:

@@ -78,10 +78,12 @@ def _train_one(config: TrainConfig, progress: bool) -> dict:
 
     common = dict(modality=config.modality, window=config.window, preprocessing=config.preprocessing)
     train_set = SkeletonDataset(config.data, "train", seed=config.seed, **common)
+    test_set = SkeletonDataset(config.data, "test", **common)
+    if len(test_set) == 0:  # said before training, not after
+        raise ValueError(f"the test split of {config.data} has no samples; bharnet train evaluates on it")
     train(config, train_set, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
-    test_set = SkeletonDataset(config.data, "test", **common)
     return evaluate_run(os.path.join(config.out, "model.safetensors"), test_set,
                         os.path.join(config.out, "eval"), config.batch_size, config.device,
                         config.amp, config.backend, progress)
@@ -106,7 +108,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"no --data given: training on the built-in synthetic dataset ({args.synthetic_dir})")
         config = replace(config, data=make_synthetic(args.synthetic_dir))
     out = config.out or os.path.join("runs", "synthetic" if demo else f"{config.model}-{config.modality}")
-    models = DEMO_MODELS if demo and args.model is None else (config.model,)
+    named = args.model is not None or (args.config and "model" in read_config_file(args.config))
+    models = DEMO_MODELS if demo and not named else (config.model,)
     results = {}
     for name in models:
         run_config = replace(config, model=name, out=os.path.join(out, name) if len(models) > 1 else out)
@@ -153,6 +156,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.weights):
         raise SystemExit(f"bharnet eval: {args.weights} does not exist")
     meta = checkpoint.read_metadata(args.weights)
+    if "modality" not in meta:
+        raise SystemExit(f"bharnet eval: {args.weights} has no model description: pass the model.safetensors "
+                         "that bharnet train writes, not a training checkpoint")
     dataset = SkeletonDataset(args.data, args.split, modality=meta["modality"], window=meta["window"],
                               preprocessing=meta["preprocessing"], train=False)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.weights)), f"eval-{args.split}")
@@ -174,6 +180,9 @@ def run_ensemble(args: argparse.Namespace) -> int:
     from .ensemble import ensemble_dirs
 
     weights = args.weights or [1.0] * len(args.eval_dirs)
+    if len(weights) != len(args.eval_dirs):
+        raise SystemExit(f"bharnet ensemble: {len(weights)} --weights for {len(args.eval_dirs)} folders; "
+                         "give one weight per folder")
     hand_centric = read_manifest(args.data)["hand_centric_classes"] if args.data else ()
     result = ensemble_dirs(args.eval_dirs, weights, hand_centric)
     print(format_results({f"ensemble of {len(args.eval_dirs)}": result}))

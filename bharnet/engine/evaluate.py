@@ -21,6 +21,10 @@ def load_model(path: str, device="cpu", backend: Optional[str] = None):
     """Rebuild a model from ``model.safetensors`` (weights + description); returns
     ``(model, description)``."""
     state, meta = checkpoint.load_weights(path)
+    missing = {"model", "num_classes", "preset", "model_options", "label_smoothing", "modality"} - meta.keys()
+    if missing:
+        raise ValueError(f"{path} has no model description ({', '.join(sorted(missing))} missing): pass the "
+                         "model.safetensors that bharnet train writes, not a training checkpoint")
     options = dict(meta["model_options"])
     options.setdefault("label_smoothing", meta["label_smoothing"])
     model = create_model(meta["model"], meta["num_classes"], preset=meta["preset"], **options)
@@ -104,6 +108,11 @@ def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, devi
     the model's ``impl`` option (None: the global default, see ``bharnet.ops.use_backend``)."""
     device = resolve_device(device)
     model, meta = load_model(weights, device)
+    if len(dataset) == 0:
+        raise ValueError(f"the {dataset.split} split of {dataset.root} has no samples: nothing to evaluate")
+    if meta["num_classes"] != dataset.num_classes:
+        raise ValueError(f"{weights} classifies {meta['num_classes']} classes, the dataset at {dataset.root} "
+                         f"has {dataset.num_classes}")
     model = fuse_for_inference(model, backend if backend is not None else model.config.impl)
     scores = predict(model, dataset, batch_size, device, amp, progress)
     labels = np.asarray(dataset.labels, dtype=np.int64)

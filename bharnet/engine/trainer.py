@@ -58,6 +58,16 @@ class JsonlLog:
     def __init__(self, path: Optional[str]):
         self.path = path
 
+    def keep_epochs(self, last: int) -> None:
+        """Drop the records of epochs after ``last`` (1-based): a run killed after logging an
+        epoch but before its checkpoint was saved trains that epoch again when resumed."""
+        if self.path is None or not os.path.isfile(self.path):
+            return
+        with open(self.path, "r", encoding="utf-8") as handle:
+            lines = [line for line in handle if line.strip() and json.loads(line)["epoch"] <= last]
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+
     def write(self, record: dict) -> None:
         if self.path is None:
             return
@@ -123,6 +133,7 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
         _check_resumable(config)
         finished_epoch, step = checkpoint.load_checkpoint(latest, model, optimizer, scaler)
         start_epoch = finished_epoch + 1
+        log.keep_epochs(start_epoch)
         if context.is_main and start_epoch >= config.epochs:
             print(f"{config.model}: {config.out} already holds {start_epoch} trained epochs "
                   f"(--epochs {config.epochs}); nothing to train")
@@ -136,7 +147,14 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
     per_rank_batch = max(1, config.batch_size // context.world_size)
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank,
                                  shuffle=True, seed=config.seed, drop_last=True)
+    if len(sampler) == 0:
+        raise ValueError(f"the training split of {config.data} has {len(train_set)} samples, fewer than "
+                         f"the {context.world_size} processes: nothing to train on")
+    # its own generator: the loader's workers take their base seed from it when an epoch starts
+    # (once, with persistent workers), so the global generator behind dropout is the same
+    # whether a run is resumed or not
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,
+                        generator=torch.Generator().manual_seed(config.seed),
                         num_workers=config.workers, drop_last=len(sampler) > per_rank_batch,
                         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     steps_per_epoch = len(loader)

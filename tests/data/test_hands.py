@@ -86,6 +86,20 @@ def test_npz_two_dimensional_keypoints_get_zero_depth(tmp_path):
     assert (loaded.keypoints[..., :2] == 1).all() and not loaded.keypoints[..., 2].any()
 
 
+def test_unreadable_npz_files_are_value_errors_naming_the_file(tmp_path):
+    """An empty or truncated hand file is a ValueError (prepare notes it as invalid_hand_file and
+    goes on), not zipfile's or numpy's own exception, which stopped the whole prepare run."""
+    good = tmp_path / "good.npz"
+    np.savez(good, keypoints=np.ones((2, 1, 2, 21, 3)), valid=np.ones((2, 1, 2), bool))
+    empty, truncated = tmp_path / "empty.npz", tmp_path / "truncated.npz"
+    empty.write_bytes(b"")
+    truncated.write_bytes(good.read_bytes()[:100])
+    for path in (empty, truncated):
+        with pytest.raises(ValueError, match="not a readable .npz file") as info:
+            hands.read_hand_npz(path)
+        assert str(path) in str(info.value)
+
+
 def test_npz_errors_name_the_file(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, keypoints=np.ones((2, 1, 21, 3)), valid=np.ones((2, 1, 2), bool))

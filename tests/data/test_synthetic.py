@@ -1,5 +1,8 @@
 """The built-in synthetic dataset: format, determinism, anatomy and the hand-centric design."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -60,6 +63,21 @@ def test_deterministic_by_seed_and_rewritten_for_new_arguments(tmp_path, synthet
     make_synthetic(tmp_path / "other", seed=4, **{**args, "frames": 30})
     assert read_manifest(tmp_path / "other")["max_frames"] == 30
     assert _load(tmp_path / "other", "train")["body"].shape[2] == 30
+
+
+def test_processes_making_the_same_dataset_at_once_all_get_it(tmp_path):
+    """The ranks of a torchrun demo each call make_synthetic on one folder: one writes it, the
+    others wait and find it complete (they used to remove and rename each other's files)."""
+    args = dict(num_classes=4, num_hand_centric=2, samples_per_class_train=40, samples_per_class_test=10, seed=3)
+    script = textwrap.dedent(f"""
+        from bharnet.data.synthetic import make_synthetic
+        make_synthetic({str(tmp_path / "shared")!r}, **{args!r})
+    """)
+    processes = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], errors
+    assert _files(tmp_path / "shared") == _files(make_synthetic(tmp_path / "alone", **args))
 
 
 def test_argument_errors(tmp_path):

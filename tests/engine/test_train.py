@@ -59,23 +59,31 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(10, 10, 2, 1.0, 0.1) == pytest.approx(0.1)
 
 
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers, dropout, killed", [(0, 0.0, "after"), (1, 0.5, "after"), (0, 0.0, "during")])
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_dataset, tmp_path, monkeypatch,
+                                                                      workers, dropout, killed):
+    """Killed after epoch 2's checkpoint was saved, or while it was being saved (after the epoch
+    was logged); with a data-loader worker and dropout, the global generator behind dropout must
+    not depend on when the loader's persistent workers started."""
+    options = dict(epochs=3, workers=workers, model_options={"dropout": dropout})
     dataset = SkeletonDataset(tiny_dataset, "train", window=8, seed=0)
-    straight = config(tiny_dataset, tmp_path / "straight", epochs=3)
+    straight = config(tiny_dataset, tmp_path / "straight", **options)
     train(straight, dataset, progress=False)
 
     real_save = checkpoint.save_checkpoint
     calls = []
 
     def save_then_die(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2 and killed == "during":
+            raise KeyboardInterrupt("simulated kill while saving epoch 2")
         path = real_save(*args, **kwargs)
-        calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated kill after epoch 2")
         return path
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    resumed = config(tiny_dataset, tmp_path / "resumed", epochs=3)
+    resumed = config(tiny_dataset, tmp_path / "resumed", **options)
     with pytest.raises(KeyboardInterrupt):
         train(resumed, SkeletonDataset(tiny_dataset, "train", window=8, seed=0), progress=False)
     assert not os.path.exists(tmp_path / "resumed" / "model.safetensors")
@@ -141,6 +149,31 @@ def test_demo_path_trains_both_models(tiny_dataset, tmp_path, monkeypatch, capsy
     assert set(summary["models"]["body"]) == {"top1", "top5", "hand_centric_top1"}
     table = capsys.readouterr().out
     assert "body" in table and "bharnet-e" in table
+
+
+def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, monkeypatch, capsys):
+    import bharnet.data.synthetic as synthetic
+    from bharnet.engine import commands
+
+    monkeypatch.setattr(synthetic, "make_synthetic", lambda directory: tiny_dataset)
+    monkeypatch.setattr(commands, "DEMO_CONFIG", {**FAST, "epochs": 1})
+    (tmp_path / "c.toml").write_text('model = "body"\n')
+    out = tmp_path / "demo"
+    # the demo trains the model a config file names (it trained body and bharnet-e)
+    assert main(["train", "--config", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
+    assert sorted(json.load(open(out / "metrics.json"))["models"]) == ["body"]
+    checkpoint_file = sorted((out / "checkpoints").iterdir())[-1]
+    with pytest.raises(SystemExit, match="not a training checkpoint"):
+        main(["eval", str(checkpoint_file), "--data", tiny_dataset, "--no-progress"])
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        load_model(str(checkpoint_file))
+    monkeypatch.undo()  # the real make_synthetic again
+    other = synthetic.make_synthetic(tmp_path / "five", num_classes=5, num_hand_centric=2,
+                                     samples_per_class_train=1, samples_per_class_test=1, frames=16)
+    with pytest.raises(ValueError, match="classifies 4 classes, the dataset at .* has 5"):
+        main(["eval", str(out / "model.safetensors"), "--data", other, "--no-progress"])
+    with pytest.raises(SystemExit, match="2 --weights for 1 folders"):
+        main(["ensemble", str(out / "eval"), "--weights", "0.5", "0.5"])
 
 
 def test_config_errors(tmp_path):
