@@ -16,8 +16,9 @@ blank lines and frames with zero bodies; anything else that deviates raises
 :class:`SkeletonFormatError` naming the file and the line.
 
 Body selection (:func:`select_bodies`) follows common NTU preprocessing practice: drop noise
-bodies (present in too few frames, or mostly wider than tall), then keep the most active
-bodies by motion energy. The benchmarks are the official cross-subject/cross-view (NTU-60)
+bodies (present in too few frames, or mostly wider than tall), then rank the rest by motion
+energy; :func:`assign_actors` joins bodies that follow one another in time (Kinect re-tracking
+one person under a new id) into one actor and keeps the most active actors. The benchmarks are the official cross-subject/cross-view (NTU-60)
 and cross-subject/cross-setup (NTU-120) protocols.
 """
 from __future__ import annotations
@@ -265,6 +266,38 @@ def select_bodies(skeleton: Skeleton, max_bodies: int = 2, min_frames: int = 11,
     energy = motion_energy(skeleton.xyz, skeleton.present)[candidates]
     order = np.argsort(-energy, kind="stable")
     return candidates[order[:max_bodies]]
+
+
+def assign_actors(skeleton: Skeleton, max_actors: int = 2, min_frames: int = 11) -> np.ndarray:
+    """Which body is each actor in each frame: ``owner`` (frames, actors) int, a body index or
+    -1 where the actor is absent; at most ``max_actors`` actors, the most active first.
+
+    Kinect gives an actor a new body id when it loses and re-finds them, so one person can be
+    several bodies one after another. The bodies kept by :func:`select_bodies` are taken in its
+    order (most active first); each joins the first actor whose frames it does not overlap, else
+    becomes a new actor while there are fewer than ``max_actors``, else is dropped (as in the
+    common NTU preprocessing, which merges an actor's successive bodies)."""
+    if max_actors < 1:
+        raise ValueError(f"max_actors must be >= 1, got {max_actors}")
+    present = skeleton.present
+    owner = np.full((present.shape[0], 0), -1, dtype=np.int64)
+    for body in select_bodies(skeleton, max(present.shape[1], 1), min_frames):
+        frames = present[:, body]
+        free = [a for a in range(owner.shape[1]) if (owner[frames, a] < 0).all()]
+        if free:
+            owner[frames, free[0]] = body
+        elif owner.shape[1] < max_actors:
+            owner = np.concatenate([owner, np.where(frames, body, -1)[:, None]], axis=1)
+    return owner
+
+
+def gather_actors(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """``values`` (frames, bodies, ...) per actor: (frames, actors, ...) with the owning body's
+    values, zeros where the actor is absent (``owner`` from :func:`assign_actors`)."""
+    out = np.zeros(owner.shape + values.shape[2:], values.dtype)
+    frames, actors = np.nonzero(owner >= 0)
+    out[frames, actors] = values[frames, owner[frames, actors]]
+    return out
 
 
 # --------------------------------------------------------------------------- benchmarks

@@ -61,7 +61,13 @@ class PrepareOptions:
             raise ValueError(f"hand_space must be 'camera' or 'color', got {self.hand_space!r}")
 
     def fingerprint(self) -> str:
-        return _digest(asdict(self))
+        return _digest({**asdict(self), "conversion": CONVERSION_VERSION})
+
+
+# the per-sample conversion's version, in the cache's fingerprint and the manifest's source, so
+# that a dataset prepared by an older conversion is converted again (2: the successive bodies of
+# one actor are joined, ntu.assign_actors)
+CONVERSION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -132,25 +138,27 @@ def _save_atomically(path: str, **arrays) -> None:
 
 # --------------------------------------------------------------------------- one sample
 
-def _sample_hands(task: SampleTask, skeleton: ntu.Skeleton, selected: np.ndarray,
+def _sample_hands(task: SampleTask, skeleton: ntu.Skeleton, owner: np.ndarray,
                   options: PrepareOptions, notes: dict) -> hands_io.HandSequence:
-    frames = skeleton.num_frames
+    """The hands of the actors of ``owner`` (:func:`bharnet.data.ntu.assign_actors`), all frames."""
+    frames, actors = owner.shape
     if task.hand_path is None:
         if options.with_hands:
             notes["no_hand_file"] = True
-        return hands_io.HandSequence.empty(frames, len(selected))
+        return hands_io.HandSequence.empty(frames, actors)
     try:
-        if task.hand_path.endswith(".npz"):
-            return (hands_io.read_hand_npz(task.hand_path).with_persons(skeleton.num_bodies)
-                    .with_frames(frames).select(persons=selected))
+        if task.hand_path.endswith(".npz"):  # a person per Kinect body
+            by_body = hands_io.read_hand_npz(task.hand_path).with_persons(skeleton.num_bodies).with_frames(frames)
+            return hands_io.HandSequence(ntu.gather_actors(by_body.keypoints, owner),
+                                         ntu.gather_actors(by_body.valid, owner))
         space = skeleton.xyz if options.hand_space == "camera" else skeleton.color_xy
         return hands_io.align_hands(
             hands_io.read_mediapipe_json(task.hand_path),
-            hands_io.kinect_wrists(space[:, selected]), skeleton.present[:, selected],
+            hands_io.kinect_wrists(ntu.gather_actors(space, owner)), owner >= 0,
             options.handedness, options.hand_max_distance, options.hand_min_score)
     except (OSError, ValueError, KeyError) as error:
         notes["invalid_hand_file"] = f"{task.hand_path}: {error}"
-        return hands_io.HandSequence.empty(frames, len(selected))
+        return hands_io.HandSequence.empty(frames, actors)
 
 
 def convert_sample(task: SampleTask, options: PrepareOptions) -> dict:
@@ -163,15 +171,18 @@ def convert_sample(task: SampleTask, options: PrepareOptions) -> dict:
         return {"status": "skip", "reason": "malformed", "message": str(error)}
     if skeleton.is_empty:
         return {"status": "skip", "reason": "empty", "message": "no body in any frame"}
-    selected = ntu.select_bodies(skeleton, NUM_PERSONS, options.min_body_frames)
+    owner = ntu.assign_actors(skeleton, NUM_PERSONS, options.min_body_frames)
     notes: dict = {}
-    hands = _sample_hands(task, skeleton, selected, options, notes)
-    frames = np.flatnonzero(skeleton.present[:, selected].any(axis=1))
+    joined = sum(len(np.unique(column[column >= 0])) - 1 for column in owner.T)
+    if joined:
+        notes["joined_bodies"] = joined  # bodies that continue an actor under a new Kinect id
+    hands = _sample_hands(task, skeleton, owner, options, notes)
+    frames = np.flatnonzero((owner >= 0).any(axis=1))
     if len(frames) > options.max_frames:
         frames = frames[hands_io.resample_indices(len(frames), options.max_frames)]
         notes["resampled"] = True
     body = np.zeros((len(frames), NUM_PERSONS, ntu.NUM_JOINTS, 3), np.float32)
-    body[:, :len(selected)] = skeleton.xyz[frames][:, selected]
+    body[:, :owner.shape[1]] = ntu.gather_actors(skeleton.xyz, owner)[frames]
     hand, hand_valid = hands.select(frames=frames).with_persons(NUM_PERSONS).graph_arrays()
     return {"status": "ok", "body": np.ascontiguousarray(body.transpose(3, 0, 2, 1)),
             "hand": hand, "hand_valid": hand_valid, "notes": notes}
@@ -281,7 +292,7 @@ def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
               "hands_dir": None if hands_dir is None else os.path.abspath(hands_dir),
               "options": asdict(options), "missing_skeleton_list": len(listed_missing),
               "inputs": _digest([(t.name, t.stamp) for t in tasks]),
-              "hand_centric_classes": hand_centric}
+              "hand_centric_classes": hand_centric, "conversion": CONVERSION_VERSION}
     summary = _summary_if_up_to_date(out_dir, source)
     if summary is not None:
         return summary
@@ -293,7 +304,7 @@ def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
 
     results = {"train": [], "test": []}
     errors: Dict[str, str] = {}
-    notes: Dict[str, List[str]] = {"resampled": [], "no_hand_file": [], "invalid_hand_file": []}
+    notes: Dict[str, List[str]] = {"resampled": [], "no_hand_file": [], "invalid_hand_file": [], "joined_bodies": []}
     for task in tasks:
         meta = _cached_meta(task)
         if meta is None:

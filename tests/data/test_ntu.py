@@ -155,6 +155,27 @@ def test_select_bodies_keeps_something_when_every_body_looks_like_noise():
         ntu.select_bodies(only_wide, max_bodies=0)
 
 
+def test_assign_actors_joins_successive_bodies_and_keeps_the_most_active_actors():
+    frames = 30
+    a = standing_body(frames, amplitude=0.4, seed=3)
+    b = a.copy()
+    a[15:], b[:15] = np.nan, np.nan  # one person, re-tracked under a new id at frame 15
+    second = standing_body(frames, offset=(1, 0, 3), amplitude=0.2, seed=4)
+    third = standing_body(frames, offset=(-1, 0, 3), amplitude=0.1, seed=5)
+    skeleton = _skeleton_from([a, second, b, third])
+    owner = ntu.assign_actors(skeleton, max_actors=2, min_frames=11)
+    np.testing.assert_array_equal(owner[:, 0], [0] * 15 + [2] * 15)
+    np.testing.assert_array_equal(owner[:, 1], [1] * frames)  # the third, least active, dropped
+    gathered = ntu.gather_actors(skeleton.xyz, owner)
+    np.testing.assert_array_equal(gathered[:, 0], np.nan_to_num(np.where(np.isnan(a), b, a)))
+    assert ntu.assign_actors(skeleton, max_actors=1, min_frames=11).shape == (frames, 1)
+    partial = owner.copy()
+    partial[:5, 1] = -1
+    assert not ntu.gather_actors(skeleton.xyz, partial)[:5, 1].any()  # zeros where absent
+    with pytest.raises(ValueError, match="max_actors"):
+        ntu.assign_actors(skeleton, max_actors=0)
+
+
 def test_official_benchmark_splits():
     assert len(ntu.NTU60_XSUB_TRAIN_SUBJECTS) == 20 and len(ntu.NTU120_XSUB_TRAIN_SUBJECTS) == 53
     split = ntu.benchmark_split

@@ -92,7 +92,7 @@ def test_prepare_end_to_end(ntu_source, tmp_path):
     assert summary.outside_benchmark == 1
     assert summary.notes == {"resampled": ["S001C001P008R001A007"],
                              "no_hand_file": ["S001C001P008R001A007", "S001C003P002R002A003"],
-                             "invalid_hand_file": ["S001C001P006R001A008"]}
+                             "invalid_hand_file": ["S001C001P006R001A008"], "joined_bodies": []}
     assert "S002C001P004R001A004.skeleton: line" in summary.errors["S002C001P004R001A004"]
     assert "malformed" in summary.report() and "train 3" in summary.report()
 
@@ -261,3 +261,34 @@ def test_image_space_hands_align_with_kinect_colour_coordinates(tmp_path, write_
         SkeletonDataset(out, "train")
     body_item, hand_item, _ = SkeletonDataset(out, "train", preprocessing="calibration-free")[0]
     assert hand_item.abs().max() > 10  # pixels, untouched
+
+
+def test_an_actor_tracked_under_several_kinect_ids_is_one_person(tmp_path, write_skeleton):
+    """One person whose Kinect id changes twice (A, B, C in turn) beside a second person
+    present throughout: every frame of the first is stored as person 0 (two of its three
+    ids used to be kept as persons 0 and 1, the third dropped with its frames), with the npz
+    hands of the body that owns each frame."""
+    frames = 36
+    person = standing_body(frames, amplitude=0.3, seed=11)
+    other = standing_body(frames, offset=(1.5, 0, 3), amplitude=0.05, seed=12)
+    ids = ["A"] * 12 + ["B"] * 12 + ["C"] * 12
+    src, hand_dir = tmp_path / "src", tmp_path / "hands"
+    write_skeleton("S001C001P001R001A050", [[(ids[t], person[t]), ("O", other[t])] for t in range(frames)], src)
+    hand_dir.mkdir()
+    bodies = 4  # in order of first appearance: A, O, B, C
+    keypoints = np.zeros((frames, bodies, 2, 21, 3), np.float32)
+    valid = np.zeros((frames, bodies, 2), bool)
+    for t in range(frames):
+        b = (0, 2, 3)[t // 12]
+        keypoints[t, b, 0] = b + 1  # each body's left hand marked with its index
+        valid[t, b, 0] = True
+    np.savez(hand_dir / "S001C001P001R001A050.npz", keypoints=keypoints, valid=valid)
+    summary = prepare_ntu(src, tmp_path / "out", hands_dir=hand_dir, workers=0, progress=False)
+    assert summary.notes["joined_bodies"] == ["S001C001P001R001A050"]
+    stored = np.load(tmp_path / "out" / "train" / "body.npy")[0]  # (3, T, 25, M)
+    np.testing.assert_allclose(stored[:, :frames, :, 0].transpose(1, 2, 0), person, atol=1e-5)
+    np.testing.assert_allclose(stored[:, :frames, :, 1].transpose(1, 2, 0), other, atol=1e-5)
+    assert np.load(tmp_path / "out" / "train" / "length.npy")[0] == frames
+    hand = np.load(tmp_path / "out" / "train" / "hand.npy")[0]  # (3, T, 42, M)
+    np.testing.assert_array_equal(hand[0, :frames, 0, 0], np.repeat([1, 3, 4], 12))
+    assert np.load(tmp_path / "out" / "train" / "hand_valid.npy")[0, :frames, 0, 0].all()
