@@ -176,6 +176,30 @@ def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, 
         main(["ensemble", str(out / "eval"), "--weights", "0.5", "0.5"])
 
 
+def _empty_split(root, split):
+    """Rewrite ``split`` of the prepared dataset at ``root`` with no samples."""
+    from bharnet.data.dataset import SplitWriter, read_manifest, split_summary, write_manifest
+
+    manifest = read_manifest(root)
+    with SplitWriter(os.path.join(root, split), 0, manifest["max_frames"]) as writer:
+        writer.commit()
+    manifest["splits"][split] = split_summary(np.zeros(0, np.int64), manifest["num_classes"])
+    write_manifest(root, {k: v for k, v in manifest.items() if not k.endswith("version") and k != "format"})
+
+
+def test_an_empty_split_is_said_before_training(tmp_path):
+    from bharnet.data.synthetic import make_synthetic
+
+    for split, message in (("test", "test split of .* has no samples"), ("train", "nothing to train on")):
+        data = make_synthetic(tmp_path / split, num_classes=4, num_hand_centric=2, samples_per_class_train=2,
+                              samples_per_class_test=1, frames=16)
+        _empty_split(data, split)
+        with pytest.raises(ValueError, match=message):
+            main(["train", "--data", data, "--model", "body", "--preset", "small", "--window", "8",
+                  "--epochs", "1", "--out", str(tmp_path / f"run-{split}"), "--no-progress"])
+        assert not (tmp_path / f"run-{split}" / "checkpoints").exists()
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown training option\(s\) \['epoch'\]"):
         TrainConfig.from_dict({"epoch": 3})
