@@ -60,11 +60,12 @@ class JsonlLog:
 
     def keep_epochs(self, last: int) -> None:
         """Drop the records of epochs after ``last`` (1-based): a run killed after logging an
-        epoch but before its checkpoint was saved trains that epoch again when resumed."""
+        epoch but before its checkpoint was saved trains that epoch again when resumed. A line
+        cut short by the kill goes too."""
         if self.path is None or not os.path.isfile(self.path):
             return
         with open(self.path, "r", encoding="utf-8") as handle:
-            lines = [line for line in handle if line.strip() and json.loads(line)["epoch"] <= last]
+            lines = [line for line in handle if _logged_epoch(line) <= last]
         with open(self.path, "w", encoding="utf-8") as handle:
             handle.writelines(lines)
 
@@ -73,6 +74,14 @@ class JsonlLog:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _logged_epoch(line: str) -> float:
+    """The epoch of a ``log.jsonl`` line; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 # Options a resumed run may change: more epochs extend it (the learning-rate schedule follows

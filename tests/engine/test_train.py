@@ -87,6 +87,9 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_datase
     with pytest.raises(KeyboardInterrupt):
         train(resumed, SkeletonDataset(tiny_dataset, "train", window=8, seed=0), progress=False)
     assert not os.path.exists(tmp_path / "resumed" / "model.safetensors")
+    if killed == "during":  # and a log line cut short
+        with open(tmp_path / "resumed" / "log.jsonl", "a", encoding="utf-8") as handle:
+            handle.write('{"epoch": 3, "st')
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     train(resumed, SkeletonDataset(tiny_dataset, "train", window=8, seed=0), progress=False)
 
