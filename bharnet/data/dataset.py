@@ -143,18 +143,17 @@ class SplitWriter:
 
 @contextlib.contextmanager
 def exclusive(root: str):
-    """Hold an exclusive lock on the dataset folder ``root`` (a ``flock`` on ``<root>.lock``, which
-    other processes wait for): e.g. the ranks of a ``torchrun`` job that each make the same
-    dataset, of which one writes it and the others then find it complete. Without ``fcntl``
-    (Windows) nothing is locked."""
+    """Hold an exclusive lock on the dataset folder ``root`` (created if missing; a ``flock`` on
+    ``<root>/.lock``, which other processes wait for): e.g. the ranks of a ``torchrun`` job that
+    each make the same dataset, of which one writes it and the others then find it complete.
+    Without ``fcntl`` (Windows) nothing is locked."""
+    os.makedirs(root, exist_ok=True)
     try:
         import fcntl
     except ImportError:
         yield
         return
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    with open(os.path.abspath(root) + ".lock", "a") as handle:
+    with open(os.path.join(root, ".lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
