@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Tuple
 
+from ..ops._backend import BACKENDS
+
 PRESETS = {
     # DESIGN.md: 10 blocks, stride 2 at blocks 5 and 8 (T = 64 → 16), stem = blocks 1-4.
     "full": dict(channels=(64, 64, 64, 64, 128, 128, 128, 256, 256, 256),
@@ -46,7 +48,11 @@ class ModelConfig:
     def check(self) -> None:
         if len(self.channels) != len(self.strides):
             raise ValueError(f"channels ({len(self.channels)}) and strides ({len(self.strides)}) differ in length")
-        if not 0 < self.stem_depth < len(self.channels):
-            raise ValueError(f"stem_depth must be in [1, {len(self.channels) - 1}], got {self.stem_depth}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.num_person < 1:
+            raise ValueError(f"num_person must be >= 1, got {self.num_person}")
+        if self.impl is not None and self.impl not in BACKENDS:
+            raise ValueError(f"impl must be one of {BACKENDS} or None, got {self.impl!r}")
         if self.attention_mode not in ("frame", "sequence"):
             raise ValueError(f"attention_mode must be 'frame' or 'sequence', got {self.attention_mode!r}")

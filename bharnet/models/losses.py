@@ -7,7 +7,9 @@ import torch
 def smoothed_nll(log_probs: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """``(1 − ε)·(−log p_y) + ε·mean_k(−log p_k)``, averaged over the batch (ε = ``smoothing``)."""
     nll = -log_probs.gather(1, target[:, None]).squeeze(1)
-    return ((1 - smoothing) * nll - smoothing * log_probs.mean(dim=1)).mean()
+    if smoothing:  # else 0 * (-inf) would make a -inf log-probability of another class NaN
+        nll = (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1)
+    return nll.mean()
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -18,9 +20,13 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float =
 def noisy_or_log_probs(z_body: torch.Tensor, z_hand: torch.Tensor) -> torch.Tensor:
     """Noisy-OR fusion (*reconstruction*): ``p = 1 − (1 − softmax z_B)(1 − softmax z_H)``.
 
-    A class is on if either expert turns it on. Returns ``log(p / Σ_k p_k)``; ``p_k`` lies in
-    [0, 1] and is at least ``max(softmax z_B, softmax z_H)_k > 0``, so the log is finite.
+    A class is on if either expert turns it on. Returns ``log(p / Σ_k p_k)``, computed in log
+    space from the log-softmaxes ``a``, ``b`` (float32) as ``log p = logaddexp(a, b + log(1 − e^a))``
+    (``p = e^a + e^b (1 − e^a)``): a class that both experts rule out by a wide margin gets a
+    finite log-probability, where the probabilities themselves underflow to 0 (logit gaps of
+    about 104 in float32: log 0 made the loss infinite, and its gradient overflowed from gaps of
+    about 95). ``1 − e^a`` is kept >= 1e-7, where ``e^b (1 − e^a)`` is negligible next to ``e^a``.
     """
-    p_body, p_hand = z_body.float().softmax(dim=1), z_hand.float().softmax(dim=1)
-    p = p_body + p_hand - p_body * p_hand
-    return p.log() - p.sum(dim=1, keepdim=True).log()
+    log_body, log_hand = z_body.float().log_softmax(dim=1), z_hand.float().log_softmax(dim=1)
+    log_p = torch.logaddexp(log_body, log_hand + torch.log1p(-log_body.exp().clamp(max=1 - 1e-7)))
+    return log_p - log_p.logsumexp(dim=1, keepdim=True)

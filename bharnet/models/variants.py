@@ -140,6 +140,8 @@ class BHaRNetE(_TwoExperts):
     def __init__(self, num_classes: int, config: ModelConfig):
         super().__init__(num_classes, config)
         split, depth = config.stem_depth, len(config.channels)
+        if not 0 < split < depth:  # checked here: the other variants have no stem
+            raise ValueError(f"stem_depth must be in [1, {depth - 1}], got {split}")
         heads = {}
         for name, graph in (("body", BODY), ("hand", HANDS)):
             setattr(self, f"{name}_stem", Expert(graph, config, (0, split)))

@@ -3,6 +3,7 @@ import torch
 
 import bharnet
 from bharnet.models import noisy_or_log_probs
+from bharnet.models.losses import smoothed_nll
 from bharnet.nn import CTRGraphConv
 
 SMALL = dict(preset="small")
@@ -101,6 +102,24 @@ def test_bharnet_p_prediction_and_loss():
     torch.testing.assert_close(model.loss(out, target), expected)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_noisy_or_loss_stays_finite_when_both_experts_rule_a_class_out_by_far(smoothing):
+    """Class 1 at a logit gap where its softmax underflows to 0 in both experts: the fused
+    log-probability, the loss and its gradient stay finite (log 0 made the loss inf or NaN)."""
+    z_b = torch.tensor([[5.0, -120.0, 0.0, 0.0]], requires_grad=True)
+    z_h = torch.tensor([[0.0, -110.0, 3.0, 0.0]], requires_grad=True)
+    log_q = noisy_or_log_probs(z_b, z_h)
+    assert torch.isfinite(log_q).all() and log_q[0, 1] < -100
+    loss = smoothed_nll(log_q, torch.tensor([0]), smoothing)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z_b.grad).all() and torch.isfinite(z_h.grad).all()
+    # elsewhere it is the closed form p = 1 - (1 - softmax z_B)(1 - softmax z_H), normalised
+    z_b, z_h = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    p = 1 - (1 - z_b.softmax(1)) * (1 - z_h.softmax(1))
+    torch.testing.assert_close(noisy_or_log_probs(z_b, z_h).double(), (p / p.sum(1, keepdim=True)).log(),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_bharnet_e_loss_is_ensemble_of_modalities():
     torch.manual_seed(0)
     model = bharnet.create_model("bharnet-e", 6, label_smoothing=0.1, **SMALL)
@@ -148,6 +167,14 @@ def test_clear_errors():
         bharnet.create_model("body", 6, width=3)
     with pytest.raises(ValueError, match="stem_depth"):
         bharnet.create_model("bharnet-e", 6, stem_depth=10)
+    # stem_depth is BHaRNet-E's: a stem-less model takes the preset's value with fewer blocks
+    assert bharnet.create_model("body", 6, channels=(16, 32), strides=(1, 2))
+    for option, message in ((dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\)"),
+                            (dict(label_smoothing=-0.1), "label_smoothing"),
+                            (dict(num_person=0), "num_person must be >= 1"),
+                            (dict(impl="trition"), "impl must be one of")):
+        with pytest.raises(ValueError, match=message):
+            bharnet.create_model("body", 6, **SMALL, **option)
 
 
 @pytest.mark.parametrize("name", ["bharnet-e", "bharnet-pam"])
