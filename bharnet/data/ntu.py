@@ -241,7 +241,12 @@ def noisy_spread_fraction(xyz: np.ndarray, present: np.ndarray, ratio: float = 0
     return np.where(counts > 0, noisy.sum(axis=0) / np.maximum(counts, 1), 0.0)
 
 
-def select_bodies(skeleton: Skeleton, max_bodies: int = 2, min_frames: int = 11,
+# bodies tracked in fewer frames are noise: the common NTU preprocessing (CTR-GCN's
+# get_raw_denoised_data.py) drops those tracked for 11 frames or fewer
+MIN_BODY_FRAMES = 12
+
+
+def select_bodies(skeleton: Skeleton, max_bodies: int = 2, min_frames: int = MIN_BODY_FRAMES,
                   spread_ratio: float = 0.8, max_noisy_fraction: float = 0.69) -> np.ndarray:
     """Indices of the bodies to keep, most active first (at most ``max_bodies``).
 
@@ -268,7 +273,7 @@ def select_bodies(skeleton: Skeleton, max_bodies: int = 2, min_frames: int = 11,
     return candidates[order[:max_bodies]]
 
 
-def assign_actors(skeleton: Skeleton, max_actors: int = 2, min_frames: int = 11) -> np.ndarray:
+def assign_actors(skeleton: Skeleton, max_actors: int = 2, min_frames: int = MIN_BODY_FRAMES) -> np.ndarray:
     """Which body is each actor in each frame: ``owner`` (frames, actors) int, a body index or
     -1 where the actor is absent; at most ``max_actors`` actors, the most active first.
 

@@ -44,7 +44,7 @@ class PrepareOptions:
     """Per-sample conversion options (they key the resume cache)."""
 
     max_frames: int = 300
-    min_body_frames: int = 11
+    min_body_frames: int = ntu.MIN_BODY_FRAMES
     with_hands: bool = False
     handedness: str = "nearest"
     hand_space: str = "camera"
@@ -242,7 +242,7 @@ def _skeleton_files(src_dir: str) -> Dict[str, str]:
 
 def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
                 benchmark: str = "xsub60", workers: Optional[int] = None,
-                max_frames: int = 300, missing_skeleton=None, min_body_frames: int = 11,
+                max_frames: int = 300, missing_skeleton=None, min_body_frames: int = ntu.MIN_BODY_FRAMES,
                 handedness: str = "nearest", hand_space: str = "camera",
                 hand_max_distance: Optional[float] = None, hand_min_score: float = 0.0,
                 hand_centric_classes: Sequence[int] = (), progress: bool = True
@@ -396,7 +396,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames stored per sample; longer samples are resampled")
     parser.add_argument("--missing-skeleton", default=None, metavar="FILE",
                         help="text file of sample names with missing skeletons to skip")
-    parser.add_argument("--min-body-frames", type=int, default=11,
+    parser.add_argument("--min-body-frames", type=int, default=ntu.MIN_BODY_FRAMES,
                         help="bodies present in fewer frames are treated as noise")
     parser.add_argument("--handedness", default="nearest", choices=hands_io.HANDEDNESS_MODES,
                         help="how a detected hand's side is chosen (JSON hands)")

@@ -155,6 +155,16 @@ def test_select_bodies_keeps_something_when_every_body_looks_like_noise():
         ntu.select_bodies(only_wide, max_bodies=0)
 
 
+def test_bodies_tracked_for_11_frames_or_fewer_are_noise_by_default():
+    """As in the common NTU preprocessing (length <= 11 is noise): 11 frames dropped, 12 kept."""
+    frames = 30
+    steady = standing_body(frames, amplitude=0.05, seed=3)
+    for length, kept in ((11, [0]), (12, [1, 0])):
+        brief = standing_body(frames, offset=(1, 0, 3), amplitude=0.5, seed=4)
+        brief[length:] = np.nan
+        assert list(ntu.select_bodies(_skeleton_from([steady, brief]))) == kept, length
+
+
 def test_assign_actors_joins_successive_bodies_and_keeps_the_most_active_actors():
     frames = 30
     a = standing_body(frames, amplitude=0.4, seed=3)
