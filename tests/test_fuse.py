@@ -12,7 +12,7 @@ from bharnet.ops._checks import is_channels_last
 from bharnet.nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, TemporalMaxPool,
                         TokenCrossAttention)
 from bharnet.nn.graph_conv import STGraphConv
-from trained_models import trained_like
+from trained_models import trained_like, with_statistics
 
 needs_cpp = pytest.mark.skipif(cpp_availability("cpu") is not None,
                                reason=f"C++ kernels unavailable: {cpp_availability('cpu')}")
@@ -109,11 +109,7 @@ def test_batchnorm_without_running_statistics_is_refused():
 
 
 def random_bn(channels):
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        for t, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2), (bn.weight, 0.5, 2), (bn.bias, -1, 1)):
-            t.uniform_(low, high)
-    return bn.double().eval()
+    return with_statistics(nn.BatchNorm2d(channels)).double().eval()
 
 
 def test_shared_modules_and_tied_weights_are_folded_at_every_place():

@@ -6,6 +6,18 @@ import bharnet
 from bharnet.nn import CTRGraphConv, DeformableTemporalConv
 
 
+@torch.no_grad()
+def with_statistics(bn, generator=None):
+    """``bn`` with random running statistics and affine parameters (at initialisation a BN is
+    the identity, and any fold of it would pass); returns ``bn``."""
+    c = bn.num_features
+    bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
+    bn.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
+    bn.weight.copy_(torch.randn(c, generator=generator))
+    bn.bias.copy_(torch.randn(c, generator=generator) * 0.3)
+    return bn
+
+
 def trained_like(name, dtype=torch.float64, **config):
     """A small model in eval mode whose BatchNorms have non-trivial statistics and affine
     parameters (at initialisation every BN is the identity and any fold would pass)."""
@@ -15,11 +27,7 @@ def trained_like(name, dtype=torch.float64, **config):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                module.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                module.weight.copy_(torch.randn(c, generator=g))
-                module.bias.copy_(torch.randn(c, generator=g) * 0.3)
+                with_statistics(module, g)
             elif isinstance(module, CTRGraphConv):
                 module.alpha.fill_(0.3)  # exercise the refinement path, zero at init
             elif isinstance(module, DeformableTemporalConv):

@@ -150,15 +150,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..data.dataset import SkeletonDataset
-    from . import checkpoint
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, read_description
 
     if not os.path.isfile(args.weights):
         raise SystemExit(f"bharnet eval: {args.weights} does not exist")
-    meta = checkpoint.read_metadata(args.weights)
-    if "modality" not in meta:
-        raise SystemExit(f"bharnet eval: {args.weights} has no model description: pass the model.safetensors "
-                         "that bharnet train writes, not a training checkpoint")
+    try:
+        meta = read_description(args.weights)
+    except ValueError as error:
+        raise SystemExit(f"bharnet eval: {error}") from None
     dataset = SkeletonDataset(args.data, args.split, modality=meta["modality"], window=meta["window"],
                               preprocessing=meta["preprocessing"], train=False)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.weights)), f"eval-{args.split}")

@@ -14,17 +14,29 @@ from ..fast import fuse_for_inference, swap_layers
 from ..models import create_model
 from . import checkpoint
 from .config import TrainConfig
-from .trainer import autocast, resolve_device
+from .trainer import autocast, model_description, resolve_device
+
+
+def read_description(path: str) -> dict:
+    """The model description of a ``model.safetensors`` (what :func:`model_description` wrote);
+    ValueError for a file without one, e.g. a training checkpoint."""
+    return _described(path, checkpoint.read_metadata(path))
+
+
+def _described(path: str, meta: dict) -> dict:
+    """``meta``, the metadata of the file ``path``, checked to hold a model description."""
+    missing = set(model_description(TrainConfig(), 0)) - meta.keys()
+    if missing:
+        raise ValueError(f"{path} has no model description ({', '.join(sorted(missing))} missing): pass the "
+                         "model.safetensors that bharnet train writes, not a training checkpoint")
+    return meta
 
 
 def load_model(path: str, device="cpu", backend: Optional[str] = None):
     """Rebuild a model from ``model.safetensors`` (weights + description); returns
     ``(model, description)``."""
     state, meta = checkpoint.load_weights(path)
-    missing = {"model", "num_classes", "preset", "model_options", "label_smoothing", "modality"} - meta.keys()
-    if missing:
-        raise ValueError(f"{path} has no model description ({', '.join(sorted(missing))} missing): pass the "
-                         "model.safetensors that bharnet train writes, not a training checkpoint")
+    _described(path, meta)
     options = dict(meta["model_options"])
     options.setdefault("label_smoothing", meta["label_smoothing"])
     model = create_model(meta["model"], meta["num_classes"], preset=meta["preset"], **options)
@@ -106,10 +118,10 @@ def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, devi
     The model runs fused for inference (:func:`bharnet.fast.fuse_for_inference`: BatchNorm
     folded, absent persons skipped; the same scores up to rounding) on ``backend``, or else on
     the model's ``impl`` option (None: the global default, see ``bharnet.ops.use_backend``)."""
-    device = resolve_device(device)
-    model, meta = load_model(weights, device)
     if len(dataset) == 0:
         raise ValueError(f"the {dataset.split} split of {dataset.root} has no samples: nothing to evaluate")
+    device = resolve_device(device)
+    model, meta = load_model(weights, device)
     if meta["num_classes"] != dataset.num_classes:
         raise ValueError(f"{weights} classifies {meta['num_classes']} classes, the dataset at {dataset.root} "
                          f"has {dataset.num_classes}")

@@ -18,6 +18,7 @@ def register_cpp_ops() -> None:
     modules are all imported above, so every registration has been made."""
     _ext.register_all()
 
+
 __all__ = [
     "BACKENDS", "get_backend", "resolve", "use_backend", "bone", "bone_reference",
     "ctr_graph_conv", "ctr_graph_conv_reference",
