@@ -1,9 +1,10 @@
 """Checkpoints as safetensors files: tensors plus JSON metadata, never pickles.
 
 A checkpoint ``epoch-0007.safetensors`` holds the model weights (``model.*``), the optimizer's
-per-parameter state (``optim.<index>.<name>``) and the RNG states (``rng.*``); its metadata
+per-parameter state (``optim.<index>.<name>``); its metadata
 holds ``{"epoch", "step", "config", "optimizer", "scaler"}`` as JSON (the optimizer's
-hyper-parameters and the fp16 gradient scaler's state). Files are
+hyper-parameters and the fp16 gradient scaler's state). No generator state: training seeds
+the generators behind dropout at each epoch (``trainer.epoch_seed``). Files are
 written under a temporary name and ``os.replace``d into place, so a kill never leaves a
 half-written checkpoint; only the newest ``keep`` are kept.
 """
@@ -47,10 +48,6 @@ def save_checkpoint(directory: str, epoch: int, step: int, model, optimizer, sca
     for index, state in opt["state"].items():
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    device = _model_device(model)
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}
     path = os.path.join(directory, f"epoch-{epoch:04d}.safetensors")
     save_atomically(path, tensors, {"epoch": epoch, "step": step, "config": config,
@@ -91,21 +88,7 @@ def load_checkpoint(path: str, model, optimizer=None, scaler=None) -> Tuple[int,
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_state = tensors.get("rng.cuda", tensors.get("rng.cuda.0"))  # rng.cuda.<i>: files of bharnet <= 0.1.0
-    device = _model_device(model)
-    if cuda_state is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_state, device)
     return meta["epoch"], meta["step"]
-
-
-def _model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without any).
-
-    Only this device's CUDA generator is saved and restored: the one that training draws from.
-    Under DDP every rank seeds its device alike and draws as often, so rank 0's state (the one
-    saved) is every rank's, and a run resumes with any number of visible GPUs."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def save_weights(path: str, model, metadata: dict) -> None:

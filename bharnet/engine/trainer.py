@@ -9,6 +9,7 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -115,6 +116,14 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
                            weight_decay=config.weight_decay, fused=True if device.type in ("cpu", "cuda") else None)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of torch's global generators (dropout) for one process's epoch: a pure function
+    of ``(seed, epoch, rank)``, so DDP ranks draw different dropout masks and a resumed run
+    draws what an uninterrupted one does (checkpoints hold no generator state)."""
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
+
+
 def _inputs(batch, device):
     body, hand, label = batch
     return body.to(device, non_blocking=True), hand.to(device, non_blocking=True), label.to(device)
@@ -160,8 +169,7 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
         raise ValueError(f"the training split of {config.data} has {len(train_set)} samples, fewer than "
                          f"the {context.world_size} processes: nothing to train on")
     # its own generator: the loader's workers take their base seed from it when an epoch starts
-    # (once, with persistent workers), so the global generator behind dropout is the same
-    # whether a run is resumed or not
+    # (once, with persistent workers), not from the global generator behind dropout
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,
                         generator=torch.Generator().manual_seed(config.seed),
                         num_workers=config.workers, drop_last=len(sampler) > per_rank_batch,
@@ -174,6 +182,7 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
     raw_model = model
 
     for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(epoch_seed(config.seed, epoch, context.rank))
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         runner.train()

@@ -234,6 +234,37 @@ def test_distributed_training_with_two_gloo_processes(tiny_dataset, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "metrics.json").exists()
 
 
+def test_each_distributed_rank_draws_its_own_dropout_masks(tiny_dataset, tmp_path, monkeypatch):
+    """Under torchrun each rank seeds dropout from ``(seed, epoch, rank)``: two ranks draw
+    different masks (they drew the same ones when every rank seeded alike), and a rank
+    draws the same masks again in a second run. The ranks are simulated one after the other
+    (no process group; DDP's gradient averaging does not touch the masks)."""
+    from bharnet.engine import distributed, trainer
+    masks = []
+
+    def recording_dropout(input, p=0.5, training=True, inplace=False):
+        keep = real_dropout(torch.ones_like(input), p, training) != 0
+        masks.append(keep)
+        return input * keep / (1 - p) if training else input
+
+    real_dropout = torch.nn.functional.dropout
+    monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
+    monkeypatch.setattr(trainer, "DistributedDataParallel", lambda model: model)
+    monkeypatch.setattr(distributed, "barrier", lambda context: None)
+    drawn = {}
+    for run, rank in enumerate([0, 1, 1]):
+        monkeypatch.setattr(distributed, "init", lambda device_type, rank=rank: distributed.Context(rank, 2, 0))
+        masks.clear()
+        train(config(tiny_dataset, tmp_path / f"rank{rank}-{run}", epochs=2, model_options={"dropout": 0.5}),
+              SkeletonDataset(tiny_dataset, "train", window=8, seed=0), progress=False)
+        assert len(masks) == 8  # 2 epochs of 4 steps: 8 of the 16 samples per rank, batch 2 per rank
+        drawn.setdefault(rank, []).append(torch.cat([m.flatten() for m in masks]))
+    assert torch.equal(drawn[1][0], drawn[1][1])
+    assert not torch.equal(drawn[0][0], drawn[1][0])
+    assert trainer.epoch_seed(0, 1, 0) not in (trainer.epoch_seed(0, 0, 0), trainer.epoch_seed(0, 1, 1),
+                                              trainer.epoch_seed(1, 1, 0))
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_training_on_cpu(tiny_dataset, tmp_path, amp):
     run = tmp_path / amp
