@@ -138,6 +138,12 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
         raise ValueError("config.out (the run folder) must be set")
     device = resolve_device(config.device)
     context = distributed.init(device.type)
+    per_rank_batch = max(1, config.batch_size // context.world_size)
+    sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank,
+                                 shuffle=True, seed=config.seed, drop_last=True)
+    if len(sampler) == 0:
+        raise ValueError(f"the training split of {config.data} has {len(train_set)} samples, fewer than "
+                         f"the {context.world_size} processes: nothing to train on")
     ckpt_dir = os.path.join(config.out, "checkpoints")
     num_classes = train_set.num_classes
     torch.manual_seed(config.seed)
@@ -162,12 +168,6 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
         with open(os.path.join(config.out, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config.to_dict(), handle, indent=2)
 
-    per_rank_batch = max(1, config.batch_size // context.world_size)
-    sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank,
-                                 shuffle=True, seed=config.seed, drop_last=True)
-    if len(sampler) == 0:
-        raise ValueError(f"the training split of {config.data} has {len(train_set)} samples, fewer than "
-                         f"the {context.world_size} processes: nothing to train on")
     # its own generator: the loader's workers take their base seed from it when an epoch starts
     # (once, with persistent workers), not from the global generator behind dropout
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,

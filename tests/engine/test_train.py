@@ -200,7 +200,7 @@ def test_an_empty_split_is_said_before_training(tmp_path):
         with pytest.raises(ValueError, match=message):
             main(["train", "--data", data, "--model", "body", "--preset", "small", "--window", "8",
                   "--epochs", "1", "--out", str(tmp_path / f"run-{split}"), "--no-progress"])
-        assert not (tmp_path / f"run-{split}" / "checkpoints").exists()
+        assert not (tmp_path / f"run-{split}").exists()  # nothing written, not even config.json
 
 
 def test_config_errors(tmp_path):
