@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a model (no --data: the built-in synthetic demo)",
          commands.add_train_arguments, commands.run_train),
         ("eval", "evaluate a trained model on a prepared dataset", commands.add_eval_arguments, commands.run_eval),
+        ("export", "a trained model as one file that runs without its Python classes (torch.export or AOTInductor)",
+         commands.add_export_arguments, commands.run_export),
         ("ensemble", "weighted score fusion of evaluated models", commands.add_ensemble_arguments,
          commands.run_ensemble),
         ("bench", "eager vs torch.compile vs bharnet backends, per op and per model", bench.add_arguments, bench.run),

@@ -6,6 +6,10 @@ Python classes, batch size free.
   with ``path`` it also saves the program (``torch.export.save``).
 * :func:`load` reads a saved program back; its ``.module()`` is called like the model and
   returns the same :class:`bharnet.ModelOutput`.
+* :func:`compile_package` compiles a program ahead of time (AOTInductor); :func:`load_package`.
+* ``metadata`` (a JSON-able dict; ``bharnet export`` stores the checkpoint's description, whose
+  ``modality``, ``window`` and ``preprocessing`` :func:`bharnet.data.clip_input` takes) travels
+  in either file; :func:`read_metadata` reads it back.
 
 The program calls bharnet's C++ ops (``torch.ops.bharnet.*``) where the fused model does, so
 the process that loads it needs bharnet installed (:func:`load` registers the ops first); the
@@ -15,7 +19,9 @@ skip depends on the data (:mod:`bharnet.absent_persons`).
 """
 from __future__ import annotations
 
+import json
 import os
+import zipfile
 from typing import Optional
 
 import torch
@@ -25,13 +31,16 @@ from .fast import fuse_for_inference
 from .ops import register_cpp_ops
 
 MAX_BATCH = 4096
+METADATA_KEY = "bharnet.json"
 
 
 def export(model: nn.Module, body: Optional[torch.Tensor], hand: Optional[torch.Tensor],
-           path: Optional[str] = None, backend: Optional[str] = "auto") -> torch.export.ExportedProgram:
+           path: Optional[str] = None, backend: Optional[str] = "auto",
+           metadata: Optional[dict] = None) -> torch.export.ExportedProgram:
     """The program of ``model`` (an eval-mode model of :mod:`bharnet.models`, fused here for
     inference on ``backend``) traced on example inputs ``body`` (N, C, T, 25, M) and ``hand``
-    (N, C, T, 42, M), any batch size 1 to ``MAX_BATCH`` at run time; saved to ``path`` if given.
+    (N, C, T, 42, M), any batch size 1 to ``MAX_BATCH`` at run time; saved to ``path`` if given,
+    with ``metadata``.
     A single-modality model may take None for the input it does not read (the program then
     takes None there too). A one-clip example is traced as two copies of the clip: torch.export
     would otherwise take the batch size 1 for a constant."""
@@ -44,7 +53,7 @@ def export(model: nn.Module, body: Optional[torch.Tensor], hand: Optional[torch.
     program = torch.export.export(fused, inputs,
                                   dynamic_shapes=tuple(None if x is None else {0: batch} for x in inputs))
     if path is not None:
-        torch.export.save(program, path)
+        torch.export.save(program, path, extra_files={METADATA_KEY: json.dumps(metadata or {})})
     return program
 
 
@@ -56,13 +65,15 @@ def load(path: str) -> torch.export.ExportedProgram:
     return torch.export.load(path)
 
 
-def compile_package(program: torch.export.ExportedProgram, path: str) -> str:
+def compile_package(program: torch.export.ExportedProgram, path: str, metadata: Optional[dict] = None) -> str:
     """Compile ``program`` ahead of time with AOTInductor into the package ``path`` (``.pt2``):
     generated C++ for everything but bharnet's C++ ops, which it calls through PyTorch's
-    dispatcher; no Python tracing or Inductor compilation when it is loaded. Returns ``path``."""
+    dispatcher; no Python tracing or Inductor compilation when it is loaded. ``metadata`` is
+    stored in the package. Returns ``path``."""
     if not path.endswith(".pt2"):
         raise ValueError(f"an AOTInductor package path must end in .pt2, got {path!r}")
-    return torch._inductor.aoti_compile_and_package(program, package_path=path)
+    configs = {"aot_inductor.metadata": {METADATA_KEY: json.dumps(metadata or {})}}
+    return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
 
 
 def load_package(path: str):
@@ -72,3 +83,22 @@ def load_package(path: str):
         raise FileNotFoundError(f"no AOTInductor package at {path!r}")
     register_cpp_ops()
     return torch._inductor.aoti_load_package(path)
+
+
+def read_metadata(path: str) -> dict:
+    """The ``metadata`` saved with a program (:func:`export`) or a package
+    (:func:`compile_package`) at ``path``; ``{}`` for a file saved without it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no exported model at {path!r}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is not a program or package saved by bharnet.deploy")
+    with zipfile.ZipFile(path) as archive:
+        is_package = any("/data/aotinductor/" in name for name in archive.namelist())
+    if is_package:
+        text = load_package(path).get_metadata().get(METADATA_KEY, "{}")
+    else:
+        extra = {METADATA_KEY: ""}
+        register_cpp_ops()
+        torch.export.load(path, extra_files=extra)
+        text = extra[METADATA_KEY] or "{}"
+    return json.loads(text)

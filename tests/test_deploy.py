@@ -1,6 +1,6 @@
 """bharnet.deploy: a trained model exported (torch.export, batch size free) and compiled ahead
 of time (AOTInductor), each loaded in a fresh process that never builds the model, against the
-model's own outputs."""
+model's own outputs; ``bharnet export``, which writes either from a run's weights."""
 import subprocess
 import sys
 import textwrap
@@ -9,6 +9,10 @@ import pytest
 import torch
 
 from bharnet import deploy
+from bharnet.cli import main
+from bharnet.engine import checkpoint
+from bharnet.engine.config import TrainConfig
+from bharnet.engine.trainer import model_description
 from bharnet.fast import fuse_for_inference
 from trained_models import trained_like
 
@@ -60,11 +64,44 @@ def test_exported_model_runs_any_batch_in_a_fresh_process(tmp_path):
                             expected(model, batch), 1e-6)
 
 
-def test_aot_compiled_package_runs_in_a_fresh_process(tmp_path):
-    model = trained_like("body", torch.float32, channels=(16, 16), strides=(1, 1), stem_depth=1)  # compiles fast
-    program = deploy.export(model, *clips(2))
-    path = deploy.compile_package(program, str(tmp_path / "body.pt2"))
-    assert_same_outputs(run_in_fresh_process(tmp_path, "load_package", path, 3), expected(model, 3), 1e-5)
+def saved_run(tmp_path, name, **options):
+    """``trained_like(name, **options)`` saved as a run's ``model.safetensors`` (with the
+    description bharnet train writes; window = the test clips' frames)."""
+    model = trained_like(name, torch.float32, **options)
+    config = TrainConfig(model=name, preset="small", window=clips(1)[0].shape[2],
+                         model_options={k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
+    path = str(tmp_path / f"{name}.safetensors")
+    checkpoint.save_weights(path, model, model_description(config, 5))
+    return model, path
+
+
+def test_bharnet_export_aoti_package_runs_in_a_fresh_process(tmp_path, capsys):
+    """``bharnet export --aoti``: the AOTInductor package of a run's weights, with their
+    description, loaded by a process that never builds the model."""
+    model, weights = saved_run(tmp_path, "body", channels=(16, 16), strides=(1, 1), stem_depth=1)  # compiles fast
+    out = str(tmp_path / "deploy" / "body.pt2")
+    assert main(["export", weights, out, "--aoti"]) == 0
+    assert "hand (N, 3, 6, 42, 2)" in capsys.readouterr().out  # both inputs, as clip_input gives them
+    assert_same_outputs(run_in_fresh_process(tmp_path, "load_package", out, 3), expected(model, 3), 1e-5)
+    assert deploy.read_metadata(out) == checkpoint.read_metadata(weights)
+
+
+def test_bharnet_export_program_and_its_metadata(tmp_path):
+    model, weights = saved_run(tmp_path, "bharnet-e")
+    out = str(tmp_path / "bharnet-e.pt2")
+    assert main(["export", weights, out]) == 0
+    meta = deploy.read_metadata(out)
+    assert meta == checkpoint.read_metadata(weights) and meta["window"] == 6 and meta["modality"] == "joint"
+    got = deploy.load(out).module()(*clips(3))
+    assert_same_outputs({"logits": got.logits, **got.parts}, expected(model, 3), 1e-6)
+    with pytest.raises(SystemExit, match="must end in .pt2"):
+        main(["export", weights, str(tmp_path / "model.so")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["export", str(tmp_path / "missing.safetensors"), out])
+    deploy.export(model, *clips(2), path=str(tmp_path / "plain.pt2"))
+    assert deploy.read_metadata(str(tmp_path / "plain.pt2")) == {}
+    with pytest.raises(ValueError, match="not a program or package"):
+        deploy.read_metadata(weights)
 
 
 def test_deploy_errors(tmp_path):

@@ -12,7 +12,7 @@ from .config import (AMP_MODES, COMPILE_MODES, RunFolderMismatch, TrainConfig, p
 
 # The built-in demo: small models that learn the synthetic dataset in minutes on two CPU cores.
 DEMO_MODELS = ("body", "bharnet-e")
-DEMO_CONFIG = dict(preset="small", modality="bone", window=32, epochs=15, batch_size=16, lr=0.05, warmup_epochs=1,
+DEMO_CONFIG = dict(preset="small", modality="bone", window=32, epochs=8, batch_size=16, lr=0.05, warmup_epochs=1,
                    weight_decay=4e-4)
 DEFAULT_SYNTHETIC_DIR = os.path.join(os.path.expanduser("~"), ".cache", "bharnet", "synthetic")
 
@@ -165,6 +165,51 @@ def run_eval(args: argparse.Namespace) -> int:
                           args.backend, not args.no_progress)
     print(format_results({meta["model"]: result}))
     print(f"\nwritten to {out}")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..ops import BACKENDS
+    parser.add_argument("weights", help="a run's model.safetensors")
+    parser.add_argument("out", help="the file to write (.pt2)")
+    parser.add_argument("--aoti", action="store_true",
+                        help="compile ahead of time with AOTInductor (bharnet.deploy.compile_package; load with "
+                             "deploy.load_package) instead of saving the torch.export program (deploy.load)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="backend of the fused layers in the program (default: auto, the C++ kernels on CPU)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import deploy
+    from ..graphs import BODY, HANDS
+    from .evaluate import load_model, read_description
+
+    if not os.path.isfile(args.weights):
+        raise SystemExit(f"bharnet export: {args.weights} does not exist")
+    if not args.out.endswith(".pt2"):
+        raise SystemExit(f"bharnet export: the output file must end in .pt2, got {args.out!r}")
+    try:
+        read_description(args.weights)
+    except ValueError as error:
+        raise SystemExit(f"bharnet export: {error}") from None
+    model, meta = load_model(args.weights)
+    config, generator = model.config, torch.Generator().manual_seed(0)
+    # both inputs, as clip_input gives them, also to a model that reads one (the other is ignored)
+    shapes = {name: (config.in_channels, meta["window"], graph.num_nodes, config.num_person)
+              for name, graph in (("body", BODY), ("hand", HANDS))}
+    example = [torch.randn(2, *shape, generator=generator) for shape in shapes.values()]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    program = deploy.export(model, *example, path=None if args.aoti else args.out, backend=args.backend,
+                            metadata=meta)
+    if args.aoti:
+        deploy.compile_package(program, args.out, metadata=meta)
+    inputs = ", ".join(f"{name} (N, {', '.join(map(str, shape))})" for name, shape in shapes.items())
+    loader = "load_package(path)(body, hand)" if args.aoti else "load(path).module()(body, hand)"
+    print(f"{meta['model']} ({meta['modality']} features, {meta['window']} frames) written to {args.out}\n"
+          f"inputs: {inputs}, N from 1 to {deploy.MAX_BATCH}; run with bharnet.deploy.{loader}; "
+          f"bharnet.deploy.read_metadata(path) gives the description that bharnet.data.clip_input takes")
     return 0
 
 
