@@ -1,4 +1,4 @@
-"""``bharnet train``, ``bharnet eval`` and ``bharnet ensemble``."""
+"""``bharnet train``, ``bharnet eval``, ``bharnet export`` and ``bharnet ensemble``."""
 from __future__ import annotations
 
 import argparse
