@@ -6,7 +6,8 @@ Python classes, batch size free.
   with ``path`` it also saves the program (``torch.export.save``).
 * :func:`load` reads a saved program back; its ``.module()`` is called like the model and
   returns the same :class:`bharnet.ModelOutput`.
-* :func:`compile_package` compiles a program ahead of time (AOTInductor); :func:`load_package`.
+* :func:`compile_package` compiles a program ahead of time (AOTInductor); :func:`load_package`
+  loads the package.
 * ``metadata`` (a JSON-able dict; ``bharnet export`` stores the checkpoint's description, whose
   ``modality``, ``window`` and ``preprocessing`` :func:`bharnet.data.clip_input` takes) travels
   in either file; :func:`read_metadata` reads it back.
@@ -90,15 +91,15 @@ def read_metadata(path: str) -> dict:
     (:func:`compile_package`) at ``path``; ``{}`` for a file saved without it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported model at {path!r}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path!r} is not a program or package saved by bharnet.deploy")
-    with zipfile.ZipFile(path) as archive:
-        is_package = any("/data/aotinductor/" in name for name in archive.namelist())
-    if is_package:
-        text = load_package(path).get_metadata().get(METADATA_KEY, "{}")
-    else:
-        extra = {METADATA_KEY: ""}
-        register_cpp_ops()
-        torch.export.load(path, extra_files=extra)
-        text = extra[METADATA_KEY] or "{}"
-    return json.loads(text)
+    names = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            entries = [name for name in names if name.endswith(f"/extra/{METADATA_KEY}")]  # a program's
+            if entries:
+                return json.loads(archive.read(entries[0]) or "{}")
+    if any("/data/aotinductor/" in name for name in names):
+        return json.loads(load_package(path).get_metadata().get(METADATA_KEY, "{}"))
+    if any(name.endswith("/models/model.json") for name in names):  # a program saved without metadata
+        return {}
+    raise ValueError(f"{path!r} is not a program or package saved by bharnet.deploy")

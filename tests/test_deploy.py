@@ -98,10 +98,14 @@ def test_bharnet_export_program_and_its_metadata(tmp_path):
         main(["export", weights, str(tmp_path / "model.so")])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["export", str(tmp_path / "missing.safetensors"), out])
-    deploy.export(model, *clips(2), path=str(tmp_path / "plain.pt2"))
+    torch.export.save(deploy.export(model, *clips(2)), str(tmp_path / "plain.pt2"))  # no metadata
     assert deploy.read_metadata(str(tmp_path / "plain.pt2")) == {}
-    with pytest.raises(ValueError, match="not a program or package"):
-        deploy.read_metadata(weights)
+    torch.save({"x": 1}, tmp_path / "other.pt2")  # a zip, not a program
+    for other in (weights, str(tmp_path / "other.pt2")):
+        with pytest.raises(ValueError, match="not a program or package"):
+            deploy.read_metadata(other)
+    with pytest.raises(SystemExit, match="not a model.safetensors"):
+        main(["export", out, str(tmp_path / "again.pt2")])  # the arguments swapped
 
 
 def test_deploy_errors(tmp_path):

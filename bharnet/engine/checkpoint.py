@@ -4,7 +4,9 @@ A checkpoint ``epoch-0007.safetensors`` holds the model weights (``model.*``), t
 per-parameter state (``optim.<index>.<name>``); its metadata
 holds ``{"epoch", "step", "config", "optimizer", "scaler"}`` as JSON (the optimizer's
 hyper-parameters and the fp16 gradient scaler's state). No generator state: training seeds
-the generators behind dropout at each epoch (``trainer.epoch_seed``). Files are
+the generators behind dropout at each epoch (``trainer.epoch_seed``; files of bharnet 0.1.0
+before that change hold ``rng.*`` tensors, which are ignored, and a run resumed across the change
+draws other dropout masks than an uninterrupted one). Files are
 written under a temporary name and ``os.replace``d into place, so a kill never leaves a
 half-written checkpoint; only the newest ``keep`` are kept.
 """

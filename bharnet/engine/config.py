@@ -56,6 +56,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_epochs < 0 or self.workers < 0:
             raise ValueError("lr must be > 0, warmup_epochs and workers >= 0")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         return self
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from ..fast import fuse_for_inference, swap_layers
@@ -19,8 +20,12 @@ from .trainer import autocast, model_description, resolve_device
 
 def read_description(path: str) -> dict:
     """The model description of a ``model.safetensors`` (what :func:`model_description` wrote);
-    ValueError for a file without one, e.g. a training checkpoint."""
-    return _described(path, checkpoint.read_metadata(path))
+    ValueError for a file without one, e.g. a training checkpoint, or not a safetensors file."""
+    try:
+        meta = checkpoint.read_metadata(path)
+    except (SafetensorError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a model.safetensors written by bharnet train ({error})") from None
+    return _described(path, meta)
 
 
 def _described(path: str, meta: dict) -> dict:

@@ -116,12 +116,20 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
                            weight_decay=config.weight_decay, fused=True if device.type in ("cpu", "cuda") else None)
 
 
+DROPOUT_STREAM, LOADER_STREAM = 1, 2  # SeedSequence spawn keys, apart from the dataset's (seed, epoch, index)
+
+
+def derived_seed(stream: int, *entropy: int) -> int:
+    """A 64-bit seed that is a pure function of ``entropy`` and distinct per ``stream``."""
+    state = np.random.SeedSequence(list(entropy), spawn_key=(stream,)).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of torch's global generators (dropout) for one process's epoch: a pure function
     of ``(seed, epoch, rank)``, so DDP ranks draw different dropout masks and a resumed run
     draws what an uninterrupted one does (checkpoints hold no generator state)."""
-    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
-    return int(state[0]) << 32 | int(state[1])
+    return derived_seed(DROPOUT_STREAM, seed, epoch, rank)
 
 
 def _inputs(batch, device):
@@ -168,10 +176,10 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
         with open(os.path.join(config.out, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config.to_dict(), handle, indent=2)
 
-    # its own generator: the loader's workers take their base seed from it when an epoch starts
-    # (once, with persistent workers), not from the global generator behind dropout
+    # its own generator, one per rank: the loader's workers take their base seed from it when an
+    # epoch starts (once, with persistent workers), not from the global generator behind dropout
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler,
-                        generator=torch.Generator().manual_seed(config.seed),
+                        generator=torch.Generator().manual_seed(derived_seed(LOADER_STREAM, config.seed, context.rank)),
                         num_workers=config.workers, drop_last=len(sampler) > per_rank_batch,
                         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
     steps_per_epoch = len(loader)

@@ -1,23 +1,14 @@
 """Registering Triton-backed functions as PyTorch custom ops."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Callable, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
-
-try:
-    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
-except ImportError:  # a torch without the switch: always go through wrap_triton
-    def is_wrap_triton_enabled() -> bool:
-        return True
-
-    def set_wrap_triton_enabled(enabled: bool):
-        return contextlib.nullcontext()
 
 
 class FusedOp:

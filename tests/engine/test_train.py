@@ -204,6 +204,8 @@ def test_an_empty_split_is_said_before_training(tmp_path):
 
 
 def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        TrainConfig.from_dict({"seed": -1})
     with pytest.raises(ValueError, match=r"unknown training option\(s\) \['epoch'\]"):
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="amp must be one of"):
@@ -263,6 +265,11 @@ def test_each_distributed_rank_draws_its_own_dropout_masks(tiny_dataset, tmp_pat
     assert not torch.equal(drawn[0][0], drawn[1][0])
     assert trainer.epoch_seed(0, 1, 0) not in (trainer.epoch_seed(0, 0, 0), trainer.epoch_seed(0, 1, 1),
                                               trainer.epoch_seed(1, 1, 0))
+    # rank r's dropout stream is not the augmentation stream of sample r (both from seed, epoch, r)
+    dataset = SkeletonDataset(tiny_dataset, "train", window=8, seed=0)
+    for rank in range(4):
+        torch.manual_seed(trainer.epoch_seed(0, 0, rank))
+        assert not torch.equal(torch.rand(8), torch.rand(8, generator=dataset._generator(rank)))
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
