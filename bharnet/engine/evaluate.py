@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -44,7 +45,9 @@ def load_model(path: str, device="cpu", backend: Optional[str] = None):
     _described(path, meta)
     options = dict(meta["model_options"])
     options.setdefault("label_smoothing", meta["label_smoothing"])
-    model = create_model(meta["model"], meta["num_classes"], preset=meta["preset"], **options)
+    with warnings.catch_warnings():  # options the variant ignores were reported when it trained
+        warnings.filterwarnings("ignore", message="bharnet: .* does not use the model option")
+        model = create_model(meta["model"], meta["num_classes"], preset=meta["preset"], **options)
     model.load_state_dict(state)
     if backend is not None:
         swap_layers(model, backend)

@@ -15,6 +15,11 @@ PRESETS = {
 }
 
 
+# Options that only some variants read (each lists its own in ``variant_options``); the other
+# fields shape every variant.
+VARIANT_OPTIONS = ("heads", "attention_mode", "stem_depth")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything configurable about a variant. Unknown keys raise ``TypeError``."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ class Classifier(nn.Module):
 
 
 class _Variant(nn.Module):
+    # The options of VARIANT_OPTIONS (models.config) this variant reads; the rest it ignores.
+    variant_options: Tuple[str, ...] = ()
+
     def __init__(self, num_classes: int, config: ModelConfig):
         super().__init__()
         self.num_classes = num_classes
@@ -116,6 +119,8 @@ class BHaRNetPAM(BHaRNetVanilla):
     """Vanilla BHaRNet whose global pooling is replaced by the Pooling-Attention Module
     (*reconstruction*): each modality pools with attention to the other."""
 
+    variant_options = ("heads",)
+
     def __init__(self, num_classes: int, config: ModelConfig):
         super().__init__(num_classes, config)
         width = self.body_expert.out_channels
@@ -136,6 +141,8 @@ class BHaRNetE(_TwoExperts):
     information by bidirectional cross-attention (*reconstruction*: pre-LN MHA with residual at
     the end of the branches). Parts ``z_BE, z_BI, z_HI, z_HE``; fused logits are their sum;
     loss ``CE(Σ z) + CE(z_BE + z_BI) + CE(z_HE + z_HI)``."""
+
+    variant_options = ("heads", "attention_mode", "stem_depth")
 
     def __init__(self, num_classes: int, config: ModelConfig):
         super().__init__(num_classes, config)

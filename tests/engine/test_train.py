@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -110,6 +111,17 @@ def test_checkpoints_hold_no_pickles_and_describe_the_model(tiny_dataset, tmp_pa
     assert meta["model"] == "bharnet-p" and meta["num_classes"] == 4 and meta["preset"] == "small"
     with open(run / "model.safetensors", "rb") as handle:
         assert b"\x80\x04" not in handle.read(64)  # a safetensors header, not a pickle stream
+
+
+def test_an_option_the_model_ignores_is_reported_when_it_trains_not_when_it_loads(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"body does not use the model option\(s\) \['heads'\]"):
+        train(config(tiny_dataset, run, epochs=1, model="body", model_options={"heads": 2}),
+              SkeletonDataset(tiny_dataset, "train", window=8), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, meta = load_model(str(run / "model.safetensors"))
+    assert meta["model_options"] == {"heads": 2}
 
 
 def test_train_cli_then_eval_and_ensemble(tiny_dataset, tmp_path, capsys):

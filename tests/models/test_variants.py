@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -182,3 +184,31 @@ def test_impl_option_reaches_every_fused_layer(name):
     model = bharnet.create_model(name, 5, impl="reference", **SMALL)
     impls = [m.impl for m in model.modules() if hasattr(m, "impl")]
     assert impls and set(impls) == {"reference"}
+
+
+@pytest.mark.parametrize("name, options, ignored", [
+    ("body", dict(heads=2, attention_mode="sequence"), ["heads", "attention_mode"]),
+    ("unified", dict(stem_depth=1), ["stem_depth"]),
+    ("bharnet-vanilla", dict(heads=2), ["heads"]),
+    ("bharnet-pam", dict(heads=2, attention_mode="sequence"), ["attention_mode"]),
+    ("bharnet-pam", dict(heads=2), []),
+    ("bharnet-e", dict(heads=2, attention_mode="sequence", stem_depth=1), []),
+    ("bharnet-p", dict(heads=2, stem_depth=1), []),
+])
+def test_options_a_variant_does_not_read_are_named_in_a_warning(name, options, ignored):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bharnet.create_model(name, 6, **SMALL, **options)
+    messages = [str(w.message) for w in caught if "does not use the model option" in str(w.message)]
+    if ignored:
+        assert messages == [f"bharnet: {name} does not use the model option(s) {ignored}; they have no effect"]
+    else:
+        assert messages == []
+
+
+def test_options_from_the_preset_are_not_reported():
+    """The small preset sets heads=4; a body model built from it has nothing to report."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bharnet.create_model("body", 6, **SMALL)
+    assert not [w for w in caught if "does not use" in str(w.message)]
