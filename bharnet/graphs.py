@@ -16,6 +16,7 @@ Column ``j`` of a partition is divided by its column sum (columns of zeros stay 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -42,6 +43,36 @@ class Graph:
     name: str
     num_nodes: int
     inward: Tuple[Tuple[int, int], ...]
+
+    def __post_init__(self):
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, numbers.Integral) or self.num_nodes < 1:
+            raise ValueError(f"graph {self.name!r}: num_nodes must be a positive int, got {self.num_nodes!r}")
+        object.__setattr__(self, "num_nodes", int(self.num_nodes))
+        edges = []
+        for edge in self.inward:
+            pair = tuple(edge) if isinstance(edge, (tuple, list, np.ndarray)) else ()
+            if len(pair) != 2 or not all(isinstance(j, numbers.Integral) and 0 <= j < self.num_nodes for j in pair):
+                raise ValueError(f"graph {self.name!r}: an edge is a (child, parent) pair of joints in "
+                                 f"[0, {self.num_nodes}), got {edge!r}")
+            edges.append((int(pair[0]), int(pair[1])))
+        object.__setattr__(self, "inward", tuple(edges))
+        parent_of = {}
+        for child, parent in edges:
+            if child == parent:
+                raise ValueError(f"graph {self.name!r}: joint {child} is its own parent (the identity "
+                                 "partition already links every joint to itself)")
+            if child in parent_of:
+                raise ValueError(f"graph {self.name!r}: joint {child} has two parents; a skeleton is a "
+                                 "forest, each joint with at most one parent")
+            parent_of[child] = parent
+        for start in parent_of:  # every chain of parents must end at a root
+            seen, joint = {start}, parent_of[start]
+            while joint in parent_of:
+                if joint in seen:
+                    raise ValueError(f"graph {self.name!r}: the parents of joint {start} form a cycle "
+                                     f"through joint {joint}; a skeleton is a forest")
+                seen.add(joint)
+                joint = parent_of[joint]
 
     @property
     def outward(self) -> Tuple[Tuple[int, int], ...]:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bharnet.graphs import BODY, GRAPHS, HAND, HANDS, NTU_LEFT_WRIST, NTU_RIGHT_WRIST, UNIFIED, get_graph
+from bharnet.graphs import BODY, GRAPHS, HAND, HANDS, NTU_LEFT_WRIST, NTU_RIGHT_WRIST, UNIFIED, Graph, get_graph
 
 
 @pytest.mark.parametrize("graph, nodes, edges", [(BODY, 25, 24), (HAND, 21, 20), (HANDS, 42, 40), (UNIFIED, 67, 66)])
@@ -57,3 +57,28 @@ def test_unified_links_hand_wrists_to_body_wrists():
 def test_unknown_graph_name():
     with pytest.raises(ValueError, match="unknown graph 'feet'"):
         get_graph("feet")
+
+
+@pytest.mark.parametrize("num_nodes, inward, message", [
+    (0, (), "num_nodes must be a positive int, got 0"),
+    (2.0, (), "num_nodes must be a positive int"),
+    (3, ((1, 0), (2, 3)), r"\(child, parent\) pair of joints in \[0, 3\), got \(2, 3\)"),
+    (3, ((1, -1),), r"got \(1, -1\)"),
+    (3, ((1, 0, 2),), "pair"),
+    (3, (1, 0), "pair of joints in .*, got 1"),
+    (3, ((1, 1),), "joint 1 is its own parent"),
+    (3, ((1, 0), (1, 2)), "joint 1 has two parents"),
+    (4, ((1, 2), (2, 3), (3, 1)), "form a cycle"),
+])
+def test_a_graph_that_is_not_a_skeleton_is_refused(num_nodes, inward, message):
+    with pytest.raises(ValueError, match=message):
+        Graph("custom", num_nodes, inward)
+
+
+def test_a_custom_graph_takes_numpy_edges_as_ints():
+    graph = Graph("custom", np.int64(4), np.array([[1, 0], [2, 1], [3, 1]]))
+    assert graph.num_nodes == 4 and type(graph.num_nodes) is int
+    assert graph.inward == ((1, 0), (2, 1), (3, 1)) and all(type(j) is int for e in graph.inward for j in e)
+    assert graph.parents.tolist() == [0, 0, 1, 1]
+    A = graph.adjacency()
+    assert A[1, 0, 1] == 1.0 and A[2, 1, 0] == 1.0  # inward: child 1 -> parent 0; outward: 0 -> 1
