@@ -87,17 +87,20 @@ def unavailable_reason(op: str, backend: str, device_type: str) -> Optional[str]
     return check(device_type)
 
 
-def resolve(op: str, backend: Optional[str], device_type: str) -> str:
+def resolve(op: str, backend: Optional[str], device_type: str, cannot_take: Tuple[str, ...] = ()) -> str:
     """Turn a requested backend (None = global default) into a concrete one for ``device_type``.
 
     An explicitly requested backend that cannot run raises ``RuntimeError`` with the reason;
     ``auto`` picks the first usable backend in a fixed preference order, passing over those
-    registered with ``in_auto=False``.
+    registered with ``in_auto=False`` and those in ``cannot_take`` (the backends whose kernels
+    cannot take this call's shapes, e.g. more joints than the Triton tiles hold; named
+    explicitly, such a backend raises its own error saying so).
     """
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
-            if (op, candidate) not in _explicit_only and unavailable_reason(op, candidate, device_type) is None:
+            if (candidate not in cannot_take and (op, candidate) not in _explicit_only
+                    and unavailable_reason(op, candidate, device_type) is None):
                 return candidate
         return "reference"
     reason = unavailable_reason(op, name, device_type)

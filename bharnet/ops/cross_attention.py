@@ -415,7 +415,7 @@ def cross_attention_triton(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bia
     if head_dim > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"cross_attention: the triton backend supports head dims <= "
                          f"{TRITON_MAX_HEAD_DIM}, got dim {x_q.shape[-1]} / heads {heads} = "
-                         f"{head_dim}; use backend='reference'")
+                         f"{head_dim}; backend 'auto' picks one that does")
     c = _direct_layer_dtype(x_q, x_kv, (q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias))
     if c is not None and x_q.shape[-1] <= MAX_LAYER_NORM_DIM and direct_call_allowed(x_q):
         return _TritonLayerDirect.apply(x_q, x_kv, q_weight, q_bias, kv_weight, kv_bias, out_weight,
@@ -481,7 +481,7 @@ def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, 
     if x_q.device.type == "cuda" and head_dim > CPP_CUDA_MAX_HEAD_DIM:
         raise ValueError(f"cross_attention: the cpp backend's CUDA kernels support head dims <= "
                          f"{CPP_CUDA_MAX_HEAD_DIM}, got dim {x_q.shape[-1]} / heads {heads} = "
-                         f"{head_dim}; use backend='reference'")
+                         f"{head_dim}; backend 'auto' picks one that does")
     return _layer(_cpp_attend, _torch_layer_norm, x_q, x_kv, heads, q_weight, q_bias, kv_weight,
                   kv_bias, out_weight, out_bias, key_mask, norm_q_weight, norm_q_bias,
                   norm_kv_weight, norm_kv_bias, pre_norm, eps, linear=cpu_linear.linear)
@@ -492,6 +492,15 @@ _cpp_availability = cpp_backend_availability("cross_attention_core_cpp")
 
 _IMPLS = {"reference": cross_attention_reference, "triton": cross_attention_triton,
           "cpp": cross_attention_cpp}
+
+
+def _backends_that_cannot_take(x_q: Tensor, heads: int) -> Tuple[str, ...]:
+    """The backends whose kernels cannot take this head dim (``auto`` passes over them)."""
+    head_dim = x_q.shape[-1] // heads
+    if head_dim <= min(TRITON_MAX_HEAD_DIM, CPP_CUDA_MAX_HEAD_DIM):
+        return ()
+    too_large = (head_dim > TRITON_MAX_HEAD_DIM, x_q.device.type == "cuda" and head_dim > CPP_CUDA_MAX_HEAD_DIM)
+    return tuple(name for name, refused in zip(("triton", "cpp"), too_large) if refused)
 register_backend(OP_NAME, "triton", triton_availability)
 register_backend(OP_NAME, "cpp", _cpp_availability)
 
@@ -548,6 +557,6 @@ def cross_attention(x_q: Tensor, x_kv: Tensor, heads: int, q_weight: Tensor,
     bool, True = may be attended. Returns (N, Lq, dim)."""
     validate(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,
              key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias)
-    impl = _IMPLS[resolve(OP_NAME, backend, x_q.device.type)]
+    impl = _IMPLS[resolve(OP_NAME, backend, x_q.device.type, _backends_that_cannot_take(x_q, heads))]
     return impl(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight, out_bias,
                 key_mask, norm_q_weight, norm_q_bias, norm_kv_weight, norm_kv_bias, pre_norm, eps)

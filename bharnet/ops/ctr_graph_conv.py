@@ -254,7 +254,7 @@ def _check_triton_inputs(v, *others):
     V = v.shape[-1]
     if V > TRITON_MAX_JOINTS:
         raise ValueError(f"ctr_graph_conv: the triton backend supports V <= {TRITON_MAX_JOINTS} joints, "
-                         f"got V={V} (v of shape {tuple(v.shape)}); use backend='reference'")
+                         f"got V={V} (v of shape {tuple(v.shape)}); backend 'auto' picks one that does")
     for name, t in zip(("v", "A", "q", "k", "weight", "bias", "alpha"), (v, *others)):
         if t is not None:
             expect_triton_dtype(OP_NAME, name, t)
@@ -373,5 +373,6 @@ def ctr_graph_conv(v: torch.Tensor, A: torch.Tensor, q: Optional[torch.Tensor] =
                    *, backend: Optional[str] = None) -> torch.Tensor:
     """CTR-GC / ST-GC aggregation (see the module docstring for the math and shapes)."""
     validate(v, A, q, k, weight, bias, alpha)
-    impl = _IMPLS[resolve(OP_NAME, backend, v.device.type)]
+    cannot_take = ("triton",) if v.shape[-1] > TRITON_MAX_JOINTS else ()
+    impl = _IMPLS[resolve(OP_NAME, backend, v.device.type, cannot_take)]
     return impl(v, A, q, k, weight, bias, alpha)

@@ -1,7 +1,10 @@
+import importlib
+
 import pytest
 import torch
 
 from bharnet import ops
+from bharnet.ops import _backend
 from bharnet.ops._backend import resolve
 
 
@@ -29,3 +32,72 @@ def test_unavailable_backend_says_why():
         resolve("bone", "cpp", "cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.ctr_graph_conv(torch.randn(1, 1, 4, 2, 3), torch.randn(1, 3, 3), backend="fast")
+
+
+def test_auto_passes_over_the_backends_that_cannot_take_the_shapes():
+    assert resolve("ctr_graph_conv", "auto", "cuda", cannot_take=("triton",)) != "triton"
+    assert resolve("ctr_graph_conv", "auto", "cuda", cannot_take=("triton", "cpp")) == "reference"
+    assert resolve("ctr_graph_conv", "triton", "cuda", cannot_take=("triton",)) == "triton"  # raises in the op
+
+
+def _gpu_auto_order_recording(monkeypatch, module_name):
+    """Make ``auto`` on CPU try the backends in CUDA's order (Triton first, run by the Triton
+    interpreter here); returns the list of the backends that the op module's calls run."""
+    module = importlib.import_module(f"bharnet.ops.{module_name}")
+    monkeypatch.setattr(_backend, "_AUTO_ORDER", {"cpu": _backend._AUTO_ORDER["cuda"]})
+    ran = []
+    for name, impl in list(module._IMPLS.items()):
+        def recorded(*args, _name=name, _impl=impl):
+            ran.append(_name)
+            return _impl(*args)
+        monkeypatch.setitem(module._IMPLS, name, recorded)
+    return module, ran
+
+
+@pytest.mark.parametrize("V", [25, 129])
+def test_auto_takes_the_next_backend_for_more_joints_than_triton_holds(monkeypatch, V):
+    if _backend.unavailable_reason("ctr_graph_conv", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    module, ran = _gpu_auto_order_recording(monkeypatch, "ctr_graph_conv")
+    g = torch.Generator().manual_seed(0)
+    v, A = torch.randn(1, 2, 4, 3, V, generator=g), torch.randn(2, V, V, generator=g)
+    y = ops.ctr_graph_conv(v, A, backend="auto")
+    assert ran == ["triton" if V <= 128 else "cpp"]
+    torch.testing.assert_close(y, module.ctr_graph_conv_reference(v, A), rtol=1e-4, atol=1e-4)
+    if V > 128:  # named, the Triton backend still says why it cannot
+        with pytest.raises(ValueError, match=f"V <= 128 joints, got V={V}"):
+            ops.ctr_graph_conv(v, A, backend="triton")
+
+
+def test_auto_takes_the_next_backend_for_head_dims_triton_cannot_take(monkeypatch):
+    module, ran = _gpu_auto_order_recording(monkeypatch, "cross_attention")
+    g = torch.Generator().manual_seed(0)
+    D, heads = 132, 1
+    x_q, x_kv = torch.randn(2, 3, D, generator=g), torch.randn(2, 5, D, generator=g)
+    weights = [torch.randn(D, D, generator=g) * 0.1, None, torch.randn(2 * D, D, generator=g) * 0.1, None,
+               torch.randn(D, D, generator=g) * 0.1, None]
+    y = ops.cross_attention(x_q, x_kv, heads, *weights, backend="auto")
+    assert len(ran) == 1 and ran[0] != "triton"  # cpp (no head-dim limit on CPU) or reference
+    torch.testing.assert_close(y, module.cross_attention_reference(x_q, x_kv, heads, *weights),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="head dims <= 128, got dim 132 / heads 1 = 132"):
+        ops.cross_attention(x_q, x_kv, heads, *weights, backend="triton")
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_runs_what_the_kernels_cannot_take():
+    """More joints than Triton's tiles (COCO-WholeBody has 133 keypoints): the CUDA kernels;
+    head dims above 128, which neither GPU backend takes: the reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    v, A = torch.randn(2, 3, 8, 4, 133, device="cuda", generator=g), torch.randn(3, 133, 133, device="cuda", generator=g)
+    ctr = importlib.import_module("bharnet.ops.ctr_graph_conv")
+    torch.testing.assert_close(ops.ctr_graph_conv(v, A, backend="auto"), ctr.ctr_graph_conv_reference(v, A),
+                               rtol=1e-3, atol=1e-3)
+    D = 264
+    x_q, x_kv = torch.randn(2, 3, D, device="cuda", generator=g), torch.randn(2, 5, D, device="cuda", generator=g)
+    weights = [torch.randn(D, D, device="cuda", generator=g) * 0.05, None,
+               torch.randn(2 * D, D, device="cuda", generator=g) * 0.05, None,
+               torch.randn(D, D, device="cuda", generator=g) * 0.05, None]
+    attention = importlib.import_module("bharnet.ops.cross_attention")
+    torch.testing.assert_close(ops.cross_attention(x_q, x_kv, 2, *weights, backend="auto"),
+                               attention.cross_attention_reference(x_q, x_kv, 2, *weights), rtol=1e-3, atol=1e-3)
