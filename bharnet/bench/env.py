@@ -27,24 +27,39 @@ def versions(device: torch.device) -> str:
     return ";".join(parts)
 
 
+def cpu_name(cpuinfo: str) -> str:
+    """The CPU's model name from the text of ``/proc/cpuinfo``; a name without a model number
+    (virtual machines often report a bare ``AMD EPYC``) gets the CPU family and model, which
+    tell generations apart (family 25 model 17 is Zen 4): rows from different CPUs must not
+    share a results file. Empty when the text names no model."""
+    def field(name):
+        match = re.search(rf"^{name}\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+        return match.group(1).strip() if match else ""
+
+    name = field("model name")
+    if name and not re.search(r"\d", name) and field("cpu family") and field("model"):
+        name = f"{name} family {field('cpu family')} model {field('model')}"
+    return name
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
+            name = cpu_name(cpuinfo.read())
     except OSError:
-        match = None
-    return match.group(1).strip() if match else (platform.processor() or platform.machine())
+        name = ""
+    return name or platform.processor() or platform.machine()
 
 
 def device_description(device: torch.device) -> str:
-    """``cuda: NVIDIA H100 80GB HBM3`` or ``cpu: AMD EPYC (2 cores)``."""
+    """``cuda: NVIDIA H100 80GB HBM3`` or ``cpu: AMD EPYC family 25 model 17 (2 cores)``."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {_cpu_model()} ({os.cpu_count()} cores)"
 
 
 def device_slug(description: str) -> str:
-    """File-name form of a device description: ``cpu-amd-epyc-2-cores``."""
+    """File-name form of a device description: ``cpu-amd-epyc-family-25-model-17-2-cores``."""
     cleaned = re.sub(r"\((r|tm)\)", "", description.lower())
     return re.sub(r"[^a-z0-9]+", "-", cleaned).strip("-")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bharnet.bench import add_arguments, run
+from bharnet.bench import add_arguments, env, run
 from bharnet.bench.runner import resolve_options
 from bharnet.bench.baselines import Rejected
 from bharnet.bench.memory import MIB, peak_memory, saved_tensor_bytes
@@ -372,3 +372,14 @@ def test_readme_markers_are_added_when_missing():
 def test_gpu_check_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("cpuinfo, name", [
+    ("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n", "AMD EPYC family 25 model 17"),
+    ("model name\t: Intel(R) Xeon(R) Platinum 8480+\ncpu family\t: 6\nmodel\t\t: 143\n",
+     "Intel(R) Xeon(R) Platinum 8480+"),
+    ("model name\t: AMD EPYC\n", "AMD EPYC"),  # no family to add
+    ("processor\t: 0\n", ""),
+])
+def test_a_cpu_without_a_model_number_is_named_by_family_and_model(cpuinfo, name):
+    assert env.cpu_name(cpuinfo) == name
