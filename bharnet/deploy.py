@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -86,20 +86,45 @@ def load_package(path: str):
     return torch._inductor.aoti_load_package(path)
 
 
-def read_metadata(path: str) -> dict:
-    """The ``metadata`` saved with a program (:func:`export`) or a package
-    (:func:`compile_package`) at ``path``; ``{}`` for a file saved without it."""
+def _saved_kind(path: str) -> str:
+    """``program``, ``package`` or ``program-without-metadata``: what a file that :func:`export`
+    or :func:`compile_package` saved holds (read from its zip entries)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported model at {path!r}")
     names = []
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-            entries = [name for name in names if name.endswith(f"/extra/{METADATA_KEY}")]  # a program's
-            if entries:
-                return json.loads(archive.read(entries[0]) or "{}")
+    if any(name.endswith(f"/extra/{METADATA_KEY}") for name in names):
+        return "program"
     if any("/data/aotinductor/" in name for name in names):
-        return json.loads(load_package(path).get_metadata().get(METADATA_KEY, "{}"))
-    if any(name.endswith("/models/model.json") for name in names):  # a program saved without metadata
-        return {}
+        return "package"
+    if any(name.endswith("/models/model.json") for name in names):
+        return "program-without-metadata"
     raise ValueError(f"{path!r} is not a program or package saved by bharnet.deploy")
+
+
+def _package_metadata(package) -> dict:
+    return json.loads(package.get_metadata().get(METADATA_KEY, "{}"))
+
+
+def read_metadata(path: str) -> dict:
+    """The ``metadata`` saved with a program (:func:`export`) or a package
+    (:func:`compile_package`) at ``path``; ``{}`` for a file saved without it."""
+    kind = _saved_kind(path)
+    if kind == "program":
+        with zipfile.ZipFile(path) as archive:
+            entry = next(name for name in archive.namelist() if name.endswith(f"/extra/{METADATA_KEY}"))
+            return json.loads(archive.read(entry) or "{}")
+    if kind == "package":
+        return _package_metadata(load_package(path))
+    return {}
+
+
+def load_runnable(path: str) -> Tuple[Callable, dict]:
+    """Whatever ``path`` holds, a program (:func:`export`) or a package (:func:`compile_package`),
+    as a callable ``(body, hand) -> ModelOutput``, with its metadata."""
+    if _saved_kind(path) == "package":
+        package = load_package(path)
+        return package, _package_metadata(package)
+    return load(path).module(), read_metadata(path)

@@ -84,6 +84,10 @@ def test_bharnet_export_aoti_package_runs_in_a_fresh_process(tmp_path, capsys):
     assert "hand (N, 3, 6, 42, 2)" in capsys.readouterr().out  # both inputs, as clip_input gives them
     assert_same_outputs(run_in_fresh_process(tmp_path, "load_package", out, 3), expected(model, 3), 1e-5)
     assert deploy.read_metadata(out) == checkpoint.read_metadata(weights)
+    runnable, meta = deploy.load_runnable(out)  # whichever kind the file is
+    assert meta == checkpoint.read_metadata(weights)
+    got = runnable(*clips(3))
+    assert_same_outputs({"logits": got.logits, **got.parts}, expected(model, 3), 1e-5)
 
 
 def test_bharnet_export_program_and_its_metadata(tmp_path):
@@ -100,6 +104,8 @@ def test_bharnet_export_program_and_its_metadata(tmp_path):
         main(["export", str(tmp_path / "missing.safetensors"), out])
     torch.export.save(deploy.export(model, *clips(2)), str(tmp_path / "plain.pt2"))  # no metadata
     assert deploy.read_metadata(str(tmp_path / "plain.pt2")) == {}
+    runnable, meta = deploy.load_runnable(str(tmp_path / "plain.pt2"))
+    assert meta == {} and runnable(*clips(1)).logits.shape == (1, 5)
     torch.save({"x": 1}, tmp_path / "other.pt2")  # a zip, not a program
     for other in (weights, str(tmp_path / "other.pt2")):
         with pytest.raises(ValueError, match="not a program or package"):

@@ -1,0 +1,144 @@
+"""Action recognition on a live skeleton stream: a sliding window over the newest frames.
+
+A robot's pose tracker delivers one skeleton frame at a time. :class:`LiveRecognizer` keeps the
+newest ``history`` frames and, once it has that many and then every ``stride`` frames, turns
+them into the model's input the way the dataset turns a clip into one
+(:func:`bharnet.data.clip_input` with the trained run's preprocessing, window and modality,
+over all the frames it holds) and classifies them::
+
+    recognizer = LiveRecognizer.from_file("runs/ntu-joint/model.safetensors")  # or an exported .pt2
+    for body, hand, hand_valid in tracker:            # (3, 25, M), (3, 42, M), (2, M) per frame
+        prediction = recognizer.push(body, hand, hand_valid)
+        if prediction is not None:
+            print(prediction.label, prediction.probabilities.max(), prediction.latency_ms)
+
+A frame's layout is that of one time step of :meth:`bharnet.data.SkeletonDataset.raw`: Kinect
+joints in metres, an absent person all zero, an undetected hand all zero with ``hand_valid``
+False. The probabilities are ``softmax(logits)``: the class probabilities of the single-expert
+and additive models and BHaRNet-P's normalised Noisy-OR ``p / sum(p)``.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .data.dataset import clip_input
+from .graphs import BODY, HANDS
+
+DESCRIPTION_KEYS = ("modality", "window", "preprocessing")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One classification of the window that ends at frame ``frame`` (0-based, counted since the
+    recognizer started or was reset): ``probabilities`` (K,), ``label`` their argmax, and the
+    wall time that building the input and running the model took."""
+
+    frame: int
+    probabilities: torch.Tensor
+    label: int
+    latency_ms: float
+
+
+class LiveRecognizer:
+    """Classify the newest ``history`` frames every ``stride`` frames (module docstring).
+
+    ``model`` is called as ``model(body, hand)`` on (1, C, window, V, M) inputs and returns a
+    :class:`bharnet.ModelOutput` (an eval-mode model, an exported program's ``module()``, an
+    AOTInductor package); ``description`` holds the ``modality``, ``window`` and
+    ``preprocessing`` it was trained with (a run's description, or an exported file's metadata).
+    ``history`` (default: the window) is the number of raw frames per classification; they are
+    resampled to the window, so at a frame rate other than the training data's, pick the history
+    that spans the same time."""
+
+    def __init__(self, model: Callable, description: dict, history: Optional[int] = None,
+                 stride: int = 8, device="cpu"):
+        missing = [key for key in DESCRIPTION_KEYS if key not in description]
+        if missing:
+            raise ValueError(f"the description lacks {missing}: pass a run's description (bharnet.engine."
+                             "evaluate.load_model) or the metadata that bharnet export stores")
+        self.model, self.device = model, torch.device(device)
+        self.modality, self.window = description["modality"], int(description["window"])
+        self.preprocessing = description["preprocessing"]
+        self.history = self.window if history is None else history
+        if not isinstance(self.history, int) or self.history < 2:
+            raise ValueError(f"history must be an int >= 2 frames, got {self.history!r}")
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        self.stride = stride
+        self.reset()
+
+    @classmethod
+    def from_file(cls, path: str, history: Optional[int] = None, stride: int = 8,
+                  device="cpu") -> "LiveRecognizer":
+        """A recognizer for a run's ``model.safetensors`` (rebuilt and fused for inference) or
+        for a file that ``bharnet export`` wrote (a program or an AOTInductor package, with the
+        run's description as metadata)."""
+        if path.endswith(".safetensors"):
+            from .engine.evaluate import load_model
+            from .fast import fuse_for_inference
+            model, description = load_model(path, device=device)
+            model = fuse_for_inference(model)
+        else:
+            from .deploy import load_runnable
+            model, description = load_runnable(path)
+        return cls(model, description, history=history, stride=stride, device=device)
+
+    def reset(self) -> None:
+        """Forget every frame (a new scene); the frame count starts again at 0."""
+        self._frames = collections.deque(maxlen=self.history)
+        self._count = 0
+        self._persons: Optional[int] = None
+
+    def push(self, body: torch.Tensor, hand: Optional[torch.Tensor] = None,
+             hand_valid: Optional[torch.Tensor] = None) -> Optional[Prediction]:
+        """Add one frame: ``body`` (3, 25, M), ``hand`` (3, 42, M) or None (no hands seen) and
+        ``hand_valid`` (2, M) bool or None (a hand counts as seen where any of its keypoints is
+        non-zero). Returns the prediction when this frame completes a window, else None."""
+        body, hand, hand_valid = self._checked(body, hand, hand_valid)
+        self._frames.append((body, hand, hand_valid))
+        self._count += 1
+        if len(self._frames) < self.history or (self._count - self.history) % self.stride:
+            return None
+        return self._classify()
+
+    def _checked(self, body, hand, hand_valid):
+        if not isinstance(body, torch.Tensor) or body.dim() != 3 or body.shape[:2] != (3, BODY.num_nodes):
+            raise ValueError(f"body must be a tensor of shape (3, {BODY.num_nodes}, M), got {_shape(body)}")
+        persons = body.shape[2]
+        if self._persons is not None and persons != self._persons:
+            raise ValueError(f"body has {persons} persons, the frames before had {self._persons} "
+                             "(keep M fixed, with zeros for an absent person; reset() for a new scene)")
+        self._persons = persons
+        if hand is None:
+            hand = torch.zeros(3, HANDS.num_nodes, persons)
+            hand_valid = torch.zeros(2, persons, dtype=torch.bool)
+        elif not isinstance(hand, torch.Tensor) or tuple(hand.shape) != (3, HANDS.num_nodes, persons):
+            raise ValueError(f"hand must be a tensor of shape (3, {HANDS.num_nodes}, {persons}), got {_shape(hand)}")
+        hand = hand.detach().to("cpu", torch.float32)
+        if hand_valid is None:
+            hand_valid = hand.view(3, 2, HANDS.num_nodes // 2, persons).ne(0).any(dim=2).any(dim=0)
+        elif not isinstance(hand_valid, torch.Tensor) or tuple(hand_valid.shape) != (2, persons):
+            raise ValueError(f"hand_valid must be a bool tensor of shape (2, {persons}), got {_shape(hand_valid)}")
+        # clip_input reads no keypoint of a hand that hand_valid marks undetected
+        return body.detach().to("cpu", torch.float32), hand, hand_valid.detach().to("cpu", torch.bool)
+
+    @torch.no_grad()
+    def _classify(self) -> Prediction:
+        start = time.perf_counter()
+        bodies, hands, valid = zip(*self._frames)  # (3, L, V, M) as the dataset stores clips
+        body, hand, hand_valid = torch.stack(bodies, dim=1), torch.stack(hands, dim=1), torch.stack(valid)
+        body, hand = clip_input(body, hand, hand_valid, modality=self.modality, window=self.window,
+                                preprocessing=self.preprocessing, crop=(0, len(self._frames)))
+        out = self.model(body[None].to(self.device), hand[None].to(self.device))
+        probabilities = torch.softmax(out.logits[0].float(), dim=0).cpu()
+        return Prediction(self._count - 1, probabilities, int(probabilities.argmax()),
+                          (time.perf_counter() - start) * 1e3)
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__

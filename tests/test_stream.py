@@ -1,0 +1,107 @@
+"""bharnet.stream.LiveRecognizer: a sliding window over pushed frames gives the predictions of
+the model on clip_input of the same frames, from a model, a run's weights or an exported file."""
+import numpy as np
+import pytest
+import torch
+
+from bharnet.cli import main
+from bharnet.data import clip_input
+from bharnet.data.synthetic import generate_sample
+from bharnet.engine import checkpoint
+from bharnet.engine.config import TrainConfig
+from bharnet.engine.trainer import model_description
+from bharnet.stream import LiveRecognizer
+from trained_models import trained_like
+
+DESCRIPTION = dict(modality="bone", window=12, preprocessing="canonical")
+
+
+def stream(frames=30, seed=0):
+    """A synthetic two-person clip, (3, L, 25, 2), (3, L, 42, 2), (L, 2, 2), with hand dropouts."""
+    body, hand, valid = generate_sample(6, 5, frames, np.random.default_rng(seed))
+    return torch.from_numpy(body), torch.from_numpy(hand), torch.from_numpy(valid)
+
+
+def push_all(recognizer, body, hand, valid, with_valid=True):
+    return [p for t in range(body.shape[1]) if (p := recognizer.push(
+        body[:, t], hand[:, t], valid[t] if with_valid else None)) is not None]
+
+
+def direct(model, body, hand, valid, end, history, modality="bone"):
+    """What the model gives for the ``history`` frames that end at frame ``end``."""
+    frames = slice(end + 1 - history, end + 1)
+    b, h = clip_input(body[:, frames], hand[:, frames], valid[frames], modality=modality, window=12,
+                      crop=(0, history))
+    with torch.no_grad():
+        return torch.softmax(model(b[None], h[None]).logits[0], dim=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_like("bharnet-e", torch.float32)
+
+
+def test_every_stride_frames_it_classifies_the_newest_history(model):
+    body, hand, valid = stream()
+    recognizer = LiveRecognizer(model, DESCRIPTION, history=16, stride=5)
+    predictions = push_all(recognizer, body, hand, valid)
+    assert [p.frame for p in predictions] == [15, 20, 25]
+    for p in predictions:
+        want = direct(model, body, hand, valid, p.frame, 16)
+        torch.testing.assert_close(p.probabilities, want, rtol=1e-5, atol=1e-6)
+        assert p.label == int(want.argmax()) and p.latency_ms > 0
+        assert p.probabilities.shape == (5,) and abs(p.probabilities.sum().item() - 1) < 1e-5
+    recognizer.reset()  # a new scene: a full history again before the next prediction
+    assert [p.frame for p in push_all(recognizer, body[:, :17], hand[:, :17], valid[:17])] == [15]
+
+
+def test_default_history_is_the_window_and_hands_default_to_what_is_seen(model):
+    joint = dict(DESCRIPTION, modality="joint")  # bones of an all-zero hand are zero, seen or not
+    body, hand, valid = stream(frames=14)
+    valid[3:7, 1, 0] = False  # the first person's right hand undetected for four frames
+    hand = hand * valid.repeat_interleave(21, dim=1)[None]  # undetected hands zero, as stored
+    with_valid = push_all(LiveRecognizer(model, joint, stride=1), body, hand, valid)
+    inferred = push_all(LiveRecognizer(model, joint, stride=1), body, hand, valid, with_valid=False)
+    all_seen = push_all(LiveRecognizer(model, joint, stride=1), body, hand, torch.ones_like(valid))
+    assert [p.frame for p in with_valid] == [11, 12, 13]
+    for a, b in zip(with_valid, inferred):
+        torch.testing.assert_close(a.probabilities, b.probabilities)
+    assert (all_seen[0].probabilities - with_valid[0].probabilities).abs().max() > 1e-4  # the check can fail
+    no_hands = LiveRecognizer(model, joint, stride=1)
+    got = [no_hands.push(body[:, t]) for t in range(12)][-1]
+    torch.testing.assert_close(got.probabilities,
+                               direct(model, body[:, :12], torch.zeros_like(hand[:, :12]),
+                                      torch.zeros_like(valid[:12]), 11, 12, "joint"), rtol=1e-5, atol=1e-6)
+
+
+def test_from_a_runs_weights_and_from_an_exported_program(model, tmp_path):
+    config = TrainConfig(model="bharnet-e", preset="small", modality="bone", window=12)
+    weights = str(tmp_path / "model.safetensors")
+    checkpoint.save_weights(weights, model, model_description(config, 5))
+    assert main(["export", weights, str(tmp_path / "model.pt2")]) == 0
+    body, hand, valid = stream(frames=20)
+    want = push_all(LiveRecognizer(model, DESCRIPTION, stride=4), body, hand, valid)
+    for path in (weights, str(tmp_path / "model.pt2")):
+        got = push_all(LiveRecognizer.from_file(path, stride=4), body, hand, valid)
+        assert [p.frame for p in got] == [11, 15, 19]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.probabilities, b.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_frames_and_settings_say_what_is_wrong(model):
+    recognizer = LiveRecognizer(model, DESCRIPTION)
+    with pytest.raises(ValueError, match=r"body must be a tensor of shape \(3, 25, M\), got \(3, 24, 2\)"):
+        recognizer.push(torch.zeros(3, 24, 2))
+    recognizer.push(torch.zeros(3, 25, 2))
+    with pytest.raises(ValueError, match="body has 1 persons, the frames before had 2"):
+        recognizer.push(torch.zeros(3, 25, 1))
+    with pytest.raises(ValueError, match=r"hand must be a tensor of shape \(3, 42, 2\), got \(3, 21, 2\)"):
+        recognizer.push(torch.zeros(3, 25, 2), torch.zeros(3, 21, 2))
+    with pytest.raises(ValueError, match=r"hand_valid must be a bool tensor of shape \(2, 2\), got \(2,\)"):
+        recognizer.push(torch.zeros(3, 25, 2), torch.zeros(3, 42, 2), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"the description lacks \['window'\]"):
+        LiveRecognizer(model, dict(modality="joint", preprocessing="canonical"))
+    with pytest.raises(ValueError, match="history must be an int >= 2"):
+        LiveRecognizer(model, DESCRIPTION, history=1)
+    with pytest.raises(ValueError, match="stride must be a positive int"):
+        LiveRecognizer(model, DESCRIPTION, stride=0)
