@@ -10,6 +10,7 @@ def _info(args) -> int:
     import torch
 
     from . import __version__
+    from .bench.env import device_description
     from .info import format_table, model_table
     from .ops._backend import registered_ops, unavailable_reason
 
@@ -21,6 +22,8 @@ def _info(args) -> int:
     print(f"bharnet {__version__}  torch {torch.__version__}  triton {triton_version}  "
           f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for device in devices:  # the names bharnet bench files its results under
+        print(device_description(torch.device(device)))
     print(f"backends that run here ({', '.join(devices)}):")
     for op in registered_ops():
         states = [f"{backend}/{device}" for backend in ("triton", "cpp") for device in devices

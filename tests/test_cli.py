@@ -4,6 +4,7 @@ import sys
 import torch
 
 import bharnet
+from bharnet.bench.env import device_description
 from bharnet.cli import main
 from bharnet.info import forward_flops
 from bharnet.ops._backend import registered_ops
@@ -13,6 +14,7 @@ def test_info_prints_every_variant(capsys):
     assert main(["info", "--preset", "small", "--frames", "16", "--classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "multiply-add as 2" in out
+    assert device_description(torch.device("cpu")) in out.splitlines()  # the bench's name for this CPU
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "reference" in line]
     assert listed == registered_ops() and "temporal_max_pool" in listed
     if not torch.cuda.is_available():  # only backends that can run on this machine
