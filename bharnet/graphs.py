@@ -16,7 +16,7 @@ Column ``j`` of a partition is divided by its column sum (columns of zeros stay 
 """
 from __future__ import annotations
 
-import numbers
+import operator
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -45,16 +45,21 @@ class Graph:
     inward: Tuple[Tuple[int, int], ...]
 
     def __post_init__(self):
-        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, numbers.Integral) or self.num_nodes < 1:
+        num_nodes = _joint_index(self.num_nodes)
+        if num_nodes is None or num_nodes < 1:
             raise ValueError(f"graph {self.name!r}: num_nodes must be a positive int, got {self.num_nodes!r}")
-        object.__setattr__(self, "num_nodes", int(self.num_nodes))
+        object.__setattr__(self, "num_nodes", num_nodes)
         edges = []
         for edge in self.inward:
-            pair = tuple(edge) if isinstance(edge, (tuple, list, np.ndarray)) else ()
-            if len(pair) != 2 or not all(isinstance(j, numbers.Integral) and 0 <= j < self.num_nodes for j in pair):
+            try:
+                pair = tuple(_joint_index(j) for j in edge)
+            except TypeError:  # not a pair of anything
+                pair = ()
+            if len(pair) != 2 or not all(j is not None and 0 <= j < num_nodes for j in pair):
                 raise ValueError(f"graph {self.name!r}: an edge is a (child, parent) pair of joints in "
-                                 f"[0, {self.num_nodes}), got {edge!r}")
-            edges.append((int(pair[0]), int(pair[1])))
+                                 f"[0, {num_nodes}), got {edge!r}")
+            if pair not in edges:  # an edge given twice is one edge
+                edges.append(pair)
         object.__setattr__(self, "inward", tuple(edges))
         parent_of = {}
         for child, parent in edges:
@@ -98,6 +103,16 @@ class Graph:
         eye = np.eye(self.num_nodes, dtype=np.float32)
         return np.stack([eye, normalize_columns(self.edge_matrix(self.inward)),
                          normalize_columns(self.edge_matrix(self.outward))])
+
+
+def _joint_index(value):
+    """``value`` as a Python int if it is an integer (int, NumPy or one-element torch integer), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def normalize_columns(m: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from .data.dataset import clip_input
 from .graphs import BODY, HANDS
@@ -49,19 +50,24 @@ class LiveRecognizer:
 
     ``model`` is called as ``model(body, hand)`` on (1, C, window, V, M) inputs and returns a
     :class:`bharnet.ModelOutput` (an eval-mode model, an exported program's ``module()``, an
-    AOTInductor package); ``description`` holds the ``modality``, ``window`` and
+    AOTInductor package); the inputs go to the device and dtype of its first parameter (CPU
+    float32 for a model without any). ``description`` holds the ``modality``, ``window`` and
     ``preprocessing`` it was trained with (a run's description, or an exported file's metadata).
     ``history`` (default: the window) is the number of raw frames per classification; they are
     resampled to the window, so at a frame rate other than the training data's, pick the history
     that spans the same time."""
 
-    def __init__(self, model: Callable, description: dict, history: Optional[int] = None,
-                 stride: int = 8, device="cpu"):
+    def __init__(self, model: Callable, description: dict, history: Optional[int] = None, stride: int = 8):
         missing = [key for key in DESCRIPTION_KEYS if key not in description]
         if missing:
             raise ValueError(f"the description lacks {missing}: pass a run's description (bharnet.engine."
                              "evaluate.load_model) or the metadata that bharnet export stores")
-        self.model, self.device = model, torch.device(device)
+        self.model = model
+        parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        self.device = parameter.device if parameter is not None else torch.device("cpu")
+        self.dtype = parameter.dtype if parameter is not None else torch.float32
+        config = getattr(model, "config", None)  # a bharnet model's; exported files have none
+        self.num_person: Optional[int] = getattr(config, "num_person", None)
         self.modality, self.window = description["modality"], int(description["window"])
         self.preprocessing = description["preprocessing"]
         self.history = self.window if history is None else history
@@ -77,16 +83,20 @@ class LiveRecognizer:
                   device="cpu") -> "LiveRecognizer":
         """A recognizer for a run's ``model.safetensors`` (rebuilt and fused for inference) or
         for a file that ``bharnet export`` wrote (a program or an AOTInductor package, with the
-        run's description as metadata)."""
+        run's description as metadata), which runs on the CPU, as ``bharnet export`` traced it.
+        ``device``: where the rebuilt model runs."""
         if path.endswith(".safetensors"):
             from .engine.evaluate import load_model
             from .fast import fuse_for_inference
             model, description = load_model(path, device=device)
             model = fuse_for_inference(model)
         else:
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"an exported file runs on the CPU (bharnet export traces it there), not on "
+                                 f"{device}: pass the run's model.safetensors to run on {device}")
             from .deploy import load_runnable
             model, description = load_runnable(path)
-        return cls(model, description, history=history, stride=stride, device=device)
+        return cls(model, description, history=history, stride=stride)
 
     def reset(self) -> None:
         """Forget every frame (a new scene); the frame count starts again at 0."""
@@ -110,22 +120,26 @@ class LiveRecognizer:
         if not isinstance(body, torch.Tensor) or body.dim() != 3 or body.shape[:2] != (3, BODY.num_nodes):
             raise ValueError(f"body must be a tensor of shape (3, {BODY.num_nodes}, M), got {_shape(body)}")
         persons = body.shape[2]
+        if self.num_person is not None and persons != self.num_person:
+            raise ValueError(f"body has {persons} persons, the model takes {self.num_person} "
+                             "(zeros for an absent person)")
         if self._persons is not None and persons != self._persons:
             raise ValueError(f"body has {persons} persons, the frames before had {self._persons} "
                              "(keep M fixed, with zeros for an absent person; reset() for a new scene)")
-        self._persons = persons
         if hand is None:
             hand = torch.zeros(3, HANDS.num_nodes, persons)
             hand_valid = torch.zeros(2, persons, dtype=torch.bool)
         elif not isinstance(hand, torch.Tensor) or tuple(hand.shape) != (3, HANDS.num_nodes, persons):
             raise ValueError(f"hand must be a tensor of shape (3, {HANDS.num_nodes}, {persons}), got {_shape(hand)}")
-        hand = hand.detach().to("cpu", torch.float32)
+        hand = hand.detach().to("cpu", torch.float32, copy=True)  # the caller may reuse its buffers
         if hand_valid is None:
             hand_valid = hand.view(3, 2, HANDS.num_nodes // 2, persons).ne(0).any(dim=2).any(dim=0)
         elif not isinstance(hand_valid, torch.Tensor) or tuple(hand_valid.shape) != (2, persons):
             raise ValueError(f"hand_valid must be a bool tensor of shape (2, {persons}), got {_shape(hand_valid)}")
+        self._persons = persons
         # clip_input reads no keypoint of a hand that hand_valid marks undetected
-        return body.detach().to("cpu", torch.float32), hand, hand_valid.detach().to("cpu", torch.bool)
+        return (body.detach().to("cpu", torch.float32, copy=True), hand,
+                hand_valid.detach().to("cpu", torch.bool, copy=True))
 
     @torch.no_grad()
     def _classify(self) -> Prediction:
@@ -134,7 +148,7 @@ class LiveRecognizer:
         body, hand, hand_valid = torch.stack(bodies, dim=1), torch.stack(hands, dim=1), torch.stack(valid)
         body, hand = clip_input(body, hand, hand_valid, modality=self.modality, window=self.window,
                                 preprocessing=self.preprocessing, crop=(0, len(self._frames)))
-        out = self.model(body[None].to(self.device), hand[None].to(self.device))
+        out = self.model(body[None].to(self.device, self.dtype), hand[None].to(self.device, self.dtype))
         probabilities = torch.softmax(out.logits[0].float(), dim=0).cpu()
         return Prediction(self._count - 1, probabilities, int(probabilities.argmax()),
                           (time.perf_counter() - start) * 1e3)

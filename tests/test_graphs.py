@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from bharnet.graphs import BODY, GRAPHS, HAND, HANDS, NTU_LEFT_WRIST, NTU_RIGHT_WRIST, UNIFIED, Graph, get_graph
 
@@ -67,6 +68,8 @@ def test_unknown_graph_name():
     (3, ((1, 0, 2),), "pair"),
     (3, (1, 0), "pair of joints in .*, got 1"),
     (3, ((1, 1),), "joint 1 is its own parent"),
+    (3, ((1.0, 0),), r"got \(1.0, 0\)"),
+    (3, ((True, 0),), r"got \(True, 0\)"),
     (3, ((1, 0), (1, 2)), "joint 1 has two parents"),
     (4, ((1, 2), (2, 3), (3, 1)), "form a cycle"),
 ])
@@ -75,10 +78,12 @@ def test_a_graph_that_is_not_a_skeleton_is_refused(num_nodes, inward, message):
         Graph("custom", num_nodes, inward)
 
 
-def test_a_custom_graph_takes_numpy_edges_as_ints():
+def test_a_custom_graph_takes_numpy_and_torch_integers_as_ints():
     graph = Graph("custom", np.int64(4), np.array([[1, 0], [2, 1], [3, 1]]))
     assert graph.num_nodes == 4 and type(graph.num_nodes) is int
     assert graph.inward == ((1, 0), (2, 1), (3, 1)) and all(type(j) is int for e in graph.inward for j in e)
     assert graph.parents.tolist() == [0, 0, 1, 1]
     A = graph.adjacency()
     assert A[1, 0, 1] == 1.0 and A[2, 1, 0] == 1.0  # inward: child 1 -> parent 0; outward: 0 -> 1
+    assert Graph("custom", torch.tensor(4), torch.tensor([[1, 0], [2, 1], [3, 1]])) == graph
+    assert Graph("custom", 4, ((1, 0), (2, 1), (1, 0), (3, 1))) == graph  # an edge given twice is one

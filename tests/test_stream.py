@@ -92,9 +92,15 @@ def test_bad_frames_and_settings_say_what_is_wrong(model):
     recognizer = LiveRecognizer(model, DESCRIPTION)
     with pytest.raises(ValueError, match=r"body must be a tensor of shape \(3, 25, M\), got \(3, 24, 2\)"):
         recognizer.push(torch.zeros(3, 24, 2))
-    recognizer.push(torch.zeros(3, 25, 2))
-    with pytest.raises(ValueError, match="body has 1 persons, the frames before had 2"):
+    with pytest.raises(ValueError, match="body has 1 persons, the model takes 2"):
         recognizer.push(torch.zeros(3, 25, 1))
+    recognizer.push(torch.zeros(3, 25, 2))
+    as_function = LiveRecognizer(lambda body, hand: model(body, hand), DESCRIPTION)  # no config to ask
+    with pytest.raises(ValueError, match=r"hand must be a tensor of shape \(3, 42, 1\)"):
+        as_function.push(torch.zeros(3, 25, 1), torch.zeros(3, 42, 2))  # a refused frame fixes nothing
+    as_function.push(torch.zeros(3, 25, 2))
+    with pytest.raises(ValueError, match="body has 1 persons, the frames before had 2"):
+        as_function.push(torch.zeros(3, 25, 1))
     with pytest.raises(ValueError, match=r"hand must be a tensor of shape \(3, 42, 2\), got \(3, 21, 2\)"):
         recognizer.push(torch.zeros(3, 25, 2), torch.zeros(3, 21, 2))
     with pytest.raises(ValueError, match=r"hand_valid must be a bool tensor of shape \(2, 2\), got \(2,\)"):
@@ -105,3 +111,24 @@ def test_bad_frames_and_settings_say_what_is_wrong(model):
         LiveRecognizer(model, DESCRIPTION, history=1)
     with pytest.raises(ValueError, match="stride must be a positive int"):
         LiveRecognizer(model, DESCRIPTION, stride=0)
+
+
+def test_frames_are_copied_and_inputs_follow_the_models_dtype(model):
+    """A tracker that writes every frame into the same buffers; a float64 model."""
+    body, hand, valid = stream(frames=12)
+    want = push_all(LiveRecognizer(model, DESCRIPTION, stride=1), body, hand, valid)
+    recognizer = LiveRecognizer(trained_like("bharnet-e", torch.float64), DESCRIPTION, stride=1)
+    body_buffer, hand_buffer = torch.empty(3, 25, 2), torch.empty(3, 42, 2)
+    valid_buffer = torch.empty(2, 2, dtype=torch.bool)
+    for t in range(12):
+        body_buffer.copy_(body[:, t])
+        hand_buffer.copy_(hand[:, t])
+        valid_buffer.copy_(valid[t])
+        got = recognizer.push(body_buffer, hand_buffer, valid_buffer)
+    assert got.probabilities.dtype == torch.float32
+    torch.testing.assert_close(got.probabilities, want[0].probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_file_runs_on_the_cpu_only(tmp_path):
+    with pytest.raises(ValueError, match="an exported file runs on the CPU"):
+        LiveRecognizer.from_file(str(tmp_path / "model.pt2"), device="cuda")

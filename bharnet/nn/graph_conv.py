@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops import ctr_graph_conv
 from ..ops._backend import resolve
+from ..ops.ctr_graph_conv import backends_that_cannot_take
 from ..ops._checks import is_channels_last
 from .conv import PointwiseConv2d
 from .norm import BatchNorm2d
@@ -93,7 +94,7 @@ class CTRGraphConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, T, V = x.shape
         H, R = self.num_subsets, self.rel_channels
-        backend = resolve(self.fused_op, self.impl, x.device.type)
+        backend = resolve(self.fused_op, self.impl, x.device.type, backends_that_cannot_take(V))
         if backend == "reference":
             qk = self.conv_qk(x).mean(dim=2)
         else:

@@ -250,6 +250,11 @@ def _make_backward(run):
 _ctr_graph_conv_call = with_autograd(_ctr_graph_conv_op, _make_backward, _setup_context)
 
 
+def backends_that_cannot_take(num_joints: int) -> Tuple[str, ...]:
+    """The backends whose kernels cannot take ``num_joints`` joints (``auto`` passes over them)."""
+    return ("triton",) if num_joints > TRITON_MAX_JOINTS else ()
+
+
 def _check_triton_inputs(v, *others):
     V = v.shape[-1]
     if V > TRITON_MAX_JOINTS:
@@ -373,6 +378,5 @@ def ctr_graph_conv(v: torch.Tensor, A: torch.Tensor, q: Optional[torch.Tensor] =
                    *, backend: Optional[str] = None) -> torch.Tensor:
     """CTR-GC / ST-GC aggregation (see the module docstring for the math and shapes)."""
     validate(v, A, q, k, weight, bias, alpha)
-    cannot_take = ("triton",) if v.shape[-1] > TRITON_MAX_JOINTS else ()
-    impl = _IMPLS[resolve(OP_NAME, backend, v.device.type, cannot_take)]
+    impl = _IMPLS[resolve(OP_NAME, backend, v.device.type, backends_that_cannot_take(v.shape[-1]))]
     return impl(v, A, q, k, weight, bias, alpha)

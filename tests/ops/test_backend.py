@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bharnet import ops
+from bharnet.nn import CTRGraphConv
 from bharnet.ops import _backend
 from bharnet.ops._backend import resolve
 
@@ -69,6 +70,24 @@ def test_auto_takes_the_next_backend_for_more_joints_than_triton_holds(monkeypat
             ops.ctr_graph_conv(v, A, backend="triton")
 
 
+def test_a_graph_convolution_layer_with_more_joints_than_triton_holds_runs_under_auto(monkeypatch):
+    """The layer resolves its backend itself (its mean over time depends on it): it must pass
+    over Triton too, not hand the op an explicit 'triton'."""
+    if _backend.unavailable_reason("ctr_graph_conv", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    module, ran = _gpu_auto_order_recording(monkeypatch, "ctr_graph_conv")
+    torch.manual_seed(0)
+    V = 133  # COCO-WholeBody's keypoints
+    layer = CTRGraphConv(4, 8, torch.rand(3, V, V), impl="auto").eval()
+    layer.alpha.data.fill_(0.5)
+    x = torch.randn(2, 4, 5, V)
+    with torch.no_grad():
+        y = layer(x)
+        assert ran == ["cpp"]
+        layer.impl = "reference"
+        torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-4)
+
+
 def test_auto_takes_the_next_backend_for_head_dims_triton_cannot_take(monkeypatch):
     module, ran = _gpu_auto_order_recording(monkeypatch, "cross_attention")
     g = torch.Generator().manual_seed(0)
@@ -93,6 +112,12 @@ def test_auto_on_a_gpu_runs_what_the_kernels_cannot_take():
     ctr = importlib.import_module("bharnet.ops.ctr_graph_conv")
     torch.testing.assert_close(ops.ctr_graph_conv(v, A, backend="auto"), ctr.ctr_graph_conv_reference(v, A),
                                rtol=1e-3, atol=1e-3)
+    layer = CTRGraphConv(4, 8, A.cpu(), impl="auto").cuda().eval()
+    x = torch.randn(2, 4, 5, 133, device="cuda", generator=g)
+    with torch.no_grad():
+        y = layer(x)
+        layer.impl = "reference"
+        torch.testing.assert_close(y, layer(x), rtol=1e-3, atol=1e-3)
     D = 264
     x_q, x_kv = torch.randn(2, 3, D, device="cuda", generator=g), torch.randn(2, 5, D, device="cuda", generator=g)
     weights = [torch.randn(D, D, device="cuda", generator=g) * 0.05, None,
