@@ -133,7 +133,7 @@ class LiveRecognizer:
             raise ValueError(f"hand must be a tensor of shape (3, {HANDS.num_nodes}, {persons}), got {_shape(hand)}")
         hand = hand.detach().to("cpu", torch.float32, copy=True)  # the caller may reuse its buffers
         if hand_valid is None:
-            hand_valid = hand.view(3, 2, HANDS.num_nodes // 2, persons).ne(0).any(dim=2).any(dim=0)
+            hand_valid = hand.reshape(3, 2, HANDS.num_nodes // 2, persons).ne(0).any(dim=2).any(dim=0)
         elif not isinstance(hand_valid, torch.Tensor) or tuple(hand_valid.shape) != (2, persons):
             raise ValueError(f"hand_valid must be a bool tensor of shape (2, {persons}), got {_shape(hand_valid)}")
         self._persons = persons
