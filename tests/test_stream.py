@@ -132,3 +132,13 @@ def test_frames_are_copied_and_inputs_follow_the_models_dtype(model):
 def test_an_exported_file_runs_on_the_cpu_only(tmp_path):
     with pytest.raises(ValueError, match="an exported file runs on the CPU"):
         LiveRecognizer.from_file(str(tmp_path / "model.pt2"), device="cuda")
+
+
+def test_frames_in_any_memory_layout(model):
+    body, hand, valid = stream(frames=12)
+    want = push_all(LiveRecognizer(model, DESCRIPTION, stride=1), body, hand, valid, with_valid=False)
+    recognizer = LiveRecognizer(model, DESCRIPTION, stride=1)
+    for t in range(12):  # (V, M, 3) arrays viewed as (3, V, M): dense, not contiguous
+        got = recognizer.push(body[:, t].permute(1, 2, 0).contiguous().permute(2, 0, 1),
+                              hand[:, t].permute(1, 2, 0).contiguous().permute(2, 0, 1))
+    torch.testing.assert_close(got.probabilities, want[0].probabilities)
