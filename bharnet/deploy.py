@@ -86,21 +86,22 @@ def load_package(path: str):
     return torch._inductor.aoti_load_package(path)
 
 
-def _saved_kind(path: str) -> str:
-    """``program``, ``package`` or ``program-without-metadata``: what a file that :func:`export`
-    or :func:`compile_package` saved holds (read from its zip entries)."""
+def _inspect(path: str) -> Tuple[str, Optional[dict]]:
+    """What a file that :func:`export` or :func:`compile_package` saved holds, from one look at
+    its zip entries: ``("program", metadata)`` (``{}`` for a program saved without any) or
+    ``("package", None)`` (a package's metadata is read by loading it)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported model at {path!r}")
-    names = []
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    if any(name.endswith(f"/extra/{METADATA_KEY}") for name in names):
-        return "program"
-    if any("/data/aotinductor/" in name for name in names):
-        return "package"
-    if any(name.endswith("/models/model.json") for name in names):
-        return "program-without-metadata"
+            entry = next((name for name in names if name.endswith(f"/extra/{METADATA_KEY}")), None)
+            if entry is not None:
+                return "program", json.loads(archive.read(entry) or "{}")
+        if any("/data/aotinductor/" in name for name in names):
+            return "package", None
+        if any(name.endswith("/models/model.json") for name in names):  # a program saved without metadata
+            return "program", {}
     raise ValueError(f"{path!r} is not a program or package saved by bharnet.deploy")
 
 
@@ -111,20 +112,15 @@ def _package_metadata(package) -> dict:
 def read_metadata(path: str) -> dict:
     """The ``metadata`` saved with a program (:func:`export`) or a package
     (:func:`compile_package`) at ``path``; ``{}`` for a file saved without it."""
-    kind = _saved_kind(path)
-    if kind == "program":
-        with zipfile.ZipFile(path) as archive:
-            entry = next(name for name in archive.namelist() if name.endswith(f"/extra/{METADATA_KEY}"))
-            return json.loads(archive.read(entry) or "{}")
-    if kind == "package":
-        return _package_metadata(load_package(path))
-    return {}
+    kind, metadata = _inspect(path)
+    return _package_metadata(load_package(path)) if kind == "package" else metadata
 
 
 def load_runnable(path: str) -> Tuple[Callable, dict]:
     """Whatever ``path`` holds, a program (:func:`export`) or a package (:func:`compile_package`),
     as a callable ``(body, hand) -> ModelOutput``, with its metadata."""
-    if _saved_kind(path) == "package":
+    kind, metadata = _inspect(path)
+    if kind == "package":
         package = load_package(path)
         return package, _package_metadata(package)
-    return load(path).module(), read_metadata(path)
+    return load(path).module(), metadata

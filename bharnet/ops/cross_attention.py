@@ -497,10 +497,12 @@ _IMPLS = {"reference": cross_attention_reference, "triton": cross_attention_trit
 def _backends_that_cannot_take(x_q: Tensor, heads: int) -> Tuple[str, ...]:
     """The backends whose kernels cannot take this head dim (``auto`` passes over them)."""
     head_dim = x_q.shape[-1] // heads
-    if head_dim <= min(TRITON_MAX_HEAD_DIM, CPP_CUDA_MAX_HEAD_DIM):
-        return ()
-    too_large = (head_dim > TRITON_MAX_HEAD_DIM, x_q.device.type == "cuda" and head_dim > CPP_CUDA_MAX_HEAD_DIM)
-    return tuple(name for name, refused in zip(("triton", "cpp"), too_large) if refused)
+    refused = ("triton",) if head_dim > TRITON_MAX_HEAD_DIM else ()
+    if x_q.device.type == "cuda" and head_dim > CPP_CUDA_MAX_HEAD_DIM:
+        refused += ("cpp",)
+    return refused
+
+
 register_backend(OP_NAME, "triton", triton_availability)
 register_backend(OP_NAME, "cpp", _cpp_availability)
 
