@@ -65,13 +65,16 @@ def crop_resize(x: torch.Tensor, start: int, size: int, window: int,
                          f"the {frames} frames of x")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    # position = start + numerator / denominator, split exactly in integers: in floating point
+    # a whole position such as 23 could come out as 23.000000000000004 and blend in frame 24
     if window == 1:
-        positions = torch.tensor([start + (size - 1) / 2], dtype=torch.float64)
+        numerator, denominator = torch.tensor([size - 1]), 2
     else:
-        positions = start + torch.arange(window, dtype=torch.float64) * ((size - 1) / (window - 1))
-    lower = positions.floor().long().clamp(max=frames - 1)
+        numerator, denominator = torch.arange(window) * (size - 1), window - 1
+    lower = (start + numerator // denominator).clamp(max=frames - 1)
     upper = (lower + 1).clamp(max=frames - 1)
-    weight = (positions - lower).to(x.dtype).view(1, -1, 1, 1)
+    fraction = (numerator % denominator).to(torch.float64) / denominator
+    weight = fraction.to(x.dtype).view(1, -1, 1, 1)
     # index_select, not x[:, lower]: advanced indexing runs a parallel kernel whose thread
     # start-up dwarfs this tiny gather (and stalls on a busy CPU).
     out = x.index_select(1, lower) * (1 - weight) + x.index_select(1, upper) * weight
@@ -80,7 +83,7 @@ def crop_resize(x: torch.Tensor, start: int, size: int, window: int,
     if valid.dtype != torch.bool or valid.dim() != 3 or valid.shape[0] != frames:
         raise ValueError(f"valid must be a bool tensor of shape (T={frames}, V or 1, M), "
                          f"got {tuple(valid.shape)} {valid.dtype}")
-    blended = (positions - lower).view(-1, 1, 1) > 0
+    blended = fraction.view(-1, 1, 1) > 0
     valid_out = valid.index_select(0, lower) & (valid.index_select(0, upper) | ~blended)
     return out * valid_out.unsqueeze(0), valid_out
 

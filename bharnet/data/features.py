@@ -129,4 +129,5 @@ def canonicalize(body: torch.Tensor, hand: torch.Tensor, hand_valid: torch.Tenso
     origin = canonical_origin(body, centre_joint).view(-1, 1, 1, 1)
     body_mask = _channel_mask(body_presence(body), body)
     hand_mask = _channel_mask(hand_node_validity(hand_valid), hand)
-    return body - origin * body_mask, hand - origin * hand_mask
+    # where, not a product with the mask: a non-finite origin must not reach absent entries
+    return torch.where(body_mask, body - origin, body), torch.where(hand_mask, hand - origin, hand)

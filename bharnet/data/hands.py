@@ -78,6 +78,8 @@ class HandSequence:
         if valid.shape != keypoints.shape[:3]:
             raise ValueError(f"valid must have shape (T, M, 2) = {keypoints.shape[:3]}, "
                              f"got {valid.shape}")
+        if not np.isfinite(keypoints[valid]).all():
+            raise ValueError("the keypoints of valid hands must be finite (NaN or inf found)")
         if keypoints.shape[4] == 2:
             keypoints = np.concatenate([keypoints, np.zeros_like(keypoints[..., :1])], axis=-1)
         self.keypoints = np.where(valid[..., None, None], keypoints, 0).astype(np.float32)
@@ -186,6 +188,8 @@ def _landmarks(entries) -> tuple:
             values = list(entry[:3]) + [0.0] * (3 - len(entry[:3]))
             score = entry[3] if len(entry) == 4 else None
         coords[j] = [float(v) for v in values]
+        if not np.isfinite(coords[j]).all():
+            raise ValueError(f"landmark {j} has a non-finite coordinate: {entry!r}")
         if score is not None:
             scores.append(float(score))
     return coords, (float(np.mean(scores)) if scores else None)

@@ -175,7 +175,12 @@ def _parse_joints(lines: _Lines) -> np.ndarray:
                 except ValueError:
                     raise lines.error(f"non-numeric joint field {token!r}", number) from None
         raise
-    return values.reshape(NUM_JOINTS, JOINT_FIELDS)
+    values = values.reshape(NUM_JOINTS, JOINT_FIELDS)
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        number, line = block[int(np.argmin(finite))]
+        raise lines.error(f"non-finite joint field in {line.strip()!r}", number)
+    return values
 
 
 def read_skeleton(path: str) -> Skeleton:

@@ -45,6 +45,24 @@ def test_crop_resize_never_blends_invalid_frames():
     assert (out[:, :9, :, 0] == 1).all() and (out[:, 12:] == 1).all() and out_valid[:, 0, 1].all()
 
 
+@pytest.mark.parametrize("frames, size, window", [(80, 70, 64), (160, 154, 64), (300, 262, 64)])
+def test_crop_resize_hits_whole_frames_exactly(frames, size, window):
+    # Output k samples frame k (size - 1) / (window - 1); where that is a whole frame it is a
+    # copy of that frame alone, even when the next frame is invalid (in floating point the
+    # position could come out a hair off it: 23.000000000000004 for output 21 of the first
+    # case blended frame 24 in, 50.99999999999999 for output 21 of the second frame 50).
+    x = torch.arange(frames, dtype=torch.float32).view(1, -1, 1, 1).expand(3, frames, 25, 2).clone()
+    whole = [k for k in range(1, window - 1) if k * (size - 1) % (window - 1) == 0]
+    assert whole
+    for k in whole:
+        frame = k * (size - 1) // (window - 1)
+        valid = torch.ones(frames, 1, 2, dtype=torch.bool)
+        valid[frame + 1, 0, 1] = valid[frame - 1, 0, 1] = False  # both neighbours invalid
+        out, out_valid = augment.crop_resize(x, 0, size, window, valid)
+        assert out_valid[k, 0, 1], (k, frame)
+        assert (out[:, k] == frame).all()
+
+
 def test_crop_resize_argument_errors():
     x = torch.zeros(3, 10, 25, 2)
     with pytest.raises(ValueError, match="within the 10 frames"):

@@ -94,6 +94,17 @@ def test_canonical_moves_the_centre_joint_of_person_0_frame_0_to_the_origin():
                                hand[:, :, 0, 0] - body[:, :, 6, 0])
 
 
+def test_a_non_finite_origin_does_not_reach_absent_persons_or_lost_hands():
+    body, hand, hand_valid = _sample()
+    body[:, :, :, 1] = 0
+    hand_valid[3, 1, 0] = False
+    hand[:, 3, 21:, 0] = 0
+    body[0, 0, features.CENTRE_JOINT, 0] = float("nan")
+    out_body, out_hand = features.canonicalize(body, hand, hand_valid)
+    assert not out_body[..., 1].any() and not out_hand[:, 3, 21:, 0].any()
+    assert out_body[0, :, :, 0].isnan().all()
+
+
 def test_canonical_origin_is_the_first_frame_where_person_0_is_present():
     body, hand, hand_valid = _sample()
     body[:, :2, :, 0] = 0

@@ -52,6 +52,8 @@ def test_json_variants(tmp_path):
     ([{"handedness": "both", "landmarks": [[0, 0, 0]] * 21}], "handedness"),
     ([{"landmarks": [[0]] * 21}], "landmark 0"),
     ([{"points": []}], "'landmarks'"),
+    ([{"landmarks": [[0, 0, 0]] * 20 + [[0, float("nan"), 0]]}], "landmark 20 has a non-finite"),
+    ([{"landmarks": [[float("inf"), 0]] + [[0, 0]] * 20}], "landmark 0 has a non-finite"),
 ])
 def test_json_errors_name_file_and_frame(tmp_path, frame, message):
     path = tmp_path / "bad.json"
@@ -65,6 +67,17 @@ def _random_sequence(frames=5, persons=3, seed=0):
     rng = np.random.default_rng(seed)
     valid = rng.random((frames, persons, 2)) < 0.7
     return HandSequence(rng.normal(size=(frames, persons, 2, 21, 3)), valid)
+
+
+def test_valid_hands_must_be_finite_and_invalid_ones_become_zero():
+    keypoints = np.ones((3, 1, 2, 21, 3))
+    valid = np.ones((3, 1, 2), bool)
+    keypoints[1, 0, 0, 4, 2] = np.nan
+    with pytest.raises(ValueError, match="must be finite"):
+        HandSequence(keypoints, valid)
+    valid[1, 0, 0] = False  # a lost hand's slot may hold anything: it is zeroed
+    sequence = HandSequence(keypoints, valid)
+    assert np.isfinite(sequence.keypoints).all() and not sequence.keypoints[1, 0, 0].any()
 
 
 def test_npz_round_trip_and_invalid_hands_are_zero(tmp_path):

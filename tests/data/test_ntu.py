@@ -91,6 +91,14 @@ def test_non_numeric_field_names_its_line(tmp_path):
     assert "line 10:" in message and "'abc'" in message
 
 
+@pytest.mark.parametrize("token", ["nan", "inf", "-1e999"])
+def test_non_finite_field_names_its_line(tmp_path, token):
+    lines = skeleton_text([[("1", standing_body(1)[0])]]).splitlines()
+    lines[9] = lines[9].replace("250.1", token)  # the 7th joint line
+    message = _error_for(tmp_path, "\n".join(lines))
+    assert "line 10:" in message and "non-finite" in message
+
+
 @pytest.mark.parametrize("line, replacement, expected", [
     (0, "2 3", "single integer"),          # frame count with two fields
     (1, "x", "expected an integer"),       # body count not a number
