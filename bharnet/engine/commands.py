@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import replace
 
-from .config import (AMP_MODES, COMPILE_MODES, RunFolderMismatch, TrainConfig, parse_model_options,
+from .config import (AMP_MODES, COMPILE_MODES, TrainConfig, parse_model_options,
                      read_config_file)
 
 # The built-in demo: small models that learn the synthetic dataset in minutes on two CPU cores.
@@ -113,11 +112,7 @@ def run_train(args: argparse.Namespace) -> int:
     results = {}
     for name in models:
         run_config = replace(config, model=name, out=os.path.join(out, name) if len(models) > 1 else out)
-        try:
-            results[name] = _train_one(run_config, progress)
-        except RunFolderMismatch as error:
-            print(f"bharnet train: error: {error}", file=sys.stderr)
-            return 2
+        results[name] = _train_one(run_config, progress)  # errors: bharnet.cli.main
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     summary = {"models": {name: {"top1": r["top1"], "top5": r["top5"],

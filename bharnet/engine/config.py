@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional, Tuple
 
@@ -58,6 +59,10 @@ class TrainConfig:
             raise ValueError("lr must be > 0, warmup_epochs and workers >= 0")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if 0 < self.epochs <= self.warmup_epochs:
+            warnings.warn(f"warmup_epochs ({self.warmup_epochs}) >= epochs ({self.epochs}): the learning rate only "
+                          f"ramps up, to {self.lr * self.epochs / self.warmup_epochs:g}, and never decays; "
+                          "pass a --warmup-epochs below --epochs", stacklevel=2)
         return self
 
     def to_dict(self) -> dict:

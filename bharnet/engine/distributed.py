@@ -45,6 +45,15 @@ def barrier(context: Context) -> None:
         dist.barrier()
 
 
+def sum_over_ranks(context: Context, values, device: torch.device) -> list:
+    """The element-wise sums of ``values`` (a list of numbers) over every process, in float64."""
+    if not context.distributed:
+        return list(values)
+    totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
 def shutdown(context: Context) -> None:
     if context.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ from ..fast import fuse_for_inference, swap_layers
 from ..models import create_model
 from . import checkpoint
 from .config import TrainConfig
-from .trainer import autocast, model_description, resolve_device
+from .trainer import autocast, check_inputs_exist, model_description, resolve_device
 
 
 def read_description(path: str) -> dict:
@@ -133,6 +133,7 @@ def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, devi
     if meta["num_classes"] != dataset.num_classes:
         raise ValueError(f"{weights} classifies {meta['num_classes']} classes, the dataset at {dataset.root} "
                          f"has {dataset.num_classes}")
+    check_inputs_exist(model, meta["model"], dataset)
     model = fuse_for_inference(model, backend if backend is not None else model.config.impl)
     scores = predict(model, dataset, batch_size, device, amp, progress)
     labels = np.asarray(dataset.labels, dtype=np.int64)

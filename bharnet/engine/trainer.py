@@ -48,6 +48,15 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
+def check_inputs_exist(model: torch.nn.Module, name: str, dataset) -> None:
+    """Refuse a model that reads hands on a dataset prepared without them (whose hand arrays
+    are all zero: the model would run on nothing and score at chance)."""
+    manifest = getattr(dataset, "manifest", {})
+    if getattr(model, "uses_hand", False) and not manifest.get("has_hands", True):
+        raise ValueError(f"{name} reads hand keypoints, but {dataset.root} was prepared without them "
+                         "(bharnet prepare --hands ...); use a body-only model (--model body) on it")
+
+
 def model_description(config: TrainConfig, num_classes: int) -> dict:
     """What :func:`bharnet.engine.evaluate.load_model` needs to rebuild the model."""
     return {"model": config.model, "num_classes": num_classes, "preset": config.preset,
@@ -156,6 +165,7 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
     num_classes = train_set.num_classes
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes).to(device)
+    check_inputs_exist(model, config.model, train_set)
     optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     log = JsonlLog(os.path.join(config.out, "log.jsonl") if context.is_main else None)
@@ -171,7 +181,9 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
                   f"(--epochs {config.epochs}); nothing to train")
         elif context.is_main:
             print(f"resuming {config.model} from {latest} (epoch {start_epoch + 1} of {config.epochs})")
-    elif context.is_main:
+    else:  # a fresh start: no record of an earlier attempt stays (one killed before its first checkpoint)
+        log.keep_epochs(0)
+    if latest is None and context.is_main:
         os.makedirs(config.out, exist_ok=True)
         with open(os.path.join(config.out, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config.to_dict(), handle, indent=2)
@@ -219,9 +231,10 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
                 bar.set_postfix(loss=f"{losses[-2].item():.3f}", lr=f"{lr:.4f}")
         # one transfer of the epoch's losses; summed in float64 in step order
         loss_sum = sum(value * size for value, size in zip(torch.stack(losses).tolist(), sizes)) if losses else 0.0
-        seen = sum(sizes)
-        record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
-                  "train_top1": 100.0 * int(correct) / max(seen, 1), "lr": lr,
+        # the epoch's numbers over every process's shard (rank 0 logs them)
+        loss_sum, correct, seen = distributed.sum_over_ranks(context, [loss_sum, int(correct), sum(sizes)], device)
+        record = {"epoch": epoch + 1, "step": step, "samples": int(seen), "loss": loss_sum / max(seen, 1),
+                  "train_top1": 100.0 * correct / max(seen, 1), "lr": lr,
                   "seconds": round(time.time() - started, 2)}
         log.write(record)
         if context.is_main:

@@ -13,7 +13,7 @@ from bharnet.cli import main
 from bharnet.data.dataset import SkeletonDataset
 from bharnet.engine import checkpoint
 from bharnet.engine.config import TrainConfig, parse_model_options
-from bharnet.engine.evaluate import load_model, predict
+from bharnet.engine.evaluate import evaluate_run, load_model, predict
 from bharnet.engine.schedule import warmup_cosine
 from bharnet.engine.trainer import build_model, make_optimizer, train
 
@@ -185,8 +185,18 @@ def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, 
     monkeypatch.undo()  # the real make_synthetic again
     other = synthetic.make_synthetic(tmp_path / "five", num_classes=5, num_hand_centric=2,
                                      samples_per_class_train=1, samples_per_class_test=1, frames=16)
+    capsys.readouterr()
+    assert main(["eval", str(out / "model.safetensors"), "--data", other, "--no-progress"]) == 2
+    assert "bharnet eval: error:" in capsys.readouterr().err
     with pytest.raises(ValueError, match="classifies 4 classes, the dataset at .* has 5"):
-        main(["eval", str(out / "model.safetensors"), "--data", other, "--no-progress"])
+        evaluate_run(str(out / "model.safetensors"), SkeletonDataset(other, "test", window=8), str(tmp_path / "e"))
+    # mistakes in arguments or inputs are one line and exit status 2, not a traceback
+    for argv, message in ((["train", "--data", str(tmp_path / "nope")], "manifest.json"),
+                          (["train", "--data", tiny_dataset, "--epochs", "0"], "epochs must be >= 1"),
+                          (["ensemble", str(out)], "labels.npy")):
+        assert main(argv + (["--no-progress"] if argv[0] == "train" else [])) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"bharnet {argv[0]}: error:") and message in err and "Traceback" not in err, err
     with pytest.raises(SystemExit, match="2 --weights for 1 folders"):
         main(["ensemble", str(out / "eval"), "--weights", "0.5", "0.5"])
 
@@ -202,6 +212,13 @@ def _empty_split(root, split):
     write_manifest(root, {k: v for k, v in manifest.items() if not k.endswith("version") and k != "format"})
 
 
+def train_command(argv):
+    """``bharnet train argv`` with its errors raised (``main`` prints them)."""
+    from bharnet.cli import build_parser
+    args = build_parser().parse_args(["train", *argv])
+    return args.func(args)
+
+
 def test_an_empty_split_is_said_before_training(tmp_path):
     from bharnet.data.synthetic import make_synthetic
 
@@ -210,8 +227,8 @@ def test_an_empty_split_is_said_before_training(tmp_path):
                               samples_per_class_test=1, frames=16)
         _empty_split(data, split)
         with pytest.raises(ValueError, match=message):
-            main(["train", "--data", data, "--model", "body", "--preset", "small", "--window", "8",
-                  "--epochs", "1", "--out", str(tmp_path / f"run-{split}"), "--no-progress"])
+            train_command(["--data", data, "--model", "body", "--preset", "small", "--window", "8",
+                           "--epochs", "1", "--out", str(tmp_path / f"run-{split}"), "--no-progress"])
         assert not (tmp_path / f"run-{split}").exists()  # nothing written, not even config.json
 
 
@@ -245,6 +262,7 @@ def test_distributed_training_with_two_gloo_processes(tiny_dataset, tmp_path):
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 1  # only rank 0 logs
     assert log[0]["step"] == 2  # 16 samples, global batch 8 split over 2 ranks
+    assert log[0]["samples"] == 16  # the loss and accuracy cover both ranks' shards (8 each)
     assert (out / "model.safetensors").exists() and (out / "metrics.json").exists()
 
 
@@ -265,6 +283,7 @@ def test_each_distributed_rank_draws_its_own_dropout_masks(tiny_dataset, tmp_pat
     monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
     monkeypatch.setattr(trainer, "DistributedDataParallel", lambda model: model)
     monkeypatch.setattr(distributed, "barrier", lambda context: None)
+    monkeypatch.setattr(distributed, "sum_over_ranks", lambda context, values, device: list(values))
     drawn = {}
     for run, rank in enumerate([0, 1, 1]):
         monkeypatch.setattr(distributed, "init", lambda device_type, rank=rank: distributed.Context(rank, 2, 0))
@@ -428,3 +447,51 @@ def test_train_cli_refuses_a_run_folder_of_other_options(tiny_dataset, tmp_path,
     with pytest.raises(SystemExit):
         main(args + ["--amp", "bf17"])
     assert "invalid choice: 'bf17'" in capsys.readouterr().err
+
+
+def test_a_model_that_reads_hands_is_refused_on_a_dataset_without_them(tiny_dataset, tmp_path):
+    import shutil
+    from bharnet.data.dataset import read_manifest, write_manifest
+
+    handless = tmp_path / "handless"
+    shutil.copytree(tiny_dataset, handless)
+    manifest = read_manifest(str(handless))
+    manifest["has_hands"] = False  # as bharnet prepare writes without --hands
+    write_manifest(str(handless), {k: v for k, v in manifest.items() if not k.endswith("version") and k != "format"})
+    for model in ("hand", "unified", "bharnet-e"):
+        with pytest.raises(ValueError, match=f"{model} reads hand keypoints, but .* was prepared without them"):
+            train(config(str(handless), tmp_path / model, epochs=1, model=model),
+                  SkeletonDataset(str(handless), "train", window=8), progress=False)
+        assert not (tmp_path / model).exists()
+    run = tmp_path / "hand-run"
+    train(config(tiny_dataset, run, epochs=1, model="hand"), SkeletonDataset(tiny_dataset, "train", window=8),
+          progress=False)
+    with pytest.raises(ValueError, match="hand reads hand keypoints"):
+        evaluate_run(str(run / "model.safetensors"), SkeletonDataset(str(handless), "test", window=8),
+                     str(tmp_path / "eval"), progress=False)
+    train(config(str(handless), tmp_path / "body", epochs=1), SkeletonDataset(str(handless), "train", window=8),
+          progress=False)  # a body model is fine
+
+
+def test_a_fresh_start_drops_the_log_of_an_attempt_killed_before_its_first_checkpoint(tiny_dataset, tmp_path,
+                                                                                        monkeypatch):
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_dataset, run, epochs=2), SkeletonDataset(tiny_dataset, "train", window=8), progress=False)
+    assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1]
+    monkeypatch.undo()
+    train(config(tiny_dataset, run, epochs=2), SkeletonDataset(tiny_dataset, "train", window=8), progress=False)
+    assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2]
+
+
+def test_a_warmup_as_long_as_the_training_is_said():
+    with pytest.warns(UserWarning, match=r"warmup_epochs \(5\) >= epochs \(3\).* ramps up, to 0.06"):
+        TrainConfig.from_dict({"epochs": 3, "lr": 0.1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig.from_dict({"epochs": 6, "lr": 0.1})
