@@ -32,6 +32,10 @@ from .dataset import (NUM_PERSONS, SPLITS, SplitWriter, exclusive, invalidate, r
                       remove_partial_files, split_summary, write_manifest)
 
 SPLIT_SEEDS = {"train": 1, "test": 2}
+# Bumped when the same arguments generate different samples, so that a dataset written by an
+# older version is written again (2: left hands are the mirror image of right ones; before,
+# two mirrorings cancelled and left hands had right-hand chirality).
+GENERATOR_VERSION = 2
 
 # Person-local frame: x = the person's left, y = up, z = forward; metres for a 1.7 m person.
 _TORSO = {"spine_mid": 0.25, "spine_shoulder": 0.22, "neck": 0.08, "head": 0.10,
@@ -368,8 +372,7 @@ def generate_sample(class_index: int, num_body_classes: int, frames: int,
                 curl, spread = HAND_CLASSES[class_index - num_body_classes][1](clock)
             else:
                 curl, spread = _relaxed_fingers(clock, hand_rng)
-            local = _hand_keypoints(curl, spread) * hand_scale
-            local[..., 0] *= 1.0 if side == 1 else -1.0
+            local = _hand_keypoints(curl, spread) * hand_scale  # a right hand; mirrored below
             rotation = _hand_frames(joints[:, wrist] - joints[:, elbow],
                                     hand_rng.uniform(-0.8, 0.8), 1 if side == 0 else -1)
             hand_wrist = body[:, m, wrist] + noise_rng.normal(0.0, 0.005, size=(frames, 3))
@@ -413,7 +416,7 @@ def make_synthetic(out_dir: str, num_classes: int = 10, num_hand_centric: int = 
                          f"frames >= 2; got {samples_per_class_train}, "
                          f"{samples_per_class_test}, {frames}")
     out_dir = os.fspath(out_dir)
-    source = {"kind": "synthetic", "num_classes": num_classes,
+    source = {"kind": "synthetic", "generator": GENERATOR_VERSION, "num_classes": num_classes,
               "num_hand_centric": num_hand_centric,
               "samples_per_class_train": samples_per_class_train,
               "samples_per_class_test": samples_per_class_test, "frames": frames, "seed": seed}

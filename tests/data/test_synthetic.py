@@ -109,6 +109,21 @@ def test_bodies_and_hands_are_anatomically_plausible(synthetic_default):
             assert not h[:, ~v[:, side], nodes].any()  # dropped detections are zero
 
 
+def test_left_hands_are_the_mirror_image_of_right_hands(synthetic_default):
+    # Chirality: the sign of det(index base, pinky base, thumb tip), each minus the wrist
+    # (MediaPipe nodes 5, 17, 4, 0); a mirror image flips it, a rotation does not.
+    data = _load(synthetic_default[0], "train")
+    for i in range(0, len(data["length"]), 11):
+        frames = slice(0, data["length"][i])
+        h, v = data["hand"][i, :, frames, :, 0], data["hand_valid"][i, frames, :, 0]
+        signs = []
+        for side in (0, 1):
+            nodes = h[:, v[:, side], 21 * side:21 * side + 21]
+            vectors = nodes[:, :, [5, 17, 4]] - nodes[:, :, :1]  # (3, T, 3)
+            signs.append(np.sign(np.linalg.det(vectors.transpose(1, 2, 0))))
+        assert (signs[0] == -1).all() and (signs[1] == 1).all(), i
+
+
 def test_hand_detections_drop_out_in_some_frames(synthetic_default):
     data = _load(synthetic_default[0], "train")
     mask = np.arange(64)[None, :] < data["length"][:, None]
