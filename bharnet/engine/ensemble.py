@@ -19,6 +19,8 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 def fuse(score_sets: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     if len(score_sets) != len(weights) or not score_sets:
         raise ValueError(f"need one weight per score set, got {len(score_sets)} sets and {len(weights)} weights")
+    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
     shapes = {s.shape for s in score_sets}
     if len(shapes) != 1:
         raise ValueError(f"score sets must have the same shape, got {sorted(shapes)}")
@@ -27,6 +29,11 @@ def fuse(score_sets: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
 
 def ensemble_dirs(eval_dirs: Sequence[str], weights: Sequence[float], hand_centric=()) -> Dict:
     """Fuse the ``scores.npy`` of several evaluation folders (their ``labels.npy`` must agree)."""
+    for d in eval_dirs:
+        missing = [name for name in ("scores.npy", "labels.npy") if not os.path.isfile(os.path.join(d, name))]
+        if missing:
+            raise FileNotFoundError(f"{d} has no {' or '.join(missing)}: pass evaluation folders (a run's eval/, "
+                                    "written by bharnet train or bharnet eval)")
     labels = [np.load(os.path.join(d, "labels.npy")) for d in eval_dirs]
     if any(not np.array_equal(labels[0], other) for other in labels[1:]):
         raise ValueError("the evaluation folders were made on different samples (labels.npy differ)")

@@ -193,7 +193,8 @@ def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, 
     # mistakes in arguments or inputs are one line and exit status 2, not a traceback
     for argv, message in ((["train", "--data", str(tmp_path / "nope")], "manifest.json"),
                           (["train", "--data", tiny_dataset, "--epochs", "0"], "epochs must be >= 1"),
-                          (["ensemble", str(out)], "labels.npy")):
+                          (["ensemble", str(out)], "has no scores.npy or labels.npy: pass evaluation folders"),
+                          (["ensemble", str(out / "eval"), "--weights", "-1"], "weights must be >= 0")):
         assert main(argv + (["--no-progress"] if argv[0] == "train" else [])) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"bharnet {argv[0]}: error:") and message in err and "Traceback" not in err, err
