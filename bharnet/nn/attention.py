@@ -86,6 +86,8 @@ class CrossAttention(nn.Module):
                              f"got {tuple(x_q.shape)} and {tuple(x_kv.shape)}")
         if key_mask is not None:
             B, _, T, V = x_kv.shape
+            if tuple(key_mask.shape) != (B, T, V):
+                raise ValueError(f"key_mask must have shape (B, T, V_kv) = {(B, T, V)}, got {tuple(key_mask.shape)}")
             key_mask = key_mask.reshape(B * T, V) if self.mode == "frame" else key_mask.reshape(B, T * V)
         out = self.attention(to_tokens(x_q, self.mode), to_tokens(x_kv, self.mode), key_mask)
         return from_tokens(out, x_q.shape, channels_last=is_channels_last(x_q))

@@ -3,15 +3,19 @@
 Backends: ``reference`` (pure PyTorch, the numerical ground truth), ``triton`` (Triton
 kernels; on CPU only under ``TRITON_INTERPRET=1``), ``cpp`` (the C++/CUDA extension) and
 ``auto`` (the fastest backend that can run on the tensor's device, falling back to
-``reference``; a backend registered with ``in_auto=False`` runs only when named). The choice
+``reference``; a backend registered with ``in_auto=False`` runs only when named; under
+``torch.func`` transforms and forward-mode AD, for which the kernels' autograd Functions have
+no rules, ``auto`` is ``reference``). The choice
 is made per call (``backend=``), per layer (``impl=``) or globally (:func:`use_backend`,
 environment variable ``BHARNET_BACKEND``), in that order of precedence.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import torch
 
 BACKENDS = ("reference", "triton", "cpp", "auto")
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
@@ -33,20 +37,27 @@ def get_backend() -> str:
     """The global default backend: :func:`use_backend`, else ``$BHARNET_BACKEND``, else auto."""
     if _global_backend is not None:
         return _global_backend
-    return _check_name(os.environ.get("BHARNET_BACKEND", "auto"))
+    name = os.environ.get("BHARNET_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"$BHARNET_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
 
 
-class use_backend(contextlib.ContextDecorator):
-    """Set the global backend; also usable as a context manager that restores the old one.
+class use_backend:
+    """Set the global backend; also a context manager and a function decorator that restore the
+    old one on leaving.
 
     >>> bharnet.ops.use_backend("reference")          # from now on
     >>> with bharnet.ops.use_backend("triton"): ...    # only inside the block
+    >>> @bharnet.ops.use_backend("cpp")                # only inside each call
+    ... def infer(x): ...
     """
 
     def __init__(self, name: str):
         global _global_backend
+        self._name = _check_name(name)
         self._previous = _global_backend
-        _global_backend = _check_name(name)
+        _global_backend = self._name
 
     def __enter__(self):
         return self
@@ -55,6 +66,16 @@ class use_backend(contextlib.ContextDecorator):
         global _global_backend
         _global_backend = self._previous
         return False
+
+    def __call__(self, function: Callable) -> Callable:
+        global _global_backend
+        _global_backend = self._previous  # decorating sets nothing by itself
+
+        @functools.wraps(function)
+        def with_backend(*args, **kwargs):
+            with use_backend(self._name):
+                return function(*args, **kwargs)
+        return with_backend
 
 
 def register_backend(op: str, backend: str, availability: Callable[[str], Optional[str]],
@@ -98,6 +119,10 @@ def resolve(op: str, backend: Optional[str], device_type: str, cannot_take: Tupl
     """
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
+        # torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD: the kernels' autograd
+        # Functions have no rules for them
+        if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+            return "reference"
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
             if (candidate not in cannot_take and (op, candidate) not in _explicit_only
                     and unavailable_reason(op, candidate, device_type) is None):

@@ -79,6 +79,21 @@ def test_determinism_with_fixed_seed():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["body", "bharnet-p"])
+def test_a_float64_model_keeps_float64_through_its_loss(name):
+    torch.manual_seed(0)
+    model = bharnet.create_model(name, 6, **SMALL).double()
+    body, hand = (x.double() for x in inputs())
+    out = model(body, hand)
+    loss = model.loss(out, torch.tensor([1, 4]))
+    assert out.logits.dtype == loss.dtype == torch.float64
+    logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    other = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 4])
+    torch.autograd.gradcheck(lambda z: bharnet.models.cross_entropy(z, target, 0.1), (logits,))
+    torch.autograd.gradcheck(noisy_or_log_probs, (logits, other))
+
+
 def test_noisy_or_probabilities():
     torch.manual_seed(0)
     z_b, z_h = torch.randn(2, 8, 11) * 3
@@ -163,6 +178,12 @@ def test_clear_errors():
         model(body.long(), hand)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         bharnet.create_model("body", 6, **SMALL)(None, hand)
+    with pytest.raises(TypeError, match="hand is torch.float16, the model torch.float32"):
+        model(body, hand.half())
+    with pytest.raises(TypeError, match="body is torch.float64, the model torch.float32"):
+        model(body.double(), hand.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
+        model.eval()(body.bfloat16(), hand)
     with pytest.raises(ValueError, match="unknown model 'bharnet-x'"):
         bharnet.create_model("bharnet-x", 6)
     with pytest.raises(TypeError, match=r"unknown model option\(s\) \['width'\]"):

@@ -42,6 +42,16 @@ def test_cross_attention_modes(mode):
     assert changed.tolist() == ([False, False, True] if mode == "frame" else [True, True, True])
 
 
+def test_cross_attention_key_mask_must_be_b_t_v():
+    layer = CrossAttention(16, heads=4)
+    body, hand = torch.randn(2, 16, 3, 25), torch.randn(2, 16, 3, 42)
+    mask = torch.rand(2, 3, 42) > 0.3
+    layer(body, hand, mask)
+    for wrong in (mask.transpose(1, 2), mask.flatten()):  # as many elements, in another layout
+        with pytest.raises(ValueError, match=r"key_mask must have shape \(B, T, V_kv\) = \(2, 3, 42\)"):
+            layer(body, hand, wrong)
+
+
 def test_pooling_attention_shapes_and_errors():
     pam = PoolingAttention(16, heads=4)
     pooled = pam(torch.randn(2, 16, 5, 25), torch.randn(2, 16, 5, 42))

@@ -16,12 +16,54 @@ def test_use_backend_sets_and_restores():
     assert ops.get_backend() == before
 
 
+def test_use_backend_as_a_decorator_sets_the_backend_inside_each_call_only():
+    before = ops.get_backend()
+
+    @ops.use_backend("reference")
+    def inside():
+        return ops.get_backend()
+
+    assert ops.get_backend() == before  # decorating changed nothing
+    assert inside() == "reference" and ops.get_backend() == before
+    assert inside() == "reference" and ops.get_backend() == before  # every call, not only the first
+    ops.use_backend("reference")  # the statement form sets it from now on
+    try:
+        assert ops.get_backend() == "reference"
+    finally:
+        _backend._global_backend = None
+
+
 def test_environment_variable(monkeypatch):
     monkeypatch.setenv("BHARNET_BACKEND", "reference")
     assert ops.get_backend() == "reference"
     monkeypatch.setenv("BHARNET_BACKEND", "fastest")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match=r"\$BHARNET_BACKEND must be one of .* got 'fastest'"):
         ops.get_backend()
+
+
+def test_auto_runs_the_reference_under_torch_func_transforms():
+    """The kernels' autograd Functions have no torch.func rules; ``auto`` steps aside there (it
+    raised from the C++ kernels on CPU) and the gradients are the reference model's."""
+    import bharnet
+
+    torch.manual_seed(0)
+    model = bharnet.create_model("bharnet-e", 4, preset="small").eval()  # (training BN updates buffers in place)
+    body, hand = torch.randn(2, 3, 8, 25, 2), torch.randn(2, 3, 8, 42, 2)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def loss(p):
+        return torch.func.functional_call(model, (p, buffers), (body, hand)).logits.square().sum()
+
+    assert resolve("ctr_graph_conv", "auto", "cpu") == "cpp"
+    with ops.use_backend("auto"):
+        grads = torch.func.grad(loss)(params)
+        tangent = {name: torch.randn_like(p) for name, p in params.items()}
+        torch.func.jvp(loss, (params,), (tangent,))  # forward mode too
+    with ops.use_backend("reference"):
+        expected = torch.func.grad(loss)(params)
+    for name in params:
+        torch.testing.assert_close(grads[name], expected[name], msg=name)
 
 
 def test_auto_on_cpu_never_picks_triton():
