@@ -71,6 +71,7 @@ def compile_package(program: torch.export.ExportedProgram, path: str, metadata: 
     generated C++ for everything but bharnet's C++ ops, which it calls through PyTorch's
     dispatcher; no Python tracing or Inductor compilation when it is loaded. ``metadata`` is
     stored in the package. Returns ``path``."""
+    path = os.fspath(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"an AOTInductor package path must end in .pt2, got {path!r}")
     configs = {"aot_inductor.metadata": {METADATA_KEY: json.dumps(metadata or {})}}

@@ -281,6 +281,8 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
             if isinstance(module, GCNBlock):
                 module.register_forward_pre_hook(_channels_last_input)
+        for block in _blocks_ending_a_stack(fused):
+            block.register_forward_hook(_channels_first_output)
     fused.register_forward_pre_hook(_refuse_training)
     setattr(fused, _FUSED, True)
     return skip_absent_persons(fused).eval()  # also the modules made here
@@ -319,6 +321,28 @@ def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:
     return ({p.device.type for p in model.parameters()} == {"cpu"} and name in ("auto", "cpp")
             and any(isinstance(m, GCNBlock) for m in model.modules())
             and _backend.unavailable_reason("ctr_graph_conv", "cpp", "cpu") is None)
+
+
+def _blocks_ending_a_stack(model: nn.Module) -> list:
+    """The GCNBlocks of a model other than bharnet's own (whose pooling takes channels-last
+    features as they are) that its code may read as channels-first: each block that the next
+    module in its parent is not a GCNBlock (the last of an ``nn.Sequential`` of blocks, say), and
+    the model itself if it is one. A ``.view`` of their channels-last output would fail."""
+    from .models.variants import _Variant
+
+    if isinstance(model, _Variant):
+        return []
+    ends = [model] if isinstance(model, GCNBlock) else []
+    for parent in model.modules():
+        children = list(parent.children())
+        ends += [child for child, after in zip(children, children[1:] + [None])
+                 if isinstance(child, GCNBlock) and not isinstance(after, GCNBlock)]
+    return ends
+
+
+def _channels_first_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the blocks :func:`_blocks_ending_a_stack` lists."""
+    return output.contiguous()
 
 
 def _channels_last_input(module: nn.Module, args):

@@ -13,13 +13,15 @@ over all the frames it holds) and classifies them::
             print(prediction.label, prediction.probabilities.max(), prediction.latency_ms)
 
 A frame's layout is that of one time step of :meth:`bharnet.data.SkeletonDataset.raw`: Kinect
-joints in metres, an absent person all zero, an undetected hand all zero with ``hand_valid``
-False. The probabilities are ``softmax(logits)``: the class probabilities of the single-expert
+joints in metres, an absent person all zero, an undetected hand ``hand_valid`` False (its
+keypoints are then ignored). Persons present in a window go first, as in the dataset (a tracker
+may leave slot 0 empty). The probabilities are ``softmax(logits)``: the class probabilities of the single-expert
 and additive models and BHaRNet-P's normalised Noisy-OR ``p / sum(p)``.
 """
 from __future__ import annotations
 
 import collections
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .data.dataset import clip_input
+from .data.dataset import _check_transform, clip_input
 from .graphs import BODY, HANDS
 
 DESCRIPTION_KEYS = ("modality", "window", "preprocessing")
@@ -62,12 +64,19 @@ class LiveRecognizer:
         if missing:
             raise ValueError(f"the description lacks {missing}: pass a run's description (bharnet.engine."
                              "evaluate.load_model) or the metadata that bharnet export stores")
+        if isinstance(model, nn.Module):
+            training = [name or type(model).__name__ for name, m in model.named_modules()
+                        if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))]
+            if training:  # its BatchNorm would normalise by the live clip and update its statistics
+                raise ValueError(f"LiveRecognizer needs an eval-mode model (call model.eval() first); in training "
+                                 f"mode: {', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
+        _check_transform(description["modality"], description["preprocessing"])
         self.model = model
         parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
         self.device = parameter.device if parameter is not None else torch.device("cpu")
         self.dtype = parameter.dtype if parameter is not None else torch.float32
-        config = getattr(model, "config", None)  # a bharnet model's; exported files have none
-        self.num_person: Optional[int] = getattr(config, "num_person", None)
+        config = getattr(model, "config", None)  # a bharnet model's; an exported file's metadata has num_person
+        self.num_person: Optional[int] = getattr(config, "num_person", None) or description.get("num_person")
         self.modality, self.window = description["modality"], int(description["window"])
         self.preprocessing = description["preprocessing"]
         self.history = self.window if history is None else history
@@ -85,6 +94,7 @@ class LiveRecognizer:
         for a file that ``bharnet export`` wrote (a program or an AOTInductor package, with the
         run's description as metadata), which runs on the CPU, as ``bharnet export`` traced it.
         ``device``: where the rebuilt model runs."""
+        path = os.fspath(path)
         if path.endswith(".safetensors"):
             from .engine.evaluate import load_model
             from .fast import fuse_for_inference
@@ -137,21 +147,39 @@ class LiveRecognizer:
         elif not isinstance(hand_valid, torch.Tensor) or tuple(hand_valid.shape) != (2, persons):
             raise ValueError(f"hand_valid must be a bool tensor of shape (2, {persons}), got {_shape(hand_valid)}")
         self._persons = persons
-        # clip_input reads no keypoint of a hand that hand_valid marks undetected
-        return (body.detach().to("cpu", torch.float32, copy=True), hand,
-                hand_valid.detach().to("cpu", torch.bool, copy=True))
+        hand_valid = hand_valid.detach().to("cpu", torch.bool, copy=True)
+        # an undetected hand's keypoints may hold anything (NaN too): they count as zero
+        hand = torch.where(hand_valid.repeat_interleave(HANDS.num_nodes // 2, dim=0)[None], hand, 0.0)
+        body = body.detach().to("cpu", torch.float32, copy=True)
+        for name, x in (("body", body), ("hand", hand)):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{name} holds non-finite values (NaN or inf): mark a joint the tracker lost "
+                                 "as zero (an absent person all zero, an undetected hand with hand_valid False)")
+        return body, hand, hand_valid
 
     @torch.no_grad()
     def _classify(self) -> Prediction:
         start = time.perf_counter()
         bodies, hands, valid = zip(*self._frames)  # (3, L, V, M) as the dataset stores clips
         body, hand, hand_valid = torch.stack(bodies, dim=1), torch.stack(hands, dim=1), torch.stack(valid)
+        body, hand, hand_valid = _present_persons_first(body, hand, hand_valid)
         body, hand = clip_input(body, hand, hand_valid, modality=self.modality, window=self.window,
                                 preprocessing=self.preprocessing, crop=(0, len(self._frames)))
         out = self.model(body[None].to(self.device, self.dtype), hand[None].to(self.device, self.dtype))
         probabilities = torch.softmax(out.logits[0].float(), dim=0).cpu()
         return Prediction(self._count - 1, probabilities, int(probabilities.argmax()),
                           (time.perf_counter() - start) * 1e3)
+
+
+def _present_persons_first(body, hand, hand_valid):
+    """The persons of a window with the ones present in it first, as in the dataset (whose
+    person 0 is the main actor; the canonical preprocessing centres on person 0): a tracker
+    that keeps a slot per person may leave slot 0 empty while another slot is filled."""
+    present = body.ne(0).flatten(0, 2).any(dim=0)  # (M,)
+    order = torch.argsort((~present).to(torch.int8), stable=True)
+    if bool(present[0]) or not bool(present.any()):
+        return body, hand, hand_valid
+    return body[..., order], hand[..., order], hand_valid[..., order]
 
 
 def _shape(x) -> str:

@@ -83,9 +83,10 @@ def test_bharnet_export_aoti_package_runs_in_a_fresh_process(tmp_path, capsys):
     assert main(["export", weights, out, "--aoti"]) == 0
     assert "hand (N, 3, 6, 42, 2)" in capsys.readouterr().out  # both inputs, as clip_input gives them
     assert_same_outputs(run_in_fresh_process(tmp_path, "load_package", out, 3), expected(model, 3), 1e-5)
-    assert deploy.read_metadata(out) == checkpoint.read_metadata(weights)
+    described = {**checkpoint.read_metadata(weights), "num_person": 2}  # the run's, and the input's M
+    assert deploy.read_metadata(out) == described
     runnable, meta = deploy.load_runnable(out)  # whichever kind the file is
-    assert meta == checkpoint.read_metadata(weights)
+    assert meta == described
     got = runnable(*clips(3))
     assert_same_outputs({"logits": got.logits, **got.parts}, expected(model, 3), 1e-5)
 
@@ -95,7 +96,8 @@ def test_bharnet_export_program_and_its_metadata(tmp_path):
     out = str(tmp_path / "bharnet-e.pt2")
     assert main(["export", weights, out]) == 0
     meta = deploy.read_metadata(out)
-    assert meta == checkpoint.read_metadata(weights) and meta["window"] == 6 and meta["modality"] == "joint"
+    assert meta == {**checkpoint.read_metadata(weights), "num_person": 2}
+    assert meta["window"] == 6 and meta["modality"] == "joint"
     got = deploy.load(out).module()(*clips(3))
     assert_same_outputs({"logits": got.logits, **got.parts}, expected(model, 3), 1e-6)
     with pytest.raises(SystemExit, match="must end in .pt2"):

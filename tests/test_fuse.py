@@ -222,6 +222,35 @@ def test_fused_cpp_model_runs_channels_last_and_exactly_in_float64(name):
 
 
 @needs_cpp
+def test_a_custom_model_reads_its_block_stack_output_channels_first():
+    """Inside a fused custom model the blocks pass channels-last features; the last block of a
+    stack hands its output back channels-first, so the model's own code (a .view that merges C,
+    T and V here) runs as unfused. bharnet's models keep channels-last to the pooling."""
+    from bharnet.graphs import BODY
+    from bharnet.nn import make_blocks
+
+    class FlattenHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = make_blocks((16, 16), (1, 1), torch.from_numpy(BODY.adjacency()), 3)
+            self.fc = nn.Linear(16 * 8 * 25, 4)
+
+        def forward(self, x):
+            features = self.blocks(x)
+            return self.fc(features.view(features.shape[0], -1))
+
+    torch.manual_seed(0)
+    model = FlattenHead().eval()
+    fused = fuse_for_inference(model, "cpp")
+    x = torch.randn(2, 3, 8, 25)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    single = fuse_for_inference(model.blocks[0], "cpp")  # a block as the whole model
+    with torch.no_grad():
+        assert single(x).is_contiguous()
+
+
+@needs_cpp
 def test_a_model_without_gcn_blocks_keeps_its_layout():
     """Channels-last is for models of GCNBlocks only: other models (here with a 5-D weight, which
     cannot be channels-last) fuse as before, their outputs contiguous."""

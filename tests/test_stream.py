@@ -81,11 +81,14 @@ def test_from_a_runs_weights_and_from_an_exported_program(model, tmp_path):
     assert main(["export", weights, str(tmp_path / "model.pt2")]) == 0
     body, hand, valid = stream(frames=20)
     want = push_all(LiveRecognizer(model, DESCRIPTION, stride=4), body, hand, valid)
-    for path in (weights, str(tmp_path / "model.pt2")):
+    for path in (weights, tmp_path / "model.pt2"):  # a str or a Path
         got = push_all(LiveRecognizer.from_file(path, stride=4), body, hand, valid)
         assert [p.frame for p in got] == [11, 15, 19]
         for a, b in zip(got, want):
             torch.testing.assert_close(a.probabilities, b.probabilities, rtol=1e-4, atol=1e-5)
+    # the exported file's metadata holds the person count: a wrong one is refused at the first frame
+    with pytest.raises(ValueError, match="body has 1 persons, the model takes 2"):
+        LiveRecognizer.from_file(tmp_path / "model.pt2").push(torch.zeros(3, 25, 1))
 
 
 def test_bad_frames_and_settings_say_what_is_wrong(model):
@@ -111,6 +114,47 @@ def test_bad_frames_and_settings_say_what_is_wrong(model):
         LiveRecognizer(model, DESCRIPTION, history=1)
     with pytest.raises(ValueError, match="stride must be a positive int"):
         LiveRecognizer(model, DESCRIPTION, stride=0)
+
+
+def test_a_training_mode_model_is_refused(model):
+    import bharnet
+
+    with pytest.raises(ValueError, match=r"needs an eval-mode model \(call model.eval\(\) first\)"):
+        LiveRecognizer(bharnet.create_model("body", 5, preset="small"), DESCRIPTION)
+    with pytest.raises(ValueError, match="modality must be one of"):
+        LiveRecognizer(model, dict(DESCRIPTION, modality="joints"))
+
+
+def test_an_undetected_hand_may_hold_anything_and_non_finite_joints_are_refused(model):
+    body, hand, valid = stream(frames=12)
+    want = push_all(LiveRecognizer(model, DESCRIPTION, stride=1), body, hand, valid)
+    assert not valid.all()
+    filled = torch.where(valid.repeat_interleave(21, dim=1)[None], hand, float("nan"))  # NaN where undetected
+    got = push_all(LiveRecognizer(model, DESCRIPTION, stride=1), body, filled, valid)
+    torch.testing.assert_close(got[0].probabilities, want[0].probabilities, rtol=0, atol=0)
+    recognizer = LiveRecognizer(model, DESCRIPTION)
+    lost = body[:, 0].clone()
+    lost[0, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"body holds non-finite values \(NaN or inf\)"):
+        recognizer.push(lost, hand[:, 0], valid[0])
+    seen = hand[:, 0].clone()
+    seen[:, :21] = float("inf")
+    with pytest.raises(ValueError, match="hand holds non-finite values"):
+        recognizer.push(body[:, 0], seen, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_the_persons_present_in_a_window_go_first(model):
+    """A tracker that keeps a slot per person may leave slot 0 empty: the window is then
+    classified with the present person in slot 0, as the dataset stores a one-person clip (the
+    canonical preprocessing centres on person 0)."""
+    body, hand, valid = stream(frames=12)
+    body, hand, valid = body[..., :1], hand[..., :1], valid[..., :1]  # person 0 only
+    zeros = lambda x: torch.zeros_like(x)
+    one_person = [torch.cat([x, zeros(x)], dim=-1) for x in (body, hand, valid)]
+    in_slot_1 = [torch.cat([zeros(x), x], dim=-1) for x in (body, hand, valid)]
+    want = push_all(LiveRecognizer(model, DESCRIPTION), *one_person)
+    got = push_all(LiveRecognizer(model, DESCRIPTION), *in_slot_1)
+    torch.testing.assert_close(got[0].probabilities, want[0].probabilities, rtol=0, atol=0)
 
 
 def test_frames_are_copied_and_inputs_follow_the_models_dtype(model):

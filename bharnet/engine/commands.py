@@ -170,8 +170,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aoti", action="store_true",
                         help="compile ahead of time with AOTInductor (bharnet.deploy.compile_package; load with "
                              "deploy.load_package) instead of saving the torch.export program (deploy.load)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="backend of the fused layers in the program (default: auto, the C++ kernels on CPU)")
+    parser.add_argument("--backend", default="auto", choices=[b for b in BACKENDS if b != "triton"],
+                        help="backend of the fused layers in the program, traced on the CPU (default: auto, the "
+                             "C++ kernels)")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -191,6 +192,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"bharnet export: {error}") from None
     model, meta = load_model(args.weights)
     config, generator = model.config, torch.Generator().manual_seed(0)
+    meta = {**meta, "num_person": config.num_person}  # the program's input shape, for bharnet.stream
     # both inputs, as clip_input gives them, also to a model that reads one (the other is ignored)
     shapes = {name: (config.in_channels, meta["window"], graph.num_nodes, config.num_person)
               for name, graph in (("body", BODY), ("hand", HANDS))}
