@@ -28,7 +28,8 @@ def main() -> int:
         print(f"update_readme: no CSV files in {args.results_dir}; run `bharnet bench` first", file=sys.stderr)
         return 2
     if args.stdout:
-        print(render(row for path in paths for row in read_csv(path)))
+        print(render((row for path in sorted(paths) for row in read_csv(path)), args.plots_dir,
+                     os.path.dirname(os.path.abspath(args.readme))))
         return 0
     update_readme(args.readme, paths, args.plots_dir)
     print(f"updated {args.readme} from {len(paths)} CSV file(s)")

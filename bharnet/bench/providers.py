@@ -64,11 +64,26 @@ def fused_backends() -> List[str]:
     return [b for b in BACKENDS if b not in ("reference", "auto")]
 
 
+# ops whose cpp backend has CPU kernels only (PyTorch's own op elsewhere), and those of them whose
+# kernels also step aside under CPU autocast (bharnet.ops._checks.nn_layer_kernel_applies)
+CPU_ONLY_CPP = ("batch_norm", "pointwise_conv", "temporal_max_pool")
+CPP_NOT_UNDER_AUTOCAST = ("batch_norm", "pointwise_conv")
+
+
 def backend_skip_reason(op: str, backend: str, device_type: str) -> Optional[str]:
     """Why ``backend`` is not benchmarked for ``op`` (None: benchmark it)."""
     if backend == "triton" and device_type == "cpu":
         return TRITON_ON_CPU
+    if backend == "cpp" and op in CPU_ONLY_CPP and device_type != "cpu":
+        return f"its C++ kernels are CPU-only: on {device_type} it runs PyTorch's op, the eager row"
     return unavailable_reason(op, backend, device_type)
+
+
+def dtype_skip_reason(op: str, backend: str, device_type: str, dtype: str) -> Optional[str]:
+    """Why ``backend`` is not benchmarked for ``op`` in ``dtype`` although it is in others."""
+    if backend == "cpp" and op in CPP_NOT_UNDER_AUTOCAST and device_type == "cpu" and dtype != "fp32":
+        return f"under {dtype} autocast it runs PyTorch's op, the eager row"
+    return None
 
 
 def model_providers(compile_modes: Sequence[str], infer: bool = False) -> List[Provider]:

@@ -28,13 +28,15 @@ _NOT_SHAPE = ("dtype", "threads", "run", "malloc")
 def newest_cases(rows: Iterable[Row]) -> Dict[str, List[Row]]:
     """Per device (in order of appearance), the rows of each case from the newest run that
     timed it, and the newest run's copy bandwidth; runs with other :func:`_settings` than the
-    newest are left out. Cases in order of first appearance."""
+    newest are left out, and ``--quick`` runs (smoke tests) count only where a device has no
+    other. Cases in order of first appearance."""
     by_device: Dict[str, List[Row]] = defaultdict(list)
     for row in rows:
         by_device[row.device].append(row)
     chosen = {}
     for device, device_rows in by_device.items():
-        newest = max(device_rows, key=lambda r: r.timestamp)
+        full = [r for r in device_rows if parse_config(r.config).get("run") != "quick"]
+        newest = max(full or device_rows, key=lambda r: r.timestamp)
         comparable = [r for r in device_rows if _settings(r) == _settings(newest)]
         run: Dict[Tuple[str, str, str, str], str] = {}
         for r in comparable:

@@ -159,6 +159,11 @@ def test_bad_options_exit_with_status_2(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_an_op_batch_that_quick_would_ignore_is_refused(capsys):
+    assert bench("--quick", "--op-batch", "4") == 2
+    assert "--op-batch sets the batch of the full op shapes" in capsys.readouterr().err
+
+
 def test_cpu_timer_measures_a_known_sleep():
     t = cpu_time(lambda: time.sleep(0.01), TimerSettings(warmup=1, min_reps=5, min_time_s=0.0))
     assert 10.0 <= t.p20 <= t.p50 <= t.p80
@@ -264,6 +269,28 @@ def test_sdpa_provider_matches_the_op(provider, masked):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_cpp_provider_that_would_run_pytorchs_op_is_skipped_with_the_reason():
+    from bharnet.bench.providers import backend_skip_reason, dtype_skip_reason
+
+    for op in ("batch_norm", "pointwise_conv", "temporal_max_pool"):  # CPU-only C++ kernels
+        assert "CPU-only: on cuda it runs PyTorch's op" in backend_skip_reason(op, "cpp", "cuda")
+    assert backend_skip_reason("ctr_graph_conv", "cpp", "cuda") != backend_skip_reason("batch_norm", "cpp", "cuda")
+    for op in ("batch_norm", "pointwise_conv"):  # their kernels step aside under autocast
+        assert "bf16 autocast it runs PyTorch's op" in dtype_skip_reason(op, "cpp", "cpu", "bf16")
+        assert dtype_skip_reason(op, "cpp", "cpu", "fp32") is None
+    assert dtype_skip_reason("temporal_max_pool", "cpp", "cpu", "bf16") is None
+
+
+def test_a_full_run_times_a_cold_compile_and_a_quick_run_keeps_the_caches():
+    from bharnet.bench.runner import _cold_compile
+
+    for quick, disabled in ((False, True), (True, False)):
+        with _cold_compile(Provider("reference", "default"), quick):
+            assert torch._inductor.config.force_disable_caches is disabled
+        with _cold_compile(Provider("reference"), quick):  # not compiled: nothing changes
+            assert torch._inductor.config.force_disable_caches is False
+
+
 def test_a_rejecting_sdpa_backend_raises_rejected_with_the_reason():
     case, args, _ = attention_args(None)
     with pytest.raises(Rejected, match="EFFICIENT_ATTENTION has no cpu kernel for these inputs"):
@@ -362,6 +389,10 @@ def test_readme_rows_come_from_the_newest_run_that_measured_each_case(tmp_path):
     assert "3.00x" not in section and section.count("| ctr_graph_conv |") == 2  # time and memory tables, newer only
     assert ("| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB "
             "| 2026-01-01 09:30 |") in section
+    # a --quick run after them (a smoke test) replaces nothing
+    quick = [replace(r, op="bone", config=r.config + ";run=quick") for r in fake_rows("2026-03-01T00:00:00Z", 1.0, 1.0)]
+    write_csv(quick, str(path))
+    assert render(read_csv(str(path))) == section
 
 
 def test_readme_markers_are_added_when_missing():
