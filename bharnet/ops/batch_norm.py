@@ -92,9 +92,11 @@ _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 def _kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> bool:
     """Whether a training-mode call takes the C++ kernel; F.batch_norm raises for the invalid
-    arguments that fail here (eps <= 0, one running statistic, mismatched dtypes)."""
+    arguments that fail here (eps <= 0, one running statistic, mismatched dtypes, a statistic
+    or affine parameter of other than C elements) or accepts them (a (C, 1) weight, say)."""
     return (nn_layer_kernel_applies(x) and x.dim() >= 2 and x.numel() > x.shape[1]
-            and all(t is None or t.dtype == x.dtype for t in (weight, bias, running_mean, running_var))
+            and all(t is None or (t.dtype == x.dtype and tuple(t.shape) == (x.shape[1],))
+                    for t in (weight, bias, running_mean, running_var))
             and (running_mean is None) == (running_var is None) and eps > 0)
 
 

@@ -46,7 +46,10 @@ _register_cpp_op = registered_after_loading(_register_cpp_op_now)
 
 
 def _bone_cpp(x, parents, dim):
+    """The C++ op; on CPU, whose kernel takes float32/float64, 16-bit x in float32 (cast back)."""
     _register_cpp_op()
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        return torch.ops.bharnet.bone(x.float(), parents, dim).to(x.dtype)
     return torch.ops.bharnet.bone(x, parents, dim)
 
 
@@ -66,6 +69,7 @@ def bone(x: torch.Tensor, parents, dim: int = -2, *, backend: Optional[str] = No
     if parents.dim() != 1 or parents.shape[0] != x.shape[dim]:
         raise ValueError(f"bone: parents must have shape ({x.shape[dim]},) for x of shape "
                          f"{tuple(x.shape)} along dim {dim}, got {tuple(parents.shape)}")
-    if parents.numel() and (parents.min() < 0 or parents.max() >= x.shape[dim]):
+    # (a data-dependent check: skipped while torch.compile traces; the kernels check the range too)
+    if parents.numel() and not torch.compiler.is_compiling() and (parents.min() < 0 or parents.max() >= x.shape[dim]):
         raise ValueError(f"bone: parents must lie in [0, {x.shape[dim]}), got {parents.tolist()}")
     return _IMPLS[resolve(OP_NAME, backend, x.device.type)](x, parents, dim)

@@ -131,7 +131,7 @@ def _reference_attend(q, kv, key_mask, heads):
     attended = masked_softmax_attention(_split_heads(q, heads), _split_heads(k, heads),
                                         _split_heads(v, heads), key_mask)
     N, _, Lq, _ = attended.shape
-    return attended.transpose(1, 2).reshape(N, Lq, -1)
+    return attended.transpose(1, 2).reshape(N, Lq, q.shape[-1])
 
 
 def cross_attention_reference(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,

@@ -177,6 +177,8 @@ def _topology_grad(dy, v, topo, topo_stride, G) -> Tuple[Tensor, Tensor]:
 def _static_backward_op(dy: Tensor, v: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
     """ST-GC backward: dv[b, h] = A[h]^T applied to dy, dA[h] = sum_b sum_{c,t} dy^T v[:, h]
     (``topology_grad_kernel``, then ``column_sum_kernel`` sums the chunk x b partials)."""
+    if v.numel() == 0:  # nothing to aggregate (B, C or T is 0): the launch grids would be empty
+        return torch.zeros_like(v), torch.zeros_like(A)
     kernels = _kernels()
     dy, v, A = _contiguous(as_dtype(dy, v.dtype), v, A)
     dv, dtopo = _topology_grad(dy, v, A, 0, 1)
@@ -199,6 +201,8 @@ def _backward_op(dy: Tensor, v: Tensor, A: Tensor, q: Tensor, k: Tensor, weight:
     g-summed dAref; grid (cdiv(V, 32), H, B)) and ``parameter_grad_kernel`` (dA, dk, dW =
     alpha sum_b P, dbias = alpha sum_b S, dalpha = sum W * sum_b P + sum bias * sum_b S).
     Every gradient is written in its input's dtype."""
+    if v.numel() == 0:  # nothing was aggregated (B, C or T is 0): every gradient is zero
+        return tuple(torch.zeros_like(t) for t in (v, A, q, k, weight, bias, alpha))
     kernels = _kernels()
     dy, v, A, q, k, weight, bias, alpha = _contiguous(as_dtype(dy, v.dtype), v, A, q, k, weight, bias, alpha)
     B, H, C, T, V, G = _launch_sizes(v, weight)

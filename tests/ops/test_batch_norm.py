@@ -146,6 +146,11 @@ def test_invalid_arguments_raise_like_batch_norm():
         _cpp(x, torch.zeros(5, dtype=torch.float64), None, weight, bias, True, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="expected scalar type"):
         _cpp(x, torch.zeros(5), torch.ones(5), weight, bias, True, 0.1, 1e-5)
+    # statistics or affine parameters of other than C elements: F.batch_norm's verdict, as it is
+    with pytest.raises(RuntimeError, match="running_mean should contain 5 elements not 10"):
+        _cpp(x, torch.zeros(2, 5, dtype=x.dtype), torch.ones(2, 5, dtype=x.dtype), weight, bias, True, 0.1, 1e-5)
+    torch.testing.assert_close(_cpp(x, None, None, weight[:, None], bias, True, 0.1, 1e-5),
+                               F.batch_norm(x, None, None, weight[:, None], bias, True, 0.1, 1e-5))
 
 
 def test_forward_mode_ad_runs_batch_norm():

@@ -49,3 +49,19 @@ def test_bad_input():
         bone(torch.randn(4, 3), [0, 1, 2, 7])
     with pytest.raises(TypeError, match="floating-point"):
         bone(torch.ones(3, 4, dtype=torch.long), [0, 0, 1, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_is_computed_in_float32(dtype):
+    x = torch.randn(2, 3, 5, 2).to(dtype)
+    parents = [0, 0, 1, 2, 1]
+    out = bone(x, parents, backend="cpp")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, bone_reference(x.float(), torch.tensor(parents), -2).to(dtype))
+
+
+def test_compiles_with_fullgraph():
+    parents = [0, 0, 1, 2, 1]
+    x = torch.randn(2, 5, 3)
+    compiled = torch.compile(lambda t: bone(t, parents, dim=1, backend="cpp"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), bone(x, parents, dim=1, backend="reference"))

@@ -276,3 +276,12 @@ def test_gpu_torch_compile_sees_the_triton_op():
     got = run(torch.compile(loss, fullgraph=True), (x_q, x_kv))
     for name, g, r in zip(("loss", "dx_q", "dx_kv"), got, expected):
         assert err(g, r) < 1e-5, name
+
+
+def test_an_empty_batch_gives_an_empty_output_on_every_backend():
+    D = 8
+    params = [torch.randn(D, D), torch.randn(D), torch.randn(2 * D, D), torch.randn(2 * D), torch.randn(D, D),
+              torch.randn(D)]
+    for backend in ("reference", "triton"):
+        out = cross_attention(torch.randn(0, 3, D), torch.randn(0, 5, D), 2, *params, backend=backend)
+        assert out.shape == (0, 3, D), backend

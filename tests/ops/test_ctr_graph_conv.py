@@ -223,6 +223,23 @@ def test_gpu_registration_traces_into_kernels():
                         ["da_ptr", "dalpha_ptr", "db_ptr", "dk_ptr", "dw_ptr"]]
 
 
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr", "static"])
+@pytest.mark.parametrize("empty", ["B", "C", "T"])
+def test_empty_inputs_give_zero_gradients(empty, dynamic):
+    """B, C or T of 0: an empty output, and the backward (whose launch grids would be empty)
+    gives zeros, as the reference does."""
+    sizes = dict(B=2, C=4, T=3)
+    sizes[empty] = 0
+    inputs = make_inputs(sizes["B"], 2, sizes["C"], sizes["T"], 5, 2, 2 if sizes["C"] else 1, dynamic=dynamic)
+    inputs = [t.float().requires_grad_() if t is not None else None for t in inputs]
+    y = triton_backend(*inputs)
+    assert y.shape == (sizes["B"], sizes["C"], sizes["T"], 5)
+    y.sum().backward()
+    for t in inputs:
+        if t is not None:
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
 def test_too_many_joints_is_a_value_error():
     inputs = make_inputs(1, 1, 4, 2, 129, 2, 2)
     with pytest.raises(ValueError, match="V=129"):
