@@ -324,20 +324,18 @@ def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:
 
 
 def _blocks_ending_a_stack(model: nn.Module) -> list:
-    """The GCNBlocks of a model other than bharnet's own (whose pooling takes channels-last
-    features as they are) that its code may read as channels-first: each block that the next
-    module in its parent is not a GCNBlock (the last of an ``nn.Sequential`` of blocks, say), and
-    the model itself if it is one. A ``.view`` of their channels-last output would fail."""
+    """The GCNBlocks whose output code outside bharnet's models may read (a ``.view`` of a
+    channels-last tensor fails): every GCNBlock except those inside one of bharnet's models
+    (whose pooling takes channels-last features as they are) and those followed by another
+    GCNBlock in an ``nn.Sequential``, which is what runs next."""
     from .models.variants import _Variant
 
-    if isinstance(model, _Variant):
-        return []
-    ends = [model] if isinstance(model, GCNBlock) else []
-    for parent in model.modules():
-        children = list(parent.children())
-        ends += [child for child, after in zip(children, children[1:] + [None])
-                 if isinstance(child, GCNBlock) and not isinstance(after, GCNBlock)]
-    return ends
+    inside_bharnet_models = {id(m) for variant in model.modules() if isinstance(variant, _Variant)
+                             for m in variant.modules()}
+    fed_to_a_block = {id(child) for seq in model.modules() if isinstance(seq, nn.Sequential)
+                      for child, after in zip(seq, list(seq)[1:]) if isinstance(after, GCNBlock)}
+    return [m for m in model.modules() if isinstance(m, GCNBlock)
+            and id(m) not in inside_bharnet_models and id(m) not in fed_to_a_block]
 
 
 def _channels_first_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

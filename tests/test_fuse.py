@@ -249,6 +249,31 @@ def test_a_custom_model_reads_its_block_stack_output_channels_first():
     with torch.no_grad():
         assert single(x).is_contiguous()
 
+    class TwoStreams(nn.Module):  # blocks side by side, each read by the model's own code
+        def __init__(self):
+            super().__init__()
+            adjacency = torch.from_numpy(BODY.adjacency())
+            self.joint, self.motion = (make_blocks((8,), (1,), adjacency, 3)[0] for _ in range(2))
+
+        def forward(self, x):
+            return torch.cat([self.joint(x).view(2, -1), self.motion(x).view(2, -1)], dim=1)
+
+    streams = TwoStreams().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_for_inference(streams, "cpp")(x), streams(x), rtol=1e-4, atol=1e-5)
+
+    class Wrapper(nn.Module):  # one of bharnet's models inside a custom one keeps channels-last
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, body, hand):
+            return self.inner(body, hand)
+
+    from bharnet.fast import _blocks_ending_a_stack
+    assert _blocks_ending_a_stack(Wrapper(trained_like("bharnet-e"))) == []
+    assert len(_blocks_ending_a_stack(FlattenHead())) == 1  # the last of the Sequential only
+
 
 @needs_cpp
 def test_a_model_without_gcn_blocks_keeps_its_layout():

@@ -148,11 +148,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run, read_description
 
     if not os.path.isfile(args.weights):
-        raise SystemExit(f"bharnet eval: {args.weights} does not exist")
-    try:
-        meta = read_description(args.weights)
-    except ValueError as error:
-        raise SystemExit(f"bharnet eval: {error}") from None
+        raise FileNotFoundError(f"{args.weights} does not exist")
+    meta = read_description(args.weights)
     dataset = SkeletonDataset(args.data, args.split, modality=meta["modality"], window=meta["window"],
                               preprocessing=meta["preprocessing"], train=False)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.weights)), f"eval-{args.split}")
@@ -183,13 +180,10 @@ def run_export(args: argparse.Namespace) -> int:
     from .evaluate import load_model, read_description
 
     if not os.path.isfile(args.weights):
-        raise SystemExit(f"bharnet export: {args.weights} does not exist")
+        raise FileNotFoundError(f"{args.weights} does not exist")
     if not args.out.endswith(".pt2"):
-        raise SystemExit(f"bharnet export: the output file must end in .pt2, got {args.out!r}")
-    try:
-        read_description(args.weights)
-    except ValueError as error:
-        raise SystemExit(f"bharnet export: {error}") from None
+        raise ValueError(f"the output file must end in .pt2, got {args.out!r}")
+    read_description(args.weights)  # a clear error for a file that is not a run's weights
     model, meta = load_model(args.weights)
     config, generator = model.config, torch.Generator().manual_seed(0)
     meta = {**meta, "num_person": config.num_person}  # the program's input shape, for bharnet.stream
@@ -222,7 +216,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
 
     weights = args.weights or [1.0] * len(args.eval_dirs)
     if len(weights) != len(args.eval_dirs):
-        raise SystemExit(f"bharnet ensemble: {len(weights)} --weights for {len(args.eval_dirs)} folders; "
+        raise ValueError(f"{len(weights)} --weights for {len(args.eval_dirs)} folders; "
                          "give one weight per folder")
     hand_centric = read_manifest(args.data)["hand_centric_classes"] if args.data else ()
     result = ensemble_dirs(args.eval_dirs, weights, hand_centric)

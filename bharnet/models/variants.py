@@ -57,9 +57,9 @@ class _Variant(nn.Module):
             check_input(hand, "hand", self.config, HANDS.num_nodes)
         if self.uses_body and self.uses_hand and (body.shape[0], body.shape[2]) != (hand.shape[0], hand.shape[2]):
             raise ValueError(f"body and hand must agree in N and T, got {tuple(body.shape)} and {tuple(hand.shape)}")
-        parameter = next(self.parameters())
+        parameter = next(self.parameters(), None)  # none in an nn.DataParallel replica
         for name, x in (("body", body), ("hand", hand)):
-            if not getattr(self, f"uses_{name}"):
+            if parameter is None or not getattr(self, f"uses_{name}"):
                 continue
             if x.device != parameter.device:
                 raise ValueError(f"{name} is on {x.device}, the model on {parameter.device}")

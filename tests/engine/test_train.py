@@ -178,8 +178,8 @@ def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, 
     assert main(["train", "--config", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]) == 0
     assert sorted(json.load(open(out / "metrics.json"))["models"]) == ["body"]
     checkpoint_file = sorted((out / "checkpoints").iterdir())[-1]
-    with pytest.raises(SystemExit, match="not a training checkpoint"):
-        main(["eval", str(checkpoint_file), "--data", tiny_dataset, "--no-progress"])
+    assert main(["eval", str(checkpoint_file), "--data", tiny_dataset, "--no-progress"]) == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a training checkpoint"):
         load_model(str(checkpoint_file))
     monkeypatch.undo()  # the real make_synthetic again
@@ -198,7 +198,10 @@ def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, 
         assert main(argv + (["--no-progress"] if argv[0] == "train" else [])) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"bharnet {argv[0]}: error:") and message in err and "Traceback" not in err, err
-    with pytest.raises(SystemExit, match="2 --weights for 1 folders"):
+    assert main(["ensemble", str(out / "eval"), "--weights", "0.5", "0.5"]) == 2
+    assert "2 --weights for 1 folders" in capsys.readouterr().err
+    monkeypatch.setenv("BHARNET_TRACEBACK", "1")  # the error itself, with its traceback
+    with pytest.raises(ValueError, match="2 --weights for 1 folders"):
         main(["ensemble", str(out / "eval"), "--weights", "0.5", "0.5"])
 
 

@@ -184,6 +184,15 @@ def test_clear_errors():
         model(body.double(), hand.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
         model.eval()(body.bfloat16(), hand)
+    # an nn.DataParallel replica holds its parameters as plain attributes, none registered (as
+    # nn.parallel.replicate makes it): the dtype check steps aside there
+    stripped = bharnet.create_model("body", 6, **SMALL).eval()
+    for module in stripped.modules():
+        for key, value in list(module._parameters.items()):
+            module._parameters.pop(key)
+            setattr(module, key, value.detach())
+    assert next(stripped.parameters(), None) is None
+    stripped(body, hand)
     with pytest.raises(ValueError, match="unknown model 'bharnet-x'"):
         bharnet.create_model("bharnet-x", 6)
     with pytest.raises(TypeError, match=r"unknown model option\(s\) \['width'\]"):
