@@ -25,9 +25,10 @@ backend).
 
 Backends: ``reference`` (below), ``triton`` and ``cpp`` (the attention core is a C++ kernel: on
 CPU ``csrc/cross_attention.cpp``, float32/float64, parallel over (n, head) with the SIMD
-micro-kernel of ``csrc/cpu_simd.h``; on CUDA ``csrc/cross_attention_kernels.cu``, float16,
-bfloat16, float32 and float64, head dims up to 128, a plain SIMT kernel (one warp per query
-row, online softmax); LayerNorms, projections and residual are torch ops, the projections
+micro-kernel of ``csrc/cpu_simd.h``; on CUDA, head dims up to 128: float16/bfloat16 on sm_80+
+in the tensor-core flash-attention kernels of ``csrc/cross_attention_mma_kernels.cu``, float32,
+float64 and older GPUs in a SIMT kernel of ``csrc/cross_attention_kernels.cu`` (one warp per
+query row, online softmax); LayerNorms, projections and residual are torch ops, the projections
 through oneDNN on CPU in float32 (``bharnet.ops.cpu_linear``); see the cpp section
 below). What the triton backend fuses, and why:
 
