@@ -23,8 +23,8 @@ from .baselines import Rejected
 from .memory import MIB, peak_memory, saved_tensor_bytes
 from .model_cases import MODEL_NAMES, ModelCase, make_step, model_cases
 from .op_cases import FULL_BATCH, OP_FUNCTIONS, OpCase, full_cases, quick_cases
-from .providers import (COMPILE_MODES, DTYPES, Provider, autocast, compiled, dtype_skip_reason, model_providers,
-                        providers)
+from .providers import (COMPILE_MODES, CPU_ONLY_CPP, DTYPES, Provider, autocast, compiled, dtype_skip_reason,
+                        model_providers, providers)
 from .report import METRICS, Note, Row, format_table, write_csv, write_plots
 from .roofline import copy_bandwidth, gbps, roofline_percent, tensor_bytes
 from .timing import TimerSettings, first_call_seconds, measure
@@ -324,7 +324,7 @@ class Bench:
         device, name = self.device, provider.name
         config = case.config(dtype)
         if provider.backend == "auto":
-            config += ";auto=" + "/".join(f"{op}:{resolve(op, 'auto', device.type)}" for op in OP_FUNCTIONS)
+            config += ";auto=" + "/".join(f"{op}:{_what_auto_runs(op, device.type, dtype)}" for op in OP_FUNCTIONS)
         with use_backend(provider.backend):
             step = make_step(case, device, dtype, provider.compile_mode, provider.fold)
             with _cold_compile(provider, self.opts.quick):
@@ -421,6 +421,17 @@ class Bench:
     def _record(self, rows: List[Row]) -> None:
         self.rows += rows
         write_csv(rows, self.csv_path)
+
+
+def _what_auto_runs(op: str, device_type: str, dtype: str) -> str:
+    """The backend ``auto`` picks for ``op``, or ``reference`` where that pick (``cpp``) runs
+    PyTorch's own op: CPU-only kernels on another device, or kernels that step aside under
+    autocast (:func:`~bharnet.bench.providers.dtype_skip_reason`)."""
+    backend = resolve(op, "auto", device_type)
+    if backend == "cpp" and (op in CPU_ONLY_CPP and device_type != "cpu"
+                             or dtype_skip_reason(op, backend, device_type, dtype) is not None):
+        return "reference"
+    return backend
 
 
 def _cold_compile(provider: Provider, quick: bool):

@@ -279,6 +279,10 @@ def test_a_cpp_provider_that_would_run_pytorchs_op_is_skipped_with_the_reason():
         assert "bf16 autocast it runs PyTorch's op" in dtype_skip_reason(op, "cpp", "cpu", "bf16")
         assert dtype_skip_reason(op, "cpp", "cpu", "fp32") is None
     assert dtype_skip_reason("temporal_max_pool", "cpp", "cpu", "bf16") is None
+    from bharnet.bench.runner import _what_auto_runs  # the models' auto= label says the same
+    assert _what_auto_runs("pointwise_conv", "cpu", "bf16") == "reference"
+    assert _what_auto_runs("pointwise_conv", "cpu", "fp32") == "cpp"
+    assert _what_auto_runs("temporal_max_pool", "cpu", "bf16") == "cpp"
 
 
 def test_a_full_run_times_a_cold_compile_and_a_quick_run_keeps_the_caches():
