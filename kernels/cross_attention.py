@@ -115,7 +115,9 @@ def cross_attention_fwd_kernel(q_ptr, kv_ptr, mask_ptr, o_ptr, lse_ptr,
         m_new = tl.maximum(m, tl.max(s, 1))
         m_new_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_new_ref[:, None])
-        correction = tl.exp(m_ref - m_new_ref)
+        # 0 until the row has a valid key (acc and denom are 0 then): exp(0 - m_new) overflows to
+        # inf for a first row maximum below about -88 (float32), and 0 * inf made the row NaN
+        correction = tl.exp(tl.where(m == float("-inf"), float("-inf"), m_ref - m_new_ref))
         denom = denom * correction + tl.sum(p, 1)
         acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION,
                                                  out_dtype=ACC_DTYPE)

@@ -285,3 +285,23 @@ def test_an_empty_batch_gives_an_empty_output_on_every_backend():
     for backend in ("reference", "triton"):
         out = cross_attention(torch.randn(0, 3, D), torch.randn(0, 5, D), 2, *params, backend=backend)
         assert out.shape == (0, 3, D), backend
+
+
+@pytest.mark.parametrize("masked_first_block", [False, True])
+def test_rows_whose_scores_are_all_very_negative(masked_first_block):
+    """Every score about -100 (q = 10, k = -2.5, d = 16): softmax is shift-invariant, so the
+    output is the plain mean of v. The Triton forward's running-max correction overflowed there
+    (exp(100) in float32) and gave NaN and lse = +inf, and then zero gradients."""
+    import math
+
+    N, Lq, Lk, d = 1, 4, 200, 16
+    q = torch.full((N, Lq, d), 10.0)
+    kv = torch.cat([torch.full((N, Lk, d), -2.5), torch.randn(N, Lk, d, generator=torch.Generator().manual_seed(0))],
+                   dim=-1)
+    mask = torch.ones(N, Lk, dtype=torch.bool)
+    if masked_first_block:
+        mask[:, :64] = False  # the first key block has no valid key
+    o, lse = torch.ops.bharnet.cross_attention_core(q, kv, mask, 1)
+    keep = mask[0]
+    torch.testing.assert_close(o[0], kv[0, keep, d:].mean(0).expand(Lq, d), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[0, 0], torch.full((Lq,), -100.0 + math.log(int(keep.sum()))), rtol=1e-5, atol=1e-4)
