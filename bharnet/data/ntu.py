@@ -57,7 +57,10 @@ class SampleName:
         match = SAMPLE_NAME_PATTERN.fullmatch(stem)
         if match is None:
             raise ValueError(f"sample name {name!r} does not match SsssCcccPpppRrrrAaaa")
-        return cls(*(int(group) for group in match.groups()))
+        fields = [int(group) for group in match.groups()]
+        if 0 in fields:
+            raise ValueError(f"sample name {name!r}: its fields count from 1 (000 is none)")
+        return cls(*fields)
 
     def __str__(self) -> str:
         return (f"S{self.setup:03d}C{self.camera:03d}P{self.performer:03d}"

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import hands as hands_io
 from . import ntu
-from .dataset import (NUM_PERSONS, SPLITS, SplitWriter, invalidate, read_manifest,
+from .dataset import (NUM_PERSONS, SPLITS, SplitWriter, exclusive, invalidate, read_manifest,
                       remove_partial_files, split_summary, write_manifest)
 
 SKIP_REASONS = ("malformed", "empty", "listed_missing", "bad_name")
@@ -66,8 +66,8 @@ class PrepareOptions:
 
 # the per-sample conversion's version, in the cache's fingerprint and the manifest's source, so
 # that a dataset prepared by an older conversion is converted again (2: the successive bodies of
-# one actor are joined, ntu.assign_actors)
-CONVERSION_VERSION = 2
+# one actor are joined, ntu.assign_actors; 3: the hand_frames_differ note)
+CONVERSION_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ class SampleTask:
 class PrepareSummary:
     """What :func:`prepare_ntu` did: samples per split, samples left out (by reason: one of
     :data:`SKIP_REASONS`), error messages, notes (``resampled``, ``no_hand_file``,
-    ``invalid_hand_file``: samples kept with a remark) and the work done in this run."""
+    ``invalid_hand_file``, ``joined_bodies``, ``hand_frames_differ``: samples kept with a
+    remark) and the work done in this run."""
 
     out_dir: str
     counts: Dict[str, int]
@@ -138,6 +139,13 @@ def _save_atomically(path: str, **arrays) -> None:
 
 # --------------------------------------------------------------------------- one sample
 
+def _note_frame_counts(hand_frames: int, skeleton_frames: int, notes: dict) -> None:
+    """A hand file of another length is resampled to the skeleton's frames; say so (a detector
+    run cut short, or the file of another sample, looks the same afterwards)."""
+    if hand_frames != skeleton_frames:
+        notes["hand_frames_differ"] = f"{hand_frames} hand frames for {skeleton_frames} skeleton frames"
+
+
 def _sample_hands(task: SampleTask, skeleton: ntu.Skeleton, owner: np.ndarray,
                   options: PrepareOptions, notes: dict) -> hands_io.HandSequence:
     """The hands of the actors of ``owner`` (:func:`bharnet.data.ntu.assign_actors`), all frames."""
@@ -148,13 +156,16 @@ def _sample_hands(task: SampleTask, skeleton: ntu.Skeleton, owner: np.ndarray,
         return hands_io.HandSequence.empty(frames, actors)
     try:
         if task.hand_path.endswith(".npz"):  # a person per Kinect body
-            by_body = hands_io.read_hand_npz(task.hand_path).with_persons(skeleton.num_bodies).with_frames(frames)
+            by_body = hands_io.read_hand_npz(task.hand_path)
+            _note_frame_counts(by_body.num_frames, frames, notes)
+            by_body = by_body.with_persons(skeleton.num_bodies).with_frames(frames)
             return hands_io.HandSequence(ntu.gather_actors(by_body.keypoints, owner),
                                          ntu.gather_actors(by_body.valid, owner))
         space = skeleton.xyz if options.hand_space == "camera" else skeleton.color_xy
+        detections = hands_io.read_mediapipe_json(task.hand_path)
+        _note_frame_counts(len(detections), frames, notes)
         return hands_io.align_hands(
-            hands_io.read_mediapipe_json(task.hand_path),
-            hands_io.kinect_wrists(ntu.gather_actors(space, owner)), owner >= 0,
+            detections, hands_io.kinect_wrists(ntu.gather_actors(space, owner)), owner >= 0,
             options.handedness, options.hand_max_distance, options.hand_min_score)
     except (OSError, ValueError, KeyError) as error:
         notes["invalid_hand_file"] = f"{task.hand_path}: {error}"
@@ -258,6 +269,16 @@ def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
     ``hand_space`` says whether JSON hands are in camera metres or colour-image pixels.
     """
     ntu.check_benchmark(benchmark)
+    with exclusive(out_dir):  # one writer; a second run into the same folder waits, then finds it done
+        return _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, missing_skeleton,
+                            min_body_frames, handedness, hand_space, hand_max_distance, hand_min_score,
+                            hand_centric_classes, progress)
+
+
+def _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, missing_skeleton, min_body_frames,
+                 handedness, hand_space, hand_max_distance, hand_min_score, hand_centric_classes,
+                 progress) -> PrepareSummary:
+    """The body of :func:`prepare_ntu`, under its lock."""
     if hands_dir is not None and not os.path.isdir(hands_dir):
         raise FileNotFoundError(f"hands_dir {hands_dir!r} is not a directory")
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
@@ -276,6 +297,9 @@ def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
         try:
             sample = ntu.SampleName.parse(name)
         except ValueError:
+            skipped["bad_name"].append(name)
+            continue
+        if str(sample) != name:  # e.g. a copy "S001C001P001R001A001.orig" of a sample
             skipped["bad_name"].append(name)
             continue
         split = ntu.benchmark_split(sample, benchmark)
@@ -304,7 +328,8 @@ def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
 
     results = {"train": [], "test": []}
     errors: Dict[str, str] = {}
-    notes: Dict[str, List[str]] = {"resampled": [], "no_hand_file": [], "invalid_hand_file": [], "joined_bodies": []}
+    notes: Dict[str, List[str]] = {"resampled": [], "no_hand_file": [], "invalid_hand_file": [], "joined_bodies": [],
+                                   "hand_frames_differ": []}
     for task in tasks:
         meta = _cached_meta(task)
         if meta is None:

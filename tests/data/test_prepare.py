@@ -92,7 +92,8 @@ def test_prepare_end_to_end(ntu_source, tmp_path):
     assert summary.outside_benchmark == 1
     assert summary.notes == {"resampled": ["S001C001P008R001A007"],
                              "no_hand_file": ["S001C001P008R001A007", "S001C003P002R002A003"],
-                             "invalid_hand_file": ["S001C001P006R001A008"], "joined_bodies": []}
+                             "invalid_hand_file": ["S001C001P006R001A008"], "joined_bodies": [],
+                             "hand_frames_differ": []}
     assert "S002C001P004R001A004.skeleton: line" in summary.errors["S002C001P004R001A004"]
     assert "malformed" in summary.report() and "train 3" in summary.report()
 
@@ -292,3 +293,23 @@ def test_an_actor_tracked_under_several_kinect_ids_is_one_person(tmp_path, write
     hand = np.load(tmp_path / "out" / "train" / "hand.npy")[0]  # (3, T, 42, M)
     np.testing.assert_array_equal(hand[0, :frames, 0, 0], np.repeat([1, 3, 4], 12))
     assert np.load(tmp_path / "out" / "train" / "hand_valid.npy")[0, :frames, 0, 0].all()
+
+
+def test_names_that_are_not_exactly_a_sample_and_hand_files_of_another_length(tmp_path, write_skeleton):
+    """A copy "S001C001P001R001A001.orig" would have been a second sample of the same name, and
+    action 000 gave label -1 (and a bincount error after the old dataset was removed): both are
+    bad names. A hand file shorter than its skeleton is resampled, with a note."""
+    src, hand_dir = tmp_path / "skeletons", tmp_path / "hands"
+    hand_dir.mkdir()
+    body = standing_body(FRAMES, amplitude=0.3, seed=1)
+    for name in ("S001C001P001R001A001", "S001C001P001R001A001.orig", "S001C001P003R001A000"):
+        write_skeleton(name, [[("10", body[t])] for t in range(FRAMES)], src)
+    detections = [[hands.HandDetection("right", (body[t, 10] + 0.01).repeat(21, 0).reshape(21, 3).astype(np.float32))]
+                  for t in range(FRAMES // 2)]  # the detector stopped half-way
+    hands.write_mediapipe_json(hand_dir / "S001C001P001R001A001.json", detections)
+    summary = prepare_ntu(src, tmp_path / "out", hands_dir=hand_dir, workers=0, progress=False)
+    assert summary.counts == {"train": 1, "test": 0}
+    assert sorted(summary.skipped["bad_name"]) == ["S001C001P001R001A001.orig", "S001C001P003R001A000"]
+    assert summary.notes["hand_frames_differ"] == ["S001C001P001R001A001"]
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest["notes"]["hand_frames_differ"] == ["S001C001P001R001A001"]
