@@ -4,13 +4,14 @@
 (``pip install --no-build-isolation -e .``), with the CUDA kernels when torch is a CUDA build
 and nvcc is found. Otherwise the first call of :func:`load` JIT-compiles the same sources
 (``bharnet/_build.py`` lists them) with ``torch.utils.cpp_extension.load`` (cached under
-``$TORCH_EXTENSIONS_DIR``): the CPU kernels always, the CUDA kernels too when a GPU is visible
+``$TORCH_EXTENSIONS_DIR``, a folder per source tree and torch install): the CPU kernels always, the CUDA kernels too when a GPU is visible
 and nvcc is found (if that CUDA build fails, the CPU-only build is used and a warning says
 why). The ops register themselves with ``TORCH_LIBRARY`` under ``torch.ops.bharnet``.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -32,6 +33,20 @@ def _last_line(error: Exception) -> str:
     return text.splitlines()[-1] if text else ""
 
 
+def build_directory(name: str) -> str:
+    """Where the JIT build of ``name`` goes: a folder under torch's extension root
+    (``$TORCH_EXTENSIONS_DIR``, else torch's default) of its own per source tree and torch
+    install. With torch's one folder per name, two checkouts or virtualenvs rebuilt the
+    extension (80 s) each time after the other had been used."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    key = hashlib.sha1(f"{SOURCE_DIR}|{os.path.dirname(torch.__file__)}".encode()).hexdigest()[:12]
+    path = os.path.join(root, f"{name}-{key}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def _jit_build(cuda: bool) -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA_HOME notice
     if cuda:
@@ -46,7 +61,8 @@ def _jit_build(cuda: bool) -> None:
         "1-2 minutes on two cores, cached by torch afterwards)", file=sys.stderr, flush=True))
     notice.start()
     try:
-        cpp_extension.load(name="bharnet_C_cuda" if cuda else "bharnet_C",
+        name = "bharnet_C_cuda" if cuda else "bharnet_C"
+        cpp_extension.load(name=name, build_directory=build_directory(name),
                            sources=_build.sources(SOURCE_DIR, cuda), extra_cflags=_build.CXX_FLAGS,
                            extra_cuda_cflags=_build.nvcc_flags() if cuda else None,
                            extra_ldflags=_build.LINK_FLAGS, is_python_module=False, verbose=False,

@@ -51,3 +51,14 @@ def test_cpu_and_cuda_source_lists():
                                     "deformable_temporal_conv_cuda.cpp", "deformable_temporal_conv_kernels.cu"}
     stems = [Path(name).stem for name in cuda]  # setuptools names each object file after its stem
     assert len(stems) == len(set(stems))
+
+
+def test_each_source_tree_and_torch_install_builds_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Two checkouts (or virtualenvs) sharing torch's one folder per extension name rebuilt it
+    each time after the other had been used."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = _ext.build_directory("bharnet_C")
+    assert Path(here).parent == tmp_path and Path(here).is_dir() and Path(here).name.startswith("bharnet_C-")
+    assert _ext.build_directory("bharnet_C") == here  # stable
+    monkeypatch.setattr(_ext, "SOURCE_DIR", tmp_path / "another-checkout" / "csrc")
+    assert _ext.build_directory("bharnet_C") != here
