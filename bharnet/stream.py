@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .data.dataset import _check_transform, clip_input
+from .data.features import body_presence, hand_node_validity
 from .graphs import BODY, HANDS
 
 DESCRIPTION_KEYS = ("modality", "window", "preprocessing")
@@ -149,7 +150,7 @@ class LiveRecognizer:
         self._persons = persons
         hand_valid = hand_valid.detach().to("cpu", torch.bool, copy=True)
         # an undetected hand's keypoints may hold anything (NaN too): they count as zero
-        hand = torch.where(hand_valid.repeat_interleave(HANDS.num_nodes // 2, dim=0)[None], hand, 0.0)
+        hand = torch.where(hand_node_validity(hand_valid[None]), hand, 0.0)
         body = body.detach().to("cpu", torch.float32, copy=True)
         for name, x in (("body", body), ("hand", hand)):
             if not torch.isfinite(x).all():
@@ -175,10 +176,10 @@ def _present_persons_first(body, hand, hand_valid):
     """The persons of a window with the ones present in it first, as in the dataset (whose
     person 0 is the main actor; the canonical preprocessing centres on person 0): a tracker
     that keeps a slot per person may leave slot 0 empty while another slot is filled."""
-    present = body.ne(0).flatten(0, 2).any(dim=0)  # (M,)
-    order = torch.argsort((~present).to(torch.int8), stable=True)
+    present = body_presence(body).flatten(0, 1).any(dim=0)  # (M,)
     if bool(present[0]) or not bool(present.any()):
         return body, hand, hand_valid
+    order = torch.argsort((~present).to(torch.int8), stable=True)
     return body[..., order], hand[..., order], hand_valid[..., order]
 
 

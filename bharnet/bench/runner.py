@@ -23,8 +23,8 @@ from .baselines import Rejected
 from .memory import MIB, peak_memory, saved_tensor_bytes
 from .model_cases import MODEL_NAMES, ModelCase, make_step, model_cases
 from .op_cases import FULL_BATCH, OP_FUNCTIONS, OpCase, full_cases, quick_cases
-from .providers import (COMPILE_MODES, CPU_ONLY_CPP, DTYPES, Provider, autocast, compiled, dtype_skip_reason,
-                        model_providers, providers)
+from .providers import (COMPILE_MODES, DTYPES, Provider, autocast, backend_skip_reason, compiled,
+                        dtype_skip_reason, model_providers, providers)
 from .report import METRICS, Note, Row, format_table, write_csv, write_plots
 from .roofline import copy_bandwidth, gbps, roofline_percent, tensor_bytes
 from .timing import TimerSettings, first_call_seconds, measure
@@ -425,11 +425,10 @@ class Bench:
 
 def _what_auto_runs(op: str, device_type: str, dtype: str) -> str:
     """The backend ``auto`` picks for ``op``, or ``reference`` where that pick (``cpp``) runs
-    PyTorch's own op: CPU-only kernels on another device, or kernels that step aside under
-    autocast (:func:`~bharnet.bench.providers.dtype_skip_reason`)."""
+    PyTorch's own op, the cases the op providers skip: CPU-only kernels on another device, or
+    kernels that step aside under autocast (``backend_skip_reason``, ``dtype_skip_reason``)."""
     backend = resolve(op, "auto", device_type)
-    if backend == "cpp" and (op in CPU_ONLY_CPP and device_type != "cpu"
-                             or dtype_skip_reason(op, backend, device_type, dtype) is not None):
+    if backend_skip_reason(op, backend, device_type) or dtype_skip_reason(op, backend, device_type, dtype):
         return "reference"
     return backend
 

@@ -183,10 +183,10 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
             print(f"resuming {config.model} from {latest} (epoch {start_epoch + 1} of {config.epochs})")
     else:  # a fresh start: no record of an earlier attempt stays (one killed before its first checkpoint)
         log.keep_epochs(0)
-    if latest is None and context.is_main:
-        os.makedirs(config.out, exist_ok=True)
-        with open(os.path.join(config.out, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(config.to_dict(), handle, indent=2)
+        if context.is_main:
+            os.makedirs(config.out, exist_ok=True)
+            with open(os.path.join(config.out, "config.json"), "w", encoding="utf-8") as handle:
+                json.dump(config.to_dict(), handle, indent=2)
 
     # its own generator, one per rank: the loader's workers take their base seed from it when an
     # epoch starts (once, with persistent workers), not from the global generator behind dropout
