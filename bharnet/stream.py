@@ -10,7 +10,7 @@ over all the frames it holds) and classifies them::
     for body, hand, hand_valid in tracker:            # (3, 25, M), (3, 42, M), (2, M) per frame
         prediction = recognizer.push(body, hand, hand_valid)
         if prediction is not None:
-            print(prediction.label, prediction.probabilities.max(), prediction.latency_ms)
+            print(prediction.class_name, prediction.probabilities.max(), prediction.latency_ms)
 
 A frame's layout is that of one time step of :meth:`bharnet.data.SkeletonDataset.raw`: Kinect
 joints in metres, an absent person all zero, an undetected hand ``hand_valid`` False (its
@@ -39,12 +39,14 @@ DESCRIPTION_KEYS = ("modality", "window", "preprocessing")
 @dataclass(frozen=True)
 class Prediction:
     """One classification of the window that ends at frame ``frame`` (0-based, counted since the
-    recognizer started or was reset): ``probabilities`` (K,), ``label`` their argmax, and the
-    wall time that building the input and running the model took."""
+    recognizer started or was reset): ``probabilities`` (K,), ``label`` their argmax,
+    ``class_name`` that class's name (None for a model file written without class names), and
+    the wall time that building the input and running the model took."""
 
     frame: int
     probabilities: torch.Tensor
     label: int
+    class_name: Optional[str]
     latency_ms: float
 
 
@@ -55,7 +57,8 @@ class LiveRecognizer:
     :class:`bharnet.ModelOutput` (an eval-mode model, an exported program's ``module()``, an
     AOTInductor package); the inputs go to the device and dtype of its first parameter (CPU
     float32 for a model without any). ``description`` holds the ``modality``, ``window`` and
-    ``preprocessing`` it was trained with (a run's description, or an exported file's metadata).
+    ``preprocessing`` it was trained with (a run's description, or an exported file's metadata)
+    and, optionally, ``class_names`` (label order; a run's description has them).
     ``history`` (default: the window) is the number of raw frames per classification; they are
     resampled to the window, so at a frame rate other than the training data's, pick the history
     that spans the same time."""
@@ -80,6 +83,7 @@ class LiveRecognizer:
         self.num_person: Optional[int] = getattr(config, "num_person", None) or description.get("num_person")
         self.modality, self.window = description["modality"], int(description["window"])
         self.preprocessing = description["preprocessing"]
+        self.class_names = description.get("class_names")
         self.history = self.window if history is None else history
         if not isinstance(self.history, int) or self.history < 2:
             raise ValueError(f"history must be an int >= 2 frames, got {self.history!r}")
@@ -168,8 +172,12 @@ class LiveRecognizer:
                                 preprocessing=self.preprocessing, crop=(0, len(self._frames)))
         out = self.model(body[None].to(self.device, self.dtype), hand[None].to(self.device, self.dtype))
         probabilities = torch.softmax(out.logits[0].float(), dim=0).cpu()
-        return Prediction(self._count - 1, probabilities, int(probabilities.argmax()),
-                          (time.perf_counter() - start) * 1e3)
+        label = int(probabilities.argmax())
+        if self.class_names is not None and len(self.class_names) != probabilities.numel():
+            raise ValueError(f"the description names {len(self.class_names)} classes, the model scores "
+                             f"{probabilities.numel()}")
+        name = None if self.class_names is None else self.class_names[label]
+        return Prediction(self._count - 1, probabilities, label, name, (time.perf_counter() - start) * 1e3)
 
 
 def _present_persons_first(body, hand, hand_valid):

@@ -77,15 +77,18 @@ def test_default_history_is_the_window_and_hands_default_to_what_is_seen(model):
 def test_from_a_runs_weights_and_from_an_exported_program(model, tmp_path):
     config = TrainConfig(model="bharnet-e", preset="small", modality="bone", window=12)
     weights = str(tmp_path / "model.safetensors")
-    checkpoint.save_weights(weights, model, model_description(config, 5))
+    names = ["wave", "clap", "point", "drink", "sit"]
+    checkpoint.save_weights(weights, model, model_description(config, 5, names))
     assert main(["export", weights, str(tmp_path / "model.pt2")]) == 0
     body, hand, valid = stream(frames=20)
     want = push_all(LiveRecognizer(model, DESCRIPTION, stride=4), body, hand, valid)
+    assert all(p.class_name is None for p in want)  # a description without class names
     for path in (weights, tmp_path / "model.pt2"):  # a str or a Path
         got = push_all(LiveRecognizer.from_file(path, stride=4), body, hand, valid)
         assert [p.frame for p in got] == [11, 15, 19]
         for a, b in zip(got, want):
             torch.testing.assert_close(a.probabilities, b.probabilities, rtol=1e-4, atol=1e-5)
+            assert a.class_name == names[a.label]  # the names travel with the weights and the export
     # the exported file's metadata holds the person count: a wrong one is refused at the first frame
     with pytest.raises(ValueError, match="body has 1 persons, the model takes 2"):
         LiveRecognizer.from_file(tmp_path / "model.pt2").push(torch.zeros(3, 25, 1))
@@ -114,6 +117,10 @@ def test_bad_frames_and_settings_say_what_is_wrong(model):
         LiveRecognizer(model, DESCRIPTION, history=1)
     with pytest.raises(ValueError, match="stride must be a positive int"):
         LiveRecognizer(model, DESCRIPTION, stride=0)
+    named_wrong = LiveRecognizer(model, dict(DESCRIPTION, class_names=["a", "b"]), history=2)
+    named_wrong.push(torch.zeros(3, 25, 2))
+    with pytest.raises(ValueError, match="the description names 2 classes, the model scores 5"):
+        named_wrong.push(torch.zeros(3, 25, 2))
 
 
 def test_a_training_mode_model_is_refused(model):

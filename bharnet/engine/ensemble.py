@@ -7,7 +7,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from .evaluate import metrics
+from .evaluate import SAMPLE_NAMES, metrics
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -28,7 +28,9 @@ def fuse(score_sets: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
 
 
 def ensemble_dirs(eval_dirs: Sequence[str], weights: Sequence[float], hand_centric=()) -> Dict:
-    """Fuse the ``scores.npy`` of several evaluation folders (their ``labels.npy`` must agree)."""
+    """Fuse the ``scores.npy`` of several evaluation folders, made on the same samples in the
+    same order: their ``labels.npy`` must agree, and so must their ``names.txt`` where every
+    folder has one (evaluations before bharnet wrote it have none)."""
     for d in eval_dirs:
         missing = [name for name in ("scores.npy", "labels.npy") if not os.path.isfile(os.path.join(d, name))]
         if missing:
@@ -37,5 +39,17 @@ def ensemble_dirs(eval_dirs: Sequence[str], weights: Sequence[float], hand_centr
     labels = [np.load(os.path.join(d, "labels.npy")) for d in eval_dirs]
     if any(not np.array_equal(labels[0], other) for other in labels[1:]):
         raise ValueError("the evaluation folders were made on different samples (labels.npy differ)")
+    names = [os.path.join(d, SAMPLE_NAMES) for d in eval_dirs]
+    if all(os.path.isfile(path) for path in names):
+        first = _read_lines(names[0])
+        for d, path in zip(eval_dirs[1:], names[1:]):
+            if _read_lines(path) != first:
+                raise ValueError(f"{d} was made on other samples, or in another order, than {eval_dirs[0]} "
+                                 f"({SAMPLE_NAMES} differ)")
     fused = fuse([np.load(os.path.join(d, "scores.npy")) for d in eval_dirs], weights)
     return metrics(fused, labels[0], hand_centric)
+
+
+def _read_lines(path: str):
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().splitlines()

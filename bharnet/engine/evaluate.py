@@ -19,6 +19,9 @@ from .config import TrainConfig
 from .trainer import autocast, check_inputs_exist, model_description, resolve_device
 
 
+SAMPLE_NAMES = "names.txt"  # in an evaluation folder: the sample of each row of scores.npy
+
+
 def read_description(path: str) -> dict:
     """The model description of a ``model.safetensors`` (what :func:`model_description` wrote);
     ValueError for a file without one, e.g. a training checkpoint, or not a safetensors file."""
@@ -120,8 +123,9 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str,
 
 def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, device="auto",
                  amp: str = "none", backend: Optional[str] = None, progress: bool = True) -> Dict:
-    """Evaluate ``weights`` on ``dataset``; write ``scores.npy``, ``labels.npy``,
-    ``metrics.json`` and ``confusion.png`` to ``out_dir``; return the metrics.
+    """Evaluate ``weights`` on ``dataset``; write ``scores.npy``, ``labels.npy``, ``names.txt``
+    (the sample names, one per line, in score order), ``metrics.json`` and ``confusion.png`` to
+    ``out_dir``; return the metrics.
 
     The model runs fused for inference (:func:`bharnet.fast.fuse_for_inference`: BatchNorm
     folded, absent persons skipped; the same scores up to rounding) on ``backend``, or else on
@@ -133,6 +137,11 @@ def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, devi
     if meta["num_classes"] != dataset.num_classes:
         raise ValueError(f"{weights} classifies {meta['num_classes']} classes, the dataset at {dataset.root} "
                          f"has {dataset.num_classes}")
+    named = meta.get("class_names")
+    if named is not None and list(named) != list(dataset.class_names):
+        index = next(i for i, (a, b) in enumerate(zip(named, dataset.class_names)) if a != b)
+        raise ValueError(f"{weights} was trained on other classes than the dataset at {dataset.root} has: "
+                         f"class {index} is {named[index]!r} there and {dataset.class_names[index]!r} here")
     check_inputs_exist(model, meta["model"], dataset)
     model = fuse_for_inference(model, backend if backend is not None else model.config.impl)
     scores = predict(model, dataset, batch_size, device, amp, progress)
@@ -141,6 +150,8 @@ def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, devi
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, "scores.npy"), scores)
     np.save(os.path.join(out_dir, "labels.npy"), labels)
+    with open(os.path.join(out_dir, SAMPLE_NAMES), "w", encoding="utf-8") as handle:
+        handle.write("".join(name + "\n" for name in dataset.names))
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump({"model": meta["model"], **result}, handle, indent=2)
     plot_confusion(np.asarray(result["confusion"]), dataset.class_names,

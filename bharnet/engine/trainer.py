@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,11 +57,18 @@ def check_inputs_exist(model: torch.nn.Module, name: str, dataset) -> None:
                          "(bharnet prepare --hands ...); use a body-only model (--model body) on it")
 
 
-def model_description(config: TrainConfig, num_classes: int) -> dict:
-    """What :func:`bharnet.engine.evaluate.load_model` needs to rebuild the model."""
-    return {"model": config.model, "num_classes": num_classes, "preset": config.preset,
-            "model_options": dict(config.model_options), "label_smoothing": config.label_smoothing,
-            "modality": config.modality, "preprocessing": config.preprocessing, "window": config.window}
+def model_description(config: TrainConfig, num_classes: int, class_names: Optional[Sequence[str]] = None) -> dict:
+    """What :func:`bharnet.engine.evaluate.load_model` needs to rebuild the model, and the
+    names of its classes (``class_names``, label order; absent from files written before
+    bharnet stored them)."""
+    description = {"model": config.model, "num_classes": num_classes, "preset": config.preset,
+                   "model_options": dict(config.model_options), "label_smoothing": config.label_smoothing,
+                   "modality": config.modality, "preprocessing": config.preprocessing, "window": config.window}
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        description["class_names"] = list(class_names)
+    return description
 
 
 class JsonlLog:
@@ -247,6 +254,6 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
 
     if context.is_main:
         checkpoint.save_weights(os.path.join(config.out, "model.safetensors"), raw_model,
-                                model_description(config, num_classes))
+                                model_description(config, num_classes, train_set.class_names))
     distributed.barrier(context)
     return raw_model

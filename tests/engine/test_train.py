@@ -13,6 +13,7 @@ from bharnet.cli import main
 from bharnet.data.dataset import SkeletonDataset
 from bharnet.engine import checkpoint
 from bharnet.engine.config import TrainConfig, parse_model_options
+from bharnet.engine.ensemble import ensemble_dirs
 from bharnet.engine.evaluate import evaluate_run, load_model, predict
 from bharnet.engine.schedule import warmup_cosine
 from bharnet.engine.trainer import build_model, make_optimizer, train
@@ -109,6 +110,7 @@ def test_checkpoints_hold_no_pickles_and_describe_the_model(tiny_dataset, tmp_pa
           progress=False)
     meta = checkpoint.read_metadata(str(run / "model.safetensors"))
     assert meta["model"] == "bharnet-p" and meta["num_classes"] == 4 and meta["preset"] == "small"
+    assert meta["class_names"] == list(SkeletonDataset(tiny_dataset, "train").class_names)
     with open(run / "model.safetensors", "rb") as handle:
         assert b"\x80\x04" not in handle.read(64)  # a safetensors header, not a pickle stream
 
@@ -150,6 +152,14 @@ def test_train_cli_then_eval_and_ensemble(tiny_dataset, tmp_path, capsys):
     assert np.abs(np.load(out / "eval-test" / "scores.npy") - unfused).max() <= 1e-4 * np.abs(unfused).max()
     assert main(["ensemble", str(out / "eval"), str(out / "eval-test"), "--data", tiny_dataset]) == 0
     assert "ensemble of 2" in capsys.readouterr().out
+    names = (out / "eval-test" / "names.txt").read_text().splitlines()
+    assert names == test_set.names
+    # two samples of one class in swapped order: the labels agree, the names do not
+    first, second = [i for i, label in enumerate(test_set.labels) if label == test_set.labels[0]][:2]
+    names[first], names[second] = names[second], names[first]
+    (out / "eval-test" / "names.txt").write_text("".join(n + "\n" for n in names))
+    with pytest.raises(ValueError, match="eval-test was made on other samples, or in another order, than"):
+        ensemble_dirs([str(out / "eval"), str(out / "eval-test")], [1.0, 1.0])
 
 
 def test_demo_path_trains_both_models(tiny_dataset, tmp_path, monkeypatch, capsys):
@@ -190,6 +200,10 @@ def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, 
     assert "bharnet eval: error:" in capsys.readouterr().err
     with pytest.raises(ValueError, match="classifies 4 classes, the dataset at .* has 5"):
         evaluate_run(str(out / "model.safetensors"), SkeletonDataset(other, "test", window=8), str(tmp_path / "e"))
+    renamed = synthetic.make_synthetic(tmp_path / "renamed", num_classes=4, num_hand_centric=1,
+                                       samples_per_class_train=1, samples_per_class_test=1, frames=16)
+    with pytest.raises(ValueError, match="trained on other classes .* class 2 is 'clench fist' there and 'squat' here"):
+        evaluate_run(str(out / "model.safetensors"), SkeletonDataset(renamed, "test", window=8), str(tmp_path / "e"))
     # mistakes in arguments or inputs are one line and exit status 2, not a traceback
     for argv, message in ((["train", "--data", str(tmp_path / "nope")], "manifest.json"),
                           (["train", "--data", tiny_dataset, "--epochs", "0"], "epochs must be >= 1"),
