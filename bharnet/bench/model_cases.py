@@ -1,8 +1,10 @@
 """Whole-model cases: a training step and single-clip inference.
 
 * ``train``: ``optimizer.zero_grad(); loss = model.loss(model(body, hand), target);
-  loss.backward(); optimizer.step()`` with SGD (momentum 0.9, Nesterov, weight decay 4e-4),
-  batch ``clips`` x ``persons``; under ``torch.compile`` the forward and loss are compiled.
+  loss.backward(); optimizer.step()`` with ``bharnet train``'s optimizer (SGD with Nesterov
+  momentum and weight decay, torch's fused implementation on CPU and CUDA:
+  :func:`bharnet.engine.trainer.make_optimizer`), batch ``clips`` x ``persons``; under
+  ``torch.compile`` the forward and loss are compiled.
 * ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``; with
   ``fold``, on the model fused for inference (:func:`bharnet.fast.fuse_for_inference`). Also
   with one person present (``present=1``, the others' inputs all zero, as datasets pad a clip
@@ -19,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..engine.config import TrainConfig
+from ..engine.trainer import make_optimizer
 from ..fast import fuse_for_inference
 from ..graphs import BODY, HANDS
 from ..models import create_model
@@ -94,8 +98,7 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
         return infer_step
 
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                                weight_decay=4e-4)
+    optimizer = make_optimizer(model, TrainConfig(), device)
 
     def forward_loss(body, hand, target):
         return model.loss(model(body, hand), target)

@@ -142,6 +142,25 @@ def test_cpu_training_steps_default_to_one_clip():
     assert resolve_options(parser.parse_args(["--device", "cpu", "--quick"])).batch == 2
 
 
+def test_the_training_step_steps_the_optimizer_bharnet_train_uses(monkeypatch):
+    """The benchmark's step is the trainer's: torch's fused SGD (one kernel for all 1,310 of
+    BHaRNet-E's parameter tensors), not the per-tensor loop that a plain SGD runs on CPU."""
+    from bharnet.bench import model_cases
+    made, make_optimizer = [], model_cases.make_optimizer
+
+    def recording(*args):
+        made.append(make_optimizer(*args))
+        return made[-1]
+
+    monkeypatch.setattr(model_cases, "make_optimizer", recording)
+    step = model_cases.make_step(model_cases.ModelCase("body", "train", "small", 1, 1, 8, classes=3),
+                                 torch.device("cpu"), "fp32", None)
+    step()
+    (optimizer,) = made
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["fused"] is True
+    assert optimizer.state and all("momentum_buffer" in state for state in optimizer.state.values())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_cuda_without_gpu_is_a_one_line_error(tmp_path, capsys):
     assert bench("--device", "cuda", "--results-dir", str(tmp_path)) == 2
