@@ -77,13 +77,15 @@ __device__ A block_sum(A x, A* red) {
 }
 
 template <class P, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t batch_base) {
+__global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t batch_base, int n_tiles) {
   using acc_t = typename P::acc_t;
   constexpr int kThreads = (BM / TM) * (BN / TN);
   __shared__ acc_t As[BK][BM + 1];  // +1: the k-major stores below hit different banks
   __shared__ acc_t Bs[BK][BN];
   const auto op = p.at(batch_base + blockIdx.z);
-  const int m0 = static_cast<int>(blockIdx.y) * BM, n0 = static_cast<int>(blockIdx.x) * BN;
+  // blockIdx.x numbers the (m, n) output tiles, n fastest (grid.y would cap the m tiles at 65535)
+  const int tile = static_cast<int>(blockIdx.x);
+  const int m0 = tile / n_tiles * BM, n0 = tile % n_tiles * BN;
   const int M = op.M, N = op.N, K = op.K;
   const int tid = threadIdx.x;
   const int tx = tid % (BN / TN), ty = tid / (BN / TN);
@@ -130,20 +132,21 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN)) tiled_gemm(P p, int64_t
 }
 
 // Launches tiled_gemm over `batches` batch indices (in chunks of at most 65535, the grid's z
-// limit) with an M x N output tile grid (M, N: the largest op.M, op.N of any batch, below
-// kMaxIndexExtent, as every op.K); returns the launch error.
+// limit) with the M x N output tiles along grid.x (M, N: the largest op.M, op.N of any batch,
+// below kMaxIndexExtent, as every op.K); returns the launch error.
 template <int BM, int BN, int BK, int TM, int TN, class P>
 cudaError_t launch_gemm(const P& p, int64_t M, int64_t N, int64_t batches, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (M >= kMaxIndexExtent || N >= kMaxIndexExtent) return cudaErrorInvalidValue;
   constexpr int64_t kMaxZ = 65535;
+  const int64_t n_tiles = (N + BN - 1) / BN, tiles = (M + BM - 1) / BM * n_tiles;
+  if (tiles > INT_MAX) return cudaErrorInvalidConfiguration;
   const dim3 block((BM / TM) * (BN / TN));
   for (int64_t base = 0; base < batches; base += kMaxZ) {
     const int64_t count = batches - base < kMaxZ ? batches - base : kMaxZ;
-    const dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM),
-                    static_cast<unsigned>(count));
+    const dim3 grid(static_cast<unsigned>(tiles), 1, static_cast<unsigned>(count));
     const auto kernel = tiled_gemm<P, BM, BN, BK, TM, TN>;
-    BHARNET_LAUNCH(kernel, grid, block, 0, stream)(p, base);
+    BHARNET_LAUNCH(kernel, grid, block, 0, stream)(p, base, static_cast<int>(n_tiles));
   }
   return cudaGetLastError();
 }

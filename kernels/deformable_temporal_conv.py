@@ -366,6 +366,9 @@ def _dtype_args(x_dtype: torch.dtype, offsets_dtype: torch.dtype) -> dict:
                 POS_DTYPE=tl.float64 if fp64_positions else tl.float32)
 
 
+MAX_GRID_Z = 65535  # programs along a GPU grid's third axis
+
+
 @functools.lru_cache(maxsize=1024)
 def _forward_launch(B: int, C: int, V: int, O: int, E: int, T_out: int):
     """(grid, block sizes) of ``_forward_kernel``, cached per shape to keep host time low."""
@@ -418,12 +421,14 @@ def forward(x, offsets, weight, bias, stride: int) -> torch.Tensor:
     y = new_output((B, O, T_out, V), x.dtype, x.device)
     if y.numel() == 0:
         return y
-    grid, blocks = _forward_launch(B, C, V, O, E, T_out)
-    _forward_kernel[grid](
-        x, offsets, weight, weight if bias is None else bias, y,
-        *x.stride(), offsets.stride(0), *weight.stride(), 0 if bias is None else bias.stride(0),
-        C, T, V, O, T_out, stride,
-        E=E, HAS_BIAS=bias is not None, **blocks, **_dtype_args(x.dtype, offsets.dtype))
+    for b0 in range(0, B, MAX_GRID_Z):  # B is the grid's third axis: launch in slices of B
+        count = min(MAX_GRID_Z, B - b0)
+        grid, blocks = _forward_launch(count, C, V, O, E, T_out)
+        _forward_kernel[grid](
+            x[b0:b0 + count], offsets, weight, weight if bias is None else bias, y[b0:b0 + count],
+            *x.stride(), offsets.stride(0), *weight.stride(), 0 if bias is None else bias.stride(0),
+            C, T, V, O, T_out, stride,
+            E=E, HAS_BIAS=bias is not None, **blocks, **_dtype_args(x.dtype, offsets.dtype))
     return y
 
 

@@ -94,7 +94,7 @@ class CTRGraphConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, T, V = x.shape
         H, R = self.num_subsets, self.rel_channels
-        backend = resolve(self.fused_op, self.impl, x.device.type, backends_that_cannot_take(V))
+        backend = resolve(self.fused_op, self.impl, x.device.type, backends_that_cannot_take(V, B))
         if backend == "reference":
             qk = self.conv_qk(x).mean(dim=2)
         else:

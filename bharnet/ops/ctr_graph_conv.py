@@ -76,6 +76,7 @@ def ctr_graph_conv_reference(v, A, q=None, k=None, weight=None, bias=None, alpha
 
 
 TRITON_MAX_JOINTS = 128  # one padded V x V topology tile per program (kernels.joint_block)
+TRITON_MAX_BATCH = 65535  # B is the kernels' third grid axis, which a GPU caps at 65535 programs
 
 
 @functools.cache
@@ -254,16 +255,20 @@ def _make_backward(run):
 _ctr_graph_conv_call = with_autograd(_ctr_graph_conv_op, _make_backward, _setup_context)
 
 
-def backends_that_cannot_take(num_joints: int) -> Tuple[str, ...]:
-    """The backends whose kernels cannot take ``num_joints`` joints (``auto`` passes over them)."""
-    return ("triton",) if num_joints > TRITON_MAX_JOINTS else ()
+def backends_that_cannot_take(num_joints: int, batch: int) -> Tuple[str, ...]:
+    """The backends whose kernels cannot take ``num_joints`` joints or a batch of ``batch``
+    sequences (``auto`` passes over them)."""
+    return ("triton",) if num_joints > TRITON_MAX_JOINTS or batch > TRITON_MAX_BATCH else ()
 
 
 def _check_triton_inputs(v, *others):
-    V = v.shape[-1]
+    B, V = v.shape[0], v.shape[-1]
     if V > TRITON_MAX_JOINTS:
         raise ValueError(f"ctr_graph_conv: the triton backend supports V <= {TRITON_MAX_JOINTS} joints, "
                          f"got V={V} (v of shape {tuple(v.shape)}); backend 'auto' picks one that does")
+    if B > TRITON_MAX_BATCH:
+        raise ValueError(f"ctr_graph_conv: the triton backend supports B <= {TRITON_MAX_BATCH} sequences (a GPU "
+                         f"grid axis), got B={B} (v of shape {tuple(v.shape)}); backend 'auto' picks one that does")
     for name, t in zip(("v", "A", "q", "k", "weight", "bias", "alpha"), (v, *others)):
         if t is not None:
             expect_triton_dtype(OP_NAME, name, t)
@@ -382,5 +387,5 @@ def ctr_graph_conv(v: torch.Tensor, A: torch.Tensor, q: Optional[torch.Tensor] =
                    *, backend: Optional[str] = None) -> torch.Tensor:
     """CTR-GC / ST-GC aggregation (see the module docstring for the math and shapes)."""
     validate(v, A, q, k, weight, bias, alpha)
-    impl = _IMPLS[resolve(OP_NAME, backend, v.device.type, backends_that_cannot_take(v.shape[-1]))]
+    impl = _IMPLS[resolve(OP_NAME, backend, v.device.type, backends_that_cannot_take(v.shape[-1], v.shape[0]))]
     return impl(v, A, q, k, weight, bias, alpha)

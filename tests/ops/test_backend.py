@@ -112,6 +112,26 @@ def test_auto_takes_the_next_backend_for_more_joints_than_triton_holds(monkeypat
             ops.ctr_graph_conv(v, A, backend="triton")
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_auto_takes_the_next_backend_for_more_sequences_than_a_triton_grid_holds(monkeypatch, dynamic):
+    """The Triton CTR-GC kernels put B on the grid's third axis, which a GPU caps at 65535."""
+    if _backend.unavailable_reason("ctr_graph_conv", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    module, ran = _gpu_auto_order_recording(monkeypatch, "ctr_graph_conv")
+    g = torch.Generator().manual_seed(0)
+    B, H, C, T, V, R, G = 65536, 1, 2, 1, 3, 2, 1
+    v, A = torch.randn(B, H, C, T, V, generator=g), torch.randn(H, V, V, generator=g)
+    refine = (torch.randn(B, H, R, V, generator=g), torch.randn(B, H, R, V, generator=g),
+              torch.randn(H, G, R, generator=g), torch.randn(H, G, generator=g), torch.tensor([0.5]))
+    args = (v, A, *refine) if dynamic else (v, A)
+    y = ops.ctr_graph_conv(*args, backend="auto")
+    assert ran == ["cpp"]
+    torch.testing.assert_close(y, module.ctr_graph_conv_reference(*args), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="B <= 65535 sequences .* got B=65536"):
+        ops.ctr_graph_conv(*args, backend="triton")
+    assert module.backends_that_cannot_take(V, 65535) == ()
+
+
 def test_a_graph_convolution_layer_with_more_joints_than_triton_holds_runs_under_auto(monkeypatch):
     """The layer resolves its backend itself (its mean over time depends on it): it must pass
     over Triton too, not hand the op an explicit 'triton'."""
