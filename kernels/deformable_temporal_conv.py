@@ -423,9 +423,10 @@ def forward(x, offsets, weight, bias, stride: int) -> torch.Tensor:
         return y
     for b0 in range(0, B, MAX_GRID_Z):  # B is the grid's third axis: launch in slices of B
         count = min(MAX_GRID_Z, B - b0)
+        xs, ys = (x, y) if count == B else (x[b0:b0 + count], y[b0:b0 + count])  # no views per usual call
         grid, blocks = _forward_launch(count, C, V, O, E, T_out)
         _forward_kernel[grid](
-            x[b0:b0 + count], offsets, weight, weight if bias is None else bias, y[b0:b0 + count],
+            xs, offsets, weight, weight if bias is None else bias, ys,
             *x.stride(), offsets.stride(0), *weight.stride(), 0 if bias is None else bias.stride(0),
             C, T, V, O, T_out, stride,
             E=E, HAS_BIAS=bias is not None, **blocks, **_dtype_args(x.dtype, offsets.dtype))
