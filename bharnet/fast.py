@@ -57,10 +57,13 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
+from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .absent_persons import skip_absent_persons
-from .nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, PointwiseConv2d,
-                 STGraphConv, TemporalMaxPool)
+from .nn import (BatchNorm2d, CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv,
+                 PointwiseConv2d, STGraphConv, TemporalMaxPool)
 from .ops import _backend
 from .ops._backend import BACKENDS
 
@@ -68,6 +71,17 @@ from .ops._backend import BACKENDS
 def _has_backend(op: Optional[str], backend: Optional[str]) -> bool:
     """Whether ``op`` (a layer's ``fused_op``; None when it declares none) has ``backend`` at all."""
     return op is None or backend is None or _backend.has_backend(op, backend)
+
+
+def _runs(module: nn.Module, *classes: type) -> bool:
+    """Whether ``module`` is one of ``classes`` (or a subclass) that computes what that class's
+    own ``forward`` does: a subclass with a ``forward`` of its own (a skip added, another
+    order) is not rewritten as if it were the class."""
+    return isinstance(module, classes) and any(type(module).forward is c.forward for c in classes)
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    return _runs(module, nn.modules.batchnorm._BatchNorm, BatchNorm2d)
 
 
 def swap_layers(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:
@@ -103,7 +117,7 @@ class ChannelBias(nn.Module):
 def _is_temporal_max_pool(pool: nn.Module) -> bool:
     """Whether ``pool`` is an ``nn.MaxPool2d`` over time only, which :class:`TemporalMaxPool`
     computes (bharnet's own models already use that layer)."""
-    return (isinstance(pool, nn.MaxPool2d) and not pool.ceil_mode and not pool.return_indices
+    return (_runs(pool, nn.MaxPool2d) and not pool.ceil_mode and not pool.return_indices
             and _pair(pool.kernel_size)[1] == 1 and _pair(pool.stride)[1] == 1
             and _pair(pool.padding)[1] == 0 and _pair(pool.dilation) == (1, 1)
             and 2 * _pair(pool.padding)[0] <= _pair(pool.kernel_size)[0])
@@ -186,8 +200,9 @@ def _fold_conv_bn(seq: nn.Sequential, name: str) -> nn.Conv2d:
 
 
 def _is_conv_bn(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Sequential) and len(module) == 2
-            and isinstance(module[0], nn.Conv2d) and isinstance(module[1], nn.BatchNorm2d))
+    return (_runs(module, nn.Sequential) and len(module) == 2
+            and _runs(module[0], nn.Conv2d, PointwiseConv2d) and _is_batch_norm(module[1])
+            and isinstance(module[1], nn.BatchNorm2d))
 
 
 @torch.no_grad()
@@ -206,7 +221,7 @@ def _add_shift(model: nn.Module, name: str, gcn: nn.Module, t: torch.Tensor) -> 
     block's residual convolution when it has one, else as the graph convolution's
     :class:`ChannelBias`."""
     block = model.get_submodule(name.rpartition(".")[0])
-    if isinstance(block, GCNBlock) and block.gcn is gcn and isinstance(block.res_gcn, nn.Conv2d):
+    if _runs(block, GCNBlock) and block.gcn is gcn and _runs(block.res_gcn, nn.Conv2d, PointwiseConv2d):
         bias = _bias(block.res_gcn)
         bias.copy_(bias.double() + t)
     else:
@@ -231,11 +246,20 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     (``torch.no_grad``, ``torch.inference_mode``): their features depend only on the weights and
     are put in from a one-time computation (:mod:`bharnet.absent_persons`).
 
+    Only layers that compute what their class's own ``forward`` does are rewritten: a subclass
+    with a ``forward`` of its own (an ``nn.Sequential``, MSTCN or GCNBlock that adds a skip, say)
+    is left as it is, and so is a graph or temporal convolution whose norm is not a BatchNorm.
+    Reparametrized weights (``weight_norm``, ``spectral_norm``) become plain parameters holding
+    their current values in the copy. On the channels-last path, a GCNBlock that an
+    ``nn.Sequential`` follows with another GCNBlock returns channels-last features (code that
+    calls such blocks one by one and reads their outputs with ``.view`` needs ``.reshape``);
+    every other block's output, and every convolution outside the blocks, keeps its layout.
+
     ``model`` is not modified: the copy has its own parameters (a module or weight that
     ``model`` uses at several places gets a copy per place, each folded with its own BN; a
     convolution without bias gets one), and a different module structure (so a different ``state_dict``: keep checkpoints of the unfused model). The copy
-    computes the eval-mode function only, so running it in training mode raises
-    ``RuntimeError``; ``model`` in training mode raises ``ValueError`` (training-mode BN uses
+    computes the eval-mode function only, so running it (or a BatchNorm left in it) in training
+    mode raises ``RuntimeError``; ``model`` in training mode raises ``ValueError`` (training-mode BN uses
     batch statistics, which cannot be folded).
 
     Speed (full-size BHaRNet-E, one clip of 2 persons x 64 frames, float32, ``auto`` = C++
@@ -256,15 +280,15 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     if training:
         raise ValueError(f"fuse_for_inference needs a model in eval mode (call model.eval() first); "
                          f"in training mode: {', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
-    fused = _unshared(copy.deepcopy(model))
+    fused = _bake_reparametrized_weights(_unshared(copy.deepcopy(model)))
     for name, module in list(fused.named_modules()):
         if _is_conv_bn(module):
             fused.set_submodule(name, _fold_conv_bn(module, name))
-        elif isinstance(module, DeformableTemporalConv):
+        elif _runs(module, DeformableTemporalConv) and _is_batch_norm(module.bn):
             _scale_rows(module, *_bn_affine(module.bn, f"{name}.bn"))
             module.bn = nn.Identity()
     for name, module in list(fused.named_modules()):
-        if isinstance(module, (STGraphConv, CTRGraphConv)):
+        if _runs(module, STGraphConv, CTRGraphConv) and _is_batch_norm(module.bn):
             t = _fold_graph_conv(module, name)
             _add_shift(fused, name, module, t)
     for name, module in list(fused.named_modules()):
@@ -272,18 +296,20 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
             fused.set_submodule(name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],
                                                       _pair(module.padding)[0]))
     for name, module in list(fused.named_modules()):
-        if isinstance(module, MultiScaleTemporalConv):
+        if _runs(module, MultiScaleTemporalConv):
             fused.set_submodule(name, SharedInputBranches(module.branches))
     swap_layers(fused, backend)
     if _runs_channels_last(fused, backend):
-        for module in fused.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-            if isinstance(module, GCNBlock):
-                module.register_forward_pre_hook(_channels_last_input)
+        for conv in _convs_of_the_blocks(fused):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        for block in fused.modules():
+            if _runs(block, GCNBlock):
+                block.register_forward_pre_hook(_channels_last_input, with_kwargs=True)
         for block in _blocks_ending_a_stack(fused):
             block.register_forward_hook(_channels_first_output)
-    fused.register_forward_pre_hook(_refuse_training)
+    for module in fused.modules():  # the root, and the BatchNorms left (they would update their statistics)
+        if module is fused or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(_refuse_training)
     setattr(fused, _FUSED, True)
     return skip_absent_persons(fused).eval()  # also the modules made here
 
@@ -312,6 +338,39 @@ def _unshared(model: nn.Module) -> nn.Module:
     return model
 
 
+def _bake_reparametrized_weights(model: nn.Module) -> nn.Module:
+    """``model`` with every reparametrized weight (``torch.nn.utils.parametrizations``'
+    weight_norm, spectral_norm, ...; the older hook-based weight_norm and spectral_norm) made a
+    plain parameter holding its current value, in place: folding writes into ``weight``, which
+    a parametrization recomputes from its own tensors at every access or call."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            # not parametrize.remove_parametrizations: it deletes the tensors' properties from
+            # the class, which the deep copy shares with the caller's model
+            with torch.no_grad():
+                values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            module.__class__ = module.__class__.__bases__[0]
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                module.register_parameter(name, nn.Parameter(value))
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                remove_weight_norm(module, hook.name)
+            elif isinstance(hook, SpectralNorm):
+                remove_spectral_norm(module, hook.name)
+    return model
+
+
+def _convs_of_the_blocks(model: nn.Module) -> list:
+    """The convolutions whose weights go channels-last: those of the GCNBlocks and of bharnet's
+    models (not a user's own convolution elsewhere, whose output would then be channels-last)."""
+    from .models.variants import _Variant
+
+    owners = [m for m in model.modules() if _runs(m, GCNBlock) or isinstance(m, _Variant)]
+    return list({id(conv): conv for owner in owners for conv in owner.modules()
+                 if isinstance(conv, nn.Conv2d)}.values())
+
+
 def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:
     """Whether the fused model runs its features channels-last: a model of GCNBlocks on CPU with
     the C++ kernels (``cpp``, or ``auto`` where they are available), which read and write that
@@ -319,7 +378,7 @@ def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:
     raising; an unusable backend raises at the call."""
     name = backend if backend is not None else _backend.get_backend()
     return ({p.device.type for p in model.parameters()} == {"cpu"} and name in ("auto", "cpp")
-            and any(isinstance(m, GCNBlock) for m in model.modules())
+            and any(_runs(m, GCNBlock) for m in model.modules())
             and _backend.unavailable_reason("ctr_graph_conv", "cpp", "cpu") is None)
 
 
@@ -332,9 +391,9 @@ def _blocks_ending_a_stack(model: nn.Module) -> list:
 
     inside_bharnet_models = {id(m) for variant in model.modules() if isinstance(variant, _Variant)
                              for m in variant.modules()}
-    fed_to_a_block = {id(child) for seq in model.modules() if isinstance(seq, nn.Sequential)
-                      for child, after in zip(seq, list(seq)[1:]) if isinstance(after, GCNBlock)}
-    return [m for m in model.modules() if isinstance(m, GCNBlock)
+    fed_to_a_block = {id(child) for seq in model.modules() if _runs(seq, nn.Sequential)
+                      for child, after in zip(seq, list(seq)[1:]) if _runs(after, GCNBlock)}
+    return [m for m in model.modules() if _runs(m, GCNBlock)
             and id(m) not in inside_bharnet_models and id(m) not in fed_to_a_block]
 
 
@@ -343,11 +402,13 @@ def _channels_first_output(module: nn.Module, args, output: torch.Tensor) -> tor
     return output.contiguous()
 
 
-def _channels_last_input(module: nn.Module, args):
+def _channels_last_input(module: nn.Module, args, kwargs):
     """Forward pre-hook of the blocks of a channels-last model: the first one receives the
     channels-first input (later ones get channels-last features, returned unchanged)."""
-    x, *rest = args
-    return (x.contiguous(memory_format=torch.channels_last), *rest)
+    if args:
+        x, *rest = args
+        return (x.contiguous(memory_format=torch.channels_last), *rest), kwargs
+    return args, dict(kwargs, x=kwargs["x"].contiguous(memory_format=torch.channels_last))
 
 
 def _refuse_training(module: nn.Module, args) -> None:

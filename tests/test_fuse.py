@@ -300,3 +300,110 @@ def test_bench_has_a_fused_inference_provider():
     with bharnet.ops.use_backend("auto"):
         make_step(ModelCase("bharnet-e", "infer", "small", 1, 2, 8, classes=5), torch.device("cpu"),
                   "fp32", None, fold=True)()
+
+
+@torch.no_grad()
+def with_bn_statistics(model):
+    """``model`` with random statistics and affine parameters in every BatchNorm."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with_statistics(m)
+    return model
+
+
+def body_blocks(*widths):
+    from bharnet.graphs import BODY
+    from bharnet.nn import make_blocks
+    return make_blocks(widths, (1,) * len(widths), torch.from_numpy(BODY.adjacency()), 3)
+
+
+def test_subclasses_with_a_forward_of_their_own_are_not_rewritten_as_their_base():
+    """A Sequential, MSTCN or GCNBlock subclass that adds a skip or reorders its parts computes
+    another function than its base class: it is left as it is (its own parts still fold where
+    their forward is the stock one)."""
+    class ConvBNResidual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    class MSTCNWithSkip(MultiScaleTemporalConv):
+        def forward(self, x):
+            return super().forward(x) + x
+
+    class PreActBlock(GCNBlock):
+        def forward(self, x):
+            y = self.act(self.gcn(x)) + self.res_gcn(x)
+            return self.act(self.tcn(y) + self.res_tcn(x))
+
+    torch.manual_seed(0)
+    cases = [(ConvBNResidual(nn.Conv2d(16, 16, 1), random_bn(16)), 16),
+             (MSTCNWithSkip(16, 16), 16), (PreActBlock(3, 16, body_blocks(16)[0].gcn.A), 3)]
+    for model, channels in cases:
+        model = with_bn_statistics(nn.Sequential(model)).double().eval()
+        x = torch.randn(2, channels, 8, 25, dtype=torch.float64)
+        with torch.no_grad():
+            assert relative_error(fuse_for_inference(model, "reference")(x), model(x)) < 1e-12, type(model[0])
+
+
+@pytest.mark.parametrize("reparametrize", ["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_reparametrized_weights_are_folded_and_the_original_keeps_working(reparametrize):
+    """Folding writes into the weight, which a parametrization recomputes at each access: the
+    copy's weights become plain parameters first, without touching the caller's model (torch's
+    remove_parametrizations would delete the property from the class the two share)."""
+    from torch.nn.utils import parametrizations, weight_norm
+    conv = nn.Conv2d(16, 16, 1)
+    conv = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
+            "old_weight_norm": weight_norm}[reparametrize](conv)
+    model = nn.Sequential(nn.Sequential(conv, random_bn(16))).double().eval()
+    x = torch.randn(2, 16, 8, 25, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        fused = fuse_for_inference(model, "reference")
+        assert relative_error(fused(x), want) < 1e-12
+        assert torch.equal(model(x), want)  # the original still runs, unchanged
+
+
+def test_a_norm_that_is_not_a_batchnorm_is_left_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(*body_blocks(8, 8)).double()
+    model[0].gcn.bn = nn.GroupNorm(2, 8).double()
+    model[1].tcn.branches[0][1] = nn.Identity()  # a branch's conv without its BN
+    model = with_bn_statistics(model).eval()
+    x = torch.randn(2, 3, 8, 25, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(fuse_for_inference(model, "reference")(x), model(x)) < 1e-12
+
+
+def test_a_batchnorm_left_unfolded_refuses_training_mode_when_called_on_its_own():
+    """Called in training mode, the BN that stays (after the max-pool branch) would update its
+    statistics, and the fused model would stay wrong after eval()."""
+    model = with_bn_statistics(nn.Sequential(*body_blocks(8))).eval()
+    fused = fuse_for_inference(model, "reference")
+    fused.train()
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        fused[0](torch.randn(2, 3, 8, 25))
+
+
+@needs_cpp
+def test_the_fused_channels_last_path_stays_inside_the_blocks():
+    """On the C++ path the blocks' convolution weights go channels-last; a user's own
+    convolution after them keeps its layout (its output is read with .view here), and a block
+    called with a keyword argument works."""
+    class ConvHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*body_blocks(16, 16))
+            self.conv = nn.Conv2d(16, 4, (8, 1))
+            self.fc = nn.Linear(4 * 25, 3)
+
+        def forward(self, x):
+            h = self.conv(self.blocks(x))
+            return self.fc(h.view(h.shape[0], -1))
+
+    torch.manual_seed(0)
+    model = with_bn_statistics(ConvHead()).eval()
+    fused = fuse_for_inference(model, "cpp")
+    x = torch.randn(2, 3, 8, 25)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+        assert not fused.conv.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(fused.blocks[0](x=x), model.blocks[0](x), rtol=1e-4, atol=1e-5)
