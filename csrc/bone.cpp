@@ -36,10 +36,11 @@ at::Tensor bone_cpu(const at::Tensor& x, const at::Tensor& parents, int64_t dim)
   for (int64_t v = 0; v < nodes; ++v) {
     TORCH_CHECK(p[v] >= 0 && p[v] < nodes, "bharnet::bone: parent index out of range");
   }
-  auto xc = x.contiguous();
-  auto y = at::empty_like(xc);
-  const int64_t outer = xc.numel() == 0 ? 0 : xc.numel() / (nodes * xc.stride(dim));
-  const int64_t inner = xc.stride(dim);
+  auto xc = x.contiguous();  // a size-1 dimension may keep any stride: index by sizes, not strides
+  auto y = at::empty(xc.sizes(), xc.options());
+  int64_t outer = 1, inner = 1;
+  for (int64_t i = 0; i < dim; ++i) outer *= xc.size(i);
+  for (int64_t i = dim + 1; i < xc.dim(); ++i) inner *= xc.size(i);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "bharnet::bone", [&] {
     bone_kernel<scalar_t>(xc.data_ptr<scalar_t>(), p, y.data_ptr<scalar_t>(), outer, nodes, inner);
   });

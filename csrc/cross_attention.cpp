@@ -163,9 +163,14 @@ BHARNET_INLINE T softmax_row(T* s, const T* keep, int64_t Lkc) {
   }
   T m = top[0];
   for (int i = 1; i < L; ++i) m = std::max(m, top[i]);
-  if (m == -std::numeric_limits<T>::infinity()) {  // no valid key
-    for (int64_t j = 0; j < Lkc; ++j) s[j] = T(0);
-    return std::numeric_limits<T>::infinity();
+  if (m == -std::numeric_limits<T>::infinity()) {
+    // No valid key: o = 0, lse = +inf. Valid keys whose scores are all NaN or -inf (the max
+    // skips NaN): NaN, as the reference's softmax gives, so that a NaN does not turn into 0.
+    bool any_valid = false;
+    for (int64_t j = 0; j < Lkc && !any_valid; ++j) any_valid = keep[j] != T(0);
+    const T fill = any_valid ? std::numeric_limits<T>::quiet_NaN() : T(0);
+    for (int64_t j = 0; j < Lkc; ++j) s[j] = fill;
+    return any_valid ? std::numeric_limits<T>::quiet_NaN() : std::numeric_limits<T>::infinity();
   }
   Vec<T> total{};
   for (int64_t j = 0; j < Lkc; j += L) {

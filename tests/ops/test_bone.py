@@ -36,6 +36,15 @@ def test_non_contiguous_input():
                                bone_reference(x, torch.as_tensor(BODY.parents), 2))
 
 
+def test_a_one_node_axis_with_any_stride():
+    """x.contiguous() keeps a size-1 dimension's stride, whatever it is (0 for a broadcast view,
+    or large): the kernel indexes by sizes (a stride of 0 had crashed the process, a large one
+    left the output unwritten)."""
+    for x in (torch.randn(3, 4).unsqueeze(1).expand(3, 1, 4), torch.randn(3, 1, 4).as_strided((3, 1, 4), (4, 1000, 1))):
+        assert x.is_contiguous()
+        torch.testing.assert_close(bone(x, [0], 1, backend="cpp"), torch.zeros(3, 1, 4), rtol=0, atol=0)
+
+
 def test_opcheck():
     bone(torch.randn(2, 25, 1), BODY.parents, 1, backend="cpp")  # loads the op
     x = torch.randn(3, 5, 25, 2, dtype=torch.float64, requires_grad=True)

@@ -104,6 +104,23 @@ def test_fully_masked_rows_give_residual_plus_bias_and_zero_attention_grads():
     assert torch.isfinite(lse[:2]).all()
 
 
+def test_a_nan_score_gives_nan_not_zero():
+    """A row whose valid scores are all NaN (a diverged weight) or -inf gives NaN, as the
+    reference does: the max skips NaN, and the row had been taken for one without valid keys
+    (o = 0, lse = inf), hiding the NaN from the loss while the gradients were NaN."""
+    q, kv, mask = core_inputs(N=3, dtype=torch.float32)
+    q[0, 0, :] = float("nan")  # every head of query 0 of sequence 0
+    q[1, 1, :] = float("-inf")
+    ops_module._register_cpp_ops()
+    o, lse = torch.ops.bharnet.cross_attention_core_cpp(q, kv, mask, 2)
+    assert o[0, 0].isnan().all() and lse[0, :, 0].isnan().all()
+    assert o[1, 1].isnan().all() and lse[1, :, 1].isnan().all()
+    assert (o[2] == 0).all() and (lse[2] == float("inf")).all()  # no valid key: still zero
+    others = torch.ones(3, 5, dtype=torch.bool)
+    others[0, 0] = others[1, 1] = others[2] = False
+    assert torch.isfinite(o[others]).all()
+
+
 def test_every_key_masked_everywhere():
     """No key anywhere: the attention output and the q/kv-side gradients are exactly zero."""
     assert_every_key_masked_everywhere(cpp_fn, TOLERANCE[torch.float32])
