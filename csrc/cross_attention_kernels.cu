@@ -142,7 +142,9 @@ __global__ void __launch_bounds__(kThreads)
       const int row = r * kWarps + warp;
       if (row >= rows) continue;  // warp-uniform
       const A score = valid ? scaled(scale, dot(q_s + row * d, k_s + lane * ld, d)) : -infinity<A>();
-      const A tile_max = warp_max(score);
+      // A NaN score counts as +inf in the max, so that every lane agrees on it (a comparison
+      // skips NaN) and the row comes out NaN (p = exp(NaN - inf)), as in the reference.
+      const A tile_max = warp_max(score != score ? infinity<A>() : score);
       const A m_new = tile_max > m[r] ? tile_max : m[r];
       if (m_new == -infinity<A>()) continue;  // no valid key yet (warp-uniform)
       const A rescale = exp_acc(m[r] - m_new);  // 0 while m[r] = -inf

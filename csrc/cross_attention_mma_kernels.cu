@@ -245,7 +245,8 @@ __global__ void __launch_bounds__(kThreads)
     T* o_row = o + (n * s.Lq + i) * D + h * d;
     for (int c = (lane % 2) * (DP / 2); c < (lane % 2 + 1) * (DP / 2) && c < d; ++c)
       o_row[c] = from_acc<T>(my_o[row * L::kLdO + c] * inv);
-    if (lane % 2 == 0) lse[nh * s.Lq + i] = l > 0.0f ? m + logf(l) : INFINITY;
+    // l = 0: no valid key (+inf); l NaN: NaN scores (fmaxf skipped them), NaN as in the reference
+    if (lane % 2 == 0) lse[nh * s.Lq + i] = l > 0.0f ? m + logf(l) : (l == l ? INFINITY : NAN);
   }
 #endif
 }

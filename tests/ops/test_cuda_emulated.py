@@ -258,6 +258,26 @@ def _check_attention(emu, case, dtype):
     _check(dtype, got, low, expected, ["o", "lse", "dq", "dkv", "delta"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_nan_scores_give_nan_rows(emu, dtype):
+    """A query whose scores are NaN (a diverged weight) gets o = NaN and lse = NaN, as the
+    reference does, and the other queries are untouched; in the SIMT kernel (float32) the lanes'
+    maxima had disagreed (NaN skipped by some comparisons), so a warp-wide shuffle ran under
+    divergent control flow, and the row came out as one without valid keys (o = 0)."""
+    N, Lq, Lk, heads, d = 1, 5, 40, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(N, Lq, heads * d, generator=g), torch.randn(N, Lk, 2 * heads * d, generator=g)
+    q[0, 2, 0] = math.nan  # head 0 of query 2
+    qd, kvd = q.to(dtype), kv.to(dtype)
+    o, lse = _poisoned((N, Lq, heads * d), dtype), _poisoned((N, heads, Lq), torch.float32)
+    shape = _sizes(N, Lq, Lk, heads * d, heads, d)
+    assert emu.emu_attn_forward(DTYPE_CODES[dtype], shape, _ptr(qd), _ptr(kvd), None, _ptr(o), _ptr(lse)) == 0
+    assert o[0, 2, :d].isnan().all() and lse[0, 0, 2].isnan()
+    bad = torch.zeros(N, Lq, heads * d, dtype=torch.bool)
+    bad[0, 2, :d] = True
+    assert torch.isfinite(o[~bad]).all() and torch.isfinite(lse[0, 1]).all() and torch.isfinite(lse[0, 0, [0, 1, 3, 4]]).all()
+
+
 # DeTGC ----------------------------------------------------------------------------------------------
 
 def _detgc_tables(T, stride, offsets, dtype, position_dtype, bounds_pass_grad):
