@@ -71,7 +71,10 @@ def output_length(T: int, stride: int) -> int:
 
 
 def deformable_temporal_conv_reference(x, offsets, weight, bias=None, stride=1):
-    """Pure-PyTorch ground truth (materialises the E-fold sampled tensor)."""
+    """Pure-PyTorch ground truth (materialises the E-fold sampled tensor). Sampling positions
+    are computed in the offsets' dtype; the kernels use float64 when x is float64 too, so give
+    float64 offsets with float64 x to compare them (the tests use float32 offsets with float64
+    x to sample at the float32 kernels' rounded positions)."""
     B, C, T, V = x.shape
     t = torch.arange(output_length(T, stride), device=x.device, dtype=offsets.dtype) * stride
     p = (t[:, None] + offsets[None, :]).clamp(0, T - 1)  # (T_out, E)
