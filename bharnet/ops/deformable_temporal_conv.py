@@ -80,7 +80,7 @@ def deformable_temporal_conv_reference(x, offsets, weight, bias=None, stride=1):
     p = (t[:, None] + offsets[None, :]).clamp(0, T - 1)  # (T_out, E)
     p0 = p.detach().floor()
     w = (p - p0).to(x.dtype)[None, None, :, :, None]
-    i0 = p0.long()
+    i0 = p0.nan_to_num(0).long()  # a NaN offset samples row 0 with a NaN weight: NaN out, as the kernels give
     i1 = (i0 + 1).clamp(max=T - 1)
     xs = x[:, :, i0, :] * (1 - w) + x[:, :, i1, :] * w  # (B, C, T_out, E, V)
     y = torch.einsum("oce,bctev->botv", weight.to(x.dtype), xs)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import deformable_temporal_conv_cases as cases
+from bharnet.ops import deformable_temporal_conv
 from deformable_temporal_conv_cases import (GPU, NAMES, TAP_CASES, TOLERANCE, backend_fn, make_inputs,
                                             reference_fn, shape_id)
 from op_testing import assert_independent_of_thread_count, rel_err, run, to_device
@@ -71,6 +72,16 @@ def test_dtypes_of_mixed_inputs():
     half = run(cpp_fn(1), (x.half(), tau.float(), weight.float(), bias.float()))
     assert [t.dtype for t in half] == [torch.float16, torch.float16, torch.float32, torch.float32, torch.float32]
     assert rel_err(half[0], expected[0]) < 2 ** -9
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_a_nan_offset_gives_nan_outputs_not_an_error(backend):
+    """A diverged run's NaN offset: NaN outputs (so a NaN loss) from every backend; the
+    reference had raised an IndexError for index -2^63 (NaN turned into an integer)."""
+    x, tau, weight, bias = make_inputs(1, 2, 3, 6, 3, torch.float32)
+    tau[1] = float("nan")
+    y = deformable_temporal_conv(x, tau, weight, bias, 1, backend=backend)
+    assert y.isnan().all()
 
 
 def test_offsets_at_exact_clamp_bounds_match_reference():
