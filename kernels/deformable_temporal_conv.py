@@ -77,7 +77,8 @@ CLAMP_PASSES_GRADIENT_AT_BOUNDS = clamp_passes_gradient_at_bounds()
 def _sample_positions(t_out, tau, stride, T):
     """(p0, p1, w, r) for broadcastable ``t_out`` (int) and ``tau`` (position dtype)."""
     r = (t_out * stride).to(tau.dtype) + tau
-    p = tl.minimum(tl.maximum(r, 0.0), T - 1.0)
+    # NaN-propagating clamp: a NaN offset (a diverged run) gives NaN outputs, as in the reference
+    p = tl.minimum(tl.maximum(r, 0.0, propagate_nan=tl.PropagateNan.ALL), T - 1.0, propagate_nan=tl.PropagateNan.ALL)
     p0 = p.to(tl.int32)  # p >= 0, so truncation is floor
     w = p - p0.to(tau.dtype)
     p0 = tl.minimum(tl.maximum(p0, 0), T - 1)  # keeps NaN offsets from reading out of bounds

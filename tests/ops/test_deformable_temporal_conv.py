@@ -70,6 +70,14 @@ def test_without_bias(stride, poisoned):
     assert len(got) == 4
 
 
+def test_a_nan_offset_gives_nan_outputs():
+    """A diverged run's NaN offset gives NaN outputs (so a NaN loss), as the reference does; the
+    clamp's max and min had dropped the NaN and sampled row 0."""
+    x, tau, weight, bias = make_inputs(1, 2, 3, 6, 3, torch.float32)
+    tau[1] = float("nan")
+    assert deformable_temporal_conv(x, tau, weight, bias, 1, backend="triton").isnan().all()
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_a_batch_above_the_grid_limit_is_launched_in_slices(monkeypatch, poisoned, transposed):
     """B is the forward grid's third axis, at most 65535 programs on a GPU: the forward launches
