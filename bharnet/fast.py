@@ -201,8 +201,7 @@ def _fold_conv_bn(seq: nn.Sequential, name: str) -> nn.Conv2d:
 
 def _is_conv_bn(module: nn.Module) -> bool:
     return (_runs(module, nn.Sequential) and len(module) == 2
-            and _runs(module[0], nn.Conv2d, PointwiseConv2d) and _is_batch_norm(module[1])
-            and isinstance(module[1], nn.BatchNorm2d))
+            and _runs(module[0], nn.Conv2d, PointwiseConv2d) and _runs(module[1], nn.BatchNorm2d, BatchNorm2d))
 
 
 @torch.no_grad()
@@ -364,11 +363,20 @@ def _bake_reparametrized_weights(model: nn.Module) -> nn.Module:
 def _convs_of_the_blocks(model: nn.Module) -> list:
     """The convolutions whose weights go channels-last: those of the GCNBlocks and of bharnet's
     models (not a user's own convolution elsewhere, whose output would then be channels-last)."""
+    inside = _modules_inside(model, lambda m: _runs(m, GCNBlock) or _is_bharnet_model(m))
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d) and id(m) in inside]
+
+
+def _is_bharnet_model(module: nn.Module) -> bool:
     from .models.variants import _Variant
 
-    owners = [m for m in model.modules() if _runs(m, GCNBlock) or isinstance(m, _Variant)]
-    return list({id(conv): conv for owner in owners for conv in owner.modules()
-                 if isinstance(conv, nn.Conv2d)}.values())
+    return isinstance(module, _Variant)
+
+
+def _modules_inside(model: nn.Module, owner) -> set:
+    """The ids of the modules of ``model`` inside a module for which ``owner(module)`` holds
+    (those modules included)."""
+    return {id(m) for outer in model.modules() if owner(outer) for m in outer.modules()}
 
 
 def _runs_channels_last(model: nn.Module, backend: Optional[str]) -> bool:
@@ -387,10 +395,7 @@ def _blocks_ending_a_stack(model: nn.Module) -> list:
     channels-last tensor fails): every GCNBlock except those inside one of bharnet's models
     (whose pooling takes channels-last features as they are) and those followed by another
     GCNBlock in an ``nn.Sequential``, which is what runs next."""
-    from .models.variants import _Variant
-
-    inside_bharnet_models = {id(m) for variant in model.modules() if isinstance(variant, _Variant)
-                             for m in variant.modules()}
+    inside_bharnet_models = _modules_inside(model, _is_bharnet_model)
     fed_to_a_block = {id(child) for seq in model.modules() if _runs(seq, nn.Sequential)
                       for child, after in zip(seq, list(seq)[1:]) if _runs(after, GCNBlock)}
     return [m for m in model.modules() if _runs(m, GCNBlock)

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from bharnet.ops._checks import accumulation_dtype
-from bharnet.ops._custom_op import cdiv, new_output, next_pow2
+from bharnet.ops._custom_op import MAX_GRID_YZ, cdiv, new_output, next_pow2
 from bharnet.ops.deformable_temporal_conv import clamp_passes_gradient_at_bounds
 
 TARGET_PROGRAMS = 256  # enough programs along the split-K axis to fill a large GPU
@@ -367,9 +367,6 @@ def _dtype_args(x_dtype: torch.dtype, offsets_dtype: torch.dtype) -> dict:
                 POS_DTYPE=tl.float64 if fp64_positions else tl.float32)
 
 
-MAX_GRID_Z = 65535  # programs along a GPU grid's third axis
-
-
 @functools.lru_cache(maxsize=1024)
 def _forward_launch(B: int, C: int, V: int, O: int, E: int, T_out: int):
     """(grid, block sizes) of ``_forward_kernel``, cached per shape to keep host time low."""
@@ -422,8 +419,8 @@ def forward(x, offsets, weight, bias, stride: int) -> torch.Tensor:
     y = new_output((B, O, T_out, V), x.dtype, x.device)
     if y.numel() == 0:
         return y
-    for b0 in range(0, B, MAX_GRID_Z):  # B is the grid's third axis: launch in slices of B
-        count = min(MAX_GRID_Z, B - b0)
+    for b0 in range(0, B, MAX_GRID_YZ):  # B is the grid's third axis: launch in slices of B
+        count = min(MAX_GRID_YZ, B - b0)
         xs, ys = (x, y) if count == B else (x[b0:b0 + count], y[b0:b0 + count])  # no views per usual call
         grid, blocks = _forward_launch(count, C, V, O, E, T_out)
         _forward_kernel[grid](

@@ -16,7 +16,7 @@ of the NTU layout (N, 3, T, V, M) with V = 25 body joints and V = 42 hand keypoi
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -100,7 +100,7 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
     model.train()
     # bharnet train's optimizer at a small learning rate: at its default of 0.1, random
     # inputs and labels drove a bf16 step's parameters to NaN within the warm-up
-    optimizer = make_optimizer(model, replace(TrainConfig(), lr=0.01), device)
+    optimizer = make_optimizer(model, TrainConfig(lr=0.01), device)
 
     def forward_loss(body, hand, target):
         return model.loss(model(body, hand), target)

@@ -157,6 +157,9 @@ def next_pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+MAX_GRID_YZ = 65535  # programs along a GPU launch grid's second and third axes (the first: 2^31 - 1)
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch grids (plain Python: ``triton.cdiv`` is slower to call)."""
     return -(-a // b)

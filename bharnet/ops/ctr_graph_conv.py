@@ -57,7 +57,7 @@ from torch import Tensor
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import as_dtype, cdiv, launcher, new_output, triton_custom_op, with_autograd
+from ._custom_op import MAX_GRID_YZ, as_dtype, cdiv, launcher, new_output, triton_custom_op, with_autograd
 
 OP_NAME = "ctr_graph_conv"
 
@@ -76,7 +76,6 @@ def ctr_graph_conv_reference(v, A, q=None, k=None, weight=None, bias=None, alpha
 
 
 TRITON_MAX_JOINTS = 128  # one padded V x V topology tile per program (kernels.joint_block)
-TRITON_MAX_BATCH = 65535  # B is the kernels' third grid axis, which a GPU caps at 65535 programs
 
 
 @functools.cache
@@ -255,20 +254,27 @@ def _make_backward(run):
 _ctr_graph_conv_call = with_autograd(_ctr_graph_conv_op, _make_backward, _setup_context)
 
 
+def _triton_limit_exceeded(num_joints: int, batch: int) -> Optional[str]:
+    """The Triton kernels' limit that ``num_joints`` joints or a batch of ``batch`` sequences
+    exceeds (B is their third grid axis), or None."""
+    if num_joints > TRITON_MAX_JOINTS:
+        return f"V <= {TRITON_MAX_JOINTS} joints, got V={num_joints}"
+    if batch > MAX_GRID_YZ:
+        return f"B <= {MAX_GRID_YZ} sequences (a GPU grid axis), got B={batch}"
+    return None
+
+
 def backends_that_cannot_take(num_joints: int, batch: int) -> Tuple[str, ...]:
     """The backends whose kernels cannot take ``num_joints`` joints or a batch of ``batch``
     sequences (``auto`` passes over them)."""
-    return ("triton",) if num_joints > TRITON_MAX_JOINTS or batch > TRITON_MAX_BATCH else ()
+    return ("triton",) if _triton_limit_exceeded(num_joints, batch) else ()
 
 
 def _check_triton_inputs(v, *others):
-    B, V = v.shape[0], v.shape[-1]
-    if V > TRITON_MAX_JOINTS:
-        raise ValueError(f"ctr_graph_conv: the triton backend supports V <= {TRITON_MAX_JOINTS} joints, "
-                         f"got V={V} (v of shape {tuple(v.shape)}); backend 'auto' picks one that does")
-    if B > TRITON_MAX_BATCH:
-        raise ValueError(f"ctr_graph_conv: the triton backend supports B <= {TRITON_MAX_BATCH} sequences (a GPU "
-                         f"grid axis), got B={B} (v of shape {tuple(v.shape)}); backend 'auto' picks one that does")
+    limit = _triton_limit_exceeded(v.shape[-1], v.shape[0])
+    if limit is not None:
+        raise ValueError(f"ctr_graph_conv: the triton backend supports {limit} (v of shape {tuple(v.shape)}); "
+                         "backend 'auto' picks one that does")
     for name, t in zip(("v", "A", "q", "k", "weight", "bias", "alpha"), (v, *others)):
         if t is not None:
             expect_triton_dtype(OP_NAME, name, t)

@@ -82,7 +82,7 @@ def test_a_nan_offset_gives_nan_outputs():
 def test_a_batch_above_the_grid_limit_is_launched_in_slices(monkeypatch, poisoned, transposed):
     """B is the forward grid's third axis, at most 65535 programs on a GPU: the forward launches
     slices of B (here of 2, so that 5 sequences need three), from x read through its strides."""
-    monkeypatch.setattr(kernels, "MAX_GRID_Z", 2)
+    monkeypatch.setattr(kernels, "MAX_GRID_YZ", 2)
     x, tau, weight, bias = make_inputs(5, 3, 4, 9, 5, torch.float32)
     x_in = x.transpose(2, 3).contiguous().transpose(2, 3) if transposed else x
     cases.assert_matches_reference("triton", (x_in, tau, weight, bias), 2, TOLERANCE[torch.float32],
