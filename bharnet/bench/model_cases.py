@@ -4,7 +4,8 @@
   loss.backward(); optimizer.step()`` with ``bharnet train``'s optimizer (SGD with Nesterov
   momentum and weight decay, torch's fused implementation on CPU and CUDA:
   :func:`bharnet.engine.trainer.make_optimizer`), batch ``clips`` x ``persons``; under
-  ``torch.compile`` the forward and loss are compiled.
+  ``torch.compile`` the forward and loss are compiled. The step's ``saved_bytes()`` gives the
+  bytes that autograd saves for the backward in its forward and loss.
 * ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``; with
   ``fold``, on the model fused for inference (:func:`bharnet.fast.fuse_for_inference`). Also
   with one person present (``present=1``, the others' inputs all zero, as datasets pad a clip
@@ -26,6 +27,7 @@ from ..engine.trainer import make_optimizer
 from ..fast import fuse_for_inference
 from ..graphs import BODY, HANDS
 from ..models import create_model
+from .memory import saved_tensor_bytes
 from .providers import autocast, compiled
 
 MODEL_NAMES = ("bharnet-e", "body", "unified")
@@ -114,4 +116,10 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
             loss = forward_loss(body, hand, target)
         loss.backward()
         optimizer.step()
+
+    def saved_bytes() -> int:
+        body, hand, target = next(batches)
+        with autocast(device, dtype_name):
+            return saved_tensor_bytes(lambda: forward_loss(body, hand, target))
+    train_step.saved_bytes = saved_bytes
     return train_step

@@ -201,11 +201,15 @@ def _model_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:
         for p in providers:
             t = metric.get((model, p, mode, x, config, "time"))
             peak = metric.get((model, p, mode, x, config, "peak_mem"))
+            saved = metric.get((model, p, mode, x, config, "saved_mem"))
             speed = ratio.get((model, p, mode, x, config))
             text = _timed(t, speed, p == baseline(model))
-            cells.append(text + ("" if peak is None or t is None else f", {peak:.3g} MiB"))
+            if t is not None:
+                text += ("" if peak is None else f", {peak:.3g} MiB") + ("" if saved is None else f", saved {saved:.3g} MiB")
+            cells.append(text)
         body.append(cells + ([_minute(run)] if run_column else []))
-    return (["", "Models (time, and peak memory above the resident model, optimizer state and inputs):", ""]
+    return (["", "Models (time, and peak memory above the resident model, optimizer state and inputs; for "
+             "training steps without compile, then the memory their forward saves for backward):", ""]
             + _table(["model", "step", "config"] + providers + (["run"] if run_column else []), body))
 
 

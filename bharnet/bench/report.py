@@ -20,7 +20,7 @@ METRICS = {
     "roofline": "%",       # gbps as a share of the measured copy bandwidth
     "tflops": "TFLOP/s",   # counted FLOPs / time (compute-heavy ops: attention)
     "peak_mem": "MiB",     # peak memory of one call above what was in use before it
-    "saved_mem": "MiB",    # bytes saved for backward by the forward (ops)
+    "saved_mem": "MiB",    # bytes saved for backward by the forward (ops; eager training steps)
     "compile": "s",        # wall time of the first (compiling) call
     "bandwidth": "GB/s",   # copy bandwidth (op "copy")
 }

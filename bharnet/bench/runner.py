@@ -320,7 +320,8 @@ class Bench:
 
     # --- models ---------------------------------------------------------------------------
     def model_job(self, case: ModelCase, dtype: str, provider: Provider) -> List[Row]:
-        """Compile time (compiled providers), step time and peak memory of one model step."""
+        """Compile time (compiled providers), step time and peak memory of one model step, and
+        for training without compile the bytes its forward saves for the backward."""
         device, name = self.device, provider.name
         config = case.config(dtype)
         if provider.backend == "auto":
@@ -335,6 +336,9 @@ class Bench:
             t = measure(step, device, self.opts.settings)
             rows.append(self.row(case.model, name, case.mode, "time", case.x, config, t.p50, t.p20, t.p80))
             peak = peak_memory(step, device)
+            if case.mode == "train" and provider.compile_mode is None:
+                saved = step.saved_bytes()
+                rows.append(self.row(case.model, name, case.mode, "saved_mem", case.x, config, saved / MIB))
         if peak is not None:
             rows.append(self.row(case.model, name, case.mode, "peak_mem", case.x, config, peak / MIB))
         return rows

@@ -16,6 +16,12 @@ class GCNBlock(nn.Module):
     ``GC`` is ST-GC (``graph_conv="st"``) or CTR-GC (``"ctr"``). ``R1`` is the identity when
     the width is unchanged, else 1x1 conv + BN; ``R2`` is the same with the temporal stride, or
     zero when ``residual=False`` (the first block).
+
+    ``act`` runs in place on the fresh sums, so that autograd keeps its outputs, which the next
+    layers save anyway, instead of its inputs: for a BHaRNet-E training step 10% less saved on
+    the reference backend, 15% less with the C++ kernels (measured on the CPU), with the same
+    values and gradients. (The MSTCN branches' activation stays out of place: the inference
+    fusion feeds it views of one merged convolution's output.)
     """
 
     def __init__(self, in_channels: int, out_channels: int, A, stride: int = 1,
@@ -36,7 +42,7 @@ class GCNBlock(nn.Module):
             self.res_tcn = nn.Identity()
         else:
             self.res_tcn = conv_bn(in_channels, out_channels, stride, impl=impl)
-        self.act = nn.LeakyReLU(0.1)
+        self.act = nn.LeakyReLU(0.1, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.gcn(x) + self.res_gcn(x))

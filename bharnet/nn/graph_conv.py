@@ -3,10 +3,19 @@
 Both produce ``v = conv_v(x)`` of shape (B, H, C_out, T, V) with one 1x1 convolution for all H
 subsets and aggregate it with :func:`bharnet.ops.ctr_graph_conv`, then batch-normalise. The
 aggregation backend is ``impl`` (None = the global backend, see ``bharnet.ops.use_backend``).
+
+Where the aggregation runs GPU kernels (``triton``; ``cpp`` on CUDA), autograd does not keep
+``v`` for the backward: the fused op's only large saved input, H times the output's size and
+about 30% of what a BHaRNet-E training step saves with the fused ops. It keeps ``x``
+in its place, which ``conv_v`` saves anyway, and the backward recomputes ``v`` with one more 1x1
+convolution (:func:`_aggregate_recomputing_v`). DESIGN.md's full fusion, which would do that
+convolution inside the kernels, would save the same memory. On the CPU the C++ backend keeps
+``v``: there the convolution is a large share of a training step (recomputing it made a
+BHaRNet-E step about 7% slower on a 2-core EPYC), and memory is rarely what limits the batch.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +42,74 @@ def _mean_over_time(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=2, keepdim=True)
 
 
+class _RecomputedProjection:
+    """What autograd keeps in place of ``v = conv(x).view(shape)``: the convolution, its input
+    (as the enclosing saved-tensor hooks packed it, if any) and the autocast state of the
+    forward, in which the backward redoes the convolution."""
+
+    def __init__(self, conv: nn.Module, packed_x, shape: Tuple[int, ...], autocast: Tuple[bool, torch.dtype],
+                 unpack: Optional[Callable]):
+        self.conv, self.packed_x, self.shape, self.autocast, self.unpack = conv, packed_x, shape, autocast, unpack
+
+    def recompute(self) -> torch.Tensor:
+        x = self.packed_x if self.unpack is None else self.unpack(self.packed_x)
+        enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            return self.conv.forward(x).view(self.shape)  # .forward: no module hooks in the backward
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
+            and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _can_recompute(v: torch.Tensor) -> bool:
+    """Whether autograd will save ``v`` in plain eager mode, where saved-tensor hooks apply
+    (``torch.compile`` decides what to keep by itself)."""
+    return (v.requires_grad and torch.is_grad_enabled() and type(v) is torch.Tensor
+            and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+            and torch._C._autograd._saved_tensors_hooks_is_enabled())
+
+
+def _recomputes_v(backend: str, device_type: str) -> bool:
+    """Whether the graph convolutions recompute ``v`` in the backward (module docstring): on
+    the GPU kernels' backends (the Triton interpreter on the CPU included)."""
+    return backend == "triton" or (backend == "cpp" and device_type != "cpu")
+
+
+def _aggregate_recomputing_v(conv: nn.Module, x: torch.Tensor, shape: Tuple[int, ...],
+                             aggregate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``aggregate(v)`` for ``v = conv(x).view(shape)``, where autograd keeps ``x`` in place of
+    ``v`` wherever ``aggregate`` saves ``v`` for its backward, and the backward recomputes ``v``.
+
+    Saved-tensor hooks around ``aggregate`` swap ``v`` for a :class:`_RecomputedProjection`;
+    every other saved tensor, and ``x`` inside the projection, goes to the enclosing hooks if
+    there are any (``torch.autograd.graph.save_on_cpu``, non-reentrant checkpointing, memory
+    probes), else is kept as is. A ``v`` that ``aggregate`` casts or copies before saving is
+    kept as the copy. Modifying ``conv``'s parameters or ``x`` in place between the forward and
+    the backward is refused by ``conv``'s own backward, as without the recomputation."""
+    v = conv(x).view(shape)
+    if not _can_recompute(v):
+        return aggregate(v)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+    device = x.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    def pack(t: torch.Tensor):
+        if _same_tensor(t, v):
+            return _RecomputedProjection(conv, x if outer_pack is None else outer_pack(x), shape, autocast, outer_unpack)
+        return t if outer_pack is None else outer_pack(t)
+
+    def unpack(packed):
+        if isinstance(packed, _RecomputedProjection):
+            return packed.recompute()
+        return packed if outer_unpack is None else outer_unpack(packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return aggregate(v)
+
+
 class STGraphConv(nn.Module):
     r"""ST-GC: ``y[b,c,t,i] = sum_h sum_j A[h,i,j] · (W_h x)[b,c,t,j]``, then BN.
 
@@ -52,8 +129,13 @@ class STGraphConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, T, V = x.shape
-        v = self.conv_v(x).view(B, self.num_subsets, self.out_channels, T, V)
-        return self.bn(ctr_graph_conv(v, self.A, backend=self.impl))
+        shape = (B, self.num_subsets, self.out_channels, T, V)
+        backend = resolve(self.fused_op, self.impl, x.device.type, backends_that_cannot_take(V, B))
+        if _recomputes_v(backend, x.device.type):
+            y = _aggregate_recomputing_v(self.conv_v, x, shape, lambda v: ctr_graph_conv(v, self.A, backend=backend))
+        else:
+            y = ctr_graph_conv(self.conv_v(x).view(shape), self.A, backend=backend)
+        return self.bn(y)
 
 
 class CTRGraphConv(nn.Module):
@@ -100,6 +182,10 @@ class CTRGraphConv(nn.Module):
         else:
             qk = self.conv_qk(_mean_over_time(x))
         q, k = qk.view(B, 2, H, R, V).unbind(1)
-        v = self.conv_v(x).view(B, H, self.out_channels, T, V)
-        y = ctr_graph_conv(v, self.A, q, k, self.weight, self.bias, self.alpha, backend=backend)
-        return self.bn(y)
+        shape = (B, H, self.out_channels, T, V)
+
+        def aggregate(v):
+            return ctr_graph_conv(v, self.A, q, k, self.weight, self.bias, self.alpha, backend=backend)
+        if _recomputes_v(backend, x.device.type):
+            return self.bn(_aggregate_recomputing_v(self.conv_v, x, shape, aggregate))
+        return self.bn(aggregate(self.conv_v(x).view(shape)))

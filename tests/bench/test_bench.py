@@ -84,6 +84,10 @@ def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys, o
     assert {("copy", "bandwidth"), ("ctr_graph_conv", "roofline"), ("ctr_graph_conv", "gbps"),
             ("ctr_graph_conv", "saved_mem"), ("ctr_graph_conv", "peak_mem"), ("ctr_graph_conv", "compile"),
             ("body", "peak_mem")} <= metrics
+    saved = {(r.op, r.provider): r.p50 for r in rows if r.metric == "saved_mem" and r.mode == "train"}
+    for model in ("bharnet-e", "body", "unified"):  # the fused layers keep x in place of v
+        assert 0 < saved[(model, "auto")] < saved[(model, "eager")]
+    assert not any(p.endswith("compile") for _, p in saved)
     op_rows = [r for r in rows if r.op != "copy"]
     assert all("run=quick" in r.config and "dtype=fp32" in r.config and "threads=1" in r.config for r in op_rows)
     # glibc (Linux): the CPU run keeps freed memory and says so; elsewhere the setting is absent
@@ -363,6 +367,8 @@ def fake_rows(timestamp, eager_ms, triton_ms):
             "dtype=fp32;preset=full;N=32;M=2;T=64;classes=120", **common),
         Row("body", "eager", "train", "peak_mem", "MiB", "N32 M2 T64", 1024.0, 1024.0, 1024.0,
             "dtype=fp32;preset=full;N=32;M=2;T=64;classes=120", **common),
+        Row("body", "eager", "train", "saved_mem", "MiB", "N32 M2 T64", 512.0, 512.0, 512.0,
+            "dtype=fp32;preset=full;N=32;M=2;T=64;classes=120", **common),
     ]
 
 
@@ -375,7 +381,7 @@ def test_readme_section_is_generated_from_the_latest_run(tmp_path):
     assert "### cuda: Fake GPU, 2026-02-01" in section and "2026-01-01" not in section
     assert "torch 2.11.0, triton 3.6.0" in section and "dtypes bf16, fp32" in section
     assert "| ctr_graph_conv | B=128 C=64 T=64 V=25 | bf16 | 4.5 | 1.5 (3.00x) | 42% |" in section
-    assert "| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB |" in section
+    assert "| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB, saved 512 MiB |" in section
     assert "| op | shape | dtype | eager | triton | best % of copy BW |\n" in section  # one run: no run column
     assert "| run |" not in section and "column run" not in section
 
@@ -410,7 +416,7 @@ def test_readme_rows_come_from_the_newest_run_that_measured_each_case(tmp_path):
     assert ("| deformable_temporal_conv | B=128 C=64 T=64 V=25 | bf16 | 8 | 4 (2.00x) | 42% "
             "| 2026-01-01 09:30 |") in section
     assert "3.00x" not in section and section.count("| ctr_graph_conv |") == 2  # time and memory tables, newer only
-    assert ("| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB "
+    assert ("| body | training step | fp32, preset=full N=32 M=2 T=64 classes=120 | 300, 1.02e+03 MiB, saved 512 MiB "
             "| 2026-01-01 09:30 |") in section
     # a --quick run after them (a smoke test) replaces nothing
     quick = [replace(r, op="bone", config=r.config + ";run=quick") for r in fake_rows("2026-03-01T00:00:00Z", 1.0, 1.0)]

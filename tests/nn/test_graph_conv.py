@@ -96,3 +96,142 @@ def test_ctr_graph_conv_off_reference_convolves_the_time_mean(channels_last):
     names = ["y", "x"] + [name for name, _ in layer.named_parameters()]
     for name, got, ref in zip(names, results["cpp"], results["reference"]):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def _set_impl(layer, impl):
+    for module in layer.modules():
+        if hasattr(module, "impl"):
+            module.impl = impl
+
+
+def _layer(module, dtype=torch.float64):
+    torch.manual_seed(0)
+    layer = module(16, 24, BODY.adjacency()).to(dtype)
+    if isinstance(layer, CTRGraphConv):
+        layer.alpha.data.fill_(0.5)
+    return layer
+
+
+def _loss(y):
+    """A weighted sum of ``y`` in at least float32 (every element gets its own gradient)."""
+    y = y.to(torch.promote_types(y.dtype, torch.float32))
+    return (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view(y.shape)).sum()
+
+
+def _step(layer, x):
+    """Output, dx and every parameter's gradient of ``_loss(layer(x))``."""
+    layer.zero_grad()
+    leaf = x.detach().clone().requires_grad_()
+    y = layer(leaf)
+    _loss(y).backward()
+    return [y.detach(), leaf.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
+def _saved_storages(layer, x):
+    """The data pointers of the tensors autograd saves in ``layer(x)``, and conv_v's output."""
+    conv_out = []
+    handle = layer.conv_v.register_forward_hook(lambda m, args, out: conv_out.append(out))
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x.detach().clone().requires_grad_())
+    handle.remove()
+    return saved, conv_out[0].untyped_storage().data_ptr(), y
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("module", [STGraphConv, CTRGraphConv])
+def test_fused_graph_convs_keep_x_in_place_of_v(monkeypatch, module, impl):
+    """On the GPU kernels' backends (triton, here interpreted) autograd saves x, not
+    v = conv_v(x) (H times the output), and the backward recomputes v; the C++ backend on the
+    CPU keeps v. Output, dx and every gradient as on the reference."""
+    from bharnet.nn import graph_conv
+    layer = _layer(module)
+    x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
+    _set_impl(layer, "reference")
+    expected = _step(layer, x)
+    _set_impl(layer, impl)
+    with monkeypatch.context() as patch:
+        patch.setattr(graph_conv, "_can_recompute", lambda v: False)
+        saved_v, v_storage, _ = _saved_storages(layer, x)
+    assert v_storage in saved_v  # the probe sees v where the op saves it
+    saved, v_storage, _ = _saved_storages(layer, x)
+    if impl == "cpp":
+        assert v_storage in saved and len(saved) == len(saved_v)
+    else:
+        assert v_storage not in saved
+        assert len(saved) == len(saved_v) - 1  # every other tensor still reaches enclosing hooks
+    names = ["y", "x"] + [name for name, _ in layer.named_parameters()]
+    for name, got, ref in zip(names, _step(layer, x), expected):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def _without_recompute(monkeypatch, layer, x, around=None):
+    from bharnet.nn import graph_conv
+    with monkeypatch.context() as patch:
+        patch.setattr(graph_conv, "_can_recompute", lambda v: False)
+        return _run(layer, x, around)
+
+
+def _run(layer, x, around):
+    if around is None:
+        return _step(layer, x)
+    with around():
+        return _step(layer, x)
+
+
+@pytest.mark.parametrize("around", [
+    None,
+    lambda: torch.autograd.graph.save_on_cpu(pin_memory=False),
+    lambda: torch.autocast("cpu", dtype=torch.float16),
+], ids=["plain", "save_on_cpu", "autocast_fp16"])
+def test_recomputed_v_gives_the_same_gradients_bit_for_bit(monkeypatch, around):
+    """The recomputation changes nothing but memory: the same bits as saving v, also under
+    enclosing saved-tensor hooks (save_on_cpu) and under autocast, which the backward (outside
+    the autocast region) must reproduce to get v's float16 values back."""
+    layer = _layer(CTRGraphConv, torch.float32)
+    _set_impl(layer, "triton")
+    x = torch.randn(2, 16, 9, 25)
+    expected = _without_recompute(monkeypatch, layer, x, around)
+    for got, ref in zip(_run(layer, x, around), expected):
+        assert torch.equal(got, ref)
+
+
+def test_recomputed_v_under_checkpoint_and_retain_graph():
+    """Non-reentrant checkpointing around the layer (its hooks enclose ours) and a second
+    backward through a retained graph (v recomputed twice) give the reference's gradients."""
+    from torch.utils.checkpoint import checkpoint
+    layer = _layer(CTRGraphConv)
+    x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
+    _set_impl(layer, "reference")
+    expected = _step(layer, x)
+    _set_impl(layer, "triton")
+    leaf = x.detach().clone().requires_grad_()
+    y = checkpoint(layer, leaf, use_reentrant=False)
+    loss = _loss(y)
+    layer.zero_grad()
+    loss.backward(retain_graph=True)
+    first = [leaf.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    loss.backward()
+    second = [leaf.grad] + [p.grad for p in layer.parameters()]
+    for got, twice, ref in zip(first, second, expected[1:]):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(twice, 2 * ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_graph_convs_on_cuda_keep_x_in_place_of_v(impl):
+    """On CUDA both fused backends recompute v; gradients as on the reference (float32)."""
+    layer = _layer(CTRGraphConv, torch.float32).cuda()
+    x = torch.randn(2, 16, 9, 25, device="cuda")
+    _set_impl(layer, "reference")
+    expected = _step(layer, x)
+    _set_impl(layer, impl)
+    saved, v_storage, _ = _saved_storages(layer, x)
+    assert v_storage not in saved
+    for got, ref in zip(_step(layer, x), expected):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

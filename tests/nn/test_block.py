@@ -1,0 +1,39 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bharnet.bench.memory import saved_tensor_bytes
+from bharnet.graphs import BODY
+from bharnet.nn.block import GCNBlock
+
+
+def _saved_and_grads(block, x):
+    block.zero_grad()
+    leaf = x.detach().clone().requires_grad_()
+    saved = saved_tensor_bytes(lambda: block(leaf))
+    out = block(leaf)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+    return saved, [out.detach(), leaf.grad] + [p.grad.clone() for p in block.parameters()]
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_block_activations_in_place_save_two_feature_maps_less(impl):
+    """The block's LeakyReLU runs in place on the fresh sums, so autograd keeps its outputs
+    (which the next layers save anyway) instead of its inputs:
+    two blocks give the same output and gradients as with out-of-place activations, and save
+    at least three output-sized maps less (the first block's two pre-activation sums, the
+    second's first one; its last output is saved by no later layer)."""
+    torch.manual_seed(0)
+    block = nn.Sequential(*(GCNBlock(16, 16, BODY.adjacency(), impl=impl) for _ in range(2))).double()
+    out_of_place = copy.deepcopy(block)
+    for module in out_of_place:
+        assert module.act.inplace
+        module.act = nn.LeakyReLU(module.act.negative_slope)
+    x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
+    saved, grads = _saved_and_grads(block, x)
+    saved_out_of_place, expected = _saved_and_grads(out_of_place, x)
+    assert saved <= saved_out_of_place - 3 * x.numel() * x.element_size()
+    for got, ref in zip(grads, expected):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
