@@ -176,3 +176,21 @@ def test_float32_precision_with_a_mean_far_from_zero():
     ours = _cpp(x32.float(), None, None, None, None, True, 0.1, 1e-5)
     torch_f32 = F.batch_norm(x32.float(), None, None, training=True)
     assert rel_err(ours, expected) <= max(1e-6, 2 * rel_err(torch_f32, expected))
+
+
+@pytest.mark.parametrize("spread", [0.0, 1e-3], ids=["constant", "nearly_constant"])
+def test_float32_channel_whose_mean_dwarfs_its_spread(spread):
+    """A constant channel (its output is the bias, exactly) and one of spread 1e-3 about 7:
+    the mean is subtracted before scaling, so nothing cancels (x·scale + (b − mean·scale) gave
+    an error of 2e-4 on the constant channel, 7x F.batch_norm's); no worse than F.batch_norm's
+    own float32 result (both against float64)."""
+    gen = torch.Generator().manual_seed(4)
+    x = (7 + spread * torch.randn(2, 3, 16, 25, generator=gen, dtype=torch.float64)).float().double()
+    weight = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    bias = torch.tensor([0.25, -1.0, 3.0], dtype=torch.float64)
+    expected = F.batch_norm(x, None, None, weight, bias, training=True)
+    ours = _cpp(x.float(), None, None, weight.float(), bias.float(), True, 0.1, 1e-5).double()
+    torch_f32 = F.batch_norm(x.float(), None, None, weight.float(), bias.float(), training=True).double()
+    if spread == 0:
+        assert torch.equal(ours, expected)
+    assert (ours - expected).abs().max() <= max(1e-6, (torch_f32 - expected).abs().max())
