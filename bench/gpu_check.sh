@@ -14,6 +14,9 @@
 #                                                 # extra bench/profile_ops.py arguments
 #   GPU_CHECK_PROFILE_MODEL=1 ...                 # also profile a BHaRNet-E training step
 #                                                 # (bench/profile_model.py, at most 150 s)
+#   GPU_CHECK_RECOMPUTE=1 ...                     # also time a BHaRNet-E training step with the
+#                                                 # graph convs' v recomputed vs kept
+#                                                 # (bench/recompute_v.py, at most 150 s)
 #   GPU_CHECK_TUNE=90 ...                         # also sweep ctr_graph_conv's launch configs
 #                                                 # (bench/tune_ctr_graph_conv.py, ~90 s)
 #   GPU_CHECK_SANITIZE=1 GPU_CHECK_BENCH=none ... # also run the C++/CUDA kernels under
@@ -34,6 +37,9 @@
 #            host overhead of each op's fwd+bwd; at most 120 s)
 #   model_profile  only with GPU_CHECK_PROFILE_MODEL=1: bench/profile_model.py (the kernels
 #            and ops of a BHaRNet-E bf16 training step: eager, auto, triton; at most 150 s)
+#   recompute  only with GPU_CHECK_RECOMPUTE=1: bench/recompute_v.py (a BHaRNet-E bf16 training
+#            step, v recomputed vs kept, alternating rounds: time, peak and saved memory; at
+#            most 150 s)
 #   sanitize only with GPU_CHECK_SANITIZE=1: bench/sanitize_cuda.py (each op's CUDA kernels
 #            once, bf16 and fp32) under compute-sanitizer's racecheck, synccheck, memcheck and
 #            initcheck, each run whatever the others found, with PyTorch's caching allocator off
@@ -196,6 +202,7 @@ if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=$((RESERVED + ${GPU_CHEC
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=$((RESERVED + 120)); fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 45)); fi
 if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
+if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
@@ -214,6 +221,11 @@ if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then
     MODEL_PROFILE_ARGS+=(--preset small --frames 16 --clips 2 --iters 1 --top 5 --backend reference --backend auto)
   fi
   stage model_profile 150 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
+fi
+if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then
+  RECOMPUTE_ARGS=(--device "$DEVICE")
+  if [[ $DEVICE == cpu ]]; then RECOMPUTE_ARGS+=(--preset small --frames 16 --clips 2 --dtype fp32 --rounds 1); fi
+  stage recompute 150 "$PY" "$ROOT/bench/recompute_v.py" "${RECOMPUTE_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then
   stage sanitize $(( $(left) - 15 < 150 ? $(left) - 15 : 150 )) bash -c sanitize

@@ -11,7 +11,8 @@ in its place, which ``conv_v`` saves anyway, and the backward recomputes ``v`` w
 convolution (:func:`_aggregate_recomputing_v`). DESIGN.md's full fusion, which would do that
 convolution inside the kernels, would save the same memory. On the CPU the C++ backend keeps
 ``v``: there the convolution is a large share of a training step (recomputing it made a
-BHaRNet-E step about 7% slower on a 2-core EPYC), and memory is rarely what limits the batch.
+BHaRNet-E step 16% slower on a 2-core EPYC, ``bench/recompute_v.py``), and memory is rarely
+what limits the batch.
 """
 from __future__ import annotations
 
