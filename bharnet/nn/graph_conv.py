@@ -20,6 +20,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.nn.utils import parametrize
 
 from ..ops import ctr_graph_conv
 from ..ops._backend import resolve
@@ -72,6 +74,18 @@ def _can_recompute(v: torch.Tensor) -> bool:
             and torch._C._autograd._saved_tensors_hooks_is_enabled())
 
 
+def _recomputable(conv: nn.Module) -> bool:
+    """Whether calling ``conv.forward(x)`` again in the backward gives the forward's ``v``: a
+    convolution that runs ``nn.Conv2d``'s or ``PointwiseConv2d``'s own forward on plain
+    parameters, with no forward hooks (its own or global: they may change the output or keep
+    state, as the old ``spectral_norm``'s power iteration does) and no parametrizations (a
+    ``spectral_norm`` parametrization iterates at each access in training mode)."""
+    return (isinstance(conv, nn.Conv2d) and type(conv).forward in (nn.Conv2d.forward, PointwiseConv2d.forward)
+            and "forward" not in vars(conv) and not parametrize.is_parametrized(conv)
+            and not (conv._forward_hooks or conv._forward_pre_hooks
+                     or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks))
+
+
 def _recomputes_v(backend: str, device_type: str) -> bool:
     """Whether the graph convolutions recompute ``v`` in the backward (module docstring): on
     the GPU kernels' backends (the Triton interpreter on the CPU included)."""
@@ -88,9 +102,10 @@ def _aggregate_recomputing_v(conv: nn.Module, x: torch.Tensor, shape: Tuple[int,
     there are any (``torch.autograd.graph.save_on_cpu``, non-reentrant checkpointing, memory
     probes), else is kept as is. A ``v`` that ``aggregate`` casts or copies before saving is
     kept as the copy. Modifying ``conv``'s parameters or ``x`` in place between the forward and
-    the backward is refused by ``conv``'s own backward, as without the recomputation."""
+    the backward is refused by ``conv``'s own backward, as without the recomputation. A
+    convolution that might not give the same ``v`` again (:func:`_recomputable`) keeps it."""
     v = conv(x).view(shape)
-    if not _can_recompute(v):
+    if not (_can_recompute(v) and _recomputable(conv)):
         return aggregate(v)
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (None, None)

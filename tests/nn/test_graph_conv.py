@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from bharnet.graphs import BODY
-from bharnet.nn import CTRGraphConv, STGraphConv
-from bharnet.ops import ctr_graph_conv_reference
+from bharnet.nn import CTRGraphConv, PointwiseConv2d, STGraphConv
+from bharnet.ops import ctr_graph_conv, ctr_graph_conv_reference
 
 
 def ctrgcn_original_form(x3, A, q, k, W4, b4, alpha):
@@ -128,18 +128,23 @@ def _step(layer, x):
 
 
 def _saved_storages(layer, x):
-    """The data pointers of the tensors autograd saves in ``layer(x)``, and conv_v's output."""
-    conv_out = []
-    handle = layer.conv_v.register_forward_hook(lambda m, args, out: conv_out.append(out))
+    """The data pointers of the tensors autograd saves in ``layer(x)``, and of v, the input of
+    the graph aggregation (found without a hook on conv_v, which would stop the recomputation)."""
+    from bharnet.nn import graph_conv
+    aggregated = []
+
+    def recording(v, *args, **kwargs):
+        aggregated.append(v)
+        return ctr_graph_conv(v, *args, **kwargs)
     saved = set()
 
     def pack(t):
         saved.add(t.untyped_storage().data_ptr())
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with pytest.MonkeyPatch.context() as patch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        patch.setattr(graph_conv, "ctr_graph_conv", recording)
         y = layer(x.detach().clone().requires_grad_())
-    handle.remove()
-    return saved, conv_out[0].untyped_storage().data_ptr(), y
+    return saved, aggregated[0].untyped_storage().data_ptr(), y
 
 
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
@@ -235,3 +240,42 @@ def test_graph_convs_on_cuda_keep_x_in_place_of_v(impl):
     assert v_storage not in saved
     for got, ref in zip(_step(layer, x), expected):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+class _ScaledConv(PointwiseConv2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("change", ["output_hook", "global_pre_hook", "own_forward", "spectral_norm"])
+def test_convolutions_that_may_not_repeat_keep_v(change):
+    """A conv_v with a forward hook (its own or global), a forward of its own or a
+    parametrization (spectral norm iterates at each access) might not give the same v in the
+    backward: v is kept, and the gradients are the reference's with the same convolution."""
+    layer = _layer(CTRGraphConv)
+    handles = []
+    if change == "output_hook":
+        handles.append(layer.conv_v.register_forward_hook(lambda m, args, out: out * 2))
+    elif change == "global_pre_hook":
+        handles.append(torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: None))
+    elif change == "own_forward":
+        conv = _ScaledConv(16, layer.conv_v.out_channels).double()
+        conv.load_state_dict(layer.conv_v.state_dict())
+        layer.conv_v = conv
+    else:
+        torch.nn.utils.parametrizations.spectral_norm(layer.conv_v)
+    x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
+    try:
+        _set_impl(layer, "triton")
+        saved, v_storage, _ = _saved_storages(layer, x)
+        assert v_storage in saved
+        if change == "spectral_norm":
+            layer.eval()  # no power iteration: the same weight in both runs
+        got = _step(layer, x)
+        _set_impl(layer, "reference")
+        expected = _step(layer, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
