@@ -47,18 +47,31 @@ def _mean_over_time(x: torch.Tensor) -> torch.Tensor:
 
 class _RecomputedProjection:
     """What autograd keeps in place of ``v = conv(x).view(shape)``: the convolution, its input
-    (as the enclosing saved-tensor hooks packed it, if any) and the autocast state of the
-    forward, in which the backward redoes the convolution."""
+    (as the enclosing saved-tensor hooks packed it, if any), the weight and bias tensors the
+    forward used with their versions (and x's, when kept as is), and the forward's autocast
+    state. The backward convolves with those tensors (not the module's parameters of the
+    moment: ``torch.func.functional_call`` swaps them back before the backward) and refuses,
+    as autograd does, tensors modified in place since the forward (a backward that skips
+    ``conv``'s own node, ``autograd.grad(loss, [A])``, would otherwise not notice)."""
 
-    def __init__(self, conv: nn.Module, packed_x, shape: Tuple[int, ...], autocast: Tuple[bool, torch.dtype],
-                 unpack: Optional[Callable]):
+    def __init__(self, conv: nn.Conv2d, x: torch.Tensor, packed_x, shape: Tuple[int, ...],
+                 autocast: Tuple[bool, torch.dtype], unpack: Optional[Callable]):
         self.conv, self.packed_x, self.shape, self.autocast, self.unpack = conv, packed_x, shape, autocast, unpack
+        self.weight, self.bias = conv.weight, conv.bias
+        watched = [("weight", self.weight), ("bias", self.bias)] + ([("x", x)] if unpack is None else [])
+        self.versions = [(name, t, t._version) for name, t in watched if t is not None]
 
     def recompute(self) -> torch.Tensor:
+        for name, t, version in self.versions:
+            if t._version != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: the graph convolution's conv_v {name} is at version {t._version}; expected "
+                    f"version {version} instead (its output v is recomputed in the backward)")
         x = self.packed_x if self.unpack is None else self.unpack(self.packed_x)
         enabled, dtype = self.autocast
         with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-            return self.conv.forward(x).view(self.shape)  # .forward: no module hooks in the backward
+            return self.conv._conv_forward(x, self.weight, self.bias).view(self.shape)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -75,13 +88,15 @@ def _can_recompute(v: torch.Tensor) -> bool:
 
 
 def _recomputable(conv: nn.Module) -> bool:
-    """Whether calling ``conv.forward(x)`` again in the backward gives the forward's ``v``: a
-    convolution that runs ``nn.Conv2d``'s or ``PointwiseConv2d``'s own forward on plain
-    parameters, with no forward hooks (its own or global: they may change the output or keep
-    state, as the old ``spectral_norm``'s power iteration does) and no parametrizations (a
-    ``spectral_norm`` parametrization iterates at each access in training mode)."""
-    return (isinstance(conv, nn.Conv2d) and type(conv).forward in (nn.Conv2d.forward, PointwiseConv2d.forward)
-            and "forward" not in vars(conv) and not parametrize.is_parametrized(conv)
+    """Whether ``conv._conv_forward(x, weight, bias)`` in the backward gives the forward's
+    ``v``: an ``nn.Conv2d`` or ``PointwiseConv2d`` computing its class's own forward, with no
+    forward hooks (its own or global: they may change the output or keep state, as the old
+    ``spectral_norm``'s power iteration does) and no parametrizations (a ``spectral_norm``
+    parametrization iterates at each access in training mode)."""
+    stock = (nn.Conv2d._conv_forward, PointwiseConv2d._conv_forward)
+    return (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+            and type(conv)._conv_forward in stock and not {"forward", "_conv_forward"} & set(vars(conv))
+            and not parametrize.is_parametrized(conv)
             and not (conv._forward_hooks or conv._forward_pre_hooks
                      or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks))
 
@@ -100,10 +115,10 @@ def _aggregate_recomputing_v(conv: nn.Module, x: torch.Tensor, shape: Tuple[int,
     Saved-tensor hooks around ``aggregate`` swap ``v`` for a :class:`_RecomputedProjection`;
     every other saved tensor, and ``x`` inside the projection, goes to the enclosing hooks if
     there are any (``torch.autograd.graph.save_on_cpu``, non-reentrant checkpointing, memory
-    probes), else is kept as is. A ``v`` that ``aggregate`` casts or copies before saving is
-    kept as the copy. Modifying ``conv``'s parameters or ``x`` in place between the forward and
-    the backward is refused by ``conv``'s own backward, as without the recomputation. A
-    convolution that might not give the same ``v`` again (:func:`_recomputable`) keeps it."""
+    probes), else is kept as is (``save_on_cpu`` then copies ``x`` a second time, besides
+    ``conv``'s own copy: C_in against v's H·C_out channels). A ``v`` that ``aggregate`` casts
+    or copies before saving is kept as the copy. A convolution that might not give the same
+    ``v`` again (:func:`_recomputable`) keeps it."""
     v = conv(x).view(shape)
     if not (_can_recompute(v) and _recomputable(conv)):
         return aggregate(v)
@@ -114,7 +129,8 @@ def _aggregate_recomputing_v(conv: nn.Module, x: torch.Tensor, shape: Tuple[int,
 
     def pack(t: torch.Tensor):
         if _same_tensor(t, v):
-            return _RecomputedProjection(conv, x if outer_pack is None else outer_pack(x), shape, autocast, outer_unpack)
+            return _RecomputedProjection(conv, x, x if outer_pack is None else outer_pack(x), shape, autocast,
+                                         outer_unpack)
         return t if outer_pack is None else outer_pack(t)
 
     def unpack(packed):

@@ -279,3 +279,37 @@ def test_convolutions_that_may_not_repeat_keep_v(change):
             handle.remove()
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_recomputed_v_uses_the_forwards_parameters():
+    """torch.func.functional_call puts the module's own parameters back before the backward:
+    v is recomputed with the tensors the forward used, so the gradients are those of keeping v."""
+    from torch.func import functional_call
+    layer = _layer(CTRGraphConv)
+    _set_impl(layer, "triton")
+    x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
+    params = {name: (p.detach() * 1.5).requires_grad_() for name, p in layer.named_parameters()}
+    saved, v_storage, _ = _saved_storages(layer, x)
+    assert v_storage not in saved  # recomputed
+    y = functional_call(layer, params, (x,))
+    _loss(y).backward()
+    _set_impl(layer, "reference")
+    expected = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    _loss(functional_call(layer, expected, (x,))).backward()
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, expected[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("changed", ["x", "weight"])
+def test_recomputed_v_refuses_an_input_changed_in_place(changed):
+    """x or conv_v's weight modified in place after the forward: a backward that reaches only
+    the aggregation's parameters (conv_v's own node, whose check would fire, never runs)
+    raises autograd's error instead of recomputing a different v."""
+    layer = _layer(CTRGraphConv)
+    _set_impl(layer, "triton")
+    h = torch.randn(2, 16, 9, 25, dtype=torch.float64, requires_grad=True) * 1.0
+    loss = _loss(layer(h))
+    with torch.no_grad():
+        (h if changed == "x" else layer.conv_v.weight).mul_(2)
+    with pytest.raises(RuntimeError, match=f"conv_v {changed} is at version"):
+        torch.autograd.grad(loss, [layer.A])
