@@ -75,6 +75,8 @@ class _RecomputedProjection:
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory as the same dtype, shape and strides (the
+    tensor a pack hook receives need not be the Python object that was saved)."""
     return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
             and a.shape == b.shape and a.stride() == b.stride())
 
