@@ -37,13 +37,14 @@ BHARNET_CLONES void normalise_channels(const T* x, const T* weight, const T* bia
   for (int64_t c = c0; c < c1; ++c) {
     const T* xc = x + c * P;
     const double mu = simd::sum_rows<T>(xc, N, C * P, P) / M;
-    const double variance = simd::sum_rows<T, true>(xc, N, C * P, P, static_cast<T>(mu)) / M;
+    const T mu_t = static_cast<T>(mu);
+    const double rounding = mu - static_cast<double>(mu_t);
+    const double variance = simd::sum_rows<T, true>(xc, N, C * P, P, mu_t) / M;
     // the variance about the rounded mean, plus the square of the rounding (exact in double)
-    const double shifted = variance - (mu - static_cast<T>(mu)) * (mu - static_cast<T>(mu));
+    const double shifted = variance - rounding * rounding;
     const double inv = 1.0 / std::sqrt(std::max(shifted, 0.0) + eps);
     const double scale = inv * (weight ? static_cast<double>(weight[c]) : 1.0);
-    const T mu_t = static_cast<T>(mu);
-    const double shift = (bias ? static_cast<double>(bias[c]) : 0.0) - (mu - static_cast<double>(mu_t)) * scale;
+    const double shift = (bias ? static_cast<double>(bias[c]) : 0.0) - rounding * scale;
     mean[c] = mu_t;
     var[c] = static_cast<T>(std::max(shifted, 0.0));
     invstd[c] = static_cast<T>(inv);

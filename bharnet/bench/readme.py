@@ -199,13 +199,12 @@ def _model_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:
         cells = [model, "training step" if mode == "train" else "inference, 1 clip",
                  f"{parse_config(config).get('dtype', '')}, {_shape(config)}"]
         for p in providers:
-            t = metric.get((model, p, mode, x, config, "time"))
-            peak = metric.get((model, p, mode, x, config, "peak_mem"))
-            saved = metric.get((model, p, mode, x, config, "saved_mem"))
-            speed = ratio.get((model, p, mode, x, config))
-            text = _timed(t, speed, p == baseline(model))
+            key = (model, p, mode, x, config)
+            t, peak, saved = (metric.get((*key, m)) for m in ("time", "peak_mem", "saved_mem"))
+            text = _timed(t, ratio.get(key), p == baseline(model))
             if t is not None:
-                text += ("" if peak is None else f", {peak:.3g} MiB") + ("" if saved is None else f", saved {saved:.3g} MiB")
+                text += "" if peak is None else f", {peak:.3g} MiB"
+                text += "" if saved is None else f", saved {saved:.3g} MiB"
             cells.append(text)
         body.append(cells + ([_minute(run)] if run_column else []))
     return (["", "Models (time, and peak memory above the resident model, optimizer state and inputs; for "

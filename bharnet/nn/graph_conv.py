@@ -8,7 +8,7 @@ Where the aggregation runs GPU kernels (``triton``; ``cpp`` on CUDA), autograd d
 ``v`` for the backward: the fused op's only large saved input, H times the output's size and
 about 30% of what a BHaRNet-E training step saves with the fused ops. It keeps ``x``
 in its place, which ``conv_v`` saves anyway, and the backward recomputes ``v`` with one more 1x1
-convolution (:func:`_aggregate_recomputing_v`). DESIGN.md's full fusion, which would do that
+convolution (:func:`_aggregate`). DESIGN.md's full fusion, which would do that
 convolution inside the kernels, would save the same memory. On the CPU the C++ backend keeps
 ``v``: there the convolution is a large share of a training step (recomputing it made a
 BHaRNet-E step 16% slower on a 2-core EPYC, ``bench/recompute_v.py``), and memory is rarely
@@ -109,10 +109,11 @@ def _recomputes_v(backend: str, device_type: str) -> bool:
     return backend == "triton" or (backend == "cpp" and device_type != "cpu")
 
 
-def _aggregate_recomputing_v(conv: nn.Module, x: torch.Tensor, shape: Tuple[int, ...],
-                             aggregate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``aggregate(v)`` for ``v = conv(x).view(shape)``, where autograd keeps ``x`` in place of
-    ``v`` wherever ``aggregate`` saves ``v`` for its backward, and the backward recomputes ``v``.
+def _aggregate(conv: nn.Module, x: torch.Tensor, shape: Tuple[int, ...], backend: str,
+               aggregate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``aggregate(v)`` for ``v = conv(x).view(shape)`` on ``backend``. Where the graph
+    convolutions recompute ``v`` (:func:`_recomputes_v`), autograd keeps ``x`` in place of ``v``
+    wherever ``aggregate`` saves ``v`` for its backward, and the backward recomputes ``v``.
 
     Saved-tensor hooks around ``aggregate`` swap ``v`` for a :class:`_RecomputedProjection`;
     every other saved tensor, and ``x`` inside the projection, goes to the enclosing hooks if
@@ -122,7 +123,7 @@ def _aggregate_recomputing_v(conv: nn.Module, x: torch.Tensor, shape: Tuple[int,
     or copies before saving is kept as the copy. A convolution that might not give the same
     ``v`` again (:func:`_recomputable`) keeps it."""
     v = conv(x).view(shape)
-    if not (_can_recompute(v) and _recomputable(conv)):
+    if not (_recomputes_v(backend, x.device.type) and _can_recompute(v) and _recomputable(conv)):
         return aggregate(v)
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
@@ -165,11 +166,7 @@ class STGraphConv(nn.Module):
         B, _, T, V = x.shape
         shape = (B, self.num_subsets, self.out_channels, T, V)
         backend = resolve(self.fused_op, self.impl, x.device.type, backends_that_cannot_take(V, B))
-        if _recomputes_v(backend, x.device.type):
-            y = _aggregate_recomputing_v(self.conv_v, x, shape, lambda v: ctr_graph_conv(v, self.A, backend=backend))
-        else:
-            y = ctr_graph_conv(self.conv_v(x).view(shape), self.A, backend=backend)
-        return self.bn(y)
+        return self.bn(_aggregate(self.conv_v, x, shape, backend, lambda v: ctr_graph_conv(v, self.A, backend=backend)))
 
 
 class CTRGraphConv(nn.Module):
@@ -220,6 +217,4 @@ class CTRGraphConv(nn.Module):
 
         def aggregate(v):
             return ctr_graph_conv(v, self.A, q, k, self.weight, self.bias, self.alpha, backend=backend)
-        if _recomputes_v(backend, x.device.type):
-            return self.bn(_aggregate_recomputing_v(self.conv_v, x, shape, aggregate))
-        return self.bn(aggregate(self.conv_v(x).view(shape)))
+        return self.bn(_aggregate(self.conv_v, x, shape, backend, aggregate))

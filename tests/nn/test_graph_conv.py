@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from bharnet.fast import swap_layers
 from bharnet.graphs import BODY
 from bharnet.nn import CTRGraphConv, PointwiseConv2d, STGraphConv
 from bharnet.ops import ctr_graph_conv, ctr_graph_conv_reference
@@ -98,12 +99,6 @@ def test_ctr_graph_conv_off_reference_convolves_the_time_mean(channels_last):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-def _set_impl(layer, impl):
-    for module in layer.modules():
-        if hasattr(module, "impl"):
-            module.impl = impl
-
-
 def _layer(module, dtype=torch.float64):
     torch.manual_seed(0)
     layer = module(16, 24, BODY.adjacency()).to(dtype)
@@ -156,9 +151,9 @@ def test_fused_graph_convs_keep_x_in_place_of_v(monkeypatch, module, impl):
     from bharnet.nn import graph_conv
     layer = _layer(module)
     x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
-    _set_impl(layer, "reference")
+    swap_layers(layer, "reference")
     expected = _step(layer, x)
-    _set_impl(layer, impl)
+    swap_layers(layer, impl)
     with monkeypatch.context() as patch:
         patch.setattr(graph_conv, "_can_recompute", lambda v: False)
         saved_v, v_storage, _ = _saved_storages(layer, x)
@@ -198,7 +193,7 @@ def test_recomputed_v_gives_the_same_gradients_bit_for_bit(monkeypatch, around):
     enclosing saved-tensor hooks (save_on_cpu) and under autocast, which the backward (outside
     the autocast region) must reproduce to get v's float16 values back."""
     layer = _layer(CTRGraphConv, torch.float32)
-    _set_impl(layer, "triton")
+    swap_layers(layer, "triton")
     x = torch.randn(2, 16, 9, 25)
     expected = _without_recompute(monkeypatch, layer, x, around)
     for got, ref in zip(_run(layer, x, around), expected):
@@ -211,9 +206,9 @@ def test_recomputed_v_under_checkpoint_and_retain_graph():
     from torch.utils.checkpoint import checkpoint
     layer = _layer(CTRGraphConv)
     x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
-    _set_impl(layer, "reference")
+    swap_layers(layer, "reference")
     expected = _step(layer, x)
-    _set_impl(layer, "triton")
+    swap_layers(layer, "triton")
     leaf = x.detach().clone().requires_grad_()
     y = checkpoint(layer, leaf, use_reentrant=False)
     loss = _loss(y)
@@ -233,9 +228,9 @@ def test_graph_convs_on_cuda_keep_x_in_place_of_v(impl):
     """On CUDA both fused backends recompute v; gradients as on the reference (float32)."""
     layer = _layer(CTRGraphConv, torch.float32).cuda()
     x = torch.randn(2, 16, 9, 25, device="cuda")
-    _set_impl(layer, "reference")
+    swap_layers(layer, "reference")
     expected = _step(layer, x)
-    _set_impl(layer, impl)
+    swap_layers(layer, impl)
     saved, v_storage, _ = _saved_storages(layer, x)
     assert v_storage not in saved
     for got, ref in zip(_step(layer, x), expected):
@@ -266,13 +261,13 @@ def test_convolutions_that_may_not_repeat_keep_v(change):
         torch.nn.utils.parametrizations.spectral_norm(layer.conv_v)
     x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
     try:
-        _set_impl(layer, "triton")
+        swap_layers(layer, "triton")
         saved, v_storage, _ = _saved_storages(layer, x)
         assert v_storage in saved
         if change == "spectral_norm":
             layer.eval()  # no power iteration: the same weight in both runs
         got = _step(layer, x)
-        _set_impl(layer, "reference")
+        swap_layers(layer, "reference")
         expected = _step(layer, x)
     finally:
         for handle in handles:
@@ -286,14 +281,14 @@ def test_recomputed_v_uses_the_forwards_parameters():
     v is recomputed with the tensors the forward used, so the gradients are those of keeping v."""
     from torch.func import functional_call
     layer = _layer(CTRGraphConv)
-    _set_impl(layer, "triton")
+    swap_layers(layer, "triton")
     x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
     params = {name: (p.detach() * 1.5).requires_grad_() for name, p in layer.named_parameters()}
     saved, v_storage, _ = _saved_storages(layer, x)
     assert v_storage not in saved  # recomputed
     y = functional_call(layer, params, (x,))
     _loss(y).backward()
-    _set_impl(layer, "reference")
+    swap_layers(layer, "reference")
     expected = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
     _loss(functional_call(layer, expected, (x,))).backward()
     for name, p in params.items():
@@ -306,7 +301,7 @@ def test_recomputed_v_refuses_an_input_changed_in_place(changed):
     the aggregation's parameters (conv_v's own node, whose check would fire, never runs)
     raises autograd's error instead of recomputing a different v."""
     layer = _layer(CTRGraphConv)
-    _set_impl(layer, "triton")
+    swap_layers(layer, "triton")
     h = torch.randn(2, 16, 9, 25, dtype=torch.float64, requires_grad=True) * 1.0
     loss = _loss(layer(h))
     with torch.no_grad():
