@@ -16,6 +16,7 @@ what limits the batch.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -130,8 +131,13 @@ def _aggregate(conv: nn.Module, x: torch.Tensor, shape: Tuple[int, ...], backend
     device = x.device.type
     autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
+    # pack sees v through a weak reference: autograd keeps the hooks (and so their closures)
+    # with every tensor they packed, and a strong one would keep v alive with the graph
+    v_ref = weakref.ref(v)
+
     def pack(t: torch.Tensor):
-        if _same_tensor(t, v):
+        v = v_ref()
+        if v is not None and _same_tensor(t, v):
             return _RecomputedProjection(conv, x, x if outer_pack is None else outer_pack(x), shape, autocast,
                                          outer_unpack)
         return t if outer_pack is None else outer_pack(t)
