@@ -7,7 +7,11 @@
 #   GPU_CHECK_TESTS=none GPU_CHECK_BENCH_ARGS="--ops ctr_graph_conv --models none" bash bench/gpu_check.sh
 #                                                 # a narrower run: skip the tests, fewer cases
 #   GPU_CHECK_TESTS="tests/ops/test_layer_norm.py tests/ops/test_cross_attention.py" bash bench/gpu_check.sh
-#                                                 # only these test files (paths from the checkout)
+#                                                 # only these test files (paths from the checkout;
+#                                                 # pytest node ids, file.py::test[case], work too)
+#   GPU_CHECK_GDB="tests/ops/test_x.py::test_y[case]" ...
+#                                                 # also run that one test under cuda-gdb and print
+#                                                 # the backtrace where it crashes (at most 150 s)
 #   GPU_CHECK_PROFILE=1 GPU_CHECK_BENCH=none bash bench/gpu_check.sh
 #                                                 # tests, then per-kernel profiles, no benchmark
 #   GPU_CHECK_PROFILE=1 GPU_CHECK_PROFILE_ARGS="--host --backend triton" ...
@@ -46,6 +50,9 @@
 #            (else memcheck misses strays into a neighbouring tensor of the same segment); the
 #            toolkit's compute-sanitizer from PATH, CUDA_HOME or /usr/local/cuda; at most 150 s.
 #            Reports name the kernel: PyTorch's own can appear too (its initcheck false positives)
+#   gdb      only with GPU_CHECK_GDB=<pytest node id>: that test under cuda-gdb (from PATH,
+#            CUDA_HOME or /usr/local/cuda); where the process dies, the backtrace of every thread
+#            (C++ frames: a crash inside the extension or torch); at most 150 s
 #   tune     only with GPU_CHECK_TUNE=<seconds>: bench/tune_ctr_graph_conv.py with that budget
 #   bench    bharnet bench --device cuda --compile ops,infer with --budget set to the time
 #            left: measurements that do not fit are listed as skipped, never half-run
@@ -159,6 +166,18 @@ sanitize() {
   return "$rc"
 }
 
+# cuda_gdb NODE_ID: one test under cuda-gdb, batch mode; the backtraces where it stops. Passes
+# when the test process exited normally (pytest's own status is in the log).
+cuda_gdb() {
+  local gdb log=$WORK/cuda_gdb.log
+  gdb=$(command -v cuda-gdb || ls "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb" 2>/dev/null || true)
+  if [[ -z $gdb ]]; then echo "cuda-gdb not found"; return 1; fi
+  "$gdb" -batch -ex "set pagination off" -ex "set confirm off" -ex run -ex "thread apply all bt 30" \
+    --args "$PY" -m pytest "$ROOT/$1" -m gpu -vv -p no:cacheprovider > "$log" 2>&1 || true
+  grep -v "^\[New Thread\|^\[Thread .* exited\|^\[Detaching" "$log" | tail -n 150
+  grep -q "exited normally" "$log"
+}
+
 latest_csv() { ls -t "$RESULTS"/"$DEVICE"-*.csv 2>/dev/null | head -n 1; }
 
 summary() {
@@ -182,7 +201,7 @@ copy_out() {
   fi
   echo "copied to $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
-export -f environment setup_tree build_extension pytest_file gpu_tests sanitize latest_csv summary
+export -f environment setup_tree build_extension pytest_file gpu_tests sanitize cuda_gdb latest_csv summary
 
 if [[ $DEVICE == cpu ]]; then BENCH_OPTS=(--device cpu --quick); else BENCH_OPTS=(--device cuda --compile ops,infer); fi
 read -r -a EXTRA_BENCH_OPTS <<< "${GPU_CHECK_BENCH_ARGS:-}"
@@ -204,6 +223,7 @@ if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 45
 if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
+if [[ -n ${GPU_CHECK_GDB:-} ]]; then RESERVED=$((RESERVED + 150)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
@@ -229,6 +249,9 @@ if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then
 fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then
   stage sanitize $(( $(left) - 15 < 150 ? $(left) - 15 : 150 )) bash -c sanitize
+fi
+if [[ -n ${GPU_CHECK_GDB:-} ]]; then
+  stage gdb $(( $(left) - 15 < 150 ? $(left) - 15 : 150 )) bash -c 'cuda_gdb "$1"' _ "$GPU_CHECK_GDB"
 fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then
   stage tune $((GPU_CHECK_TUNE + 45)) "$PY" "$ROOT/bench/tune_ctr_graph_conv.py" --budget "$GPU_CHECK_TUNE"
