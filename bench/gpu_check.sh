@@ -21,6 +21,10 @@
 #   GPU_CHECK_RECOMPUTE=1 ...                     # also time a BHaRNet-E training step with the
 #                                                 # graph convs' v recomputed vs kept
 #                                                 # (bench/recompute_v.py, at most 150 s)
+#   GPU_CHECK_LAYER_BACKENDS="--op ctr_graph_conv --backends triton,cpp" ...
+#                                                 # also time a BHaRNet-E training step with that
+#                                                 # op's layers on each backend, the rest on auto
+#                                                 # (bench/layer_backends.py, at most 150 s)
 #   GPU_CHECK_TUNE=90 ...                         # also sweep ctr_graph_conv's launch configs
 #                                                 # (bench/tune_ctr_graph_conv.py, ~90 s)
 #   GPU_CHECK_SANITIZE=1 GPU_CHECK_BENCH=none ... # also run the C++/CUDA kernels under
@@ -44,6 +48,9 @@
 #   recompute  only with GPU_CHECK_RECOMPUTE=1: bench/recompute_v.py (a BHaRNet-E bf16 training
 #            step, v recomputed vs kept, alternating rounds: time, peak and saved memory; at
 #            most 150 s)
+#   layer_backends  only with GPU_CHECK_LAYER_BACKENDS="<bench/layer_backends.py arguments>": a
+#            BHaRNet-E bf16 training step with one op's layers on each backend, alternating
+#            rounds (which backend auto should pick for that op in a model); at most 150 s
 #   sanitize only with GPU_CHECK_SANITIZE=1: bench/sanitize_cuda.py (each op's CUDA kernels
 #            once, bf16 and fp32) under compute-sanitizer's racecheck, synccheck, memcheck and
 #            initcheck, each run whatever the others found, with PyTorch's caching allocator off
@@ -224,6 +231,7 @@ if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); 
 if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then RESERVED=$((RESERVED + 150)); fi
 if [[ -n ${GPU_CHECK_GDB:-} ]]; then RESERVED=$((RESERVED + 150)); fi
+if [[ -n ${GPU_CHECK_LAYER_BACKENDS:-} ]]; then RESERVED=$((RESERVED + 150)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
@@ -246,6 +254,12 @@ if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then
   RECOMPUTE_ARGS=(--device "$DEVICE")
   if [[ $DEVICE == cpu ]]; then RECOMPUTE_ARGS+=(--preset small --frames 16 --clips 2 --dtype fp32 --rounds 1); fi
   stage recompute 150 "$PY" "$ROOT/bench/recompute_v.py" "${RECOMPUTE_ARGS[@]}"
+fi
+if [[ -n ${GPU_CHECK_LAYER_BACKENDS:-} ]]; then
+  read -r -a LAYER_ARGS <<< "$GPU_CHECK_LAYER_BACKENDS"
+  LAYER_ARGS=(--device "$DEVICE" "${LAYER_ARGS[@]}")
+  if [[ $DEVICE == cpu ]]; then LAYER_ARGS+=(--preset small --frames 16 --clips 2 --dtype fp32 --rounds 1); fi
+  stage layer_backends 150 "$PY" "$ROOT/bench/layer_backends.py" "${LAYER_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then
   stage sanitize $(( $(left) - 15 < 150 ? $(left) - 15 : 150 )) bash -c sanitize

@@ -5,7 +5,8 @@
   momentum and weight decay, torch's fused implementation on CPU and CUDA:
   :func:`bharnet.engine.trainer.make_optimizer`), batch ``clips`` x ``persons``; under
   ``torch.compile`` the forward and loss are compiled. The step's ``saved_bytes()`` gives the
-  bytes that autograd saves for the backward in its forward and loss.
+  bytes that autograd saves for the backward in its forward and loss; its ``model`` is the
+  model it trains.
 * ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``; with
   ``fold``, on the model fused for inference (:func:`bharnet.fast.fuse_for_inference`). Also
   with one person present (``present=1``, the others' inputs all zero, as datasets pad a clip
@@ -122,4 +123,5 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
         with autocast(device, dtype_name):
             return saved_tensor_bytes(lambda: forward_loss(body, hand, target))
     train_step.saved_bytes = saved_bytes
+    train_step.model = model
     return train_step
