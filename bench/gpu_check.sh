@@ -19,7 +19,7 @@
 #   GPU_CHECK_PROFILE_MODEL=1 ...                 # also profile a BHaRNet-E training step
 #                                                 # (bench/profile_model.py, at most 150 s)
 #   GPU_CHECK_RECOMPUTE=1 ...                     # also time a BHaRNet-E training step with the
-#                                                 # graph convs' v recomputed vs kept
+#                                                 # convolution outputs recomputed vs kept
 #                                                 # (bench/recompute_v.py, at most 150 s)
 #   GPU_CHECK_LAYER_BACKENDS="--op ctr_graph_conv --backends triton,cpp" ...
 #                                                 # also time a BHaRNet-E training step with that
@@ -46,7 +46,7 @@
 #   model_profile  only with GPU_CHECK_PROFILE_MODEL=1: bench/profile_model.py (the kernels
 #            and ops of a BHaRNet-E bf16 training step: eager, auto, triton; at most 150 s)
 #   recompute  only with GPU_CHECK_RECOMPUTE=1: bench/recompute_v.py (a BHaRNet-E bf16 training
-#            step, v recomputed vs kept, alternating rounds: time, peak and saved memory; at
+#            step, convolution outputs recomputed vs kept, alternating rounds: time, peak and saved memory; at
 #            most 150 s)
 #   layer_backends  only with GPU_CHECK_LAYER_BACKENDS="<bench/layer_backends.py arguments>": a
 #            BHaRNet-E bf16 training step with one op's layers on each backend, alternating

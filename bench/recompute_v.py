@@ -1,16 +1,18 @@
-"""Recomputing the graph convolutions' ``v = conv_v(x)`` in the backward against keeping it:
-a whole model's training step, side by side, time and memory.
+"""Recomputing 1x1 convolutions' outputs in the backward against keeping them (the graph
+convolutions' ``v = conv_v(x)`` and the ``ConvBN`` layers' BatchNorm inputs): a whole model's
+training step, side by side, time and memory.
 
     python bench/recompute_v.py --device cuda                      # BHaRNet-E, bf16, 32 x 2 clips
     python bench/recompute_v.py --device cpu --dtype fp32 --clips 1
 
-On GPU kernels (``triton``; ``cpp`` on CUDA) the layers recompute ``v`` and on the CPU's C++
-kernels they keep it (``bharnet/nn/graph_conv.py``); here both variants run on the same model,
-optimizer and backend (default ``auto``), the policy switched between them, in alternating
-rounds so that a change of the machine's load hits both. Per variant it prints the median step
-time over the rounds' medians (ms; CUDA events on GPU), the peak memory of a step above what
-was in use before it, and the bytes autograd saves in the forward (MiB). ``bharnet bench``
-measures the default policy; this script measures what that policy costs and saves.
+On GPU kernels (``triton``; ``cpp`` on CUDA) the layers recompute those outputs and on the
+CPU's C++ kernels they keep them (:mod:`bharnet.nn.recompute`); here both variants run on the
+same model, optimizer and backend (default ``auto``), the policy switched between them, in
+alternating rounds (:mod:`bharnet.bench.alternating`) so that a change of the machine's load
+hits both. Per variant it prints the median step time over the rounds' medians (ms; CUDA events
+on GPU), the peak memory of a step above what was in use before it, and the bytes autograd
+saves in the forward (MiB). ``bharnet bench`` measures the default policy; this script measures
+what that policy costs and saves.
 """
 from __future__ import annotations
 
@@ -22,19 +24,19 @@ from bharnet.bench import alternating
 from bharnet.bench.env import device_description, timestamp
 from bharnet.bench.model_cases import ModelCase, make_step
 from bharnet.bench.timing import TimerSettings
-from bharnet.nn import graph_conv
+from bharnet.nn import recompute
 from bharnet.ops import use_backend
 
-DEFAULT_POLICY = graph_conv._recomputes_v
+DEFAULT_POLICY = recompute.recomputes
 POLICIES = {
-    "v recomputed": lambda backend, device_type: backend != "reference",
-    "v kept": lambda backend, device_type: False,
+    "recomputed": lambda backend, device_type: backend != "reference",
+    "kept": lambda backend, device_type: False,
 }
 
 
 def _switch_to(policy):
     def switch():
-        graph_conv._recomputes_v = policy
+        recompute.recomputes = policy
     return switch
 
 
@@ -47,7 +49,7 @@ def compare(case: ModelCase, device: torch.device, dtype: str, backend: str, rou
             variants = {name: _switch_to(policy) for name, policy in POLICIES.items()}
             return alternating.compare(step, variants, device, rounds, settings)
     finally:
-        graph_conv._recomputes_v = DEFAULT_POLICY
+        recompute.recomputes = DEFAULT_POLICY
 
 
 def main():
@@ -60,7 +62,7 @@ def main():
     results = compare(case, device, args.dtype, args.backend, args.rounds, settings)
     print(f"{device_description(device)}, {timestamp()}: {args.model} training step, {case.x}, "
           f"{args.dtype}, backend {args.backend}, {args.rounds} alternating rounds")
-    print(alternating.report(results, "v kept"))
+    print(alternating.report(results, "kept"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ r"""Run a built model faster: switch its fused layers between backends, fuse it 
 Folding (eval-mode BatchNorm is the per-channel affine map ``BN(z)_c = s_c z_c + t_c`` with
 ``s_c = gamma_c / sqrt(running_var_c + eps)`` and ``t_c = beta_c - s_c running_mean_c``):
 
-* 1x1 convolution + BN (``conv_bn`` pairs: the MSTCN branch inputs, the residual branches):
+* 1x1 convolution + BN (``ConvBN`` pairs: the MSTCN branch inputs, the residual branches):
   ``s (W x + b) + t = (s W) x + (s b + t)``: one convolution with weight ``s_o W[o]`` and bias
   ``s_o b_o + t_o``.
 * DeTGC + BN: the op is ``y[o] = b[o] + sum_{c, e} W[o, c, e] xs[c, e]`` (``xs`` the sampled
@@ -62,7 +62,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .absent_persons import skip_absent_persons
-from .nn import (BatchNorm2d, CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv,
+from .nn import (BatchNorm2d, ConvBN, CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv,
                  PointwiseConv2d, STGraphConv, TemporalMaxPool)
 from .ops import _backend
 from .ops._backend import BACKENDS
@@ -200,7 +200,7 @@ def _fold_conv_bn(seq: nn.Sequential, name: str) -> nn.Conv2d:
 
 
 def _is_conv_bn(module: nn.Module) -> bool:
-    return (_runs(module, nn.Sequential) and len(module) == 2
+    return (_runs(module, nn.Sequential, ConvBN) and len(module) == 2
             and _runs(module[0], nn.Conv2d, PointwiseConv2d) and _runs(module[1], nn.BatchNorm2d, BatchNorm2d))
 
 
@@ -231,7 +231,7 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     r"""An inference copy of ``model`` (which must be in ``eval()`` mode) with BatchNorm folded.
 
     Every BatchNorm that follows a linear op is folded into it, exactly up to rounding (the
-    math is in the module docstring): ``conv_bn`` pairs become one convolution, DeTGC absorbs
+    math is in the module docstring): ``ConvBN`` pairs become one convolution, DeTGC absorbs
     its BN, ST-GC/CTR-GC put the BN scale into ``conv_v`` and the shift into the block's
     residual convolution (or a :class:`ChannelBias`). Folding runs in float64 and stores the
     result in each parameter's dtype. The fused layers then use ``backend`` (see

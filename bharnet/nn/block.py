@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .graph_conv import CTRGraphConv, STGraphConv
-from .temporal import MultiScaleTemporalConv, conv_bn
+from .temporal import ConvBN, MultiScaleTemporalConv
 
 
 class GCNBlock(nn.Module):
@@ -35,13 +35,13 @@ class GCNBlock(nn.Module):
         else:
             raise ValueError(f"graph_conv must be 'st' or 'ctr', got {graph_conv!r}")
         self.tcn = MultiScaleTemporalConv(out_channels, out_channels, stride, impl=impl)
-        self.res_gcn = nn.Identity() if in_channels == out_channels else conv_bn(in_channels, out_channels, impl=impl)
+        self.res_gcn = nn.Identity() if in_channels == out_channels else ConvBN(in_channels, out_channels, impl=impl)
         if not residual:
             self.res_tcn = None
         elif in_channels == out_channels and stride == 1:
             self.res_tcn = nn.Identity()
         else:
-            self.res_tcn = conv_bn(in_channels, out_channels, stride, impl=impl)
+            self.res_tcn = ConvBN(in_channels, out_channels, stride, impl=impl)
         self.act = nn.LeakyReLU(0.1, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from ..ops import deformable_temporal_conv, temporal_max_pool
+from ..ops._backend import resolve_missing_as_auto
+from . import recompute
 from .conv import PointwiseConv2d
 from .norm import BatchNorm2d
 
@@ -61,10 +63,23 @@ class TemporalMaxPool(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-def conv_bn(in_channels: int, out_channels: int, stride: int = 1, impl: Optional[str] = None) -> nn.Sequential:
-    """1x1 convolution (temporal stride ``stride``) followed by BN."""
-    return nn.Sequential(PointwiseConv2d(in_channels, out_channels, stride, impl=impl),
+class ConvBN(nn.Sequential):
+    """A 1x1 convolution (temporal stride ``stride``) followed by BN: ``bn(conv(x))``, an
+    ``nn.Sequential`` (state-dict keys ``0.*`` and ``1.*``).
+
+    Where the BN's backend is one of the GPU kernels' (``triton``, or ``cpp`` on CUDA), autograd
+    keeps the convolution's input in place of the BN's input, and the backward recomputes the
+    convolution (:mod:`bharnet.nn.recompute`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: Optional[str] = None):
+        super().__init__(PointwiseConv2d(in_channels, out_channels, stride, impl=impl),
                          BatchNorm2d(out_channels, impl=impl))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self) != 2 or not isinstance(self[1], BatchNorm2d):  # changed by its user
+            return super().forward(x)
+        conv, bn = self
+        return recompute.consume(conv, x, None, resolve_missing_as_auto(bn.fused_op, bn.impl, x.device.type), bn)
 
 
 class MultiScaleTemporalConv(nn.Module):
@@ -83,13 +98,13 @@ class MultiScaleTemporalConv(nn.Module):
         c = out_channels // num_branches
         act = nn.LeakyReLU(0.1)
         self.branches = nn.ModuleList(
-            nn.Sequential(conv_bn(in_channels, c, impl=impl), act,
+            nn.Sequential(ConvBN(in_channels, c, impl=impl), act,
                           DeformableTemporalConv(c, c, kernel_size, d, stride, impl=impl))
             for d in dilations)
         self.branches.append(nn.Sequential(
-            conv_bn(in_channels, c, impl=impl), act,
+            ConvBN(in_channels, c, impl=impl), act,
             TemporalMaxPool(3, stride, 1, impl=impl), BatchNorm2d(c, impl=impl)))
-        self.branches.append(conv_bn(in_channels, c, stride, impl=impl))
+        self.branches.append(ConvBN(in_channels, c, stride, impl=impl))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([branch(x) for branch in self.branches], dim=1)

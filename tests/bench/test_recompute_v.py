@@ -6,18 +6,18 @@ import torch
 
 from bharnet.bench.model_cases import ModelCase
 from bharnet.bench.timing import TimerSettings
-from bharnet.nn import graph_conv
+from bharnet.nn import recompute
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import recompute_v  # noqa: E402
 
 
 def test_compare_measures_both_policies_and_restores_the_default():
-    default = graph_conv._recomputes_v
+    default = recompute.recomputes
     case = ModelCase("body", "train", "small", 2, 2, 16)
     results = recompute_v.compare(case, torch.device("cpu"), "fp32", "auto", rounds=1,
                                   settings=TimerSettings(warmup=0, min_reps=1, min_time_s=0.0))
-    assert graph_conv._recomputes_v is default
-    (ms_r, _, saved_r), (ms_k, _, saved_k) = results["v recomputed"], results["v kept"]
+    assert recompute.recomputes is default
+    (ms_r, _, saved_r), (ms_k, _, saved_k) = results["recomputed"], results["kept"]
     assert ms_r > 0 and ms_k > 0
-    assert 0 < saved_r < saved_k  # the C++ kernels keep v by default; recomputed, it is not saved
+    assert 0 < saved_r < saved_k  # the C++ kernels keep the outputs by default; recomputed, they are not saved

@@ -5,7 +5,7 @@ import torch
 
 from bharnet.fast import swap_layers
 from bharnet.graphs import BODY
-from bharnet.nn import CTRGraphConv, PointwiseConv2d, STGraphConv
+from bharnet.nn import CTRGraphConv, PointwiseConv2d, STGraphConv, recompute
 from bharnet.ops import ctr_graph_conv, ctr_graph_conv_reference
 
 
@@ -150,14 +150,13 @@ def test_fused_graph_convs_keep_x_in_place_of_v(monkeypatch, module, impl):
     """On the GPU kernels' backends (triton, here interpreted) autograd saves x, not
     v = conv_v(x) (H times the output), and the backward recomputes v; the C++ backend on the
     CPU keeps v. Output, dx and every gradient as on the reference."""
-    from bharnet.nn import graph_conv
     layer = _layer(module)
     x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
     swap_layers(layer, "reference")
     expected = _step(layer, x)
     swap_layers(layer, impl)
     with monkeypatch.context() as patch:
-        patch.setattr(graph_conv, "_can_recompute", lambda v: False)
+        patch.setattr(recompute, "can_recompute", lambda v: False)
         saved_v, v_storage, _ = _saved_storages(layer, x)
     assert v_storage in saved_v  # the probe sees v where the op saves it
     saved, v_storage, _ = _saved_storages(layer, x)
@@ -189,7 +188,7 @@ def test_recomputed_v_is_freed_after_the_forward(monkeypatch, module):
     x = torch.randn(2, 16, 9, 25, dtype=torch.float64, requires_grad=True)
     recomputed = layer(x)
     with monkeypatch.context() as patch:
-        patch.setattr(graph_conv, "_can_recompute", lambda v: False)
+        patch.setattr(recompute, "can_recompute", lambda v: False)
         kept = layer(x)
     assert aggregated[0]() is None
     assert aggregated[1]() is not None
@@ -198,9 +197,8 @@ def test_recomputed_v_is_freed_after_the_forward(monkeypatch, module):
 
 
 def _without_recompute(monkeypatch, layer, x, around=None):
-    from bharnet.nn import graph_conv
     with monkeypatch.context() as patch:
-        patch.setattr(graph_conv, "_can_recompute", lambda v: False)
+        patch.setattr(recompute, "can_recompute", lambda v: False)
         return _run(layer, x, around)
 
 
@@ -334,5 +332,5 @@ def test_recomputed_v_refuses_an_input_changed_in_place(changed):
     loss = _loss(layer(h))
     with torch.no_grad():
         (h if changed == "x" else layer.conv_v.weight).mul_(2)
-    with pytest.raises(RuntimeError, match=f"conv_v {changed} is at version"):
+    with pytest.raises(RuntimeError, match=f"PointwiseConv2d {changed} is at version"):
         torch.autograd.grad(loss, [layer.A])

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bharnet.nn import DeformableTemporalConv, MultiScaleTemporalConv
+from bharnet.nn import ConvBN, DeformableTemporalConv, MultiScaleTemporalConv, recompute
 from bharnet.ops import deformable_temporal_conv, deformable_temporal_conv_reference
 
 
@@ -61,3 +61,92 @@ def test_bad_input():
         deformable_temporal_conv(x, torch.zeros(4), torch.randn(5, 3, 4), stride=0)
     with pytest.raises(ValueError, match="multiple of 4"):
         MultiScaleTemporalConv(8, 10)
+
+
+def _conv_bn_step(layer, x, around=None):
+    """Output, dx and every parameter's gradient of a weighted sum of ``layer(x)``, and the data
+    pointers of what autograd saved, with the conv's output (the BN's input) found through a
+    forward hook on the BN."""
+    saved, bn_inputs = set(), []
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+    handle = layer[1].register_forward_pre_hook(
+        lambda module, args: bn_inputs.append(args[0].untyped_storage().data_ptr()))
+    layer.zero_grad()
+    leaf = x.detach().clone().requires_grad_()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if around is None:
+                y = layer(leaf)
+            else:
+                with around():
+                    y = layer(leaf)
+    finally:
+        handle.remove()
+    weights = torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape)
+    (y.float() * weights).sum().backward()
+    grads = [y.detach(), leaf.grad] + [p.grad.clone() for p in layer.parameters()]
+    return grads, saved, bn_inputs[0]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("around", [None, lambda: torch.autocast("cpu", dtype=torch.bfloat16)],
+                         ids=["plain", "autocast_bf16"])
+def test_conv_bn_recomputes_the_bn_input_where_the_policy_says(monkeypatch, stride, around):
+    """Where the backend recomputes (bharnet.nn.recompute.recomputes; the GPU kernels' backends,
+    forced here on the CPU's C++ kernels), autograd does not keep the convolution's output, the
+    BN's input, and the backward recomputes it: the same bits as keeping it, under autocast
+    too; elsewhere (the default on the CPU) it is kept. (Under autocast x is bfloat16, as
+    between a model's blocks: the convolution then saves x itself, which the recomputation
+    keeps; a float32 x would be kept besides the convolution's bfloat16 copy.)"""
+    torch.manual_seed(0)
+    layer = ConvBN(6, 8, stride, impl="cpp")
+    x = torch.randn(2, 6, 9, 5, dtype=torch.float32 if around is None else torch.bfloat16)
+    kept, saved_kept, bn_input = _conv_bn_step(layer, x, around)
+    assert bn_input in saved_kept
+    monkeypatch.setattr(recompute, "recomputes", lambda backend, device_type: True)
+    got, saved, bn_input = _conv_bn_step(layer, x, around)
+    assert bn_input not in saved and len(saved) == len(saved_kept) - 1
+    for a, b in zip(got, kept):
+        assert torch.equal(a, b)
+
+
+def test_conv_bn_on_triton_recomputes_by_default():
+    torch.manual_seed(0)
+    layer = ConvBN(6, 8, impl="triton")
+    _, saved, bn_input = _conv_bn_step(layer, torch.randn(2, 6, 5, 5))
+    assert bn_input not in saved
+
+
+def test_conv_bn_changed_by_its_user_runs_as_a_sequential():
+    """A ConvBN whose modules were changed (another appended, the BN replaced) computes what an
+    nn.Sequential of its modules computes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 5)
+    layer = ConvBN(6, 8)
+    layer.append(torch.nn.ReLU())
+    assert torch.equal(layer(x), torch.nn.Sequential(*layer)(x))
+    layer = ConvBN(6, 8)
+    layer[1] = torch.nn.Identity()
+    assert torch.equal(layer(x), layer[0](x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("around", [None, lambda: torch.autocast("cuda", dtype=torch.bfloat16)],
+                         ids=["plain", "autocast_bf16"])
+def test_conv_bn_on_cuda_recomputes_the_bn_input(monkeypatch, around):
+    """On CUDA, under auto (PyTorch's BatchNorm there), the BN input is recomputed by default:
+    not saved, and the results of keeping it (up to the dtype's rounding, should the recomputed
+    convolution pick another algorithm)."""
+    torch.manual_seed(0)
+    layer = ConvBN(16, 24, 2).cuda()
+    x = torch.randn(4, 16, 9, 25, device="cuda", dtype=torch.float32 if around is None else torch.bfloat16)
+    got, saved, bn_input = _conv_bn_step(layer, x, around)
+    assert bn_input not in saved
+    monkeypatch.setattr(recompute, "recomputes", lambda backend, device_type: False)
+    kept, saved_kept, bn_input = _conv_bn_step(layer, x, around)
+    assert bn_input in saved_kept
+    for a, b in zip(got, kept):
+        torch.testing.assert_close(a, b)
