@@ -173,14 +173,15 @@ sanitize() {
   return "$rc"
 }
 
-# cuda_gdb NODE_ID: one test under cuda-gdb, batch mode; the backtraces where it stops. Passes
-# when the test process exited normally (pytest's own status is in the log).
+# cuda_gdb NODE_ID: one test (GPU-marked or not) under cuda-gdb, batch mode; the backtraces
+# where it stops, whole in cuda_gdb.log ($OUT when set). Passes when the test process exited
+# normally (pytest's own status is in the log).
 cuda_gdb() {
-  local gdb log=$WORK/cuda_gdb.log
+  local gdb log=${OUT:-$WORK}/cuda_gdb.log
   gdb=$(command -v cuda-gdb || ls "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb" 2>/dev/null || true)
   if [[ -z $gdb ]]; then echo "cuda-gdb not found"; return 1; fi
   "$gdb" -batch -ex "set pagination off" -ex "set confirm off" -ex run -ex "thread apply all bt 30" \
-    --args "$PY" -m pytest "$ROOT/$1" -m gpu -vv -p no:cacheprovider > "$log" 2>&1 || true
+    --args "$PY" -m pytest "$ROOT/$1" -vv -p no:cacheprovider > "$log" 2>&1 || true
   grep -v "^\[New Thread\|^\[Thread .* exited\|^\[Detaching" "$log" | tail -n 150
   grep -q "exited normally" "$log"
 }

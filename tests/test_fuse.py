@@ -373,6 +373,19 @@ def test_a_norm_that_is_not_a_batchnorm_is_left_in_place():
         assert relative_error(fuse_for_inference(model, "reference")(x), model(x)) < 1e-12
 
 
+def test_an_mstcn_whose_batchnorms_cannot_be_folded_still_fuses():
+    """SyncBatchNorm in place of the BatchNorms (convert_sync_batchnorm): no ConvBN folds, and
+    the shared input convolution feeds each unfolded branch's BN (a slice of the ConvBN)."""
+    torch.manual_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(MultiScaleTemporalConv(8, 8))).double()
+    model = with_bn_statistics(model).eval()
+    x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
+    fused = fuse_for_inference(model, "reference")
+    assert count(fused, SharedInputBranches) == 1
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) < 1e-12
+
+
 def test_a_batchnorm_left_unfolded_refuses_training_mode_when_called_on_its_own():
     """Called in training mode, the BN that stays (after the max-pool branch) would update its
     statistics, and the fused model would stay wrong after eval()."""

@@ -22,7 +22,6 @@ DESIGN.md's full fusion, the convolution inside the kernels, would save the same
 """
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -121,12 +120,14 @@ def consume(conv: nn.Module, x: torch.Tensor, shape: Optional[Tuple[int, ...]], 
     device = x.device.type
     autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
-    # pack sees y through a weak reference: autograd keeps the hooks (and so their closures)
-    # with every tensor they packed, and a strong one would keep y alive with the graph
-    y_ref = weakref.ref(y)
+    # autograd keeps the hooks, and so their closures, with every tensor they packed: pack
+    # reaches x and y through this dict, emptied when consumer returns, so that the graph keeps
+    # neither (y is what the recomputation frees; x, where enclosing hooks such as checkpoint's
+    # do not keep it, is theirs to drop)
+    live = {"x": x, "y": y}
 
     def pack(t: torch.Tensor):
-        y = y_ref()
+        x, y = live.get("x"), live.get("y")
         if y is not None and _same_tensor(t, y):
             return RecomputedOutput(conv, x, x if outer_pack is None else outer_pack(x), shape, autocast,
                                     outer_unpack)
@@ -137,5 +138,8 @@ def consume(conv: nn.Module, x: torch.Tensor, shape: Optional[Tuple[int, ...]], 
             return packed.recompute()
         return packed if outer_unpack is None else outer_unpack(packed)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return consumer(y)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return consumer(y)
+    finally:
+        live.clear()

@@ -1,6 +1,7 @@
 """Temporal modelling: the deformable temporal convolution (DeTGC) and the multi-scale TCN."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -74,6 +75,13 @@ class ConvBN(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: Optional[str] = None):
         super().__init__(PointwiseConv2d(in_channels, out_channels, stride, impl=impl),
                          BatchNorm2d(out_channels, impl=impl))
+
+    def __getitem__(self, index):
+        """A module, or for a slice an ``nn.Sequential`` (``nn.Sequential`` builds a slice with
+        its class's ``__init__``, which takes channels here)."""
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        return super().__getitem__(index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self) != 2 or not isinstance(self[1], BatchNorm2d):  # changed by its user

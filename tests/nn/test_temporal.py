@@ -150,3 +150,12 @@ def test_conv_bn_on_cuda_recomputes_the_bn_input(monkeypatch, around):
     assert bn_input in saved_kept
     for a, b in zip(got, kept):
         torch.testing.assert_close(a, b)
+
+
+def test_conv_bn_slices_to_a_sequential():
+    """Slicing gives an nn.Sequential of those modules (nn.Sequential builds slices with its
+    class's __init__; fuse_for_inference slices branches it cannot fold)."""
+    layer = ConvBN(6, 8)
+    tail = layer[1:]
+    assert type(tail) is torch.nn.Sequential and list(tail) == [layer[1]]
+    assert list(layer[:]) == list(layer)
