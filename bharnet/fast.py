@@ -135,7 +135,9 @@ class SharedInputBranches(nn.Module):
     The unstrided input convolutions run as one convolution with the stacked weights
     ``[W_1; W_2; ...]`` and biases, whose output is split by channels and fed to the rest of
     each branch; other branches run as they are. Same function, one larger GEMM instead of
-    several thin ones."""
+    several thin ones. The rests' in-place activations (the MSTCN's, for training memory) run
+    out of place (the flags are turned off on the modules given): autograd refuses in-place
+    changes of the split's views."""
 
     def __init__(self, branches: nn.ModuleList):
         super().__init__()
@@ -151,6 +153,10 @@ class SharedInputBranches(nn.Module):
         self.rests = nn.ModuleList(
             (nn.Identity() if isinstance(b, nn.Conv2d) else b[1:]) if shared else b
             for b, shared in zip(branches, self.shared))
+        for rest, shared in zip(self.rests, self.shared):
+            for module in rest.modules() if shared else ():
+                if getattr(module, "inplace", False):
+                    module.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = iter(self.conv(x).split(self.widths, dim=1))

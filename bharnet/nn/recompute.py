@@ -12,8 +12,8 @@ convolution. Two users:
 * :class:`bharnet.nn.temporal.ConvBN` (the MSTCN branches' and the residuals' 1x1 convolution +
   BN): ``y`` is the BatchNorm's input.
 
-Saved for the backward by a float32 BHaRNet-E training step of 4 x 2 clips: 1656 MiB keeping
-both, 1153 recomputing ``v``, 885 recomputing both (eager PyTorch: 2618). On an H200, a bf16
+Saved for the backward by a float32 BHaRNet-E training step of 4 x 2 clips: 1572 MiB keeping
+both, 801 recomputing both (eager PyTorch: 2576; recomputing ``v`` alone saved about 500 MiB). On an H200, a bf16
 step of 32 x 2 clips recomputing ``v`` peaked at 5347 against 7382 MiB and took 1.9% longer
 (``bench/recompute_v.py``; both together not yet measured there). On the CPU the C++ backend
 keeps ``y``: there the convolutions are a large share of a training step (recomputing ``v`` made

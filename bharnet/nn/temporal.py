@@ -104,7 +104,7 @@ class MultiScaleTemporalConv(nn.Module):
         if out_channels % num_branches != 0:
             raise ValueError(f"out_channels={out_channels} must be a multiple of {num_branches}")
         c = out_channels // num_branches
-        act = nn.LeakyReLU(0.1)
+        act = nn.LeakyReLU(0.1, inplace=True)
         self.branches = nn.ModuleList(
             nn.Sequential(ConvBN(in_channels, c, impl=impl), act,
                           DeformableTemporalConv(c, c, kernel_size, d, stride, impl=impl))
