@@ -37,3 +37,25 @@ def test_block_activations_in_place_save_two_feature_maps_less(impl):
     assert saved <= saved_out_of_place - 3 * x.numel() * x.element_size()
     for got, ref in zip(grads, expected):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl, maps", [("reference", 1), ("cpp", 2)])
+def test_mstcn_branch_activations_in_place_save_their_inputs(impl, maps):
+    """The MSTCN branches' LeakyReLU runs in place on its BN's fresh output, so autograd keeps
+    the activation's output instead of its input: the same output and gradients as out of
+    place, and one branch map (a quarter of the output's channels) less wherever the next layer
+    saves that output anyway: the max-pool's in PyTorch (the reference DeTGC saves its samples,
+    not its input), the two DeTGCs' with the C++ kernels (whose max-pool saves indices)."""
+    from bharnet.nn import MultiScaleTemporalConv
+    torch.manual_seed(0)
+    tcn = MultiScaleTemporalConv(16, 16, impl=impl).double()
+    out_of_place = copy.deepcopy(tcn)
+    for branch in out_of_place.branches[:3]:
+        assert branch[1].inplace
+        branch[1] = nn.LeakyReLU(branch[1].negative_slope)
+    x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
+    saved, grads = _saved_and_grads(tcn, x)
+    saved_out_of_place, expected = _saved_and_grads(out_of_place, x)
+    assert saved == saved_out_of_place - maps * x.numel() // 4 * x.element_size()
+    for got, ref in zip(grads, expected):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
