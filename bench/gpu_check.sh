@@ -251,16 +251,15 @@ if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then
   fi
   stage model_profile 150 "$PY" "$ROOT/bench/profile_model.py" "${MODEL_PROFILE_ARGS[@]}"
 fi
+# the A/B scripts' training step (bharnet.bench.alternating's options): a small one on the CPU
+AB_STEP_ARGS=(--device "$DEVICE")
+if [[ $DEVICE == cpu ]]; then AB_STEP_ARGS+=(--preset small --frames 16 --clips 2 --dtype fp32 --rounds 1); fi
 if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then
-  RECOMPUTE_ARGS=(--device "$DEVICE")
-  if [[ $DEVICE == cpu ]]; then RECOMPUTE_ARGS+=(--preset small --frames 16 --clips 2 --dtype fp32 --rounds 1); fi
-  stage recompute 150 "$PY" "$ROOT/bench/recompute_v.py" "${RECOMPUTE_ARGS[@]}"
+  stage recompute 150 "$PY" "$ROOT/bench/recompute_v.py" "${AB_STEP_ARGS[@]}"
 fi
 if [[ -n ${GPU_CHECK_LAYER_BACKENDS:-} ]]; then
   read -r -a LAYER_ARGS <<< "$GPU_CHECK_LAYER_BACKENDS"
-  LAYER_ARGS=(--device "$DEVICE" "${LAYER_ARGS[@]}")
-  if [[ $DEVICE == cpu ]]; then LAYER_ARGS+=(--preset small --frames 16 --clips 2 --dtype fp32 --rounds 1); fi
-  stage layer_backends 150 "$PY" "$ROOT/bench/layer_backends.py" "${LAYER_ARGS[@]}"
+  stage layer_backends 150 "$PY" "$ROOT/bench/layer_backends.py" "${AB_STEP_ARGS[@]}" "${LAYER_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then
   stage sanitize $(( $(left) - 15 < 150 ? $(left) - 15 : 150 )) bash -c sanitize

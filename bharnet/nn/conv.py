@@ -29,7 +29,7 @@ class PointwiseConv2d(nn.Conv2d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``nn.Conv2d.forward`` calls this with the layer's parameters (and
-        ``bharnet.nn.graph_conv`` with the tensors a forward used, to recompute its output)."""
+        ``bharnet.nn.recompute`` with the tensors a forward used, to recompute its output)."""
         if x.dim() != 4 or x.device.type != "cpu":  # unbatched, or off the CPU: every backend is F.conv2d
             return super()._conv_forward(x, weight, bias)
         return pointwise_conv(x, weight, bias, self.stride[0], backend=self.impl)

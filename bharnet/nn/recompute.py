@@ -15,9 +15,10 @@ convolution. Two users:
 Saved for the backward by a float32 BHaRNet-E training step of 4 x 2 clips: 1572 MiB keeping
 both, 801 recomputing both (eager PyTorch: 2576; recomputing ``v`` alone saved about 500 MiB).
 On an H200, a bf16 step of 32 x 2 clips recomputing ``v`` peaked at 5347 against 7382 MiB and
-took 1.9% longer (``bench/recompute_v.py``; both together not yet measured there). On the CPU the C++ backend
-keeps ``y``: there the convolutions are a large share of a training step (recomputing ``v`` made
-a BHaRNet-E step 16% slower on a 2-core EPYC), and memory is rarely what limits the batch.
+took 1.9% longer (``bench/recompute_v.py``; both together not yet measured there). On the CPU
+the C++ backend keeps ``y``: there the convolutions are a large share of a training step
+(recomputing ``v`` made a BHaRNet-E step 16% slower on a 2-core EPYC), and memory is rarely
+what limits the batch.
 DESIGN.md's full fusion, the convolution inside the kernels, would save the same memory.
 """
 from __future__ import annotations
