@@ -14,7 +14,8 @@ writes past them show). Each test runs under four schedules of the emulator (thr
 reversed, thread by thread or warps ahead). The bindings (``csrc/*_cuda.cpp``: input checks,
 allocations, the launch sequence) need torch's CUDA build and are covered by the GPU tests only;
 the DeTGC test runs the DeTGC binding's launch sequence. Also here: ``csrc/fast_divmod.h`` (the kernels' division by
-multiplication) against plain division, for 4,154 divisors (``cuda_host/fast_divmod_check.cpp``).
+multiplication) against plain division, for 4,154 divisors (``cuda_host/fast_divmod_check.cpp``),
+and the emulator's own schedules and barriers (``cuda_host/emulator_check.cpp``).
 """
 import concurrent.futures
 import ctypes
@@ -84,6 +85,24 @@ def test_fast_divmod_matches_division(tmp_path):
     run = subprocess.run([str(binary)], capture_output=True, text=True)
     assert run.returncode == 0 and "ok FastDivmod" in run.stdout, run.stdout + run.stderr
 
+
+
+def test_the_emulator_shows_races_keeps_fibers_apart_and_stops_diverging_barriers(tmp_path):
+    """cuda_host/emulator_check.cpp: in each schedule a missing __syncthreads changes a result,
+    warp shuffles sum right and each thread's stack survives the fiber switches; threads that
+    wait at different barriers abort with the emulator's message."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("the emulator needs g++ (GCC's vector extensions)")
+    binary = tmp_path / "emulator_check"
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-w", f"-I{_cuda_include()}", f"-I{ROOT / 'csrc'}",
+                            f"-I{HOST_DIR}", "-o", str(binary), str(HOST_DIR / "emulator_check.cpp")],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok emulator" in run.stdout, run.stdout + run.stderr
+    diverged = subprocess.run([str(binary), "deadlock"], capture_output=True, text=True)
+    assert diverged.returncode != 0 and "threads wait at different barriers" in diverged.stderr, diverged.stdout
 
 # Every buffer a kernel sees sits between GUARD guard elements on each side. Inputs' guards are
 # NaN (-7 in int32 tables, False in masks): a read past a tensor's ends brings NaN into the results
