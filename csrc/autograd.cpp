@@ -47,7 +47,11 @@ variable_list once_differentiable(variable_list grads, const char* op) {
     g.set_requires_grad(true);
   }
   const auto n = static_cast<int64_t>(grads.size());
-  return torch::autograd::DelayedError(std::string(op) + ": double backward is not supported", n)
+  return torch::autograd::DelayedError(std::string(op) +
+                                           ": double backward is not supported (gradients of gradients, e.g. "
+                                           "create_graph=True for a gradient penalty); use backend='reference' "
+                                           "for them",
+                                       n)
       .apply(std::move(grads));
 }
 

@@ -6,7 +6,7 @@ import os
 from typing import Callable, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._C import _functions as autograd_functions
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
 
@@ -81,16 +81,49 @@ def _direct(fused: FusedOp, *args):
     return fused.body(*args)
 
 
-def with_autograd(forward: FusedOp, make_backward: Callable, setup_context: Callable) -> Callable:
+def double_backward_error(op: str) -> str:
+    """The error of differentiating a fused op's backward (the C++ ops say the same)."""
+    return (f"bharnet::{op}: double backward is not supported (gradients of gradients, e.g. "
+            f"create_graph=True for a gradient penalty); use backend='reference' for them")
+
+
+def differentiable_once(op: str, backward: Callable) -> Callable:
+    """``backward`` run under no_grad; under ``create_graph`` its gradients come out of a node
+    that raises :func:`double_backward_error` when they are differentiated (what
+    ``torch.autograd.function.once_differentiable`` does, with an error that names the op)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            return outputs
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        refusal = autograd_functions.DelayedError(double_backward_error(op).encode(), len(outputs))
+        return refusal(*[None if t is None else t.detach().requires_grad_() for t in outputs])
+    return wrapper
+
+
+def _refuse_double_backward(backward_op: FusedOp, op: str) -> None:
+    def refuse(ctx, *grads):
+        raise RuntimeError(double_backward_error(op))
+    backward_op.op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+
+
+def with_autograd(forward: FusedOp, make_backward: Callable, setup_context: Callable,
+                  backward_ops: tuple = ()) -> Callable:
     """Register autograd for ``forward.op`` and return the function that calls the op.
 
     ``make_backward(run)`` builds the autograd backward ``backward(ctx, *grads)``; it calls its
-    backward ops as ``run(fused_op, *args)``. Registered with ``run`` going through the
-    dispatcher, it is the op's autograd formula (compile, opcheck). The returned function
-    takes the direct path for plain eager calls (first argument a plain tensor, nothing
-    tracing): an ``autograd.Function`` over the bodies with the same ``setup_context`` and
-    ``make_backward(run)`` running the backward bodies, double backward refused like the op's."""
+    backward ops (``backward_ops``) as ``run(fused_op, *args)``. Registered with ``run`` going
+    through the dispatcher, it is the op's autograd formula (compile, opcheck); the backward ops'
+    own autograd raises :func:`double_backward_error`. The returned function takes the direct
+    path for plain eager calls (first argument a plain tensor, nothing tracing): an
+    ``autograd.Function`` over the bodies with the same ``setup_context`` and
+    ``make_backward(run)`` running the backward bodies, double backward refused with the same
+    error (:func:`differentiable_once`)."""
     forward.op.register_autograd(make_backward(_through_dispatcher), setup_context=setup_context)
+    for backward_op in backward_ops:
+        _refuse_double_backward(backward_op, forward.name)
     body = forward.body
 
     def direct_forward(ctx, *inputs):
@@ -100,7 +133,7 @@ def with_autograd(forward: FusedOp, make_backward: Callable, setup_context: Call
 
     direct_function = type(f"{forward.name}_direct", (torch.autograd.Function,), dict(
         forward=staticmethod(direct_forward),
-        backward=staticmethod(once_differentiable(make_backward(_direct)))))
+        backward=staticmethod(differentiable_once(forward.name, make_backward(_direct)))))
     direct, op = direct_function.apply, forward.op
 
     def call(*args):

@@ -224,7 +224,8 @@ def _make_backward(run):
     return backward
 
 
-_batch_norm_train_call = with_autograd(_batch_norm_train_op, _make_backward, _setup_context)
+_batch_norm_train_call = with_autograd(_batch_norm_train_op, _make_backward, _setup_context,
+                                       (_batch_norm_train_backward_op,))
 
 
 def _triton_kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

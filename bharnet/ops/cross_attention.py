@@ -73,14 +73,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._ext import cpp_backend_availability, registered_after_loading
 from . import cpu_linear
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import accumulation_dtype, expect_tensor, expect_triton_dtype
-from ._custom_op import (as_dtype, cdiv, direct_call_allowed, launcher, new_output, next_pow2, triton_custom_op,
-                         with_autograd)
+from ._custom_op import (as_dtype, cdiv, differentiable_once, direct_call_allowed, launcher, new_output, next_pow2,
+                         triton_custom_op, with_autograd)
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import (AUTOCAST_CAST_DTYPES, _layer_norm_backward_op, _layer_norm_op, compute_dtype,
                          layer_norm)
@@ -308,7 +307,7 @@ def _autograd_backward(core_backward):
 
 _core_call = with_autograd(
     _core_op, lambda run: _autograd_backward(lambda *args: run(_core_backward_op, *args)),
-    _setup_context)
+    _setup_context, (_core_backward_op,))
 
 
 def _check_projections(q, kv):
@@ -383,7 +382,7 @@ class _TritonLayerDirect(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @functools.partial(differentiable_once, "cross_attention")
     def backward(ctx, dy):
         (x_q, x_kv, a_q, a_kv, q, kv, o, lse, key_mask, q_w, kv_w, out_w, q_weight, q_bias, kv_weight,
          kv_bias, out_weight, out_bias, nq_w, nq_b, nkv_w, nkv_b, mean_q, rstd_q, mean_kv, rstd_kv) = ctx.saved_tensors

@@ -251,7 +251,8 @@ def _make_backward(run):
     return backward
 
 
-_ctr_graph_conv_call = with_autograd(_ctr_graph_conv_op, _make_backward, _setup_context)
+_ctr_graph_conv_call = with_autograd(_ctr_graph_conv_op, _make_backward, _setup_context,
+                                     (_static_backward_op, _backward_op))
 
 
 def _triton_limit_exceeded(num_joints: int, batch: int) -> Optional[str]:

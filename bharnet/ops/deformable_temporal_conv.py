@@ -143,7 +143,7 @@ def _make_backward(run):
     return backward
 
 
-_triton_call = with_autograd(_triton_forward, _make_backward, _setup_context)
+_triton_call = with_autograd(_triton_forward, _make_backward, _setup_context, (_triton_backward,))
 
 
 def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):

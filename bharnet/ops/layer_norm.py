@@ -170,7 +170,7 @@ def _make_backward(run):
     return backward
 
 
-_layer_norm_call = with_autograd(_layer_norm_op, _make_backward, _setup_context)
+_layer_norm_call = with_autograd(_layer_norm_op, _make_backward, _setup_context, (_layer_norm_backward_op,))
 
 
 def validate(x, weight, bias) -> None:
