@@ -11,7 +11,8 @@ by the key mask::
     P[i, j]   = exp(s[i, j] - lse[i])                       (= softmax_j s[i, j])
     o_i       = sum_j P[i, j] v_j                           (0 when no key is valid)
 
-so a query whose keys are all masked gets a zero output and, with lse = +inf, zero gradients.
+so a query whose keys are all masked gets a zero output and, with lse = +inf, zero gradients; a
+query whose scores are NaN gets o = NaN and lse = NaN (so NaN gradients), as in the CUDA kernels.
 
 Backward (``dO`` = dL/do; ``scale = 1/sqrt(d)``)::
 
@@ -123,11 +124,13 @@ def cross_attention_fwd_kernel(q_ptr, kv_ptr, mask_ptr, o_ptr, lse_ptr,
                                                  out_dtype=ACC_DTYPE)
         m = m_new
         m_ref = m_new_ref
-    has_keys = denom > 0
-    denom_safe = tl.where(has_keys, denom, 1.0)
+    # denom == 0, not `not denom > 0`: a row whose scores are NaN (diverged weights) keeps NaN in
+    # lse, so that its gradients come out NaN too instead of the zeros of a row without keys
+    no_keys = denom == 0
+    denom_safe = tl.where(no_keys, 1.0, denom)
     o_base = n * Lq * D + h * HEAD_DIM
     _store_rows(o_ptr, o_base, rows, Lq, D, cols, HEAD_DIM, acc / denom_safe[:, None])
-    lse = tl.where(has_keys, m_ref + tl.log(denom_safe), float("inf"))
+    lse = tl.where(no_keys, float("inf"), m_ref + tl.log(denom_safe))
     tl.store(lse_ptr + pid_nh * Lq + rows, lse, mask=rows < Lq)
 
 

@@ -305,3 +305,33 @@ def test_rows_whose_scores_are_all_very_negative(masked_first_block):
     keep = mask[0]
     torch.testing.assert_close(o[0], kv[0, keep, d:].mean(0).expand(Lq, d), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse[0, 0], torch.full((Lq,), -100.0 + math.log(int(keep.sum()))), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("Lk", [40, 200], ids=["one_key_block", "streamed_keys"])
+def test_nan_scores_give_nan_rows_and_nan_gradients(Lk, backend):
+    """A query whose scores are NaN (a diverged weight) gets o = NaN and lse = NaN, as the
+    reference and the CUDA kernels do, and its NaN reaches dkv; the other queries' outputs stay
+    finite. The Triton forward took the NaN row for one without valid keys (lse = +inf), so its
+    backward gave the keys finite gradients and hid the divergence."""
+    import math
+
+    if backend == "cpp":
+        ops_module._register_cpp_ops()  # the C++ core's autograd
+    N, Lq, heads, d = 1, 5, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(N, Lq, heads * d, generator=g)
+    kv = torch.randn(N, Lk, 2 * heads * d, generator=g, requires_grad=True)
+    q[0, 2, 0] = math.nan  # head 0 of query 2
+    q.requires_grad_()
+    core = (torch.ops.bharnet.cross_attention_core if backend == "triton"
+            else torch.ops.bharnet.cross_attention_core_cpp)
+    o, lse = core(q, kv, None, heads)
+    assert o[0, 2, :8].isnan().all() and lse[0, 0, 2].isnan()
+    bad = torch.zeros(N, Lq, heads * d, dtype=torch.bool)
+    bad[0, 2, :8] = True
+    assert torch.isfinite(o[~bad]).all() and torch.isfinite(lse[0, 1]).all()
+    assert torch.isfinite(lse[0, 0, [0, 1, 3, 4]]).all()
+    o.sum().backward()
+    assert kv.grad[..., :8].isnan().any() and kv.grad[..., 16:24].isnan().any()  # head 0's keys and values
+    assert torch.isfinite(kv.grad[..., 8:16]).all()  # head 1's keys
