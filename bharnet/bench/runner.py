@@ -27,7 +27,7 @@ from .providers import (COMPILE_MODES, DTYPES, Provider, autocast, backend_skip_
                         dtype_skip_reason, model_providers, providers)
 from .report import METRICS, Note, Row, format_table, write_csv, write_plots
 from .roofline import copy_bandwidth, gbps, roofline_percent, tensor_bytes
-from .timing import TimerSettings, first_call_seconds, measure
+from .timing import TimerSettings, first_call_seconds, interleaved
 
 COMPILE_SCOPES = ("ops", "infer", "train")
 INPUT_SETS = 3  # fresh inputs: op calls cycle through this many input sets
@@ -41,7 +41,9 @@ per op (fwd, bwd, fwd+bwd at the NTU shapes) and per model (training step, singl
 inference), in fp32 and bf16 autocast."""
 
 EPILOG = """\
-Timing: CPU, repeated wall-clock calls (median, 20th/80th percentiles) after warm-up, with
+Timing: the providers of one case side by side, their calls in alternating blocks (so that a
+drift of the machine's speed reaches them alike; each compiled model provider is timed alone);
+CPU, repeated wall-clock calls (median, 20th/80th percentiles) after warm-up, with
 freed memory kept by glibc's malloc (bharnet.fast.keep_freed_memory; config malloc=kept); CUDA,
 CUDA events with the L2 cache flushed before each call (triton.testing.do_bench's protocol).
 Calls cycle through several input sets. Compile time (the first call) is reported apart.
@@ -190,13 +192,22 @@ def resolve_options(args: argparse.Namespace) -> Options:
 
 @dataclass
 class Job:
-    """One provider on one case and dtype; ``phase`` orders jobs (cheap and essential first)."""
+    """Providers measured side by side (their calls interleaved) on one case and dtype;
+    ``phase`` orders jobs (cheap and essential first)."""
 
     phase: int
     what: str
-    provider: Provider
+    providers: List[Provider]
     kind: str
     work: Callable[[], List[Row]] = field(repr=False)
+
+    @property
+    def names(self) -> str:
+        return ",".join(p.name for p in self.providers)
+
+    @property
+    def compiles(self) -> bool:
+        return any(p.compile_mode is not None for p in self.providers)
 
 
 class Bench:
@@ -234,59 +245,86 @@ class Bench:
                          self.copy_gbps, gbps(moved, t.p80), gbps(moved, t.p20))]
 
     # --- ops ------------------------------------------------------------------------------
-    def op_job(self, case: OpCase, dtype: str, provider: Provider) -> List[Row]:
-        """Compile time (compiled providers), then fwd, bwd and fwd+bwd: time, GB/s, % of
-        copy bandwidth (memory-bound ops), TFLOP/s (ops with a FLOP count), peak memory of
-        fwd+bwd, bytes saved by fwd."""
-        device, settings, name = self.device, self.opts.settings, provider.name
-        config = case.config(dtype)
+    def op_job(self, case: OpCase, dtype: str, providers: List[Provider]) -> List[Row]:
+        """Compile time (compiled providers), then fwd, bwd and fwd+bwd of every provider,
+        interleaved (:func:`interleaved`), on the same input sets: time, GB/s, % of copy
+        bandwidth (memory-bound ops), TFLOP/s (ops with a FLOP count); then per provider the
+        peak memory of fwd+bwd and the bytes saved by fwd. A provider that fails or rejects
+        the inputs on its first call is noted and left out."""
+        device, config = self.device, case.config(dtype)
         sets = [case.make(device, DTYPES[dtype]) for _ in range(INPUT_SETS)]
         grads_out: List[torch.Tensor] = []
-        forward, first_s = self._op_forward(case, dtype, provider, sets, grads_out)
-        rows = []
-        if provider.compile_mode is not None:
-            rows.append(self.row(case.op, name, "fwd+bwd", "compile", case.x, config, first_s))
+        rows, ready = [], []
+        for provider in providers:
+            first = self._provider_result(provider, f"{case.op} {case.x} {dtype}",
+                                          lambda p=provider: self._op_forward(case, dtype, p, sets, grads_out))
+            if first is None:
+                continue
+            forward, first_s = first
+            if provider.compile_mode is not None:
+                rows.append(self.row(case.op, provider.name, "fwd+bwd", "compile", case.x, config, first_s))
+            ready.append((provider, forward))
+        if not ready:
+            return rows
         index = itertools.cycle(range(INPUT_SETS))
 
-        def fwd():
-            forward(sets[next(index)])
+        def calls(forward):
+            def fwd():
+                forward(sets[next(index)])
 
-        def fwd_bwd():
-            i = next(index)
-            torch.autograd.grad(forward(sets[i]), sets[i].grads, grads_out[i])
+            def fwd_bwd():
+                i = next(index)
+                torch.autograd.grad(forward(sets[i]), sets[i].grads, grads_out[i])
 
-        def bwd_setup():
-            i = next(index)
-            return forward(sets[i]), i
+            def bwd_setup():
+                i = next(index)
+                return forward(sets[i]), i
 
-        def bwd(state):
-            y, i = state
-            torch.autograd.grad(y, sets[i].grads, grads_out[i])
+            def bwd(state):
+                y, i = state
+                torch.autograd.grad(y, sets[i].grads, grads_out[i])
+            return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwd+bwd": (fwd_bwd, None)}
 
+        per_provider = [calls(forward) for _, forward in ready]
         args_bytes, out_bytes = tensor_bytes(sets[0].args), grads_out[0].nbytes
         moved = {"fwd": args_bytes + out_bytes,
                  "bwd": out_bytes + args_bytes + tensor_bytes(sets[0].grads)}
         moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
-        for mode, call, setup in (("fwd", fwd, None), ("bwd", bwd, bwd_setup), ("fwd+bwd", fwd_bwd, None)):
-            t = measure(call, device, settings, setup)
-            rows.append(self.row(case.op, name, mode, "time", case.x, config, t.p50, t.p20, t.p80))
-            rate_times = (t.p50, t.p80, t.p20)  # a rate's p20 comes from the p80 time
-            rows.append(self.row(case.op, name, mode, "gbps", case.x, config,
-                                 *[gbps(moved[mode], ms) for ms in rate_times]))
-            if case.memory_bound:
-                rows.append(self.row(case.op, name, mode, "roofline", case.x, config,
-                                     *[roofline_percent(moved[mode], ms, self.copy_gbps) for ms in rate_times]))
-            if case.fwd_flops:
-                flops = {"fwd": case.fwd_flops, "bwd": case.bwd_flops,
-                         "fwd+bwd": case.fwd_flops + case.bwd_flops}[mode]
-                rows.append(self.row(case.op, name, mode, "tflops", case.x, config,
-                                     *[flops / (ms * 1e-3) / 1e12 for ms in rate_times]))
-        peak = peak_memory(fwd_bwd, device)
-        if peak is not None:
-            rows.append(self.row(case.op, name, "fwd+bwd", "peak_mem", case.x, config, peak / MIB))
-        saved = saved_tensor_bytes(lambda: forward(sets[0]))
-        rows.append(self.row(case.op, name, "fwd", "saved_mem", case.x, config, saved / MIB))
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            timings = interleaved([c[mode] for c in per_provider], device, self.opts.settings)
+            for (provider, _), t in zip(ready, timings):
+                name = provider.name
+                rows.append(self.row(case.op, name, mode, "time", case.x, config, t.p50, t.p20, t.p80))
+                rate_times = (t.p50, t.p80, t.p20)  # a rate's p20 comes from the p80 time
+                rows.append(self.row(case.op, name, mode, "gbps", case.x, config,
+                                     *[gbps(moved[mode], ms) for ms in rate_times]))
+                if case.memory_bound:
+                    rows.append(self.row(case.op, name, mode, "roofline", case.x, config,
+                                         *[roofline_percent(moved[mode], ms, self.copy_gbps) for ms in rate_times]))
+                if case.fwd_flops:
+                    flops = {"fwd": case.fwd_flops, "bwd": case.bwd_flops,
+                             "fwd+bwd": case.fwd_flops + case.bwd_flops}[mode]
+                    rows.append(self.row(case.op, name, mode, "tflops", case.x, config,
+                                         *[flops / (ms * 1e-3) / 1e12 for ms in rate_times]))
+        for (provider, forward), c in zip(ready, per_provider):
+            peak = peak_memory(c["fwd+bwd"][0], device)
+            if peak is not None:
+                rows.append(self.row(case.op, provider.name, "fwd+bwd", "peak_mem", case.x, config, peak / MIB))
+            saved = saved_tensor_bytes(lambda: forward(sets[0]))
+            rows.append(self.row(case.op, provider.name, "fwd", "saved_mem", case.x, config, saved / MIB))
         return rows
+
+    def _provider_result(self, provider: Provider, what: str, work: Callable):
+        """``work()``, or None with a note when it rejects the inputs or fails (a failing
+        provider is a result, not a crash)."""
+        try:
+            return work()
+        except Rejected as reason:  # e.g. an SDPA backend without a kernel for these inputs
+            self.notes.append(Note("skipped", provider.name, what, str(reason)))
+        except Exception as error:
+            self.failed = True
+            self.notes.append(Note("error", provider.name, what, _one_line(error)))
+        return None
 
     def _op_forward(self, case: OpCase, dtype: str, provider: Provider, sets, grads_out):
         """``(forward, seconds)``: the op's forward for ``provider`` and the time of a first
@@ -312,36 +350,52 @@ class Bench:
 
         def first_call():
             y = forward(sets[0])
-            grads_out[:] = [torch.randn_like(y) for _ in sets]
+            if not grads_out:  # drawn once: every provider gets the same output gradients
+                grads_out[:] = [torch.randn_like(y) for _ in sets]
             torch.autograd.grad(y, sets[0].grads, grads_out[0])
 
         with _cold_compile(provider, self.opts.quick):
             return forward, first_call_seconds(first_call, self.device)
 
     # --- models ---------------------------------------------------------------------------
-    def model_job(self, case: ModelCase, dtype: str, provider: Provider) -> List[Row]:
-        """Compile time (compiled providers), step time and peak memory of one model step, and
-        for training without compile the bytes its forward saves for the backward."""
-        device, name = self.device, provider.name
-        config = case.config(dtype)
-        if provider.backend == "auto":
-            config += ";auto=" + "/".join(f"{op}:{_what_auto_runs(op, device.type, dtype)}" for op in OP_FUNCTIONS)
-        with use_backend(provider.backend):
-            step = make_step(case, device, dtype, provider.compile_mode, provider.fold)
-            with _cold_compile(provider, self.opts.quick):
-                first_s = first_call_seconds(step, device)
-            rows = []
+    def model_job(self, case: ModelCase, dtype: str, providers: List[Provider]) -> List[Row]:
+        """Compile time (compiled providers), then the step time of every provider, interleaved
+        (:func:`interleaved`); then per provider the peak memory of one step and, for training
+        without compile, the bytes its forward saves for the backward."""
+        device, rows, ready = self.device, [], []
+        for provider in providers:
+            config = case.config(dtype)
+            if provider.backend == "auto":
+                config += ";auto=" + "/".join(f"{op}:{_what_auto_runs(op, device.type, dtype)}" for op in OP_FUNCTIONS)
+            step = self._provider_result(provider, f"{case.model} {case.mode} {case.x} {dtype}",
+                                         lambda p=provider: self._first_step(case, dtype, p))
+            if step is None:
+                continue
             if provider.compile_mode is not None:
-                rows.append(self.row(case.model, name, case.mode, "compile", case.x, config, first_s))
-            t = measure(step, device, self.opts.settings)
-            rows.append(self.row(case.model, name, case.mode, "time", case.x, config, t.p50, t.p20, t.p80))
-            peak = peak_memory(step, device)
-            if case.mode == "train" and provider.compile_mode is None:
-                saved = step.saved_bytes()
-                rows.append(self.row(case.model, name, case.mode, "saved_mem", case.x, config, saved / MIB))
-        if peak is not None:
-            rows.append(self.row(case.model, name, case.mode, "peak_mem", case.x, config, peak / MIB))
+                rows.append(self.row(case.model, provider.name, case.mode, "compile", case.x, config,
+                                     step.first_s))
+            ready.append((provider, config, step))
+        timings = interleaved([(_under(p.backend, step), None) for p, _, step in ready], device,
+                              self.opts.settings)
+        for (provider, config, step), t in zip(ready, timings):
+            rows.append(self.row(case.model, provider.name, case.mode, "time", case.x, config, t.p50, t.p20, t.p80))
+            with use_backend(provider.backend):
+                peak = peak_memory(step, device)
+                if case.mode == "train" and provider.compile_mode is None:
+                    rows.append(self.row(case.model, provider.name, case.mode, "saved_mem", case.x, config,
+                                         step.saved_bytes() / MIB))
+            if peak is not None:
+                rows.append(self.row(case.model, provider.name, case.mode, "peak_mem", case.x, config, peak / MIB))
         return rows
+
+    def _first_step(self, case: ModelCase, dtype: str, provider: Provider):
+        """The step of ``provider`` after its first (compiling) call, whose seconds are its
+        ``first_s``."""
+        with use_backend(provider.backend):
+            step = make_step(case, self.device, dtype, provider.compile_mode, provider.fold)
+            with _cold_compile(provider, self.opts.quick):
+                step.first_s = first_call_seconds(step, self.device)
+        return step
 
     # --- schedule -------------------------------------------------------------------------
     def jobs(self) -> List[Job]:
@@ -360,6 +414,7 @@ class Bench:
                     usable.append(provider)
             for index, case in enumerate(quick_cases(op) if opts.quick else full_cases(op, opts.op_batch)):
                 for dtype in opts.dtypes:
+                    group = []
                     for provider in usable:
                         if opts.quick and index > 0 and provider.compile_mode is not None:
                             continue  # --quick compiles the first shape only
@@ -368,15 +423,21 @@ class Bench:
                             if index == 0:
                                 self.notes.append(Note("skipped", provider.name, f"{op} {dtype}", reason))
                             continue
-                        jobs.append(Job(0 if index == 0 else 2, f"{op} {case.x} {dtype}", provider, "op",
-                                        lambda c=case, d=dtype, p=provider: self.op_job(c, d, p)))
+                        group.append(provider)
+                    if group:
+                        jobs.append(Job(0 if index == 0 else 2, f"{op} {case.x} {dtype}", group, "op",
+                                        lambda c=case, d=dtype, g=group: self.op_job(c, d, g)))
         for case in model_cases(opts.models, opts.preset, opts.batch, opts.persons, opts.frames):
             modes = opts.compile_modes if case.mode in opts.compile_scopes else []
-            for provider in model_providers(modes, infer=case.mode == "infer"):
-                phase = 1 if provider.compile_mode is None else (3 if case.mode == "infer" else 4)
+            every = model_providers(modes, infer=case.mode == "infer")
+            # the eager providers side by side; each compiled one alone, later (a model's first
+            # compile takes a minute or more, so the budget decides provider by provider)
+            groups = [[p for p in every if p.compile_mode is None]] + [[p] for p in every if p.compile_mode]
+            for group in groups:
+                phase = 1 if group[0].compile_mode is None else (3 if case.mode == "infer" else 4)
                 for dtype in opts.dtypes:
-                    jobs.append(Job(phase, f"{case.model} {case.mode} {case.x} {dtype}", provider, "model",
-                                    lambda c=case, d=dtype, p=provider: self.model_job(c, d, p)))
+                    jobs.append(Job(phase, f"{case.model} {case.mode} {case.x} {dtype}", group, "model",
+                                    lambda c=case, d=dtype, g=group: self.model_job(c, d, g)))
         return sorted(jobs, key=lambda job: job.phase)
 
     def run(self) -> None:
@@ -387,36 +448,38 @@ class Bench:
         interrupted = False
         for number, job in enumerate(jobs, 1):
             elapsed = time.perf_counter() - start
-            kind = job.kind + ("+compile" if job.provider.compile_mode else "")
+            kind = job.kind + ("+compile" if job.compiles else "")
             if interrupted:
-                self.notes.append(Note("skipped", job.provider.name, job.what, "interrupted"))
+                self._note_all("skipped", job, "interrupted")
                 continue
             if budget is not None and budget - elapsed < MIN_BUDGET_S[kind]:
-                self.notes.append(Note("skipped", job.provider.name, job.what,
-                                       f"time budget (--budget {budget:g} s) spent"))
+                self._note_all("skipped", job, f"time budget (--budget {budget:g} s) spent")
                 continue
             job_start = time.perf_counter()
             try:
                 status = self._run_job(job)
             except KeyboardInterrupt:
                 interrupted, status = True, "interrupted"
-                self.notes.append(Note("skipped", job.provider.name, job.what, "interrupted"))
-            print(f"[{number}/{len(jobs)} {elapsed:5.0f}s] {job.what:<44} {job.provider.name:<22} "
+                self._note_all("skipped", job, "interrupted")
+            print(f"[{number}/{len(jobs)} {elapsed:5.0f}s] {job.what:<44} {job.names} "
                   f"{status} ({time.perf_counter() - job_start:.1f}s)", file=sys.stderr, flush=True)
 
+    def _note_all(self, kind: str, job: Job, text: str) -> None:
+        for provider in job.providers:
+            self.notes.append(Note(kind, provider.name, job.what, text))
+
     def _run_job(self, job: Job) -> str:
+        """Runs ``job`` (its providers' own failures are noted inside it); an error that
+        escapes it is noted for all of them."""
         try:
             self._record(job.work())
             return "ok"
-        except Rejected as reason:  # e.g. an SDPA backend without a kernel for these inputs
-            self.notes.append(Note("skipped", job.provider.name, job.what, str(reason)))
-            return "skipped"
         except Exception as error:  # a failing provider is a result, not a crash
             self.failed = True
-            self.notes.append(Note("error", job.provider.name, job.what, _one_line(error)))
+            self._note_all("error", job, _one_line(error))
             return "error"
         finally:
-            if job.provider.compile_mode is not None:
+            if job.compiles:
                 torch._dynamo.reset()  # free the compiled graphs; the next job compiles afresh
             gc.collect()
             if self.device.type == "cuda":
@@ -435,6 +498,14 @@ def _what_auto_runs(op: str, device_type: str, dtype: str) -> str:
     if backend_skip_reason(op, backend, device_type) or dtype_skip_reason(op, backend, device_type, dtype):
         return "reference"
     return backend
+
+
+def _under(backend: str, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` called with the global backend ``backend`` (bharnet.ops.use_backend)."""
+    def call():
+        with use_backend(backend):
+            step()
+    return call
 
 
 def _cold_compile(provider: Provider, quick: bool):

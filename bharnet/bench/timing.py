@@ -1,16 +1,18 @@
 """Timers: repeated wall-clock medians on CPU, CUDA events on GPU.
 
-Both return a :class:`Timing` with the 20th, 50th and 80th percentiles in milliseconds. The
-function under test takes no arguments, or the result of an untimed ``setup`` call (e.g. the
-forward pass before a timed backward); callers make it cycle through several input sets so
-that each call sees fresh inputs. Warm-up calls are never timed.
+:func:`interleaved` times several functions side by side, in alternating blocks of calls;
+:func:`measure` times one. Each gives a :class:`Timing` with the 20th, 50th and 80th
+percentiles in milliseconds. A function under test takes no arguments, or the result of an
+untimed ``setup`` call (e.g. the forward pass before a timed backward); callers make it cycle
+through several input sets so that each call sees fresh inputs. Warm-up calls are never timed.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,6 +58,11 @@ def timing_from_seconds(samples: Sequence[float]) -> Timing:
     return Timing(quantile(ms, 0.2), quantile(ms, 0.5), quantile(ms, 0.8))
 
 
+Call = Tuple[Callable, Optional[Callable[[], object]]]  # (fn, setup): each timed call is fn() or fn(setup())
+
+BLOCKS = 8  # a function's calls are timed in about this many blocks, alternating with the others'
+
+
 def _with_setup(fn: Callable, setup: Optional[Callable[[], object]]):
     """``(call, setup)`` such that every timed call is ``call(setup())``."""
     if setup is None:
@@ -63,40 +70,59 @@ def _with_setup(fn: Callable, setup: Optional[Callable[[], object]]):
     return fn, setup
 
 
-def cpu_time(fn: Callable, settings: TimerSettings = TimerSettings(),
-             setup: Optional[Callable[[], object]] = None) -> Timing:
-    """Wall-clock time of ``fn()`` with ``time.perf_counter``, one sample per call. With
-    ``setup``, each call is ``fn(setup())`` and only ``fn`` is timed."""
-    call, setup = _with_setup(fn, setup)
-    for _ in range(settings.warmup):
-        call(setup())
-    samples: List[float] = []
-    start = time.perf_counter()
-    while len(samples) < settings.max_reps:
+def interleaved(calls: Sequence[Call], device: torch.device, settings: TimerSettings = TimerSettings()) -> List[Timing]:
+    """Timings of several functions measured side by side: after ``settings.warmup`` untimed
+    calls of each, the functions take turns in blocks of calls (each block about
+    ``min_time_s / BLOCKS`` long, by the last warm-up call; the first function of a round
+    rotates), until each has at least ``min_reps`` timed calls and ``min_time_s`` seconds of
+    them (at most ``max_reps``). A slow drift of the machine's speed (other load, clocks) thus
+    reaches every function alike, where timing one after the other would put it on one alone.
+    CPU: ``time.perf_counter`` around each call. CUDA: events around each call, each after
+    zeroing a 256 MiB buffer to flush the L2 cache (``triton.testing.do_bench``'s protocol)."""
+    prepared = [_with_setup(fn, setup) for fn, setup in calls]
+    cuda = device.type == "cuda"
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if cuda else None
+    block = []
+    for call, setup in prepared:
+        for _ in range(settings.warmup):
+            call(setup())
+        estimate_s = _one_call_seconds(call, setup, cuda)
+        block.append(max(1, min(settings.max_reps, math.ceil(settings.min_time_s / BLOCKS / max(estimate_s, 1e-6)))))
+    samples: List[List[float]] = [[] for _ in prepared]
+    for round_index in itertools.count():
+        pending = [i for i, s in enumerate(samples)
+                   if len(s) < settings.max_reps and (len(s) < settings.min_reps or sum(s) < settings.min_time_s)]
+        if not pending:
+            break
+        for i in pending[round_index % len(pending):] + pending[:round_index % len(pending)]:
+            call, setup = prepared[i]
+            reps = min(block[i], settings.max_reps - len(samples[i]))
+            samples[i] += _cuda_block(call, setup, reps, flush) if cuda else _cpu_block(call, setup, reps)
+    return [timing_from_seconds(s) for s in samples]
+
+
+def _one_call_seconds(call, setup, cuda: bool) -> float:
+    arg = setup()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    call(arg)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _cpu_block(call, setup, reps: int) -> List[float]:
+    samples = []
+    for _ in range(reps):
         arg = setup()
         t0 = time.perf_counter()
         call(arg)
         samples.append(time.perf_counter() - t0)
-        if len(samples) >= settings.min_reps and time.perf_counter() - start >= settings.min_time_s:
-            break
-    return timing_from_seconds(samples)
+    return samples
 
 
-def cuda_time(fn: Callable, settings: TimerSettings = TimerSettings(),
-              setup: Optional[Callable[[], object]] = None) -> Timing:
-    """CUDA-event time of ``fn()`` (or ``fn(setup())``, timing ``fn`` only), the protocol of
-    ``triton.testing.do_bench``: warm-up, an estimate, then enough calls to fill
-    ``min_time_s`` (at least ``min_reps``), each after flushing the L2 cache."""
-    call, setup = _with_setup(fn, setup)
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for _ in range(settings.warmup):
-        call(setup())
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    call(setup())
-    torch.cuda.synchronize()
-    estimate_s = time.perf_counter() - t0
-    reps = min(settings.max_reps, max(settings.min_reps, math.ceil(settings.min_time_s / max(estimate_s, 1e-6))))
+def _cuda_block(call, setup, reps: int, flush: torch.Tensor) -> List[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends):
@@ -106,15 +132,13 @@ def cuda_time(fn: Callable, settings: TimerSettings = TimerSettings(),
         call(arg)
         end.record()
     torch.cuda.synchronize()
-    return timing_from_seconds([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
+    return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
 
 
-def measure(fn: Callable, device: torch.device, settings: TimerSettings,
+def measure(fn: Callable, device: torch.device, settings: TimerSettings = TimerSettings(),
             setup: Optional[Callable[[], object]] = None) -> Timing:
-    """:func:`cuda_time` on a CUDA device, else :func:`cpu_time`."""
-    if device.type == "cuda":
-        return cuda_time(fn, settings, setup)
-    return cpu_time(fn, settings, setup)
+    """:func:`interleaved` for one function: ``fn()``, or ``fn(setup())`` timing ``fn`` only."""
+    return interleaved([(fn, setup)], device, settings)[0]
 
 
 def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:

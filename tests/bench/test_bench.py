@@ -20,7 +20,7 @@ from bharnet.bench.readme import END, START, render, replace_section, update_rea
 from bharnet.bench.report import (BASELINES, CSV_COLUMNS, Row, baseline, format_table, read_csv, speedups,
                                   write_csv)
 from bharnet.bench.roofline import gbps, roofline_percent, tensor_bytes
-from bharnet.bench.timing import TimerSettings, cpu_time, cuda_time, quantile
+from bharnet.bench.timing import TimerSettings, interleaved, measure, quantile
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -187,26 +187,52 @@ def test_an_op_batch_that_quick_would_ignore_is_refused(capsys):
     assert "--op-batch sets the batch of the full op shapes" in capsys.readouterr().err
 
 
+CPU = torch.device("cpu")
+
+
 def test_cpu_timer_measures_a_known_sleep():
-    t = cpu_time(lambda: time.sleep(0.01), TimerSettings(warmup=1, min_reps=5, min_time_s=0.0))
+    t = measure(lambda: time.sleep(0.01), CPU, TimerSettings(warmup=1, min_reps=5, min_time_s=0.0))
     assert 10.0 <= t.p20 <= t.p50 <= t.p80
     assert t.p50 < 60.0  # generous: shared CI machines oversleep
 
 
 def test_cpu_timer_leaves_setup_untimed():
-    t = cpu_time(lambda state: state, TimerSettings(warmup=1, min_reps=3, min_time_s=0.0),
-                 setup=lambda: time.sleep(0.02))
+    t = measure(lambda state: state, CPU, TimerSettings(warmup=1, min_reps=3, min_time_s=0.0),
+                setup=lambda: time.sleep(0.02))
     assert t.p80 < 10.0
+
+
+def test_interleaved_timing_alternates_blocks_and_gives_each_function_its_time():
+    """Two sleeps of 2 and 6 ms, each timed for 0.08 s in blocks of about 0.01 s: their calls
+    alternate in blocks (so a slow phase of the machine reaches both), each gets its own
+    timing, and the calls stop once each has its time."""
+    order = []
+
+    def sleeper(ms):
+        def call():
+            order.append(ms)
+            time.sleep(ms / 1e3)
+        return call
+
+    settings = TimerSettings(warmup=1, min_reps=3, min_time_s=0.08)
+    short, long = interleaved([(sleeper(2), None), (sleeper(6), None)], CPU, settings)
+    assert 2.0 <= short.p50 < long.p50 and 6.0 <= long.p50
+    timed = order[4:]  # after each one's warm-up call and the call that sizes its blocks
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert switches >= 6, timed  # about 8 blocks each, not one run per function
+    # each stops within a block of its 80 ms (sleeps only overshoot); the shorter takes more calls
+    assert timed.count(6) < timed.count(2) <= 80 / 2 + 6 and timed.count(6) <= 80 / 6 + 3, timed
 
 
 @pytest.mark.gpu
 def test_cuda_timer_orders_work_and_leaves_setup_untimed():
     settings = TimerSettings(warmup=2, min_reps=10, min_time_s=0.05)
     small, large = (torch.empty(n, device="cuda") for n in (1 << 20, 1 << 28))
-    t_small = cuda_time(lambda: small.mul_(1.0), settings)
-    t_large = cuda_time(lambda: large.mul_(1.0), settings)  # 256x the bytes
+    gpu = torch.device("cuda")
+    t_small, t_large = interleaved([(lambda: small.mul_(1.0), None), (lambda: large.mul_(1.0), None)], gpu,
+                                   settings)  # 256x the bytes
     assert t_small.p20 <= t_small.p50 <= t_small.p80 < t_large.p20
-    untimed = cuda_time(lambda state: small.add_(1.0), settings, setup=lambda: torch.cuda._sleep(10_000_000))
+    untimed = measure(lambda state: small.add_(1.0), gpu, settings, setup=lambda: torch.cuda._sleep(10_000_000))
     assert untimed.p80 < t_large.p20
 
 
