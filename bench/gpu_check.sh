@@ -135,13 +135,14 @@ assert with_cuda or torch.device("'"$DEVICE"'").type == "cpu", "built without CU
 }
 
 # pytest_file FILE: the GPU tests of one file, its log printed in one piece at the end without
-# the passed tests' lines. Verbose (-vv: addopts has -q), so a test that crashes the process is
-# named on the last line before the crash. pytest exits 5 when no test is marked gpu: nothing to
-# run is not a failure.
+# the passed tests' lines. pyproject's addopts are dropped: their -n 2 needs pytest-xdist, which
+# the GPU machine may lack (the files run in parallel here anyway), and their -q. Verbose (-vv),
+# so a test that crashes the process is named on the last line before the crash. pytest exits 5
+# when no test is marked gpu: nothing to run is not a failure.
 pytest_file() {
   local rc=0 log
   log=$WORK/pytest_$(basename "$1" .py).log
-  "$PY" -m pytest "$1" -m gpu -vv -p no:cacheprovider > "$log" 2>&1 || rc=$?
+  "$PY" -m pytest "$1" -o addopts= -m gpu -vv -p no:cacheprovider > "$log" 2>&1 || rc=$?
   if ((rc == 5)); then rc=0; fi
   echo "--- ${1#"$ROOT"/} (exit $rc, ${SECONDS}s, $(grep -c " PASSED" "$log") passed)"
   grep -v " PASSED\|^  warnings.warn\|Warning: \|^$\|^platform \|^rootdir: \|^configfile: \|^collecting \|test session starts" \
@@ -181,7 +182,7 @@ cuda_gdb() {
   gdb=$(command -v cuda-gdb || ls "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb" 2>/dev/null || true)
   if [[ -z $gdb ]]; then echo "cuda-gdb not found"; return 1; fi
   "$gdb" -batch -ex "set pagination off" -ex "set confirm off" -ex run -ex "thread apply all bt 30" \
-    --args "$PY" -m pytest "$ROOT/$1" -vv -p no:cacheprovider > "$log" 2>&1 || true
+    --args "$PY" -m pytest "$ROOT/$1" -o addopts= -vv -p no:cacheprovider > "$log" 2>&1 || true
   grep -v "^\[New Thread\|^\[Thread .* exited\|^\[Detaching" "$log" | tail -n 150
   grep -q "exited normally" "$log"
 }
