@@ -10,7 +10,13 @@ if not torch.cuda.is_available():
 import pytest
 
 
+# Started first: with the test files shared among worker processes (pytest-xdist, addopts),
+# the demo (about 160 s) ran alone at the end while the other worker sat idle.
+LONGEST_FIRST = ("tests/engine/test_demo.py",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run by bench/gpu_check.sh on a GPU machine)")
