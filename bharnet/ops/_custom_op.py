@@ -89,13 +89,16 @@ def double_backward_error(op: str) -> str:
 
 def differentiable_once(op: str, backward: Callable) -> Callable:
     """``backward`` run under no_grad; under ``create_graph`` its gradients come out of a node
-    that raises :func:`double_backward_error` when they are differentiated (what
-    ``torch.autograd.function.once_differentiable`` does, with an error that names the op)."""
+    that raises :func:`double_backward_error` when they are differentiated. Like
+    ``torch.autograd.function.once_differentiable``, with an error that names the op, and (as
+    the C++ ops' ``once_differentiable`` in csrc/autograd.cpp) whenever the graph is created:
+    torch's only when an incoming gradient requires grad, so for a loss linear in the output
+    (``y.sum()``) a gradient penalty through the op was silently dropped."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+        if not torch.is_grad_enabled():
             return outputs
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         refusal = autograd_functions.DelayedError(double_backward_error(op).encode(), len(outputs))
@@ -103,10 +106,12 @@ def differentiable_once(op: str, backward: Callable) -> Callable:
     return wrapper
 
 
-def _refuse_double_backward(backward_op: FusedOp, op: str) -> None:
+def refuse_double_backward(backward_op: str, op: str) -> None:
+    """Register autograd for the custom op ``backward_op`` (qualified name) that raises
+    :func:`double_backward_error` of ``op``: differentiating a fused op's gradients."""
     def refuse(ctx, *grads):
         raise RuntimeError(double_backward_error(op))
-    backward_op.op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd(backward_op, refuse, setup_context=lambda ctx, inputs, output: None)
 
 
 def with_autograd(forward: FusedOp, make_backward: Callable, setup_context: Callable,
@@ -123,7 +128,7 @@ def with_autograd(forward: FusedOp, make_backward: Callable, setup_context: Call
     error (:func:`differentiable_once`)."""
     forward.op.register_autograd(make_backward(_through_dispatcher), setup_context=setup_context)
     for backward_op in backward_ops:
-        _refuse_double_backward(backward_op, forward.name)
+        refuse_double_backward(f"bharnet::{backward_op.name}", forward.name)
     body = forward.body
 
     def direct_forward(ctx, *inputs):

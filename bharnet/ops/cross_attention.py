@@ -79,7 +79,7 @@ from . import cpu_linear
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import accumulation_dtype, expect_tensor, expect_triton_dtype
 from ._custom_op import (as_dtype, cdiv, differentiable_once, direct_call_allowed, launcher, new_output, next_pow2,
-                         triton_custom_op, with_autograd)
+                         refuse_double_backward, triton_custom_op, with_autograd)
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import (AUTOCAST_CAST_DTYPES, _layer_norm_backward_op, _layer_norm_op, compute_dtype,
                          layer_norm)
@@ -454,6 +454,7 @@ def _register_cpp_ops_now() -> None:
 
     torch.library.register_autograd("bharnet::cross_attention_core_cpp",
                                     _autograd_backward(core_backward), setup_context=_setup_context)
+    refuse_double_backward("bharnet::cross_attention_core_cpp_backward", "cross_attention_core_cpp")
 
 
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)

@@ -47,7 +47,7 @@ import torch
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_triton_dtype, is_channels_last
-from ._custom_op import as_dtype, opaque_custom_op, with_autograd
+from ._custom_op import as_dtype, opaque_custom_op, refuse_double_backward, with_autograd
 
 OP_NAME = "deformable_temporal_conv"
 
@@ -189,6 +189,7 @@ def _register_cpp_ops_now() -> None:
 
     torch.library.register_autograd("bharnet::deformable_temporal_conv_cpp", backward,
                                     setup_context=_setup_context)
+    refuse_double_backward("bharnet::deformable_temporal_conv_cpp_backward", "deformable_temporal_conv_cpp")
 
 
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
 from ._checks import is_channels_last
-from ._custom_op import as_dtype, double_backward_error
+from ._custom_op import as_dtype, refuse_double_backward
 
 OP_NAME = "temporal_max_pool"
 CPP_DTYPES = (torch.float32, torch.float64)
@@ -66,11 +66,7 @@ def _register_cpp_ops_now() -> None:
     def _(dy, arg, T, kernel, stride, padding):
         return dy.new_empty((*dy.shape[:2], T, dy.shape[3]))
 
-    def refuse_double_backward(ctx, ddx):
-        raise RuntimeError(double_backward_error("temporal_max_pool"))
-
-    torch.library.register_autograd("bharnet::temporal_max_pool_backward", refuse_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    refuse_double_backward("bharnet::temporal_max_pool_backward", "temporal_max_pool")
 
 
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
