@@ -27,7 +27,7 @@ from .providers import (COMPILE_MODES, DTYPES, Provider, autocast, backend_skip_
                         dtype_skip_reason, model_providers, providers)
 from .report import METRICS, Note, Row, format_table, write_csv, write_plots
 from .roofline import copy_bandwidth, gbps, roofline_percent, tensor_bytes
-from .timing import TimerSettings, first_call_seconds, interleaved
+from .timing import TimerSettings, first_call_seconds, interleaved, measure
 
 COMPILE_SCOPES = ("ops", "infer", "train")
 INPUT_SETS = 3  # fresh inputs: op calls cycle through this many input sets
@@ -285,14 +285,16 @@ class Bench:
                 torch.autograd.grad(y, sets[i].grads, grads_out[i])
             return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwd+bwd": (fwd_bwd, None)}
 
-        per_provider = [calls(forward) for _, forward in ready]
+        ready = [(provider, forward, calls(forward)) for provider, forward in ready]
+        what = f"{case.op} {case.x} {dtype}"
         args_bytes, out_bytes = tensor_bytes(sets[0].args), grads_out[0].nbytes
         moved = {"fwd": args_bytes + out_bytes,
                  "bwd": out_bytes + args_bytes + tensor_bytes(sets[0].grads)}
         moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
         for mode in ("fwd", "bwd", "fwd+bwd"):
-            timings = interleaved([c[mode] for c in per_provider], device, self.opts.settings)
-            for (provider, _), t in zip(ready, timings):
+            timings = self._timings([(p, c[mode]) for p, _, c in ready], what)
+            ready = [entry for entry, t in zip(ready, timings) if t is not None]
+            for (provider, _, _), t in zip(ready, [t for t in timings if t is not None]):
                 name = provider.name
                 rows.append(self.row(case.op, name, mode, "time", case.x, config, t.p50, t.p20, t.p80))
                 rate_times = (t.p50, t.p80, t.p20)  # a rate's p20 comes from the p80 time
@@ -306,13 +308,26 @@ class Bench:
                              "fwd+bwd": case.fwd_flops + case.bwd_flops}[mode]
                     rows.append(self.row(case.op, name, mode, "tflops", case.x, config,
                                          *[flops / (ms * 1e-3) / 1e12 for ms in rate_times]))
-        for (provider, forward), c in zip(ready, per_provider):
-            peak = peak_memory(c["fwd+bwd"][0], device)
+        for provider, forward, c in ready:
+            memory = self._provider_result(provider, what, lambda: (peak_memory(c["fwd+bwd"][0], device),
+                                                                    saved_tensor_bytes(lambda: forward(sets[0]))))
+            if memory is None:
+                continue
+            peak, saved = memory
             if peak is not None:
                 rows.append(self.row(case.op, provider.name, "fwd+bwd", "peak_mem", case.x, config, peak / MIB))
-            saved = saved_tensor_bytes(lambda: forward(sets[0]))
             rows.append(self.row(case.op, provider.name, "fwd", "saved_mem", case.x, config, saved / MIB))
         return rows
+
+    def _timings(self, calls: List[tuple], what: str) -> list:
+        """The timings of ``calls`` ((provider, (fn, setup)) pairs), interleaved; if that fails,
+        each provider's alone, and None (with a note) for a provider that fails alone."""
+        try:
+            return interleaved([call for _, call in calls], self.device, self.opts.settings)
+        except Exception:
+            return [self._provider_result(provider, what,
+                                          lambda c=call: measure(c[0], self.device, self.opts.settings, c[1]))
+                    for provider, call in calls]
 
     def _provider_result(self, provider: Provider, what: str, work: Callable):
         """``work()``, or None with a note when it rejects the inputs or fails (a failing
@@ -375,15 +390,20 @@ class Bench:
                 rows.append(self.row(case.model, provider.name, case.mode, "compile", case.x, config,
                                      step.first_s))
             ready.append((provider, config, step))
-        timings = interleaved([(_under(p.backend, step), None) for p, _, step in ready], device,
-                              self.opts.settings)
+        what = f"{case.model} {case.mode} {case.x} {dtype}"
+        timings = self._timings([(p, (_under(p.backend, step), None)) for p, _, step in ready], what)
         for (provider, config, step), t in zip(ready, timings):
+            if t is None:
+                continue
             rows.append(self.row(case.model, provider.name, case.mode, "time", case.x, config, t.p50, t.p20, t.p80))
-            with use_backend(provider.backend):
-                peak = peak_memory(step, device)
-                if case.mode == "train" and provider.compile_mode is None:
-                    rows.append(self.row(case.model, provider.name, case.mode, "saved_mem", case.x, config,
-                                         step.saved_bytes() / MIB))
+            train = case.mode == "train" and provider.compile_mode is None
+            memory = self._provider_result(provider, what, lambda s=step, b=provider.backend: _step_memory(
+                s, b, device, train))
+            if memory is None:
+                continue
+            peak, saved = memory
+            if saved is not None:
+                rows.append(self.row(case.model, provider.name, case.mode, "saved_mem", case.x, config, saved / MIB))
             if peak is not None:
                 rows.append(self.row(case.model, provider.name, case.mode, "peak_mem", case.x, config, peak / MIB))
         return rows
@@ -498,6 +518,13 @@ def _what_auto_runs(op: str, device_type: str, dtype: str) -> str:
     if backend_skip_reason(op, backend, device_type) or dtype_skip_reason(op, backend, device_type, dtype):
         return "reference"
     return backend
+
+
+def _step_memory(step, backend: str, device: torch.device, train: bool):
+    """(peak bytes of one step or None, bytes its forward saves for the backward, or None
+    unless ``train``) under the global backend ``backend``."""
+    with use_backend(backend):
+        return peak_memory(step, device), step.saved_bytes() if train else None
 
 
 def _under(backend: str, step: Callable[[], None]) -> Callable[[], None]:

@@ -73,7 +73,8 @@ def _with_setup(fn: Callable, setup: Optional[Callable[[], object]]):
 def interleaved(calls: Sequence[Call], device: torch.device, settings: TimerSettings = TimerSettings()) -> List[Timing]:
     """Timings of several functions measured side by side: after ``settings.warmup`` untimed
     calls of each, the functions take turns in blocks of calls (each block about
-    ``min_time_s / BLOCKS`` long, by the last warm-up call; the first function of a round
+    ``min_time_s / BLOCKS`` long, by one more untimed call, and at most ``max_reps / BLOCKS``
+    calls; the first function of a round
     rotates), until each has at least ``min_reps`` timed calls and ``min_time_s`` seconds of
     them (at most ``max_reps``). A slow drift of the machine's speed (other load, clocks) thus
     reaches every function alike, where timing one after the other would put it on one alone.
@@ -87,7 +88,8 @@ def interleaved(calls: Sequence[Call], device: torch.device, settings: TimerSett
         for _ in range(settings.warmup):
             call(setup())
         estimate_s = _one_call_seconds(call, setup, cuda)
-        block.append(max(1, min(settings.max_reps, math.ceil(settings.min_time_s / BLOCKS / max(estimate_s, 1e-6)))))
+        block.append(max(1, min(math.ceil(settings.max_reps / BLOCKS),
+                                math.ceil(settings.min_time_s / BLOCKS / max(estimate_s, 1e-6)))))
     samples: List[List[float]] = [[] for _ in prepared]
     for round_index in itertools.count():
         pending = [i for i, s in enumerate(samples)

@@ -224,6 +224,38 @@ def test_interleaved_timing_alternates_blocks_and_gives_each_function_its_time()
     assert timed.count(6) < timed.count(2) <= 80 / 2 + 6 and timed.count(6) <= 80 / 6 + 3, timed
 
 
+
+def test_interleaved_timing_alternates_calls_faster_than_the_timer_can_block():
+    """Calls of a few microseconds: a block holds at most max_reps / BLOCKS of them, so they
+    still alternate (before, each took one block of max_reps calls, one after the other)."""
+    order = []
+    settings = TimerSettings(warmup=1, min_reps=5, min_time_s=0.2, max_reps=400)
+    interleaved([(lambda: order.append("a"), None), (lambda: order.append("b"), None)], CPU, settings)
+    assert order.count("a") == order.count("b") == 400 + 2  # max_reps, warm-up and sizing calls
+    timed = order[4:]
+    assert sum(x != y for x, y in zip(timed, timed[1:])) >= 7, "fewer than 8 blocks each"
+
+
+def test_a_provider_failing_while_timed_is_noted_and_the_others_keep_their_timings(tmp_path):
+    """The group is timed again provider by provider: the failing one gets a note, no timing."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    from bharnet.bench.runner import Bench
+    bench = Bench(resolve_options(parser.parse_args(["--device", "cpu", "--quick"])), str(tmp_path / "r.csv"))
+    calls = iter(range(10_000))
+
+    def fails_after_a_few_calls():
+        if next(calls) > 5:
+            raise RuntimeError("device lost")
+
+    working, failing = (Provider("reference"), (lambda: None, None)), (Provider("cpp"), (fails_after_a_few_calls, None))
+    timings = bench._timings([working, failing], "op B2 fp32")
+    assert timings[0] is not None and timings[1] is None
+    assert [(n.status, n.provider, n.what, n.message) for n in bench.notes] == [
+        ("error", "cpp", "op B2 fp32", "RuntimeError: device lost")]
+    assert bench.failed
+
+
 @pytest.mark.gpu
 def test_cuda_timer_orders_work_and_leaves_setup_untimed():
     settings = TimerSettings(warmup=2, min_reps=10, min_time_s=0.05)

@@ -90,7 +90,7 @@ enum class Wait { kNone, kBlock, kWarp };
 // every translation unit that includes this header defines it.
 extern "C" void bharnet_emu_switch_stack(void** from, void* to);
 asm(R"(
-  .text
+  .pushsection .text
   .weak bharnet_emu_switch_stack
   .type bharnet_emu_switch_stack, @function
 bharnet_emu_switch_stack:
@@ -110,6 +110,7 @@ bharnet_emu_switch_stack:
   popq %rbp
   ret
   .size bharnet_emu_switch_stack, .-bharnet_emu_switch_stack
+  .popsection
 )");
 
 struct Context {
