@@ -10,8 +10,10 @@ if not torch.cuda.is_available():
 import pytest
 
 
-# Started first: with the test files shared among worker processes (pytest-xdist, addopts),
-# the demo (about 160 s) ran alone at the end while the other worker sat idle.
+# Started first: with the test files shared among worker processes (pytest-xdist, addopts:
+# --no-loadscope-reorder keeps this order; by default xdist hands out the files with the most
+# tests first), the demo (about 160 s, one test) ran alone at the end while the other worker
+# sat idle.
 LONGEST_FIRST = ("tests/engine/test_demo.py",)
 
 
