@@ -250,22 +250,10 @@ class Bench:
         interleaved (:func:`interleaved`), on the same input sets: time, GB/s, % of copy
         bandwidth (memory-bound ops), TFLOP/s (ops with a FLOP count); then per provider the
         peak memory of fwd+bwd and the bytes saved by fwd. A provider that fails or rejects
-        the inputs on its first call is noted and left out."""
-        device, config = self.device, case.config(dtype)
+        the inputs (on its first call, or later) is noted and left out."""
+        device, config, what = self.device, case.config(dtype), f"{case.op} {case.x} {dtype}"
         sets = [case.make(device, DTYPES[dtype]) for _ in range(INPUT_SETS)]
         grads_out: List[torch.Tensor] = []
-        rows, ready = [], []
-        for provider in providers:
-            first = self._provider_result(provider, f"{case.op} {case.x} {dtype}",
-                                          lambda p=provider: self._op_forward(case, dtype, p, sets, grads_out))
-            if first is None:
-                continue
-            forward, first_s = first
-            if provider.compile_mode is not None:
-                rows.append(self.row(case.op, provider.name, "fwd+bwd", "compile", case.x, config, first_s))
-            ready.append((provider, forward))
-        if not ready:
-            return rows
         index = itertools.cycle(range(INPUT_SETS))
 
         def calls(forward):
@@ -285,16 +273,27 @@ class Bench:
                 torch.autograd.grad(y, sets[i].grads, grads_out[i])
             return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwd+bwd": (fwd_bwd, None)}
 
-        ready = [(provider, forward, calls(forward)) for provider, forward in ready]
-        what = f"{case.op} {case.x} {dtype}"
+        rows, ready = [], []
+        for provider in providers:
+            first = self._provider_result(provider, what,
+                                          lambda p=provider: self._op_forward(case, dtype, p, sets, grads_out))
+            if first is None:
+                continue
+            forward, first_s = first
+            if provider.compile_mode is not None:
+                rows.append(self.row(case.op, provider.name, "fwd+bwd", "compile", case.x, config, first_s))
+            ready.append((provider, forward, calls(forward)))
+        if not ready:
+            return rows
         args_bytes, out_bytes = tensor_bytes(sets[0].args), grads_out[0].nbytes
         moved = {"fwd": args_bytes + out_bytes,
                  "bwd": out_bytes + args_bytes + tensor_bytes(sets[0].grads)}
         moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
         for mode in ("fwd", "bwd", "fwd+bwd"):
-            timings = self._timings([(p, c[mode]) for p, _, c in ready], what)
-            ready = [entry for entry, t in zip(ready, timings) if t is not None]
-            for (provider, _, _), t in zip(ready, [t for t in timings if t is not None]):
+            timed = [(entry, t) for entry, t in zip(ready, self._timings([(p, c[mode]) for p, _, c in ready], what))
+                     if t is not None]
+            ready = [entry for entry, _ in timed]
+            for (provider, _, _), t in timed:
                 name = provider.name
                 rows.append(self.row(case.op, name, mode, "time", case.x, config, t.p50, t.p20, t.p80))
                 rate_times = (t.p50, t.p80, t.p20)  # a rate's p20 comes from the p80 time
@@ -378,19 +377,18 @@ class Bench:
         (:func:`interleaved`); then per provider the peak memory of one step and, for training
         without compile, the bytes its forward saves for the backward."""
         device, rows, ready = self.device, [], []
+        what = f"{case.model} {case.mode} {case.x} {dtype}"
         for provider in providers:
             config = case.config(dtype)
             if provider.backend == "auto":
                 config += ";auto=" + "/".join(f"{op}:{_what_auto_runs(op, device.type, dtype)}" for op in OP_FUNCTIONS)
-            step = self._provider_result(provider, f"{case.model} {case.mode} {case.x} {dtype}",
-                                         lambda p=provider: self._first_step(case, dtype, p))
+            step = self._provider_result(provider, what, lambda p=provider: self._first_step(case, dtype, p))
             if step is None:
                 continue
             if provider.compile_mode is not None:
                 rows.append(self.row(case.model, provider.name, case.mode, "compile", case.x, config,
                                      step.first_s))
             ready.append((provider, config, step))
-        what = f"{case.model} {case.mode} {case.x} {dtype}"
         timings = self._timings([(p, (_under(p.backend, step), None)) for p, _, step in ready], what)
         for (provider, config, step), t in zip(ready, timings):
             if t is None:

@@ -74,8 +74,7 @@ def interleaved(calls: Sequence[Call], device: torch.device, settings: TimerSett
     """Timings of several functions measured side by side: after ``settings.warmup`` untimed
     calls of each, the functions take turns in blocks of calls (each block about
     ``min_time_s / BLOCKS`` long, by one more untimed call, and at most ``max_reps / BLOCKS``
-    calls; the first function of a round
-    rotates), until each has at least ``min_reps`` timed calls and ``min_time_s`` seconds of
+    calls; the first function of a round rotates), until each has at least ``min_reps`` timed calls and ``min_time_s`` seconds of
     them (at most ``max_reps``). A slow drift of the machine's speed (other load, clocks) thus
     reaches every function alike, where timing one after the other would put it on one alone.
     CPU: ``time.perf_counter`` around each call. CUDA: events around each call, each after
@@ -87,7 +86,8 @@ def interleaved(calls: Sequence[Call], device: torch.device, settings: TimerSett
     for call, setup in prepared:
         for _ in range(settings.warmup):
             call(setup())
-        estimate_s = _one_call_seconds(call, setup, cuda)
+        arg = setup()
+        estimate_s = first_call_seconds(lambda: call(arg), device)
         block.append(max(1, min(math.ceil(settings.max_reps / BLOCKS),
                                 math.ceil(settings.min_time_s / BLOCKS / max(estimate_s, 1e-6)))))
     samples: List[List[float]] = [[] for _ in prepared]
@@ -101,17 +101,6 @@ def interleaved(calls: Sequence[Call], device: torch.device, settings: TimerSett
             reps = min(block[i], settings.max_reps - len(samples[i]))
             samples[i] += _cuda_block(call, setup, reps, flush) if cuda else _cpu_block(call, setup, reps)
     return [timing_from_seconds(s) for s in samples]
-
-
-def _one_call_seconds(call, setup, cuda: bool) -> float:
-    arg = setup()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    call(arg)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def _cpu_block(call, setup, reps: int) -> List[float]:
