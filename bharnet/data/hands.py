@@ -19,7 +19,9 @@ keypoints always have C = 3; 2-D files get z = 0.
 A top-level list of frames and frames given directly as lists of hands are accepted too;
 a landmark is ``[x, y]``, ``[x, y, z]``, ``[x, y, z, score]`` or a dict with keys
 ``x, y[, z][, score|visibility|presence]``; ``label`` may replace ``handedness``. The hand's
-``score`` defaults to the mean landmark score, or 1.
+``score`` defaults to the mean landmark score, or 1. A frame that is ``null`` or whose
+``hands`` is ``null`` (what MediaPipe's Python API returns when it finds no hand) has no
+detections.
 
 **Alignment** (:func:`align_hands`): in each frame every detection is compared with the
 Kinect wrists (joints 7 and 11, 1-based) of every body present in that frame, in the
@@ -213,6 +215,8 @@ def read_mediapipe_json(path: str) -> List[List[HandDetection]]:
     detections = []
     for t, frame in enumerate(frames):
         hands = frame.get("hands", []) if isinstance(frame, dict) else frame
+        if hands is None:  # no hand found in this frame
+            hands = []
         try:
             if not isinstance(hands, list):
                 raise ValueError("a frame must be a list of hands or an object with 'hands'")

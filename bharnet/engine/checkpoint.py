@@ -1,9 +1,11 @@
 """Checkpoints as safetensors files: tensors plus JSON metadata, never pickles.
 
-A checkpoint ``epoch-0007.safetensors`` holds the model weights (``model.*``), the optimizer's
-per-parameter state (``optim.<index>.<name>``); its metadata
-holds ``{"epoch", "step", "config", "optimizer", "scaler"}`` as JSON (the optimizer's
-hyper-parameters and the fp16 gradient scaler's state). No generator state: training seeds
+A checkpoint ``epoch-0007.safetensors``, written after the 7th epoch (counted from 1, as the
+log and the progress lines count), holds the model weights (``model.*``) and the optimizer's
+per-parameter state (``optim.<index>.<name>``); its metadata holds ``{"epochs_done", "step",
+"config", "optimizer", "scaler"}`` as JSON (the optimizer's hyper-parameters and the fp16
+gradient scaler's state). Files of bharnet 0.1.0 before that numbering were named after the
+0-based epoch index and hold ``"epoch"`` (= epochs done - 1) instead; they load alike. No generator state: training seeds
 the generators behind dropout at each epoch (``trainer.epoch_seed``; files of bharnet 0.1.0
 before that change hold ``rng.*`` tensors, which are ignored, and a run resumed across the change
 draws other dropout masks than an uninterrupted one). Files are
@@ -42,8 +44,9 @@ def save_atomically(path: str, tensors: dict, metadata: dict) -> None:
     os.replace(partial, path)
 
 
-def save_checkpoint(directory: str, epoch: int, step: int, model, optimizer, scaler, config: dict,
+def save_checkpoint(directory: str, epochs_done: int, step: int, model, optimizer, scaler, config: dict,
                     keep: int = 2) -> str:
+    """Write ``epoch-<epochs_done>.safetensors`` into ``directory``; keep the newest ``keep``."""
     os.makedirs(directory, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model_state(model).items()}
     opt = optimizer.state_dict()
@@ -51,8 +54,8 @@ def save_checkpoint(directory: str, epoch: int, step: int, model, optimizer, sca
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
     scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}
-    path = os.path.join(directory, f"epoch-{epoch:04d}.safetensors")
-    save_atomically(path, tensors, {"epoch": epoch, "step": step, "config": config,
+    path = os.path.join(directory, f"epoch-{epochs_done:04d}.safetensors")
+    save_atomically(path, tensors, {"epochs_done": epochs_done, "step": step, "config": config,
                                     "optimizer": {"param_groups": opt["param_groups"]},
                                     "scaler": scaler_state})
     for old in list_checkpoints(directory)[:-keep]:
@@ -76,7 +79,7 @@ def read_metadata(path: str) -> dict:
 
 
 def load_checkpoint(path: str, model, optimizer=None, scaler=None) -> Tuple[int, int]:
-    """Restore everything saved by :func:`save_checkpoint`; returns ``(epoch, step)``."""
+    """Restore everything saved by :func:`save_checkpoint`; returns ``(epochs_done, step)``."""
     tensors = load_file(path)
     meta = read_metadata(path)
     target = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
@@ -90,7 +93,8 @@ def load_checkpoint(path: str, model, optimizer=None, scaler=None) -> Tuple[int,
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    return meta["epoch"], meta["step"]
+    epochs_done = meta["epochs_done"] if "epochs_done" in meta else meta["epoch"] + 1  # 0.1.0's 0-based index
+    return epochs_done, meta["step"]
 
 
 def save_weights(path: str, model, metadata: dict) -> None:

@@ -109,6 +109,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = config.out or os.path.join("runs", "synthetic" if demo else f"{config.model}-{config.modality}")
     named = args.model is not None or (args.config and "model" in read_config_file(args.config))
     models = DEMO_MODELS if demo and not named else (config.model,)
+    if demo and named and config.out is None:  # the demo's run of that model, not the demo's folder
+        out = os.path.join(out, config.model)
     results = {}
     for name in models:
         run_config = replace(config, model=name, out=os.path.join(out, name) if len(models) > 1 else out)

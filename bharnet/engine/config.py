@@ -15,7 +15,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 class RunFolderMismatch(ValueError):
-    """A run folder holds a run trained with other options than the ones given."""
+    """A run folder holds a run trained with other options than the ones given, or a finished
+    run without a checkpoint to resume from."""
 
 
 @dataclass(frozen=True)

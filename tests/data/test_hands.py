@@ -35,6 +35,7 @@ def test_json_variants(tmp_path):
         {"hands": [{"handedness": "left", "score": 0.7,
                     "landmarks": [{"x": a, "y": b, "visibility": 0.1} for a, b in xy]}]},
         {"hands": [{"landmarks": xy}]},                                          # 2-D
+        None, {"hands": None}, [],                           # no hand found (MediaPipe: None)
     ]
     path = tmp_path / "hands.json"
     path.write_text(json.dumps(frames))
@@ -45,6 +46,7 @@ def test_json_variants(tmp_path):
     assert loaded[2][0].side is None and loaded[2][0].score == 1.0
     np.testing.assert_allclose(loaded[2][0].landmarks[:, :2], xy, atol=1e-6)
     assert not loaded[2][0].landmarks[:, 2].any()
+    assert loaded[3:] == [[], [], []]
 
 
 @pytest.mark.parametrize("frame, message", [

@@ -101,7 +101,9 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_datase
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     log = [json.loads(line) for line in open(tmp_path / "resumed" / "log.jsonl")]
     assert [r["epoch"] for r in log] == [1, 2, 3]
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["epoch-0001.safetensors", "epoch-0002.safetensors"]
+    # named after the epochs done, as the log counts them
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
+    assert checkpoint.read_metadata(str(tmp_path / "resumed" / "checkpoints" / "epoch-0003.safetensors"))["epochs_done"] == 3
 
 
 def test_checkpoints_hold_no_pickles_and_describe_the_model(tiny_dataset, tmp_path):
@@ -174,6 +176,24 @@ def test_demo_path_trains_both_models(tiny_dataset, tmp_path, monkeypatch, capsy
     assert set(summary["models"]["body"]) == {"top1", "top5", "hand_centric_top1"}
     table = capsys.readouterr().out
     assert "body" in table and "bharnet-e" in table
+
+
+def test_the_demo_with_a_named_model_trains_into_that_models_folder(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """``bharnet train --model body`` without --data nor --out trains the demo's body run
+    (runs/synthetic/body), and leaves the demo's own metrics.json alone."""
+    import bharnet.data.synthetic as synthetic
+    from bharnet.engine import commands
+
+    monkeypatch.setattr(synthetic, "make_synthetic", lambda directory: tiny_dataset)
+    monkeypatch.setattr(commands, "DEMO_CONFIG", {**FAST, "epochs": 1})
+    monkeypatch.chdir(tmp_path)
+    demo = tmp_path / "runs" / "synthetic"
+    assert main(["train", "--no-progress"]) == 0
+    summary = (demo / "metrics.json").read_text()
+    assert main(["train", "--model", "body", "--no-progress"]) == 0
+    assert (demo / "metrics.json").read_text() == summary
+    assert sorted(json.loads((demo / "body" / "metrics.json").read_text())["models"]) == ["body"]
+    assert "already holds 1 trained epochs" in capsys.readouterr().out  # the demo's body run
 
 
 def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, monkeypatch, capsys):
@@ -455,6 +475,45 @@ def test_a_run_folder_resumes_only_with_its_own_options(tiny_dataset, tmp_path, 
     train(config(tiny_dataset, run, epochs=2, model_options=options), dataset, progress=True)
     assert "(epoch 2 of 2)" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2]
+
+
+def test_a_checkpoint_of_bharnet_0_1_0_resumes_after_the_epoch_it_names(tiny_dataset, tmp_path, capsys):
+    """Files written before checkpoints were numbered by epochs done hold the 0-based epoch
+    index ("epoch") and were named after it; resuming from one trains the epochs after it."""
+    run = tmp_path / "run"
+    dataset = SkeletonDataset(tiny_dataset, "train", window=8)
+    train(config(tiny_dataset, run, epochs=2), dataset, progress=False)
+    newest = run / "checkpoints" / "epoch-0002.safetensors"
+    tensors, meta = load_file(str(newest)), checkpoint.read_metadata(str(newest))
+    meta["epoch"] = meta.pop("epochs_done") - 1
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    checkpoint.save_atomically(str(run / "checkpoints" / "epoch-0001.safetensors"), tensors, meta)
+    os.remove(run / "model.safetensors")
+    capsys.readouterr()
+    train(config(tiny_dataset, run, epochs=3), dataset, progress=False)
+    assert "(epoch 3 of 3)" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2, 3]
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_over(tiny_dataset, tmp_path, capsys):
+    """Once its checkpoints are deleted (the clean-up of a finished run), a run folder is not
+    retrained from scratch: its model, config and log stay."""
+    run = tmp_path / "run"
+    args = ["train", "--data", tiny_dataset, "--model", "body", "--preset", "small", "--window", "8", "--epochs",
+            "1", "--batch-size", "4", "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    kept = {name: (run / name).read_bytes() for name in ("model.safetensors", "config.json", "log.jsonl")}
+    capsys.readouterr()
+    for extra in ([], ["--lr", "0.3"]):
+        assert main(args + extra) == 2
+        assert "holds a finished run" in capsys.readouterr().err
+        assert {name: (run / name).read_bytes() for name in kept} == kept
+    os.remove(run / "model.safetensors")  # as the message says: then it trains again
+    assert main(args + ["--lr", "0.3"]) == 0
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.3
 
 
 def test_train_cli_refuses_a_run_folder_of_other_options(tiny_dataset, tmp_path, capsys):
