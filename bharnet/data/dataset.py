@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -220,7 +221,10 @@ class SkeletonDataset(torch.utils.data.Dataset):
     the chosen ``modality`` (see :mod:`bharnet.data.features`) after ``preprocessing``,
     crop-resize to ``window`` frames and, when ``train``, a random rotation within
     ``max_rotation`` rad (the same crop and rotation for body and hands). ``train`` defaults
-    to ``split == "train"``; evaluation takes the centred ``test_crop_ratio`` crop.
+    to ``split == "train"``; evaluation takes the centred ``test_crop_ratio`` crop. Hands in
+    colour-image pixels (``prepare --hand-space color``) cannot be placed by ``canonical``
+    preprocessing: under it they are served as undetected (zero), with a warning, for body-only
+    models (``hands_withheld`` says why; training and evaluation refuse models that read hands).
 
     Randomness: with ``seed=None`` each item draws from torch's global generator (which
     DataLoader seeds per worker); with an integer ``seed`` item ``i`` of epoch ``e`` (see
@@ -249,12 +253,17 @@ class SkeletonDataset(torch.utils.data.Dataset):
         self.crop_ratio, self.test_crop_ratio, self.max_rotation = (
             tuple(crop_ratio), test_crop_ratio, max_rotation)
         self.manifest = read_manifest(self.root)
+        # why the hands are served as undetected (zero) under this preprocessing, or None
+        self.hands_withheld: Optional[str] = None
         if (preprocessing == "canonical" and self.manifest.get("has_hands")
                 and self.manifest.get("hand_space", "camera") != "camera"):
-            raise ValueError(
-                f"canonical preprocessing translates hands by the body's origin in camera "
-                f"metres, but this dataset's hands are in {self.manifest['hand_space']!r} "
-                "space; use preprocessing='calibration-free'")
+            self.hands_withheld = (
+                f"canonical preprocessing translates hands by the body's origin in camera metres, but "
+                f"{self.root}'s hands are in {self.manifest['hand_space']!r} space (bharnet prepare --hand-space); "
+                "use calibration-free preprocessing (--preprocessing calibration-free, or "
+                "preprocessing='calibration-free')")
+            warnings.warn(f"SkeletonDataset: its hands are served as undetected (zero), for body-only models: "
+                          f"{self.hands_withheld}", stacklevel=2)
         self.split_dir = os.path.join(self.root, split)
         self.lengths = np.load(os.path.join(self.split_dir, "length.npy"))
         self.labels = np.load(os.path.join(self.split_dir, "label.npy"))
@@ -324,6 +333,8 @@ class SkeletonDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index = index % len(self)
         body, hand, hand_valid = self.raw(index)
+        if self.hands_withheld is not None:
+            hand, hand_valid = torch.zeros_like(hand), torch.zeros_like(hand_valid)
         generator = self._generator(index)
         crop = rotation = None
         if self.train:

@@ -49,12 +49,16 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 
 def check_inputs_exist(model: torch.nn.Module, name: str, dataset) -> None:
-    """Refuse a model that reads hands on a dataset prepared without them (whose hand arrays
-    are all zero: the model would run on nothing and score at chance)."""
-    manifest = getattr(dataset, "manifest", {})
-    if getattr(model, "uses_hand", False) and not manifest.get("has_hands", True):
+    """Refuse a model that reads hands on a dataset prepared without them, or whose hands its
+    preprocessing withholds (the hand arrays are all zero: the model would run on nothing and
+    score at chance)."""
+    if not getattr(model, "uses_hand", False):
+        return
+    if not getattr(dataset, "manifest", {}).get("has_hands", True):
         raise ValueError(f"{name} reads hand keypoints, but {dataset.root} was prepared without them "
                          "(bharnet prepare --hands ...); use a body-only model (--model body) on it")
+    if getattr(dataset, "hands_withheld", None):
+        raise ValueError(f"{name} reads hand keypoints, but {dataset.hands_withheld}")
 
 
 def model_description(config: TrainConfig, num_classes: int, class_names: Optional[Sequence[str]] = None) -> dict:

@@ -137,9 +137,6 @@ def test_argument_and_format_errors(synthetic_small, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(ValueError, match="version"):
         SkeletonDataset(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "hand_space": "color"}))
-    with pytest.raises(ValueError, match="calibration-free"):
-        SkeletonDataset(tmp_path)
 
 
 def test_split_writer_commits_atomically_and_checks_shapes(tmp_path):

@@ -553,6 +553,30 @@ def test_a_model_that_reads_hands_is_refused_on_a_dataset_without_them(tiny_data
           progress=False)  # a body model is fine
 
 
+def test_colour_space_hands_under_canonical_preprocessing_train_a_body_model_only(tiny_dataset, tmp_path):
+    """Canonical preprocessing cannot place hands in colour-image pixels: it serves them as
+    undetected (with a warning), so a body model trains and a model that reads hands is refused
+    with what to do; calibration-free preprocessing serves them as stored."""
+    import shutil
+    from bharnet.data.dataset import read_manifest, write_manifest
+
+    colour = tmp_path / "colour"
+    shutil.copytree(tiny_dataset, colour)
+    manifest = read_manifest(str(colour))
+    manifest["hand_space"] = "color"  # as bharnet prepare --hand-space color writes
+    write_manifest(str(colour), {k: v for k, v in manifest.items() if not k.endswith("version") and k != "format"})
+    with pytest.warns(UserWarning, match="hands are served as undetected .*'color' space"):
+        dataset = SkeletonDataset(str(colour), "train", window=8)
+    assert not dataset[0][1].any() and SkeletonDataset(tiny_dataset, "train", window=8)[0][1].any()
+    calibration_free = SkeletonDataset(str(colour), "train", window=8, preprocessing="calibration-free")
+    assert calibration_free.hands_withheld is None and calibration_free[0][1].any()
+    with pytest.raises(ValueError, match="bharnet-e reads hand keypoints, but canonical preprocessing .*"
+                                         "--preprocessing calibration-free"):
+        train(config(str(colour), tmp_path / "bharnet-e", epochs=1, model="bharnet-e"), dataset, progress=False)
+    train(config(str(colour), tmp_path / "body", epochs=1), dataset, progress=False)
+    assert (tmp_path / "body" / "model.safetensors").exists()
+
+
 def test_a_fresh_start_drops_the_log_of_an_attempt_killed_before_its_first_checkpoint(tiny_dataset, tmp_path,
                                                                                         monkeypatch):
     run = tmp_path / "run"
