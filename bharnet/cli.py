@@ -39,14 +39,16 @@ def _info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bharnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from . import bench
+    from .bench.runner import positive
+
     info = sub.add_parser("info", help="versions, available backends, model sizes and FLOPs")
-    info.add_argument("--classes", type=int, default=120)
-    info.add_argument("--frames", type=int, default=64)
-    info.add_argument("--persons", type=int, default=2)
+    info.add_argument("--classes", type=positive(int), default=120)
+    info.add_argument("--frames", type=positive(int), default=64)
+    info.add_argument("--persons", type=positive(int), default=2)
     info.add_argument("--preset", default="full", choices=["full", "small"])
     info.set_defaults(func=_info)
 
-    from . import bench
     from .data import prepare
     from .engine import commands
 

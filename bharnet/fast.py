@@ -288,7 +288,7 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     fused = _bake_reparametrized_weights(_unshared(copy.deepcopy(model)))
     for name, module in list(fused.named_modules()):
         if _is_conv_bn(module):
-            fused.set_submodule(name, _fold_conv_bn(module, name))
+            fused = _replaced(fused, name, _fold_conv_bn(module, name))
         elif _runs(module, DeformableTemporalConv) and _is_batch_norm(module.bn):
             _scale_rows(module, *_bn_affine(module.bn, f"{name}.bn"))
             module.bn = nn.Identity()
@@ -298,11 +298,11 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
             _add_shift(fused, name, module, t)
     for name, module in list(fused.named_modules()):
         if _is_temporal_max_pool(module):
-            fused.set_submodule(name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],
-                                                      _pair(module.padding)[0]))
+            fused = _replaced(fused, name, TemporalMaxPool(_pair(module.kernel_size)[0], _pair(module.stride)[0],
+                                                           _pair(module.padding)[0]))
     for name, module in list(fused.named_modules()):
         if _runs(module, MultiScaleTemporalConv):
-            fused.set_submodule(name, SharedInputBranches(module.branches))
+            fused = _replaced(fused, name, SharedInputBranches(module.branches))
     swap_layers(fused, backend)
     if _runs_channels_last(fused, backend):
         for conv in _convs_of_the_blocks(fused):
@@ -317,6 +317,14 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
             module.register_forward_pre_hook(_refuse_training)
     setattr(fused, _FUSED, True)
     return skip_absent_persons(fused).eval()  # also the modules made here
+
+
+def _replaced(root: nn.Module, name: str, replacement: nn.Module) -> nn.Module:
+    """``root`` with its submodule ``name`` replaced (``replacement`` itself for the root, "")."""
+    if not name:
+        return replacement
+    root.set_submodule(name, replacement)
+    return root
 
 
 # set on a model that fuse_for_inference made

@@ -9,8 +9,9 @@ from bharnet._ext import cpp_availability
 from bharnet.fast import ChannelBias, SharedInputBranches, fuse_for_inference, swap_layers
 from bharnet.models import MODELS
 from bharnet.ops._checks import is_channels_last
-from bharnet.nn import (CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, TemporalMaxPool,
+from bharnet.nn import (ConvBN, CTRGraphConv, DeformableTemporalConv, GCNBlock, MultiScaleTemporalConv, TemporalMaxPool,
                         TokenCrossAttention)
+from bharnet.nn.conv import PointwiseConv2d
 from bharnet.nn.graph_conv import STGraphConv
 from trained_models import trained_like, with_statistics
 
@@ -136,6 +137,26 @@ def test_convolutions_without_bias_are_folded():
     assert isinstance(fused[0], nn.Conv2d) and fused[0].bias is not None and model[0][0].bias is None
     with torch.no_grad():
         assert relative_error(fused(x), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("unit", ["conv_bn", "ConvBN", "MultiScaleTemporalConv", "max_pool"])
+def test_a_model_that_is_one_foldable_unit_is_fused(unit):
+    """fuse_for_inference on a layer stack's part (its root is the unit that gets replaced)."""
+    model = {"conv_bn": lambda: nn.Sequential(nn.Conv2d(8, 8, 1), random_bn(8)),
+             "ConvBN": lambda: ConvBN(8, 8), "MultiScaleTemporalConv": lambda: MultiScaleTemporalConv(8, 8),
+             "max_pool": lambda: nn.MaxPool2d((3, 1), (1, 1), (1, 0))}[unit]().double()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            with_statistics(bn)
+    model.eval()
+    fused = fuse_for_inference(model, "reference")
+    assert type(fused) is {"conv_bn": nn.Conv2d, "ConvBN": PointwiseConv2d, "MultiScaleTemporalConv": SharedInputBranches,
+                           "max_pool": TemporalMaxPool}[unit]
+    x = torch.randn(2, 8, 10, 25, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) < 1e-12
+    with pytest.raises(RuntimeError):
+        fused.train()(x)
 
 
 def test_the_fused_model_is_in_eval_mode_and_is_not_fused_again():

@@ -84,7 +84,8 @@ def _names(valid, what):
     return parse
 
 
-def _positive(kind):
+def positive(kind):
+    """An argparse type: ``kind(text)``, refused unless it is > 0."""
     def parse(text: str):
         value = kind(text)
         if value <= 0:
@@ -108,16 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", type=_names(DTYPES, "dtype"), default=None,
                         help="fp32 and/or bf16 (bf16: autocast, parameters stay fp32); "
                              "default fp32,bf16 (--quick: fp32)")
-    parser.add_argument("--batch", type=_positive(int), default=None,
+    parser.add_argument("--batch", type=positive(int), default=None,
                         help="clips per training step (default 32 on CUDA; on CPU 1: a full "
                              "BHaRNet-E step at 32 clips needs more than 24 GiB there; --quick: 2)")
-    parser.add_argument("--op-batch", type=_positive(int), default=None,
+    parser.add_argument("--op-batch", type=positive(int), default=None,
                         help="sequences per op call at the full op shapes (default 128 on CUDA; on "
                              "CPU 2: one clip of 2 persons, as in single-clip inference)")
-    parser.add_argument("--persons", type=_positive(int), default=2, help="persons per clip (default 2)")
-    parser.add_argument("--threads", type=_positive(int), default=None,
+    parser.add_argument("--persons", type=positive(int), default=2, help="persons per clip (default 2)")
+    parser.add_argument("--threads", type=positive(int), default=None,
                         help="CPU threads for torch (default: torch's default, one per core)")
-    parser.add_argument("--frames", type=_positive(int), default=None, help="T (default 64; --quick: 16)")
+    parser.add_argument("--frames", type=positive(int), default=None, help="T (default 64; --quick: 16)")
     parser.add_argument("--preset", choices=["full", "small"], default=None,
                         help="model preset (default full; --quick: small)")
     parser.add_argument("--compile", dest="compile_scopes", type=_names(COMPILE_SCOPES, "compile scope"),
@@ -127,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", dest="compile_modes", action="append", choices=COMPILE_MODES,
                         default=None, help="torch.compile mode; repeat for several (default: default). "
                                            "max-autotune and reduce-overhead compile for minutes")
-    parser.add_argument("--budget", type=_positive(float), default=None, metavar="SECONDS",
+    parser.add_argument("--budget", type=positive(float), default=None, metavar="SECONDS",
                         help="start no new measurement after this many seconds; the rest is "
                              "reported as skipped (default: none; --quick: 150)")
     parser.add_argument("--results-dir", default=os.path.join("bench", "results"),
@@ -560,9 +561,18 @@ def run(args: argparse.Namespace) -> int:
     # process's allocation history, which moved model timings by up to 20% between runs
     # (bench/cpu_page_faults.py); every provider runs under the same setting.
     opts.keep_freed_memory = opts.device.type == "cpu" and keep_freed_memory()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    threads = torch.get_num_threads()
+    try:  # the caller's thread count and generators stay as they were (bharnet.cli.main in-process)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            torch.manual_seed(args.seed)
+            return _run_bench(opts, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(opts, args: argparse.Namespace) -> int:
     description = env.device_description(opts.device)
     csv_path = os.path.join(args.results_dir, f"{env.device_slug(description)}.csv")
     bench = Bench(opts, csv_path)

@@ -34,6 +34,8 @@ def check_input(x: torch.Tensor, name: str, config: ModelConfig, num_nodes: int)
     if (x.dim() != 5 or x.shape[1] != config.in_channels or x.shape[3] != num_nodes
             or x.shape[4] != config.num_person):
         raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if x.shape[2] < 1:
+        raise ValueError(f"{name} must have at least one frame (T >= 1), got shape {tuple(x.shape)}")
 
 
 class Expert(nn.Module):

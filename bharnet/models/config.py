@@ -51,8 +51,16 @@ class ModelConfig:
         return config
 
     def check(self) -> None:
+        for name in ("channels", "strides"):
+            values = getattr(self, name)
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+                raise ValueError(f"{name} must be a non-empty sequence of positive ints (one per block), got {values!r}")
         if len(self.channels) != len(self.strides):
             raise ValueError(f"channels ({len(self.channels)}) and strides ({len(self.strides)}) differ in length")
+        for name in ("in_channels", "num_person", "groups", "heads", "stem_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {value!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.num_person < 1:

@@ -38,18 +38,11 @@ def only_csv(directory):
     return paths[0]
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: tiny ops on two threads stall for milliseconds when a shared CI machine
-    is oversubscribed (each parallel region waits for a descheduled worker)."""
-    threads = torch.get_num_threads()
-    yield "1"
-    torch.set_num_threads(threads)
-
-
-def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys, one_thread):
+def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys):
     results, plots = tmp_path / "results", tmp_path / "plots"
-    argv = ["--quick", "--threads", one_thread, "--results-dir", str(results), "--plots-dir", str(plots)]
+    # one torch thread: tiny ops on two threads stall for milliseconds when a shared CI machine
+    # is oversubscribed (each parallel region waits for a descheduled worker)
+    argv = ["--quick", "--threads", "1", "--results-dir", str(results), "--plots-dir", str(plots)]
     assert bench(*argv) == 0
     out = capsys.readouterr().out
     assert "vs eager" in out and "vs compile" in out and "copy bandwidth" in out
@@ -129,8 +122,11 @@ def test_full_op_shapes_at_another_batch_say_so_in_their_labels():
 def test_cpu_op_shapes_default_to_one_clip(tmp_path):
     """Without --quick, CPU op rows are the model's shapes at one clip of 2 persons."""
     results = tmp_path / "results"
-    assert bench("--device", "cpu", "--ops", "bone", "--models", "none", "--compile", "none",
-                 "--dtypes", "fp32", "--threads", "1", "--results-dir", str(results), "--no-plots") == 0
+    threads, generator = torch.get_num_threads(), torch.get_rng_state()
+    assert bench("--device", "cpu", "--ops", "bone", "--models", "none", "--compile", "none", "--dtypes", "fp32",
+                 "--threads", "1" if threads != 1 else "2", "--results-dir", str(results), "--no-plots") == 0
+    # the caller's thread count and random generator are left as they were
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), generator)
     rows = [r for r in read_csv(str(only_csv(results))) if r.op == "bone"]
     assert rows and {r.x for r in rows} == {"B2 T64 V25", "B2 T64 V42"}
     assert all("N=1;" in r.config and "run=quick" not in r.config for r in rows)

@@ -174,6 +174,8 @@ def test_clear_errors():
         model(body[..., :1], hand)
     with pytest.raises(ValueError, match="agree in N and T"):
         model(body, hand[:, :, :6])
+    with pytest.raises(ValueError, match=r"body must have at least one frame \(T >= 1\)"):
+        model(body[:, :, :0], hand[:, :, :0])
     with pytest.raises(TypeError, match="floating-point"):
         model(body.long(), hand)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
@@ -204,9 +206,14 @@ def test_clear_errors():
     for option, message in ((dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\)"),
                             (dict(label_smoothing=-0.1), "label_smoothing"),
                             (dict(num_person=0), "num_person must be >= 1"),
-                            (dict(impl="trition"), "impl must be one of")):
+                            (dict(impl="trition"), "impl must be one of"),
+                            (dict(channels=(16, 0), strides=(1, 2)), r"channels must be .* positive ints"),
+                            (dict(channels=(16, 32), strides=(1, -1)), r"strides must be .* positive ints"),
+                            (dict(channels=(), strides=()), "channels must be a non-empty")):
         with pytest.raises(ValueError, match=message):
-            bharnet.create_model("body", 6, **SMALL, **option)
+            bharnet.create_model("body", 6, **{**SMALL, **option})
+    with pytest.raises(TypeError, match="num_person must be an int, got 2.5"):
+        bharnet.create_model("body", 6, num_person=2.5)
 
 
 @pytest.mark.parametrize("name", ["bharnet-e", "bharnet-pam"])
