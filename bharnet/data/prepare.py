@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -265,7 +266,7 @@ def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
     to skip (see :func:`bharnet.data.ntu.load_missing_skeletons`); files without any body
     are skipped anyway. ``workers``: processes for conversion (default: all CPUs; 0 or 1
     converts in this process). ``hand_centric_classes``: 0-based class indices recorded in
-    the manifest. The hand options are those of :func:`bharnet.data.hands.align_hands`;
+    the manifest (a run that changes only these rewrites the manifest and converts nothing). The hand options are those of :func:`bharnet.data.hands.align_hands`;
     ``hand_space`` says whether JSON hands are in camera metres or colour-image pixels.
     """
     ntu.check_benchmark(benchmark)
@@ -320,6 +321,9 @@ def _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, mi
     summary = _summary_if_up_to_date(out_dir, source)
     if summary is not None:
         return summary
+    summary = _relabelled_hand_centric_classes(out_dir, source)
+    if summary is not None:
+        return summary
 
     os.makedirs(cache_dir, exist_ok=True)
     remove_partial_files(out_dir)
@@ -359,7 +363,8 @@ def _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, mi
         "source": source, "skipped": skipped, "outside_benchmark": outside,
         "notes": notes, "errors": errors,
     })
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    for stale in glob.glob(os.path.join(out_dir, ".cache-*")):  # this run's, and those of runs with other options
+        shutil.rmtree(stale, ignore_errors=True)
     return PrepareSummary(out_dir, {s: len(results[s]) for s in SPLITS}, skipped, errors, notes,
                           outside, converted=len(pending), resumed=len(tasks) - len(pending))
 
@@ -374,6 +379,21 @@ def _summary_if_up_to_date(out_dir: str, source: dict) -> Optional[PrepareSummar
     return PrepareSummary(out_dir, {s: manifest["splits"][s]["count"] for s in SPLITS},
                           manifest["skipped"], manifest["errors"], manifest["notes"],
                           manifest["outside_benchmark"], up_to_date=True)
+
+
+def _relabelled_hand_centric_classes(out_dir: str, source: dict) -> Optional[PrepareSummary]:
+    """When ``out_dir`` holds this dataset but for its hand-centric classes (recorded in the
+    manifest only), record the new ones without converting anything again; else None."""
+    try:
+        manifest = read_manifest(out_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    source = json.loads(json.dumps(source))
+    if manifest.get("source", {}) | {"hand_centric_classes": source["hand_centric_classes"]} != source:
+        return None
+    manifest.update(hand_centric_classes=source["hand_centric_classes"], source=source)
+    write_manifest(out_dir, manifest)  # the versions that wrote the arrays stay
+    return _summary_if_up_to_date(out_dir, source)
 
 
 def _convert_all(pending: List[SampleTask], options: PrepareOptions, workers: int,

@@ -150,6 +150,19 @@ def test_rerun_skips_finished_work(ntu_source, tmp_path):
     assert np.load(out / "train" / "body.npy", mmap_mode="r").shape[2] == 60
 
 
+def test_new_hand_centric_classes_rewrite_only_the_manifest(ntu_source, tmp_path):
+    out = tmp_path / "out"
+    _prepare(ntu_source, out)
+    stamps = {f: os.stat(out / f).st_mtime_ns for f in _output_bytes(out)}
+    relabelled = _prepare(ntu_source, out, hand_centric_classes=[3, 1])
+    assert relabelled.up_to_date and relabelled.counts == {"train": 3, "test": 2}
+    assert {f: os.stat(out / f).st_mtime_ns for f in stamps} == stamps  # nothing converted or written again
+    assert dataset.read_manifest(out)["hand_centric_classes"] == [1, 3]
+    assert _prepare(ntu_source, out, hand_centric_classes=[1, 3]).up_to_date
+    assert _prepare(ntu_source, tmp_path / "fresh", hand_centric_classes=[1, 3]).up_to_date is False
+    assert dataset.read_manifest(out) == dataset.read_manifest(tmp_path / "fresh")  # as if prepared so
+
+
 def test_workers_give_identical_output(ntu_source, tmp_path):
     _prepare(ntu_source, tmp_path / "serial")
     _prepare(ntu_source, tmp_path / "parallel", workers=2)
@@ -183,8 +196,11 @@ def test_interrupted_conversion_resumes(ntu_source, tmp_path, monkeypatch):
     cache = [f for f in os.listdir(out) if f.startswith(".cache")]
     assert len(cache) == 1 and len(os.listdir(out / cache[0])) == 3
     monkeypatch.setattr(prepare, "process_sample", real)
+    stale = out / ".cache-0123456789abcdef"  # of an interrupted run with other options
+    stale.mkdir()
     resumed = _prepare(ntu_source, out)
     assert resumed.resumed == 3 and resumed.converted == 4
+    assert not [f for f in os.listdir(out) if f.startswith(".cache")]  # every cache is removed once done
     _prepare(ntu_source, tmp_path / "clean")
     assert _output_bytes(out) == _output_bytes(tmp_path / "clean")
 
