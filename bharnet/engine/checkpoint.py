@@ -39,9 +39,16 @@ def model_state(model: torch.nn.Module) -> dict:
 
 
 def save_atomically(path: str, tensors: dict, metadata: dict) -> None:
+    """Write ``path`` under a temporary name, then rename it into place (a save that fails or is
+    interrupted removes its temporary file)."""
     partial = path + ".partial"
-    save_file(_contiguous(tensors), partial, metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(partial, path)
+    try:
+        save_file(_contiguous(tensors), partial, metadata={k: json.dumps(v) for k, v in metadata.items()})
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
 
 
 def save_checkpoint(directory: str, epochs_done: int, step: int, model, optimizer, scaler, config: dict,

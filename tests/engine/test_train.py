@@ -106,6 +106,17 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tiny_datase
     assert checkpoint.read_metadata(str(tmp_path / "resumed" / "checkpoints" / "epoch-0003.safetensors"))["epochs_done"] == 3
 
 
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def disk_full(tensors, path, metadata):
+        open(path, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_atomically(str(tmp_path / "epoch-0001.safetensors"), {"w": torch.ones(2)}, {"step": 1})
+    assert os.listdir(tmp_path) == []
+
+
 def test_checkpoints_hold_no_pickles_and_describe_the_model(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train(config(tiny_dataset, run, epochs=1, model="bharnet-p"), SkeletonDataset(tiny_dataset, "train", window=8),
