@@ -38,21 +38,29 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 at::Tensor or_undefined(const OptTensor& t) { return t ? *t : at::Tensor(); }
 
 // The gradients as they are, or (under create_graph) as outputs of a node that raises when
-// they are differentiated.
-variable_list once_differentiable(variable_list grads, const char* op) {
+// they are differentiated. The node also takes `paths` (the incoming gradients and the saved
+// inputs) where they require grad, so that it lies on the graph's paths from the gradients to
+// the inputs: torch.autograd.grad(penalty, x) reaches it and raises (else x looked unused).
+variable_list once_differentiable(variable_list grads, const variable_list& paths, const char* op) {
   if (!at::GradMode::is_enabled()) return grads;
+  const auto n = grads.size();
   for (auto& g : grads) {
     if (!g.defined()) continue;
     g = g.detach();
     g.set_requires_grad(true);
   }
-  const auto n = static_cast<int64_t>(grads.size());
-  return torch::autograd::DelayedError(std::string(op) +
-                                           ": double backward is not supported (gradients of gradients, e.g. "
-                                           "create_graph=True for a gradient penalty); use backend='reference' "
-                                           "for them",
-                                       n)
-      .apply(std::move(grads));
+  for (const auto& t : paths) {
+    if (t.defined() && t.requires_grad()) grads.push_back(t);
+  }
+  const auto inputs = static_cast<int64_t>(grads.size());
+  auto outputs = torch::autograd::DelayedError(std::string(op) +
+                                                   ": double backward is not supported (gradients of gradients, e.g. "
+                                                   "create_graph=True for a gradient penalty); use backend='reference' "
+                                                   "for them",
+                                               inputs)
+                     .apply(std::move(grads));
+  outputs.resize(n);
+  return outputs;
 }
 
 struct CtrGraphConv : public torch::autograd::Function<CtrGraphConv> {
@@ -88,7 +96,9 @@ struct CtrGraphConv : public torch::autograd::Function<CtrGraphConv> {
         std::tie(result[0], result[1]) = static_op.call(dy, saved[0], saved[1]);
       }
     }
-    return once_differentiable(std::move(result), "bharnet::ctr_graph_conv_cpp");
+    variable_list paths = saved;
+    paths.push_back(grads[0]);
+    return once_differentiable(std::move(result), paths, "bharnet::ctr_graph_conv_cpp");
   }
 };
 
@@ -123,7 +133,7 @@ struct TemporalMaxPool : public torch::autograd::Function<TemporalMaxPool> {
       result[0] = op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["frames"].toSymInt(), pool[0],
                           pool[1], pool[2]);
     }
-    return once_differentiable(std::move(result), "bharnet::temporal_max_pool");
+    return once_differentiable(std::move(result), grads, "bharnet::temporal_max_pool");
   }
 };
 

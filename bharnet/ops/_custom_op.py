@@ -93,7 +93,11 @@ def differentiable_once(op: str, backward: Callable) -> Callable:
     ``torch.autograd.function.once_differentiable``, with an error that names the op, and (as
     the C++ ops' ``once_differentiable`` in csrc/autograd.cpp) whenever the graph is created:
     torch's only when an incoming gradient requires grad, so for a loss linear in the output
-    (``y.sum()``) a gradient penalty through the op was silently dropped."""
+    (``y.sum()``) a gradient penalty through the op was silently dropped. The node also takes
+    the incoming gradients and saved tensors that require grad, so that it lies on the graph's
+    paths from the gradients to the inputs: ``torch.autograd.grad(penalty, x)`` reaches it
+    and raises (without them ``x`` looked unused: torch's error, or None with
+    ``allow_unused``)."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
@@ -101,8 +105,9 @@ def differentiable_once(op: str, backward: Callable) -> Callable:
         if not torch.is_grad_enabled():
             return outputs
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        refusal = autograd_functions.DelayedError(double_backward_error(op).encode(), len(outputs))
-        return refusal(*[None if t is None else t.detach().requires_grad_() for t in outputs])
+        paths = [t for t in (*grads, *ctx.saved_tensors) if t is not None and t.requires_grad]
+        refusal = autograd_functions.DelayedError(double_backward_error(op).encode(), len(outputs) + len(paths))
+        return refusal(*[None if t is None else t.detach().requires_grad_() for t in outputs], *paths)[:len(outputs)]
     return wrapper
 
 

@@ -151,13 +151,19 @@ def _loss(y, kind):
 
 def _assert_double_backward_refused(fn, args, leaves, loss, op):
     """Under create_graph the first-order gradients are the usual ones; differentiating them
-    again raises an error that names the op and the way out."""
+    again raises an error that names the op and the way out, by .backward() and by
+    torch.autograd.grad (which runs only the nodes on paths to the leaves: the refusing node
+    was off them, so the leaves looked unused, and allow_unused=True gave None)."""
     expected = torch.autograd.grad(_loss(fn(*args), loss), leaves)
     got = torch.autograd.grad(_loss(fn(*args), loss), leaves, create_graph=True)
     for g, e in zip(got, expected):  # sums may run in another order (a GPU; the C++ projections' GEMMs)
         assert (g - e).norm() <= 1e-5 * e.norm()
-    with pytest.raises(RuntimeError, match=rf"bharnet::{op}: double backward is not supported .*backend='reference'"):
+    refused = rf"bharnet::{op}: double backward is not supported .*backend='reference'"
+    with pytest.raises(RuntimeError, match=refused):
         sum(g.square().sum() for g in got).backward()
+    got = torch.autograd.grad(_loss(fn(*args), loss), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(sum(g.square().sum() for g in got), leaves, allow_unused=True)
 
 
 @pytest.mark.parametrize("loss", ["square", "linear"])

@@ -138,6 +138,10 @@ def test_double_backward_raises():
     (dx,) = torch.autograd.grad(temporal_max_pool(x, backend="cpp").square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         dx.sum().backward()
+    # a gradient penalty by torch.autograd.grad reaches the refusal too (it was off the paths to x)
+    (dx,) = torch.autograd.grad(temporal_max_pool(x, backend="cpp").square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="bharnet::temporal_max_pool: double backward"):
+        torch.autograd.grad(dx.square().sum(), [x], allow_unused=True)
 
 
 def test_backward_op_checks_the_offsets():
