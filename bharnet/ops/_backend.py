@@ -5,7 +5,8 @@ kernels; on CPU only under ``TRITON_INTERPRET=1``), ``cpp`` (the C++/CUDA extens
 ``auto`` (the fastest backend that can run on the tensor's device, falling back to
 ``reference``; a backend registered with ``in_auto=False`` runs only when named; under
 ``torch.func`` transforms and forward-mode AD, for which the kernels' autograd Functions have
-no rules, ``auto`` is ``reference``). The choice
+no rules, ``auto`` is ``reference``; a backend named there raises under forward-mode AD, whose
+derivatives it would leave zero, unless it runs PyTorch's ops then). The choice
 is made per call (``backend=``), per layer (``impl=``) or globally (:func:`use_backend`,
 environment variable ``BHARNET_BACKEND``), in that order of precedence.
 """
@@ -25,6 +26,8 @@ _global_backend: Optional[str] = None
 _availability: Dict[str, Dict[str, Callable[[str], Optional[str]]]] = {}
 # (op, backend) pairs that ``auto`` passes over (run only when named)
 _explicit_only: Set[Tuple[str, str]] = set()
+# (op, backend) pairs that compute forward-mode derivatives (they run PyTorch's ops under it)
+_forward_ad: Set[Tuple[str, str]] = set()
 
 
 def _check_name(name: str) -> str:
@@ -51,6 +54,10 @@ class use_backend:
     >>> with bharnet.ops.use_backend("triton"): ...    # only inside the block
     >>> @bharnet.ops.use_backend("cpp")                # only inside each call
     ... def infer(x): ...
+
+    The setting is one value for the whole process, not per thread: threads that run models on
+    different backends should pass ``backend=`` or set their layers' ``impl``
+    (:func:`bharnet.fast.swap_layers`) instead.
     """
 
     def __init__(self, name: str):
@@ -79,13 +86,17 @@ class use_backend:
 
 
 def register_backend(op: str, backend: str, availability: Callable[[str], Optional[str]],
-                     in_auto: bool = True) -> None:
+                     in_auto: bool = True, forward_ad: bool = False) -> None:
     """Declare that ``op`` has ``backend``; ``availability(device_type)`` returns None if it can
     run on that device type, else a one-line reason. With ``in_auto=False``, ``auto`` passes
-    over it: it runs only when named (a backend not yet shown to be faster where it runs)."""
+    over it: it runs only when named (a backend not yet shown to be faster where it runs).
+    ``forward_ad``: it computes forward-mode derivatives (by running PyTorch's ops under
+    forward-mode AD); else, named there, it raises."""
     _availability.setdefault(op, {})[_check_name(backend)] = availability
     if not in_auto:
         _explicit_only.add((op, backend))
+    if forward_ad:
+        _forward_ad.add((op, backend))
 
 
 def has_backend(op: str, backend: str) -> bool:
@@ -129,6 +140,10 @@ def resolve(op: str, backend: Optional[str], device_type: str, cannot_take: Tupl
                 return candidate
         return "reference"
     reason = unavailable_reason(op, name, device_type)
+    if reason is None and name != "reference" and torch.autograd.forward_ad._current_level >= 0 \
+            and (op, name) not in _forward_ad:
+        reason = ("its kernels have no forward-mode derivatives (torch.func.jvp, jacfwd, hessian, "
+                  "torch.autograd.forward_ad); use backend='reference', or 'auto', which picks it there")
     if reason is not None:
         raise RuntimeError(f"bharnet: backend {name!r} cannot run {op} on {device_type}: {reason}")
     return name

@@ -255,8 +255,8 @@ def _batch_norm_triton(x, running_mean, running_var, weight, bias, training, mom
 
 
 _IMPLS = {"reference": batch_norm_reference, "cpp": _batch_norm_cpp, "triton": _batch_norm_triton}
-register_backend(OP_NAME, "cpp", cpp_on_cpu_availability)
-register_backend(OP_NAME, "triton", triton_availability, in_auto=False)
+register_backend(OP_NAME, "cpp", cpp_on_cpu_availability, forward_ad=True)
+register_backend(OP_NAME, "triton", triton_availability, in_auto=False, forward_ad=True)
 
 
 def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -9,6 +9,8 @@ A root is its own parent, so its bone is zero. Backward:
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Optional
 
 import torch
@@ -64,8 +66,14 @@ def bone(x: torch.Tensor, parents, dim: int = -2, *, backend: Optional[str] = No
         raise TypeError(f"bone: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0:
         raise ValueError("bone: x must have at least one dimension")
-    dim = dim % x.dim()
-    parents = torch.as_tensor(parents, dtype=torch.long, device=x.device)
+    if not hasattr(dim, "__index__") or not -x.dim() <= operator.index(dim) < x.dim():
+        raise ValueError(f"bone: dim must be an int in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, "
+                         f"got {dim!r}")
+    dim = operator.index(dim) % x.dim()
+    given = torch.as_tensor(parents, device=x.device)  # no dtype: 1.5 and True must not become indices
+    if given.numel() and (given.dtype == torch.bool or given.is_floating_point() or given.is_complex()):
+        raise TypeError(f"bone: parents must be integer joint indices, got {given.dtype}")
+    parents = given.long()
     if parents.dim() != 1 or parents.shape[0] != x.shape[dim]:
         raise ValueError(f"bone: parents must have shape ({x.shape[dim]},) for x of shape "
                          f"{tuple(x.shape)} along dim {dim}, got {tuple(parents.shape)}")

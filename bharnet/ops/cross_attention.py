@@ -540,6 +540,12 @@ def validate(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, out_weight,
                     ("norm_kv_weight", norm_kv_weight), ("norm_kv_bias", norm_kv_bias)):
         _expect(name, t, (D,), x_q, optional=True)
     _expect("key_mask", key_mask, (N, Lk), x_q, optional=True)
+    if not torch.is_autocast_enabled(x_q.device.type):  # (autocast casts the projections' operands)
+        for name, t in (("x_kv", x_kv), ("q_weight", q_weight), ("q_bias", q_bias), ("kv_weight", kv_weight),
+                        ("kv_bias", kv_bias), ("out_weight", out_weight), ("out_bias", out_bias)):
+            if t is not None and t.dtype != x_q.dtype:
+                raise TypeError(f"cross_attention: {name} is {t.dtype}, x_q {x_q.dtype}: the projections take "
+                                "one dtype (cast them, or run under torch.autocast)")
     if key_mask is not None and key_mask.dtype != torch.bool:
         raise TypeError(f"cross_attention: key_mask must be a bool tensor (True = may be "
                         f"attended), got {key_mask.dtype}")

@@ -63,11 +63,14 @@ OP_NAME = "ctr_graph_conv"
 
 
 def ctr_graph_conv_reference(v, A, q=None, k=None, weight=None, bias=None, alpha=None):
-    """Pure-PyTorch ground truth (materialises the (B, H, G, V, V) topology)."""
+    """Pure-PyTorch ground truth (materialises the (B, H, G, V, V) topology, in the widest
+    dtype of A, q, k, weight, bias and alpha, which may differ from v's as the kernels allow)."""
     B, H, C, T, V = v.shape
     if q is None:
         return torch.einsum("hij,bhctj->bcti", A.to(v.dtype), v)
     G = weight.shape[1]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in (A, q, k, weight, bias, alpha)])
+    A, q, k, weight, bias, alpha = (t.to(dtype) for t in (A, q, k, weight, bias, alpha))
     rel = torch.tanh(q.unsqueeze(-1) - k.unsqueeze(-2))  # (B, H, R, V, V): [.., i, j]
     refine = torch.einsum("hgr,bhrij->bhgij", weight, rel) + bias[None, :, :, None, None]
     topo = alpha.reshape(()) * refine + A[None, :, None]  # (B, H, G, V, V)
@@ -383,9 +386,9 @@ def validate(v, A, q, k, weight, bias, alpha):
     if C % G != 0:
         raise ValueError(f"ctr_graph_conv: channels C={C} must be a multiple of the groups G={G}")
     _expect("bias", bias, (H, G), v)
-    if alpha.numel() != 1:
+    if isinstance(alpha, torch.Tensor) and alpha.numel() != 1:
         raise ValueError(f"ctr_graph_conv: alpha must have one element, got shape {tuple(alpha.shape)}")
-    _expect("alpha", alpha, alpha.shape, v)
+    _expect("alpha", alpha, getattr(alpha, "shape", ()), v)
 
 
 def ctr_graph_conv(v: torch.Tensor, A: torch.Tensor, q: Optional[torch.Tensor] = None,

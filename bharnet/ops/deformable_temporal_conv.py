@@ -237,6 +237,8 @@ def validate(x, offsets, weight, bias, stride):
     if weight.dim() != 3 or weight.shape[1:] != (C, E):
         raise ValueError(f"deformable_temporal_conv: weight must have shape (C_out, {C}, {E}), "
                          f"got {tuple(weight.shape)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"deformable_temporal_conv: bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"deformable_temporal_conv: bias must have shape ({weight.shape[0]},), "
                          f"got {tuple(bias.shape)}")

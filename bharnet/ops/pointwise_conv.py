@@ -76,7 +76,7 @@ def _pointwise_conv_cpp(x, weight, bias, stride):
 
 
 _IMPLS = {"reference": pointwise_conv_reference, "cpp": _pointwise_conv_cpp}
-register_backend(OP_NAME, "cpp", cpp_on_cpu_availability)
+register_backend(OP_NAME, "cpp", cpp_on_cpu_availability, forward_ad=True)
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -86,6 +86,8 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
         raise TypeError(f"pointwise_conv: x must be a (N, C_in, T, V) floating-point tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        raise TypeError(f"pointwise_conv: weight must be floating point, got {weight.dtype}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
         raise ValueError(f"pointwise_conv: weight must have shape (C_out, C_in={x.shape[1]}, 1, 1), got "
                          f"{tuple(getattr(weight, 'shape', ()))}")

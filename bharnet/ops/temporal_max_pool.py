@@ -100,6 +100,9 @@ def temporal_max_pool(x: torch.Tensor, kernel: int = 3, stride: int = 1, padding
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() not in (3, 4):
         raise TypeError(f"temporal_max_pool: x must be a (N, C, T, V) or (C, T, V) floating-point tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+    for name, value in (("kernel", kernel), ("stride", stride), ("padding", padding)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"temporal_max_pool: {name} must be an int, got {value!r}")
     if kernel < 1 or stride < 1 or not 0 <= 2 * padding <= kernel:
         raise ValueError(f"temporal_max_pool: need kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2, "
                          f"got kernel={kernel}, stride={stride}, padding={padding}")

@@ -66,6 +66,31 @@ def test_auto_runs_the_reference_under_torch_func_transforms():
         torch.testing.assert_close(grads[name], expected[name], msg=name)
 
 
+def test_a_named_backend_without_forward_mode_derivatives_raises_under_them():
+    """Named there, the C++ bone op gave zero tangents (torch.func.jvp) or none (forward_ad);
+    the 1x1 convolution's C++ backend runs PyTorch's ops under forward-mode AD and stays usable."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    parents = [0, 0, 1, 2, 1, 4]
+
+    def bone(backend):
+        return lambda z: ops.bone(z, parents, dim=1, backend=backend)
+
+    expected = torch.func.jvp(bone("reference"), (x,), (tangent,))[1]
+    assert expected.norm() > 0
+    torch.testing.assert_close(torch.func.jvp(bone("auto"), (x,), (tangent,))[1], expected)
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run bone on cpu: its kernels have no "
+                                           "forward-mode derivatives .* use backend='reference'"):
+        torch.func.jvp(bone("cpp"), (x,), (tangent,))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivatives"):
+        bone("cpp")(fwAD.make_dual(x, tangent))
+    assert ops.bone(x, parents, dim=1, backend="cpp").equal(bone("reference")(x))  # outside, as before
+    x4, weight = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(6, 3, 1, 1, dtype=torch.float64)
+    conv = torch.func.jvp(lambda z: ops.pointwise_conv(z, weight, backend="cpp"), (x4,), (torch.ones_like(x4),))[1]
+    torch.testing.assert_close(conv, torch.nn.functional.conv2d(torch.ones_like(x4), weight))
+
+
 def test_auto_on_cpu_never_picks_triton():
     assert resolve("ctr_graph_conv", "auto", "cpu") in ("cpp", "reference")
 

@@ -209,6 +209,8 @@ def test_layers_route_through_impl():
     (9, torch.ones(3, 7), TypeError, "key_mask must be a bool tensor"),
     (10, torch.randn(15), ValueError, r"norm_q_weight must have shape \(16,\)"),
     (13, [0.0] * 16, TypeError, "norm_kv_bias must be a torch.Tensor"),
+    (5, torch.randn(32, 16, dtype=torch.float64), TypeError, "kv_weight is torch.float64, x_q torch.float32"),
+    (1, torch.randn(3, 7, 16, dtype=torch.float64), TypeError, "x_kv is torch.float64, x_q torch.float32"),
 ])
 def test_bad_input_raises_clear_error(index, value, error, match):
     inputs = make_inputs(3, 5, 7, 16, 2)

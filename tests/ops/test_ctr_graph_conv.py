@@ -261,6 +261,23 @@ def test_bfloat16_features_on_cpu_are_a_type_error():
         triton_backend(*inputs)
 
 
+def test_alpha_as_a_number_is_a_type_error():
+    inputs = make_inputs(1, 1, 4, 2, 5, 2, 2)
+    inputs[6] = 0.5
+    with pytest.raises(TypeError, match="alpha must be a torch.Tensor, got float"):
+        backend_fn("reference")(*inputs)
+
+
+def test_the_reference_takes_refinement_parameters_of_another_dtype_as_the_kernels_do():
+    """float64 W4 next to float32 features (the reference raised torch's 'expected scalar type')."""
+    inputs = [t.float() for t in make_inputs(2, 3, 4, 5, 6, 2, 2)]
+    mixed = list(inputs)
+    mixed[4] = inputs[4].double()
+    expected = backend_fn("reference")(*inputs)
+    for backend in ("reference", "cpp"):
+        torch.testing.assert_close(backend_fn(backend)(*mixed), expected, msg=backend)
+
+
 def test_float8_topology_is_a_type_error():
     inputs = make_inputs(1, 1, 4, 2, 5, 2, 2)
     inputs[1] = inputs[1].to(torch.float8_e4m3fn)

@@ -218,6 +218,7 @@ def test_torch_compile_fullgraph():
     (lambda x, t, w: (x, t[None], w), ValueError, r"offsets must have shape \(E,\)"),
     (lambda x, t, w: (x.to(torch.int32), t, w), TypeError, "x must be floating point"),
     (lambda x, t, w: (x.bfloat16(), t, w), TypeError, "cannot run bfloat16 on CPU"),
+    (lambda x, t, w: (x, t, w, [0.0] * 5), TypeError, "bias must be a torch.Tensor or None, got list"),
 ])
 def test_bad_input_raises_clear_error(make_bad, error, match):
     x, tau, weight, _ = make_inputs(2, 3, 5, 7, 5)

@@ -161,6 +161,8 @@ def test_input_errors():
         pointwise_conv(x, weight, bias[:3])
     with pytest.raises(ValueError, match="stride"):
         pointwise_conv(x, weight, bias, 0)
+    with pytest.raises(TypeError, match="weight must be floating point, got torch.int64"):
+        pointwise_conv(x, weight.long(), bias)
     with pytest.raises(RuntimeError, match="weight must be a"):
         torch.ops.bharnet.pointwise_conv_cpp(x, weight.flatten(1).float(), None)
 

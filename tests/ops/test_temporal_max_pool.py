@@ -74,6 +74,7 @@ def test_torch_compile_fullgraph():
     (dict(kernel=3, stride=0, padding=1), ValueError, "stride"),
     (dict(kernel=3, stride=1, padding=2), ValueError, "padding"),
     (dict(kernel=9, stride=1, padding=1), ValueError, "no window"),
+    (dict(kernel=3.0, stride=1, padding=1), TypeError, "kernel must be an int, got 3.0"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
