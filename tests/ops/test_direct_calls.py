@@ -125,11 +125,11 @@ def test_direct_attention_layer_matches_the_node_path(variant, autocast, monkeyp
 
 
 def test_direct_attention_layer_refuses_what_linear_refuses():
-    """Projection weights in another dtype than x (no autocast): F.linear's error, as on the
-    node path and under torch.compile, not a silent cast."""
+    """Projection weights in another dtype than x (no autocast): an error on every path (the
+    op's input check, which names the weight), not a silent cast."""
     inputs = make_inputs(2, 5, 7, 16, 2)
     inputs[3] = inputs[3].double()
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="q_weight is torch.float64, x_q torch.float32"):
         cross_attention(*inputs, backend="triton")
 
 
