@@ -159,9 +159,11 @@ assert with_cuda or torch.device("'"$DEVICE"'").type == "cpu", "built without CU
 pytest_file() {
   local rc=0 log
   log=$WORK/pytest_$(basename "$1" .py).log
-  # its own timeout: pytest processes left running when the stage's timeout interrupts xargs would
-  # hold the stage's pipe (tee) open until they end
-  timeout --signal=INT --kill-after=10 "${TEST_FILE_SECONDS:-150}" \
+  # its own timeout, up to the stage's deadline: pytest processes left running when the stage's
+  # timeout interrupts xargs would hold the stage's pipe (tee) open until they end
+  local seconds=$(( ${TEST_DEADLINE:-$(( $(date +%s) + 150 ))} - $(date +%s) ))
+  if ((seconds < 5)); then echo "--- ${1#"$ROOT"/} skipped: no time left"; return 1; fi
+  timeout --signal=INT --kill-after=5 "$seconds" \
     "$PY" -m pytest "$1" -o addopts= -m gpu -vv -p no:cacheprovider > "$log" 2>&1 || rc=$?
   if ((rc == 5)); then rc=0; fi
   echo "--- ${1#"$ROOT"/} (exit $rc, ${SECONDS}s, $(grep -c " PASSED" "$log") passed)"
@@ -227,7 +229,8 @@ copy_out() {
   if [[ -n $csv ]]; then cp "$csv" "$OUT/"; fi
   if [[ -f $WORK/summary.md ]]; then cp "$WORK/summary.md" "$OUT/"; fi
   mapfile -t pngs < <(find "$PLOTS" -maxdepth 1 -name "$DEVICE-*.png" -newer "$WORK/started" 2>/dev/null || true)
-  if ((${#pngs[@]} > 5)); then  # $OUT takes at most 8 files
+  # $OUT takes at most 8 files: the log, a CSV, the summary, cuda_gdb.log, the test logs' archive
+  if ((${#pngs[@]} > 3)); then
     tar -czf "$OUT/plots.tar.gz" -C "$PLOTS" "${pngs[@]##*/}"
   elif ((${#pngs[@]} > 0)); then
     cp "${pngs[@]}" "$OUT/"
@@ -268,7 +271,7 @@ if [[ -n ${GPU_CHECK_LAYER_BACKENDS:-} ]]; then RESERVED=$((RESERVED + AB_SECOND
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
 TEST_LIMIT=$(( $(left) - RESERVED < TEST_CAP ? $(left) - RESERVED : TEST_CAP ))
 if [[ ${GPU_CHECK_TESTS:-all} == none ]]; then TEST_LIMIT=10; fi
-export TEST_FILE_SECONDS=$((TEST_LIMIT > 10 ? TEST_LIMIT - 5 : 5))
+export TEST_DEADLINE=$(( $(date +%s) + TEST_LIMIT - 8 ))  # each file's timeout ends by then
 stage tests "$TEST_LIMIT" bash -c gpu_tests
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
   PROFILE_ARGS=(--device "$DEVICE")

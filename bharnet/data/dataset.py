@@ -260,8 +260,8 @@ class SkeletonDataset(torch.utils.data.Dataset):
             self.hands_withheld = (
                 f"canonical preprocessing translates hands by the body's origin in camera metres, but "
                 f"{self.root}'s hands are in {self.manifest['hand_space']!r} space (bharnet prepare --hand-space); "
-                "use calibration-free preprocessing (--preprocessing calibration-free, or "
-                "preprocessing='calibration-free')")
+                "train with calibration-free preprocessing (bharnet train --preprocessing calibration-free, "
+                "or preprocessing='calibration-free')")
             warnings.warn(f"SkeletonDataset: its hands are served as undetected (zero), for body-only models: "
                           f"{self.hands_withheld}", stacklevel=2)
         self.split_dir = os.path.join(self.root, split)

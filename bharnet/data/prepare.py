@@ -363,7 +363,7 @@ def _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, mi
         "source": source, "skipped": skipped, "outside_benchmark": outside,
         "notes": notes, "errors": errors,
     })
-    for stale in glob.glob(os.path.join(out_dir, ".cache-*")):  # this run's, and those of runs with other options
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), ".cache-*")):  # this run's, and other options' runs
         shutil.rmtree(stale, ignore_errors=True)
     return PrepareSummary(out_dir, {s: len(results[s]) for s in SPLITS}, skipped, errors, notes,
                           outside, converted=len(pending), resumed=len(tasks) - len(pending))

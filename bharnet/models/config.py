@@ -15,6 +15,11 @@ PRESETS = {
 }
 
 
+def is_int(value) -> bool:
+    """An integer (Python's or numpy's: anything with ``__index__``), not a bool."""
+    return hasattr(value, "__index__") and not isinstance(value, bool) and getattr(value, "dtype", None) != bool
+
+
 # Options that only some variants read (each lists its own in ``variant_options``); the other
 # fields shape every variant.
 VARIANT_OPTIONS = ("heads", "attention_mode", "stem_depth")
@@ -53,14 +58,13 @@ class ModelConfig:
     def check(self) -> None:
         for name in ("channels", "strides"):
             values = getattr(self, name)
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            if len(values) == 0 or not all(is_int(v) and v >= 1 for v in values):
                 raise ValueError(f"{name} must be a non-empty sequence of positive ints (one per block), got {values!r}")
         if len(self.channels) != len(self.strides):
             raise ValueError(f"channels ({len(self.channels)}) and strides ({len(self.strides)}) differ in length")
         for name in ("in_channels", "num_person", "groups", "heads", "stem_depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {value!r}")
+            if not is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.num_person < 1:

@@ -100,15 +100,29 @@ def differentiable_once(op: str, backward: Callable) -> Callable:
     ``allow_unused``)."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled():
-            return outputs
+            with torch.no_grad():
+                return backward(ctx, *grads)
+        # unpacked once, for the backward (saved_tensors) and here: non-reentrant checkpointing
+        # refuses a second unpack, and a recomputing pack hook would recompute twice
+        ctx.bharnet_saved = ctx.saved_tensors
+        try:
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            paths = [t for t in (*grads, *ctx.bharnet_saved) if t is not None and t.requires_grad]
+        finally:
+            del ctx.bharnet_saved
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        paths = [t for t in (*grads, *ctx.saved_tensors) if t is not None and t.requires_grad]
         refusal = autograd_functions.DelayedError(double_backward_error(op).encode(), len(outputs) + len(paths))
-        return refusal(*[None if t is None else t.detach().requires_grad_() for t in outputs], *paths)[:len(outputs)]
+        refused = refusal(*[None if t is None else t.detach().requires_grad_() for t in outputs], *paths)
+        return tuple(refused if isinstance(refused, (tuple, list)) else (refused,))[:len(outputs)]
     return wrapper
+
+
+def saved_tensors(ctx) -> tuple:
+    """``ctx.saved_tensors``, or the tuple that :func:`differentiable_once` unpacked for this
+    backward already (a backward wrapped by it reads its saved tensors through this)."""
+    return getattr(ctx, "bharnet_saved", None) or ctx.saved_tensors
 
 
 def refuse_double_backward(backward_op: str, op: str) -> None:

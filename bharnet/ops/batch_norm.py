@@ -62,7 +62,8 @@ from torch import Tensor
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto, triton_availability
 from ._checks import TRITON_DTYPES, accumulation_dtype, nn_layer_kernel_applies
-from ._custom_op import as_dtype, cdiv, launch_config, launcher, new_output, next_pow2, triton_custom_op, with_autograd
+from ._custom_op import (as_dtype, cdiv, launch_config, launcher, new_output, next_pow2, saved_tensors,
+                         triton_custom_op, with_autograd)
 
 OP_NAME = "batch_norm"
 TILE = 2048  # elements of one (BLOCK_N rows, BLOCK_P positions) tile (half that for float64)
@@ -216,7 +217,7 @@ def _make_backward(run):
         """Only x, weight and the statistics are saved (not y, not xhat)."""
         if dy is None:
             return None, None, None, None
-        x, weight, stats = ctx.saved_tensors
+        x, weight, stats = saved_tensors(ctx)
         dx, dparams = run(_batch_norm_train_backward_op, dy, x, weight, stats)
         dw = None if weight is None else as_dtype(dparams[0], weight.dtype)
         db = None if ctx.bias_dtype is None else as_dtype(dparams[1], ctx.bias_dtype)

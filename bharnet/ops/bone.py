@@ -66,7 +66,9 @@ def bone(x: torch.Tensor, parents, dim: int = -2, *, backend: Optional[str] = No
         raise TypeError(f"bone: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0:
         raise ValueError("bone: x must have at least one dimension")
-    if not hasattr(dim, "__index__") or not -x.dim() <= operator.index(dim) < x.dim():
+    if not hasattr(dim, "__index__") or isinstance(dim, bool):
+        raise TypeError(f"bone: dim must be an int, got {dim!r}")
+    if not -x.dim() <= operator.index(dim) < x.dim():
         raise ValueError(f"bone: dim must be an int in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, "
                          f"got {dim!r}")
     dim = operator.index(dim) % x.dim()

@@ -79,7 +79,7 @@ from . import cpu_linear
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import accumulation_dtype, expect_tensor, expect_triton_dtype
 from ._custom_op import (as_dtype, cdiv, differentiable_once, direct_call_allowed, launcher, new_output, next_pow2,
-                         refuse_double_backward, triton_custom_op, with_autograd)
+                         refuse_double_backward, saved_tensors, triton_custom_op, with_autograd)
 from .layer_norm import MAX_DIM as MAX_LAYER_NORM_DIM
 from .layer_norm import (AUTOCAST_CAST_DTYPES, _layer_norm_backward_op, _layer_norm_op, compute_dtype,
                          layer_norm)
@@ -297,7 +297,7 @@ def _autograd_backward(core_backward):
     ``core_backward(grad_o, q, kv, o, lse, key_mask, heads) -> (dq, dkv)``. Only q, kv, o and
     lse are saved (o is also the output projection's saved input)."""
     def backward(ctx, grad_o, _grad_lse):
-        q, kv, o, lse, key_mask = ctx.saved_tensors
+        q, kv, o, lse, key_mask = saved_tensors(ctx)
         if grad_o is None:
             return None, None, None, None
         dq, dkv = core_backward(grad_o, q, kv, o, lse, key_mask, ctx.heads)
@@ -385,7 +385,7 @@ class _TritonLayerDirect(torch.autograd.Function):
     @functools.partial(differentiable_once, "cross_attention")
     def backward(ctx, dy):
         (x_q, x_kv, a_q, a_kv, q, kv, o, lse, key_mask, q_w, kv_w, out_w, q_weight, q_bias, kv_weight,
-         kv_bias, out_weight, out_bias, nq_w, nq_b, nkv_w, nkv_b, mean_q, rstd_q, mean_kv, rstd_kv) = ctx.saved_tensors
+         kv_bias, out_weight, out_bias, nq_w, nq_b, nkv_w, nkv_b, mean_q, rstd_q, mean_kv, rstd_kv) = saved_tensors(ctx)
         D = a_q.shape[-1]
         g = as_dtype(dy, out_w.dtype).reshape(-1, D)
         d_o, d_out_w, d_out_b = _linear_grads(g, o.reshape(-1, D), out_w, out_weight, out_bias)

@@ -57,7 +57,8 @@ from torch import Tensor
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import MAX_GRID_YZ, as_dtype, cdiv, launcher, new_output, triton_custom_op, with_autograd
+from ._custom_op import (MAX_GRID_YZ, as_dtype, cdiv, launcher, new_output, saved_tensors, triton_custom_op,
+                         with_autograd)
 
 OP_NAME = "ctr_graph_conv"
 
@@ -246,7 +247,7 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(run):
     def backward(ctx, dy):
         """Recompute-everything backward: only the inputs are saved, never the topology."""
-        v, A, q, k, weight, bias, alpha = ctx.saved_tensors
+        v, A, q, k, weight, bias, alpha = saved_tensors(ctx)
         if weight is None:
             dv, dA = run(_static_backward_op, dy, v, A)
             return dv, dA, None, None, None, None, None

@@ -47,7 +47,7 @@ import torch
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_triton_dtype, is_channels_last
-from ._custom_op import as_dtype, opaque_custom_op, refuse_double_backward, with_autograd
+from ._custom_op import as_dtype, opaque_custom_op, refuse_double_backward, saved_tensors, with_autograd
 
 OP_NAME = "deformable_temporal_conv"
 
@@ -136,7 +136,7 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(run):
     def backward(ctx, grad_y):
-        x, offsets, weight = ctx.saved_tensors
+        x, offsets, weight = saved_tensors(ctx)
         dx, doffsets, dweight, dbias = run(_triton_backward, grad_y, x, offsets, weight, ctx.stride)
         dbias = None if ctx.bias_dtype is None else as_dtype(dbias, ctx.bias_dtype)
         return dx, doffsets, dweight, dbias, None

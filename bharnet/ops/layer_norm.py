@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import TRITON_DTYPES, accumulation_dtype, expect_tensor
-from ._custom_op import as_dtype, cdiv, launcher, new_output, triton_custom_op, with_autograd
+from ._custom_op import as_dtype, cdiv, launcher, new_output, saved_tensors, triton_custom_op, with_autograd
 
 OP_NAME = "layer_norm"
 MAX_DIM = 1024  # one BLOCK_D >= D tile of features per row
@@ -162,7 +162,7 @@ def _make_backward(run):
         """Only x, weight, mean and rstd are saved (not y, not xhat)."""
         if dy is None:
             return None, None, None, None, None
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd = saved_tensors(ctx)
         dx, dparams = run(_layer_norm_backward_op, dy, x, weight, mean, rstd)
         dw = None if weight is None else as_dtype(dparams[0], weight.dtype)
         db = None if ctx.bias_dtype is None else as_dtype(dparams[1], ctx.bias_dtype)

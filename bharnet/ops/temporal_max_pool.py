@@ -31,6 +31,8 @@ through ``torch.ops.bharnet.temporal_max_pool_backward(dy, arg, T, kernel, strid
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Optional
 
 import torch
@@ -101,8 +103,9 @@ def temporal_max_pool(x: torch.Tensor, kernel: int = 3, stride: int = 1, padding
         raise TypeError(f"temporal_max_pool: x must be a (N, C, T, V) or (C, T, V) floating-point tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
     for name, value in (("kernel", kernel), ("stride", stride), ("padding", padding)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not hasattr(value, "__index__") or isinstance(value, bool):
             raise TypeError(f"temporal_max_pool: {name} must be an int, got {value!r}")
+    kernel, stride, padding = (operator.index(v) for v in (kernel, stride, padding))
     if kernel < 1 or stride < 1 or not 0 <= 2 * padding <= kernel:
         raise ValueError(f"temporal_max_pool: need kernel >= 1, stride >= 1 and 0 <= padding <= kernel / 2, "
                          f"got kernel={kernel}, stride={stride}, padding={padding}")

@@ -214,6 +214,9 @@ def test_clear_errors():
             bharnet.create_model("body", 6, **{**SMALL, **option})
     with pytest.raises(TypeError, match="num_person must be an int, got 2.5"):
         bharnet.create_model("body", 6, num_person=2.5)
+    import numpy as np  # numpy integers are integers
+    assert bharnet.create_model("body", 6, channels=np.array([16, 16]), strides=[np.int64(1), 2],
+                                num_person=np.int64(1), preset="small")
 
 
 @pytest.mark.parametrize("name", ["bharnet-e", "bharnet-pam"])

@@ -58,8 +58,11 @@ def test_bad_input():
         bone(torch.randn(4, 3), [0, 1, 2, 7])
     with pytest.raises(TypeError, match="floating-point"):
         bone(torch.ones(3, 4, dtype=torch.long), [0, 0, 1, 2])
-    for dim in (2, -3, 1.0):  # wrapped around, or along another axis, before
+    for dim in (2, -3):  # wrapped around, before
         with pytest.raises(ValueError, match=rf"dim must be an int in \[-2, 2\) for x of shape \(4, 3\), got {dim}"):
+            bone(torch.randn(4, 3), [0, 0, 1], dim=dim)
+    for dim in (1.0, True):  # bones along another axis, before
+        with pytest.raises(TypeError, match=f"dim must be an int, got {dim}"):
             bone(torch.randn(4, 3), [0, 0, 1], dim=dim)
     for parents in ([0, 0.9, 1.5], [True, False, True], torch.tensor([0.0, 0.0, 1.0])):  # truncated to indices, before
         with pytest.raises(TypeError, match="parents must be integer joint indices"):

@@ -179,6 +179,23 @@ def test_double_backward_is_refused_with_the_ops_name(name, direct, device, loss
     _assert_double_backward_refused(fn, args, leaves, loss, op)
 
 
+def test_first_order_gradients_under_create_graph_in_a_checkpointed_region():
+    """Non-reentrant checkpointing refuses a second unpack of a saved tensor: the direct path's
+    refusal unpacks them once, with the backward (it raised CheckpointError at the first-order
+    gradients)."""
+    from torch.utils.checkpoint import checkpoint
+
+    fn, args, leaves = make_call("ctr_graph_conv static")
+    v, A = args
+    expected = torch.autograd.grad(fn(v, A).square().sum(), leaves)
+    y = checkpoint(lambda t: fn(t, A), v, use_reentrant=False)
+    got = torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    with pytest.raises(RuntimeError, match="bharnet::ctr_graph_conv: double backward is not supported"):
+        sum(g.square().sum() for g in got).backward()
+
+
 @pytest.mark.parametrize("loss", ["square", "linear"])
 @pytest.mark.parametrize("name", ["ctr_graph_conv", "deformable_temporal_conv", "cross_attention"])
 def test_double_backward_through_the_cpp_ops_is_refused(name, loss):

@@ -70,6 +70,14 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(x), F.max_pool2d(x, (3, 1), (2, 1), (1, 0)))
 
 
+def test_numpy_integer_arguments_are_integers():
+    import numpy as np
+
+    x = torch.randn(1, 2, 5, 3)
+    assert torch.equal(temporal_max_pool(x, np.int64(3), np.int32(1), np.int64(1), backend="cpp"),
+                       F.max_pool2d(x, (3, 1), 1, (1, 0)))
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(kernel=3, stride=0, padding=1), ValueError, "stride"),
     (dict(kernel=3, stride=1, padding=2), ValueError, "padding"),
