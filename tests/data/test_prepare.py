@@ -163,6 +163,12 @@ def test_new_hand_centric_classes_rewrite_only_the_manifest(ntu_source, tmp_path
     assert dataset.read_manifest(out) == dataset.read_manifest(tmp_path / "fresh")  # as if prepared so
 
 
+def test_the_cache_is_removed_under_a_folder_name_with_glob_characters(ntu_source, tmp_path):
+    out = tmp_path / "ntu[60]*"
+    _prepare(ntu_source, out)
+    assert not [f for f in os.listdir(out) if f.startswith(".cache")]
+
+
 def test_workers_give_identical_output(ntu_source, tmp_path):
     _prepare(ntu_source, tmp_path / "serial")
     _prepare(ntu_source, tmp_path / "parallel", workers=2)
