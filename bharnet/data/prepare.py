@@ -376,6 +376,10 @@ def _summary_if_up_to_date(out_dir: str, source: dict) -> Optional[PrepareSummar
         return None
     if manifest.get("source") != json.loads(json.dumps(source)):
         return None
+    return _up_to_date_summary(out_dir, manifest)
+
+
+def _up_to_date_summary(out_dir: str, manifest: dict) -> PrepareSummary:
     return PrepareSummary(out_dir, {s: manifest["splits"][s]["count"] for s in SPLITS},
                           manifest["skipped"], manifest["errors"], manifest["notes"],
                           manifest["outside_benchmark"], up_to_date=True)
@@ -393,7 +397,7 @@ def _relabelled_hand_centric_classes(out_dir: str, source: dict) -> Optional[Pre
         return None
     manifest.update(hand_centric_classes=source["hand_centric_classes"], source=source)
     write_manifest(out_dir, manifest)  # the versions that wrote the arrays stay
-    return _summary_if_up_to_date(out_dir, source)
+    return _up_to_date_summary(out_dir, manifest)
 
 
 def _convert_all(pending: List[SampleTask], options: PrepareOptions, workers: int,

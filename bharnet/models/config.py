@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Tuple
 
 from ..ops._backend import BACKENDS
+from ..ops._checks import is_int
 
 PRESETS = {
     # DESIGN.md: 10 blocks, stride 2 at blocks 5 and 8 (T = 64 → 16), stem = blocks 1-4.
@@ -13,11 +14,6 @@ PRESETS = {
     # A small model that learns the synthetic demo in minutes on two CPU cores.
     "small": dict(channels=(16, 32, 32, 64), strides=(1, 2, 1, 2), stem_depth=2, heads=4),
 }
-
-
-def is_int(value) -> bool:
-    """An integer (Python's or numpy's: anything with ``__index__``), not a bool."""
-    return hasattr(value, "__index__") and not isinstance(value, bool) and getattr(value, "dtype", None) != bool
 
 
 # Options that only some variants read (each lists its own in ``variant_options``); the other

@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def is_int(value) -> bool:
+    """An integer (Python's or numpy's: anything with ``__index__``), not a bool."""
+    return hasattr(value, "__index__") and not isinstance(value, bool) and getattr(value, "dtype", None) != bool
+
+
 def expect_tensor(op: str, name: str, t, shape, ref: torch.Tensor, ref_name: str,
                   floating: bool = True) -> None:
     """Raise unless ``t`` is a tensor of ``shape`` on ``ref``'s device (and floating point)."""

@@ -17,6 +17,7 @@ import torch
 
 from .._ext import cpp_availability, registered_after_loading
 from ._backend import register_backend, resolve
+from ._checks import is_int
 
 OP_NAME = "bone"
 
@@ -66,7 +67,7 @@ def bone(x: torch.Tensor, parents, dim: int = -2, *, backend: Optional[str] = No
         raise TypeError(f"bone: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0:
         raise ValueError("bone: x must have at least one dimension")
-    if not hasattr(dim, "__index__") or isinstance(dim, bool):
+    if not is_int(dim):
         raise TypeError(f"bone: dim must be an int, got {dim!r}")
     if not -x.dim() <= operator.index(dim) < x.dim():
         raise ValueError(f"bone: dim must be an int in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, "

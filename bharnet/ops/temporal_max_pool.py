@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
-from ._checks import is_channels_last
+from ._checks import is_channels_last, is_int
 from ._custom_op import as_dtype, refuse_double_backward
 
 OP_NAME = "temporal_max_pool"
@@ -103,7 +103,7 @@ def temporal_max_pool(x: torch.Tensor, kernel: int = 3, stride: int = 1, padding
         raise TypeError(f"temporal_max_pool: x must be a (N, C, T, V) or (C, T, V) floating-point tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
     for name, value in (("kernel", kernel), ("stride", stride), ("padding", padding)):
-        if not hasattr(value, "__index__") or isinstance(value, bool):
+        if not is_int(value):
             raise TypeError(f"temporal_max_pool: {name} must be an int, got {value!r}")
     kernel, stride, padding = (operator.index(v) for v in (kernel, stride, padding))
     if kernel < 1 or stride < 1 or not 0 <= 2 * padding <= kernel:
