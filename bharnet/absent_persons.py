@@ -9,12 +9,14 @@ on its slot ``m`` (``data_bn`` is per slot): in eval mode every frame of that pe
 same constant (normalisation shift, 1x1 convolutions, graph aggregation, interpolation between
 equal frames, max over equal frames, attention over repeated tokens all keep frames equal), so
 its pooled features are also independent of T. They are computed once, on a one-frame zero
-clip, and put back into the classifier's input in place of the rows that were not computed.
+clip whose hands are undetected (``hand_valid`` False), and put back into the classifier's input
+in place of the rows that were not computed.
 
 :func:`skip_absent_persons` rewires an eval-mode model in place: a forward pre-hook finds the
 persons present in the call (any non-zero value in any of its (N, C, T, V, M) inputs, so a
-person whose body or hands are seen is computed in both streams), each ``DataNorm`` passes on
-only their rows, and each ``Classifier`` fills in the absent persons' precomputed features
+person whose body or hands are seen is computed in both streams), each ``DataNorm`` (and the
+``PersonRows`` of the hands' validity) passes on only their rows, and each ``Classifier`` fills
+in the absent persons' precomputed features
 (computed again after ``load_state_dict``; call :func:`refresh_absent_features` after changing
 the weights in place otherwise).
 The outputs equal the full computation's up to rounding. Persons are skipped in calls under
@@ -22,7 +24,8 @@ The outputs equal the full computation's up to rounding. Persons are skipped in 
 runs, so that gradients (for example an attribution with respect to the inputs) are those of
 the full computation. Calls in which every person is present or every person is absent, and
 calls under ``torch.compile`` (whose graphs would break on the data-dependent shapes), run
-every row too.
+every row too, as do calls without ``hand_valid`` to a model that masks undetected hands (its
+absent persons would then attend their zero hands, unlike the precomputed features).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from .graphs import BODY, HANDS
-from .models.backbone import DataNorm
+from .models.backbone import DataNorm, PersonRows
 from .models.variants import Classifier, _Variant
 
 
@@ -47,16 +50,17 @@ class _PresentRows(threading.local):
         return type(self), ()
 
 
-class PresentPersonsNorm(nn.Module):
-    """Stands in for a ``DataNorm``: its (N·M, C, T, V) output keeps the present persons' rows."""
+class PresentPersonsRows(nn.Module):
+    """Stands in for a module whose output has one row per person, N·M rows (a ``DataNorm``, a
+    ``PersonRows``): the output keeps the present persons' rows."""
 
-    def __init__(self, norm: DataNorm, present: _PresentRows):
+    def __init__(self, rows: nn.Module, present: _PresentRows):
         super().__init__()
-        self.norm = norm
+        self.rows = rows
         self.present = present
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.norm(x)
+        rows = self.rows(x)
         keep = None if torch.compiler.is_compiling() else self.present.rows
         return rows if keep is None else rows[keep]
 
@@ -84,13 +88,17 @@ class AbsentPersonsClassifier(nn.Module):
 
 
 def _zero_inputs(model: _Variant, like: torch.Tensor):
-    """A one-frame all-zero clip for ``model``'s inputs: (body, hand), None where unused."""
+    """A one-frame all-zero clip for ``model``'s inputs: (body, hand, hand_valid), None where
+    unused; an absent person's hands are undetected."""
     config = model.config
 
     def zeros(nodes):
         return torch.zeros(1, config.in_channels, 1, nodes, config.num_person, dtype=like.dtype, device=like.device)
 
-    return zeros(BODY.num_nodes) if model.uses_body else None, zeros(HANDS.num_nodes) if model.uses_hand else None
+    if not model.uses_hand:
+        return zeros(BODY.num_nodes), None, None
+    hand_valid = torch.zeros(1, 1, 2, config.num_person, dtype=torch.bool, device=like.device)
+    return zeros(BODY.num_nodes) if model.uses_body else None, zeros(HANDS.num_nodes), hand_valid
 
 
 @torch.no_grad()
@@ -120,6 +128,14 @@ def _refresh_after_loading(model: nn.Module, incompatible_keys) -> None:
     refresh_absent_features(model)
 
 
+def _masks_without_validity(model: nn.Module, args, kwargs) -> bool:
+    """Whether ``model`` masks undetected hands but the call gives no ``hand_valid``: its
+    absent persons then attend their zero hands, unlike the precomputed features."""
+    masks = any(isinstance(m, PresentPersonsRows) and isinstance(m.rows, PersonRows) for m in model.modules())
+    hand_valid = kwargs.get("hand_valid", args[2] if len(args) > 2 else None)
+    return masks and model.config.mask_missing_hands and hand_valid is None
+
+
 def _find_present_rows(model: nn.Module, args, kwargs) -> None:
     """Forward pre-hook: the rows of the persons with any non-zero input, when some are absent."""
     if torch.compiler.is_compiling():  # compiled calls run every row (wrappers ignore the state)
@@ -129,6 +145,8 @@ def _find_present_rows(model: nn.Module, args, kwargs) -> None:
     persons = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.dim() == 5]
     if not persons or torch.is_grad_enabled() or len({(x.shape[0], x.shape[-1]) for x in persons}) > 1:
         return  # (inputs that disagree in N or M: the model's own check raises)
+    if _masks_without_validity(model, args, kwargs):
+        return
     seen = persons[0].ne(0).flatten(1, 3).any(1)  # (N, M); NaN counts as seen
     for x in persons[1:]:
         seen = seen | x.ne(0).flatten(1, 3).any(1)
@@ -144,13 +162,13 @@ def _forget_present_rows(model: nn.Module, args, out) -> None:
 def skip_absent_persons(model: nn.Module) -> nn.Module:
     """Make an eval-mode model of :mod:`bharnet.models` skip the persons whose inputs are all
     zero (module docstring), in place; other models are returned unchanged. Returns ``model``."""
-    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, DataNorm)]
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, (DataNorm, PersonRows))]
     heads = [(name, m) for name, m in model.named_modules() if isinstance(m, Classifier)]
     if not isinstance(model, _Variant) or not norms or not heads or hasattr(model, "_present_rows"):
         return model
     present = model._present_rows = _PresentRows()  # hooks find it here (a copy gets its own)
     for name, norm in norms:
-        model.set_submodule(name, PresentPersonsNorm(norm, present))
+        model.set_submodule(name, PresentPersonsRows(norm, present))
     for name, head in heads:
         model.set_submodule(name, AbsentPersonsClassifier(head, present))
     model.register_forward_pre_hook(_find_present_rows, with_kwargs=True)

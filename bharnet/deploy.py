@@ -36,20 +36,21 @@ METADATA_KEY = "bharnet.json"
 
 
 def export(model: nn.Module, body: Optional[torch.Tensor], hand: Optional[torch.Tensor],
-           path: Optional[str] = None, backend: Optional[str] = "auto",
+           hand_valid: Optional[torch.Tensor] = None, path: Optional[str] = None, backend: Optional[str] = "auto",
            metadata: Optional[dict] = None) -> torch.export.ExportedProgram:
     """The program of ``model`` (an eval-mode model of :mod:`bharnet.models`, fused here for
-    inference on ``backend``) traced on example inputs ``body`` (N, C, T, 25, M) and ``hand``
-    (N, C, T, 42, M), any batch size 1 to ``MAX_BATCH`` at run time; saved to ``path`` if given,
-    with ``metadata``.
+    inference on ``backend``) traced on example inputs ``body`` (N, C, T, 25, M), ``hand``
+    (N, C, T, 42, M) and ``hand_valid`` (N, T, 2, M) bool, any batch size 1 to ``MAX_BATCH`` at
+    run time; saved to ``path`` if given, with ``metadata``.
     A single-modality model may take None for the input it does not read (the program then
-    takes None there too). A one-clip example is traced as two copies of the clip: torch.export
-    would otherwise take the batch size 1 for a constant."""
+    takes None there too). Without ``hand_valid`` the program takes ``(body, hand)`` and its
+    attention attends every hand. A one-clip example is traced as two copies of the clip:
+    torch.export would otherwise take the batch size 1 for a constant."""
     if model.training:
         raise ValueError("export takes an eval-mode model (call model.eval() first)")
     fused = fuse_for_inference(model, backend)
     inputs = tuple(x if x is None or x.shape[0] != 1 else x.expand(2, *x.shape[1:]).contiguous()
-                   for x in (body, hand))
+                   for x in (body, hand) + (() if hand_valid is None else (hand_valid,)))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     program = torch.export.export(fused, inputs,
                                   dynamic_shapes=tuple(None if x is None else {0: batch} for x in inputs))
@@ -80,7 +81,7 @@ def compile_package(program: torch.export.ExportedProgram, path: str, metadata: 
 
 def load_package(path: str):
     """The callable of a package from :func:`compile_package` (its C++ ops registered first):
-    ``load_package(path)(body, hand)`` returns a :class:`bharnet.ModelOutput`."""
+    ``load_package(path)(body, hand, hand_valid)`` returns a :class:`bharnet.ModelOutput`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no AOTInductor package at {path!r}")
     register_cpp_ops()
@@ -119,7 +120,9 @@ def read_metadata(path: str) -> dict:
 
 def load_runnable(path: str) -> Tuple[Callable, dict]:
     """Whatever ``path`` holds, a program (:func:`export`) or a package (:func:`compile_package`),
-    as a callable ``(body, hand) -> ModelOutput``, with its metadata."""
+    as a callable ``(body, hand, hand_valid) -> ModelOutput`` (``(body, hand)`` for a file
+    exported before bharnet passed ``hand_valid``: its metadata has no ``inputs``), with its
+    metadata."""
     kind, metadata = _inspect(path)
     if kind == "package":
         package = load_package(path)

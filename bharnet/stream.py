@@ -32,6 +32,7 @@ from torch import nn
 from .data.dataset import _check_transform, clip_input
 from .data.features import body_presence, hand_node_validity
 from .graphs import BODY, HANDS
+from .models.variants import _Variant
 
 DESCRIPTION_KEYS = ("modality", "window", "preprocessing")
 
@@ -53,9 +54,12 @@ class Prediction:
 class LiveRecognizer:
     """Classify the newest ``history`` frames every ``stride`` frames (module docstring).
 
-    ``model`` is called as ``model(body, hand)`` on (1, C, window, V, M) inputs and returns a
-    :class:`bharnet.ModelOutput` (an eval-mode model, an exported program's ``module()``, an
-    AOTInductor package); the inputs go to the device and dtype of its first parameter (CPU
+    ``model`` is called as ``model(body, hand, hand_valid)`` on (1, C, window, V, M) inputs and
+    the (1, window, 2, M) hands' detections, and returns a :class:`bharnet.ModelOutput` (an
+    eval-mode model, an exported program's ``module()``, an AOTInductor package); as
+    ``model(body, hand)`` where ``description`` lists its ``inputs`` without ``hand_valid`` (a
+    file exported before bharnet passed it) or, without ``inputs``, for a model that is not one
+    of :mod:`bharnet.models`. The inputs go to the device and dtype of its first parameter (CPU
     float32 for a model without any). ``description`` holds the ``modality``, ``window`` and
     ``preprocessing`` it was trained with (a run's description, or an exported file's metadata)
     and, optionally, ``class_names`` (label order; a run's description has them).
@@ -76,6 +80,8 @@ class LiveRecognizer:
                                  f"mode: {', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
         _check_transform(description["modality"], description["preprocessing"])
         self.model = model
+        inputs = description.get("inputs")
+        self.passes_hand_valid = "hand_valid" in inputs if inputs is not None else isinstance(model, _Variant)
         parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
         self.device = parameter.device if parameter is not None else torch.device("cpu")
         self.dtype = parameter.dtype if parameter is not None else torch.float32
@@ -168,9 +174,12 @@ class LiveRecognizer:
         bodies, hands, valid = zip(*self._frames)  # (3, L, V, M) as the dataset stores clips
         body, hand, hand_valid = torch.stack(bodies, dim=1), torch.stack(hands, dim=1), torch.stack(valid)
         body, hand, hand_valid = _present_persons_first(body, hand, hand_valid)
-        body, hand = clip_input(body, hand, hand_valid, modality=self.modality, window=self.window,
-                                preprocessing=self.preprocessing, crop=(0, len(self._frames)))
-        out = self.model(body[None].to(self.device, self.dtype), hand[None].to(self.device, self.dtype))
+        body, hand, hand_valid = clip_input(body, hand, hand_valid, modality=self.modality, window=self.window,
+                                            preprocessing=self.preprocessing, crop=(0, len(self._frames)))
+        inputs = [body[None].to(self.device, self.dtype), hand[None].to(self.device, self.dtype)]
+        if self.passes_hand_valid:
+            inputs.append(hand_valid[None].to(self.device))
+        out = self.model(*inputs)
         probabilities = torch.softmax(out.logits[0].float(), dim=0).cpu()
         label = int(probabilities.argmax())
         if self.class_names is not None and len(self.class_names) != probabilities.numel():

@@ -17,39 +17,42 @@ def eval_model(name, **config):
 
 
 def clips(frames, absent=()):
-    """(body, hand) of 3 clips x 2 persons; ``absent`` lists (clip, person, which) slots to zero,
-    ``which`` being "both", "body" or "hand"."""
+    """(body, hand, hand_valid) of 3 clips x 2 persons, each hand detected in a random 70% of the
+    frames (zero elsewhere); ``absent`` lists (clip, person, which) slots to zero, ``which``
+    being "both", "body" or "hand" (an absent person's hands are undetected)."""
     g = torch.Generator().manual_seed(1)
     body = torch.randn(3, 3, frames, 25, 2, generator=g, dtype=torch.float64)
     hand = torch.randn(3, 3, frames, 42, 2, generator=g, dtype=torch.float64)
+    hand_valid = torch.rand(3, frames, 2, 2, generator=g) < 0.7
     for n, m, which in absent:
         if which in ("both", "body"):
             body[n, ..., m] = 0
         if which in ("both", "hand"):
-            hand[n, ..., m] = 0
-    return body, hand
+            hand_valid[n, ..., m] = False
+    hand *= hand_valid.repeat_interleave(21, dim=2)[:, None]
+    return body, hand, hand_valid
 
 
-def rows_through_first_blocks(model, body, hand):
+def rows_through_first_blocks(model, inputs):
     """The model's output and the batch size each first GCNBlock (one per stem) received."""
     rows = []
     firsts = [m.blocks[0] for m in model.modules() if getattr(m, "data_bn", None) is not None]
     hooks = [b.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0])) for b in firsts]
     with torch.no_grad():
-        out = model(body, hand)
+        out = model(*inputs)
     for hook in hooks:
         hook.remove()
     assert firsts and all(isinstance(b, GCNBlock) for b in firsts)
     return out, rows
 
 
-def assert_runs_rows_and_matches(fused, model, body, hand, rows_expected):
+def assert_runs_rows_and_matches(fused, model, inputs, rows_expected):
     """``fused`` puts ``rows_expected`` rows through each stem and gives ``model``'s logits and
     part logits (float64, up to rounding)."""
-    out, rows = rows_through_first_blocks(fused, body, hand)
+    out, rows = rows_through_first_blocks(fused, inputs)
     assert set(rows) == {rows_expected}
     with torch.no_grad():
-        ref = model(body, hand)
+        ref = model(*inputs)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-12)
     for part, logits in ref.parts.items():
         torch.testing.assert_close(out.parts[part], logits, rtol=1e-10, atol=1e-12, msg=part)
@@ -70,19 +73,31 @@ def test_absent_persons_are_skipped_with_the_same_outputs(name, backend):
     model = eval_model(name)
     fused = fuse_for_inference(model, backend)
     for frames in (5, 13):  # the absent persons' features were computed on one frame
-        assert_runs_rows_and_matches(fused, model, *clips(frames, SOME_ABSENT), 4)
+        assert_runs_rows_and_matches(fused, model, clips(frames, SOME_ABSENT), 4)
+
+
+@pytest.mark.parametrize("name", ["bharnet-e", "bharnet-pam"])
+def test_a_model_that_masks_hands_runs_every_row_when_called_without_hand_valid(name):
+    """Without hand_valid its absent persons attend their zero hands: the features precomputed
+    for them (hands masked) do not apply, so every row runs (and the outputs match)."""
+    model = eval_model(name)
+    fused = fuse_for_inference(model, "reference")
+    body, hand, _ = clips(5, SOME_ABSENT)
+    assert_runs_rows_and_matches(fused, model, (body, hand), 6)
+    unmasked = eval_model(name, mask_missing_hands=False)
+    assert_runs_rows_and_matches(fuse_for_inference(unmasked, "reference"), unmasked, (body, hand), 4)
 
 
 def test_sequence_attention_mode():
     model = eval_model("bharnet-e", attention_mode="sequence")
-    assert_runs_rows_and_matches(fuse_for_inference(model, "reference"), model, *clips(6, SOME_ABSENT), 4)
+    assert_runs_rows_and_matches(fuse_for_inference(model, "reference"), model, clips(6, SOME_ABSENT), 4)
 
 
 @pytest.mark.parametrize("absent", [[], [(n, m, "both") for n in range(3) for m in range(2)]],
                          ids=["all_present", "all_absent"])
 def test_calls_without_a_mix_run_every_row(absent):
     model = eval_model("bharnet-e")
-    assert_runs_rows_and_matches(fuse_for_inference(model, "reference"), model, *clips(5, absent), 6)
+    assert_runs_rows_and_matches(fuse_for_inference(model, "reference"), model, clips(5, absent), 6)
 
 
 def test_a_copy_skips_on_its_own_and_submodules_called_alone_see_every_row():
@@ -90,8 +105,9 @@ def test_a_copy_skips_on_its_own_and_submodules_called_alone_see_every_row():
     fused = fuse_for_inference(model, "reference")
     twin = copy.deepcopy(fused)
     assert twin._present_rows is not fused._present_rows
-    body, hand = clips(5, SOME_ABSENT)
-    assert_runs_rows_and_matches(twin, model, body, hand, 4)
+    inputs = clips(5, SOME_ABSENT)
+    assert_runs_rows_and_matches(twin, model, inputs, 4)
+    body = inputs[0]
     with torch.no_grad():  # after the call nothing is left marked: a stem alone normalises every row
         assert twin.body_stem(body).shape[0] == 6 and fused.body_stem(body).shape[0] == 6
 
@@ -99,13 +115,13 @@ def test_a_copy_skips_on_its_own_and_submodules_called_alone_see_every_row():
 def test_with_autograd_on_every_row_runs_and_input_gradients_are_complete():
     model = eval_model("bharnet-e")
     fused = fuse_for_inference(model, "reference")
-    body, hand = clips(5, SOME_ABSENT)
+    body, hand, hand_valid = clips(5, SOME_ABSENT)
     grads = []
     for m in (fused, model):
         leaves = body.clone().requires_grad_(), hand.clone().requires_grad_()
         rows = []
         hook = m.body_stem.blocks[0].register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
-        m(*leaves).logits.square().sum().backward()
+        m(*leaves, hand_valid).logits.square().sum().backward()
         hook.remove()
         assert rows == [6]
         grads.append([leaf.grad for leaf in leaves])
@@ -135,13 +151,13 @@ def test_loading_weights_into_a_fused_model_refreshes_the_absent_features():
             p.mul_(1.5)
     target = fuse_for_inference(other, "reference")
     target.load_state_dict(source.state_dict())
-    body, hand = clips(5, SOME_ABSENT)
+    inputs = clips(5, SOME_ABSENT)
     with torch.no_grad():
-        torch.testing.assert_close(target(body, hand).logits, source(body, hand).logits, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(target(*inputs).logits, source(*inputs).logits, rtol=1e-10, atol=1e-12)
 
 
 def test_inputs_that_disagree_in_batch_get_the_models_own_error():
-    body, hand = clips(5, SOME_ABSENT)
+    body, hand, _ = clips(5, SOME_ABSENT)
     with pytest.raises(ValueError, match="must agree in N and T"), torch.no_grad():
         fuse_for_inference(eval_model("bharnet-e"), "reference")(body, hand[:2])
 
@@ -149,7 +165,7 @@ def test_inputs_that_disagree_in_batch_get_the_models_own_error():
 def test_torch_compile_runs_every_row_with_the_same_outputs():
     model = eval_model("body")
     fused = fuse_for_inference(model, "reference")
-    body, hand = clips(4, SOME_ABSENT)
+    body, hand, _ = clips(4, SOME_ABSENT)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(fused)(body, hand).logits, model(body, hand).logits,
                                    rtol=1e-10, atol=1e-12)
@@ -161,11 +177,12 @@ def test_gpu_fused_model_skips_absent_persons_with_the_same_outputs():
     against the unfused model on the same kernels."""
     model = trained_like("bharnet-e", torch.float32).cuda()
     fused = fuse_for_inference(model, "auto")
-    body, hand = (t.float().cuda() for t in clips(9, SOME_ABSENT))
-    out, rows = rows_through_first_blocks(fused, body, hand)
+    body, hand, hand_valid = clips(9, SOME_ABSENT)
+    inputs = (body.float().cuda(), hand.float().cuda(), hand_valid.cuda())
+    out, rows = rows_through_first_blocks(fused, inputs)
     assert set(rows) == {4}
     with torch.no_grad():
-        ref = swap_layers(model, "auto")(body, hand)
+        ref = swap_layers(model, "auto")(*inputs)
     # float32 on the H100 multiplies in TF32 (cuDNN convolutions and Triton's tl.dot), and
     # folding BN changes the rounding: the first H100 run differed by 4.4e-4 (relative 8.8e-4).
     # Absent-person features 1% off move these logits (up to 4.8) by 2.4e-2 (float64, CPU).

@@ -18,22 +18,25 @@ from trained_models import trained_like
 
 
 def clips(batch, frames=6):
+    """(body, hand, hand_valid) of ``batch`` random clips, hands detected in 70% of the frames."""
     g = torch.Generator().manual_seed(batch)
-    return torch.randn(batch, 3, frames, 25, 2, generator=g), torch.randn(batch, 3, frames, 42, 2, generator=g)
+    hand_valid = torch.rand(batch, frames, 2, 2, generator=g) < 0.7
+    return (torch.randn(batch, 3, frames, 25, 2, generator=g), torch.randn(batch, 3, frames, 42, 2, generator=g),
+            hand_valid)
 
 
 def run_in_fresh_process(tmp_path, loader: str, path, batch: int):
     """Logits and part logits of the saved model at ``path`` on ``clips(batch)``, computed by a
     new Python process that only imports bharnet.deploy and calls ``loader``."""
-    body, hand = clips(batch)
-    torch.save({"body": body, "hand": hand}, tmp_path / "in.pt")
+    body, hand, hand_valid = clips(batch)
+    torch.save({"body": body, "hand": hand, "hand_valid": hand_valid}, tmp_path / "in.pt")
     script = textwrap.dedent(f"""
         import torch
         from bharnet import deploy
         inputs = torch.load({str(tmp_path / "in.pt")!r})
         loaded = deploy.{loader}({str(path)!r})
         run = loaded.module() if hasattr(loaded, "module") else loaded
-        out = run(inputs["body"], inputs["hand"])
+        out = run(inputs["body"], inputs["hand"], inputs["hand_valid"])
         torch.save({{"logits": out.logits, **out.parts}}, {str(tmp_path / "out.pt")!r})
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
@@ -81,9 +84,11 @@ def test_bharnet_export_aoti_package_runs_in_a_fresh_process(tmp_path, capsys):
     model, weights = saved_run(tmp_path, "body", channels=(16, 16), strides=(1, 1), stem_depth=1)  # compiles fast
     out = str(tmp_path / "deploy" / "body.pt2")
     assert main(["export", weights, out, "--aoti"]) == 0
-    assert "hand (N, 3, 6, 42, 2)" in capsys.readouterr().out  # both inputs, as clip_input gives them
+    printed = capsys.readouterr().out  # every input, as clip_input gives them
+    assert "hand (N, 3, 6, 42, 2)" in printed and "hand_valid (N, 6, 2, 2)" in printed
     assert_same_outputs(run_in_fresh_process(tmp_path, "load_package", out, 3), expected(model, 3), 1e-5)
-    described = {**checkpoint.read_metadata(weights), "num_person": 2}  # the run's, and the input's M
+    # the run's, the input's M and the program's inputs
+    described = {**checkpoint.read_metadata(weights), "num_person": 2, "inputs": ["body", "hand", "hand_valid"]}
     assert deploy.read_metadata(out) == described
     runnable, meta = deploy.load_runnable(out)  # whichever kind the file is
     assert meta == described
@@ -96,8 +101,8 @@ def test_bharnet_export_program_and_its_metadata(tmp_path, capsys):
     out = str(tmp_path / "bharnet-e.pt2")
     assert main(["export", weights, out]) == 0
     meta = deploy.read_metadata(out)
-    assert meta == {**checkpoint.read_metadata(weights), "num_person": 2}
-    assert meta["window"] == 6 and meta["modality"] == "joint"
+    assert meta == {**checkpoint.read_metadata(weights), "num_person": 2, "inputs": ["body", "hand", "hand_valid"]}
+    assert meta["window"] == 6 and meta["modality"] == "joint" and meta["mask_missing_hands"] is True
     got = deploy.load(out).module()(*clips(3))
     assert_same_outputs({"logits": got.logits, **got.parts}, expected(model, 3), 1e-6)
     assert main(["export", weights, str(tmp_path / "model.so")]) == 2
@@ -132,11 +137,15 @@ def test_one_clip_example_and_a_missing_modality():
     """A one-clip example still gives a batch-free program; a single-modality model is exported
     and run with None for the input it does not read."""
     model = trained_like("bharnet-e", torch.float32)
-    body, hand = clips(1)
-    program = deploy.export(model, body, hand)
+    program = deploy.export(model, *clips(1))
     for batch in (1, 3):
         out = program.module()(*clips(batch))
         assert_same_outputs({"logits": out.logits, **out.parts}, expected(model, batch), 1e-6)
+    body, hand, _ = clips(3)  # without hand_valid: a program of (body, hand) that attends every hand
+    with torch.no_grad():
+        want = fuse_for_inference(model)(body, hand).logits
+    torch.testing.assert_close(deploy.export(model, *clips(1)[:2]).module()(body, hand).logits, want,
+                               rtol=1e-6, atol=1e-6)
     body_model = trained_like("body", torch.float32)
     program = deploy.export(body_model, clips(2)[0], None)
     body3 = clips(3)[0]

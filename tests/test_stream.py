@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bharnet import deploy
 from bharnet.cli import main
 from bharnet.data import clip_input
 from bharnet.data.synthetic import generate_sample
@@ -27,13 +28,14 @@ def push_all(recognizer, body, hand, valid, with_valid=True):
         body[:, t], hand[:, t], valid[t] if with_valid else None)) is not None]
 
 
-def direct(model, body, hand, valid, end, history, modality="bone"):
-    """What the model gives for the ``history`` frames that end at frame ``end``."""
+def direct(model, body, hand, valid, end, history, modality="bone", pass_valid=True):
+    """What the model gives for the ``history`` frames that end at frame ``end`` (called with
+    the hands' detections, or without them)."""
     frames = slice(end + 1 - history, end + 1)
-    b, h = clip_input(body[:, frames], hand[:, frames], valid[frames], modality=modality, window=12,
-                      crop=(0, history))
+    b, h, v = clip_input(body[:, frames], hand[:, frames], valid[frames], modality=modality, window=12,
+                         crop=(0, history))
     with torch.no_grad():
-        return torch.softmax(model(b[None], h[None]).logits[0], dim=0)
+        return torch.softmax(model(b[None], h[None], *([v[None]] if pass_valid else [])).logits[0], dim=0)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,22 @@ def test_from_a_runs_weights_and_from_an_exported_program(model, tmp_path):
     # the exported file's metadata holds the person count: a wrong one is refused at the first frame
     with pytest.raises(ValueError, match="body has 1 persons, the model takes 2"):
         LiveRecognizer.from_file(tmp_path / "model.pt2").push(torch.zeros(3, 25, 1))
+
+
+def test_a_file_exported_without_hand_valid_is_called_with_body_and_hand(model, tmp_path):
+    """A program exported before bharnet passed hand_valid (metadata without ``inputs``) takes
+    (body, hand) and attends every hand: the recognizer calls it so."""
+    body, hand, valid = stream(frames=14)
+    path = str(tmp_path / "old.pt2")
+    deploy.export(model, torch.zeros(2, 3, 12, 25, 2), torch.zeros(2, 3, 12, 42, 2), path=path,
+                  metadata=dict(DESCRIPTION, num_person=2))
+    got = push_all(LiveRecognizer.from_file(path, stride=1), body, hand, valid)
+    assert [p.frame for p in got] == [11, 12, 13]
+    for p in got:
+        unmasked = direct(model, body, hand, valid, p.frame, 12, pass_valid=False)
+        torch.testing.assert_close(p.probabilities, unmasked, rtol=1e-4, atol=1e-5)
+    masked = direct(model, body, hand, valid, 11, 12)
+    assert (masked - got[0].probabilities).abs().max() > 1e-4  # the check can fail
 
 
 def test_bad_frames_and_settings_say_what_is_wrong(model):

@@ -1,19 +1,20 @@
 """Whole-model cases: a training step and single-clip inference.
 
-* ``train``: ``optimizer.zero_grad(); loss = model.loss(model(body, hand), target);
+* ``train``: ``optimizer.zero_grad(); loss = model.loss(model(body, hand, hand_valid), target);
   loss.backward(); optimizer.step()`` with ``bharnet train``'s optimizer (SGD with Nesterov
   momentum and weight decay, torch's fused implementation on CPU and CUDA:
   :func:`bharnet.engine.trainer.make_optimizer`), batch ``clips`` x ``persons``; under
   ``torch.compile`` the forward and loss are compiled. The step's ``saved_bytes()`` gives the
   bytes that autograd saves for the backward in its forward and loss; its ``model`` is the
   model it trains.
-* ``infer``: ``model(body, hand)`` on one clip in eval mode under ``torch.no_grad``; with
+* ``infer``: ``model(body, hand, hand_valid)`` on one clip in eval mode under ``torch.no_grad``; with
   ``fold``, on the model fused for inference (:func:`bharnet.fast.fuse_for_inference`). Also
   with one person present (``present=1``, the others' inputs all zero, as datasets pad a clip
   of one person), which the fused model does not compute (:mod:`bharnet.absent_persons`).
 
 ``bf16`` runs under ``torch.autocast`` (parameters stay float32). Inputs are random skeletons
-of the NTU layout (N, 3, T, V, M) with V = 25 body joints and V = 42 hand keypoints.
+of the NTU layout (N, 3, T, V, M) with V = 25 body joints and V = 42 hand keypoints, each hand
+detected in a random 90% of the frames (``hand_valid``; undetected hands zero).
 """
 from __future__ import annotations
 
@@ -74,11 +75,14 @@ def model_cases(names, preset: str, clips: int, persons: int, frames: int):
 def _batch(case: ModelCase, device: torch.device):
     body = torch.randn(case.clips, 3, case.frames, BODY.num_nodes, case.persons, device=device)
     hand = torch.randn(case.clips, 3, case.frames, HANDS.num_nodes, case.persons, device=device)
+    # hands detected in 90% of the frames (a missing hand's keypoints are zero, as in the data)
+    hand_valid = torch.rand(case.clips, case.frames, 2, case.persons, device=device) < 0.9
     if case.present is not None:
         body[..., case.present:] = 0
-        hand[..., case.present:] = 0
+        hand_valid[..., case.present:] = False
+    hand *= hand_valid.repeat_interleave(HANDS.num_nodes // 2, dim=2)[:, None]
     target = torch.randint(0, case.classes, (case.clips,), device=device)
-    return body, hand, target
+    return body, hand, hand_valid, target
 
 
 def make_step(case: ModelCase, device: torch.device, dtype_name: str,
@@ -95,9 +99,9 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
         forward = compiled(model, compile_mode, fullgraph=False)
 
         def infer_step():
-            body, hand, _ = next(batches)
+            body, hand, hand_valid, _ = next(batches)
             with torch.no_grad(), autocast(device, dtype_name):
-                forward(body, hand)
+                forward(body, hand, hand_valid)
         return infer_step
 
     model.train()
@@ -105,23 +109,23 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
     # inputs and labels drove a bf16 step's parameters to NaN within the warm-up
     optimizer = make_optimizer(model, TrainConfig(lr=0.01), device)
 
-    def forward_loss(body, hand, target):
-        return model.loss(model(body, hand), target)
+    def forward_loss(body, hand, hand_valid, target):
+        return model.loss(model(body, hand, hand_valid), target)
 
     forward_loss = compiled(forward_loss, compile_mode, fullgraph=False)
 
     def train_step():
-        body, hand, target = next(batches)
+        body, hand, hand_valid, target = next(batches)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype_name):
-            loss = forward_loss(body, hand, target)
+            loss = forward_loss(body, hand, hand_valid, target)
         loss.backward()
         optimizer.step()
 
     def saved_bytes() -> int:
-        body, hand, target = next(batches)
+        body, hand, hand_valid, target = next(batches)
         with autocast(device, dtype_name):
-            return saved_tensor_bytes(lambda: forward_loss(body, hand, target))
+            return saved_tensor_bytes(lambda: forward_loss(body, hand, hand_valid, target))
     train_step.saved_bytes = saved_bytes
     train_step.model = model
     return train_step

@@ -215,12 +215,13 @@ def _check_transform(modality: str, preprocessing: str) -> None:
 
 
 class SkeletonDataset(torch.utils.data.Dataset):
-    """A prepared dataset split as a torch Dataset of ``(body, hand, label)``.
+    """A prepared dataset split as a torch Dataset of ``(body, hand, hand_valid, label)``.
 
     ``body`` is float32 (3, window, 25, M) and ``hand`` float32 (3, window, 42, M), both in
     the chosen ``modality`` (see :mod:`bharnet.data.features`) after ``preprocessing``,
     crop-resize to ``window`` frames and, when ``train``, a random rotation within
-    ``max_rotation`` rad (the same crop and rotation for body and hands). ``train`` defaults
+    ``max_rotation`` rad (the same crop and rotation for body and hands); ``hand_valid`` bool
+    (window, 2, M) says where each hand is detected (see :func:`clip_input`). ``train`` defaults
     to ``split == "train"``; evaluation takes the centred ``test_crop_ratio`` crop. Hands in
     colour-image pixels (``prepare --hand-space color``) cannot be placed by ``canonical``
     preprocessing: under it they are served as undetected (zero), with a warning, for body-only
@@ -341,9 +342,9 @@ class SkeletonDataset(torch.utils.data.Dataset):
             crop = augment.random_crop(body.shape[1], self.crop_ratio, generator)
             if self.max_rotation > 0:
                 rotation = augment.random_rotation(self.max_rotation, generator)
-        body, hand = clip_input(body, hand, hand_valid, self.modality, self.window, self.preprocessing,
-                                crop or self.test_crop_ratio, rotation)
-        return body, hand, int(self.labels[index])
+        body, hand, hand_valid = clip_input(body, hand, hand_valid, self.modality, self.window, self.preprocessing,
+                                            crop or self.test_crop_ratio, rotation)
+        return body, hand, hand_valid, int(self.labels[index])
 
 
 def clip_input(body: torch.Tensor, hand: torch.Tensor, hand_valid: torch.Tensor, modality: str = "joint",
@@ -359,8 +360,10 @@ def clip_input(body: torch.Tensor, hand: torch.Tensor, hand_valid: torch.Tensor,
     ratio: the centred crop of evaluation; or ``(start, size)``), ``rotation`` (3, 3) if given,
     then the ``modality``. Use the ``modality``, ``window`` and ``preprocessing`` the model was
     trained with (a checkpoint's description has them, see
-    :func:`bharnet.engine.evaluate.load_model`). Returns float32 ``(body (3, window, 25, M),
-    hand (3, window, 42, M))``; add the batch dimension for the model."""
+    :func:`bharnet.engine.evaluate.load_model`). Returns ``(body, hand, hand_valid)``: float32
+    body (3, window, 25, M) and hand (3, window, 42, M), and bool hand_valid (window, 2, M),
+    the hands' detections resampled with them (a frame that blends in an undetected frame is
+    undetected); add the batch dimension and call ``model(body, hand, hand_valid)``."""
     _check_transform(modality, preprocessing)
     if preprocessing == "canonical":
         body, hand = features.canonicalize(body, hand, hand_valid)
@@ -371,4 +374,5 @@ def clip_input(body: torch.Tensor, hand: torch.Tensor, hand_valid: torch.Tensor,
         body, hand = augment.rotate(body, rotation), augment.rotate(hand, rotation)
     body = features.modality(body, modality, BODY.parents, body_valid)
     hand = features.modality(hand, modality, HANDS.parents, hand_nodes_valid)
-    return body.float().contiguous(), hand.float().contiguous()
+    hand_valid = hand_nodes_valid.unflatten(1, (2, HANDS.num_nodes // 2)).all(dim=2)
+    return body.float().contiguous(), hand.float().contiguous(), hand_valid.contiguous()

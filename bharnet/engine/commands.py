@@ -188,18 +188,22 @@ def run_export(args: argparse.Namespace) -> int:
     read_description(args.weights)  # a clear error for a file that is not a run's weights
     model, meta = load_model(args.weights)
     config, generator = model.config, torch.Generator().manual_seed(0)
-    meta = {**meta, "num_person": config.num_person}  # the program's input shape, for bharnet.stream
-    # both inputs, as clip_input gives them, also to a model that reads one (the other is ignored)
+    # the program's input shape and inputs, for bharnet.stream
+    meta = {**meta, "num_person": config.num_person, "inputs": ["body", "hand", "hand_valid"]}
+    # every input, as clip_input gives them, also to a model that reads fewer (it ignores the rest)
     shapes = {name: (config.in_channels, meta["window"], graph.num_nodes, config.num_person)
               for name, graph in (("body", BODY), ("hand", HANDS))}
-    example = [torch.randn(2, *shape, generator=generator) for shape in shapes.values()]
+    shapes["hand_valid"] = (meta["window"], 2, config.num_person)
+    example = [torch.randn(2, *shapes[name], generator=generator) for name in ("body", "hand")]
+    example.append(torch.rand(2, *shapes["hand_valid"], generator=generator) < 0.8)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     program = deploy.export(model, *example, path=None if args.aoti else args.out, backend=args.backend,
                             metadata=meta)
     if args.aoti:
         deploy.compile_package(program, args.out, metadata=meta)
     inputs = ", ".join(f"{name} (N, {', '.join(map(str, shape))})" for name, shape in shapes.items())
-    loader = "load_package(path)(body, hand)" if args.aoti else "load(path).module()(body, hand)"
+    call = "(body, hand, hand_valid)"
+    loader = f"load_package(path){call}" if args.aoti else f"load(path).module(){call}"
     print(f"{meta['model']} ({meta['modality']} features, {meta['window']} frames) written to {args.out}\n"
           f"inputs: {inputs}, N from 1 to {deploy.MAX_BATCH}; run with bharnet.deploy.{loader}; "
           f"bharnet.deploy.read_metadata(path) gives the description that bharnet.data.clip_input takes")

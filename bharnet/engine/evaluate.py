@@ -16,7 +16,7 @@ from ..fast import fuse_for_inference, swap_layers
 from ..models import create_model
 from . import checkpoint
 from .config import TrainConfig
-from .trainer import autocast, check_inputs_exist, model_description, resolve_device
+from .trainer import autocast, check_inputs_exist, resolve_device
 
 
 SAMPLE_NAMES = "names.txt"  # in an evaluation folder: the sample of each row of scores.npy
@@ -32,9 +32,14 @@ def read_description(path: str) -> dict:
     return _described(path, meta)
 
 
+# what every description holds (later keys are optional: files written before them lack them)
+MODEL_DESCRIPTION_KEYS = ("model", "num_classes", "preset", "model_options", "label_smoothing", "modality",
+                    "preprocessing", "window")
+
+
 def _described(path: str, meta: dict) -> dict:
     """``meta``, the metadata of the file ``path``, checked to hold a model description."""
-    missing = set(model_description(TrainConfig(), 0)) - meta.keys()
+    missing = set(MODEL_DESCRIPTION_KEYS) - meta.keys()
     if missing:
         raise ValueError(f"{path} has no model description ({', '.join(sorted(missing))} missing): pass the "
                          "model.safetensors that bharnet train writes, not a training checkpoint")
@@ -43,11 +48,13 @@ def _described(path: str, meta: dict) -> dict:
 
 def load_model(path: str, device="cpu", backend: Optional[str] = None):
     """Rebuild a model from ``model.safetensors`` (weights + description); returns
-    ``(model, description)``."""
+    ``(model, description)``. A model from a file written before ``mask_missing_hands`` existed
+    was trained without the mask and is rebuilt without it."""
     state, meta = checkpoint.load_weights(path)
     _described(path, meta)
     options = dict(meta["model_options"])
     options.setdefault("label_smoothing", meta["label_smoothing"])
+    options.setdefault("mask_missing_hands", meta.get("mask_missing_hands", False))
     with warnings.catch_warnings():  # options the variant ignores were reported when it trained
         warnings.filterwarnings("ignore", message="bharnet: .* does not use the model option")
         model = create_model(meta["model"], meta["num_classes"], preset=meta["preset"], **options)
@@ -66,9 +73,9 @@ def predict(model, dataset, batch_size: int = 64, device="cpu", amp: str = "none
     config = TrainConfig(amp=amp)
     scores = []
     model.eval()
-    for body, hand, _ in tqdm(loader, desc="evaluating", leave=False, disable=not progress):
+    for body, hand, hand_valid, _ in tqdm(loader, desc="evaluating", leave=False, disable=not progress):
         with autocast(config, device):
-            scores.append(model(body.to(device), hand.to(device)).logits.float().cpu())
+            scores.append(model(body.to(device), hand.to(device), hand_valid.to(device)).logits.float().cpu())
     return torch.cat(scores).numpy()
 
 

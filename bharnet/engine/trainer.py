@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..fast import swap_layers
-from ..models import create_model
+from ..models import ModelConfig, create_model
 from . import checkpoint, distributed
 from .config import RunFolderMismatch, TrainConfig
 from .schedule import warmup_cosine
@@ -64,10 +64,13 @@ def check_inputs_exist(model: torch.nn.Module, name: str, dataset) -> None:
 def model_description(config: TrainConfig, num_classes: int, class_names: Optional[Sequence[str]] = None) -> dict:
     """What :func:`bharnet.engine.evaluate.load_model` needs to rebuild the model, and the
     names of its classes (``class_names``, label order; absent from files written before
-    bharnet stored them)."""
+    bharnet stored them). ``mask_missing_hands`` is the model option's value, recorded because
+    files written before the option existed hold models trained without the mask."""
     description = {"model": config.model, "num_classes": num_classes, "preset": config.preset,
                    "model_options": dict(config.model_options), "label_smoothing": config.label_smoothing,
-                   "modality": config.modality, "preprocessing": config.preprocessing, "window": config.window}
+                   "modality": config.modality, "preprocessing": config.preprocessing, "window": config.window,
+                   "mask_missing_hands": config.model_options.get("mask_missing_hands",
+                                                                  ModelConfig.mask_missing_hands)}
     if class_names is not None:
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -164,8 +167,9 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _inputs(batch, device):
-    body, hand, label = batch
-    return body.to(device, non_blocking=True), hand.to(device, non_blocking=True), label.to(device)
+    body, hand, hand_valid, label = batch
+    return (body.to(device, non_blocking=True), hand.to(device, non_blocking=True),
+            hand_valid.to(device, non_blocking=True), label.to(device))
 
 
 def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Module:
@@ -235,11 +239,11 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
             lr = warmup_cosine(step, total_steps, warmup_steps, config.lr, config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            body, hand, label = _inputs(batch, device)
+            body, hand, hand_valid, label = _inputs(batch, device)
             if config.compile:  # CUDA graphs (mode reduce-overhead) may reuse the last step's outputs
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast(config, device):
-                out = runner(body, hand)
+                out = runner(body, hand, hand_valid)
                 loss = raw_model.loss(out, label)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..graphs import Graph
@@ -22,6 +23,25 @@ class DataNorm(nn.Module):
         N, C, T, V, M = x.shape
         x = self.bn(x.permute(0, 4, 3, 1, 2).reshape(N, M * V * C, T))
         return x.view(N, M, V, C, T).permute(0, 1, 3, 4, 2).reshape(N * M, C, T, V)
+
+
+class PersonRows(nn.Module):
+    """Per-person values (N, T, P, M) → rows (N·M, T, P), in the row order of ``DataNorm``'s
+    output (row n·M + m is person m of clip n). A module, so that
+    :mod:`bharnet.absent_persons` can keep the present persons' rows as it does ``DataNorm``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2).flatten(0, 1)
+
+
+def pooled_validity(valid: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, T, P) bool → (B, frames, P) bool: frame t′ of a feature map ``frames`` long is valid
+    where any input frame of its window is (adaptive max pooling over time: windows of
+    T / frames frames, T = 64 → 16 at the full preset's strides)."""
+    if valid.shape[1] == frames:
+        return valid
+    pooled = F.adaptive_max_pool1d(valid.transpose(1, 2).to(torch.float32), frames)
+    return pooled.transpose(1, 2) > 0
 
 
 def check_input(x: torch.Tensor, name: str, config: ModelConfig, num_nodes: int) -> None:

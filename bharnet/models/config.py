@@ -18,7 +18,7 @@ PRESETS = {
 
 # Options that only some variants read (each lists its own in ``variant_options``); the other
 # fields shape every variant.
-VARIANT_OPTIONS = ("heads", "attention_mode", "stem_depth")
+VARIANT_OPTIONS = ("heads", "attention_mode", "stem_depth", "mask_missing_hands")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class ModelConfig:
     groups: int = 4
     heads: int = 8
     attention_mode: str = "frame"
+    # the attention of the body to the hands skips undetected hands (given ``hand_valid``)
+    mask_missing_hands: bool = True
     dropout: float = 0.0
     label_smoothing: float = 0.1
     impl: Optional[str] = None
@@ -61,6 +63,8 @@ class ModelConfig:
         for name in ("in_channels", "num_person", "groups", "heads", "stem_depth"):
             if not is_int(getattr(self, name)):
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+        if not isinstance(self.mask_missing_hands, bool):
+            raise TypeError(f"mask_missing_hands must be a bool, got {self.mask_missing_hands!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.num_person < 1:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..graphs import BODY, HANDS, UNIFIED
 from ..nn import CrossAttention, PoolingAttention, global_pool
-from .backbone import Expert, check_input
+from .backbone import Expert, PersonRows, check_input, pooled_validity
 from .config import ModelConfig
 from .losses import cross_entropy, noisy_or_log_probs, smoothed_nll
 
@@ -50,11 +50,13 @@ class _Variant(nn.Module):
         self.num_classes = num_classes
         self.config = config
 
-    def _checked(self, body, hand):
+    def _checked(self, body, hand, hand_valid=None):
         if self.uses_body:
             check_input(body, "body", self.config, BODY.num_nodes)
         if self.uses_hand:
             check_input(hand, "hand", self.config, HANDS.num_nodes)
+            if hand_valid is not None:
+                _check_hand_valid(hand_valid, hand)
         if self.uses_body and self.uses_hand and (body.shape[0], body.shape[2]) != (hand.shape[0], hand.shape[2]):
             raise ValueError(f"body and hand must agree in N and T, got {tuple(body.shape)} and {tuple(hand.shape)}")
         parameter = next(self.parameters(), None)  # none in an nn.DataParallel replica
@@ -71,6 +73,19 @@ class _Variant(nn.Module):
         return cross_entropy(logits, target, self.config.label_smoothing)
 
 
+def _check_hand_valid(hand_valid, hand: torch.Tensor) -> None:
+    """Raise a clear error unless ``hand_valid`` is bool (N, T, 2, M) on ``hand``'s device."""
+    N, _, T, _, M = hand.shape
+    expected = f"(N, T, 2, M) = {(N, T, 2, M)}"
+    if not isinstance(hand_valid, torch.Tensor) or hand_valid.dtype != torch.bool:
+        raise TypeError(f"hand_valid must be a bool tensor of shape {expected} (True where the hand is "
+                        f"detected), got {getattr(hand_valid, 'dtype', type(hand_valid).__name__)}")
+    if tuple(hand_valid.shape) != (N, T, 2, M):
+        raise ValueError(f"hand_valid must have shape {expected}, got {tuple(hand_valid.shape)}")
+    if hand_valid.device != hand.device:
+        raise ValueError(f"hand_valid is on {hand_valid.device}, hand on {hand.device}")
+
+
 class SingleExpert(_Variant):
     """``body``, ``hand`` (one expert alone) or ``unified`` (one expert on the 67-node graph,
     body and hand joints concatenated)."""
@@ -84,8 +99,11 @@ class SingleExpert(_Variant):
         self.expert = Expert(graph, config)
         self.head = Classifier(self.expert.out_channels, num_classes, config.num_person, config.dropout)
 
-    def forward(self, body: Optional[torch.Tensor] = None, hand: Optional[torch.Tensor] = None) -> ModelOutput:
-        self._checked(body, hand)
+    def forward(self, body: Optional[torch.Tensor] = None, hand: Optional[torch.Tensor] = None,
+                hand_valid: Optional[torch.Tensor] = None) -> ModelOutput:
+        """``hand_valid`` is accepted (and checked) as by the two-expert variants; an expert alone
+        has no attention for it to mask."""
+        self._checked(body, hand, hand_valid)
         x = {"body": body, "hand": hand}.get(self.modality)
         if x is None:
             x = torch.cat([body, hand], dim=3)
@@ -97,11 +115,27 @@ class SingleExpert(_Variant):
 
 
 class _TwoExperts(_Variant):
+    """Both experts. ``forward(body, hand, hand_valid=None)``: ``hand_valid`` (N, T, 2, M) bool,
+    True where a hand is detected (axis 2: left, right; a clip's as :func:`bharnet.data.clip_input`
+    gives it). The variants with attention to the hands (BHaRNet-E, -P, -PAM) mask the hands'
+    tokens where it is False (with ``mask_missing_hands``, the default): a body token attends
+    only detected hands, and one whose hands are all missing gets no attention output (its
+    residual passes it on). Without ``hand_valid`` every hand token is attended."""
+
     uses_body = uses_hand = True
 
     def ensemble_loss(self, z_body, z_hand, target):
         """``L_cpl + L_B + L_H = CE(z_B + z_H) + CE(z_B) + CE(z_H)``."""
         return self._ce(z_body + z_hand, target) + self._ce(z_body, target) + self._ce(z_hand, target)
+
+    def hand_mask(self, hand_valid: Optional[torch.Tensor], features: torch.Tensor) -> Optional[torch.Tensor]:
+        """The hand nodes' validity (N·M, T′, 42) bool at the time steps of hand ``features``
+        (N·M, C, T′, 42) (:func:`~bharnet.models.backbone.pooled_validity`), or None: nothing to
+        mask. Reads ``self.hand_rows``, which the masking variants have."""
+        if hand_valid is None or not self.config.mask_missing_hands:
+            return None
+        per_hand = pooled_validity(self.hand_rows(hand_valid), features.shape[2])
+        return per_hand.repeat_interleave(HANDS.num_nodes // 2, dim=2)
 
 
 class BHaRNetVanilla(_TwoExperts):
@@ -114,8 +148,8 @@ class BHaRNetVanilla(_TwoExperts):
         self.body_head = Classifier(width, num_classes, config.num_person, config.dropout)
         self.hand_head = Classifier(width, num_classes, config.num_person, config.dropout)
 
-    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
-        self._checked(body, hand)
+    def forward(self, body: torch.Tensor, hand: torch.Tensor, hand_valid: Optional[torch.Tensor] = None) -> ModelOutput:
+        self._checked(body, hand, hand_valid)  # no attention: hand_valid has nothing to mask
         z_b = self.body_head(global_pool(self.body_expert(body)))
         z_h = self.hand_head(global_pool(self.hand_expert(hand)))
         return ModelOutput(z_b + z_h, {"z_B": z_b, "z_H": z_h})
@@ -128,18 +162,19 @@ class BHaRNetPAM(BHaRNetVanilla):
     """Vanilla BHaRNet whose global pooling is replaced by the Pooling-Attention Module
     (*reconstruction*): each modality pools with attention to the other."""
 
-    variant_options = ("heads",)
+    variant_options = ("heads", "mask_missing_hands")
 
     def __init__(self, num_classes: int, config: ModelConfig):
         super().__init__(num_classes, config)
         width = self.body_expert.out_channels
         self.body_pam = PoolingAttention(width, config.heads, impl=config.impl)
         self.hand_pam = PoolingAttention(width, config.heads, impl=config.impl)
+        self.hand_rows = PersonRows()
 
-    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
-        self._checked(body, hand)
+    def forward(self, body: torch.Tensor, hand: torch.Tensor, hand_valid: Optional[torch.Tensor] = None) -> ModelOutput:
+        self._checked(body, hand, hand_valid)
         f_b, f_h = self.body_expert(body), self.hand_expert(hand)
-        z_b = self.body_head(self.body_pam(f_b, f_h))
+        z_b = self.body_head(self.body_pam(f_b, f_h, self.hand_mask(hand_valid, f_h)))
         z_h = self.hand_head(self.hand_pam(f_h, f_b))
         return ModelOutput(z_b + z_h, {"z_B": z_b, "z_H": z_h})
 
@@ -151,7 +186,7 @@ class BHaRNetE(_TwoExperts):
     the end of the branches). Parts ``z_BE, z_BI, z_HI, z_HE``; fused logits are their sum;
     loss ``CE(Σ z) + CE(z_BE + z_BI) + CE(z_HE + z_HI)``."""
 
-    variant_options = ("heads", "attention_mode", "stem_depth")
+    variant_options = ("heads", "attention_mode", "stem_depth", "mask_missing_hands")
 
     def __init__(self, num_classes: int, config: ModelConfig):
         super().__init__(num_classes, config)
@@ -170,22 +205,24 @@ class BHaRNetE(_TwoExperts):
                                              impl=config.impl)
         self.hand_attention = CrossAttention(config.channels[-1], config.heads, config.attention_mode,
                                              impl=config.impl)
+        self.hand_rows = PersonRows()
 
-    def part_logits(self, body: torch.Tensor, hand: torch.Tensor) -> Dict[str, torch.Tensor]:
-        self._checked(body, hand)
+    def part_logits(self, body: torch.Tensor, hand: torch.Tensor,
+                    hand_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        self._checked(body, hand, hand_valid)
         s_b, s_h = self.body_stem(body), self.hand_stem(hand)
         i_b, i_h = self.body_inter(s_b), self.hand_inter(s_h)
         features = {
             "body_expert": self.body_expert(s_b),
-            "body_inter": self.body_attention(i_b, i_h),
+            "body_inter": self.body_attention(i_b, i_h, self.hand_mask(hand_valid, i_h)),
             "hand_inter": self.hand_attention(i_h, i_b),
             "hand_expert": self.hand_expert(s_h),
         }
         names = {"body_expert": "z_BE", "body_inter": "z_BI", "hand_inter": "z_HI", "hand_expert": "z_HE"}
         return {names[k]: self.heads[k](global_pool(f)) for k, f in features.items()}
 
-    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
-        parts = self.part_logits(body, hand)
+    def forward(self, body: torch.Tensor, hand: torch.Tensor, hand_valid: Optional[torch.Tensor] = None) -> ModelOutput:
+        parts = self.part_logits(body, hand, hand_valid)
         return ModelOutput(sum(parts.values()), parts)
 
     def loss(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
@@ -199,8 +236,8 @@ class BHaRNetP(BHaRNetE):
     ``logits`` are ``log(p / Σp)`` (argmax p is the prediction); loss
     ``NLL(p / Σp) + CE(z_B) + CE(z_H)``."""
 
-    def forward(self, body: torch.Tensor, hand: torch.Tensor) -> ModelOutput:
-        parts = self.part_logits(body, hand)
+    def forward(self, body: torch.Tensor, hand: torch.Tensor, hand_valid: Optional[torch.Tensor] = None) -> ModelOutput:
+        parts = self.part_logits(body, hand, hand_valid)
         parts["z_B"] = parts["z_BE"] + parts["z_BI"]
         parts["z_H"] = parts["z_HE"] + parts["z_HI"]
         return ModelOutput(noisy_or_log_probs(parts["z_B"], parts["z_H"]), parts)

@@ -14,6 +14,13 @@ def global_pool(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
+def valid_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, C, T, V) ``x`` over the (T, V) positions where ``valid`` (B, T, V) is True:
+    (B, C); zero for a row without any."""
+    weight = valid.to(x.dtype)[:, None]
+    return (x * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp(min=1)
+
+
 class PoolingAttention(nn.Module):
     """PAM: pools one modality's features with attention to the other modality.
 
@@ -22,6 +29,11 @@ class PoolingAttention(nn.Module):
     * time path: tokens ``mean_V x`` (B, T, C) cross-attend ``mean_V other``; mean over T;
     * joint path: tokens ``mean_T x`` (B, V, C) cross-attend ``mean_T other`` (B, V', C); mean over V;
     * channel path: ``sigmoid(W₂ act(W₁ mean_{T,V} other)) ⊙ mean_{T,V} x``.
+
+    ``other_valid`` (B, T, V') bool, optional: where ``other``'s nodes hold real observations
+    (detected hands). The time path then attends only the time steps with a valid node, the
+    joint path only the nodes valid at some time step, and the channel path's gate reads the
+    mean over the valid nodes and steps only (zero where there are none).
 
     The three (B, C) vectors are summed. The paper describes the module only in outline; this
     is our reconstruction and is configurable through ``heads``. Both attentions run
@@ -36,11 +48,19 @@ class PoolingAttention(nn.Module):
         self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.1),
                                   nn.Linear(hidden, dim), nn.Sigmoid())
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, other: torch.Tensor, other_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or other.dim() != 4 or x.shape[:3] != other.shape[:3]:
             raise ValueError(f"x and other must be (B, C, T, V) with equal B, C, T, "
                              f"got {tuple(x.shape)} and {tuple(other.shape)}")
-        time_tokens = self.time_attention(x.mean(3).transpose(1, 2), other.mean(3).transpose(1, 2))
-        joint_tokens = self.joint_attention(x.mean(2).transpose(1, 2), other.mean(2).transpose(1, 2))
-        channel = self.gate(global_pool(other)) * global_pool(x)
+        time_mask = joint_mask = None
+        if other_valid is not None:
+            B, _, T, V = other.shape
+            if tuple(other_valid.shape) != (B, T, V):
+                raise ValueError(f"other_valid must have shape (B, T, V') = {(B, T, V)}, "
+                                 f"got {tuple(other_valid.shape)}")
+            time_mask, joint_mask = other_valid.any(2), other_valid.any(1)
+        time_tokens = self.time_attention(x.mean(3).transpose(1, 2), other.mean(3).transpose(1, 2), time_mask)
+        joint_tokens = self.joint_attention(x.mean(2).transpose(1, 2), other.mean(2).transpose(1, 2), joint_mask)
+        pooled_other = global_pool(other) if other_valid is None else valid_mean(other, other_valid)
+        channel = self.gate(pooled_other) * global_pool(x)
         return time_tokens.mean(1) + joint_tokens.mean(1) + channel

@@ -16,10 +16,13 @@ from bharnet.graphs import BODY, HANDS
 def test_item_shapes_and_dtypes(synthetic_small, modality, split):
     data = SkeletonDataset(synthetic_small, split, modality=modality, window=16, seed=0)
     assert len(data) == (12 if split == "train" else 8) and data.train == (split == "train")
-    body, hand, label = data[len(data) - 1]
-    assert body.shape == (3, 16, 25, 2) and hand.shape == (3, 16, 42, 2)
-    assert body.dtype == hand.dtype == torch.float32 and isinstance(label, int)
+    body, hand, hand_valid, label = data[len(data) - 1]
+    assert body.shape == (3, 16, 25, 2) and hand.shape == (3, 16, 42, 2) and hand_valid.shape == (16, 2, 2)
+    assert body.dtype == hand.dtype == torch.float32 and hand_valid.dtype == torch.bool and isinstance(label, int)
     assert label == 3 and torch.isfinite(body).all() and torch.isfinite(hand).all()
+    assert hand_valid.any() and not hand_valid.all()
+    if modality == "joint":  # a detected hand has non-zero keypoints, an undetected one none
+        assert torch.equal(hand.ne(0).any(0).unflatten(1, (2, 21)).any(2), hand_valid)
 
 
 def test_metadata(synthetic_small):
@@ -34,12 +37,14 @@ def test_modalities_are_computed_after_the_crop(synthetic_small):
     # (Bones and motion are linear in the coordinates, so they commute with the rotation: the
     # order of those two cannot show in the output and is not what this test checks.)
     kwargs = dict(root=synthetic_small, split="train", window=16, seed=7)
-    body, hand, _ = SkeletonDataset(modality="joint", **kwargs)[4]
+    body, hand, detected, _ = SkeletonDataset(modality="joint", **kwargs)[4]
     # Missing people and undetected hands are exactly zero in the joint item.
     body_valid, hand_valid = body.abs().sum(0) > 0, hand.abs().sum(0) > 0
     assert not hand_valid.all() and hand_valid.any()
+    assert torch.equal(hand_valid, detected.repeat_interleave(21, dim=1))
     for name in ("bone", "motion", "bone_motion"):
-        other_body, other_hand, _ = SkeletonDataset(modality=name, **kwargs)[4]
+        other_body, other_hand, other_detected, _ = SkeletonDataset(modality=name, **kwargs)[4]
+        assert torch.equal(other_detected, detected)
         torch.testing.assert_close(other_body, features.modality(body, name, BODY.parents,
                                                                  body_valid))
         torch.testing.assert_close(other_hand, features.modality(hand, name, HANDS.parents,
@@ -51,12 +56,12 @@ def test_calibration_free_test_item_is_the_stored_data(synthetic_small):
                            test_crop_ratio=1.0, window=24)
     stored_body, stored_hand, _ = data.raw(0)
     length = stored_body.shape[1]
-    body, hand, _ = data[0]
+    body, hand, _, _ = data[0]
     expected_body, _ = augment.crop_resize(stored_body, 0, length, 24)
     torch.testing.assert_close(body, expected_body)
     assert body[2].mean() > 1.0  # native camera coordinates: metres in front of the sensor
     canonical = SkeletonDataset(synthetic_small, "test", test_crop_ratio=1.0, window=24)
-    body_c, hand_c, _ = canonical[0]
+    body_c, hand_c, _, _ = canonical[0]
     origin = stored_body[:, 0, features.CENTRE_JOINT, 0]
     assert torch.allclose(body_c[:, 0, features.CENTRE_JOINT, 0], torch.zeros(3), atol=1e-6)
     present = body.abs().sum(dim=(0, 2)) > 0
@@ -72,12 +77,14 @@ def test_clip_input_of_a_raw_clip_is_the_evaluation_item(synthetic_small, modali
     data = SkeletonDataset(synthetic_small, "test", modality=modality, window=16)
     for index in range(len(data)):
         raw_body, raw_hand, raw_valid = data.raw(index)
-        body, hand = clip_input(raw_body, raw_hand, raw_valid, modality, 16)
-        expected_body, expected_hand, _ = data[index]
+        body, hand, hand_valid = clip_input(raw_body, raw_hand, raw_valid, modality, 16)
+        expected_body, expected_hand, expected_valid, _ = data[index]
         assert torch.equal(body, expected_body) and torch.equal(hand, expected_hand)
+        assert torch.equal(hand_valid, expected_valid)
     raw_body[..., 1], raw_hand[..., 1], raw_valid[..., 1] = 0, 0, False
-    body, hand = clip_input(raw_body, raw_hand, raw_valid, modality, 16)
+    body, hand, hand_valid = clip_input(raw_body, raw_hand, raw_valid, modality, 16)
     assert not body[..., 1].any() and not hand[..., 1].any() and body[..., 0].any()
+    assert not hand_valid[..., 1].any()
     with pytest.raises(ValueError, match="modality must be one of"):
         clip_input(raw_body, raw_hand, raw_valid, "joints")
 
@@ -118,8 +125,8 @@ def test_lazy_memmaps_pickle_and_dataloader(synthetic_small):
     clone = pickle.loads(pickle.dumps(data))
     assert clone._arrays is None
     torch.testing.assert_close(clone[2][1], data[2][1])
-    body, hand, labels = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
-    assert body.shape == (4, 3, 16, 25, 2) and hand.shape == (4, 3, 16, 42, 2)
+    body, hand, hand_valid, labels = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
+    assert body.shape == (4, 3, 16, 25, 2) and hand.shape == (4, 3, 16, 42, 2) and hand_valid.shape == (4, 16, 2, 2)
     assert labels.tolist() == [0, 0, 1, 1]
     with pytest.raises(IndexError):
         data[len(data)]

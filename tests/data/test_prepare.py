@@ -133,7 +133,7 @@ def test_prepare_end_to_end(ntu_source, tmp_path):
     assert test["hand_valid.npy"][1, :30, 0, 1].all() and test["hand_valid.npy"][1].sum() == 30
     np.testing.assert_allclose(test["hand.npy"][1, :, 7, :21, 1], keypoints[7, 0, 0].T)
 
-    body, hand, label = SkeletonDataset(out, "train", modality="bone", window=16)[1]
+    body, hand, _, label = SkeletonDataset(out, "train", modality="bone", window=16)[1]
     assert body.shape == (3, 16, 25, 2) and hand.shape == (3, 16, 42, 2) and label == 6
 
 
@@ -281,8 +281,9 @@ def test_image_space_hands_align_with_kinect_colour_coordinates(tmp_path, write_
     np.testing.assert_allclose(stored[0, :, 0, 21:, 0], landmarks.T)  # right hand, pixels
     assert np.load(out / "train" / "hand_valid.npy")[0, :FRAMES, 1, 0].all()  # every frame
     with pytest.warns(UserWarning, match="calibration-free"):  # canonical cannot place pixels
-        assert not SkeletonDataset(out, "train")[0][1].any()
-    body_item, hand_item, _ = SkeletonDataset(out, "train", preprocessing="calibration-free")[0]
+        withheld = SkeletonDataset(out, "train")[0]
+    assert not withheld[1].any() and not withheld[2].any()  # hands zero and undetected
+    body_item, hand_item, _, _ = SkeletonDataset(out, "train", preprocessing="calibration-free")[0]
     assert hand_item.abs().max() > 10  # pixels, untouched
 
 

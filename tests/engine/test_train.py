@@ -610,3 +610,26 @@ def test_a_warmup_as_long_as_the_training_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TrainConfig.from_dict({"epochs": 6, "lr": 0.1})
+
+
+def test_training_and_evaluation_give_the_model_the_hands_detections(tiny_dataset, tmp_path, monkeypatch):
+    """The trainer and ``predict`` call ``model(body, hand, hand_valid)`` with the dataset's
+    detections (the synthetic hands drop out in some frames)."""
+    from bharnet.models.variants import BHaRNetE
+
+    seen, forward = [], BHaRNetE.forward
+
+    def recording_forward(self, body, hand, hand_valid=None):
+        seen.append(hand_valid)
+        return forward(self, body, hand, hand_valid)
+
+    monkeypatch.setattr(BHaRNetE, "forward", recording_forward)
+    model = train(config(tiny_dataset, tmp_path / "run", epochs=1, model="bharnet-e"),
+                  SkeletonDataset(tiny_dataset, "train", window=8), progress=False)
+    test_set = SkeletonDataset(tiny_dataset, "test", window=8)
+    trained, seen[:] = list(seen), []
+    predict(model, test_set, batch_size=len(test_set), progress=False)
+    assert len(trained) == 4 and len(seen) == 1  # 16 training samples in batches of 4; one test batch
+    expected = torch.stack([test_set[i][2] for i in range(len(test_set))])
+    assert torch.equal(seen[0], expected) and not expected.all()
+    assert all(v.dtype == torch.bool and v.shape == (4, 8, 2, 2) for v in trained)
