@@ -13,8 +13,9 @@ clip whose hands are undetected (``hand_valid`` False), and put back into the cl
 in place of the rows that were not computed.
 
 :func:`skip_absent_persons` rewires an eval-mode model in place: a forward pre-hook finds the
-persons present in the call (any non-zero value in any of its (N, C, T, V, M) inputs, so a
-person whose body or hands are seen is computed in both streams), each ``DataNorm`` (and the
+persons present in the call (any non-zero value in any of its (N, C, T, V, M) inputs, or a
+hand detected in ``hand_valid``, so a person whose body or hands are seen is computed in both
+streams), each ``DataNorm`` (and the
 ``PersonRows`` of the hands' validity) passes on only their rows, and each ``Classifier`` fills
 in the absent persons' precomputed features
 (computed again after ``load_state_dict``; call :func:`refresh_absent_features` after changing
@@ -128,12 +129,15 @@ def _refresh_after_loading(model: nn.Module, incompatible_keys) -> None:
     refresh_absent_features(model)
 
 
+def _hand_valid(args, kwargs) -> Optional[torch.Tensor]:
+    return kwargs.get("hand_valid", args[2] if len(args) > 2 else None)
+
+
 def _masks_without_validity(model: nn.Module, args, kwargs) -> bool:
     """Whether ``model`` masks undetected hands but the call gives no ``hand_valid``: its
     absent persons then attend their zero hands, unlike the precomputed features."""
     masks = any(isinstance(m, PresentPersonsRows) and isinstance(m.rows, PersonRows) for m in model.modules())
-    hand_valid = kwargs.get("hand_valid", args[2] if len(args) > 2 else None)
-    return masks and model.config.mask_missing_hands and hand_valid is None
+    return masks and model.config.mask_missing_hands and _hand_valid(args, kwargs) is None
 
 
 def _find_present_rows(model: nn.Module, args, kwargs) -> None:
@@ -150,6 +154,10 @@ def _find_present_rows(model: nn.Module, args, kwargs) -> None:
     seen = persons[0].ne(0).flatten(1, 3).any(1)  # (N, M); NaN counts as seen
     for x in persons[1:]:
         seen = seen | x.ne(0).flatten(1, 3).any(1)
+    hand_valid = _hand_valid(args, kwargs)  # a detected hand counts as seen, even at zero input
+    if isinstance(hand_valid, torch.Tensor) and hand_valid.dim() == 4 and hand_valid.shape[0] == seen.shape[0] \
+            and hand_valid.shape[3] == seen.shape[1]:  # (N, T, 2, M); else the model's own check raises
+        seen = seen | hand_valid.flatten(1, 2).any(1)
     if not bool(seen.all()) and bool(seen.any()):
         present.rows = seen.flatten()
 

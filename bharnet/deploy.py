@@ -33,6 +33,16 @@ from .ops import register_cpp_ops
 
 MAX_BATCH = 4096
 METADATA_KEY = "bharnet.json"
+INPUTS = ("body", "hand", "hand_valid")  # a program's inputs, in order (the first two, or all three)
+
+
+def _with_inputs(metadata: Optional[dict], program: torch.export.ExportedProgram) -> str:
+    """``metadata`` as stored: JSON, with the names of the program's ``inputs`` (what
+    :class:`bharnet.stream.LiveRecognizer` passes it) where the program knows them."""
+    metadata = dict(metadata or {})
+    if program.example_inputs is not None:
+        metadata["inputs"] = list(INPUTS[:len(program.example_inputs[0])])
+    return json.dumps(metadata)
 
 
 def export(model: nn.Module, body: Optional[torch.Tensor], hand: Optional[torch.Tensor],
@@ -41,7 +51,7 @@ def export(model: nn.Module, body: Optional[torch.Tensor], hand: Optional[torch.
     """The program of ``model`` (an eval-mode model of :mod:`bharnet.models`, fused here for
     inference on ``backend``) traced on example inputs ``body`` (N, C, T, 25, M), ``hand``
     (N, C, T, 42, M) and ``hand_valid`` (N, T, 2, M) bool, any batch size 1 to ``MAX_BATCH`` at
-    run time; saved to ``path`` if given, with ``metadata``.
+    run time; saved to ``path`` if given, with ``metadata`` and the names of its ``inputs``.
     A single-modality model may take None for the input it does not read (the program then
     takes None there too). Without ``hand_valid`` the program takes ``(body, hand)`` and its
     attention attends every hand. A one-clip example is traced as two copies of the clip:
@@ -55,7 +65,7 @@ def export(model: nn.Module, body: Optional[torch.Tensor], hand: Optional[torch.
     program = torch.export.export(fused, inputs,
                                   dynamic_shapes=tuple(None if x is None else {0: batch} for x in inputs))
     if path is not None:
-        torch.export.save(program, path, extra_files={METADATA_KEY: json.dumps(metadata or {})})
+        torch.export.save(program, path, extra_files={METADATA_KEY: _with_inputs(metadata, program)})
     return program
 
 
@@ -71,11 +81,11 @@ def compile_package(program: torch.export.ExportedProgram, path: str, metadata: 
     """Compile ``program`` ahead of time with AOTInductor into the package ``path`` (``.pt2``):
     generated C++ for everything but bharnet's C++ ops, which it calls through PyTorch's
     dispatcher; no Python tracing or Inductor compilation when it is loaded. ``metadata`` is
-    stored in the package. Returns ``path``."""
+    stored in the package, with the names of the program's ``inputs``. Returns ``path``."""
     path = os.fspath(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"an AOTInductor package path must end in .pt2, got {path!r}")
-    configs = {"aot_inductor.metadata": {METADATA_KEY: json.dumps(metadata or {})}}
+    configs = {"aot_inductor.metadata": {METADATA_KEY: _with_inputs(metadata, program)}}
     return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
 
 

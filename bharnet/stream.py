@@ -58,9 +58,9 @@ class LiveRecognizer:
     the (1, window, 2, M) hands' detections, and returns a :class:`bharnet.ModelOutput` (an
     eval-mode model, an exported program's ``module()``, an AOTInductor package); as
     ``model(body, hand)`` where ``description`` lists its ``inputs`` without ``hand_valid`` (a
-    file exported before bharnet passed it) or, without ``inputs``, for a model that is not one
-    of :mod:`bharnet.models`. The inputs go to the device and dtype of its first parameter (CPU
-    float32 for a model without any). ``description`` holds the ``modality``, ``window`` and
+    file exported without it) or, without ``inputs``, for a model that is not one of
+    :mod:`bharnet.models` (also inside ``torch.compile`` or ``nn.DataParallel``). The inputs go
+    to the device and dtype of its first parameter (CPU float32 for a model without any). ``description`` holds the ``modality``, ``window`` and
     ``preprocessing`` it was trained with (a run's description, or an exported file's metadata)
     and, optionally, ``class_names`` (label order; a run's description has them).
     ``history`` (default: the window) is the number of raw frames per classification; they are
@@ -81,7 +81,8 @@ class LiveRecognizer:
         _check_transform(description["modality"], description["preprocessing"])
         self.model = model
         inputs = description.get("inputs")
-        self.passes_hand_valid = "hand_valid" in inputs if inputs is not None else isinstance(model, _Variant)
+        self.passes_hand_valid = ("hand_valid" in inputs if inputs is not None
+                                  else isinstance(_unwrapped(model), _Variant))
         parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
         self.device = parameter.device if parameter is not None else torch.device("cpu")
         self.dtype = parameter.dtype if parameter is not None else torch.float32
@@ -198,6 +199,17 @@ def _present_persons_first(body, hand, hand_valid):
         return body, hand, hand_valid
     order = torch.argsort((~present).to(torch.int8), stable=True)
     return body[..., order], hand[..., order], hand_valid[..., order]
+
+
+def _unwrapped(model):
+    """The module inside ``torch.compile``'s and (Distributed)DataParallel's wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def _shape(x) -> str:

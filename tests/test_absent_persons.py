@@ -88,6 +88,16 @@ def test_a_model_that_masks_hands_runs_every_row_when_called_without_hand_valid(
     assert_runs_rows_and_matches(fuse_for_inference(unmasked, "reference"), unmasked, (body, hand), 4)
 
 
+@pytest.mark.parametrize("name", ["bharnet-e", "bharnet-pam"])
+def test_a_person_with_zero_inputs_but_detected_hands_is_computed(name):
+    """Zero inputs are not absence when a hand is detected (a motion clip of still hands, the body
+    untracked): the precomputed features have undetected hands, so the person is computed."""
+    model = eval_model(name)
+    body, hand, hand_valid = clips(5, SOME_ABSENT)
+    hand_valid[0, :, 0, 1] = True  # clip 0's absent person 1: its (zero) left hand detected
+    assert_runs_rows_and_matches(fuse_for_inference(model, "reference"), model, (body, hand, hand_valid), 5)
+
+
 def test_sequence_attention_mode():
     model = eval_model("bharnet-e", attention_mode="sequence")
     assert_runs_rows_and_matches(fuse_for_inference(model, "reference"), model, clips(6, SOME_ABSENT), 4)

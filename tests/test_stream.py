@@ -1,5 +1,7 @@
 """bharnet.stream.LiveRecognizer: a sliding window over pushed frames gives the predictions of
 the model on clip_input of the same frames, from a model, a run's weights or an exported file."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -101,8 +103,8 @@ def test_a_file_exported_without_hand_valid_is_called_with_body_and_hand(model, 
     (body, hand) and attends every hand: the recognizer calls it so."""
     body, hand, valid = stream(frames=14)
     path = str(tmp_path / "old.pt2")
-    deploy.export(model, torch.zeros(2, 3, 12, 25, 2), torch.zeros(2, 3, 12, 42, 2), path=path,
-                  metadata=dict(DESCRIPTION, num_person=2))
+    program = deploy.export(model, torch.zeros(2, 3, 12, 25, 2), torch.zeros(2, 3, 12, 42, 2))
+    torch.export.save(program, path, extra_files={deploy.METADATA_KEY: json.dumps(dict(DESCRIPTION, num_person=2))})
     got = push_all(LiveRecognizer.from_file(path, stride=1), body, hand, valid)
     assert [p.frame for p in got] == [11, 12, 13]
     for p in got:
@@ -110,6 +112,25 @@ def test_a_file_exported_without_hand_valid_is_called_with_body_and_hand(model, 
         torch.testing.assert_close(p.probabilities, unmasked, rtol=1e-4, atol=1e-5)
     masked = direct(model, body, hand, valid, 11, 12)
     assert (masked - got[0].probabilities).abs().max() > 1e-4  # the check can fail
+
+
+def test_a_program_exported_with_hand_valid_and_models_in_wrappers_get_it(model, tmp_path):
+    """deploy.export records its program's inputs in the metadata, so the stream passes
+    hand_valid to it; a model inside torch.compile or nn.DataParallel gets it too."""
+    body, hand, valid = stream(frames=13)
+    want = push_all(LiveRecognizer(model, DESCRIPTION, stride=1), body, hand, valid)
+    path = str(tmp_path / "new.pt2")
+    b, h, v = clip_input(body[:, :12], hand[:, :12], valid[:12], modality="bone", window=12)
+    deploy.export(model, b[None], h[None], v[None], path=path, metadata=dict(DESCRIPTION, num_person=2))
+    assert deploy.read_metadata(path)["inputs"] == ["body", "hand", "hand_valid"]
+    for runner in (LiveRecognizer.from_file(path, stride=1),
+                   LiveRecognizer(torch.compile(model, backend="eager"), DESCRIPTION, stride=1),
+                   LiveRecognizer(torch.nn.DataParallel(model), DESCRIPTION, stride=1)):
+        got = push_all(runner, body, hand, valid)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.probabilities, b.probabilities, rtol=1e-4, atol=1e-5)
+    unmasked = direct(model, body, hand, valid, 11, 12, pass_valid=False)
+    assert (unmasked - want[0].probabilities).abs().max() > 1e-4  # the check can fail
 
 
 def test_bad_frames_and_settings_say_what_is_wrong(model):

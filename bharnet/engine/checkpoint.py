@@ -3,8 +3,9 @@
 A checkpoint ``epoch-0007.safetensors``, written after the 7th epoch (counted from 1, as the
 log and the progress lines count), holds the model weights (``model.*``) and the optimizer's
 per-parameter state (``optim.<index>.<name>``); its metadata holds ``{"epochs_done", "step",
-"config", "optimizer", "scaler"}`` as JSON (the optimizer's hyper-parameters and the fp16
-gradient scaler's state). Files of bharnet 0.1.0 before that numbering were named after the
+"config", "optimizer", "scaler", "mask_missing_hands"}`` as JSON (the optimizer's
+hyper-parameters, the fp16 gradient scaler's state and the model's option; files written before
+the option lack it: their runs were trained without the mask). Files of bharnet 0.1.0 before that numbering were named after the
 0-based epoch index and hold ``"epoch"`` (= epochs done - 1) instead; they load alike. No generator state: training seeds
 the generators behind dropout at each epoch (``trainer.epoch_seed``; files of bharnet 0.1.0
 before that change hold ``rng.*`` tensors, which are ignored, and a run resumed across the change
@@ -52,8 +53,9 @@ def save_atomically(path: str, tensors: dict, metadata: dict) -> None:
 
 
 def save_checkpoint(directory: str, epochs_done: int, step: int, model, optimizer, scaler, config: dict,
-                    keep: int = 2) -> str:
-    """Write ``epoch-<epochs_done>.safetensors`` into ``directory``; keep the newest ``keep``."""
+                    *, mask_missing_hands: bool, keep: int = 2) -> str:
+    """Write ``epoch-<epochs_done>.safetensors`` into ``directory``; keep the newest ``keep``.
+    ``mask_missing_hands``: the model's option (a resumed run keeps it)."""
     os.makedirs(directory, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model_state(model).items()}
     opt = optimizer.state_dict()
@@ -64,7 +66,7 @@ def save_checkpoint(directory: str, epochs_done: int, step: int, model, optimize
     path = os.path.join(directory, f"epoch-{epochs_done:04d}.safetensors")
     save_atomically(path, tensors, {"epochs_done": epochs_done, "step": step, "config": config,
                                     "optimizer": {"param_groups": opt["param_groups"]},
-                                    "scaler": scaler_state})
+                                    "scaler": scaler_state, "mask_missing_hands": mask_missing_hands})
     for old in list_checkpoints(directory)[:-keep]:
         os.remove(old)
     return path

@@ -188,8 +188,7 @@ def run_export(args: argparse.Namespace) -> int:
     read_description(args.weights)  # a clear error for a file that is not a run's weights
     model, meta = load_model(args.weights)
     config, generator = model.config, torch.Generator().manual_seed(0)
-    # the program's input shape and inputs, for bharnet.stream
-    meta = {**meta, "num_person": config.num_person, "inputs": ["body", "hand", "hand_valid"]}
+    meta = {**meta, "num_person": config.num_person}  # the program's input shape, for bharnet.stream
     # every input, as clip_input gives them, also to a model that reads fewer (it ignores the rest)
     shapes = {name: (config.in_channels, meta["window"], graph.num_nodes, config.num_person)
               for name, graph in (("body", BODY), ("hand", HANDS))}

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -130,6 +131,20 @@ def _check_resumable(config: TrainConfig) -> None:
                          "resume it with its own options, or train into another --out folder")
 
 
+def _resumed_config(config: TrainConfig, latest: str) -> TrainConfig:
+    """``config`` checked to resume the run whose newest checkpoint is ``latest``
+    (:func:`_check_resumable`). A run whose checkpoints predate ``mask_missing_hands`` was trained
+    with every hand token attended and resumes so (given the option unset or False); the config
+    returned then sets it False, which the run's final description records."""
+    option = config.model_options.get("mask_missing_hands")
+    if "mask_missing_hands" in checkpoint.read_metadata(latest) or option is True:
+        _check_resumable(config)
+        return config
+    _check_resumable(replace(config, model_options={k: v for k, v in config.model_options.items()
+                                                    if k != "mask_missing_hands"}))
+    return replace(config, model_options={**config.model_options, "mask_missing_hands": False})
+
+
 def _check_no_finished_run(config: TrainConfig) -> None:
     """Raise if ``config.out`` holds a finished run (its ``model.safetensors``) but no checkpoint
     to resume from (removed once the run was done): a fresh start would replace its model, config
@@ -189,6 +204,9 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
                          f"the {context.world_size} processes: nothing to train on")
     ckpt_dir = os.path.join(config.out, "checkpoints")
     num_classes = train_set.num_classes
+    latest = checkpoint.latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        config = _resumed_config(config, latest)
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes).to(device)
     check_inputs_exist(model, config.model, train_set)
@@ -196,9 +214,7 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     log = JsonlLog(os.path.join(config.out, "log.jsonl") if context.is_main else None)
     start_epoch, step = 0, 0
-    latest = checkpoint.latest_checkpoint(ckpt_dir)
     if latest is not None:
-        _check_resumable(config)
         start_epoch, step = checkpoint.load_checkpoint(latest, model, optimizer, scaler)
         log.keep_epochs(start_epoch)
         if context.is_main and start_epoch >= config.epochs:
@@ -268,7 +284,8 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
                 print(f"{config.model} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
                       f"train top-1 {record['train_top1']:.1f}%, {record['seconds']:.1f} s")
             checkpoint.save_checkpoint(ckpt_dir, epoch + 1, step, raw_model, optimizer, scaler,
-                                       config.to_dict(), keep=config.keep_checkpoints)
+                                       config.to_dict(), keep=config.keep_checkpoints,
+                                       mask_missing_hands=raw_model.config.mask_missing_hands)
         distributed.barrier(context)
 
     if context.is_main:

@@ -55,8 +55,8 @@ class _Variant(nn.Module):
             check_input(body, "body", self.config, BODY.num_nodes)
         if self.uses_hand:
             check_input(hand, "hand", self.config, HANDS.num_nodes)
-            if hand_valid is not None:
-                _check_hand_valid(hand_valid, hand)
+        if hand_valid is not None:
+            _check_hand_valid(hand_valid, hand if self.uses_hand else body)
         if self.uses_body and self.uses_hand and (body.shape[0], body.shape[2]) != (hand.shape[0], hand.shape[2]):
             raise ValueError(f"body and hand must agree in N and T, got {tuple(body.shape)} and {tuple(hand.shape)}")
         parameter = next(self.parameters(), None)  # none in an nn.DataParallel replica
@@ -73,17 +73,18 @@ class _Variant(nn.Module):
         return cross_entropy(logits, target, self.config.label_smoothing)
 
 
-def _check_hand_valid(hand_valid, hand: torch.Tensor) -> None:
-    """Raise a clear error unless ``hand_valid`` is bool (N, T, 2, M) on ``hand``'s device."""
-    N, _, T, _, M = hand.shape
+def _check_hand_valid(hand_valid, like: torch.Tensor) -> None:
+    """Raise a clear error unless ``hand_valid`` is bool (N, T, 2, M) for the (checked) model
+    input ``like`` (N, C, T, V, M), on its device."""
+    N, _, T, _, M = like.shape
     expected = f"(N, T, 2, M) = {(N, T, 2, M)}"
     if not isinstance(hand_valid, torch.Tensor) or hand_valid.dtype != torch.bool:
         raise TypeError(f"hand_valid must be a bool tensor of shape {expected} (True where the hand is "
                         f"detected), got {getattr(hand_valid, 'dtype', type(hand_valid).__name__)}")
     if tuple(hand_valid.shape) != (N, T, 2, M):
         raise ValueError(f"hand_valid must have shape {expected}, got {tuple(hand_valid.shape)}")
-    if hand_valid.device != hand.device:
-        raise ValueError(f"hand_valid is on {hand_valid.device}, hand on {hand.device}")
+    if hand_valid.device != like.device:
+        raise ValueError(f"hand_valid is on {hand_valid.device}, the inputs on {like.device}")
 
 
 class SingleExpert(_Variant):

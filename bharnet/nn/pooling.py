@@ -14,11 +14,11 @@ def global_pool(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
-def valid_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, C, T, V) ``x`` over the (T, V) positions where ``valid`` (B, T, V) is True:
-    (B, C); zero for a row without any."""
+def valid_mean(x: torch.Tensor, valid: torch.Tensor, dim) -> torch.Tensor:
+    """Mean of (B, C, T, V) ``x`` over ``dim`` (2, 3 or both) at the positions where ``valid``
+    (B, T, V) is True; zero where there are none."""
     weight = valid.to(x.dtype)[:, None]
-    return (x * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp(min=1)
+    return (x * weight).sum(dim=dim) / weight.sum(dim=dim).clamp(min=1)
 
 
 class PoolingAttention(nn.Module):
@@ -31,9 +31,11 @@ class PoolingAttention(nn.Module):
     * channel path: ``sigmoid(W₂ act(W₁ mean_{T,V} other)) ⊙ mean_{T,V} x``.
 
     ``other_valid`` (B, T, V') bool, optional: where ``other``'s nodes hold real observations
-    (detected hands). The time path then attends only the time steps with a valid node, the
-    joint path only the nodes valid at some time step, and the channel path's gate reads the
-    mean over the valid nodes and steps only (zero where there are none).
+    (detected hands). Each path then reads ``other`` at its valid positions only: the time
+    path's tokens are means over the valid nodes of each step and it attends only the steps
+    with one; the joint path's are means over the valid steps of each node and it attends only
+    the nodes valid at some step; the channel path's gate reads the mean over the valid
+    positions (zero where there are none).
 
     The three (B, C) vectors are summed. The paper describes the module only in outline; this
     is our reconstruction and is configurable through ``heads``. Both attentions run
@@ -52,15 +54,18 @@ class PoolingAttention(nn.Module):
         if x.dim() != 4 or other.dim() != 4 or x.shape[:3] != other.shape[:3]:
             raise ValueError(f"x and other must be (B, C, T, V) with equal B, C, T, "
                              f"got {tuple(x.shape)} and {tuple(other.shape)}")
-        time_mask = joint_mask = None
-        if other_valid is not None:
+        if other_valid is None:
+            other_steps, other_joints, other_pooled = other.mean(3), other.mean(2), global_pool(other)
+            time_mask = joint_mask = None
+        else:
             B, _, T, V = other.shape
             if tuple(other_valid.shape) != (B, T, V):
                 raise ValueError(f"other_valid must have shape (B, T, V') = {(B, T, V)}, "
                                  f"got {tuple(other_valid.shape)}")
+            other_steps, other_joints = valid_mean(other, other_valid, 3), valid_mean(other, other_valid, 2)
+            other_pooled = valid_mean(other, other_valid, (2, 3))
             time_mask, joint_mask = other_valid.any(2), other_valid.any(1)
-        time_tokens = self.time_attention(x.mean(3).transpose(1, 2), other.mean(3).transpose(1, 2), time_mask)
-        joint_tokens = self.joint_attention(x.mean(2).transpose(1, 2), other.mean(2).transpose(1, 2), joint_mask)
-        pooled_other = global_pool(other) if other_valid is None else valid_mean(other, other_valid)
-        channel = self.gate(pooled_other) * global_pool(x)
+        time_tokens = self.time_attention(x.mean(3).transpose(1, 2), other_steps.transpose(1, 2), time_mask)
+        joint_tokens = self.joint_attention(x.mean(2).transpose(1, 2), other_joints.transpose(1, 2), joint_mask)
+        channel = self.gate(other_pooled) * global_pool(x)
         return time_tokens.mean(1) + joint_tokens.mean(1) + channel

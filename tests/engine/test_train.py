@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from bharnet.cli import main
 from bharnet.data.dataset import SkeletonDataset
 from bharnet.engine import checkpoint
-from bharnet.engine.config import TrainConfig, parse_model_options
+from bharnet.engine.config import RunFolderMismatch, TrainConfig, parse_model_options
 from bharnet.engine.ensemble import ensemble_dirs
 from bharnet.engine.evaluate import evaluate_run, load_model, predict
 from bharnet.engine.schedule import warmup_cosine
@@ -633,3 +633,24 @@ def test_training_and_evaluation_give_the_model_the_hands_detections(tiny_datase
     expected = torch.stack([test_set[i][2] for i in range(len(test_set))])
     assert torch.equal(seen[0], expected) and not expected.all()
     assert all(v.dtype == torch.bool and v.shape == (4, 8, 2, 2) for v in trained)
+
+
+def test_a_run_whose_checkpoints_predate_the_hand_mask_resumes_unmasked(tiny_dataset, tmp_path):
+    """Checkpoints written before ``mask_missing_hands`` existed come from a model that attended
+    every hand token: the run resumes so (the option unset), its final description records it,
+    and asking for the mask is refused as a change of options."""
+    run = tmp_path / "run"
+    dataset = SkeletonDataset(tiny_dataset, "train", window=8)
+    train(config(tiny_dataset, run, epochs=1, model="bharnet-e"), dataset, progress=False)
+    newest = str(run / "checkpoints" / "epoch-0001.safetensors")
+    tensors, meta = load_file(newest), checkpoint.read_metadata(newest)
+    assert meta.pop("mask_missing_hands") is True
+    checkpoint.save_atomically(newest, tensors, meta)  # as written before the option
+    os.remove(run / "model.safetensors")
+    with pytest.raises(RunFolderMismatch, match=r"model_options \{\} -> \{'mask_missing_hands': True\}"):
+        train(config(tiny_dataset, run, epochs=2, model="bharnet-e", model_options={"mask_missing_hands": True}),
+              dataset, progress=False)
+    model = train(config(tiny_dataset, run, epochs=2, model="bharnet-e"), dataset, progress=False)
+    assert model.config.mask_missing_hands is False
+    assert checkpoint.read_metadata(str(run / "model.safetensors"))["mask_missing_hands"] is False
+    assert load_model(str(run / "model.safetensors"))[0].config.mask_missing_hands is False

@@ -95,16 +95,20 @@ def test_pooling_attention_masks_time_steps_and_joints_without_a_detected_hand()
     assert calls["hand_pam.time_attention"][1] is None and calls["hand_pam.joint_attention"][1] is None
 
 
-def test_pooling_attention_gate_reads_the_mean_of_the_valid_positions():
+def test_pooling_attention_reads_the_other_modality_at_its_valid_positions_only():
+    """Every path of the PAM: what ``other`` holds where ``other_valid`` is False does not change
+    the output (without the mask it does); the gate reads the mean of the valid positions."""
     pam = PoolingAttention(8, heads=2).double()
     g = torch.Generator().manual_seed(0)
-    x, other = torch.randn(3, 8, 5, 4, generator=g, dtype=torch.float64), torch.randn(3, 8, 5, 7, generator=g,
-                                                                                          dtype=torch.float64)
+    x, other = (torch.randn(3, 8, 5, v, generator=g, dtype=torch.float64) for v in (4, 7))
     valid = torch.rand(3, 5, 7, generator=g) < 0.5
     valid[2] = False
+    changed = torch.where(valid[:, None], other, torch.randn(other.shape, generator=g, dtype=torch.float64))
     seen = []
     pam.gate.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    pam(x, other, valid)
+    with torch.no_grad():
+        torch.testing.assert_close(pam(x, changed, valid), pam(x, other, valid), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(pam(x, changed), pam(x, other))  # the check can fail
     for b in range(2):
         torch.testing.assert_close(seen[0][b], other[b][:, valid[b]].mean(1))
     assert not seen[0][2].any()  # nothing valid: zero
@@ -169,6 +173,8 @@ def test_bad_hand_valid_and_option_say_what_is_wrong():
         model(body, hand, hand_valid.float())
     with pytest.raises(ValueError, match=r"hand_valid must have shape \(N, T, 2, M\) = \(2, 16, 2, 2\), got \(2, 16, 42, 2\)"):
         model(body, hand, hand_valid.repeat_interleave(21, dim=2))
+    with pytest.raises(TypeError, match="hand_valid must be a bool tensor"):  # checked by every variant
+        bharnet.create_model("body", 5, preset="small")(body, None, "not a tensor")
     with pytest.raises(TypeError, match="mask_missing_hands must be a bool"):
         bharnet.create_model("bharnet-e", 5, preset="small", mask_missing_hands=1)
 
