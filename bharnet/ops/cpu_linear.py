@@ -13,8 +13,16 @@ cross-attention projections (M = 800-1344, K = 256, N = 256-512): forward 0.21 -
 dX 2.3x and dW 1.4x faster (one micro-benchmark, oneDNN's ``torch.ops.mkldnn._linear_pointwise``
 against ``F.linear`` and ``torch.mm``; ``bharnet bench`` measures the layer).
 
+On an Intel CPU, where MKL runs its AVX-512 code, the opposite holds: on a 2-core Intel Xeon
+(family 6 model 167) ``F.linear`` took 0.83 / 2.94 ms (forward / forward+backward) at
+M = 1600, K = N = 256 against oneDNN's 1.06 / 3.97 ms, and 9.1 against 10.8 ms fwd+bwd at
+M = 2688, N = 512 (one micro-benchmark, 2026-11-28); through oneDNN, the cross-attention layer's
+fwd+bwd in frame mode ran at 0.87x of SDPA with ``F.linear`` projections (``bharnet bench``).
+
 ``linear(x, weight, bias)`` takes that path for non-empty float32 CPU tensors outside autocast,
-when PyTorch was built with oneDNN; every other call is ``F.linear`` itself (also a bias that is
+when PyTorch was built with oneDNN and the CPU is not an Intel one (``/proc/cpuinfo``'s
+``vendor_id`` is not GenuineIntel; an unknown vendor keeps oneDNN); every other call is
+``F.linear`` itself (also a bias that is
 not an (N,) vector, which ``F.linear`` broadcasts and oneDNN would not). The path is the custom
 op ``bharnet::onednn_linear`` (2-D x), which ``torch.compile`` keeps as it is: traced through,
 the projections became Inductor's CPU GEMM, MKL's again, and the compiled cross-attention layer
@@ -74,10 +82,24 @@ def _weight_grad_ready() -> bool:
     return _cpp_weight_grad() is not None
 
 
+@functools.cache
+def _cpu_vendor() -> Optional[str]:
+    """The CPU's ``vendor_id`` in ``/proc/cpuinfo`` (GenuineIntel, AuthenticAMD), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 @torch.compiler.assume_constant_result
-def _has_onednn() -> bool:
-    """Whether oneDNN's matmul exists (run eagerly, not traced, under ``torch.compile``)."""
-    return _onednn_matmul() is not None
+def _prefer_onednn() -> bool:
+    """Whether oneDNN's matmul exists and is the faster product here: not on an Intel CPU,
+    where MKL is (module docstring). Run eagerly, not traced, under ``torch.compile``."""
+    return _onednn_matmul() is not None and _cpu_vendor() != "GenuineIntel"
 
 
 def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -87,7 +109,7 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
             and weight.dim() == 2
             and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() > 0 and weight.numel() > 0
             and not torch.is_autocast_enabled("cpu")
-            and _has_onednn())
+            and _prefer_onednn())
 
 
 @torch.library.custom_op("bharnet::onednn_linear", mutates_args=())
@@ -130,7 +152,8 @@ _onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN for float32 CPU tensors (module docstring)."""
+    """``F.linear(x, weight, bias)``, through oneDNN for float32 tensors on a CPU where it is the
+    faster product (module docstring)."""
     if onednn_linear_applies(x, weight, bias):
         _weight_grad_ready()
         rows = _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias)

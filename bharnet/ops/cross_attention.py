@@ -29,7 +29,7 @@ micro-kernel of ``csrc/cpu_simd.h``; on CUDA, head dims up to 128: float16/bfloa
 in the tensor-core flash-attention kernels of ``csrc/cross_attention_mma_kernels.cu``, float32,
 float64 and older GPUs in a SIMT kernel of ``csrc/cross_attention_kernels.cu`` (one warp per
 query row, online softmax); LayerNorms, projections and residual are torch ops, the projections
-through oneDNN on CPU in float32 (``bharnet.ops.cpu_linear``); see the cpp section
+through oneDNN on non-Intel CPUs in float32 (``bharnet.ops.cpu_linear``); see the cpp section
 below). What the triton backend fuses, and why:
 
 * the attention core is one Triton kernel per direction (``bharnet.kernels.cross_attention``):
@@ -476,7 +476,7 @@ def cross_attention_cpp(x_q, x_kv, heads, q_weight, q_bias, kv_weight, kv_bias, 
                         out_bias, key_mask=None, norm_q_weight=None, norm_q_bias=None,
                         norm_kv_weight=None, norm_kv_bias=None, pre_norm=True, eps=1e-5):
     """C++ backend (CPU, or CUDA for head dims <= 128): torch LayerNorms and residual, the
-    projections through oneDNN on CPU in float32 (``cpu_linear``; F.linear otherwise), C++/CUDA
+    projections through oneDNN on a non-Intel CPU in float32 (``cpu_linear``; F.linear otherwise), C++/CUDA
     attention core."""
     head_dim = x_q.shape[-1] // heads
     if x_q.device.type == "cuda" and head_dim > CPP_CUDA_MAX_HEAD_DIM:

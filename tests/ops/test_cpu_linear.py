@@ -11,10 +11,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bharnet.ops.cpu_linear import _cpp_weight_grad, _onednn_matmul, linear, onednn_linear_applies
+from bharnet.ops import cpu_linear
+from bharnet.ops.cpu_linear import _cpp_weight_grad, _cpu_vendor, _onednn_matmul, linear, onednn_linear_applies
 from op_testing import assert_independent_of_thread_count, forward_backward, rel_err, wide_supported
 
 pytestmark = pytest.mark.skipif(_onednn_matmul() is None, reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def onednn_preferred(monkeypatch):
+    """The oneDNN path whatever the CPU (on an Intel one ``linear`` is F.linear itself)."""
+    monkeypatch.setattr(cpu_linear, "_cpu_vendor", lambda: "AuthenticAMD")
+
+
+@pytest.mark.parametrize("vendor, onednn", [("AuthenticAMD", True), ("GenuineIntel", False), (None, True)])
+def test_onednn_only_where_mkl_is_the_slower_product(monkeypatch, vendor, onednn):
+    monkeypatch.setattr(cpu_linear, "_cpu_vendor", lambda: vendor)
+    x, w = torch.randn(6, 8), torch.randn(4, 8)
+    assert onednn_linear_applies(x, w, None) == onednn
+    assert _calls(lambda: linear(x, w), "bharnet::onednn_linear") == int(onednn)
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="no /proc/cpuinfo")
+def test_cpu_vendor_is_cpuinfos_vendor_id():
+    lines = [line for line in open("/proc/cpuinfo") if line.startswith("vendor_id")]
+    assert _cpu_vendor() == (lines[0].split(":", 1)[1].strip() if lines else None)
 
 TOLERANCE = 1e-5
 
@@ -192,7 +213,9 @@ def test_torch_compile_keeps_the_onednn_op():
 
 COMPILE_IN_A_FRESH_PROCESS = """
 import torch
+from bharnet.ops import cpu_linear
 from bharnet.ops.cpu_linear import linear
+cpu_linear._cpu_vendor = lambda: "AuthenticAMD"  # the oneDNN path, whatever the CPU
 x, w, b = (torch.randn(shape, requires_grad=True) for shape in ((5, 8), (4, 8), (4,)))
 torch.compile(linear, fullgraph=True)(x, w, b).sum().backward()
 assert torch.allclose(w.grad, torch.ones(5, 4).t() @ x, rtol=1e-5, atol=1e-5)
