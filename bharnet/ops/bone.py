@@ -57,7 +57,11 @@ def _bone_cpp(x, parents, dim):
 
 
 _IMPLS = {"reference": bone_reference, "cpp": _bone_cpp}
-register_backend(OP_NAME, "cpp", cpp_availability)
+# Only when named: on the CPU the op is a gather and a subtraction, and the C++ op's dispatch costs
+# more than it saves (``bharnet bench``, fwd+bwd of (1, 3, T, V, 2) clips: 0.84-0.91x of the
+# reference on a 2-core AMD EPYC, T = 16; 0.74-0.82x on a 2-core Intel Xeon, T = 64); not yet
+# timed on a GPU.
+register_backend(OP_NAME, "cpp", cpp_availability, in_auto=False)
 
 
 def bone(x: torch.Tensor, parents, dim: int = -2, *, backend: Optional[str] = None) -> torch.Tensor:

@@ -84,3 +84,21 @@ def test_compiles_with_fullgraph():
     x = torch.randn(2, 5, 3)
     compiled = torch.compile(lambda t: bone(t, parents, dim=1, backend="cpp"), fullgraph=True)
     torch.testing.assert_close(compiled(x), bone(x, parents, dim=1, backend="reference"))
+
+
+def test_auto_runs_the_reference_and_cpp_only_when_named():
+    """The C++ bone op is slower than the reference on the CPUs measured (bone.py): ``auto``
+    passes over it; named, it runs."""
+    from bharnet._ext import cpp_availability
+    from bharnet.ops._backend import resolve
+
+    assert resolve("bone", "auto", "cpu") == "reference"
+    assert resolve("bone", "auto", "cuda") != "cpp"
+    x = torch.randn(3, 4, 25, 2)
+    with torch.profiler.profile() as auto_run:
+        bone(x, BODY.parents, dim=2, backend="auto")
+    assert "bharnet::bone" not in {e.name for e in auto_run.events()}
+    if cpp_availability("cpu") is None:  # the extension loads here
+        with torch.profiler.profile() as named_run:
+            bone(x, BODY.parents, dim=2, backend="cpp")
+        assert "bharnet::bone" in {e.name for e in named_run.events()}
