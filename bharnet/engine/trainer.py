@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..fast import swap_layers
-from ..models import ModelConfig, create_model
+from ..models import ModelConfig, create_model, variant_options
 from . import checkpoint, distributed
 from .config import RunFolderMismatch, TrainConfig
 from .schedule import warmup_cosine
@@ -116,13 +116,15 @@ RESUMABLE_CHANGES = ("epochs", "out", "workers", "keep_checkpoints", "device", "
 
 def _check_resumable(config: TrainConfig) -> None:
     """Raise if ``config.out`` holds a run trained with other options than ``config``'s (its
-    ``config.json``), so that re-running with new options cannot silently resume the old run."""
+    ``config.json``), so that re-running with new options cannot silently resume the old run.
+    ``mask_missing_hands`` is left to :func:`_resumed_config`, which compares it with what the
+    checkpoints record."""
     path = os.path.join(config.out, "config.json")
     if not os.path.isfile(path):
         return
     with open(path, "r", encoding="utf-8") as handle:
-        saved = json.loads(json.dumps(TrainConfig.from_dict(json.load(handle)).to_dict()))
-    current = json.loads(json.dumps(config.to_dict()))  # as saved (tuples become lists)
+        saved = _without_mask_option(json.loads(json.dumps(TrainConfig.from_dict(json.load(handle)).to_dict())))
+    current = _without_mask_option(json.loads(json.dumps(config.to_dict())))  # as saved (tuples become lists)
     changed = {name: (saved[name], value) for name, value in current.items()
                if name not in RESUMABLE_CHANGES and saved[name] != value}
     if changed:
@@ -131,18 +133,25 @@ def _check_resumable(config: TrainConfig) -> None:
                          "resume it with its own options, or train into another --out folder")
 
 
+def _without_mask_option(values: dict) -> dict:
+    options = {k: v for k, v in values["model_options"].items() if k != "mask_missing_hands"}
+    return {**values, "model_options": options}
+
+
 def _resumed_config(config: TrainConfig, latest: str) -> TrainConfig:
     """``config`` checked to resume the run whose newest checkpoint is ``latest``
-    (:func:`_check_resumable`). A run whose checkpoints predate ``mask_missing_hands`` was trained
-    with every hand token attended and resumes so (given the option unset or False); the config
-    returned then sets it False, which the run's final description records."""
-    option = config.model_options.get("mask_missing_hands")
-    if "mask_missing_hands" in checkpoint.read_metadata(latest) or option is True:
-        _check_resumable(config)
+    (:func:`_check_resumable`), with the ``mask_missing_hands`` that the checkpoint records: the
+    run goes on as it was trained. Checkpoints written before the option existed come from
+    models that attended every hand token (False). Asking for another value is refused."""
+    _check_resumable(config)
+    if "mask_missing_hands" not in variant_options(config.model):
         return config
-    _check_resumable(replace(config, model_options={k: v for k, v in config.model_options.items()
-                                                    if k != "mask_missing_hands"}))
-    return replace(config, model_options={**config.model_options, "mask_missing_hands": False})
+    recorded = checkpoint.read_metadata(latest).get("mask_missing_hands", False)
+    given = config.model_options.get("mask_missing_hands")
+    if given is not None and given != recorded:
+        raise RunFolderMismatch(f"{config.out} holds a run trained with mask_missing_hands={recorded}, not "
+                                f"{given}: resume it with its own options, or train into another --out folder")
+    return replace(config, model_options={**config.model_options, "mask_missing_hands": recorded})
 
 
 def _check_no_finished_run(config: TrainConfig) -> None:

@@ -22,24 +22,29 @@ MODELS = {
 }
 
 
+def variant_options(name: str):
+    """The options of ``VARIANT_OPTIONS`` that the variant ``name`` reads."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
+    variant = MODELS[name]
+    return getattr(variant, "func", variant).variant_options  # SingleExpert comes as a partial
+
+
 def create_model(name: str, num_classes: int, preset: str = "full", **cfg) -> nn.Module:
     """Build a variant by name (see ``MODELS``); ``preset`` is ``full`` or ``small``, and any
     :class:`ModelConfig` field can be overridden by keyword (e.g. ``attention_mode="sequence"``).
     An option the variant does not read (``heads`` for ``body``, say) is accepted, so that one
     set of options can serve several variants, and named in a warning."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
+    read = variant_options(name)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     config = ModelConfig.build(preset, **cfg)
-    variant = MODELS[name]
-    read = getattr(variant, "func", variant).variant_options  # SingleExpert comes as a partial
     ignored = [option for option in VARIANT_OPTIONS if option in cfg and option not in read]
     if ignored:
         warnings.warn(f"bharnet: {name} does not use the model option(s) {ignored}; they have no effect",
                       stacklevel=2)
-    return variant(num_classes, config)
+    return MODELS[name](num_classes, config)
 
 
 __all__ = ["MODELS", "PRESETS", "ModelConfig", "ModelOutput", "create_model", "cross_entropy",
-           "noisy_or_log_probs", "smoothed_nll"]
+           "noisy_or_log_probs", "smoothed_nll", "variant_options"]

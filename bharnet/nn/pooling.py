@@ -16,9 +16,12 @@ def global_pool(x: torch.Tensor) -> torch.Tensor:
 
 def valid_mean(x: torch.Tensor, valid: torch.Tensor, dim) -> torch.Tensor:
     """Mean of (B, C, T, V) ``x`` over ``dim`` (2, 3 or both) at the positions where ``valid``
-    (B, T, V) is True; zero where there are none."""
-    weight = valid.to(x.dtype)[:, None]
-    return (x * weight).sum(dim=dim) / weight.sum(dim=dim).clamp(min=1)
+    (B, T, V) is True; zero where there are none. Values at the other positions do not enter
+    (not even an inf); the division is in at least float32 (a 16-bit count would round)."""
+    valid = valid[:, None]
+    total = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=dim)
+    count = valid.sum(dim=dim).clamp(min=1)
+    return (total.to(torch.promote_types(x.dtype, torch.float32)) / count).to(total.dtype)
 
 
 class PoolingAttention(nn.Module):

@@ -42,6 +42,7 @@ of the layer. Used by the cpp backend of ``bharnet.ops.cross_attention``.
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Optional
 
 import torch
@@ -84,15 +85,16 @@ def _weight_grad_ready() -> bool:
 
 @functools.cache
 def _cpu_vendor() -> Optional[str]:
-    """The CPU's ``vendor_id`` in ``/proc/cpuinfo`` (GenuineIntel, AuthenticAMD), or None."""
+    """The CPU's ``vendor_id`` in ``/proc/cpuinfo`` (GenuineIntel, AuthenticAMD); without that
+    file, the vendor named in ``platform.processor()`` (as on Windows); else None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("vendor_id"):
                     return line.partition(":")[2].strip()
+        return None
     except OSError:
-        pass
-    return None
+        return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in platform.processor()), None)
 
 
 @torch.compiler.assume_constant_result

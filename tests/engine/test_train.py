@@ -647,10 +647,21 @@ def test_a_run_whose_checkpoints_predate_the_hand_mask_resumes_unmasked(tiny_dat
     assert meta.pop("mask_missing_hands") is True
     checkpoint.save_atomically(newest, tensors, meta)  # as written before the option
     os.remove(run / "model.safetensors")
-    with pytest.raises(RunFolderMismatch, match=r"model_options \{\} -> \{'mask_missing_hands': True\}"):
+    with pytest.raises(RunFolderMismatch, match="trained with mask_missing_hands=False, not True"):
         train(config(tiny_dataset, run, epochs=2, model="bharnet-e", model_options={"mask_missing_hands": True}),
               dataset, progress=False)
-    model = train(config(tiny_dataset, run, epochs=2, model="bharnet-e"), dataset, progress=False)
-    assert model.config.mask_missing_hands is False
+    for epochs in (2, 3):  # resumed twice: the second time from a checkpoint that records False
+        model = train(config(tiny_dataset, run, epochs=epochs, model="bharnet-e"), dataset, progress=False)
+        assert model.config.mask_missing_hands is False
+        os.remove(run / "model.safetensors")
+    train(config(tiny_dataset, run, epochs=4, model="bharnet-e", model_options={"mask_missing_hands": False}),
+          dataset, progress=False)  # the recorded value, given explicitly
     assert checkpoint.read_metadata(str(run / "model.safetensors"))["mask_missing_hands"] is False
     assert load_model(str(run / "model.safetensors"))[0].config.mask_missing_hands is False
+    # a body run resumes without the option (the body model does not read it: no warning)
+    body_run = tmp_path / "body"
+    train(config(tiny_dataset, body_run, epochs=1), dataset, progress=False)
+    os.remove(body_run / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="bharnet: .* does not use the model option")
+        train(config(tiny_dataset, body_run, epochs=2), dataset, progress=False)

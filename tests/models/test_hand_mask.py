@@ -10,6 +10,7 @@ from bharnet.engine.evaluate import load_model
 from bharnet.engine.trainer import model_description
 from bharnet.models.backbone import pooled_validity
 from bharnet.nn import CTRGraphConv, PoolingAttention
+from bharnet.nn.pooling import valid_mean
 from bharnet.nn.attention import TokenCrossAttention
 from trained_models import trained_like
 
@@ -112,6 +113,14 @@ def test_pooling_attention_reads_the_other_modality_at_its_valid_positions_only(
     for b in range(2):
         torch.testing.assert_close(seen[0][b], other[b][:, valid[b]].mean(1))
     assert not seen[0][2].any()  # nothing valid: zero
+    with torch.no_grad():  # not even an inf at an undetected position gets in
+        assert torch.isfinite(pam(x, torch.where(valid[:, None], other, float("inf")), valid)).all()
+
+
+def test_valid_mean_counts_in_float32():
+    """A bfloat16 count of 483 positions would round to 484."""
+    x = torch.ones(1, 2, 483, 1, dtype=torch.bfloat16)
+    assert valid_mean(x, torch.ones(1, 483, 1, dtype=torch.bool), (2, 3)).tolist() == [[1.0, 1.0]]
 
 
 @pytest.mark.parametrize("name", ["bharnet-e", "bharnet-pam"])

@@ -32,6 +32,17 @@ def test_onednn_only_where_mkl_is_the_slower_product(monkeypatch, vendor, onednn
     assert _calls(lambda: linear(x, w), "bharnet::onednn_linear") == int(onednn)
 
 
+def test_cpu_vendor_without_cpuinfo_reads_platform_processor(monkeypatch):
+    def no_file(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(cpu_linear, "open", no_file, raising=False)
+    monkeypatch.setattr(cpu_linear.platform, "processor", lambda: "Intel64 Family 6 Model 167 Stepping 1, GenuineIntel")
+    assert _cpu_vendor.__wrapped__() == "GenuineIntel"
+    monkeypatch.setattr(cpu_linear.platform, "processor", lambda: "arm")
+    assert _cpu_vendor.__wrapped__() is None
+
+
 @pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="no /proc/cpuinfo")
 def test_cpu_vendor_is_cpuinfos_vendor_id():
     lines = [line for line in open("/proc/cpuinfo") if line.startswith("vendor_id")]
