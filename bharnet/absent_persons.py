@@ -136,8 +136,7 @@ def _hand_valid(args, kwargs) -> Optional[torch.Tensor]:
 def _masks_without_validity(model: nn.Module, args, kwargs) -> bool:
     """Whether ``model`` masks undetected hands but the call gives no ``hand_valid``: its
     absent persons then attend their zero hands, unlike the precomputed features."""
-    masks = any(isinstance(m, PresentPersonsRows) and isinstance(m.rows, PersonRows) for m in model.modules())
-    return masks and model.config.mask_missing_hands and _hand_valid(args, kwargs) is None
+    return model._masks_hands and _hand_valid(args, kwargs) is None
 
 
 def _find_present_rows(model: nn.Module, args, kwargs) -> None:
@@ -175,6 +174,8 @@ def skip_absent_persons(model: nn.Module) -> nn.Module:
     if not isinstance(model, _Variant) or not norms or not heads or hasattr(model, "_present_rows"):
         return model
     present = model._present_rows = _PresentRows()  # hooks find it here (a copy gets its own)
+    # whether its attention masks undetected hands (read by the pre-hook at every call)
+    model._masks_hands = model.config.mask_missing_hands and any(isinstance(m, PersonRows) for _, m in norms)
     for name, norm in norms:
         model.set_submodule(name, PresentPersonsRows(norm, present))
     for name, head in heads:
