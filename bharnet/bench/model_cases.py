@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..data.features import hand_node_validity
 from ..engine.config import TrainConfig
 from ..engine.trainer import make_optimizer
 from ..fast import fuse_for_inference
@@ -80,7 +81,7 @@ def _batch(case: ModelCase, device: torch.device):
     if case.present is not None:
         body[..., case.present:] = 0
         hand_valid[..., case.present:] = False
-    hand *= hand_valid.repeat_interleave(HANDS.num_nodes // 2, dim=2)[:, None]
+    hand *= hand_node_validity(hand_valid)[:, None]
     target = torch.randint(0, case.classes, (case.clips,), device=device)
     return body, hand, hand_valid, target
 
