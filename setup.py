@@ -39,10 +39,10 @@ def extension_build():
     if cuda:
         ext = CUDAExtension(name="bharnet._C", sources=sources,
                             extra_compile_args={"cxx": rules.CXX_FLAGS, "nvcc": rules.nvcc_flags()},
-                            extra_link_args=rules.LINK_FLAGS)
+                            extra_link_args=rules.link_flags())
     else:
         ext = CppExtension(name="bharnet._C", sources=sources, extra_compile_args=rules.CXX_FLAGS,
-                           extra_link_args=rules.LINK_FLAGS)
+                           extra_link_args=rules.link_flags())
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

@@ -65,7 +65,7 @@ def _jit_build(cuda: bool) -> None:
         cpp_extension.load(name=name, build_directory=build_directory(name),
                            sources=_build.sources(SOURCE_DIR, cuda), extra_cflags=_build.CXX_FLAGS,
                            extra_cuda_cflags=_build.nvcc_flags() if cuda else None,
-                           extra_ldflags=_build.LINK_FLAGS, is_python_module=False, verbose=False,
+                           extra_ldflags=_build.link_flags(), is_python_module=False, verbose=False,
                            with_cuda=cuda)
     finally:
         notice.cancel()

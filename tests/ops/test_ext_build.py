@@ -62,3 +62,32 @@ def test_each_source_tree_and_torch_install_builds_in_a_folder_of_its_own(tmp_pa
     assert _ext.build_directory("bharnet_C") == here  # stable
     monkeypatch.setattr(_ext, "SOURCE_DIR", tmp_path / "another-checkout" / "csrc")
     assert _ext.build_directory("bharnet_C") != here
+
+
+def _fake_compiler(tmp_path, name, shared_runtime: bool):
+    """A compiler script answering ``-print-file-name=`` as GCC does: the library's path where
+    its search path has it, else the bare name."""
+    archive, shared = tmp_path / "libstdc++.a", tmp_path / "libstdc++.so.6"
+    archive.touch()
+    shared.touch()
+    answers = {"libstdc++.a": archive, "libstdc++.so.6": shared}
+    if shared_runtime:
+        answers["libstdc++.so"] = shared
+    cases = "".join(f'  -print-file-name={lib}) echo "{path}" ;;\n' for lib, path in answers.items())
+    script = tmp_path / name
+    bare = '  -print-file-name=*) echo "${1#-print-file-name=}" ;;\n'
+    script.write_text(f'#!/bin/sh\ncase "$1" in\n{cases}{bare}esac\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_compiler_with_only_the_static_cxx_runtime_links_the_shared_one(tmp_path, monkeypatch):
+    """A GCC whose library folder holds only libstdc++.a (the GPU machine's CXX=/opt/gcc/bin/g++)
+    would link a second copy of the C++ runtime into the extension, which segfaulted there at
+    the first error message that formats a number: the link names the shared runtime then."""
+    monkeypatch.setenv("CXX", _fake_compiler(tmp_path, "static-only-g++", shared_runtime=False))
+    assert _build.link_flags() == _build.LINK_FLAGS + ["-l:libstdc++.so.6"]
+    monkeypatch.setenv("CXX", _fake_compiler(tmp_path, "g++", shared_runtime=True))
+    assert _build.link_flags() == _build.LINK_FLAGS
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # its build fails with its own message
+    assert _build.link_flags() == _build.LINK_FLAGS
