@@ -5,9 +5,11 @@ training step, side by side, time and memory.
     python bench/recompute_v.py --device cuda                      # BHaRNet-E, bf16, 32 x 2 clips
     python bench/recompute_v.py --device cpu --dtype fp32 --clips 1
 
-On GPU kernels (``triton``; ``cpp`` on CUDA) the layers recompute those outputs and on the
-CPU's C++ kernels they keep them (:mod:`bharnet.nn.recompute`); here both variants run on the
-same model, optimizer and backend (default ``auto``), the policy switched between them, in
+By default, on GPU kernels (``triton``; ``cpp`` on CUDA) the graph convolutions recompute ``v``,
+the ``ConvBN`` layers only when their ``recompute_bn_input`` is set, and on the CPU's C++ kernels
+every layer keeps its output (:mod:`bharnet.nn.recompute`). Here three variants (both
+recomputed, ``v`` alone, both kept) run on the same model, optimizer and backend (default
+``auto``), the policy and the ``ConvBN`` layers' switch changed between them, in
 alternating rounds (:mod:`bharnet.bench.alternating`) so that a change of the machine's load
 hits both. Per variant it prints the median step time over the rounds' medians (ms; CUDA events
 on GPU), the peak memory of a step above what was in use before it, and the bytes autograd
@@ -24,19 +26,22 @@ from bharnet.bench import alternating
 from bharnet.bench.env import device_description, timestamp
 from bharnet.bench.model_cases import ModelCase, make_step
 from bharnet.bench.timing import TimerSettings
-from bharnet.nn import recompute
+from bharnet.nn import ConvBN, recompute
 from bharnet.ops import use_backend
 
 DEFAULT_POLICY = recompute.recomputes
-POLICIES = {
-    "recomputed": lambda backend, device_type: backend != "reference",
-    "kept": lambda backend, device_type: False,
-}
+RECOMPUTING = lambda backend, device_type: backend != "reference"  # noqa: E731
+KEEPING = lambda backend, device_type: False  # noqa: E731
+# variant: (policy, whether the ConvBN layers recompute their BN input too)
+VARIANTS = {"v and BN inputs": (RECOMPUTING, True), "v": (RECOMPUTING, False), "kept": (KEEPING, False)}
 
 
-def _switch_to(policy):
+def _switch_to(model: torch.nn.Module, policy, bn_inputs: bool):
     def switch():
         recompute.recomputes = policy
+        for module in model.modules():
+            if isinstance(module, ConvBN):
+                module.recompute_bn_input = bn_inputs
     return switch
 
 
@@ -46,7 +51,7 @@ def compare(case: ModelCase, device: torch.device, dtype: str, backend: str, rou
     try:
         with use_backend(backend):
             step = make_step(case, device, dtype, compile_mode=None)
-            variants = {name: _switch_to(policy) for name, policy in POLICIES.items()}
+            variants = {name: _switch_to(step.model, *variant) for name, variant in VARIANTS.items()}
             return alternating.compare(step, variants, device, rounds, settings)
     finally:
         recompute.recomputes = DEFAULT_POLICY

@@ -10,12 +10,13 @@ convolution. Two users:
   output, and the consumer the fused aggregation (``v`` was about 30% of what a BHaRNet-E
   training step saved with the fused ops);
 * :class:`bharnet.nn.temporal.ConvBN` (the MSTCN branches' and the residuals' 1x1 convolution +
-  BN): ``y`` is the BatchNorm's input.
+  BN), when its ``recompute_bn_input`` is set (off by default): ``y`` is the BatchNorm's input.
 
 Saved for the backward by a float32 BHaRNet-E training step of 4 x 2 clips: 1572 MiB keeping
 both, 801 recomputing both (eager PyTorch: 2576; recomputing ``v`` alone saved about 500 MiB).
 On an H200, a bf16 step of 32 x 2 clips recomputing ``v`` peaked at 5347 against 7382 MiB and
-took 1.9% longer (``bench/recompute_v.py``; both together not yet measured there). On the CPU
+took 1.9% longer; recomputing both took 34% longer than keeping both (277 against 207 ms) and
+peaked at 3762 against 6877 MiB (``bench/recompute_v.py``, two runs of 2026-11-28). On the CPU
 the C++ backend keeps ``y``: there the convolutions are a large share of a training step
 (recomputing ``v`` made a BHaRNet-E step 16% slower on a 2-core EPYC), and memory is rarely
 what limits the batch.

@@ -68,13 +68,20 @@ class ConvBN(nn.Sequential):
     """A 1x1 convolution (temporal stride ``stride``) followed by BN: ``bn(conv(x))``, an
     ``nn.Sequential`` (state-dict keys ``0.*`` and ``1.*``).
 
-    Where the BN's backend is one of the GPU kernels' (``triton``, or ``cpp`` on CUDA), autograd
-    keeps the convolution's input in place of the BN's input, and the backward recomputes the
-    convolution (:mod:`bharnet.nn.recompute`)."""
+    With ``recompute_bn_input`` set (default False), where the BN's backend is one of the GPU
+    kernels' (``triton``, or ``cpp`` on CUDA), autograd keeps the convolution's input in place of
+    the BN's input, and the backward recomputes the convolution (:mod:`bharnet.nn.recompute`).
+    It trades time for memory: on an H200, a bf16 BHaRNet-E training step of 32 x 2 clips
+    recomputing these and the graph convolutions' ``v`` took 34% longer than keeping both (277
+    against 207 ms) for 45% less peak memory, where recomputing ``v`` alone had cost 2%
+    (``bench/recompute_v.py``, 2026-11-28). So it is off unless asked for:
+    ``for m in model.modules(): if isinstance(m, ConvBN): m.recompute_bn_input = True``."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: Optional[str] = None):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: Optional[str] = None,
+                 recompute_bn_input: bool = False):
         super().__init__(PointwiseConv2d(in_channels, out_channels, stride, impl=impl),
                          BatchNorm2d(out_channels, impl=impl))
+        self.recompute_bn_input = recompute_bn_input
 
     def __getitem__(self, index):
         """A module, or for a slice an ``nn.Sequential`` (``nn.Sequential`` builds a slice with
@@ -84,8 +91,8 @@ class ConvBN(nn.Sequential):
         return super().__getitem__(index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self) != 2 or not isinstance(self[1], BatchNorm2d):  # changed by its user
-            return super().forward(x)
+        if not self.recompute_bn_input or len(self) != 2 or not isinstance(self[1], BatchNorm2d):
+            return super().forward(x)  # also a ConvBN changed by its user
         conv, bn = self
         return recompute.consume(conv, x, None, resolve_missing_as_auto(bn.fused_op, bn.impl, x.device.type), bn)
 

@@ -10,7 +10,7 @@ from bharnet.graphs import BODY
 from bharnet.nn import ConvBN, CTRGraphConv, recompute
 
 LAYERS = {
-    "ConvBN": (lambda: ConvBN(6, 8, impl="cpp"), (2, 6, 9, 5)),
+    "ConvBN": (lambda: ConvBN(6, 8, impl="cpp", recompute_bn_input=True), (2, 6, 9, 5)),
     "CTRGraphConv": (lambda: CTRGraphConv(16, 24, BODY.adjacency(), impl="cpp"), (2, 16, 9, 25)),
 }
 

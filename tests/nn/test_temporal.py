@@ -95,14 +95,15 @@ def _conv_bn_step(layer, x, around=None):
 @pytest.mark.parametrize("around", [None, lambda: torch.autocast("cpu", dtype=torch.bfloat16)],
                          ids=["plain", "autocast_bf16"])
 def test_conv_bn_recomputes_the_bn_input_where_the_policy_says(monkeypatch, stride, around):
-    """Where the backend recomputes (bharnet.nn.recompute.recomputes; the GPU kernels' backends,
-    forced here on the CPU's C++ kernels), autograd does not keep the convolution's output, the
+    """With recompute_bn_input set, where the backend recomputes
+    (bharnet.nn.recompute.recomputes; the GPU kernels' backends, forced here on the CPU's C++
+    kernels), autograd does not keep the convolution's output, the
     BN's input, and the backward recomputes it: the same bits as keeping it, under autocast
     too; elsewhere (the default on the CPU) it is kept. (Under autocast x is bfloat16, as
     between a model's blocks: the convolution then saves x itself, which the recomputation
     keeps; a float32 x would be kept besides the convolution's bfloat16 copy.)"""
     torch.manual_seed(0)
-    layer = ConvBN(6, 8, stride, impl="cpp")
+    layer = ConvBN(6, 8, stride, impl="cpp", recompute_bn_input=True)
     x = torch.randn(2, 6, 9, 5, dtype=torch.float32 if around is None else torch.bfloat16)
     kept, saved_kept, bn_input = _conv_bn_step(layer, x, around)
     assert bn_input in saved_kept
@@ -113,10 +114,16 @@ def test_conv_bn_recomputes_the_bn_input_where_the_policy_says(monkeypatch, stri
         assert torch.equal(a, b)
 
 
-def test_conv_bn_on_triton_recomputes_by_default():
+def test_conv_bn_on_triton_recomputes_only_when_asked():
+    """The recomputation is off by default (it made a GPU training step 34% slower): the BN
+    input is kept; with ``recompute_bn_input`` set, a Triton ConvBN recomputes it."""
     torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5)
     layer = ConvBN(6, 8, impl="triton")
-    _, saved, bn_input = _conv_bn_step(layer, torch.randn(2, 6, 5, 5))
+    _, saved, bn_input = _conv_bn_step(layer, x)
+    assert bn_input in saved
+    layer.recompute_bn_input = True
+    _, saved, bn_input = _conv_bn_step(layer, x)
     assert bn_input not in saved
 
 
@@ -136,18 +143,18 @@ def test_conv_bn_changed_by_its_user_runs_as_a_sequential():
 @pytest.mark.gpu
 @pytest.mark.parametrize("around", [None, lambda: torch.autocast("cuda", dtype=torch.bfloat16)],
                          ids=["plain", "autocast_bf16"])
-def test_conv_bn_on_cuda_recomputes_the_bn_input(monkeypatch, around):
-    """On CUDA, under auto (PyTorch's BatchNorm there), the BN input is recomputed by default:
-    not saved, and the results of keeping it (up to the dtype's rounding, should the recomputed
-    convolution pick another algorithm)."""
+def test_conv_bn_on_cuda_recomputes_the_bn_input_when_asked(around):
+    """On CUDA, under auto (PyTorch's BatchNorm there), the BN input is kept by default and
+    recomputed with ``recompute_bn_input`` set: then not saved, with the results of keeping it
+    (up to the dtype's rounding, should the recomputed convolution pick another algorithm)."""
     torch.manual_seed(0)
     layer = ConvBN(16, 24, 2).cuda()
     x = torch.randn(4, 16, 9, 25, device="cuda", dtype=torch.float32 if around is None else torch.bfloat16)
-    got, saved, bn_input = _conv_bn_step(layer, x, around)
-    assert bn_input not in saved
-    monkeypatch.setattr(recompute, "recomputes", lambda backend, device_type: False)
     kept, saved_kept, bn_input = _conv_bn_step(layer, x, around)
     assert bn_input in saved_kept
+    layer.recompute_bn_input = True
+    got, saved, bn_input = _conv_bn_step(layer, x, around)
+    assert bn_input not in saved
     for a, b in zip(got, kept):
         torch.testing.assert_close(a, b)
 
