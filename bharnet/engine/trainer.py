@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -122,7 +123,8 @@ def _check_resumable(config: TrainConfig) -> None:
     path = os.path.join(config.out, "config.json")
     if not os.path.isfile(path):
         return
-    with open(path, "r", encoding="utf-8") as handle:
+    with open(path, "r", encoding="utf-8") as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the saved options' warnings: the current ones' were given
         saved = _without_mask_option(json.loads(json.dumps(TrainConfig.from_dict(json.load(handle)).to_dict())))
     current = _without_mask_option(json.loads(json.dumps(config.to_dict())))  # as saved (tuples become lists)
     changed = {name: (saved[name], value) for name, value in current.items()

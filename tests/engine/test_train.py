@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -486,6 +487,21 @@ def test_a_run_folder_resumes_only_with_its_own_options(tiny_dataset, tmp_path, 
     train(config(tiny_dataset, run, epochs=2, model_options=options), dataset, progress=True)
     assert "(epoch 2 of 2)" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2]
+
+
+def test_resuming_does_not_repeat_the_saved_options_warnings(tmp_path):
+    """A run folder's saved options are parsed to compare them with the current ones; their
+    warnings (here warmup_epochs >= epochs) were given when the run started, and not again."""
+    from bharnet.engine import trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainConfig(out=str(run), epochs=1, warmup_epochs=5)
+    (run / "config.json").write_text(json.dumps(saved.to_dict()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer._check_resumable(replace(saved, epochs=2))
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_a_checkpoint_of_bharnet_0_1_0_resumes_after_the_epoch_it_names(tiny_dataset, tmp_path, capsys):
