@@ -11,7 +11,7 @@ every layer keeps its output (:mod:`bharnet.nn.recompute`). Here three variants 
 recomputed, ``v`` alone, both kept) run on the same model, optimizer and backend (default
 ``auto``), the policy and the ``ConvBN`` layers' switch changed between them, in
 alternating rounds (:mod:`bharnet.bench.alternating`) so that a change of the machine's load
-hits both. Per variant it prints the median step time over the rounds' medians (ms; CUDA events
+hits each. Per variant it prints the median step time over the rounds' medians (ms; CUDA events
 on GPU), the peak memory of a step above what was in use before it, and the bytes autograd
 saves in the forward (MiB). ``bharnet bench`` measures the default policy; this script measures
 what that policy costs and saves.
