@@ -31,6 +31,7 @@ from torch import nn
 
 from .data.dataset import _check_transform, clip_input
 from .data.features import body_presence, hand_node_validity
+from .engine.checkpoint import unwrapped
 from .graphs import BODY, HANDS
 from .models.variants import _Variant
 
@@ -82,7 +83,7 @@ class LiveRecognizer:
         self.model = model
         inputs = description.get("inputs")
         self.passes_hand_valid = ("hand_valid" in inputs if inputs is not None
-                                  else isinstance(_unwrapped(model), _Variant))
+                                  else isinstance(unwrapped(model), _Variant))
         parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
         self.device = parameter.device if parameter is not None else torch.device("cpu")
         self.dtype = parameter.dtype if parameter is not None else torch.float32
@@ -199,17 +200,6 @@ def _present_persons_first(body, hand, hand_valid):
         return body, hand, hand_valid
     order = torch.argsort((~present).to(torch.int8), stable=True)
     return body[..., order], hand[..., order], hand_valid[..., order]
-
-
-def _unwrapped(model):
-    """The module inside ``torch.compile``'s and (Distributed)DataParallel's wrappers."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def _shape(x) -> str:

@@ -32,11 +32,20 @@ def _contiguous(tensors: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def unwrapped(model):
+    """The module inside ``torch.compile``'s and (Distributed)DataParallel's wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def model_state(model: torch.nn.Module) -> dict:
     """State dict without a DistributedDataParallel/compile wrapper prefix."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    return model.state_dict()
+    return unwrapped(model).state_dict()
 
 
 def save_atomically(path: str, tensors: dict, metadata: dict) -> None:
@@ -91,8 +100,7 @@ def load_checkpoint(path: str, model, optimizer=None, scaler=None) -> Tuple[int,
     """Restore everything saved by :func:`save_checkpoint`; returns ``(epochs_done, step)``."""
     tensors = load_file(path)
     meta = read_metadata(path)
-    target = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
-    target.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    unwrapped(model).load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     if optimizer is not None:
         state = {}
         for key, value in tensors.items():
