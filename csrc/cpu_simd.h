@@ -75,6 +75,56 @@ template <typename T, int Bytes = 32> BHARNET_INLINE void store(T* p, const vec<
 
 template <typename T, int Bytes = 32> BHARNET_INLINE vec<T, Bytes> broadcast(T s) { return vec<T, Bytes>{} + s; }
 
+// bfloat16 storage: the upper 16 bits of a float32 (the layout of c10::BFloat16). Kernels that
+// take it compute in float32: values are widened exactly as they are read (load_as, value_as)
+// and rounded to nearest even as they are stored (narrow_bf16, Tile::store_as).
+struct bf16 {
+  uint16_t bits;
+};
+
+// L = Bytes / sizeof(T) values from p as a vector of T: a plain load when S is T; bfloat16 into
+// float32 lanes (its bits shifted into the upper half).
+template <typename T, int Bytes, typename S>
+BHARNET_INLINE vec<T, Bytes> load_as(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load<T, Bytes>(p);
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>, "load_as: bfloat16 into float32 only");
+    vec<uint16_t, Bytes / 2> half;
+    std::memcpy(&half, p, sizeof(half));
+    const auto wide = __builtin_convertvector(half, vec<uint32_t, Bytes>) << 16;
+    vec<float, Bytes> out;
+    std::memcpy(&out, &wide, sizeof(out));
+    return out;
+  }
+}
+
+// One stored value as T (bfloat16: widened exactly).
+template <typename T, typename S>
+BHARNET_INLINE T value_as(S s) {
+  if constexpr (std::is_same_v<S, T>) {
+    return s;
+  } else {
+    static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>, "value_as: bfloat16 into float32 only");
+    const uint32_t bits = static_cast<uint32_t>(s.bits) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+}
+
+// float32 lanes rounded to bfloat16 (to nearest, ties to even; infinities stay infinite, NaN
+// becomes torch's 0x7FC0), bit for bit as torch rounds them.
+template <int Bytes>
+BHARNET_INLINE vec<uint16_t, Bytes / 2> narrow_bf16(const vec<float, Bytes>& x) {
+  using U = vec<uint32_t, Bytes>;
+  U bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const U rounded = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;
+  const U out = x != x ? U{} + 0x7FC0u : rounded;
+  return __builtin_convertvector(out, vec<uint16_t, Bytes / 2>);
+}
+
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Row length of a packed B operand with n columns: whole tiles, and an odd number of 64-byte
@@ -271,15 +321,17 @@ struct Tile {
   }
 
   // acc += A(:, 0:K) · B(0:K, :)
-  BHARNET_INLINE void fma(int64_t K, const T* a, int64_t sam, int64_t sak, const T* b, int64_t ldb,
+  // (A and B may be stored as bf16 for T = float: widened as they are read.)
+  template <typename SA, typename SB>
+  BHARNET_INLINE void fma(int64_t K, const SA* a, int64_t sam, int64_t sak, const SB* b, int64_t ldb,
                           int rows) {
-    const T* arow[MR];
+    const SA* arow[MR];
     for (int r = 0; r < MR; ++r) arow[r] = a + std::min(r, rows - 1) * sam;
     for (int64_t k = 0; k < K; ++k) {
       vec<T, Bytes> bv[NV];
-      for (int n = 0; n < NV; ++n) bv[n] = load<T, Bytes>(b + k * ldb + n * L);
+      for (int n = 0; n < NV; ++n) bv[n] = load_as<T, Bytes>(b + k * ldb + n * L);
       for (int r = 0; r < MR; ++r) {
-        const T s = arow[r][k * sak];  // scalar x vector: the compiler broadcasts it
+        const T s = value_as<T>(arow[r][k * sak]);  // scalar x vector: the compiler broadcasts it
         for (int n = 0; n < NV; ++n) acc[r][n] += s * bv[n];
       }
     }
@@ -289,6 +341,26 @@ struct Tile {
   BHARNET_INLINE void scale_by(T scale) {
     for (int r = 0; r < MR; ++r)
       for (int n = 0; n < NV; ++n) acc[r][n] *= scale;
+  }
+
+  // C[r, n] = acc[r][n] for r < rows, n < cols (C has row stride ldc): store_to without
+  // accumulating, or rounded to bfloat16 for C stored as bf16 (T = float).
+  template <typename S>
+  BHARNET_INLINE void store_as(S* c, int64_t ldc, int rows, int cols) const {
+    if constexpr (std::is_same_v<S, T>) {
+      store_to(c, ldc, rows, cols, false);
+    } else {
+      static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>,
+                    "store_as: T, or bfloat16 from float32 accumulators");
+      for (int r = 0; r < rows; ++r) {
+        uint16_t narrowed[kCols];
+        for (int n = 0; n < NV; ++n) {
+          const auto half = narrow_bf16<Bytes>(acc[r][n]);
+          std::memcpy(narrowed + n * L, &half, sizeof(half));
+        }
+        std::memcpy(static_cast<void*>(c + r * ldc), narrowed, cols * sizeof(uint16_t));
+      }
+    }
   }
 
   // C[r, n] (+)= acc[r][n] for r < rows, n < cols (cols <= kCols); C has row stride ldc.

@@ -29,7 +29,9 @@
 // (b, g, h) backward. The backward keeps dAref (B, H, G, V, V) and finishes dq, dk, dW, dbias,
 // dalpha and dA from it (phases 3-4, parallel over (b, h) and (h, i)). Every output element is
 // written by exactly one task and every sum runs in a fixed order: results are deterministic.
-// Accumulation is in the compute dtype (float32 or float64).
+// Accumulation is in the compute dtype (float32 or float64). The forward also takes bfloat16 v
+// (for inference on bfloat16 models): the GEMMs widen it as they read it, compute in float32 with
+// float32 topologies, and round y to bfloat16 as they store it.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -202,14 +204,15 @@ void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, c
   });
 }
 
-// y rows [m0, m1) of group g in batch b: y_g[m, :] = sum_h v_hg[m, :] . Aref_h^T.
-template <typename T>
+// y rows [m0, m1) of group g in batch b: y_g[m, :] = sum_h v_hg[m, :] . Aref_h^T (v and y stored
+// as S: T, or bf16 for T = float).
+template <typename T, typename S>
 struct ForwardRows {
   template <int Bytes>
-  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* v, const T* aref_t, int64_t b, int64_t g,
-                                 int64_t m0, int64_t m1, T* y) {
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const S* v, const T* aref_t, int64_t b, int64_t g,
+                                 int64_t m0, int64_t m1, S* y) {
     const int64_t V = s.V, CG = s.group_channels();
-    T* yg = y + ((b * s.C + g * CG) * s.T + m0) * V;
+    S* yg = y + ((b * s.C + g * CG) * s.T + m0) * V;
     const int64_t M = m1 - m0;
     simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
@@ -217,11 +220,11 @@ struct ForwardRows {
       const int64_t ahead_n = n0 == 0 && ahead < M ? std::min<int64_t>(rows, M - ahead) * V : 0;
       simd::prefetch<true>(yg + ahead * V, ahead_n);
       for (int64_t h = 0; h < s.H; ++h) {
-        const T* vg = v + (((b * s.H + h) * s.C + g * CG) * s.T + m0) * V;
+        const S* vg = v + (((b * s.H + h) * s.C + g * CG) * s.T + m0) * V;
         simd::prefetch(vg + ahead * V, ahead_n);
         tile.fma(V, vg + m * V, V, 1, aref_t + topology_offset(s, Vp, b, h, g) + n0, Vp, rows);
       }
-      tile.store_to(yg + m * V + n0, V, rows, cols, false);
+      tile.store_as(yg + m * V + n0, V, rows, cols);
     });
   }
 };
@@ -231,23 +234,23 @@ struct ForwardRows {
 //   Y_t[i, c in g] = sum_h sum_j Aref[b, h, g, i, j] * V_t[j, h, c in g]
 // is a GEMM whose B operand rows are the group's channel runs of v (row stride H * C) and whose
 // output rows are channel runs of y; aref: the row-major padded topologies. The group width
-// must be whole 64-byte vectors (the tiles read whole vectors of v's rows). Same products, same
-// order (h, then j) as ForwardRows.
-template <typename T>
+// must be whole 64-byte vectors of T (the tiles read whole vectors of v's rows). Same products,
+// same order (h, then j) as ForwardRows; v and y stored as S like there.
+template <typename T, typename S>
 struct ForwardFramesChannelsLast {
   template <int Bytes>
-  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* v, const T* aref, int64_t b, int64_t t0,
-                                 int64_t t1, T* y) {
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const S* v, const T* aref, int64_t b, int64_t t0,
+                                 int64_t t1, S* y) {
     const int64_t V = s.V, C = s.C, CG = s.group_channels(), HC = s.H * C;
     for (int64_t t = t0; t < t1; ++t) {
-      const T* vt = v + (b * s.T + t) * V * HC;
-      T* yt = y + (b * s.T + t) * V * C;
+      const S* vt = v + (b * s.T + t) * V * HC;
+      S* yt = y + (b * s.T + t) * V * C;
       for (int64_t g = 0; g < s.G; ++g) {
         simd::tiles<T, Bytes>(V, CG, [&](auto& tile, int64_t i, int rows, int64_t n0, int cols)
                                          __attribute__((always_inline)) {
           for (int64_t h = 0; h < s.H; ++h)
             tile.fma(V, aref + topology_offset(s, Vp, b, h, g) + i * Vp, Vp, 1, vt + h * C + g * CG + n0, HC, rows);
-          tile.store_to(yt + i * C + g * CG + n0, C, rows, cols, false);
+          tile.store_as(yt + i * C + g * CG + n0, C, rows, cols);
         });
       }
     }
@@ -375,10 +378,14 @@ struct RefinementGrad {
   }
 };
 
-void check_cpu(const at::Tensor& v) {
+// The CPU kernels compute in float32 or float64; the forward also takes bfloat16 v (computed in
+// float32, the output rounded to bfloat16).
+void check_cpu(const at::Tensor& v, bool forward) {
   TORCH_CHECK(v.device().is_cpu(), "bharnet::ctr_graph_conv_cpp (CPU kernel): expected CPU tensors, got ", v.device());
-  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
-              "bharnet::ctr_graph_conv_cpp: the CPU kernels take float32 or float64, got ", v.scalar_type());
+  const bool bf16 = forward && v.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble || bf16,
+              "bharnet::ctr_graph_conv_cpp: the CPU kernels take float32 or float64 (the forward also bfloat16), "
+              "got ", v.scalar_type());
 }
 
 template <typename T>
@@ -396,15 +403,52 @@ bool is_channels_last(const at::Tensor& v) {
   return !v.is_contiguous() && v.permute({0, 3, 4, 1, 2}).is_contiguous();
 }
 
+// y = the aggregation of v (stored as S: T, or bf16 for T = float) into the allocated y.
 // Contiguous v: tasks (b, g, block of kForwardRowBlock rows) over the transposed topologies.
-// Channels-last v (groups of whole 64-byte vectors): tasks of frames, over the row-major ones.
+// Channels-last v: tasks of frames, over the row-major ones.
+template <typename T, typename S>
+void forward_into(const CtrSizes& s, bool channels_last, const at::Tensor& v, const at::Tensor& A,
+                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& weight, const at::Tensor& bias,
+                  const at::Tensor& alpha, at::Tensor& y) {
+  const int64_t Vp = round_up(s.V, simd::kTileCols<T>);
+  auto topo = at::empty({(s.dynamic ? s.B : 1) * s.H * s.G * s.V * Vp}, A.options());
+  T* tp = topo.data_ptr<T>();
+  compute_topologies<T>(s, Vp, A.data_ptr<T>(), ptr_or_null<T>(q), ptr_or_null<T>(k), ptr_or_null<T>(weight),
+                        ptr_or_null<T>(bias), ptr_or_null<T>(alpha), channels_last ? tp : nullptr,
+                        channels_last ? nullptr : tp, nullptr);
+  const S* vp = static_cast<const S*>(v.data_ptr());
+  S* yp = static_cast<S*>(y.data_ptr());
+  if (channels_last) {
+    at::parallel_for(0, s.B * s.T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end;) {  // the frames of one b at a time
+        const int64_t b = bt / s.T, t1 = std::min(end, (b + 1) * s.T);
+        simd::run_per_isa<ForwardFramesChannelsLast<T, S>>(s, Vp, vp, tp, b, bt - b * s.T, t1 - b * s.T, yp);
+        bt = t1;
+      }
+    });
+    return;
+  }
+  const int64_t M = s.group_rows();
+  const int64_t blocks = (M + kForwardRowBlock - 1) / kForwardRowBlock;
+  at::parallel_for(0, s.B * s.G * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % blocks, bg = task / blocks;
+      const int64_t m0 = block * kForwardRowBlock;
+      simd::run_per_isa<ForwardRows<T, S>>(s, Vp, vp, tp, bg / s.G, bg % s.G, m0, std::min(M, m0 + kForwardRowBlock),
+                                           yp);
+    }
+  });
+}
+
+// The channels-last path needs groups of whole 64-byte vectors of the compute dtype.
 at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std::optional<at::Tensor>& q_in,
                        const std::optional<at::Tensor>& k_in, const std::optional<at::Tensor>& weight_in,
                        const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& alpha_in) {
-  check_cpu(v_in);
+  check_cpu(v_in, true);
   const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
   const bool channels_last = is_channels_last(v_in);
-  if (channels_last && s.group_channels() * static_cast<int64_t>(v_in.element_size()) % 64 != 0) {
+  const int64_t compute_bytes = v_in.scalar_type() == at::kDouble ? 8 : 4;
+  if (channels_last && s.group_channels() * compute_bytes % 64 != 0) {
     // groups of other widths: the channels-first kernel, output converted back
     auto y = at::empty({s.B, s.C, s.T, s.V}, v_in.options().memory_format(at::MemoryFormat::ChannelsLast));
     return y.copy_(forward_cpu(v_in.contiguous(), A_in, q_in, k_in, weight_in, bias_in, alpha_in));
@@ -416,37 +460,13 @@ at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std
   auto y = at::empty({s.B, s.C, s.T, s.V}, v.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                                    : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp", [&] {
-    const int64_t Vp = round_up(s.V, simd::kTileCols<scalar_t>);
-    auto topo = at::empty({(s.dynamic ? s.B : 1) * s.H * s.G * s.V * Vp}, v.options());
-    scalar_t* tp = topo.data_ptr<scalar_t>();
-    compute_topologies<scalar_t>(s, Vp, A.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(q), ptr_or_null<scalar_t>(k),
-                                 ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias),
-                                 ptr_or_null<scalar_t>(alpha), channels_last ? tp : nullptr,
-                                 channels_last ? nullptr : tp, nullptr);
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    if (channels_last) {
-      at::parallel_for(0, s.B * s.T, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bt = begin; bt < end;) {  // the frames of one b at a time
-          const int64_t b = bt / s.T, t1 = std::min(end, (b + 1) * s.T);
-          simd::run_per_isa<ForwardFramesChannelsLast<scalar_t>>(s, Vp, vp, tp, b, bt - b * s.T, t1 - b * s.T, yp);
-          bt = t1;
-        }
-      });
-      return;
-    }
-    const int64_t M = s.group_rows();
-    const int64_t blocks = (M + kForwardRowBlock - 1) / kForwardRowBlock;
-    at::parallel_for(0, s.B * s.G * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t block = task % blocks, bg = task / blocks;
-        const int64_t m0 = block * kForwardRowBlock;
-        simd::run_per_isa<ForwardRows<scalar_t>>(s, Vp, vp, tp, bg / s.G, bg % s.G, m0,
-                                                  std::min(M, m0 + kForwardRowBlock), yp);
-      }
+  if (v.scalar_type() == at::kBFloat16) {
+    forward_into<float, simd::bf16>(s, channels_last, v, A, q, k, weight, bias, alpha, y);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp", [&] {
+      forward_into<scalar_t, scalar_t>(s, channels_last, v, A, q, k, weight, bias, alpha, y);
     });
-  });
+  }
   return y;
 }
 
@@ -483,7 +503,7 @@ void adjacency_grad(const CtrSizes& s, const T* dtopo, T* dA) {
 
 std::tuple<at::Tensor, at::Tensor> static_backward_cpu(const at::Tensor& dy_in, const at::Tensor& v_in,
                                                        const at::Tensor& A_in) {
-  check_cpu(v_in);
+  check_cpu(v_in, false);
   const CtrSizes s = ctr_check(v_in, A_in, {}, {}, {}, {}, {});
   TORCH_CHECK(dy_in.sizes() == at::IntArrayRef({s.B, s.C, s.T, s.V}) && dy_in.scalar_type() == v_in.scalar_type() &&
                   dy_in.device() == v_in.device(),
@@ -508,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor> static_backward_cpu(const at::Tensor& dy_in, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& v_in, const at::Tensor& A_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& weight_in, const at::Tensor& bias_in, const at::Tensor& alpha_in) {
-  check_cpu(v_in);
+  check_cpu(v_in, false);
   const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
   TORCH_CHECK(dy_in.sizes() == at::IntArrayRef({s.B, s.C, s.T, s.V}) && dy_in.scalar_type() == v_in.scalar_type() &&
                   dy_in.device() == v_in.device(),

@@ -26,7 +26,8 @@
 // channels, which is added to rows p0 and p1 of dx (rows that only this task writes: no atomics)
 // and dotted with dxs for dtau's per-task partial sums (in double, summed in task order).
 // Everything is deterministic. Accumulation is in the compute dtype (float32 or float64);
-// positions in float32, or float64 for float64 offsets.
+// positions in float32, or float64 for float64 offsets. The forward also takes bfloat16 x, weight
+// and bias (inference on bfloat16 models), computed in float32 and y rounded to bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -78,11 +79,12 @@ inline int64_t times_per_block(const DetSizes& s) { return std::max<int64_t>(1, 
 
 // y[b, :, t0:t1, :] = bias + W . xs for one block of output times; xs: K x NBp scratch
 // (NBp = (t1 - t0) * V rounded up to the tile width; its padding columns are never stored).
-template <typename T>
+// x and y are stored as S: T, or bf16 for T = float (widened as read, rounded as stored).
+template <typename T, typename S>
 struct ForwardBlock {
   template <int Bytes>
-  static BHARNET_INLINE void run(DetSizes s, const T* x, const T* weight, const T* bias, const Sample<T>* samples,
-                                 int64_t b, int64_t t0, int64_t t1, T* xs, T* y) {
+  static BHARNET_INLINE void run(DetSizes s, const S* x, const T* weight, const T* bias, const Sample<T>* samples,
+                                 int64_t b, int64_t t0, int64_t t1, T* xs, S* y) {
     const int64_t V = s.V, K = s.C * s.E, N = s.T_out * V;
     const int64_t NB = (t1 - t0) * V, NBp = simd::packed_ld<T>(NB);
     int64_t first = s.T, last = 0;  // the rows of x that this block's samples read
@@ -91,27 +93,28 @@ struct ForwardBlock {
       last = std::max(last, samples[i].p1);
     }
     for (int64_t c = 0; c < s.C; ++c) {
-      const T* xc = x + (b * s.C + c) * s.T * V;
+      const S* xc = x + (b * s.C + c) * s.T * V;
       if (c + 1 < s.C) simd::prefetch(xc + (s.T + first) * V, (last - first + 1) * V);  // channel c + 1's rows
       for (int64_t e = 0; e < s.E; ++e) {
         T* row = xs + (c * s.E + e) * NBp;
         for (int64_t t = t0; t < t1; ++t) {
           const Sample<T>& smp = samples[t * s.E + e];
-          const T* x0 = xc + smp.p0 * V;
-          const T* x1 = xc + smp.p1 * V;
+          const S* x0 = xc + smp.p0 * V;
+          const S* x1 = xc + smp.p1 * V;
           const T w = smp.w, w0 = T(1) - smp.w;
           T* out = row + (t - t0) * V;
-          for (int64_t v = 0; v < V; ++v) out[v] = x0[v] * w0 + x1[v] * w;
+          for (int64_t v = 0; v < V; ++v)
+            out[v] = simd::value_as<T>(x0[v]) * w0 + simd::value_as<T>(x1[v]) * w;
         }
         for (int64_t n = NB; n < NBp; ++n) row[n] = T(0);
       }
     }
-    T* yb = y + b * s.O * N + t0 * V;
+    S* yb = y + b * s.O * N + t0 * V;
     simd::tiles<T, Bytes>(s.O, NB, [&](auto& tile, int64_t o, int rows, int64_t n0, int cols)
                                        __attribute__((always_inline)) {
       if (bias) tile.fill_rows(bias + o, rows);
       tile.fma(K, weight + o * K, K, 1, xs + n0, NBp, rows);
-      tile.store_to(yb + o * N + n0, N, rows, cols, false);
+      tile.store_as(yb + o * N + n0, N, rows, cols);
     });
   }
 };
@@ -120,30 +123,31 @@ struct ForwardBlock {
 // (B, T_out, V, O). The block's samples go into rows n = (t', v) of xs (row length K1 = 1 + K:
 // a 1 for the bias, then k' = e * C + c, so that each sample is a contiguous run of channels),
 // and Y[n, :] = xs[n, :] . wt with wt[0, o] = bias[o], wt[1 + e * C + c, o] = W[o, c, e]
-// (row length Op, packed once per call).
-template <typename T>
+// (row length Op, packed once per call). x and y stored as S, like ForwardBlock's.
+template <typename T, typename S>
 struct ForwardBlockChannelsLast {
   template <int Bytes>
-  static BHARNET_INLINE void run(DetSizes s, const T* x, const T* wt, int64_t Op, const Sample<T>* samples, int64_t b,
-                                 int64_t t0, int64_t t1, T* xs, T* y) {
+  static BHARNET_INLINE void run(DetSizes s, const S* x, const T* wt, int64_t Op, const Sample<T>* samples, int64_t b,
+                                 int64_t t0, int64_t t1, T* xs, S* y) {
     const int64_t V = s.V, C = s.C, K1 = 1 + s.C * s.E, NB = (t1 - t0) * V;
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t e = 0; e < s.E; ++e) {
         const Sample<T>& smp = samples[t * s.E + e];
         const T w = smp.w, w0 = T(1) - smp.w;
-        const T* x0 = x + (b * s.T + smp.p0) * V * C;
-        const T* x1 = x + (b * s.T + smp.p1) * V * C;
+        const S* x0 = x + (b * s.T + smp.p0) * V * C;
+        const S* x1 = x + (b * s.T + smp.p1) * V * C;
         for (int64_t v = 0; v < V; ++v) {
           T* out = xs + ((t - t0) * V + v) * K1 + 1 + e * C;
-          for (int64_t c = 0; c < C; ++c) out[c] = x0[v * C + c] * w0 + x1[v * C + c] * w;
+          for (int64_t c = 0; c < C; ++c)
+            out[c] = simd::value_as<T>(x0[v * C + c]) * w0 + simd::value_as<T>(x1[v * C + c]) * w;
         }
       }
     for (int64_t n = 0; n < NB; ++n) xs[n * K1] = T(1);
-    T* yb = y + (b * s.T_out + t0) * V * s.O;
+    S* yb = y + (b * s.T_out + t0) * V * s.O;
     simd::tiles<T, Bytes>(NB, s.O, [&](auto& tile, int64_t n, int rows, int64_t o0, int cols)
                                        __attribute__((always_inline)) {
       tile.fma(K1, xs + n * K1, K1, 1, wt + o0, Op, rows);
-      tile.store_to(yb + n * s.O + o0, s.O, rows, cols, false);
+      tile.store_as(yb + n * s.O + o0, s.O, rows, cols);
     });
   }
 };
@@ -247,10 +251,12 @@ struct InputGradBlock {
 constexpr const char* kForwardName = "bharnet::deformable_temporal_conv_cpp";
 constexpr const char* kBackwardName = "bharnet::deformable_temporal_conv_cpp_backward";
 
-void check_cpu(const char* op, const at::Tensor& x) {
+// The CPU kernels compute in float32 or float64; the forward also takes bfloat16 x.
+void check_cpu(const char* op, const at::Tensor& x, bool forward) {
   TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): expected CPU tensors, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": the CPU kernels take float32 or float64, got ", x.scalar_type());
+  const bool bf16 = forward && x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || bf16, op,
+              ": the CPU kernels take float32 or float64 (the forward also bfloat16), got ", x.scalar_type());
 }
 
 // Calls fn(T(), P()) for x's dtype T and the position dtype P (offsets' dtype).
@@ -270,52 +276,66 @@ bool is_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// y = the convolution of x (stored as S) with weight and bias in T, into the allocated y.
 // Tasks (b, block of output times); a channels-last x takes ForwardBlockChannelsLast with the
 // weight packed transposed (bias as row 0) once per call, a contiguous one ForwardBlock.
+template <typename T, typename P, typename S>
+void forward_into(const DetSizes& s, bool channels_last, const at::Tensor& x, const at::Tensor& offsets,
+                  const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y) {
+  const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), true);
+  const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
+  const S* xp = static_cast<const S*>(x.data_ptr());
+  const T* wp = weight.data_ptr<T>();
+  const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  S* yp = static_cast<S*>(y.data_ptr());
+  const int64_t K1 = 1 + s.C * s.E, Op = simd::packed_ld<T>(s.O);
+  std::vector<T> wt;
+  if (channels_last) {
+    wt.assign(K1 * Op, T(0));
+    for (int64_t o = 0; o < s.O; ++o) {
+      wt[o] = bp ? bp[o] : T(0);
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t e = 0; e < s.E; ++e) wt[(1 + e * s.C + c) * Op + o] = wp[(o * s.C + c) * s.E + e];
+    }
+  }
+  const int64_t scratch = channels_last ? tb * s.V * K1 : s.C * s.E * simd::packed_ld<T>(tb * s.V);
+  at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xs(scratch);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, t0 = task % blocks * tb;
+      const int64_t t1 = std::min(s.T_out, t0 + tb);
+      if (channels_last) {
+        simd::run_per_isa<ForwardBlockChannelsLast<T, S>>(s, xp, wt.data(), Op, samples.data(), b, t0, t1,
+                                                           xs.data(), yp);
+      } else {
+        simd::run_per_isa<ForwardBlock<T, S>>(s, xp, wp, bp, samples.data(), b, t0, t1, xs.data(), yp);
+      }
+    }
+  });
+}
+
+// bfloat16 x (with bfloat16 weight and bias) is computed in float32: the weights widened once,
+// x as the samples are gathered, y rounded as it is stored.
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weight_in,
                        const std::optional<at::Tensor>& bias_in, int64_t stride) {
-  check_cpu(kForwardName, x_in);
+  check_cpu(kForwardName, x_in, true);
   const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride);
   const bool channels_last = is_channels_last(x_in);
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   const auto x = channels_last ? x_in : x_in.contiguous();
-  const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
-  const auto bias = bias_in ? bias_in->contiguous() : at::Tensor();
+  const auto offsets = offsets_in.contiguous();
+  const auto weight = bf16 ? weight_in.to(at::kFloat).contiguous() : weight_in.contiguous();
+  const auto bias = !bias_in ? at::Tensor() : bf16 ? bias_in->to(at::kFloat).contiguous() : bias_in->contiguous();
   auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                                        : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {
     using T = decltype(t_tag);
     using P = decltype(p_tag);
-    const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), true);
-    const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
-    const T* xp = x.data_ptr<T>();
-    const T* wp = weight.data_ptr<T>();
-    const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
-    T* yp = y.data_ptr<T>();
-    const int64_t K1 = 1 + s.C * s.E, Op = simd::packed_ld<T>(s.O);
-    std::vector<T> wt;
-    if (channels_last) {
-      wt.assign(K1 * Op, T(0));
-      for (int64_t o = 0; o < s.O; ++o) {
-        wt[o] = bp ? bp[o] : T(0);
-        for (int64_t c = 0; c < s.C; ++c)
-          for (int64_t e = 0; e < s.E; ++e) wt[(1 + e * s.C + c) * Op + o] = wp[(o * s.C + c) * s.E + e];
-      }
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) return forward_into<T, P, simd::bf16>(s, channels_last, x, offsets, weight, bias, y);
     }
-    const int64_t scratch = channels_last ? tb * s.V * K1 : s.C * s.E * simd::packed_ld<T>(tb * s.V);
-    at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> xs(scratch);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / blocks, t0 = task % blocks * tb;
-        const int64_t t1 = std::min(s.T_out, t0 + tb);
-        if (channels_last) {
-          simd::run_per_isa<ForwardBlockChannelsLast<T>>(s, xp, wt.data(), Op, samples.data(), b, t0, t1, xs.data(),
-                                                          yp);
-        } else {
-          simd::run_per_isa<ForwardBlock<T>>(s, xp, wp, bp, samples.data(), b, t0, t1, xs.data(), yp);
-        }
-      }
-    });
+    forward_into<T, P, T>(s, channels_last, x, offsets, weight, bias, y);
   });
   return y;
 }
@@ -325,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at
                                                                         const at::Tensor& offsets_in,
                                                                         const at::Tensor& weight_in, int64_t stride,
                                                                         bool bounds_pass_grad) {
-  check_cpu(kBackwardName, x_in);
+  check_cpu(kBackwardName, x_in, false);
   const DetSizes s = det_check(kBackwardName, x_in, offsets_in, weight_in, {}, stride);
   det_check_grad(kBackwardName, dy_in, x_in, s);
   const auto dy = dy_in.contiguous(), x = x_in.contiguous();

@@ -3,6 +3,7 @@ model runs on the C++ kernels, and training mode is refused."""
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bharnet
 from bharnet._ext import cpp_availability
@@ -206,6 +207,44 @@ def test_fused_cpp_model_matches_the_reference_in_float32(name):
     assert out.dtype == torch.float32
     budget = max(2 * relative_error(ref32.double(), exact), 5e-7)
     assert relative_error(out.double(), exact) <= budget
+
+
+class BharnetOpDtypes(TorchDispatchMode):
+    """Records (op, dtype of its first argument) for every bharnet op dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "bharnet":
+            self.seen.add((func.__name__.split(".")[0], args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["bharnet-e", "unified"])
+def test_fused_cpp_model_in_bfloat16(name):
+    """A bfloat16 copy of the fused model (``fuse_for_inference(model).to(torch.bfloat16)``,
+    the README's bfloat16 inference): the graph and temporal convolutions' C++ kernels take its
+    bfloat16 features as they are (no float32 copies), the output is bfloat16, and its error
+    against the float64 reference is at most 2x that of the unfused reference model run in
+    bfloat16 (DESIGN.md section 6's rule for low precision)."""
+    model64 = swap_layers(trained_like(name), "reference")
+    ref16 = swap_layers(trained_like(name, torch.bfloat16), "reference")
+    fused = fuse_for_inference(swap_layers(trained_like(name, torch.float32), "reference"), "cpp")
+    fused16 = fused.to(torch.bfloat16)
+    body, hand = inputs(frames=16)
+    with torch.no_grad():
+        exact = model64(body, hand).logits
+        ref = ref16(body.bfloat16(), hand.bfloat16()).logits
+        with BharnetOpDtypes() as ops:
+            out = fused16(body.bfloat16(), hand.bfloat16()).logits
+    assert out.dtype == torch.bfloat16
+    assert {("ctr_graph_conv_cpp", torch.bfloat16), ("deformable_temporal_conv_cpp", torch.bfloat16)} <= ops.seen
+    assert not any(dtype == torch.float32 for op, dtype in ops.seen if op in ("ctr_graph_conv_cpp",
+                                                                             "deformable_temporal_conv_cpp"))
+    assert relative_error(out.double(), exact) <= 2 * relative_error(ref.double(), exact)
 
 
 def block_output_layouts(model, body, hand):

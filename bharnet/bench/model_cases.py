@@ -12,7 +12,10 @@
   with one person present (``present=1``, the others' inputs all zero, as datasets pad a clip
   of one person), which the fused model does not compute (:mod:`bharnet.absent_persons`).
 
-``bf16`` runs under ``torch.autocast`` (parameters stay float32). Inputs are random skeletons
+``bf16`` runs under ``torch.autocast`` (parameters stay float32), except the fused inference
+(``fold``), which is deployed as a bfloat16 model: the fused copy converted to bfloat16 and fed
+bfloat16 inputs, without autocast (on CPU its C++ kernels then read bfloat16 features as they
+are, and the 1x1 convolutions run oneDNN's bfloat16 kernels). Inputs are random skeletons
 of the NTU layout (N, 3, T, V, M) with V = 25 body joints and V = 42 hand keypoints, each hand
 detected in a random 90% of the frames (``hand_valid``; undetected hands zero).
 """
@@ -95,12 +98,19 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
     batches = itertools.cycle([_batch(case, device) for _ in range(INPUT_SETS)])
     if case.mode == "infer":
         model.eval()
+        bf16_model = fold and dtype_name == "bf16"
         if fold:  # its layers keep the global backend (backend=None)
             model = fuse_for_inference(model, backend=None)
+        if bf16_model:
+            model = model.to(torch.bfloat16)
         forward = compiled(model, compile_mode, fullgraph=False)
 
         def infer_step():
             body, hand, hand_valid, _ = next(batches)
+            if bf16_model:
+                with torch.no_grad():
+                    forward(body.to(torch.bfloat16), hand.to(torch.bfloat16), hand_valid)
+                return
             with torch.no_grad(), autocast(device, dtype_name):
                 forward(body, hand, hand_valid)
         return infer_step

@@ -16,7 +16,8 @@ on the fastest backend available for the device (``bharnet.ops.use_backend("auto
 is how bharnet is used; a single explicit backend would fail on a model using an op without it.
 Inference adds ``auto+fold``: ``auto`` on the model fused for inference
 (:func:`bharnet.fast.fuse_for_inference`: BatchNorm folded, branch convolutions merged, absent
-persons skipped), and ``auto+fold+compile``: ``torch.compile`` of that model.
+persons skipped), and ``auto+fold+compile``: ``torch.compile`` of that model. In bf16 the
+fused model is a bfloat16 model (parameters and inputs; see bharnet/bench/model_cases.py).
 
 A backend that cannot run is kept as a provider with a skip reason, so the report says why.
 On CPU the Triton backend is skipped: there it runs only in the Triton interpreter.

@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_names(MODELS, "model"), default=list(MODEL_NAMES),
                         help=f"comma list or 'none' (default: {','.join(MODEL_NAMES)})")
     parser.add_argument("--dtypes", type=_names(DTYPES, "dtype"), default=None,
-                        help="fp32 and/or bf16 (bf16: autocast, parameters stay fp32); "
+                        help="fp32 and/or bf16 (bf16: autocast, parameters stay fp32; the fused "
+                             "inference model is converted to bf16); "
                              "default fp32,bf16 (--quick: fp32)")
     parser.add_argument("--batch", type=positive(int), default=None,
                         help="clips per training step (default 32 on CUDA; on CPU 1: a full "

@@ -194,6 +194,19 @@ def as_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Te
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def cpu_kernel_dtype(dtype: torch.dtype, *inputs: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype in which a C++ CPU kernel takes features of ``dtype``: float32 and float64 as
+    they are; bfloat16 as it is where the kernel's forward reads it natively and no gradient is
+    recorded (``torch.no_grad``, or no input requiring one: inference), else float32, like
+    float16 (the backward kernels take float32/float64 only)."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype == torch.bfloat16 and not (torch.is_grad_enabled()
+                                        and any(t is not None and t.requires_grad for t in inputs)):
+        return torch.bfloat16
+    return torch.float32
+
+
 def launch_config(fn: Callable) -> Callable:
     """Cache a launch-configuration function of plain ints (``functools.lru_cache``); calls
     with symbolic sizes (torch.compile traces with unhashable SymInts) compute it afresh."""

@@ -27,7 +27,7 @@ Gradients (``dy = dL/dy``; ``dAref`` is the gradient of the refined topology;
                                 * (sum_r W[h, g, r] * th_r + bias[h, g])
 
 Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.ctr_graph_conv``) and ``cpp``
-(``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
+(``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64 and a bfloat16 forward, OpenMP + SIMD;
 ``csrc/ctr_graph_conv_kernels.cu`` on CUDA; custom ops ``bharnet::ctr_graph_conv_cpp*``, see
 the cpp section below; on CPU its forward also reads a ``v`` that is the view of a
 channels-last (B, H * C, T, V) convolution output in place and then returns a channels-last
@@ -57,8 +57,8 @@ from torch import Tensor
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_tensor, expect_triton_dtype
-from ._custom_op import (MAX_GRID_YZ, as_dtype, cdiv, launcher, new_output, saved_tensors, triton_custom_op,
-                         with_autograd)
+from ._custom_op import (MAX_GRID_YZ, as_dtype, cdiv, cpu_kernel_dtype, launcher, new_output, saved_tensors,
+                         triton_custom_op, with_autograd)
 
 OP_NAME = "ctr_graph_conv"
 
@@ -299,9 +299,6 @@ def ctr_graph_conv_triton(v, A, q=None, k=None, weight=None, bias=None, alpha=No
 # the Triton op (defined from Python; on CPU it runs the Triton interpreter, which the Triton
 # tests rely on), so the C++ kernels get names of their own in the same namespace.
 
-CPP_CPU_DTYPES = (torch.float32, torch.float64)
-
-
 def is_channels_last_v(v: Tensor) -> bool:
     """Whether ``v`` (B, H, C, T, V) is the view of a channels-last (B, H * C, T, V) tensor
     (memory (B, T, V, H, C)) and not also contiguous: the CPU kernel then reads it in place and
@@ -337,13 +334,15 @@ def ctr_graph_conv_cpp(v, A, q=None, k=None, weight=None, bias=None, alpha=None)
 
     Kernels compute in v's dtype with the topology inputs in float32 (float64 for float64 v),
     like the Triton kernels' accumulation dtype: the inputs are cast to that (gradients flow
-    back through the casts in each input's own dtype). The CPU kernels take float32/float64: on
-    CPU, float16/bfloat16 v is computed in float32 and the output cast back to v's dtype."""
+    back through the casts in each input's own dtype). On CPU, bfloat16 ``v`` is read as it is
+    when no gradient is recorded (the forward kernel widens it to float32 and rounds ``y``);
+    otherwise float16/bfloat16 ``v`` is computed in float32 and the output cast back to ``v``'s
+    dtype (:func:`cpu_kernel_dtype`)."""
     _register_cpp_ops()
     ops = torch.ops.bharnet
     compute = v.dtype
-    if v.device.type == "cpu" and compute not in CPP_CPU_DTYPES:
-        compute = torch.float32
+    if v.device.type == "cpu":
+        compute = cpu_kernel_dtype(compute, v, A, q, k, weight, bias, alpha)
     params = torch.float64 if compute == torch.float64 else torch.float32
     cast = [as_dtype(t, params) for t in (A, q, k, weight, bias, alpha)]
     return as_dtype(ops.ctr_graph_conv_cpp(as_dtype(v, compute), *cast), v.dtype)

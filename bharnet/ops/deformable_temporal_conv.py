@@ -28,7 +28,7 @@ registered as the custom ops ``bharnet::deformable_temporal_conv`` and
 ``bharnet::deformable_temporal_conv_backward`` with autograd and fake impls, so that
 ``torch.compile(fullgraph=True)`` traces callers without graph breaks; a forward + backward
 is three kernel launches and no host sync, see the kernels' docstring) and ``cpp``
-(``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64, OpenMP + SIMD;
+(``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64 and a bfloat16 forward, OpenMP + SIMD;
 ``csrc/deformable_temporal_conv_kernels.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
 and ``..._cpp_backward``, see the cpp section below). On CPU the ``cpp`` forward also takes
 channels-last ``x`` natively and then returns a channels-last ``y`` (the layout of a model fused
@@ -47,7 +47,8 @@ import torch
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
 from ._checks import expect_triton_dtype, is_channels_last
-from ._custom_op import as_dtype, opaque_custom_op, refuse_double_backward, saved_tensors, with_autograd
+from ._custom_op import (as_dtype, cpu_kernel_dtype, opaque_custom_op, refuse_double_backward, saved_tensors,
+                         with_autograd)
 
 OP_NAME = "deformable_temporal_conv"
 
@@ -164,9 +165,6 @@ def deformable_temporal_conv_triton(x, offsets, weight, bias=None, stride=1):
 # bharnet::deformable_temporal_conv is the Triton op (defined from Python; on CPU it runs the
 # Triton interpreter, which the Triton tests rely on), so the C++ kernels get names of their own.
 
-CPP_CPU_DTYPES = (torch.float32, torch.float64)
-
-
 def _register_cpp_ops_now() -> None:
     """Fake impls and autograd of the C++ ops (run once, after the extension is loaded)."""
 
@@ -200,13 +198,15 @@ def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):
 
     Kernels compute in x's dtype with weight and bias cast to it (as the reference does) and
     positions in float32 (float64 if x or offsets is float64); gradients flow back through the
-    casts in each input's own dtype. The CPU kernels take float32/float64: on CPU, float16/
-    bfloat16 x is computed in float32 and the output cast back to x's dtype."""
+    casts in each input's own dtype. On CPU, bfloat16 ``x`` is read as it is when no gradient is
+    recorded (the forward kernel computes in float32 and rounds ``y``); otherwise float16/
+    bfloat16 ``x`` is computed in float32 and the output cast back to x's dtype
+    (:func:`cpu_kernel_dtype`)."""
     _register_cpp_ops()
     ops = torch.ops.bharnet
     compute = x.dtype
-    if x.device.type == "cpu" and compute not in CPP_CPU_DTYPES:
-        compute = torch.float32
+    if x.device.type == "cpu":
+        compute = cpu_kernel_dtype(compute, x, offsets, weight, bias)
     positions = torch.float64 if torch.float64 in (compute, offsets.dtype) else torch.float32
     y = ops.deformable_temporal_conv_cpp(as_dtype(x, compute), as_dtype(offsets, positions),
                                          as_dtype(weight, compute), as_dtype(bias, compute), stride)

@@ -1,0 +1,165 @@
+"""bfloat16 inference through the C++ CPU kernels: the forwards of ctr_graph_conv_cpp and
+deformable_temporal_conv_cpp read bfloat16 features as they are (widened exactly, computed in
+float32, the output rounded to nearest even), so a bfloat16 model runs without float32 copies of
+its activations (``cpu_kernel_dtype``: only where no gradient is recorded; the backward kernels
+take float32/float64, and a recorded bfloat16 call runs the float32 kernels on a cast copy).
+
+The kernels compute exactly what the float32 kernels compute on the widened inputs: same products
+in the same order, and the same rounding as ``Tensor.to(torch.bfloat16)``. So each native output
+is checked bit for bit against the float32 kernel's output rounded by torch (finite values; NaN
+and inf where the float32 kernel gives them), on both vector widths, contiguous and
+channels-last, and against the float64 reference within one bfloat16 unit roundoff (2^-8; the
+rounding of the output alone gives about 2^-9 / sqrt(3) in the norm).
+"""
+import pytest
+import torch
+
+import ctr_graph_conv_cases as ctr_cases
+import deformable_temporal_conv_cases as det_cases
+from bharnet.ops import ctr_graph_conv_reference, deformable_temporal_conv
+from bharnet.ops._checks import is_channels_last
+from bharnet.ops._custom_op import cpu_kernel_dtype
+from bharnet.ops.ctr_graph_conv import ctr_graph_conv_cpp
+
+BF16 = torch.bfloat16
+CL = torch.channels_last
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+
+
+def rel_err_to(y, exact):
+    return ((y.double() - exact).norm() / exact.norm()).item()
+
+
+def assert_rounded_float32_result(y, y32):
+    """y (bfloat16) is the float32 result y32 rounded to bfloat16, value for value."""
+    assert y.dtype == BF16 and y.shape == y32.shape and y.stride() == y32.stride()
+    expected = y32.to(BF16)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(0.0), expected.nan_to_num(0.0))
+
+
+def channels_last_v(v):
+    """The (B, H, C, T, V) view of a channels-last (B, H * C, T, V) tensor with v's values."""
+    B, H, C, T, V = v.shape
+    return v.reshape(B, H * C, T, V).contiguous(memory_format=CL).view(B, H, C, T, V)
+
+
+def test_cpu_kernel_dtype():
+    x = torch.ones(2, dtype=BF16)
+    w = torch.ones(2, requires_grad=True)
+    assert cpu_kernel_dtype(torch.float32, x) == torch.float32
+    assert cpu_kernel_dtype(torch.float64, w) == torch.float64
+    assert cpu_kernel_dtype(BF16, x, None) == BF16  # nothing requires grad
+    assert cpu_kernel_dtype(BF16, x, w) == torch.float32  # a gradient is recorded
+    with torch.no_grad():
+        assert cpu_kernel_dtype(BF16, x, w) == BF16
+        assert cpu_kernel_dtype(torch.float16, x) == torch.float32
+
+
+# (B, H, C, T, V, R, G): groups of 16 channels (the channels-last kernel reads whole 64-byte
+# vectors of float32), odd V (5, 25, 67; the rows' last vectors partly past V), a group of 6
+# channels (the channels-first kernel, output converted back) and 15 rows per group.
+CTR_SHAPES = [(2, 3, 64, 5, 25, 3, 4), (1, 2, 32, 3, 42, 2, 2), (2, 3, 12, 4, 7, 2, 2), (1, 2, 16, 3, 67, 4, 1),
+              (3, 1, 12, 5, 5, 1, 4)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+@pytest.mark.parametrize("shape", CTR_SHAPES, ids=str)
+def test_ctr_graph_conv_bfloat16_forward(shape, dynamic, layout, cpu_vector_bytes):
+    v64, *params = ctr_cases.make_inputs(*shape, dynamic=dynamic)
+    v = v64.to(BF16)
+    params = [t.float() for t in params] + [None] * (6 - len(params))  # static: A only
+    if layout == "channels_last":
+        v = channels_last_v(v)
+    with torch.no_grad():
+        y = torch.ops.bharnet.ctr_graph_conv_cpp(v, *params)  # the kernel itself: bfloat16 in, out
+        assert_rounded_float32_result(y, ctr_graph_conv_cpp(v.float(), *params))
+        assert torch.equal(ctr_graph_conv_cpp(v, *params), y)  # the wrapper passes bfloat16 through
+    assert is_channels_last(y) == (layout == "channels_last")
+    exact = ctr_graph_conv_reference(v.double(), *[None if t is None else t.double() for t in params])
+    assert rel_err_to(y, exact) <= BF16_UNIT_ROUNDOFF
+
+
+def test_ctr_graph_conv_bfloat16_forward_keeps_nan_and_inf(cpu_vector_bytes):
+    v64, *params = ctr_cases.make_inputs(2, 3, 32, 4, 25, 3, 2)
+    v = channels_last_v(v64.to(BF16))
+    v[0, 1, 3, 2, 7] = float("nan")
+    v[1, 0, 20, 1, 3] = float("inf")
+    params = [t.float() for t in params]
+    with torch.no_grad():
+        y = ctr_graph_conv_cpp(v, *params)
+        assert y.isnan().any() and y.isinf().any()
+        assert_rounded_float32_result(y, ctr_graph_conv_cpp(v.float(), *params))
+
+
+def test_ctr_graph_conv_bfloat16_with_gradients_runs_the_float32_kernels():
+    """A recorded call computes in float32 (the backward kernels take no bfloat16): gradients in
+    each input's dtype, close to the float64 reference's."""
+    inputs = ctr_cases.make_inputs(2, 3, 16, 5, 25, 3, 4)
+    v = inputs[0].to(BF16).requires_grad_()
+    params = [t.float().requires_grad_() for t in inputs[1:]]
+    y = ctr_graph_conv_cpp(v, *params)
+    assert y.dtype == BF16
+    dy = ctr_cases.output_grad(inputs).to(BF16)
+    grads = torch.autograd.grad(y, [v, *params], dy)
+    assert grads[0].dtype == BF16 and all(g.dtype == torch.float32 for g in grads[1:])
+    exact_inputs = [t.detach().double().requires_grad_() for t in (v, *params)]
+    exact_y = ctr_graph_conv_reference(*exact_inputs)
+    exact_grads = torch.autograd.grad(exact_y, exact_inputs, dy.double())
+    assert rel_err_to(y, exact_y.detach()) <= BF16_UNIT_ROUNDOFF
+    for got, exact in zip(grads, exact_grads):
+        assert rel_err_to(got, exact) <= BF16_UNIT_ROUNDOFF
+
+
+def test_ctr_graph_conv_backward_kernel_refuses_bfloat16():
+    v, *params = ctr_cases.make_inputs(1, 2, 4, 3, 5, 2, 2)
+    params = [t.float() for t in params]
+    v = v.to(BF16)
+    with pytest.raises(RuntimeError, match="the forward also bfloat16"):
+        torch.ops.bharnet.ctr_graph_conv_cpp_backward(torch.ones(1, 4, 3, 5, dtype=BF16), v, *params)
+
+
+# (B, C, O, T, V, stride): 16 and 6 input channels, stride 2, the hands' V = 42.
+DET_SHAPES = [(2, 16, 16, 13, 25, 1), (2, 6, 8, 13, 25, 2), (1, 5, 7, 9, 42, 2)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape", DET_SHAPES, ids=det_cases.shape_id)
+def test_deformable_temporal_conv_bfloat16_forward(shape, bias, layout, cpu_vector_bytes):
+    B, C, O, T, V, stride = shape
+    x, offsets, weight, b = det_cases.make_inputs(B, C, O, T, V, dtype=BF16, bias=bias)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        y = torch.ops.bharnet.deformable_temporal_conv_cpp(x, offsets, weight, b, stride)
+        y32 = deformable_temporal_conv(x.float(), offsets, weight.float(), None if b is None else b.float(), stride,
+                                       backend="cpp")
+        assert_rounded_float32_result(y, y32)
+        assert torch.equal(deformable_temporal_conv(x, offsets, weight, b, stride, backend="cpp"), y)
+    assert is_channels_last(y) == (layout == "channels_last")
+    exact = deformable_temporal_conv(*[None if t is None else t.double() for t in (x, offsets, weight, b)], stride,
+                                     backend="reference")
+    assert rel_err_to(y, exact) <= BF16_UNIT_ROUNDOFF
+
+
+def test_deformable_temporal_conv_bfloat16_with_gradients_runs_the_float32_kernels():
+    x, offsets, weight, b = det_cases.make_inputs(2, 6, 8, 13, 25, dtype=BF16)
+    inputs = [x.requires_grad_(), offsets.requires_grad_(), weight.requires_grad_(), b.requires_grad_()]
+    y = deformable_temporal_conv(*inputs, 2, backend="cpp")
+    assert y.dtype == BF16
+    grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
+    assert [g.dtype for g in grads] == [BF16, torch.float32, BF16, BF16]
+    exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    exact_y = deformable_temporal_conv(*exact_inputs, 2, backend="reference")
+    exact_grads = torch.autograd.grad(exact_y, exact_inputs, torch.ones_like(exact_y))
+    for got, exact in zip(grads, exact_grads):
+        assert rel_err_to(got, exact) <= BF16_UNIT_ROUNDOFF
+
+
+def test_deformable_temporal_conv_backward_kernel_refuses_bfloat16():
+    x, offsets, weight, b = det_cases.make_inputs(1, 2, 3, 5, 4, dtype=BF16)
+    with pytest.raises(RuntimeError, match="the forward also bfloat16"):
+        torch.ops.bharnet.deformable_temporal_conv_cpp_backward(torch.ones(1, 3, 5, 4, dtype=BF16), x, offsets,
+                                                                weight, 1, True)
