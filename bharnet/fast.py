@@ -276,7 +276,7 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = "auto") -> nn.
     section for the latest run.
     For bfloat16 inference, convert the copy: ``fuse_for_inference(model).to(torch.bfloat16)``
     (folding then runs on the float32 weights) and pass bfloat16 inputs. On CPU the graph and
-    temporal convolutions' C++ kernels read its bfloat16 features as they are (computing in
+    temporal convolutions' and the max-pools' C++ kernels read its bfloat16 features as they are (computing in
     float32, without float32 copies of the activations), and on CPUs with AMX (Intel Sapphire
     Rapids and later) oneDNN's bfloat16 convolutions are several times faster than float32
     ones; elsewhere float32 is usually as fast. See the README for measured times.

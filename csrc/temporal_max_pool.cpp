@@ -10,7 +10,8 @@
 //   dx[n, c, t, v]   = sum over t' with t' s - p + arg = t of dy[n, c, t', v]   (in t' order)
 // Structure: one task per (n, c) plane; at stride 1 the rows whose window lies inside [0, T) are
 // one flattened (t, v) loop, the edge rows (and every row at other strides) V-long loops, all
-// vectorised by the compiler in the per-ISA clones; arg is int8 (k <= 127).
+// vectorised by the compiler in the per-ISA clones; arg is int8 (k <= 127). The forward also
+// takes bfloat16 (compared widened to float32, the maxima copied as stored: exact).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,6 +28,18 @@ namespace {
 struct PoolSizes {
   int64_t planes, T, V, T_out, kernel, stride, padding;
 };
+
+// A stored value as it is compared: float32/float64 as they are, bfloat16 widened to float32
+// (exactly: the maximum and its offset are those of the bfloat16 values; the forward copies the
+// stored value itself).
+template <typename T>
+BHARNET_INLINE auto widened(T value) {
+  if constexpr (std::is_same_v<T, simd::bf16>) {
+    return simd::value_as<float>(value);
+  } else {
+    return value;
+  }
+}
 
 // n output elements of one plane (flattened as t * V + v) whose window offsets u0..u1-1 are
 // x_first[i + (u - u0) row]: the rows t with the whole window inside [0, T) at stride 1 (one
@@ -45,7 +58,8 @@ BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8
     const T* __restrict xu = x_first + (u - u0) * row;
     const int32_t offset = static_cast<int32_t>(u);
     for (int64_t i = 0; i < n; ++i) {
-      const bool take = xu[i] > y[i] || xu[i] != xu[i];  // greater, or NaN
+      const auto value = widened(xu[i]), current = widened(y[i]);
+      const bool take = value > current || value != value;  // greater, or NaN
       y[i] = take ? xu[i] : y[i];
       offsets[i] = take ? offset : offsets[i];
     }
@@ -92,10 +106,13 @@ BHARNET_CLONES bool unpool_plane(const PoolSizes& s, const T* __restrict dy, con
   return true;
 }
 
-PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
+// The kernels take float32 or float64; the forward (`forward`) also bfloat16.
+PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding,
+                     bool forward) {
   TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": the CPU kernels take float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  (forward && x.scalar_type() == at::kBFloat16),
+              op, ": the CPU kernels take float32 or float64 (the forward also bfloat16), got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (N, C, T, V), got ", x.sizes());
   TORCH_CHECK(kernel >= 1 && kernel <= 127, op, ": kernel must be in [1, 127], got ", kernel);
   TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
@@ -109,24 +126,32 @@ PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_
                    padding};
 }
 
+template <typename T>
+void pool_planes(const PoolSizes& s, const at::Tensor& x, at::Tensor& y, at::Tensor& arg) {
+  const T* xp = static_cast<const T*>(x.data_ptr());
+  T* yp = static_cast<T*>(y.data_ptr());
+  int8_t* ap = arg.data_ptr<int8_t>();
+  at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> offsets(s.T_out * s.V);
+    for (int64_t plane = begin; plane < end; ++plane)
+      pool_plane<T>(s, xp + plane * s.T * s.V, yp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V,
+                    offsets.data());
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride,
                                                int64_t padding) {
-  const PoolSizes s = pool_check("bharnet::temporal_max_pool", x_in, kernel, stride, padding);
+  const PoolSizes s = pool_check("bharnet::temporal_max_pool", x_in, kernel, stride, padding, true);
   const auto x = x_in.contiguous();
   auto y = at::empty({x.size(0), x.size(1), s.T_out, s.V}, x.options());
   auto arg = at::empty({x.size(0), x.size(1), s.T_out, s.V}, x.options().dtype(at::kChar));
   if (y.numel() == 0) return {y, arg};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bharnet::temporal_max_pool", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    int8_t* ap = arg.data_ptr<int8_t>();
-    at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> offsets(s.T_out * s.V);
-      for (int64_t plane = begin; plane < end; ++plane)
-        pool_plane<scalar_t>(s, xp + plane * s.T * s.V, yp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V,
-                             offsets.data());
-    });
-  });
+  if (x.scalar_type() == at::kBFloat16) {
+    pool_planes<simd::bf16>(s, x, y, arg);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bharnet::temporal_max_pool",
+                               [&] { pool_planes<scalar_t>(s, x, y, arg); });
+  }
   return {y, arg};
 }
 
@@ -137,7 +162,7 @@ at::Tensor backward_cpu(const at::Tensor& dy_in, const at::Tensor& arg_in, int64
               ": dy (N, C, T_out, V) and an int8 arg of the same shape expected, got ", dy_in.sizes(), " and ",
               arg_in.sizes(), " ", arg_in.scalar_type());
   auto dx = at::empty({dy_in.size(0), dy_in.size(1), T, dy_in.size(3)}, dy_in.options());
-  const PoolSizes s = pool_check(op, dx, kernel, stride, padding);
+  const PoolSizes s = pool_check(op, dx, kernel, stride, padding, false);
   TORCH_CHECK(s.T_out == dy_in.size(2), op, ": dy has ", dy_in.size(2), " frames, the pool of ", T,
               " frames gives ", s.T_out);
   if (dx.numel() == 0) return dx;

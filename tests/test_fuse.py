@@ -226,8 +226,9 @@ class BharnetOpDtypes(TorchDispatchMode):
 @pytest.mark.parametrize("name", ["bharnet-e", "unified"])
 def test_fused_cpp_model_in_bfloat16(name):
     """A bfloat16 copy of the fused model (``fuse_for_inference(model).to(torch.bfloat16)``,
-    the README's bfloat16 inference): the graph and temporal convolutions' C++ kernels take its
-    bfloat16 features as they are (no float32 copies), the output is bfloat16, and its error
+    the README's bfloat16 inference): the graph and temporal convolutions' and the max-pools' C++
+    kernels take its bfloat16 features as they are (no float32 copies), the output is bfloat16,
+    and its error
     against the float64 reference is at most 2x that of the unfused reference model run in
     bfloat16 (DESIGN.md section 6's rule for low precision)."""
     model64 = swap_layers(trained_like(name), "reference")
@@ -241,9 +242,9 @@ def test_fused_cpp_model_in_bfloat16(name):
         with BharnetOpDtypes() as ops:
             out = fused16(body.bfloat16(), hand.bfloat16()).logits
     assert out.dtype == torch.bfloat16
-    assert {("ctr_graph_conv_cpp", torch.bfloat16), ("deformable_temporal_conv_cpp", torch.bfloat16)} <= ops.seen
-    assert not any(dtype == torch.float32 for op, dtype in ops.seen if op in ("ctr_graph_conv_cpp",
-                                                                             "deformable_temporal_conv_cpp"))
+    native = ("ctr_graph_conv_cpp", "deformable_temporal_conv_cpp", "temporal_max_pool")
+    assert {(op, torch.bfloat16) for op in native} <= ops.seen
+    assert not any(dtype == torch.float32 for op, dtype in ops.seen if op in native)
     assert relative_error(out.double(), exact) <= 2 * relative_error(ref.double(), exact)
 
 

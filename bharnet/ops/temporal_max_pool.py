@@ -18,9 +18,9 @@ through a generic 2-D loop. The C++ kernel (``csrc/temporal_max_pool.cpp``) make
 maximum as int8 for the backward.
 
 Backends: ``reference`` (``F.max_pool2d``) and ``cpp``: the C++ kernel on CPU (float32/float64;
-float16/bfloat16 computed in float32: the outputs are exact, the gradients are summed in
-float32 and rounded once, so they can differ from max-pool's half-precision sums in the last
-bit); on other devices ``cpp`` is PyTorch's own max-pool (its CUDA kernel has no such cost),
+bfloat16 as it is where no gradient is recorded; otherwise float16/bfloat16 computed in float32:
+the outputs are exact, the gradients are summed in float32 and rounded once, so they can differ
+from max-pool's half-precision sums in the last bit); on other devices ``cpp`` is PyTorch's own max-pool (its CUDA kernel has no such cost),
 so a model switched to ``cpp`` as a whole still runs on a GPU (so do windows over 127
 frames, whose offsets int8 cannot hold). A backend the op does not have
 (``triton``) counts as ``auto``, so a model on ``triton`` runs its max-pools too. Input (N, C,
@@ -41,11 +41,9 @@ import torch.nn.functional as F
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
 from ._checks import is_channels_last, is_int
-from ._custom_op import as_dtype, refuse_double_backward
+from ._custom_op import as_dtype, cpu_kernel_dtype, refuse_double_backward
 
 OP_NAME = "temporal_max_pool"
-CPP_DTYPES = (torch.float32, torch.float64)
-
 
 def temporal_max_pool_reference(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """Pure-PyTorch ground truth."""
@@ -81,7 +79,7 @@ def _temporal_max_pool_cpp(x, kernel, stride, padding):
     if x.device.type != "cpu" or kernel > MAX_CPP_KERNEL:  # PyTorch's own kernel (module docstring)
         return temporal_max_pool_reference(x, kernel, stride, padding)
     _register_cpp_ops()
-    compute = x.dtype if x.dtype in CPP_DTYPES else torch.float32
+    compute = cpu_kernel_dtype(x.dtype, x)
     if is_channels_last(x):  # memory (N, T, V, C): one plane of T rows of V * C values per n
         N, C, T, V = x.shape
         planes = as_dtype(x, compute).permute(0, 2, 3, 1).reshape(N, 1, T, V * C)  # a view

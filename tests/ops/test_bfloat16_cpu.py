@@ -1,7 +1,7 @@
-"""bfloat16 inference through the C++ CPU kernels: the forwards of ctr_graph_conv_cpp and
-deformable_temporal_conv_cpp read bfloat16 features as they are (widened exactly, computed in
-float32, the output rounded to nearest even), so a bfloat16 model runs without float32 copies of
-its activations (``cpu_kernel_dtype``: only where no gradient is recorded; the backward kernels
+"""bfloat16 inference through the C++ CPU kernels: the forwards of ctr_graph_conv_cpp,
+deformable_temporal_conv_cpp and temporal_max_pool read bfloat16 features as they are (widened
+exactly, computed in float32, the output rounded to nearest even; the max-pool's maxima are
+copied as stored), so a bfloat16 model runs without float32 copies of its activations (``cpu_kernel_dtype``: only where no gradient is recorded; the backward kernels
 take float32/float64, and a recorded bfloat16 call runs the float32 kernels on a cast copy).
 
 The kernels compute exactly what the float32 kernels compute on the widened inputs: same products
@@ -16,7 +16,9 @@ import torch
 
 import ctr_graph_conv_cases as ctr_cases
 import deformable_temporal_conv_cases as det_cases
-from bharnet.ops import ctr_graph_conv_reference, deformable_temporal_conv
+import torch.nn.functional as F
+
+from bharnet.ops import ctr_graph_conv_reference, deformable_temporal_conv, temporal_max_pool
 from bharnet.ops._checks import is_channels_last
 from bharnet.ops._custom_op import cpu_kernel_dtype
 from bharnet.ops.ctr_graph_conv import ctr_graph_conv_cpp
@@ -163,3 +165,34 @@ def test_deformable_temporal_conv_backward_kernel_refuses_bfloat16():
     with pytest.raises(RuntimeError, match="the forward also bfloat16"):
         torch.ops.bharnet.deformable_temporal_conv_cpp_backward(torch.ones(1, 3, 5, 4, dtype=BF16), x, offsets,
                                                                 weight, 1, True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_temporal_max_pool_bfloat16_forward_is_max_pool_bit_for_bit(stride, layout):
+    x = torch.randn(2, 5, 11, 7).to(BF16)
+    x[0, 1, 3, 2] = float("nan")
+    x[1, 2, 4:7, 5] = 1.5  # ties
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        y, arg = torch.ops.bharnet.temporal_max_pool(x.contiguous(), 3, stride, 1)  # the kernel: bfloat16 in, out
+        y32, arg32 = torch.ops.bharnet.temporal_max_pool(x.float().contiguous(), 3, stride, 1)
+        pooled = temporal_max_pool(x, 3, stride, 1, backend="cpp")
+    assert y.dtype == BF16 and torch.equal(arg, arg32)
+    assert_rounded_float32_result(y, y32)
+    assert is_channels_last(pooled) == (layout == "channels_last")
+    expected = F.max_pool2d(x, (3, 1), (stride, 1), (1, 0))
+    assert torch.equal(pooled.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+def test_temporal_max_pool_bfloat16_with_gradients_runs_the_float32_kernel():
+    x = torch.randn(2, 5, 11, 7).to(BF16).requires_grad_()
+    y = temporal_max_pool(x, 3, 2, 1, backend="cpp")
+    ref_x = x.detach().clone().requires_grad_()
+    ref = F.max_pool2d(ref_x, (3, 1), (2, 1), (1, 0))
+    assert y.dtype == BF16 and torch.equal(y, ref)
+    dy = torch.randn(ref.shape).to(BF16)
+    assert torch.equal(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, ref_x, dy)[0])
+    with pytest.raises(RuntimeError, match="the forward also bfloat16"):
+        torch.ops.bharnet.temporal_max_pool_backward(dy, torch.zeros(dy.shape, dtype=torch.int8), 11, 3, 2, 1)
