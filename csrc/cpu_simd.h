@@ -113,8 +113,9 @@ BHARNET_INLINE T value_as(S s) {
   }
 }
 
-// float32 lanes rounded to bfloat16 (to nearest, ties to even; infinities stay infinite, NaN
-// becomes torch's 0x7FC0), bit for bit as torch rounds them.
+// float32 lanes rounded to bfloat16 (to nearest, ties to even, as torch rounds them; infinities
+// stay infinite, NaN becomes the quiet NaN 0x7FC0 of c10::BFloat16's scalar conversion, whose
+// vectorised conversion may give other NaN bits).
 template <int Bytes>
 BHARNET_INLINE vec<uint16_t, Bytes / 2> narrow_bf16(const vec<float, Bytes>& x) {
   using U = vec<uint32_t, Bytes>;

@@ -26,8 +26,8 @@
 // channels, which is added to rows p0 and p1 of dx (rows that only this task writes: no atomics)
 // and dotted with dxs for dtau's per-task partial sums (in double, summed in task order).
 // Everything is deterministic. Accumulation is in the compute dtype (float32 or float64);
-// positions in float32, or float64 for float64 offsets. The forward also takes bfloat16 x, weight
-// and bias (inference on bfloat16 models), computed in float32 and y rounded to bfloat16.
+// positions in float32, or float64 for float64 offsets. The forward also takes bfloat16 x (with
+// float32 weight and bias; inference on bfloat16 models), computed in float32, y rounded.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -314,18 +314,18 @@ void forward_into(const DetSizes& s, bool channels_last, const at::Tensor& x, co
   });
 }
 
-// bfloat16 x (with bfloat16 weight and bias) is computed in float32: the weights widened once,
-// x as the samples are gathered, y rounded as it is stored.
+// bfloat16 x (with float32 weight and bias) is computed in float32: x widened as the samples
+// are gathered, y rounded as it is stored.
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weight_in,
                        const std::optional<at::Tensor>& bias_in, int64_t stride) {
   check_cpu(kForwardName, x_in, true);
-  const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride);
-  const bool channels_last = is_channels_last(x_in);
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride,
+                               bf16 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
+  const bool channels_last = is_channels_last(x_in);
   const auto x = channels_last ? x_in : x_in.contiguous();
-  const auto offsets = offsets_in.contiguous();
-  const auto weight = bf16 ? weight_in.to(at::kFloat).contiguous() : weight_in.contiguous();
-  const auto bias = !bias_in ? at::Tensor() : bf16 ? bias_in->to(at::kFloat).contiguous() : bias_in->contiguous();
+  const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
+  const auto bias = bias_in ? bias_in->contiguous() : at::Tensor();
   auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                                        : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;

@@ -18,8 +18,12 @@ inline at::ScalarType det_position_dtype(at::ScalarType x, at::ScalarType offset
   return (x == at::kDouble || offsets == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
+// weight and bias have x's dtype, or `param_dtype` where given (float32 for the CPU forward of
+// bfloat16 x, which computes in float32).
 inline DetSizes det_check(const char* op, const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias, int64_t stride) {
+                          const std::optional<at::Tensor>& bias, int64_t stride,
+                          std::optional<at::ScalarType> param_dtype = std::nullopt) {
+  const auto params = param_dtype.value_or(x.scalar_type());
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C_in, T, V), got ", x.sizes());
   TORCH_CHECK(offsets.dim() == 1, op, ": offsets must have shape (E,), got ", offsets.sizes());
   TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
@@ -27,7 +31,7 @@ inline DetSizes det_check(const char* op, const at::Tensor& x, const at::Tensor&
   s.T_out = s.T == 0 ? 0 : (s.T - 1) / stride + 1;
   TORCH_CHECK(weight.dim() == 3 && weight.size(1) == s.C && weight.size(2) == s.E, op,
               ": weight must have shape (C_out, ", s.C, ", ", s.E, "), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
+  TORCH_CHECK(weight.scalar_type() == params, op, ": weight must be ", params, " for x of dtype ", x.scalar_type(),
               ", got ", weight.scalar_type());
   TORCH_CHECK(offsets.scalar_type() == det_position_dtype(x.scalar_type(), offsets.scalar_type()), op,
               ": offsets must be float32 or float64 (float64 for float64 x), got ", offsets.scalar_type());
@@ -36,8 +40,8 @@ inline DetSizes det_check(const char* op, const at::Tensor& x, const at::Tensor&
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.O, op, ": bias must have shape (", s.O, ",), got ",
                 bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
-                ": bias must have x's dtype and device");
+    TORCH_CHECK(bias->scalar_type() == params && bias->device() == x.device(), op, ": bias must be ", params,
+                " on x's device");
   }
   return s;
 }

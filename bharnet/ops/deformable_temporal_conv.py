@@ -198,18 +198,19 @@ def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):
 
     Kernels compute in x's dtype with weight and bias cast to it (as the reference does) and
     positions in float32 (float64 if x or offsets is float64); gradients flow back through the
-    casts in each input's own dtype. On CPU, bfloat16 ``x`` is read as it is when no gradient is
-    recorded (the forward kernel computes in float32 and rounds ``y``); otherwise float16/
-    bfloat16 ``x`` is computed in float32 and the output cast back to x's dtype
-    (:func:`cpu_kernel_dtype`)."""
+    casts in each input's own dtype. On CPU the kernels compute in float32 or float64: float16/
+    bfloat16 ``x`` is computed in float32 with weight and bias in float32 and the output cast
+    back to x's dtype, except that bfloat16 ``x`` is read as it is when no gradient is recorded
+    (the forward kernel widens it and rounds ``y``: the same result, :func:`cpu_kernel_dtype`)."""
     _register_cpp_ops()
     ops = torch.ops.bharnet
-    compute = x.dtype
+    compute = params = x.dtype
     if x.device.type == "cpu":
-        compute = cpu_kernel_dtype(compute, x, offsets, weight, bias)
+        compute = cpu_kernel_dtype(x.dtype, x, offsets, weight, bias)
+        params = torch.float32 if compute == torch.bfloat16 else compute
     positions = torch.float64 if torch.float64 in (compute, offsets.dtype) else torch.float32
     y = ops.deformable_temporal_conv_cpp(as_dtype(x, compute), as_dtype(offsets, positions),
-                                         as_dtype(weight, compute), as_dtype(bias, compute), stride)
+                                         as_dtype(weight, params), as_dtype(bias, params), stride)
     return as_dtype(y, x.dtype)
 
 

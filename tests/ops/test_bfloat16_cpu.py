@@ -11,6 +11,10 @@ and inf where the float32 kernel gives them), on both vector widths, contiguous 
 channels-last, and against the float64 reference within one bfloat16 unit roundoff (2^-8; the
 rounding of the output alone gives about 2^-9 / sqrt(3) in the norm).
 """
+import mmap
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -134,10 +138,10 @@ def test_deformable_temporal_conv_bfloat16_forward(shape, bias, layout, cpu_vect
     x, offsets, weight, b = det_cases.make_inputs(B, C, O, T, V, dtype=BF16, bias=bias)
     if layout == "channels_last":
         x = x.contiguous(memory_format=CL)
+    w32, b32 = weight.float(), None if b is None else b.float()
     with torch.no_grad():
-        y = torch.ops.bharnet.deformable_temporal_conv_cpp(x, offsets, weight, b, stride)
-        y32 = deformable_temporal_conv(x.float(), offsets, weight.float(), None if b is None else b.float(), stride,
-                                       backend="cpp")
+        y = torch.ops.bharnet.deformable_temporal_conv_cpp(x, offsets, w32, b32, stride)  # float32 parameters
+        y32 = deformable_temporal_conv(x.float(), offsets, w32, b32, stride, backend="cpp")
         assert_rounded_float32_result(y, y32)
         assert torch.equal(deformable_temporal_conv(x, offsets, weight, b, stride, backend="cpp"), y)
     assert is_channels_last(y) == (layout == "channels_last")
@@ -158,6 +162,20 @@ def test_deformable_temporal_conv_bfloat16_with_gradients_runs_the_float32_kerne
     exact_grads = torch.autograd.grad(exact_y, exact_inputs, torch.ones_like(exact_y))
     for got, exact in zip(grads, exact_grads):
         assert rel_err_to(got, exact) <= BF16_UNIT_ROUNDOFF
+
+
+def test_deformable_temporal_conv_bfloat16_features_with_float32_parameters():
+    """bfloat16 x with float32 weight and bias (autocast's case): the same result with and without
+    gradients recorded (the native forward takes the parameters in float32, unrounded), and the
+    kernel refuses bfloat16 parameters with a clear error."""
+    x, offsets, weight, b = det_cases.make_inputs(2, 6, 8, 13, 25, dtype=torch.float32)
+    x = x.to(BF16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        native = deformable_temporal_conv(x, offsets, weight, b, 2, backend="cpp")
+    recorded = deformable_temporal_conv(x, offsets, weight.requires_grad_(), b, 2, backend="cpp")
+    assert native.dtype == BF16 and torch.equal(native, recorded.detach())
+    with pytest.raises(RuntimeError, match="weight must be Float for x of dtype BFloat16"):
+        torch.ops.bharnet.deformable_temporal_conv_cpp(x, offsets, weight.detach().to(BF16), None, 2)
 
 
 def test_deformable_temporal_conv_backward_kernel_refuses_bfloat16():
@@ -196,3 +214,65 @@ def test_temporal_max_pool_bfloat16_with_gradients_runs_the_float32_kernel():
     assert torch.equal(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, ref_x, dy)[0])
     with pytest.raises(RuntimeError, match="the forward also bfloat16"):
         torch.ops.bharnet.temporal_max_pool_backward(dy, torch.zeros(dy.shape, dtype=torch.int8), 11, 3, 2, 1)
+
+
+GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap
+import torch
+import bharnet._ext as ext
+ext.load()
+ops = torch.ops.bharnet
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+BF16, CL = torch.bfloat16, torch.channels_last
+
+
+def at_page_end(memory_shape):
+    # a bfloat16 tensor of memory_shape whose storage ends where a PROT_NONE page starts
+    page = mmap.PAGESIZE
+    n = 1
+    for d in memory_shape:
+        n *= d
+    pages = (2 * n + page - 1) // page + 1
+    buf = mmap.mmap(-1, pages * page)
+    assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + (pages - 1) * page, page, 0) == 0
+    t = torch.frombuffer(buf, dtype=BF16, count=n, offset=(pages - 1) * page - 2 * n).view(memory_shape)
+    t.copy_(torch.randn(memory_shape).to(BF16))
+    return t
+
+
+for width in (32, 64):
+    try:
+        ops.cpu_vector_bytes(width)
+    except RuntimeError:  # no AVX-512 here: the 64-byte path cannot run
+        continue
+    for B, H, CG, T, V in [(1, 1, 16, 1, 1), (1, 2, 48, 2, 5), (2, 1, 96, 1, 3), (1, 3, 16, 3, 25), (1, 1, 3, 2, 7)]:
+        G = 2
+        C = CG * G
+        A, q, k = torch.randn(H, V, V), torch.randn(B, H, 2, V), torch.randn(B, H, 2, V)
+        params = [A, q, k, torch.randn(H, G, 2), torch.randn(H, G), torch.tensor([0.7])]
+        v_cl = at_page_end((B, T, V, H * C)).permute(0, 3, 1, 2).view(B, H, C, T, V)  # channels-last v
+        v = at_page_end((B, H, C, T, V))
+        for vv in (v_cl, v):
+            assert torch.equal(ops.ctr_graph_conv_cpp(vv, *params), ops.ctr_graph_conv_cpp(vv.clone(), *params))
+    for C, O, T, V, stride in [(1, 3, 1, 1, 1), (16, 5, 5, 3, 2), (17, 16, 13, 25, 3)]:
+        offsets, weight, bias = torch.tensor([-1.5, 0.25, 2.0]), torch.randn(O, C, 3), torch.randn(O)
+        x_cl = at_page_end((2, T, V, C)).permute(0, 3, 1, 2)
+        x = at_page_end((2, C, T, V))
+        for xx in (x_cl, x):
+            y = ops.deformable_temporal_conv_cpp(xx, offsets, weight, bias, stride)
+            assert torch.equal(y, ops.deformable_temporal_conv_cpp(xx.clone(), offsets, weight, bias, stride))
+        pooled = ops.temporal_max_pool(x, 3, 2, 1)[0]
+        assert torch.equal(pooled, ops.temporal_max_pool(x.clone(), 3, 2, 1)[0])
+print("ok")
+"""
+
+
+def test_bfloat16_forwards_read_nothing_past_the_end_of_their_input():
+    """Each input's storage ends at a PROT_NONE page (in a subprocess: a read past it is a
+    segfault): the channels-last ctr_graph_conv forward reads bfloat16 rows as whole vectors
+    (groups of 16, 48 and 96 channels: 1 to 3 vectors per tile), the other paths value by value."""
+    if not hasattr(mmap, "PROT_READ"):
+        pytest.skip("needs mmap with page protection (POSIX)")
+    done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
