@@ -102,21 +102,30 @@ class LiveRecognizer:
 
     @classmethod
     def from_file(cls, path: str, history: Optional[int] = None, stride: int = 8,
-                  device="cpu") -> "LiveRecognizer":
+                  device="cpu", dtype: Optional[torch.dtype] = None) -> "LiveRecognizer":
         """A recognizer for a run's ``model.safetensors`` (rebuilt and fused for inference) or
         for a file that ``bharnet export`` wrote (a program or an AOTInductor package, with the
         run's description as metadata), which runs on the CPU, as ``bharnet export`` traced it.
-        ``device``: where the rebuilt model runs."""
+        ``device``: where the rebuilt model runs; ``dtype``: the rebuilt model's dtype (default
+        float32; ``torch.bfloat16`` is the faster one on CPUs with AMX, see
+        :func:`bharnet.fast.fuse_for_inference`). An exported file runs in its own dtype."""
         path = os.fspath(path)
         if path.endswith(".safetensors"):
             from .engine.evaluate import load_model
             from .fast import fuse_for_inference
             model, description = load_model(path, device=device)
             model = fuse_for_inference(model)
+            if dtype is not None:
+                if not dtype.is_floating_point:
+                    raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+                model = model.to(dtype)
         else:
             if torch.device(device).type != "cpu":
                 raise ValueError(f"an exported file runs on the CPU (bharnet export traces it there), not on "
                                  f"{device}: pass the run's model.safetensors to run on {device}")
+            if dtype is not None:
+                raise ValueError(f"an exported file runs in the dtype it was exported in; dtype={dtype} applies "
+                                 "to a run's model.safetensors")
             from .deploy import load_runnable
             model, description = load_runnable(path)
         return cls(model, description, history=history, stride=stride)

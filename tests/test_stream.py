@@ -98,6 +98,29 @@ def test_from_a_runs_weights_and_from_an_exported_program(model, tmp_path):
         LiveRecognizer.from_file(tmp_path / "model.pt2").push(torch.zeros(3, 25, 1))
 
 
+def test_from_a_runs_weights_in_bfloat16(model, tmp_path):
+    """dtype=torch.bfloat16 runs the rebuilt, fused model in bfloat16 (parameters and inputs):
+    probabilities close to float32's (DESIGN.md section 6 bounds bf16 by its unit roundoff, 2^-8 of
+    the logits, here a few per mille of each probability); an exported file keeps its own dtype."""
+    config = TrainConfig(model="bharnet-e", preset="small", modality="bone", window=12)
+    weights = str(tmp_path / "model.safetensors")
+    checkpoint.save_weights(weights, model, model_description(config, 5, None))
+    body, hand, valid = stream(frames=16)
+    recognizer = LiveRecognizer.from_file(weights, stride=4, dtype=torch.bfloat16)
+    assert {p.dtype for p in recognizer.model.parameters()} == {torch.bfloat16}
+    got = push_all(recognizer, body, hand, valid)
+    want = push_all(LiveRecognizer.from_file(weights, stride=4), body, hand, valid)
+    assert [p.frame for p in got] == [p.frame for p in want] == [11, 15]
+    for a, b in zip(got, want):
+        assert a.probabilities.dtype == torch.float32
+        torch.testing.assert_close(a.probabilities, b.probabilities, rtol=0, atol=2e-2)
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        LiveRecognizer.from_file(weights, dtype=torch.int8)
+    assert main(["export", weights, str(tmp_path / "model.pt2")]) == 0
+    with pytest.raises(ValueError, match="runs in the dtype it was exported in"):
+        LiveRecognizer.from_file(tmp_path / "model.pt2", dtype=torch.bfloat16)
+
+
 def test_a_file_exported_without_hand_valid_is_called_with_body_and_hand(model, tmp_path):
     """A program exported before bharnet passed hand_valid (metadata without ``inputs``) takes
     (body, hand) and attends every hand: the recognizer calls it so."""
