@@ -235,7 +235,7 @@ def test_fused_cpp_model_in_bfloat16(name):
     ref16 = swap_layers(trained_like(name, torch.bfloat16), "reference")
     fused = fuse_for_inference(swap_layers(trained_like(name, torch.float32), "reference"), "cpp")
     fused16 = fused.to(torch.bfloat16)
-    body, hand = inputs(frames=16)
+    body, hand = inputs()
     with torch.no_grad():
         exact = model64(body, hand).logits
         ref = ref16(body.bfloat16(), hand.bfloat16()).logits
