@@ -98,21 +98,18 @@ def make_step(case: ModelCase, device: torch.device, dtype_name: str,
     batches = itertools.cycle([_batch(case, device) for _ in range(INPUT_SETS)])
     if case.mode == "infer":
         model.eval()
-        bf16_model = fold and dtype_name == "bf16"
+        autocast_dtype = dtype_name
         if fold:  # its layers keep the global backend (backend=None)
             model = fuse_for_inference(model, backend=None)
-        if bf16_model:
-            model = model.to(torch.bfloat16)
+            if dtype_name == "bf16":  # a bfloat16 model, fed bfloat16 inputs, without autocast
+                model, autocast_dtype = model.to(torch.bfloat16), "fp32"
         forward = compiled(model, compile_mode, fullgraph=False)
+        input_dtype = next(model.parameters()).dtype
 
         def infer_step():
             body, hand, hand_valid, _ = next(batches)
-            if bf16_model:
-                with torch.no_grad():
-                    forward(body.to(torch.bfloat16), hand.to(torch.bfloat16), hand_valid)
-                return
-            with torch.no_grad(), autocast(device, dtype_name):
-                forward(body, hand, hand_valid)
+            with torch.no_grad(), autocast(device, autocast_dtype):
+                forward(body.to(input_dtype), hand.to(input_dtype), hand_valid)
         return infer_step
 
     model.train()

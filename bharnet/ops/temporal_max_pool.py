@@ -20,9 +20,9 @@ maximum as int8 for the backward.
 Backends: ``reference`` (``F.max_pool2d``) and ``cpp``: the C++ kernel on CPU (float32/float64;
 bfloat16 as it is where no gradient is recorded; otherwise float16/bfloat16 computed in float32:
 the outputs are exact, the gradients are summed in float32 and rounded once, so they can differ
-from max-pool's half-precision sums in the last bit); on other devices ``cpp`` is PyTorch's own max-pool (its CUDA kernel has no such cost),
-so a model switched to ``cpp`` as a whole still runs on a GPU (so do windows over 127
-frames, whose offsets int8 cannot hold). A backend the op does not have
+from max-pool's half-precision sums in the last bit); on other devices ``cpp`` is PyTorch's own
+max-pool (its CUDA kernel has no such cost), so a model switched to ``cpp`` as a whole still
+runs on a GPU (so do windows over 127 frames, whose offsets int8 cannot hold). A backend the op does not have
 (``triton``) counts as ``auto``, so a model on ``triton`` runs its max-pools too. Input (N, C,
 T, V) or unbatched (C, T, V); a channels-last ``x`` gives a channels-last ``y`` (the kernel
 then pools rows of V x C values). Double backward raises. The op is
@@ -44,6 +44,7 @@ from ._checks import is_channels_last, is_int
 from ._custom_op import as_dtype, cpu_kernel_dtype, refuse_double_backward
 
 OP_NAME = "temporal_max_pool"
+
 
 def temporal_max_pool_reference(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """Pure-PyTorch ground truth."""
