@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 #include "ctr_graph_conv.h"
 
@@ -378,14 +379,9 @@ struct RefinementGrad {
   }
 };
 
-// The CPU kernels compute in float32 or float64; the forward also takes bfloat16 v (computed in
-// float32, the output rounded to bfloat16).
 void check_cpu(const at::Tensor& v, bool forward) {
   TORCH_CHECK(v.device().is_cpu(), "bharnet::ctr_graph_conv_cpp (CPU kernel): expected CPU tensors, got ", v.device());
-  const bool bf16 = forward && v.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble || bf16,
-              "bharnet::ctr_graph_conv_cpp: the CPU kernels take float32 or float64 (the forward also bfloat16), "
-              "got ", v.scalar_type());
+  check_cpu_dtype("bharnet::ctr_graph_conv_cpp", v.scalar_type(), forward);
 }
 
 template <typename T>

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 #include "deformable_temporal_conv.h"
 
@@ -251,12 +252,9 @@ struct InputGradBlock {
 constexpr const char* kForwardName = "bharnet::deformable_temporal_conv_cpp";
 constexpr const char* kBackwardName = "bharnet::deformable_temporal_conv_cpp_backward";
 
-// The CPU kernels compute in float32 or float64; the forward also takes bfloat16 x.
 void check_cpu(const char* op, const at::Tensor& x, bool forward) {
   TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): expected CPU tensors, got ", x.device());
-  const bool bf16 = forward && x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || bf16, op,
-              ": the CPU kernels take float32 or float64 (the forward also bfloat16), got ", x.scalar_type());
+  check_cpu_dtype(op, x.scalar_type(), forward);
 }
 
 // Calls fn(T(), P()) for x's dtype T and the position dtype P (offsets' dtype).

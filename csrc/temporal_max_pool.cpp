@@ -20,6 +20,7 @@
 #include <atomic>
 #include <vector>
 
+#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 
 namespace bharnet {
@@ -106,13 +107,10 @@ BHARNET_CLONES bool unpool_plane(const PoolSizes& s, const T* __restrict dy, con
   return true;
 }
 
-// The kernels take float32 or float64; the forward (`forward`) also bfloat16.
 PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding,
                      bool forward) {
   TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
-                  (forward && x.scalar_type() == at::kBFloat16),
-              op, ": the CPU kernels take float32 or float64 (the forward also bfloat16), got ", x.scalar_type());
+  check_cpu_dtype(op, x.scalar_type(), forward);
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (N, C, T, V), got ", x.sizes());
   TORCH_CHECK(kernel >= 1 && kernel <= 127, op, ": kernel must be in [1, 127], got ", kernel);
   TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
