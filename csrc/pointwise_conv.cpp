@@ -6,18 +6,20 @@
 //   dx[n, i, p] = sum_o W[o, i] dy[n, o, p]
 //   dW[o, i]    = sum_{n, p} dy[n, o, p] x[n, i, p]        db[o] = sum_{n, p} dy[n, o, p]
 //
-// Every product is a GEMM on the register tiles of cpu_simd.h with P as the vector dimension:
-// y_n = W x_n and dx_n = W^T dy_n read x_n / dy_n in place (rows of P values; the last
-// P mod (one 64-byte vector) columns from a zero-padded copy, so that no vector load passes the
-// end of the tensor); dW is a GEMM over the N x P products, with the narrower of x_n^T and dy_n^T packed
-// (transposed, rows padded) so that its rows are vectors: dW = sum_n dy_n x_n^T when
-// C_in <= C_out, else dW^T = sum_n x_n dy_n^T. Each output is summed in k order on both vector
-// widths (bitwise equal); the bias gradient by simd::sum_rows (32-byte lanes on both).
+// y_n = W x_n and dx_n = W^T dy_n are GEMMs on the register tiles of cpu_simd.h with P as the
+// vector dimension, reading x_n / dy_n in place (rows of P values; the last P mod (one 64-byte
+// vector) columns from a zero-padded copy, so that no vector load passes the end of the
+// tensor); each output is summed in k order on both vector widths (bitwise equal). dW is a
+// C_out x C_in block of dot products of rows of dy and x, read in place and vectorised along
+// p (see DotLanes: the same 32-byte lane sums on both widths), over blocks of samples that run
+// in parallel even when dW is a few rows. The bias gradient by simd::sum_rows (32-byte lanes on
+// both).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -30,8 +32,6 @@ namespace {
 // Output columns per task of the forward and dx GEMMs: a B panel of C x 96 values stays in
 // L2 while every row of the output is computed from it.
 constexpr int64_t kColumnBlock = 96;
-// Products per K block of the dW GEMM (a packed block of kKBlock rows stays in cache).
-constexpr int64_t kKBlock = 128;
 
 struct PwSizes {
   int64_t N, Cin, Cout, P;
@@ -82,45 +82,123 @@ void column_gemms(const PwSizes& s, int64_t M, int64_t K, const T* a, int64_t sa
   });
 }
 
-// out[p, j] = src[j, p] for p < P, j < J (src rows of P values), out rows of ld values whose
-// columns past J are zero.
-template <typename T>
-void transpose_into(const T* src, int64_t J, int64_t P, int64_t ld, T* out) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
-    const int64_t p1 = std::min(P, p0 + kBlock);
-    for (int64_t j0 = 0; j0 < J; j0 += kBlock) {
-      const int64_t j1 = std::min(J, j0 + kBlock);
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t j = j0; j < j1; ++j) out[p * ld + j] = src[j * P + p];
-    }
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t j = J; j < ld; ++j) out[p * ld + j] = T(0);
-  }
-}
+// dW's sum over samples runs in blocks of samples, each block's partial sums kept apart and
+// the blocks added in order at the end: a block has at least kBlockProducts products per dW
+// element (whole samples), and there are at most kMaxSampleBlocks blocks, so that both the
+// blocks and the sums are fixed by the shapes, not by the thread count.
+constexpr int64_t kBlockProducts = 2048;
+constexpr int64_t kMaxSampleBlocks = 16;
+// dW rows per task: at most this many, fewer when that gives each thread fewer than
+// kTasksPerThread tasks (rows per task do not change the sums, so they may follow the threads).
+constexpr int64_t kMaxTaskRows = 64;
+constexpr int64_t kTasksPerThread = 4;
 
-// Rows [r0, r1) of G (R x J, row stride J) = sum_n A_n Bt_n with A_n = a + n a_stride (R x P,
-// rows of P values) and Bt_n = packed + n P ld (P x ld, the transposed other operand), K blocks
-// of kKBlock products in order.
-template <typename T>
-struct WeightGradRows {
-  template <int Bytes>
-  static BHARNET_INLINE void run(int64_t N, int64_t P, int64_t J, int64_t ld, const T* a, int64_t a_stride,
-                                 const T* packed, int64_t r0, int64_t r1, T* g) {
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k0 = 0; k0 < P; k0 += kKBlock) {
-        const int64_t kb = std::min(kKBlock, P - k0);
-        const bool first = n == 0 && k0 == 0;
-        const T* an = a + n * a_stride + r0 * P + k0;
-        const T* bn = packed + (n * P + k0) * ld;
-        simd::tiles<T, Bytes>(r1 - r0, J, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
-                                              __attribute__((always_inline)) {
-          tile.fma(kb, an + m * P, P, 1, bn + n0, ld, rows);
-          tile.store_to(g + (r0 + m) * J + n0, J, rows, cols, !first);
-        });
-      }
+// One dW element's sum over one sample's P products, in chunks of L = 32 / sizeof(T) (one
+// 32-byte vector): the even chunks (p / L even) into one accumulator, the odd into another,
+// each lane an FMA chain in p order. The 32-byte path keeps them in two 32-byte vectors, the
+// 64-byte path in the low and high halves of one 64-byte vector, which multiplies two chunks at
+// a time (a last even chunk alone, its high half zero). add_to adds the halves lane by lane into
+// the element's L lanes of partial sums, and the last P mod L products into lanes 0, 1, ...:
+// the same operations on the same values on both widths.
+template <typename T, int Bytes>
+struct DotLanes {
+  static constexpr int L = simd::kLanes<T, 32>;
+  static constexpr int kVectorsPerPair = Bytes == 64 ? 1 : 2;
+  simd::vec<T, Bytes> acc[kVectorsPerPair];
+
+  BHARNET_INLINE void add_to(T* lanes_out, const T* a, const T* b, int64_t chunks_end, int64_t P) const {
+    simd::vec<T, 32> lanes = simd::load<T, 32>(lanes_out);
+    if constexpr (Bytes == 64) {
+      lanes += simd::half_of<T>(acc[0], 0) + simd::half_of<T>(acc[0], 1);
+    } else {
+      lanes += acc[0] + acc[1];
+    }
+    for (int64_t p = chunks_end; p < P; ++p) lanes[p - chunks_end] += a[p] * b[p];
+    simd::store<T, 32>(lanes_out, lanes);
   }
 };
+
+// The lanes (L per element, DotLanes) of dW rows [r0, r1) summed over samples [n0, n1):
+//   lanes[r - r0, i] += sum_n sum_p dy[n, r, p] x[n, i, p]
+// with every row read in place, RB x CB elements at a time (32-byte path 2 x 3, 64-byte path
+// 4 x 6: their accumulators and the loaded rows fit the 16, resp. 32, vector registers).
+template <typename T>
+struct WeightGradDots {
+  template <int Bytes>
+  static BHARNET_INLINE void run(const PwSizes& s, const T* dy, const T* x, int64_t n0, int64_t n1, int64_t r0,
+                                 int64_t r1, T* lanes) {
+    using Dot = DotLanes<T, Bytes>;
+    constexpr int L = Dot::L, RB = Bytes == 64 ? 4 : 2, CB = Bytes == 64 ? 6 : 3;
+    const int64_t P = s.P, chunks_end = P / L * L, pairs_end = P / (2 * L) * (2 * L);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t i = 0; i < s.Cin; i += CB) {  // x's CB rows stay in L1 while dy's rows stream by
+        const int cols = static_cast<int>(std::min<int64_t>(CB, s.Cin - i));
+        const T* b[CB];
+        for (int v = 0; v < CB; ++v) b[v] = x + (n * s.Cin + i + std::min(v, cols - 1)) * P;
+        for (int64_t r = r0; r < r1; r += RB) {
+          const int rows = static_cast<int>(std::min<int64_t>(RB, r1 - r));
+          const T* a[RB];
+          for (int u = 0; u < RB; ++u) a[u] = dy + (n * s.Cout + r + std::min(u, rows - 1)) * P;
+          Dot dots[RB][CB] = {};
+          for (int64_t p = 0; p < pairs_end; p += 2 * L) {
+            for (int half = 0; half < Dot::kVectorsPerPair; ++half) {
+              const int64_t q = p + half * L;
+              simd::vec<T, Bytes> bv[CB];
+              for (int v = 0; v < CB; ++v) bv[v] = simd::load<T, Bytes>(b[v] + q);
+              for (int u = 0; u < RB; ++u) {
+                const auto av = simd::load<T, Bytes>(a[u] + q);
+                for (int v = 0; v < CB; ++v) dots[u][v].acc[half] += av * bv[v];
+              }
+            }
+          }
+          if (pairs_end < chunks_end) {  // a last even chunk
+            for (int u = 0; u < RB; ++u)
+              for (int v = 0; v < CB; ++v) {
+                simd::vec<T, Bytes> av{}, bv{};
+                std::memcpy(&av, a[u] + pairs_end, 32);
+                std::memcpy(&bv, b[v] + pairs_end, 32);
+                dots[u][v].acc[0] += av * bv;
+              }
+          }
+          for (int u = 0; u < rows; ++u)
+            for (int v = 0; v < cols; ++v)
+              dots[u][v].add_to(lanes + ((r - r0 + u) * s.Cin + i + v) * L, a[u], b[v], chunks_end, P);
+        }
+      }
+    }
+  }
+};
+
+// dW = sum_n dy_n x_n^T: tasks of (block of samples, task_rows rows of dW) sum into their
+// block's lanes; then each element adds its blocks' lanes in order, in double.
+template <typename T>
+void weight_grad(const PwSizes& s, const T* dy, const T* x, T* dw) {
+  constexpr int L = simd::kLanes<T, 32>;
+  const int64_t per_block = std::max((kBlockProducts + s.P - 1) / s.P, (s.N + kMaxSampleBlocks - 1) / kMaxSampleBlocks);
+  const int64_t blocks = (s.N + per_block - 1) / per_block;
+  const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
+  const int64_t task_rows = std::clamp(simd::round_up((s.Cout * blocks + wanted_tasks - 1) / wanted_tasks, 4),
+                                       int64_t(4), kMaxTaskRows);
+  const int64_t row_tasks = (s.Cout + task_rows - 1) / task_rows;
+  const int64_t size = s.Cout * s.Cin;
+  std::vector<T> lanes(blocks * size * L, T(0));
+  at::parallel_for(0, blocks * row_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / row_tasks, r0 = task % row_tasks * task_rows;
+      simd::run_per_isa<WeightGradDots<T>>(s, dy, x, block * per_block, std::min(s.N, (block + 1) * per_block), r0,
+                                           std::min(s.Cout, r0 + task_rows),
+                                           lanes.data() + (block * size + r0 * s.Cin) * L);
+    }
+  });
+  at::parallel_for(0, size, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      double total = 0.0;
+      for (int64_t block = 0; block < blocks; ++block)
+        for (int l = 0; l < L; ++l) total += lanes[(block * size + e) * L + l];
+      dw[e] = static_cast<T>(total);
+    }
+  });
+}
 
 // db[o] = sum_{n, p} dy[n, o, p] for o in [o0, o1) (simd::sum_rows, compiled per ISA).
 template <typename T>
@@ -210,27 +288,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_cpu(const
     }
     // dx_n = W^T dy_n: A(i, o) = W[o, i]
     column_gemms<T>(s, s.Cin, s.Cout, wp, 1, s.Cin, dyp, s.Cout * s.P, nullptr, dx.data_ptr<T>(), s.Cin * s.P);
-    // dW from the narrower operand packed transposed: G = sum_n A_n Bt_n^T
-    const bool pack_x = s.Cin <= s.Cout;
-    const int64_t R = pack_x ? s.Cout : s.Cin, J = pack_x ? s.Cin : s.Cout;
-    const T* a = pack_x ? dyp : xp;
-    const T* other = pack_x ? xp : dyp;
-    const int64_t ld = simd::packed_ld<T>(J);
-    std::vector<T> packed(s.N * s.P * ld);
-    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        transpose_into(other + n * J * s.P, J, s.P, ld, packed.data() + n * s.P * ld);
-    });
-    auto g = pack_x ? dweight : at::empty({s.Cin, s.Cout}, weight.options());
-    T* gp = g.data_ptr<T>();
-    const T* pp = packed.data();
-    constexpr int64_t kRowBlock = 48;  // output rows per task
-    at::parallel_for(0, (R + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block)
-        simd::run_per_isa<WeightGradRows<T>>(s.N, s.P, J, ld, a, R * s.P, pp, block * kRowBlock,
-                                             std::min(R, (block + 1) * kRowBlock), gp);
-    });
-    if (!pack_x) dweight.copy_(g.t());
+    weight_grad<T>(s, dyp, xp, dweight.data_ptr<T>());
   });
   return {dx, dweight, bias_grad ? std::optional<at::Tensor>(dbias) : std::nullopt};
 }

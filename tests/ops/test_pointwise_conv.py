@@ -22,10 +22,11 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 NAMES = ("y", "x", "weight", "bias")
 
 # (N, C_in, C_out, T, V): T x V a multiple of the 16-float vector (1 x 16, 16 x 25) and not
-# (edges of several widths: 3 x 5, 7 x 42 = 294, 1 x 1, 4 x 5), C_in > C_out and C_in < C_out (the two
-# orientations of the weight gradient), one input channel, more columns than one task's block.
+# (edges of several widths: 3 x 5, 7 x 42 = 294, 1 x 1, 4 x 5), C_in > C_out and C_in < C_out, one
+# input channel, more columns than one task's block; dW's sum over samples in three blocks
+# (24 samples of 8 x 25: 11, 11 and 2).
 SHAPES = [(2, 5, 7, 3, 5), (1, 16, 64, 16, 25), (2, 64, 24, 7, 42), (3, 33, 17, 1, 1), (2, 1, 9, 1, 16),
-          (1, 12, 40, 13, 9), (2, 24, 8, 40, 11), (2, 7, 5, 4, 5)]
+          (1, 12, 40, 13, 9), (2, 24, 8, 40, 11), (2, 7, 5, 4, 5), (24, 6, 5, 8, 25)]
 
 
 def _inputs(N, C_in, C_out, T, V, bias=True, seed=0):
@@ -98,9 +99,10 @@ def test_other_dtypes_and_autocast_run_conv2d():
         assert _cpp(x, weight, bias).dtype == F.conv2d(x, weight, bias).dtype
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 24, 16, 25), (2, 40, 100, 4, 25)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 40, 24, 16, 25), (2, 40, 100, 4, 25), (64, 3, 4, 32, 32)], ids=str)
 def test_independent_of_thread_count(shape):
-    """Column blocks of the forward and dx, and (C_out = 100) several row blocks of dW."""
+    """Column blocks of the forward and dx, (C_out = 100) several row blocks of dW, and (64
+    samples of 1024 products) dW's largest number of sample blocks, 16 of 4 samples."""
     inputs = [t.float() for t in _inputs(*shape)]
     assert_independent_of_thread_count(lambda: run(_cpp, inputs), NAMES)
 
