@@ -93,42 +93,25 @@ constexpr int64_t kMaxSampleBlocks = 16;
 constexpr int64_t kMaxTaskRows = 64;
 constexpr int64_t kTasksPerThread = 4;
 
-// One dW element's sum over one sample's P products, in chunks of L = 32 / sizeof(T) (one
-// 32-byte vector): the even chunks (p / L even) into one accumulator, the odd into another,
-// each lane an FMA chain in p order. The 32-byte path keeps them in two 32-byte vectors, the
-// 64-byte path in the low and high halves of one 64-byte vector, which multiplies two chunks at
-// a time (a last even chunk alone, its high half zero). add_to adds the halves lane by lane into
-// the element's L lanes of partial sums, and the last P mod L products into lanes 0, 1, ...:
-// the same operations on the same values on both widths.
-template <typename T, int Bytes>
-struct DotLanes {
-  static constexpr int L = simd::kLanes<T, 32>;
-  static constexpr int kVectorsPerPair = Bytes == 64 ? 1 : 2;
-  simd::vec<T, Bytes> acc[kVectorsPerPair];
-
-  BHARNET_INLINE void add_to(T* lanes_out, const T* a, const T* b, int64_t chunks_end, int64_t P) const {
-    simd::vec<T, 32> lanes = simd::load<T, 32>(lanes_out);
-    if constexpr (Bytes == 64) {
-      lanes += simd::half_of<T>(acc[0], 0) + simd::half_of<T>(acc[0], 1);
-    } else {
-      lanes += acc[0] + acc[1];
-    }
-    for (int64_t p = chunks_end; p < P; ++p) lanes[p - chunks_end] += a[p] * b[p];
-    simd::store<T, 32>(lanes_out, lanes);
-  }
-};
-
-// The lanes (L per element, DotLanes) of dW rows [r0, r1) summed over samples [n0, n1):
-//   lanes[r - r0, i] += sum_n sum_p dy[n, r, p] x[n, i, p]
+// The lanes (L = 32 / sizeof(T) per element) of dW rows [r0, r1) summed over samples [n0, n1):
+//   lanes[r - r0, i, l] += sum_n sum_{p = l mod L} dy[n, r, p] x[n, i, p]
 // with every row read in place, RB x CB elements at a time (32-byte path 2 x 3, 64-byte path
 // 4 x 6: their accumulators and the loaded rows fit the 16, resp. 32, vector registers).
+// An element's sum over one sample's P products runs in chunks of L (one 32-byte vector): the
+// even chunks (p / L even) into one accumulator, the odd into another, each lane an FMA chain
+// in p order. The 32-byte path keeps the two in two 32-byte vectors, the 64-byte path in the
+// low and high halves of one 64-byte vector, which multiplies two chunks at a time (a last even
+// chunk alone, its high half zero). Then the halves are added lane by lane into the element's
+// lanes, and the last P mod L products into lanes 0, 1, ...: the same operations on the same
+// values on both widths.
 template <typename T>
 struct WeightGradDots {
   template <int Bytes>
   static BHARNET_INLINE void run(const PwSizes& s, const T* dy, const T* x, int64_t n0, int64_t n1, int64_t r0,
                                  int64_t r1, T* lanes) {
-    using Dot = DotLanes<T, Bytes>;
-    constexpr int L = Dot::L, RB = Bytes == 64 ? 4 : 2, CB = Bytes == 64 ? 6 : 3;
+    using Vec = simd::vec<T, Bytes>;
+    constexpr int L = simd::kLanes<T, 32>, RB = Bytes == 64 ? 4 : 2, CB = Bytes == 64 ? 6 : 3;
+    constexpr int kHalves = Bytes == 64 ? 1 : 2;  // accumulators per element
     const int64_t P = s.P, chunks_end = P / L * L, pairs_end = P / (2 * L) * (2 * L);
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t i = 0; i < s.Cin; i += CB) {  // x's CB rows stay in L1 while dy's rows stream by
@@ -139,30 +122,42 @@ struct WeightGradDots {
           const int rows = static_cast<int>(std::min<int64_t>(RB, r1 - r));
           const T* a[RB];
           for (int u = 0; u < RB; ++u) a[u] = dy + (n * s.Cout + r + std::min(u, rows - 1)) * P;
-          Dot dots[RB][CB] = {};
+          Vec acc[kHalves][RB][CB];
+          for (int h = 0; h < kHalves; ++h)
+            for (int u = 0; u < RB; ++u)
+              for (int v = 0; v < CB; ++v) acc[h][u][v] = Vec{};
           for (int64_t p = 0; p < pairs_end; p += 2 * L) {
-            for (int half = 0; half < Dot::kVectorsPerPair; ++half) {
-              const int64_t q = p + half * L;
-              simd::vec<T, Bytes> bv[CB];
-              for (int v = 0; v < CB; ++v) bv[v] = simd::load<T, Bytes>(b[v] + q);
+            for (int h = 0; h < kHalves; ++h) {
+              Vec bv[CB];
+              for (int v = 0; v < CB; ++v) bv[v] = simd::load<T, Bytes>(b[v] + p + h * L);
               for (int u = 0; u < RB; ++u) {
-                const auto av = simd::load<T, Bytes>(a[u] + q);
-                for (int v = 0; v < CB; ++v) dots[u][v].acc[half] += av * bv[v];
+                const Vec av = simd::load<T, Bytes>(a[u] + p + h * L);
+                for (int v = 0; v < CB; ++v) acc[h][u][v] += av * bv[v];
               }
             }
           }
           if (pairs_end < chunks_end) {  // a last even chunk
             for (int u = 0; u < RB; ++u)
               for (int v = 0; v < CB; ++v) {
-                simd::vec<T, Bytes> av{}, bv{};
+                Vec av{}, bv{};
                 std::memcpy(&av, a[u] + pairs_end, 32);
                 std::memcpy(&bv, b[v] + pairs_end, 32);
-                dots[u][v].acc[0] += av * bv;
+                acc[0][u][v] += av * bv;
               }
           }
-          for (int u = 0; u < rows; ++u)
-            for (int v = 0; v < cols; ++v)
-              dots[u][v].add_to(lanes + ((r - r0 + u) * s.Cin + i + v) * L, a[u], b[v], chunks_end, P);
+          for (int u = 0; u < RB; ++u)
+            for (int v = 0; v < CB; ++v) {
+              if (u >= rows || v >= cols) continue;
+              T* out = lanes + ((r - r0 + u) * s.Cin + i + v) * L;
+              simd::vec<T, 32> sum = simd::load<T, 32>(out);
+              if constexpr (Bytes == 64) {
+                sum += simd::half_of<T>(acc[0][u][v], 0) + simd::half_of<T>(acc[0][u][v], 1);
+              } else {
+                sum += acc[0][u][v] + acc[1][u][v];
+              }
+              for (int64_t p = chunks_end; p < P; ++p) sum[p - chunks_end] += a[u][p] * b[v][p];
+              simd::store<T, 32>(out, sum);
+            }
         }
       }
     }
