@@ -82,12 +82,15 @@ void column_gemms(const PwSizes& s, int64_t M, int64_t K, const T* a, int64_t sa
   });
 }
 
-// dW's sum over samples runs in blocks of samples, each block's partial sums kept apart and
-// the blocks added in order at the end: a block has at least kBlockProducts products per dW
-// element (whole samples), and there are at most kMaxSampleBlocks blocks, so that both the
-// blocks and the sums are fixed by the shapes, not by the thread count.
+// dW's sum over samples runs in blocks of samples, each block's partial sums (L lanes per
+// element) kept apart and the blocks added in order at the end: a block has at least
+// kBlockProducts products per dW element (whole samples), and there are at most
+// kMaxSampleBlocks blocks, fewer when their partial sums would take more than
+// kMaxPartialBytes (wide weights have rows enough to split). Both are fixed by the shapes, not
+// by the thread count, and so are the sums.
 constexpr int64_t kBlockProducts = 2048;
 constexpr int64_t kMaxSampleBlocks = 16;
+constexpr int64_t kMaxPartialBytes = 16 << 20;
 // dW rows per task: at most this many, fewer when that gives each thread fewer than
 // kTasksPerThread tasks (rows per task do not change the sums, so they may follow the threads).
 constexpr int64_t kMaxTaskRows = 64;
@@ -169,13 +172,14 @@ struct WeightGradDots {
 template <typename T>
 void weight_grad(const PwSizes& s, const T* dy, const T* x, T* dw) {
   constexpr int L = simd::kLanes<T, 32>;
-  const int64_t per_block = std::max((kBlockProducts + s.P - 1) / s.P, (s.N + kMaxSampleBlocks - 1) / kMaxSampleBlocks);
+  const int64_t size = s.Cout * s.Cin;
+  const int64_t max_blocks = std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(1, size * L * sizeof(T)), 1, kMaxSampleBlocks);
+  const int64_t per_block = std::max((kBlockProducts + s.P - 1) / s.P, (s.N + max_blocks - 1) / max_blocks);
   const int64_t blocks = (s.N + per_block - 1) / per_block;
   const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
   const int64_t task_rows = std::clamp(simd::round_up((s.Cout * blocks + wanted_tasks - 1) / wanted_tasks, 4),
                                        int64_t(4), kMaxTaskRows);
   const int64_t row_tasks = (s.Cout + task_rows - 1) / task_rows;
-  const int64_t size = s.Cout * s.Cin;
   std::vector<T> lanes(blocks * size * L, T(0));
   at::parallel_for(0, blocks * row_tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {

@@ -99,10 +99,12 @@ def test_other_dtypes_and_autocast_run_conv2d():
         assert _cpp(x, weight, bias).dtype == F.conv2d(x, weight, bias).dtype
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 24, 16, 25), (2, 40, 100, 4, 25), (64, 3, 4, 32, 32)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 40, 24, 16, 25), (2, 40, 100, 4, 25), (64, 3, 4, 32, 32),
+                                   (200, 160, 256, 8, 16)], ids=str)
 def test_independent_of_thread_count(shape):
-    """Column blocks of the forward and dx, (C_out = 100) several row blocks of dW, and (64
-    samples of 1024 products) dW's largest number of sample blocks, 16 of 4 samples."""
+    """Column blocks of the forward and dx, (C_out = 100) several row blocks of dW, (64 samples
+    of 1024 products) dW's largest number of sample blocks, 16 of 4 samples, and (a 256 x 160
+    weight) fewer, 12 blocks of 17 samples, so that their partial sums stay within 16 MiB."""
     inputs = [t.float() for t in _inputs(*shape)]
     assert_independent_of_thread_count(lambda: run(_cpp, inputs), NAMES)
 
