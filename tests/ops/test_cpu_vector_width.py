@@ -83,12 +83,12 @@ def test_cross_attention_core_widths_agree_bitwise(shape, dtype):
 @needs_wide
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3, 5), (2, 64, 24, 7, 42), (1, 12, 40, 13, 9), (2, 3, 30, 16, 25),
-                                   (24, 6, 5, 8, 25)],
+                                   (24, 6, 5, 8, 25), (2, 256, 264, 3, 5), (1, 264, 256, 1, 9)],
                          ids=str)
 def test_pointwise_conv_widths_agree_bitwise(shape, dtype):
     """Forward, dx and dW, C_in > C_out and <, with edge columns of every width, T x V of whole
-    vectors and not (dW's lone last chunk and its tail products), and (24 samples) dW's sum over
-    several blocks of samples."""
+    vectors and not (dW's lone last chunk and its tail products), (24 samples) dW's sum over
+    several blocks of samples, and (256 channels and more) the packed dW GEMM, both ways."""
     N, C_in, C_out, T, V = shape
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(*size, generator=gen).to(dtype) for size in ((N, C_in, T, V), (C_out, C_in, 1, 1), (C_out,))]

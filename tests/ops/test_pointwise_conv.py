@@ -24,9 +24,11 @@ NAMES = ("y", "x", "weight", "bias")
 # (N, C_in, C_out, T, V): T x V a multiple of the 16-float vector (1 x 16, 16 x 25) and not
 # (edges of several widths: 3 x 5, 7 x 42 = 294, 1 x 1, 4 x 5), C_in > C_out and C_in < C_out, one
 # input channel, more columns than one task's block; dW's sum over samples in three blocks
-# (24 samples of 8 x 25: 11, 11 and 2).
+# (24 samples of 8 x 25: 11, 11 and 2); 256 channels and more on both sides, whose dW is the
+# packed GEMM (x packed, and dy packed with dW transposed back).
 SHAPES = [(2, 5, 7, 3, 5), (1, 16, 64, 16, 25), (2, 64, 24, 7, 42), (3, 33, 17, 1, 1), (2, 1, 9, 1, 16),
-          (1, 12, 40, 13, 9), (2, 24, 8, 40, 11), (2, 7, 5, 4, 5), (24, 6, 5, 8, 25)]
+          (1, 12, 40, 13, 9), (2, 24, 8, 40, 11), (2, 7, 5, 4, 5), (24, 6, 5, 8, 25), (2, 256, 264, 3, 5),
+          (2, 264, 256, 1, 9)]
 
 
 def _inputs(N, C_in, C_out, T, V, bias=True, seed=0):
@@ -100,11 +102,12 @@ def test_other_dtypes_and_autocast_run_conv2d():
 
 
 @pytest.mark.parametrize("shape", [(2, 40, 24, 16, 25), (2, 40, 100, 4, 25), (64, 3, 4, 32, 32),
-                                   (200, 160, 256, 8, 16)], ids=str)
+                                   (200, 160, 256, 8, 16), (2, 256, 300, 2, 25)], ids=str)
 def test_independent_of_thread_count(shape):
     """Column blocks of the forward and dx, (C_out = 100) several row blocks of dW, (64 samples
-    of 1024 products) dW's largest number of sample blocks, 16 of 4 samples, and (a 256 x 160
-    weight) fewer, 12 blocks of 17 samples, so that their partial sums stay within 16 MiB."""
+    of 1024 products) dW's largest number of sample blocks, 16 of 4 samples, (a 256 x 160
+    weight) fewer, 12 blocks of 17 samples, so that their partial sums stay within 16 MiB, and
+    (256 -> 300) the packed dW GEMM's row blocks."""
     inputs = [t.float() for t in _inputs(*shape)]
     assert_independent_of_thread_count(lambda: run(_cpp, inputs), NAMES)
 
