@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bharnet.bench.op_cases import quick_cases
+from bharnet.bench.op_cases import attention_case, ctr_case, detgc_case
 from bharnet.ops import cross_attention
 from cross_attention_cases import make_inputs, random_mask
 from op_testing import run
@@ -16,11 +16,11 @@ from bharnet.ops.layer_norm import layer_norm
 
 # ctr_graph_conv's CTR-GC and ST-GC cases, DeTGC with stride 2, cross-attention (with its two
 # fused LayerNorms), and LayerNorm alone.
-CASES = {
-    "ctr_graph_conv": quick_cases("ctr_graph_conv")[0],
+CASES = {  # small shapes: the Triton interpreter runs them
+    "ctr_graph_conv": ctr_case(2, 8, 4, 25),
     "ctr_graph_conv static": None,
-    "deformable_temporal_conv": quick_cases("deformable_temporal_conv")[0],
-    "cross_attention": quick_cases("cross_attention")[0],
+    "deformable_temporal_conv": detgc_case(2, 4, 8, 5),
+    "cross_attention": attention_case(4, 5, 7, 16, 2),
     "layer_norm": None,
 }
 
@@ -34,7 +34,7 @@ def make_call(name, device="cpu"):
         bias = torch.randn(24, device=device, requires_grad=True)
         return layer_norm, (x, weight, bias), (x, weight, bias)
     if name == "ctr_graph_conv static":
-        inputs = quick_cases("ctr_graph_conv")[0].make(device, torch.float32)
+        inputs = CASES["ctr_graph_conv"].make(device, torch.float32)
         v, A = inputs.args[:2]
         return CASES["ctr_graph_conv"].function("triton"), (v, A), (v, A)
     case = CASES[name]
