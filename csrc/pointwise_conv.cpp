@@ -149,9 +149,7 @@ void packed_weight_grad(const PwSizes& s, const T* dy, const T* x, T* dw) {
       simd::run_per_isa<WeightGradRows<T>>(s.N, s.P, J, ld, a, R * s.P, static_cast<const T*>(packed.data()),
                                            block * kPackedTaskRows, std::min(R, (block + 1) * kPackedTaskRows), g);
   });
-  if (!pack_x)
-    for (int64_t o = 0; o < s.Cout; ++o)
-      for (int64_t i = 0; i < s.Cin; ++i) dw[o * s.Cin + i] = g[i * s.Cout + o];
+  if (!pack_x) transpose_into(g, s.Cin, s.Cout, s.Cin, dw);  // dw[o, i] = g[i, o]
 }
 
 // dW's sum over samples runs in blocks of samples, each block's partial sums (L lanes per
@@ -245,7 +243,8 @@ template <typename T>
 void dot_weight_grad(const PwSizes& s, const T* dy, const T* x, T* dw) {
   constexpr int L = simd::kLanes<T, 32>;
   const int64_t size = s.Cout * s.Cin;
-  const int64_t max_blocks = std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(1, size * L * sizeof(T)), 1, kMaxSampleBlocks);
+  const int64_t max_blocks =
+      std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(1, size * L * sizeof(T)), 1, kMaxSampleBlocks);
   const int64_t per_block = std::max((kBlockProducts + s.P - 1) / s.P, (s.N + max_blocks - 1) / max_blocks);
   const int64_t blocks = (s.N + per_block - 1) / per_block;
   const int64_t wanted_tasks = kTasksPerThread * at::get_num_threads();
