@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_dtypes.h"
@@ -30,27 +31,17 @@ struct PoolSizes {
   int64_t planes, T, V, T_out, kernel, stride, padding;
 };
 
-// A stored value as it is compared: float32/float64 as they are, bfloat16 widened to float32
-// (exactly: the maximum and its offset are those of the bfloat16 values; the forward copies the
-// stored value itself).
-template <typename T>
-BHARNET_INLINE auto widened(T value) {
-  if constexpr (std::is_same_v<T, simd::bf16>) {
-    return simd::value_as<float>(value);
-  } else {
-    return value;
-  }
-}
-
 // n output elements of one plane (flattened as t * V + v) whose window offsets u0..u1-1 are
 // x_first[i + (u - u0) row]: the rows t with the whole window inside [0, T) at stride 1 (one
 // long loop instead of V-long ones, row = V), or a single row (n = V) with the window clipped
 // to the frames inside [0, T). The running offsets are int32 lanes (`offsets`, the width
 // of a float compare mask), narrowed to int8 at the end; the pointers are __restrict because
 // int8 stores may alias anything as far as the compiler knows. Both keep the loops vectorised.
+// float32/float64 keep the running maxima in y; `best` is unused.
 template <typename T>
 BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8_t* __restrict arg,
-                              int32_t* __restrict offsets, int64_t n, int64_t row, int64_t u0, int64_t u1) {
+                              int32_t* __restrict offsets, float* __restrict /*best*/, int64_t n, int64_t row,
+                              int64_t u0, int64_t u1) {
   for (int64_t i = 0; i < n; ++i) {
     y[i] = x_first[i];
     offsets[i] = static_cast<int32_t>(u0);
@@ -59,8 +50,7 @@ BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8
     const T* __restrict xu = x_first + (u - u0) * row;
     const int32_t offset = static_cast<int32_t>(u);
     for (int64_t i = 0; i < n; ++i) {
-      const auto value = widened(xu[i]), current = widened(y[i]);
-      const bool take = value > current || value != value;  // greater, or NaN
+      const bool take = xu[i] > y[i] || xu[i] != xu[i];  // greater, or NaN
       y[i] = take ? xu[i] : y[i];
       offsets[i] = take ? offset : offsets[i];
     }
@@ -68,9 +58,41 @@ BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8
   for (int64_t i = 0; i < n; ++i) arg[i] = static_cast<int8_t>(offsets[i]);
 }
 
-// One (n, c) plane; offsets: scratch of T_out * V int32.
+// bfloat16 x as its 16 bits, widened exactly to float32 (the bits into the upper half).
+BHARNET_INLINE float widened(uint16_t bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16); }
+
+// bfloat16: compared widened to float32, the running maxima in the float32 scratch `best` (a
+// select on 16-bit values under 32-bit compare masks does not vectorise), stored back as their
+// upper 16 bits: the maxima's own bits, NaN payloads included.
+template <>
+BHARNET_INLINE void pool_span(const simd::bf16* __restrict x_first, simd::bf16* __restrict y, int8_t* __restrict arg,
+                              int32_t* __restrict offsets, float* __restrict best, int64_t n, int64_t row, int64_t u0,
+                              int64_t u1) {
+  const uint16_t* __restrict x_bits = reinterpret_cast<const uint16_t*>(x_first);
+  for (int64_t i = 0; i < n; ++i) {
+    best[i] = widened(x_bits[i]);
+    offsets[i] = static_cast<int32_t>(u0);
+  }
+  for (int64_t u = u0 + 1; u < u1; ++u) {
+    const uint16_t* __restrict xu = x_bits + (u - u0) * row;
+    const int32_t offset = static_cast<int32_t>(u);
+    for (int64_t i = 0; i < n; ++i) {
+      const float value = widened(xu[i]);
+      const bool take = value > best[i] || value != value;  // greater, or NaN
+      best[i] = take ? value : best[i];
+      offsets[i] = take ? offset : offsets[i];
+    }
+  }
+  uint16_t* __restrict y_bits = reinterpret_cast<uint16_t*>(y);
+  for (int64_t i = 0; i < n; ++i) {
+    y_bits[i] = static_cast<uint16_t>(__builtin_bit_cast(uint32_t, best[i]) >> 16);
+    arg[i] = static_cast<int8_t>(offsets[i]);
+  }
+}
+
+// One (n, c) plane; offsets, best: scratch of T_out * V int32 and float32 values.
 template <typename T>
-BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* x, T* y, int8_t* arg, int32_t* offsets) {
+BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* x, T* y, int8_t* arg, int32_t* offsets, float* best) {
   const int64_t T_in = s.T, V = s.V, T_out = s.T_out, kernel = s.kernel, stride = s.stride, padding = s.padding;
   // At stride 1, the rows whose window lies inside [0, T) (t - p >= 0, t - p + k <= T) in one span.
   const int64_t inner_lo = stride == 1 ? std::min(T_out, padding) : T_out;
@@ -78,13 +100,13 @@ BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* x, T* y, int8_t* arg
   for (int64_t t = 0; t < T_out; ++t) {
     if (t == inner_lo && inner_hi > inner_lo) {
       const int64_t n = (inner_hi - inner_lo) * V;
-      pool_span(x + (t - padding) * V, y + t * V, arg + t * V, offsets, n, V, 0, kernel);
+      pool_span(x + (t - padding) * V, y + t * V, arg + t * V, offsets, best, n, V, 0, kernel);
       t = inner_hi - 1;
       continue;
     }
     const int64_t start = t * stride - padding;
     const int64_t u0 = std::max<int64_t>(0, -start), u1 = std::min<int64_t>(kernel, T_in - start);
-    pool_span(x + (start + u0) * V, y + t * V, arg + t * V, offsets, V, V, u0, u1);
+    pool_span(x + (start + u0) * V, y + t * V, arg + t * V, offsets, best, V, V, u0, u1);
   }
 }
 
@@ -131,9 +153,10 @@ void pool_planes(const PoolSizes& s, const at::Tensor& x, at::Tensor& y, at::Ten
   int8_t* ap = arg.data_ptr<int8_t>();
   at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> offsets(s.T_out * s.V);
+    std::vector<float> best(std::is_same_v<T, simd::bf16> ? s.T_out * s.V : 0);
     for (int64_t plane = begin; plane < end; ++plane)
       pool_plane<T>(s, xp + plane * s.T * s.V, yp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V,
-                    offsets.data());
+                    offsets.data(), best.data());
   });
 }
 

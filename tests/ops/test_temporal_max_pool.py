@@ -44,6 +44,28 @@ def test_cpp_is_max_pool_bit_for_bit(shape, kernel, stride, padding, dtype):
     assert torch.equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["channels_first", "channels_last"])
+@pytest.mark.parametrize("shape, kernel, stride, padding", CASES, ids=str)
+def test_bfloat16_inference_keeps_the_maxima_bits(shape, kernel, stride, padding, channels_last):
+    """Without a gradient the kernel pools bfloat16 as stored (compared in float32 lanes): the
+    maxima are max-pool's to the bit, and a NaN maximum keeps its own bits."""
+    x = _special_values(torch.randn(*shape)).to(torch.bfloat16)
+    x.view(torch.int16)[0, -1, 0, -1] = 0x7FC5  # a NaN with a payload of its own
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = temporal_max_pool(x, kernel, stride, padding, backend="cpp")
+    expected = F.max_pool2d(x.contiguous(), (kernel, 1), (stride, 1), (padding, 0))
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    bits, nan = got.contiguous().view(torch.int16), expected.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(bits[~nan], expected.view(torch.int16)[~nan])
+    # max-pool's NaNs are canonical; the kernel's are the stored ones
+    payload = nan[0, -1, :, -1]
+    assert payload.any() and (bits[0, -1, :, -1][payload] == 0x7FC5).all()
+
+
 def test_non_contiguous_and_low_precision_inputs():
     x = torch.randn(2, 5, 9, 3).transpose(2, 3).contiguous().transpose(2, 3)
     assert not x.is_contiguous()
