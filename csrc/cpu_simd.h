@@ -353,13 +353,22 @@ struct Tile {
     } else {
       static_assert(std::is_same_v<S, bf16> && std::is_same_v<T, float>,
                     "store_as: T, or bfloat16 from float32 accumulators");
+      // fixed-size copies (a copy of cols values would be a call to memcpy per row): whole
+      // vectors, then the last L values again, overlapping the ones before (rows of at least L)
       for (int r = 0; r < rows; ++r) {
         uint16_t narrowed[kCols];
         for (int n = 0; n < NV; ++n) {
           const auto half = narrow_bf16<Bytes>(acc[r][n]);
           std::memcpy(narrowed + n * L, &half, sizeof(half));
         }
-        std::memcpy(static_cast<void*>(c + r * ldc), narrowed, cols * sizeof(uint16_t));
+        uint16_t* row = reinterpret_cast<uint16_t*>(c + r * ldc);
+        if (cols >= L) {
+          for (int n = 0; n < NV; ++n)
+            if ((n + 1) * L <= cols) std::memcpy(row + n * L, narrowed + n * L, L * sizeof(uint16_t));
+          std::memcpy(row + cols - L, narrowed + cols - L, L * sizeof(uint16_t));
+        } else {
+          for (int n = 0; n < cols; ++n) row[n] = narrowed[n];
+        }
       }
     }
   }

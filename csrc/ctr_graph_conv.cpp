@@ -30,8 +30,9 @@
 // dalpha and dA from it (phases 3-4, parallel over (b, h) and (h, i)). Every output element is
 // written by exactly one task and every sum runs in a fixed order: results are deterministic.
 // Accumulation is in the compute dtype (float32 or float64). The forward also takes bfloat16 v
-// (for inference on bfloat16 models): the GEMMs widen it as they read it, compute in float32 with
-// float32 topologies, and round y to bfloat16 as they store it.
+// (for inference on bfloat16 models), widened to float32 exactly (channels-last: as the GEMM reads
+// it; channels-first: each task's row block first), computes in float32 with float32 topologies,
+// and rounds y to bfloat16 as it stores it.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -205,25 +206,47 @@ void compute_topologies(const CtrSizes& s, int64_t Vp, const T* A, const T* q, c
   });
 }
 
+// dst[i] = src[i] widened to float32, i < n.
+template <int Bytes>
+BHARNET_INLINE void widen(const simd::bf16* src, int64_t n, float* dst) {
+  constexpr int L = simd::kLanes<float, Bytes>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) simd::store<float, Bytes>(dst + i, simd::load_as<float, Bytes>(src + i));
+  for (; i < n; ++i) dst[i] = simd::value_as<float>(src[i]);
+}
+
 // y rows [m0, m1) of group g in batch b: y_g[m, :] = sum_h v_hg[m, :] . Aref_h^T (v and y stored
-// as S: T, or bf16 for T = float).
+// as S: T, or bf16 for T = float). bfloat16 v: the block's rows of each v_hg are first widened
+// into `widened` (H x (m1 - m0) x V values; unused otherwise), because the GEMM broadcasts v's
+// values one at a time and a bfloat16 one would cost a conversion at each broadcast.
 template <typename T, typename S>
 struct ForwardRows {
   template <int Bytes>
   static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const S* v, const T* aref_t, int64_t b, int64_t g,
-                                 int64_t m0, int64_t m1, S* y) {
+                                 int64_t m0, int64_t m1, S* y, T* widened) {
+    constexpr bool kWiden = !std::is_same_v<S, T>;
     const int64_t V = s.V, CG = s.group_channels();
     S* yg = y + ((b * s.C + g * CG) * s.T + m0) * V;
     const int64_t M = m1 - m0;
+    auto rows_of = [&](int64_t h) __attribute__((always_inline)) {  // v_hg from row m0 on
+      return v + (((b * s.H + h) * s.C + g * CG) * s.T + m0) * V;
+    };
+    if constexpr (kWiden) {
+      for (int64_t h = 0; h < s.H; ++h) widen<Bytes>(rows_of(h), M * V, widened + h * M * V);
+    }
     simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
       const int64_t ahead = m + kPrefetchTiles * rows;  // the rows this loop reaches kPrefetchTiles tiles on
       const int64_t ahead_n = n0 == 0 && ahead < M ? std::min<int64_t>(rows, M - ahead) * V : 0;
       simd::prefetch<true>(yg + ahead * V, ahead_n);
       for (int64_t h = 0; h < s.H; ++h) {
-        const S* vg = v + (((b * s.H + h) * s.C + g * CG) * s.T + m0) * V;
-        simd::prefetch(vg + ahead * V, ahead_n);
-        tile.fma(V, vg + m * V, V, 1, aref_t + topology_offset(s, Vp, b, h, g) + n0, Vp, rows);
+        if constexpr (kWiden) {
+          tile.fma(V, widened + (h * M + m) * V, V, 1, aref_t + topology_offset(s, Vp, b, h, g) + n0, Vp, rows);
+        } else {
+          const S* vg = rows_of(h);
+          simd::prefetch(vg + ahead * V, ahead_n);
+          tile.fma(V, vg + m * V, V, 1, aref_t + topology_offset(s, Vp, b, h, g) + n0, Vp, rows);
+        }
       }
       tile.store_as(yg + m * V + n0, V, rows, cols);
     });
@@ -427,11 +450,12 @@ void forward_into(const CtrSizes& s, bool channels_last, const at::Tensor& v, co
   const int64_t M = s.group_rows();
   const int64_t blocks = (M + kForwardRowBlock - 1) / kForwardRowBlock;
   at::parallel_for(0, s.B * s.G * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> widened(std::is_same_v<S, T> ? 0 : s.H * std::min(M, kForwardRowBlock) * s.V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks, bg = task / blocks;
       const int64_t m0 = block * kForwardRowBlock;
       simd::run_per_isa<ForwardRows<T, S>>(s, Vp, vp, tp, bg / s.G, bg % s.G, m0, std::min(M, m0 + kForwardRowBlock),
-                                           yp);
+                                           yp, widened.data());
     }
   });
 }

@@ -64,9 +64,11 @@ def test_cpu_kernel_dtype():
 
 # (B, H, C, T, V, R, G): groups of 16 channels (the channels-last kernel reads whole 64-byte
 # vectors of float32), odd V (5, 25, 67; the rows' last vectors partly past V), a group of 6
-# channels (the channels-first kernel, output converted back) and 15 rows per group.
+# channels (the channels-first kernel, output converted back) and 15 rows per group; 320 rows per
+# group: two row blocks of the channels-first kernel (240 + 80), which widens bfloat16 rows a block
+# at a time.
 CTR_SHAPES = [(2, 3, 64, 5, 25, 3, 4), (1, 2, 32, 3, 42, 2, 2), (2, 3, 12, 4, 7, 2, 2), (1, 2, 16, 3, 67, 4, 1),
-              (3, 1, 12, 5, 5, 1, 4)]
+              (3, 1, 12, 5, 5, 1, 4), (1, 2, 64, 5, 25, 2, 1)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
