@@ -273,7 +273,8 @@ print("ok")
 def test_bfloat16_forwards_read_nothing_past_the_end_of_their_input():
     """Each input's storage ends at a PROT_NONE page (in a subprocess: a read past it is a
     segfault): the channels-last ctr_graph_conv forward reads bfloat16 rows as whole vectors
-    (groups of 16, 48 and 96 channels: 1 to 3 vectors per tile), the other paths value by value."""
+    (groups of 16, 48 and 96 channels: 1 to 3 vectors per tile), the channels-first one widens
+    each row block by whole vectors, then value by value, the other paths value by value."""
     if not hasattr(mmap, "PROT_READ"):
         pytest.skip("needs mmap with page protection (POSIX)")
     done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300)

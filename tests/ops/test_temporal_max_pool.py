@@ -48,13 +48,17 @@ def test_cpp_is_max_pool_bit_for_bit(shape, kernel, stride, padding, dtype):
 @pytest.mark.parametrize("shape, kernel, stride, padding", CASES, ids=str)
 def test_bfloat16_inference_keeps_the_maxima_bits(shape, kernel, stride, padding, channels_last):
     """Without a gradient the kernel pools bfloat16 as stored (compared in float32 lanes): the
-    maxima are max-pool's to the bit, and a NaN maximum keeps its own bits."""
+    maxima are max-pool's to the bit, a NaN maximum keeps its own bits, and the window offsets
+    are the float32 kernel's."""
     x = _special_values(torch.randn(*shape)).to(torch.bfloat16)
     x.view(torch.int16)[0, -1, 0, -1] = 0x7FC5  # a NaN with a payload of its own
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         got = temporal_max_pool(x, kernel, stride, padding, backend="cpp")
+        _, arg = torch.ops.bharnet.temporal_max_pool(x.contiguous(), kernel, stride, padding)
+        _, arg32 = torch.ops.bharnet.temporal_max_pool(x.contiguous().float(), kernel, stride, padding)
+    assert torch.equal(arg, arg32)  # the backward's routing: the float32 kernel's offsets
     expected = F.max_pool2d(x.contiguous(), (kernel, 1), (stride, 1), (padding, 0))
     assert got.dtype == torch.bfloat16 and got.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
