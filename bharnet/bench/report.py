@@ -2,7 +2,7 @@
 
 CSV columns: ``op, provider, mode, metric, unit, x, p50, p20, p80, config, device, versions,
 timestamp``. ``op`` is an op name, a model name or ``copy`` (the bandwidth reference);
-``mode`` is ``fwd``/``bwd``/``fwd+bwd`` for ops, ``train``/``infer`` for models; ``metric``
+``mode`` is one of :data:`OP_MODES` for ops, ``train``/``infer`` for models; ``metric``
 is one of :data:`METRICS`; ``config`` holds ``key=value`` pairs joined by ``;`` (dtype first).
 """
 from __future__ import annotations
@@ -25,6 +25,11 @@ METRICS = {
     "bandwidth": "GB/s",   # copy bandwidth (op "copy")
 }
 MODEL_MODES = ("train", "infer")
+# An op's forward recorded for autograd, its backward, both, and the forward under torch.no_grad
+# (inference: under bf16 the C++ kernels then read bfloat16 as stored; not timed for compiled
+# providers, whose no-grad call would compile a second graph).
+NOGRAD = "fwd-nograd"
+OP_MODES = ("fwd", "bwd", "fwd+bwd", NOGRAD)
 
 # The providers an op's (or model's) ratios are computed against, eager and compiled ("vs
 # eager", "vs compile"). By default the PyTorch reference and its torch.compile; cross_attention
@@ -134,7 +139,7 @@ def _case(row: Row) -> Tuple[str, str, str, str]:
 
 # --- terminal table -----------------------------------------------------------------------
 
-_COLUMNS = (("mode", 8), ("provider", 22), ("p50 ms", 10), ("p20-p80 ms", 19), ("vs eager", 9),
+_COLUMNS = (("mode", 10), ("provider", 22), ("p50 ms", 10), ("p20-p80 ms", 19), ("vs eager", 9),
             ("vs compile", 10), ("GB/s", 8), ("% copy", 7), ("TFLOP/s", 8), ("peak MiB", 9),
             ("saved MiB", 9), ("compile s", 9))
 

@@ -25,7 +25,7 @@ from .model_cases import MODEL_NAMES, ModelCase, make_step, model_cases
 from .op_cases import FULL_BATCH, OP_FUNCTIONS, OpCase, full_cases, quick_cases
 from .providers import (COMPILE_MODES, DTYPES, Provider, autocast, backend_skip_reason, compiled,
                         dtype_skip_reason, model_providers, providers)
-from .report import METRICS, Note, Row, format_table, write_csv, write_plots
+from .report import METRICS, NOGRAD, OP_MODES, Note, Row, format_table, write_csv, write_plots
 from .roofline import copy_bandwidth, gbps, roofline_percent, tensor_bytes
 from .timing import TimerSettings, first_call_seconds, interleaved, measure
 
@@ -37,8 +37,8 @@ MIN_BUDGET_S = {"op": 0.0, "op+compile": 10.0, "model": 0.0, "model+compile": 60
 DESCRIPTION = """\
 Side-by-side benchmark: reference eager, torch.compile, every available bharnet backend and
 each backend under torch.compile (for cross_attention also PyTorch's SDPA, eager and compiled);
-per op (fwd, bwd, fwd+bwd at the NTU shapes) and per model (training step, single-clip
-inference), in fp32 and bf16 autocast."""
+per op (fwd, bwd, fwd+bwd at the NTU shapes, and the forward under torch.no_grad:
+fwd-nograd) and per model (training step, single-clip inference), in fp32 and bf16 autocast."""
 
 EPILOG = """\
 Timing: the providers of one case side by side, their calls in alternating blocks (so that a
@@ -248,7 +248,8 @@ class Bench:
 
     # --- ops ------------------------------------------------------------------------------
     def op_job(self, case: OpCase, dtype: str, providers: List[Provider]) -> List[Row]:
-        """Compile time (compiled providers), then fwd, bwd and fwd+bwd of every provider,
+        """Compile time (compiled providers), then fwd, bwd and fwd+bwd of every provider and
+        fwd-nograd of the uncompiled ones (report.OP_MODES),
         interleaved (:func:`interleaved`), on the same input sets: time, GB/s, % of copy
         bandwidth (memory-bound ops), TFLOP/s (ops with a FLOP count); then per provider the
         peak memory of fwd+bwd and the bytes saved by fwd. A provider that fails or rejects
@@ -273,7 +274,12 @@ class Bench:
             def bwd(state):
                 y, i = state
                 torch.autograd.grad(y, sets[i].grads, grads_out[i])
-            return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwd+bwd": (fwd_bwd, None)}
+
+            def fwd_nograd():
+                with torch.no_grad():
+                    forward(sets[next(index)])
+            return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwd+bwd": (fwd_bwd, None),
+                    NOGRAD: (fwd_nograd, None)}
 
         rows, ready = [], []
         for provider in providers:
@@ -291,10 +297,13 @@ class Bench:
         moved = {"fwd": args_bytes + out_bytes,
                  "bwd": out_bytes + args_bytes + tensor_bytes(sets[0].grads)}
         moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
-        for mode in ("fwd", "bwd", "fwd+bwd"):
-            timed = [(entry, t) for entry, t in zip(ready, self._timings([(p, c[mode]) for p, _, c in ready], what))
+        moved[NOGRAD] = moved["fwd"]
+        for mode in OP_MODES:
+            timing = [entry for entry in ready if mode != NOGRAD or entry[0].compile_mode is None]
+            timed = [(entry, t) for entry, t in zip(timing, self._timings([(p, c[mode]) for p, _, c in timing], what))
                      if t is not None]
-            ready = [entry for entry, _ in timed]
+            failed = {id(entry) for entry in timing} - {id(entry) for entry, _ in timed}
+            ready = [entry for entry in ready if id(entry) not in failed]
             for (provider, _, _), t in timed:
                 name = provider.name
                 rows.append(self.row(case.op, name, mode, "time", case.x, config, t.p50, t.p20, t.p80))
@@ -306,7 +315,7 @@ class Bench:
                                          *[roofline_percent(moved[mode], ms, self.copy_gbps) for ms in rate_times]))
                 if case.fwd_flops:
                     flops = {"fwd": case.fwd_flops, "bwd": case.bwd_flops,
-                             "fwd+bwd": case.fwd_flops + case.bwd_flops}[mode]
+                             "fwd+bwd": case.fwd_flops + case.bwd_flops, NOGRAD: case.fwd_flops}[mode]
                     rows.append(self.row(case.op, name, mode, "tflops", case.x, config,
                                          *[flops / (ms * 1e-3) / 1e12 for ms in rate_times]))
         for provider, forward, c in ready:

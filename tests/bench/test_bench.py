@@ -17,7 +17,7 @@ from bharnet.bench.memory import MIB, peak_memory, saved_tensor_bytes
 from bharnet.bench.op_cases import FULL_BATCH, OP_FUNCTIONS, attention_case, full_cases
 from bharnet.bench.providers import TRITON_ON_CPU, Provider, model_providers, providers
 from bharnet.bench.readme import END, START, render, replace_section, update_readme
-from bharnet.bench.report import (BASELINES, CSV_COLUMNS, Row, baseline, format_table, read_csv, speedups,
+from bharnet.bench.report import (BASELINES, CSV_COLUMNS, NOGRAD, Row, baseline, format_table, read_csv, speedups,
                                   write_csv)
 from bharnet.bench.roofline import gbps, roofline_percent, tensor_bytes
 from bharnet.bench.timing import TimerSettings, interleaved, measure, quantile
@@ -62,6 +62,8 @@ def test_quick_run_prints_the_table_and_writes_csv_and_plots(tmp_path, capsys):
     for op in ("ctr_graph_conv", "deformable_temporal_conv", "bone", "temporal_max_pool"):
         for provider in ("eager", "compile"):
             assert {(op, provider, mode) for mode in ("fwd", "bwd", "fwd+bwd")} <= times
+        # the forward without autograd, for the uncompiled providers only
+        assert (op, "eager", NOGRAD) in times and (op, "compile", NOGRAD) not in times
     for provider in ("eager", "compile", "sdpa", "sdpa+compile", "sdpa-math"):
         assert {("cross_attention", provider, mode) for mode in ("fwd", "bwd", "fwd+bwd")} <= times
     assert "ratios vs sdpa / sdpa+compile" in out
