@@ -2,7 +2,8 @@
 
 For each device a short Markdown report: conditions (device, versions, threads, dtypes, shapes,
 date), op timings for fwd+bwd by provider with speedups over each op's eager baseline
-(``report.baseline``), and model training-step / inference timings with peak memory. Each table
+(``report.baseline``), op timings of the forward under torch.no_grad where a run measured it, and
+model training-step / inference timings with peak memory. Each table
 row (a case: op or model, shape, dtype, mode) comes from the newest run (timestamp) that timed it,
 so a partial run does not hide what older runs measured, and a row never mixes runs; when the rows
 come from several runs, a "run" column says which. The section replaces whatever lies between
@@ -17,7 +18,7 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .env import device_slug
-from .report import (BASELINES, MODEL_MODES, Row, baseline, by_op, case_config, parse_config, read_csv,
+from .report import (BASELINES, MODEL_MODES, NOGRAD, Row, baseline, by_op, case_config, parse_config, read_csv,
                      row_key, speedups)
 
 START = "<!-- performance:start -->"
@@ -122,7 +123,8 @@ def render_device(rows: Sequence[Row], plots: Sequence[str] = ()) -> List[str]:
     if plots:
         names = [os.path.splitext(os.path.basename(p))[0].split("_", 1)[-1] for p in plots]
         lines.append("Plots: " + ", ".join(f"[{name}]({p})" for name, p in zip(names, plots)) + ".")
-    lines += _op_lines(rows, several, first.device.startswith("cpu")) + _model_lines(rows, several)
+    lines += (_op_lines(rows, several, first.device.startswith("cpu")) + _inference_op_lines(rows, several)
+              + _model_lines(rows, several))
     return lines
 
 
@@ -183,6 +185,28 @@ def _op_lines(rows: Sequence[Row], run_column: bool = False, cpu: bool = False) 
             + ["", "Ops, memory in MiB: saved for backward by the forward / peak of forward + backward "
                "above the inputs:", ""]
             + _table(head + providers + tail, memory))
+
+
+def _inference_op_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:
+    """The ops' forward under torch.no_grad (mode fwd-nograd) per uncompiled provider, for the
+    cases whose run timed it; with ``run_column``, each case's run."""
+    times = by_op(r for r in rows if r.metric == "time" and r.mode == NOGRAD)
+    if not times:
+        return []
+    ratio = speedups(rows)
+    metric = {row_key(r): r.p50 for r in times}
+    providers = _providers(times)
+    cases = {(r.op, r.x, case_config(r.config)): r.timestamp for r in times}  # case -> its run
+    body = []
+    for (op, x, config), run in cases.items():
+        cells = [op, _shape(config), parse_config(config).get("dtype", "")]
+        for p in providers:
+            key = (op, p, NOGRAD, x, config)
+            cells.append(_timed(metric.get(key), ratio.get(key), p == baseline(op)))
+        body.append(cells + ([_minute(run)] if run_column else []))
+    return (["", "Ops, forward under `torch.no_grad` (inference; in bf16 the C++ kernels read the bfloat16 "
+             f"activations as stored), ms (speedup over the baseline: {_baselines_text(times)}):", ""]
+            + _table(["op", "shape", "dtype"] + providers + (["run"] if run_column else []), body))
 
 
 def _model_lines(rows: Sequence[Row], run_column: bool = False) -> List[str]:

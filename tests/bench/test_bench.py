@@ -428,6 +428,20 @@ def fake_rows(timestamp, eager_ms, triton_ms):
     ]
 
 
+def test_readme_has_an_inference_table_where_a_run_timed_the_forward_without_grad():
+    common = dict(device="cpu: Fake CPU (2 cores)", versions="torch=2.11.0;triton=3.6.0;bharnet=0.1.0",
+                  timestamp="2026-01-01T00:00:00Z")
+    config = "dtype=bf16;B=2;C=64;T=64;V=25"
+    rows = [Row("ctr_graph_conv", provider, mode, "time", "ms", "C64 T64 V25", ms, ms, ms, config, **common)
+            for provider, mode, ms in (("eager", "fwd+bwd", 9.0), ("cpp", "fwd+bwd", 3.0),
+                                       ("eager", NOGRAD, 2.0), ("cpp", NOGRAD, 0.5))]
+    section = render(rows)
+    assert "Ops, forward under `torch.no_grad`" in section
+    assert "| ctr_graph_conv | B=2 C=64 T=64 V=25 | bf16 | 2 | 0.5 (4.00x) |" in section
+    assert "| ctr_graph_conv | B=2 C=64 T=64 V=25 | bf16 | 9 | 3 (3.00x) |" in section  # fwd+bwd, as before
+    assert "torch.no_grad" not in render([r for r in rows if r.mode != NOGRAD])
+
+
 def test_readme_section_is_generated_from_the_latest_run(tmp_path):
     path = tmp_path / "cuda-fake-gpu.csv"
     write_csv(fake_rows("2026-01-01T00:00:00Z", 9.0, 3.0), str(path))
