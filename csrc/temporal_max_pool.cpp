@@ -58,9 +58,6 @@ BHARNET_INLINE void pool_span(const T* __restrict x_first, T* __restrict y, int8
   for (int64_t i = 0; i < n; ++i) arg[i] = static_cast<int8_t>(offsets[i]);
 }
 
-// bfloat16 x as its 16 bits, widened exactly to float32 (the bits into the upper half).
-BHARNET_INLINE float widened(uint16_t bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16); }
-
 // bfloat16: compared widened to float32, the running maxima in the float32 scratch `best` (a
 // select on 16-bit values under 32-bit compare masks does not vectorise), stored back as their
 // upper 16 bits: the maxima's own bits, NaN payloads included.
@@ -68,16 +65,15 @@ template <>
 BHARNET_INLINE void pool_span(const simd::bf16* __restrict x_first, simd::bf16* __restrict y, int8_t* __restrict arg,
                               int32_t* __restrict offsets, float* __restrict best, int64_t n, int64_t row, int64_t u0,
                               int64_t u1) {
-  const uint16_t* __restrict x_bits = reinterpret_cast<const uint16_t*>(x_first);
   for (int64_t i = 0; i < n; ++i) {
-    best[i] = widened(x_bits[i]);
+    best[i] = simd::value_as<float>(x_first[i]);
     offsets[i] = static_cast<int32_t>(u0);
   }
   for (int64_t u = u0 + 1; u < u1; ++u) {
-    const uint16_t* __restrict xu = x_bits + (u - u0) * row;
+    const simd::bf16* __restrict xu = x_first + (u - u0) * row;
     const int32_t offset = static_cast<int32_t>(u);
     for (int64_t i = 0; i < n; ++i) {
-      const float value = widened(xu[i]);
+      const float value = simd::value_as<float>(xu[i]);
       const bool take = value > best[i] || value != value;  // greater, or NaN
       best[i] = take ? value : best[i];
       offsets[i] = take ? offset : offsets[i];
