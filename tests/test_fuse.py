@@ -447,6 +447,30 @@ def test_an_mstcn_whose_batchnorms_cannot_be_folded_still_fuses():
         assert relative_error(fused(x), model(x)) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_short_channel_runs_are_copied_before_their_branch(dtype, monkeypatch):
+    """The MSTCN's split parts of 16 channels, channels-last: in bfloat16 (32-byte runs) the
+    shared branches with layers get a channels-last copy (the plain 1x1 branch, whose rest is
+    nn.Identity, its slice), in float32 (64 bytes) the slices; the output is the same bit for
+    bit as with the slices."""
+    torch.manual_seed(0)
+    model = with_bn_statistics(nn.Sequential(MultiScaleTemporalConv(16, 64))).eval()
+    fused = fuse_for_inference(model, "reference").to(dtype)
+    x = torch.randn(2, 16, 9, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    seen = []
+    shared = next(m for m in fused.modules() if isinstance(m, SharedInputBranches))
+    for rest, is_shared in zip(shared.rests, shared.shared):
+        if is_shared:
+            rest.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        out = fused(x)
+        monkeypatch.setattr(bharnet.fast, "_with_whole_vector_runs", lambda part: part)
+        out_from_slices = fused(x)
+    copied = [t.is_contiguous(memory_format=torch.channels_last) for t in seen]
+    assert len(seen) == 8 and copied[:4] == [dtype == torch.bfloat16] * 3 + [False] and not any(copied[4:])
+    assert torch.equal(out, out_from_slices)
+
+
 def test_a_batchnorm_left_unfolded_refuses_training_mode_when_called_on_its_own():
     """Called in training mode, the BN that stays (after the max-pool branch) would update its
     statistics, and the fused model would stay wrong after eval()."""
