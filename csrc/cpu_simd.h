@@ -338,6 +338,22 @@ struct Tile {
     }
   }
 
+  // acc += A(:, 0:K) · B(0:K, :) with A column-major, A(r, k) = a[k * lda + r], and B's NV
+  // vectors of row k at b + k * ldb + n * vstride (B stored as bf16 for T = float: widened as
+  // read). Every column of A must have MR readable values (the rows past the output's are
+  // computed and dropped): then A's entries are addressed from one pointer per k.
+  template <typename SB>
+  BHARNET_INLINE void fma_columns(int64_t K, const T* a, int64_t lda, const SB* b, int64_t ldb,
+                                  int64_t vstride = L) {
+    for (int64_t k = 0; k < K; ++k) {
+      vec<T, Bytes> bv[NV];
+      for (int n = 0; n < NV; ++n) bv[n] = load_as<T, Bytes>(b + k * ldb + n * vstride);
+      const T* column = a + k * lda;
+      for (int r = 0; r < MR; ++r)
+        for (int n = 0; n < NV; ++n) acc[r][n] += column[r] * bv[n];
+    }
+  }
+
   // acc *= scale
   BHARNET_INLINE void scale_by(T scale) {
     for (int r = 0; r < MR; ++r)
@@ -369,6 +385,20 @@ struct Tile {
         } else {
           for (int n = 0; n < cols; ++n) row[n] = narrowed[n];
         }
+      }
+    }
+  }
+
+  // Vector column n of the tile: C[r, 0:L] = acc[r][n] for r < rows (C stored as T, or as
+  // bf16 for T = float: rounded).
+  template <typename S>
+  BHARNET_INLINE void store_vector_as(int n, S* c, int64_t ldc, int rows) const {
+    for (int r = 0; r < rows; ++r) {
+      if constexpr (std::is_same_v<S, T>) {
+        store<T, Bytes>(c + r * ldc, acc[r][n]);
+      } else {
+        const auto narrowed = narrow_bf16<Bytes>(acc[r][n]);
+        std::memcpy(c + r * ldc, &narrowed, sizeof(narrowed));
       }
     }
   }

@@ -29,8 +29,10 @@ def channels_last_v(v):
 
 
 # (B, H, C, T, V, R, G): channel groups of whole 64-byte vectors in float32 (C / G = 16 or 32:
-# the channels-last kernel) and of 6 channels (the channels-first kernel, output converted).
-CTR_SHAPES = [(2, 3, 64, 5, 25, 3, 4), (1, 2, 64, 3, 42, 2, 2), (2, 3, 12, 4, 7, 2, 2)]
+# the channels-last kernel; groups of one vector, 16 floats, go two frames per tile: odd T leaves
+# one frame alone, V = 7 is one tile of rows) and of 6 channels (the channels-first kernel,
+# output converted).
+CTR_SHAPES = [(2, 3, 64, 5, 25, 3, 4), (1, 2, 64, 3, 42, 2, 2), (1, 2, 32, 4, 7, 2, 2), (2, 3, 12, 4, 7, 2, 2)]
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
