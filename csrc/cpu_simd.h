@@ -20,8 +20,9 @@
 //   acc[r][n] += sum_k A(r, k) · B(k, n)      A(r, k) = a[r·sam + k·sak],  B(k, n) = b[k·ldb + n]
 // A's entries are broadcast, B's rows are loaded as vectors. B must be readable for NV whole
 // vectors per row (callers pack B into buffers whose row length is a multiple of 64 bytes,
-// zero-padded); rows of A past `rows` are never read (they alias the last valid row), and
-// stores write only the valid rows x columns of C.
+// zero-padded); rows of A past `rows` are never read by `fma` (they alias the last valid row),
+// while `fma_columns` (A column-major) reads all MR rows of each column from one pointer and
+// computes rows that the stores drop; stores write only the valid rows x columns of C.
 #pragma once
 
 #include <algorithm>
@@ -393,6 +394,8 @@ struct Tile {
   // bf16 for T = float: rounded).
   template <typename S>
   BHARNET_INLINE void store_vector_as(int n, S* c, int64_t ldc, int rows) const {
+    static_assert(std::is_same_v<S, T> || (std::is_same_v<S, bf16> && std::is_same_v<T, float>),
+                  "store_vector_as: T, or bfloat16 from float32 accumulators");
     for (int r = 0; r < rows; ++r) {
       if constexpr (std::is_same_v<S, T>) {
         store<T, Bytes>(c + r * ldc, acc[r][n]);

@@ -23,8 +23,8 @@
 // shared by all groups, from 2V exponentials per (b, h, r) in float32; the sums over r as a
 // register-tiled GEMM - into a zero-padded buffer (Vp = V rounded up to the micro-kernel's
 // column tile) that the GEMMs read as their B operand. A channels-last v (the view of a
-// channels-last convolution output) is read in place by a frame-wise forward (see
-// ForwardFramesChannelsLast). Phase 2 runs the GEMMs with the
+// channels-last convolution output) is read in place by a frame-wise forward, which reads the
+// topologies as its A operand (see ForwardFramesChannelsLast). Phase 2 runs the GEMMs with the
 // register-tiled micro-kernel of cpu_simd.h, parallel over (b, g, row blocks) forward and over
 // (b, g, h) backward. The backward keeps dAref (B, H, G, V, V) and finishes dq, dk, dW, dbias,
 // dalpha and dA from it (phases 3-4, parallel over (b, h) and (h, i)). Every output element is
@@ -253,9 +253,12 @@ struct ForwardRows {
   }
 };
 
-// Zeros after the forward's transposed topologies: the channels-last forward reads the Vp values
-// of each (g, j) from row i on as whole tiles of rows (16 at most), past the last one's end.
+// Zeros after the forward's transposed topologies: the channels-last forward reads each (g, j)'s
+// row of Vp values in whole tiles of rows; the last tile of rows, full or half height, ends at
+// most MR / 2 - 1 values past V - 1 (MR <= 16), i.e. past the row's end into the next row (its
+// values land in dropped rows) or, for the buffer's last row, into these zeros.
 constexpr int64_t kTopologySlack = 16;
+static_assert(kTopologySlack >= 16 / 2 - 1, "kTopologySlack: the tallest tile's overrun");
 
 // Rows of the channels-last forward's two-frame tiles (12 x 2 vectors).
 constexpr int64_t kPairRows = 12;
@@ -277,8 +280,9 @@ struct ForwardFramesChannelsLast {
                                  int64_t t1, S* y) {
     const int64_t V = s.V, C = s.C, CG = s.group_channels(), HC = s.H * C;
     int64_t t = t0;
-    if (CG == simd::kLanes<T, Bytes>) {  // one vector per group: two frames per tile
-      for (; t + 1 < t1; t += 2) {
+    // one vector per group (possible on the wide path only): two frames per tile
+    if constexpr (Bytes == 64) {
+      for (; CG == simd::kLanes<T, Bytes> && t + 1 < t1; t += 2) {
         const S* vt = v + (b * s.T + t) * V * HC;
         S* yt = y + (b * s.T + t) * V * C;
         for (int64_t g = 0; g < s.G; ++g) {

@@ -28,11 +28,12 @@ def channels_last_v(v):
     return v.reshape(B, H * C, T, V).contiguous(memory_format=CL).view(B, H, C, T, V)
 
 
-# (B, H, C, T, V, R, G): channel groups of whole 64-byte vectors in float32 (C / G = 16 or 32:
-# the channels-last kernel; groups of one vector, 16 floats, go two frames per tile: odd T leaves
-# one frame alone, V = 7 is one tile of rows) and of 6 channels (the channels-first kernel,
-# output converted).
-CTR_SHAPES = [(2, 3, 64, 5, 25, 3, 4), (1, 2, 64, 3, 42, 2, 2), (1, 2, 32, 4, 7, 2, 2), (2, 3, 12, 4, 7, 2, 2)]
+# (B, H, C, T, V, R, G): channel groups of whole 64-byte vectors (C / G = 16 or 32 floats, 8, 16
+# or 32 doubles: the channels-last kernel; groups of one vector, 16 floats or 8 doubles, go two
+# frames per tile: odd T leaves one frame alone, V = 7 is one tile of rows; G = 1 and the static
+# mode too) and of 6 channels (the channels-first kernel, output converted).
+CTR_SHAPES = [(2, 3, 64, 5, 25, 3, 4), (1, 2, 64, 3, 42, 2, 2), (1, 2, 32, 4, 7, 2, 2), (1, 2, 16, 4, 7, 2, 2),
+              (1, 2, 16, 5, 7, 2, 1), (2, 3, 12, 4, 7, 2, 2)]
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
