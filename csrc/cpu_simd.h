@@ -340,15 +340,14 @@ struct Tile {
   }
 
   // acc += A(:, 0:K) · B(0:K, :) with A column-major, A(r, k) = a[k * lda + r], and B's NV
-  // vectors of row k at b + k * ldb + n * vstride (B stored as bf16 for T = float: widened as
-  // read). Every column of A must have MR readable values (the rows past the output's are
-  // computed and dropped): then A's entries are addressed from one pointer per k.
-  template <typename SB>
-  BHARNET_INLINE void fma_columns(int64_t K, const T* a, int64_t lda, const SB* b, int64_t ldb,
+  // vectors of row k at b + k * ldb + n * vstride. Every column of A must have MR readable values
+  // (the rows past the output's are computed and dropped): then A's entries are addressed from
+  // one pointer per k.
+  BHARNET_INLINE void fma_columns(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
                                   int64_t vstride = L) {
     for (int64_t k = 0; k < K; ++k) {
       vec<T, Bytes> bv[NV];
-      for (int n = 0; n < NV; ++n) bv[n] = load_as<T, Bytes>(b + k * ldb + n * vstride);
+      for (int n = 0; n < NV; ++n) bv[n] = load<T, Bytes>(b + k * ldb + n * vstride);
       const T* column = a + k * lda;
       for (int r = 0; r < MR; ++r)
         for (int n = 0; n < NV; ++n) acc[r][n] += column[r] * bv[n];

@@ -292,7 +292,7 @@ struct ForwardFramesChannelsLast {
         for (int n = 0; n < frames; ++n)
           for (int64_t jh = 0; jh < V * H; ++jh)
             widen<Bytes>(vt + n * V * HC + jh * C, CG, widened + (n * V * H + jh) * CG);
-        use(static_cast<const T*>(widened), CG, H * CG, V * H * CG);
+        use(widened, CG, H * CG, V * H * CG);
       } else {
         use(vt, C, HC, V * HC);
       }
@@ -303,7 +303,7 @@ struct ForwardFramesChannelsLast {
       for (; CG == simd::kLanes<T, Bytes> && t + 1 < t1; t += 2) {
         S* yt = y + (b * s.T + t) * V * C;
         for (int64_t g = 0; g < s.G; ++g) {
-          with_group_rows(t, g, 2, [&](const auto* vg, int64_t h_stride, int64_t ldb, int64_t frame_stride)
+          with_group_rows(t, g, 2, [&](const T* vg, int64_t h_stride, int64_t ldb, int64_t frame_stride)
                                        __attribute__((always_inline)) {
             auto frame_pair = [&](auto& tile, int64_t i, int rows, int64_t, int) __attribute__((always_inline)) {
               for (int64_t h = 0; h < H; ++h)
@@ -320,7 +320,7 @@ struct ForwardFramesChannelsLast {
     for (; t < t1; ++t) {
       S* yt = y + (b * s.T + t) * V * C;
       for (int64_t g = 0; g < s.G; ++g) {
-        with_group_rows(t, g, 1, [&](const auto* vg, int64_t h_stride, int64_t ldb, int64_t)
+        with_group_rows(t, g, 1, [&](const T* vg, int64_t h_stride, int64_t ldb, int64_t)
                                      __attribute__((always_inline)) {
           simd::tiles<T, Bytes>(V, CG, [&](auto& tile, int64_t i, int rows, int64_t n0, int cols)
                                            __attribute__((always_inline)) {
