@@ -17,11 +17,15 @@ vector dimension (measured in ``bharnet bench``; about 1.1-2.8x per call at the 
 on this project's 2-core EPYC, most for the thin convolutions).
 
 Backends: ``reference`` (``F.conv2d``) and ``cpp``: the C++ kernel for non-empty float32/
-float64 CPU tensors whose channels are not the innermost dimension. Everything else runs
-``F.conv2d`` under ``cpp`` too: other devices (cuDNN), other dtypes, calls under CPU autocast
-(which runs the convolution in bfloat16, as for ``F.conv2d``), inside ``torch.func``
-transforms or forward-mode AD, empty tensors, and channels-last ``x`` (or a view of one), for which oneDNN's own
-layout is already the fast one (``bharnet.fast`` makes the inference path channels-last). A
+float64 CPU tensors whose channels are not the innermost dimension. bfloat16/float16 CPU
+convolutions on such tensors (also float32 ``x`` under CPU autocast, which computes in its
+dtype as ``F.conv2d`` does) run as one batched GEMM over the samples (``torch.bmm``, then the
+bias; ATen's autograd): oneDNN's convolution reorders these operands at each call, 3-12x
+slower at the models' shapes on a 2-core Xeon with AMX (half of a bfloat16 autocast training
+step). Everything else runs ``F.conv2d`` under ``cpp`` too: other devices (cuDNN), other
+dtypes, float64 calls under CPU autocast, inside ``torch.func`` transforms or
+forward-mode AD, empty tensors, and channels-last ``x`` (or a view of one), for which oneDNN's
+own layout is already the fast one (``bharnet.fast`` makes the inference path channels-last). A
 backend the op does not have (``triton``) counts as ``auto``. Autograd is registered in C++
 (``csrc/autograd.cpp``); under ``create_graph`` the gradients are computed by differentiable
 ATen products, so double backward works as through ``F.conv2d``. The ops are
@@ -68,7 +72,38 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             and x.numel() > 0 and weight.numel() > 0)
 
 
+def _half_precision(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """bfloat16/float16 when a non-empty CPU convolution computes in it (x, weight and bias in
+    that dtype, or under CPU autocast to it) and x's channels are not innermost; else None."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled("cpu"):
+        if x.dtype != torch.float64:  # (which autocast leaves alone)
+            dtype = torch.get_autocast_dtype("cpu")
+    elif weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return None  # F.conv2d's error
+    channels_innermost = not x.is_contiguous() and x.stride(1) == 1
+    if (x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not channels_innermost
+            and x.numel() > 0 and weight.numel() > 0):
+        return dtype
+    return None
+
+
+def _pointwise_conv_bmm(x, weight, bias, stride, dtype):
+    """``y[n] = W x[n] + b`` in ``dtype`` as one batched GEMM over the samples (``torch.bmm``,
+    ATen's autograd; the operands are cast before the weight is broadcast over the batch, which
+    would otherwise cast each broadcast copy)."""
+    x = (x[:, :, ::stride] if stride > 1 else x).to(dtype)
+    N, C_in, T, V = x.shape
+    y = torch.bmm(weight.flatten(1).to(dtype).expand(N, -1, -1), x.reshape(N, C_in, T * V))
+    if bias is not None:  # added per sample: its gradient sums each sample's row, then the samples
+        y = y.add_(bias.to(dtype).expand(N, -1)[:, :, None])  # (bf16 sums over both dims ~4x slower)
+    return y.view(N, -1, T, V)
+
+
 def _pointwise_conv_cpp(x, weight, bias, stride):
+    half = _half_precision(x, weight, bias)
+    if half is not None:  # module docstring
+        return _pointwise_conv_bmm(x, weight, bias, stride, half)
     if not _kernel_applies(x, weight, bias):  # F.conv2d (module docstring)
         return pointwise_conv_reference(x, weight, bias, stride)
     _register_cpp_ops()
