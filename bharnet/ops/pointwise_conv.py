@@ -19,8 +19,8 @@ on this project's 2-core EPYC, most for the thin convolutions).
 Backends: ``reference`` (``F.conv2d``) and ``cpp``: the C++ kernel for non-empty float32/
 float64 CPU tensors whose channels are not the innermost dimension. bfloat16/float16 CPU
 convolutions on such tensors (also float32 ``x`` under CPU autocast, which computes in its
-dtype as ``F.conv2d`` does) run as one batched GEMM over the samples (``torch.bmm``, then the
-bias; ATen's autograd): oneDNN's convolution reorders these operands at each call, 3-12x
+dtype as ``F.conv2d`` does) run as one batched GEMM over the samples (``torch.baddbmm``;
+ATen's autograd): oneDNN's convolution reorders these operands at each call, 3-12x
 slower at the models' shapes on a 2-core Xeon with AMX (half of a bfloat16 autocast training
 step). Everything else runs ``F.conv2d`` under ``cpp`` too: other devices (cuDNN), other
 dtypes, float64 calls under CPU autocast, inside ``torch.func`` transforms or
@@ -89,15 +89,17 @@ def _half_precision(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 
 def _pointwise_conv_bmm(x, weight, bias, stride, dtype):
-    """``y[n] = W x[n] + b`` in ``dtype`` as one batched GEMM over the samples (``torch.bmm``,
+    """``y[n] = W x[n] + b`` in ``dtype`` as one batched GEMM over the samples (``torch.baddbmm``,
     ATen's autograd; the operands are cast before the weight is broadcast over the batch, which
     would otherwise cast each broadcast copy)."""
     x = (x[:, :, ::stride] if stride > 1 else x).to(dtype)
     N, C_in, T, V = x.shape
-    y = torch.bmm(weight.flatten(1).to(dtype).expand(N, -1, -1), x.reshape(N, C_in, T * V))
-    if bias is not None:  # added per sample: its gradient sums each sample's row, then the samples
-        y = y.add_(bias.to(dtype).expand(N, -1)[:, :, None])  # (bf16 sums over both dims ~4x slower)
-    return y.view(N, -1, T, V)
+    w, x = weight.flatten(1).to(dtype).expand(N, -1, -1), x.reshape(N, C_in, T * V)
+    if bias is None:
+        return torch.bmm(w, x).view(N, -1, T, V)
+    # the bias broadcast per sample: its gradient sums each sample's row, then the samples (a
+    # bfloat16 sum over both dims at once takes ~4x as long)
+    return torch.baddbmm(bias.to(dtype).expand(N, -1)[:, :, None], w, x).view(N, -1, T, V)
 
 
 def _pointwise_conv_cpp(x, weight, bias, stride):

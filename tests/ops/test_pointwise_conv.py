@@ -93,7 +93,7 @@ def test_empty_tensors_behave_like_conv2d(shape):
         _cpp(*_inputs(2, 3, 0, 3, 5))
 
 
-# bfloat16/float16 channels-first convolutions are one batched GEMM (torch.bmm), rounded once
+# bfloat16/float16 channels-first convolutions are one batched GEMM (torch.baddbmm), rounded once
 # to the dtype: outputs and gradients of the rounded inputs within a few of its unit roundoffs
 # (2^-8, 2^-11) of the float64 reference; measured <= 3.6e-3 (bf16), 5.5e-4 (fp16).
 HALF_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -121,7 +121,7 @@ def test_half_precision_channels_first_runs_the_batched_gemm():
         with torch.profiler.profile() as prof:
             y = _cpp(x_in, w, bias)
         names = {e.name for e in prof.events()}
-        assert "aten::bmm" in names and "aten::convolution" not in names
+        assert "aten::baddbmm" in names and "aten::convolution" not in names
         assert rel_err(y.double(), _ref(x_in.double(), w.double(), bias.double())) <= HALF_TOLERANCE[torch.bfloat16]
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert torch.equal(_cpp(channels_last, weight, bias), F.conv2d(channels_last, weight, bias))
