@@ -32,7 +32,10 @@
 // Accumulation is in the compute dtype (float32 or float64). The forward also takes bfloat16 v
 // (for inference on bfloat16 models), widened to float32 exactly (channels-last: each group's
 // slice of a frame first; channels-first: each task's row block first), computes in float32
-// with float32 topologies, and rounds y to bfloat16 as it stores it.
+// with float32 topologies, and rounds y to bfloat16 as it stores it. So does the backward
+// (bfloat16 training under CPU autocast): bfloat16 dy and v are widened as the GEMMs read them,
+// dv is rounded as it is stored, the other gradients are float32: each value the float32
+// kernels' on the widened inputs (dv then rounded), with no float32 copies of the features.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -40,7 +43,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 #include "ctr_graph_conv.h"
 
@@ -340,18 +342,19 @@ inline int64_t rows_readable_in_place(int64_t M, int64_t V, int64_t Vp) {
   return M * V >= Vp ? std::min(M, (M * V - Vp) / V + 1) : 0;
 }
 
-// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); tail: scratch for the
-// rows past rows_readable_in_place, zero-padded to Vp (at most Vp / V + 1 rows).
-template <typename T>
+// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); dy, v and dv stored as
+// S (T, or bf16 for T = float: widened as they are read, dv rounded as it is stored); tail:
+// scratch for the rows past rows_readable_in_place, zero-padded to Vp (at most Vp / V + 1 rows).
+template <typename T, typename S>
 struct BackwardGroup {
   template <int Bytes>
-  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const T* dy, const T* v, const T* aref, int64_t b, int64_t h,
-                                 int64_t g, T* dv, T* dtopo, T* tail) {
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const S* dy, const S* v, const T* aref, int64_t b, int64_t h,
+                                 int64_t g, S* dv, T* dtopo, T* tail) {
     const int64_t V = s.V, CG = s.group_channels(), M = s.group_rows();
-    const T* dyg = dy + (b * s.C + g * CG) * s.T * V;
+    const S* dyg = dy + (b * s.C + g * CG) * s.T * V;
     const int64_t vg_offset = ((b * s.H + h) * s.C + g * CG) * s.T * V;
-    const T* vg = v + vg_offset;
-    T* dvg = dv + vg_offset;
+    const S* vg = v + vg_offset;
+    S* dvg = dv + vg_offset;
     const T* topo = aref + topology_offset(s, Vp, b, h, g);
     simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
@@ -361,7 +364,7 @@ struct BackwardGroup {
       simd::prefetch(vg + ahead * V, ahead_n);
       simd::prefetch<true>(dvg + ahead * V, ahead_n);
       tile.fma(V, dyg + m * V, V, 1, topo + n0, Vp, rows);
-      tile.store_to(dvg + m * V + n0, V, rows, cols, false);
+      tile.store_as(dvg + m * V + n0, V, rows, cols);
     });
     // dAref's B operand is v_hg read in place: a row's whole vectors run into the rows after it,
     // whose values land in dropped columns; the last rows (whose vectors would pass the end of
@@ -369,7 +372,7 @@ struct BackwardGroup {
     // over a padded copy of every row.
     const int64_t in_place = rows_readable_in_place(M, V, Vp);
     for (int64_t m = in_place; m < M; ++m)
-      for (int64_t j = 0; j < Vp; ++j) tail[(m - in_place) * Vp + j] = j < V ? vg[m * V + j] : T(0);
+      for (int64_t j = 0; j < Vp; ++j) tail[(m - in_place) * Vp + j] = j < V ? simd::value_as<T>(vg[m * V + j]) : T(0);
     T* out = dtopo + ((b * s.H + h) * s.G + g) * V * V;
     simd::tiles<T, Bytes>(V, V, [&](auto& tile, int64_t i, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
@@ -455,9 +458,11 @@ struct RefinementGrad {
   }
 };
 
-void check_cpu(const at::Tensor& v, bool forward) {
+void check_cpu(const at::Tensor& v) {
   TORCH_CHECK(v.device().is_cpu(), "bharnet::ctr_graph_conv_cpp (CPU kernel): expected CPU tensors, got ", v.device());
-  check_cpu_dtype("bharnet::ctr_graph_conv_cpp", v.scalar_type(), forward);
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble || v.scalar_type() == at::kBFloat16,
+              "bharnet::ctr_graph_conv_cpp: the CPU kernels take float32, float64 or bfloat16 v, got ",
+              v.scalar_type());
 }
 
 template <typename T>
@@ -520,7 +525,7 @@ void forward_into(const CtrSizes& s, bool channels_last, const at::Tensor& v, co
 at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std::optional<at::Tensor>& q_in,
                        const std::optional<at::Tensor>& k_in, const std::optional<at::Tensor>& weight_in,
                        const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& alpha_in) {
-  check_cpu(v_in, true);
+  check_cpu(v_in);
   const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
   const bool channels_last = is_channels_last(v_in);
   const int64_t compute_bytes = v_in.scalar_type() == at::kDouble ? 8 : 4;
@@ -546,15 +551,16 @@ at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std
   return y;
 }
 
-// dv and dAref (B, H, G, V, V) for the whole batch; aref: the padded topologies.
-template <typename T>
-void topology_grad(const CtrSizes& s, int64_t Vp, const T* dy, const T* v, const T* aref, T* dv, T* dtopo) {
+// dv and dAref (B, H, G, V, V) for the whole batch; aref: the padded topologies; dy, v and dv
+// stored as S.
+template <typename T, typename S>
+void topology_grad(const CtrSizes& s, int64_t Vp, const S* dy, const S* v, const T* aref, S* dv, T* dtopo) {
   at::parallel_for(0, s.B * s.H * s.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> tail((Vp / s.V + 1) * Vp);
     for (int64_t task = begin; task < end; ++task) {
       // h fastest: the H tasks that read the same dy_g run one after another (dy_g stays in cache)
       const int64_t h = task % s.H, g = (task / s.H) % s.G, b = task / (s.G * s.H);
-      simd::run_per_isa<BackwardGroup<T>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, tail.data());
+      simd::run_per_isa<BackwardGroup<T, S>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, tail.data());
     }
   });
 }
@@ -577,95 +583,127 @@ void adjacency_grad(const CtrSizes& s, const T* dtopo, T* dA) {
   });
 }
 
+// The backward's input checks; dy, v and A made contiguous.
+CtrSizes check_backward(const char* op, at::Tensor& dy, at::Tensor& v, at::Tensor& A, const at::Tensor& q,
+                        const at::Tensor& k, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& alpha) {
+  check_cpu(v);
+  const CtrSizes s = weight.defined() ? ctr_check(v, A, q, k, weight, bias, alpha) : ctr_check(v, A, {}, {}, {}, {}, {});
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef({s.B, s.C, s.T, s.V}) && dy.scalar_type() == v.scalar_type() &&
+                  dy.device() == v.device(),
+              op, ": dy must be like the output (", s.B, ", ", s.C, ", ", s.T, ", ", s.V, ") in v's dtype, got ",
+              dy.sizes(), " ", dy.scalar_type());
+  dy = dy.contiguous();
+  v = v.contiguous();
+  A = A.contiguous();
+  return s;
+}
+
+// dv and dA of the static (ST-GC) backward; dy and v stored as S.
+template <typename T, typename S>
+void static_backward_into(const CtrSizes& s, const at::Tensor& dy, const at::Tensor& v, const at::Tensor& A,
+                          at::Tensor& dv, at::Tensor& dA) {
+  const int64_t Vp = round_up(s.V, simd::kTileCols<T>);
+  at::Tensor aref = at::empty({s.H * s.V * Vp}, A.options());
+  at::Tensor dtopo = at::empty({s.B, s.H, 1, s.V, s.V}, A.options());
+  static_topology<T>(s, Vp, A.data_ptr<T>(), aref.data_ptr<T>(), nullptr);
+  topology_grad<T, S>(s, Vp, static_cast<const S*>(dy.data_ptr()), static_cast<const S*>(v.data_ptr()),
+                      aref.data_ptr<T>(), static_cast<S*>(dv.data_ptr()), dtopo.data_ptr<T>());
+  adjacency_grad<T>(s, dtopo.data_ptr<T>(), dA.data_ptr<T>());
+}
+
 std::tuple<at::Tensor, at::Tensor> static_backward_cpu(const at::Tensor& dy_in, const at::Tensor& v_in,
                                                        const at::Tensor& A_in) {
-  check_cpu(v_in, false);
-  const CtrSizes s = ctr_check(v_in, A_in, {}, {}, {}, {}, {});
-  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef({s.B, s.C, s.T, s.V}) && dy_in.scalar_type() == v_in.scalar_type() &&
-                  dy_in.device() == v_in.device(),
-              "bharnet::ctr_graph_conv_cpp_static_backward: dy must be like the output (", s.B, ", ", s.C, ", ",
-              s.T, ", ", s.V, ") in v's dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
-  const auto dy = dy_in.contiguous(), v = v_in.contiguous(), A = A_in.contiguous();
+  constexpr const char* op = "bharnet::ctr_graph_conv_cpp_static_backward";
+  at::Tensor dy = dy_in, v = v_in, A = A_in;
+  const CtrSizes s = check_backward(op, dy, v, A, {}, {}, {}, {}, {});
   auto dv = at::empty_like(v);
   auto dA = at::zeros_like(A);
   if (v.numel() == 0) return {dv, dA};
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp_static_backward", [&] {
-    const int64_t Vp = round_up(s.V, simd::kTileCols<scalar_t>);
-    auto aref = at::empty({s.H * s.V * Vp}, v.options());
-    auto dtopo = at::empty({s.B, s.H, 1, s.V, s.V}, v.options());
-    static_topology<scalar_t>(s, Vp, A.data_ptr<scalar_t>(), aref.data_ptr<scalar_t>(), nullptr);
-    topology_grad<scalar_t>(s, Vp, dy.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), aref.data_ptr<scalar_t>(),
-                            dv.data_ptr<scalar_t>(), dtopo.data_ptr<scalar_t>());
-    adjacency_grad<scalar_t>(s, dtopo.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>());
-  });
+  if (v.scalar_type() == at::kBFloat16) {
+    static_backward_into<float, simd::bf16>(s, dy, v, A, dv, dA);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), op, [&] {
+      static_backward_into<scalar_t, scalar_t>(s, dy, v, A, dv, dA);
+    });
+  }
   return {dv, dA};
+}
+
+// Every gradient of the CTR-GC backward (the module comment's formulas); dy, v and dv stored as S.
+template <typename T, typename S>
+void backward_into(const CtrSizes& s, const at::Tensor& dy, const at::Tensor& v, const at::Tensor& A,
+                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& weight, const at::Tensor& bias,
+                   const at::Tensor& alpha, at::Tensor& dv, at::Tensor& dA, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dalpha) {
+  const int64_t Vp = round_up(s.V, simd::kTileCols<T>);
+  const int64_t VV = s.V * s.V;
+  const auto options = A.options();  // the compute dtype
+  at::Tensor aref = at::empty({s.B * s.H * s.G * s.V * Vp}, options);
+  at::Tensor th = at::empty({s.B * s.H * th_stride<T>(s)}, options);
+  at::Tensor dtopo = at::empty({s.B, s.H, s.G, s.V, s.V}, options);
+  at::Tensor P = at::empty({s.B, s.H, s.G, s.R}, options);
+  at::Tensor S_sums = at::empty({s.B, s.H, s.G}, options);
+  const T* wp = weight.data_ptr<T>();
+  const T* bp = bias.data_ptr<T>();
+  const T alpha_value = *alpha.data_ptr<T>();
+  compute_topologies<T>(s, Vp, A.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), wp, bp, alpha.data_ptr<T>(),
+                        aref.data_ptr<T>(), nullptr, th.data_ptr<T>());
+  topology_grad<T, S>(s, Vp, static_cast<const S*>(dy.data_ptr()), static_cast<const S*>(v.data_ptr()),
+                      aref.data_ptr<T>(), static_cast<S*>(dv.data_ptr()), dtopo.data_ptr<T>());
+  const T* dtp = dtopo.data_ptr<T>();
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> D(VV);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % s.H;
+      simd::run_per_isa<RefinementGrad<T>>(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * th_stride<T>(s),
+                                            wp + h * s.G * s.R, alpha_value, dq.data_ptr<T>() + bh * s.R * s.V,
+                                            dk.data_ptr<T>() + bh * s.R * s.V, P.data_ptr<T>() + bh * s.G * s.R,
+                                            S_sums.data_ptr<T>() + bh * s.G, D.data());
+    }
+  });
+  adjacency_grad<T>(s, dtp, dA.data_ptr<T>());
+  // Tiny sums over b, in a fixed order, in double.
+  const int64_t HGR = s.H * s.G * s.R, HG = s.H * s.G;
+  const T* Pp = P.data_ptr<T>();
+  const T* Sp = S_sums.data_ptr<T>();
+  T* dwp = dweight.data_ptr<T>();
+  T* dbp = dbias.data_ptr<T>();
+  double dalpha_value = 0.0;
+  for (int64_t e = 0; e < HGR; ++e) {
+    double sum = 0.0;
+    for (int64_t b = 0; b < s.B; ++b) sum += Pp[b * HGR + e];
+    dwp[e] = static_cast<T>(alpha_value * sum);
+    dalpha_value += wp[e] * sum;
+  }
+  for (int64_t e = 0; e < HG; ++e) {
+    double sum = 0.0;
+    for (int64_t b = 0; b < s.B; ++b) sum += Sp[b * HG + e];
+    dbp[e] = static_cast<T>(alpha_value * sum);
+    dalpha_value += bp[e] * sum;
+  }
+  *dalpha.data_ptr<T>() = static_cast<T>(dalpha_value);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& v_in, const at::Tensor& A_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& weight_in, const at::Tensor& bias_in, const at::Tensor& alpha_in) {
-  check_cpu(v_in, false);
-  const CtrSizes s = ctr_check(v_in, A_in, q_in, k_in, weight_in, bias_in, alpha_in);
-  TORCH_CHECK(dy_in.sizes() == at::IntArrayRef({s.B, s.C, s.T, s.V}) && dy_in.scalar_type() == v_in.scalar_type() &&
-                  dy_in.device() == v_in.device(),
-              "bharnet::ctr_graph_conv_cpp_backward: dy must be like the output (", s.B, ", ", s.C, ", ", s.T,
-              ", ", s.V, ") in v's dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
-  const auto dy = dy_in.contiguous(), v = v_in.contiguous(), A = A_in.contiguous();
+  constexpr const char* op = "bharnet::ctr_graph_conv_cpp_backward";
+  at::Tensor dy = dy_in, v = v_in, A = A_in;
+  const CtrSizes s = check_backward(op, dy, v, A, q_in, k_in, weight_in, bias_in, alpha_in);
   const auto q = q_in.contiguous(), k = k_in.contiguous(), weight = weight_in.contiguous();
   const auto bias = bias_in.contiguous(), alpha = alpha_in.contiguous();
   auto dv = at::empty_like(v);
   auto dA = at::zeros_like(A), dq = at::zeros_like(q), dk = at::zeros_like(k);
   auto dweight = at::zeros_like(weight), dbias = at::zeros_like(bias), dalpha = at::zeros_like(alpha);
   if (v.numel() == 0) return {dv, dA, dq, dk, dweight, dbias, dalpha};
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bharnet::ctr_graph_conv_cpp_backward", [&] {
-    using T = scalar_t;
-    const int64_t Vp = round_up(s.V, simd::kTileCols<T>);
-    const int64_t VV = s.V * s.V;
-    auto aref = at::empty({s.B * s.H * s.G * s.V * Vp}, v.options());
-    auto th = at::empty({s.B * s.H * th_stride<T>(s)}, v.options());
-    auto dtopo = at::empty({s.B, s.H, s.G, s.V, s.V}, v.options());
-    auto P = at::empty({s.B, s.H, s.G, s.R}, v.options());
-    auto S = at::empty({s.B, s.H, s.G}, v.options());
-    const T* wp = weight.data_ptr<T>();
-    const T* bp = bias.data_ptr<T>();
-    const T alpha_value = *alpha.data_ptr<T>();
-    compute_topologies<T>(s, Vp, A.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), wp, bp, alpha.data_ptr<T>(),
-                          aref.data_ptr<T>(), nullptr, th.data_ptr<T>());
-    topology_grad<T>(s, Vp, dy.data_ptr<T>(), v.data_ptr<T>(), aref.data_ptr<T>(), dv.data_ptr<T>(),
-                     dtopo.data_ptr<T>());
-    const T* dtp = dtopo.data_ptr<T>();
-    at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> D(VV);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t h = bh % s.H;
-        simd::run_per_isa<RefinementGrad<T>>(s, dtp + bh * s.G * VV, th.data_ptr<T>() + bh * th_stride<T>(s),
-                                              wp + h * s.G * s.R, alpha_value, dq.data_ptr<T>() + bh * s.R * s.V,
-                                              dk.data_ptr<T>() + bh * s.R * s.V, P.data_ptr<T>() + bh * s.G * s.R,
-                                              S.data_ptr<T>() + bh * s.G, D.data());
-      }
+  if (v.scalar_type() == at::kBFloat16) {
+    backward_into<float, simd::bf16>(s, dy, v, A, q, k, weight, bias, alpha, dv, dA, dq, dk, dweight, dbias, dalpha);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), op, [&] {
+      backward_into<scalar_t, scalar_t>(s, dy, v, A, q, k, weight, bias, alpha, dv, dA, dq, dk, dweight, dbias,
+                                        dalpha);
     });
-    adjacency_grad<T>(s, dtp, dA.data_ptr<T>());
-    // Tiny sums over b, in a fixed order, in double.
-    const int64_t HGR = s.H * s.G * s.R, HG = s.H * s.G;
-    const T* Pp = P.data_ptr<T>();
-    const T* Sp = S.data_ptr<T>();
-    T* dwp = dweight.data_ptr<T>();
-    T* dbp = dbias.data_ptr<T>();
-    double dalpha_value = 0.0;
-    for (int64_t e = 0; e < HGR; ++e) {
-      double sum = 0.0;
-      for (int64_t b = 0; b < s.B; ++b) sum += Pp[b * HGR + e];
-      dwp[e] = static_cast<T>(alpha_value * sum);
-      dalpha_value += wp[e] * sum;
-    }
-    for (int64_t e = 0; e < HG; ++e) {
-      double sum = 0.0;
-      for (int64_t b = 0; b < s.B; ++b) sum += Sp[b * HG + e];
-      dbp[e] = static_cast<T>(alpha_value * sum);
-      dalpha_value += bp[e] * sum;
-    }
-    *dalpha.data_ptr<T>() = static_cast<T>(dalpha_value);
-  });
+  }
   return {dv, dA, dq, dk, dweight, dbias, dalpha};
 }
 

@@ -27,7 +27,7 @@ Gradients (``dy = dL/dy``; ``dAref`` is the gradient of the refined topology;
                                 * (sum_r W[h, g, r] * th_r + bias[h, g])
 
 Backends: ``reference`` (below), ``triton`` (``bharnet.kernels.ctr_graph_conv``) and ``cpp``
-(``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64 and a bfloat16 forward, OpenMP + SIMD;
+(``csrc/ctr_graph_conv.cpp`` on CPU, float32/float64/bfloat16, OpenMP + SIMD;
 ``csrc/ctr_graph_conv_kernels.cu`` on CUDA; custom ops ``bharnet::ctr_graph_conv_cpp*``, see
 the cpp section below; on CPU its forward also reads a ``v`` that is the view of a
 channels-last (B, H * C, T, V) convolution output in place and then returns a channels-last
@@ -334,15 +334,15 @@ def ctr_graph_conv_cpp(v, A, q=None, k=None, weight=None, bias=None, alpha=None)
 
     Kernels compute in v's dtype with the topology inputs in float32 (float64 for float64 v),
     like the Triton kernels' accumulation dtype: the inputs are cast to that (gradients flow
-    back through the casts in each input's own dtype). On CPU, bfloat16 ``v`` is read as it is
-    when no gradient is recorded (the forward kernel widens it to float32 and rounds ``y``);
-    otherwise float16/bfloat16 ``v`` is computed in float32 and the output cast back to ``v``'s
-    dtype (:func:`cpu_kernel_dtype`)."""
+    back through the casts in each input's own dtype). On CPU, bfloat16 ``v`` is read as it is,
+    forward and backward (the kernels widen it to float32 and round ``y`` and ``dv``; the
+    parameters' gradients are float32); float16 ``v`` is computed in float32 and the output
+    cast back (:func:`cpu_kernel_dtype`)."""
     _register_cpp_ops()
     ops = torch.ops.bharnet
     compute = v.dtype
     if v.device.type == "cpu":
-        compute = cpu_kernel_dtype(compute, v, A, q, k, weight, bias, alpha)
+        compute = cpu_kernel_dtype(compute, backward_reads_bfloat16=True)
     params = torch.float64 if compute == torch.float64 else torch.float32
     cast = [as_dtype(t, params) for t in (A, q, k, weight, bias, alpha)]
     return as_dtype(ops.ctr_graph_conv_cpp(as_dtype(v, compute), *cast), v.dtype)

@@ -1,8 +1,10 @@
-"""bfloat16 inference through the C++ CPU kernels: the forwards of ctr_graph_conv_cpp,
+"""bfloat16 through the C++ CPU kernels: the forwards of ctr_graph_conv_cpp,
 deformable_temporal_conv_cpp and temporal_max_pool read bfloat16 features as they are (widened
 exactly, computed in float32, the output rounded to nearest even; the max-pool's maxima are
-copied as stored), so a bfloat16 model runs without float32 copies of its activations (``cpu_kernel_dtype``: only where no gradient is recorded; the backward kernels
-take float32/float64, and a recorded bfloat16 call runs the float32 kernels on a cast copy).
+copied as stored), so a bfloat16 model runs without float32 copies of its activations
+(``cpu_kernel_dtype``: only where no gradient is recorded, except for ctr_graph_conv_cpp, whose
+backward kernels read bfloat16 dy and v too; the others' backward kernels take float32/float64,
+and a recorded bfloat16 call runs the float32 kernels on a cast copy).
 
 The kernels compute exactly what the float32 kernels compute on the widened inputs: same products
 in the same order, and the same rounding as ``Tensor.to(torch.bfloat16)``. So each native output
@@ -57,6 +59,8 @@ def test_cpu_kernel_dtype():
     assert cpu_kernel_dtype(torch.float64, w) == torch.float64
     assert cpu_kernel_dtype(BF16, x, None) == BF16  # nothing requires grad
     assert cpu_kernel_dtype(BF16, x, w) == torch.float32  # a gradient is recorded
+    assert cpu_kernel_dtype(BF16, x, w, backward_reads_bfloat16=True) == BF16
+    assert cpu_kernel_dtype(torch.float16, x, backward_reads_bfloat16=True) == torch.float32
     with torch.no_grad():
         assert cpu_kernel_dtype(BF16, x, w) == BF16
         assert cpu_kernel_dtype(torch.float16, x) == torch.float32
@@ -101,17 +105,43 @@ def test_ctr_graph_conv_bfloat16_forward_keeps_nan_and_inf(cpu_vector_bytes):
         assert_rounded_float32_result(y, ctr_graph_conv_cpp(v.float(), *params))
 
 
-def test_ctr_graph_conv_bfloat16_with_gradients_runs_the_float32_kernels():
-    """A recorded call computes in float32 (the backward kernels take no bfloat16): gradients in
-    each input's dtype, close to the float64 reference's."""
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+@pytest.mark.parametrize("shape", CTR_SHAPES, ids=str)
+def test_ctr_graph_conv_bfloat16_backward(shape, dynamic, layout, cpu_vector_bytes):
+    """The backward kernels read bfloat16 dy and v as they are: dv is the float32 kernel's dv on
+    the widened inputs rounded to bfloat16, and every parameter's gradient is the float32
+    kernel's, bit for bit."""
+    v64, *params = ctr_cases.make_inputs(*shape, dynamic=dynamic)
+    v = v64.to(BF16)
+    if layout == "channels_last":
+        v = channels_last_v(v)
+    params = [t.float() for t in params]
+    dy = ctr_cases.output_grad([v64]).to(BF16)
+    if dynamic:
+        got = torch.ops.bharnet.ctr_graph_conv_cpp_backward(dy, v, *params)
+        expected = torch.ops.bharnet.ctr_graph_conv_cpp_backward(dy.float(), v.float(), *params)
+    else:
+        got = torch.ops.bharnet.ctr_graph_conv_cpp_static_backward(dy, v, *params)
+        expected = torch.ops.bharnet.ctr_graph_conv_cpp_static_backward(dy.float(), v.float(), *params)
+    assert_rounded_float32_result(got[0], expected[0].contiguous())
+    for g, e in zip(got[1:], expected[1:]):
+        assert g.dtype == torch.float32 and torch.equal(g, e)
+
+
+def test_ctr_graph_conv_bfloat16_training_reads_bfloat16():
+    """A recorded call runs the bfloat16 kernels (nothing cast to float32 on the way): y and dv
+    bfloat16, the parameters' gradients float32, within a bfloat16 unit roundoff of the float64
+    reference's."""
     inputs = ctr_cases.make_inputs(2, 3, 16, 5, 25, 3, 4)
     v = inputs[0].to(BF16).requires_grad_()
     params = [t.float().requires_grad_() for t in inputs[1:]]
-    y = ctr_graph_conv_cpp(v, *params)
-    assert y.dtype == BF16
     dy = ctr_cases.output_grad(inputs).to(BF16)
-    grads = torch.autograd.grad(y, [v, *params], dy)
-    assert grads[0].dtype == BF16 and all(g.dtype == torch.float32 for g in grads[1:])
+    with torch.profiler.profile() as prof:
+        y = ctr_graph_conv_cpp(v, *params)
+        grads = torch.autograd.grad(y, [v, *params], dy)
+    assert "aten::_to_copy" not in {e.name for e in prof.events()}
+    assert y.dtype == BF16 and grads[0].dtype == BF16 and all(g.dtype == torch.float32 for g in grads[1:])
     exact_inputs = [t.detach().double().requires_grad_() for t in (v, *params)]
     exact_y = ctr_graph_conv_reference(*exact_inputs)
     exact_grads = torch.autograd.grad(exact_y, exact_inputs, dy.double())
@@ -120,12 +150,14 @@ def test_ctr_graph_conv_bfloat16_with_gradients_runs_the_float32_kernels():
         assert rel_err_to(got, exact) <= BF16_UNIT_ROUNDOFF
 
 
-def test_ctr_graph_conv_backward_kernel_refuses_bfloat16():
+def test_ctr_graph_conv_kernels_refuse_float16():
     v, *params = ctr_cases.make_inputs(1, 2, 4, 3, 5, 2, 2)
     params = [t.float() for t in params]
-    v = v.to(BF16)
-    with pytest.raises(RuntimeError, match="the forward also bfloat16"):
-        torch.ops.bharnet.ctr_graph_conv_cpp_backward(torch.ones(1, 4, 3, 5, dtype=BF16), v, *params)
+    v = v.half()
+    with pytest.raises(RuntimeError, match="take float32, float64 or bfloat16 v"):
+        torch.ops.bharnet.ctr_graph_conv_cpp_backward(torch.ones(1, 4, 3, 5, dtype=v.dtype), v, *params)
+    with pytest.raises(RuntimeError, match="take float32, float64 or bfloat16 v"):
+        torch.ops.bharnet.ctr_graph_conv_cpp(v, *params)
 
 
 # (B, C, O, T, V, stride): 16 and 6 input channels, stride 2, the hands' V = 42.
@@ -257,6 +289,10 @@ for width in (32, 64):
         v = at_page_end((B, H, C, T, V))
         for vv in (v_cl, v):
             assert torch.equal(ops.ctr_graph_conv_cpp(vv, *params), ops.ctr_graph_conv_cpp(vv.clone(), *params))
+        dy = at_page_end((B, C, T, V))
+        for got, expected in zip(ops.ctr_graph_conv_cpp_backward(dy, v, *params),
+                                 ops.ctr_graph_conv_cpp_backward(dy.clone(), v.clone(), *params)):
+            assert torch.equal(got, expected)
     for C, O, T, V, stride in [(1, 3, 1, 1, 1), (16, 5, 5, 3, 2), (17, 16, 13, 25, 3)]:
         offsets, weight, bias = torch.tensor([-1.5, 0.25, 2.0]), torch.randn(O, C, 3), torch.randn(O)
         x_cl = at_page_end((2, T, V, C)).permute(0, 3, 1, 2)
@@ -274,7 +310,8 @@ def test_bfloat16_forwards_read_nothing_past_the_end_of_their_input():
     """Each input's storage ends at a PROT_NONE page (in a subprocess: a read past it is a
     segfault): the channels-last ctr_graph_conv forward reads bfloat16 rows as whole vectors
     (groups of 16, 48 and 96 channels: 1 to 3 vectors per tile), the channels-first one widens
-    each row block by whole vectors, then value by value, the other paths value by value."""
+    each row block by whole vectors, then value by value, its backward reads v's rows as whole
+    vectors but the last ones' (copied), the other paths value by value."""
     if not hasattr(mmap, "PROT_READ"):
         pytest.skip("needs mmap with page protection (POSIX)")
     done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300)
