@@ -127,6 +127,22 @@ BHARNET_INLINE vec<uint16_t, Bytes / 2> narrow_bf16(const vec<float, Bytes>& x) 
   return __builtin_convertvector(out, vec<uint16_t, Bytes / 2>);
 }
 
+// dst[i] = src[i] rounded to bfloat16 (narrow_bf16), i < n: whole 32-byte vectors, then the
+// last values through a vector of their own.
+inline void narrow_to_bf16(const float* src, int64_t n, bf16* dst) {
+  constexpr int L = kLanes<float, 32>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const auto narrowed = narrow_bf16<32>(load<float, 32>(src + i));
+    std::memcpy(dst + i, &narrowed, sizeof(narrowed));
+  }
+  if (i == n) return;
+  float rest[L] = {};
+  std::memcpy(rest, src + i, (n - i) * sizeof(float));
+  const auto narrowed = narrow_bf16<32>(load<float, 32>(rest));
+  std::memcpy(dst + i, &narrowed, (n - i) * sizeof(bf16));
+}
+
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Row length of a packed B operand with n columns: whole tiles, and an odd number of 64-byte

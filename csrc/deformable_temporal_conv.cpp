@@ -26,15 +26,16 @@
 // channels, which is added to rows p0 and p1 of dx (rows that only this task writes: no atomics)
 // and dotted with dxs for dtau's per-task partial sums (in double, summed in task order).
 // Everything is deterministic. Accumulation is in the compute dtype (float32 or float64);
-// positions in float32, or float64 for float64 offsets. The forward also takes bfloat16 x (with
-// float32 weight and bias; inference on bfloat16 models), computed in float32, y rounded.
+// positions in float32, or float64 for float64 offsets. Both directions also take bfloat16 x
+// and dy (with float32 weight and bias: inference on bfloat16 models, training under CPU
+// autocast), computed in float32 on the values widened as read, y and dx rounded as stored: each
+// value the float32 kernels' on the widened inputs.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
-#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 #include "deformable_temporal_conv.h"
 
@@ -154,11 +155,11 @@ struct ForwardBlockChannelsLast {
 };
 
 // Adds one (b, time block)'s terms to the partial sums dW (O x Kp) and dbias (O).
-// xst: NB x Kp scratch whose padding columns K..Kp are zero.
-template <typename T>
+// xst: NB x Kp scratch whose padding columns K..Kp are zero. x and dy stored as S (widened as read).
+template <typename T, typename S>
 struct WeightGradBlock {
   template <int Bytes>
-  static BHARNET_INLINE void run(DetSizes s, const T* x, const T* dy, const Sample<T>* samples, int64_t b, int64_t t0,
+  static BHARNET_INLINE void run(DetSizes s, const S* x, const S* dy, const Sample<T>* samples, int64_t b, int64_t t0,
                                  int64_t t1, T* xst, T* dw, T* dbias) {
     const int64_t V = s.V, K = s.C * s.E, Kp = simd::packed_ld<T>(K), N = s.T_out * V;
     const int64_t NB = (t1 - t0) * V;
@@ -167,14 +168,14 @@ struct WeightGradBlock {
         const Sample<T>& smp = samples[t * s.E + e];
         const T w = smp.w, w0 = T(1) - smp.w;
         for (int64_t c = 0; c < s.C; ++c) {
-          const T* xc = x + (b * s.C + c) * s.T * V;
-          const T* x0 = xc + smp.p0 * V;
-          const T* x1 = xc + smp.p1 * V;
+          const S* xc = x + (b * s.C + c) * s.T * V;
+          const S* x0 = xc + smp.p0 * V;
+          const S* x1 = xc + smp.p1 * V;
           T* out = xst + (t - t0) * V * Kp + c * s.E + e;
-          for (int64_t v = 0; v < V; ++v) out[v * Kp] = x0[v] * w0 + x1[v] * w;
+          for (int64_t v = 0; v < V; ++v) out[v * Kp] = simd::value_as<T>(x0[v]) * w0 + simd::value_as<T>(x1[v]) * w;
         }
       }
-    const T* dyb = dy + b * s.O * N + t0 * V;
+    const S* dyb = dy + b * s.O * N + t0 * V;
     simd::tiles<T, Bytes>(s.O, Kp, [&](auto& tile, int64_t o, int rows, int64_t k0, int cols)
                                        __attribute__((always_inline)) {
       tile.fma(NB, dyb + o * N, N, 1, xst + k0, Kp, rows);
@@ -182,7 +183,7 @@ struct WeightGradBlock {
     });
     for (int64_t o = 0; o < s.O; ++o) {
       T sum = T(0);
-      for (int64_t n = 0; n < NB; ++n) sum += dyb[o * N + n];
+      for (int64_t n = 0; n < NB; ++n) sum += simd::value_as<T>(dyb[o * N + n]);
       dbias[o] += sum;
     }
   }
@@ -194,17 +195,24 @@ struct WeightGradBlock {
 // 1-w) and p1 (times w) of dx[b, c], and dtau_part[e] += g . dxs. The scatter and the dot run in
 // units of NR = 64-byte columns in the same order on both paths, so the results are bitwise
 // the same. dyp: dy transposed to (B, T_out, O, Vp), zero-padded rows of Vp (a multiple of NR).
-template <typename T>
+// x and dx stored as S: bf16 x is widened as read, and its dx rows summed in dx_acc (rows x T x V
+// scratch) and rounded at the end.
+template <typename T, typename S>
 struct InputGradBlock {
   template <int Bytes>
-  static BHARNET_INLINE void run(DetSizes s, int64_t Vp, const T* x, const T* dyp, const T* weight,
-                                 const Sample<T>* samples, int64_t b, int64_t c0, int64_t c1, T* dx,
+  static BHARNET_INLINE void run(DetSizes s, int64_t Vp, const S* x, const T* dyp, const T* weight,
+                                 const Sample<T>* samples, int64_t b, int64_t c0, int64_t c1, S* dx, T* dx_acc,
                                  double* dtau_part) {
     constexpr int NR = simd::kTileCols<T>;
     const int64_t V = s.V, K = s.C * s.E, TV = s.T * V;
     const int rows = static_cast<int>(c1 - c0);
-    T* dxb = dx + (b * s.C + c0) * TV;
-    const T* xb = x + (b * s.C + c0) * TV;
+    T* dxb;
+    if constexpr (std::is_same_v<S, T>) {
+      dxb = dx + (b * s.C + c0) * TV;
+    } else {
+      dxb = dx_acc;
+    }
+    const S* xb = x + (b * s.C + c0) * TV;
     for (int64_t i = 0; i < rows * TV; ++i) dxb[i] = T(0);
     T g[kTileRows * 3 * NR];
     T dot[NR];  // per-lane partial sums of g . dxs (vectorisable)
@@ -227,9 +235,9 @@ struct InputGradBlock {
           for (int v = 0; v < cols; ++v) d0[v] += w0 * gr[v];
           for (int v = 0; v < cols; ++v) d1[v] += w * gr[v];
           if (smp.inside) {
-            const T* x0 = xb + r * TV + smp.p0 * V + v0 + u0;
-            const T* x1 = xb + r * TV + smp.p1 * V + v0 + u0;
-            for (int v = 0; v < cols; ++v) dot[v] += gr[v] * (x1[v] - x0[v]);
+            const S* x0 = xb + r * TV + smp.p0 * V + v0 + u0;
+            const S* x1 = xb + r * TV + smp.p1 * V + v0 + u0;
+            for (int v = 0; v < cols; ++v) dot[v] += gr[v] * (simd::value_as<T>(x1[v]) - simd::value_as<T>(x0[v]));
           }
         }
       }
@@ -246,15 +254,20 @@ struct InputGradBlock {
         }
         for (int v = 0; v < NR; ++v) dtau_part[e] += dot[v];
       }
+    if constexpr (!std::is_same_v<S, T>) simd::narrow_to_bf16(dxb, rows * TV, dx + (b * s.C + c0) * TV);
   }
 };
 
 constexpr const char* kForwardName = "bharnet::deformable_temporal_conv_cpp";
 constexpr const char* kBackwardName = "bharnet::deformable_temporal_conv_cpp_backward";
 
-void check_cpu(const char* op, const at::Tensor& x, bool forward) {
+// The kernels' x: float32 or float64, or bfloat16 (with float32 weight and bias).
+bool check_cpu(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): expected CPU tensors, got ", x.device());
-  check_cpu_dtype(op, x.scalar_type(), forward);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
+              ": the CPU kernels take float32, float64 or bfloat16 x, got ", dtype);
+  return dtype == at::kBFloat16;
 }
 
 // Calls fn(T(), P()) for x's dtype T and the position dtype P (offsets' dtype).
@@ -316,8 +329,7 @@ void forward_into(const DetSizes& s, bool channels_last, const at::Tensor& x, co
 // are gathered, y rounded as it is stored.
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weight_in,
                        const std::optional<at::Tensor>& bias_in, int64_t stride) {
-  check_cpu(kForwardName, x_in, true);
-  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const bool bf16 = check_cpu(kForwardName, x_in);
   const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride,
                                bf16 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
   const bool channels_last = is_channels_last(x_in);
@@ -338,13 +350,81 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, con
   return y;
 }
 
+// Every gradient of the backward (the module comment's formulas); x, dy and dx stored as S (bf16
+// for T = float: widened as read, dx rounded as stored), the parameters' gradients in T and P.
+template <typename T, typename P, typename S>
+void backward_into(const DetSizes& s, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
+                   const at::Tensor& weight, bool bounds_pass_grad, at::Tensor& dx, at::Tensor& doffsets,
+                   at::Tensor& dweight, at::Tensor& dbias) {
+  constexpr int NR = simd::kTileCols<T>;
+  const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), bounds_pass_grad);
+  const S* xp = static_cast<const S*>(x.data_ptr());
+  const S* dyp = static_cast<const S*>(dy.data_ptr());
+  const T* wp = weight.data_ptr<T>();
+  const int64_t K = s.C * s.E, Kp = simd::packed_ld<T>(K);
+
+  // dW and dbias: tasks (b, time block), reduced into `slices` partial buffers.
+  const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
+  const int64_t tasks = s.B * blocks, slices = std::min(tasks, kMaxSlices);
+  std::vector<T> dw_part(slices * s.O * Kp, T(0)), dbias_part(slices * s.O, T(0));
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xst(tb * s.V * Kp, T(0));
+    for (int64_t slice = begin; slice < end; ++slice)
+      for (int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
+        const int64_t b = task / blocks, t0 = task % blocks * tb;
+        simd::run_per_isa<WeightGradBlock<T, S>>(s, xp, dyp, samples.data(), b, t0, std::min(s.T_out, t0 + tb),
+                                              xst.data(), dw_part.data() + slice * s.O * Kp,
+                                              dbias_part.data() + slice * s.O);
+      }
+  });
+  T* dwp = dweight.data_ptr<T>();
+  T* dbp = dbias.data_ptr<T>();
+  for (int64_t slice = 0; slice < slices; ++slice)
+    for (int64_t o = 0; o < s.O; ++o) {
+      for (int64_t k = 0; k < K; ++k) dwp[o * K + k] += dw_part[(slice * s.O + o) * Kp + k];
+      dbp[o] += dbias_part[slice * s.O + o];
+    }
+
+  // dx and dtau: dy as (B, T_out, O, Vp) - the O rows of one time contiguous - then tasks (b, block of kTileRows channels), each
+  // with its own dtau partial sums (added in task order).
+  const int64_t Vp = round_up(s.V, NR);
+  std::vector<T> dy_padded(s.B * s.T_out * s.O * Vp);
+  at::parallel_for(0, s.B * s.O * s.T_out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row = (b, o, t') of dy
+      const int64_t b = row / (s.O * s.T_out), o = row / s.T_out % s.O, t = row % s.T_out;
+      T* out = dy_padded.data() + ((b * s.T_out + t) * s.O + o) * Vp;
+      for (int64_t v = 0; v < s.V; ++v) out[v] = simd::value_as<T>(dyp[row * s.V + v]);
+      for (int64_t v = s.V; v < Vp; ++v) out[v] = T(0);
+    }
+  });
+  const int64_t c_blocks = (s.C + kTileRows - 1) / kTileRows;
+  std::vector<double> dtau_part(s.B * c_blocks * s.E, 0.0);
+  S* dxp = static_cast<S*>(dx.data_ptr());
+  at::parallel_for(0, s.B * c_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> dx_acc(std::is_same_v<S, T> ? 0 : kTileRows * s.T * s.V);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / c_blocks, c0 = task % c_blocks * kTileRows;
+      simd::run_per_isa<InputGradBlock<T, S>>(s, Vp, xp, dy_padded.data(), wp, samples.data(), b, c0,
+                                              std::min(s.C, c0 + kTileRows), dxp, dx_acc.data(),
+                                              dtau_part.data() + task * s.E);
+    }
+  });
+  P* dtau = doffsets.data_ptr<P>();
+  for (int64_t e = 0; e < s.E; ++e) {
+    double sum = 0.0;
+    for (int64_t task = 0; task < s.B * c_blocks; ++task) sum += dtau_part[task * s.E + e];
+    dtau[e] = static_cast<P>(sum);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy_in,
                                                                         const at::Tensor& x_in,
                                                                         const at::Tensor& offsets_in,
                                                                         const at::Tensor& weight_in, int64_t stride,
                                                                         bool bounds_pass_grad) {
-  check_cpu(kBackwardName, x_in, false);
-  const DetSizes s = det_check(kBackwardName, x_in, offsets_in, weight_in, {}, stride);
+  const bool bf16 = check_cpu(kBackwardName, x_in);
+  const DetSizes s = det_check(kBackwardName, x_in, offsets_in, weight_in, {}, stride,
+                               bf16 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
   det_check_grad(kBackwardName, dy_in, x_in, s);
   const auto dy = dy_in.contiguous(), x = x_in.contiguous();
   const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
@@ -353,69 +433,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at
   auto dbias = at::zeros({s.O}, weight.options());
   if (dy.numel() == 0 || x.numel() == 0) {  // without input channels y = bias: only dbias
     dx.zero_();
-    if (dy.numel() > 0) dbias = dy.sum(at::IntArrayRef{0, 2, 3});
+    if (dy.numel() > 0) dbias = dy.sum(at::IntArrayRef{0, 2, 3}, false, weight.scalar_type());
     return {dx, doffsets, dweight, dbias};
   }
   dispatch_dtypes(x, offsets, [&](auto t_tag, auto p_tag) {
     using T = decltype(t_tag);
     using P = decltype(p_tag);
-    constexpr int NR = simd::kTileCols<T>;
-    const auto samples = sample_table<T, P>(s, offsets.data_ptr<P>(), bounds_pass_grad);
-    const T* xp = x.data_ptr<T>();
-    const T* dyp = dy.data_ptr<T>();
-    const T* wp = weight.data_ptr<T>();
-    const int64_t K = s.C * s.E, Kp = simd::packed_ld<T>(K);
-
-    // dW and dbias: tasks (b, time block), reduced into `slices` partial buffers.
-    const int64_t tb = times_per_block(s), blocks = (s.T_out + tb - 1) / tb;
-    const int64_t tasks = s.B * blocks, slices = std::min(tasks, kMaxSlices);
-    std::vector<T> dw_part(slices * s.O * Kp, T(0)), dbias_part(slices * s.O, T(0));
-    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> xst(tb * s.V * Kp, T(0));
-      for (int64_t slice = begin; slice < end; ++slice)
-        for (int64_t task = slice * tasks / slices; task < (slice + 1) * tasks / slices; ++task) {
-          const int64_t b = task / blocks, t0 = task % blocks * tb;
-          simd::run_per_isa<WeightGradBlock<T>>(s, xp, dyp, samples.data(), b, t0, std::min(s.T_out, t0 + tb),
-                                                xst.data(), dw_part.data() + slice * s.O * Kp,
-                                                dbias_part.data() + slice * s.O);
-        }
-    });
-    T* dwp = dweight.data_ptr<T>();
-    T* dbp = dbias.data_ptr<T>();
-    for (int64_t slice = 0; slice < slices; ++slice)
-      for (int64_t o = 0; o < s.O; ++o) {
-        for (int64_t k = 0; k < K; ++k) dwp[o * K + k] += dw_part[(slice * s.O + o) * Kp + k];
-        dbp[o] += dbias_part[slice * s.O + o];
-      }
-
-    // dx and dtau: dy as (B, T_out, O, Vp) - the O rows of one time contiguous - then tasks (b, block of kTileRows channels), each
-    // with its own dtau partial sums (added in task order).
-    const int64_t Vp = round_up(s.V, NR);
-    std::vector<T> dy_padded(s.B * s.T_out * s.O * Vp);
-    at::parallel_for(0, s.B * s.O * s.T_out, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {  // row = (b, o, t') of dy
-        const int64_t b = row / (s.O * s.T_out), o = row / s.T_out % s.O, t = row % s.T_out;
-        T* out = dy_padded.data() + ((b * s.T_out + t) * s.O + o) * Vp;
-        for (int64_t v = 0; v < s.V; ++v) out[v] = dyp[row * s.V + v];
-        for (int64_t v = s.V; v < Vp; ++v) out[v] = T(0);
-      }
-    });
-    const int64_t c_blocks = (s.C + kTileRows - 1) / kTileRows;
-    std::vector<double> dtau_part(s.B * c_blocks * s.E, 0.0);
-    T* dxp = dx.data_ptr<T>();
-    at::parallel_for(0, s.B * c_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / c_blocks, c0 = task % c_blocks * kTileRows;
-        simd::run_per_isa<InputGradBlock<T>>(s, Vp, xp, dy_padded.data(), wp, samples.data(), b, c0,
-                                             std::min(s.C, c0 + kTileRows), dxp, dtau_part.data() + task * s.E);
-      }
-    });
-    P* dtau = doffsets.data_ptr<P>();
-    for (int64_t e = 0; e < s.E; ++e) {
-      double sum = 0.0;
-      for (int64_t task = 0; task < s.B * c_blocks; ++task) sum += dtau_part[task * s.E + e];
-      dtau[e] = static_cast<P>(sum);
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) return backward_into<T, P, simd::bf16>(s, dy, x, offsets, weight, bounds_pass_grad, dx, doffsets,
+                                                       dweight, dbias);
     }
+    backward_into<T, P, T>(s, dy, x, offsets, weight, bounds_pass_grad, dx, doffsets, dweight, dbias);
   });
   return {dx, doffsets, dweight, dbias};
 }

@@ -28,7 +28,7 @@ registered as the custom ops ``bharnet::deformable_temporal_conv`` and
 ``bharnet::deformable_temporal_conv_backward`` with autograd and fake impls, so that
 ``torch.compile(fullgraph=True)`` traces callers without graph breaks; a forward + backward
 is three kernel launches and no host sync, see the kernels' docstring) and ``cpp``
-(``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64 and a bfloat16 forward, OpenMP + SIMD;
+(``csrc/deformable_temporal_conv.cpp`` on CPU, float32/float64/bfloat16, OpenMP + SIMD;
 ``csrc/deformable_temporal_conv_kernels.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
 and ``..._cpp_backward``, see the cpp section below). On CPU the ``cpp`` forward also takes
 channels-last ``x`` natively and then returns a channels-last ``y`` (the layout of a model fused
@@ -198,15 +198,15 @@ def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):
 
     Kernels compute in x's dtype with weight and bias cast to it (as the reference does) and
     positions in float32 (float64 if x or offsets is float64); gradients flow back through the
-    casts in each input's own dtype. On CPU the kernels compute in float32 or float64: float16/
-    bfloat16 ``x`` is computed in float32 with weight and bias in float32 and the output cast
-    back to x's dtype, except that bfloat16 ``x`` is read as it is when no gradient is recorded
-    (the forward kernel widens it and rounds ``y``: the same result, :func:`cpu_kernel_dtype`)."""
+    casts in each input's own dtype. On CPU the kernels compute in float32 or float64: bfloat16
+    ``x`` is read as it is, forward and backward, with weight and bias in float32 (the kernels
+    widen it and round ``y`` and ``dx``: the float32 kernels' values on the widened inputs);
+    float16 ``x`` is computed in float32 and the output cast back (:func:`cpu_kernel_dtype`)."""
     _register_cpp_ops()
     ops = torch.ops.bharnet
     compute = params = x.dtype
     if x.device.type == "cpu":
-        compute = cpu_kernel_dtype(x.dtype, x, offsets, weight, bias)
+        compute = cpu_kernel_dtype(x.dtype, backward_reads_bfloat16=True)
         params = torch.float32 if compute == torch.bfloat16 else compute
     positions = torch.float64 if torch.float64 in (compute, offsets.dtype) else torch.float32
     y = ops.deformable_temporal_conv_cpp(as_dtype(x, compute), as_dtype(offsets, positions),

@@ -2,9 +2,10 @@
 deformable_temporal_conv_cpp and temporal_max_pool read bfloat16 features as they are (widened
 exactly, computed in float32, the output rounded to nearest even; the max-pool's maxima are
 copied as stored), so a bfloat16 model runs without float32 copies of its activations
-(``cpu_kernel_dtype``: only where no gradient is recorded, except for ctr_graph_conv_cpp, whose
-backward kernels read bfloat16 dy and v too; the others' backward kernels take float32/float64,
-and a recorded bfloat16 call runs the float32 kernels on a cast copy).
+(``cpu_kernel_dtype``). The backward kernels of ctr_graph_conv_cpp and
+deformable_temporal_conv_cpp read bfloat16 too, so bfloat16 training (CPU autocast) runs them
+without casts; temporal_max_pool's takes float32/float64, and a recorded bfloat16 call runs the
+float32 kernels on a cast copy.
 
 The kernels compute exactly what the float32 kernels compute on the widened inputs: same products
 in the same order, and the same rounding as ``Tensor.to(torch.bfloat16)``. So each native output
@@ -184,16 +185,41 @@ def test_deformable_temporal_conv_bfloat16_forward(shape, bias, layout, cpu_vect
     assert rel_err_to(y, exact) <= BF16_UNIT_ROUNDOFF
 
 
-def test_deformable_temporal_conv_bfloat16_with_gradients_runs_the_float32_kernels():
-    x, offsets, weight, b = det_cases.make_inputs(2, 6, 8, 13, 25, dtype=BF16)
-    inputs = [x.requires_grad_(), offsets.requires_grad_(), weight.requires_grad_(), b.requires_grad_()]
-    y = deformable_temporal_conv(*inputs, 2, backend="cpp")
-    assert y.dtype == BF16
-    grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
-    assert [g.dtype for g in grads] == [BF16, torch.float32, BF16, BF16]
+@pytest.mark.parametrize("bounds_pass_grad", [True, False], ids=["bounds_pass", "bounds_stop"])
+@pytest.mark.parametrize("positions", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", DET_SHAPES + [(2, 13, 9, 7, 5, 1)], ids=det_cases.shape_id)
+def test_deformable_temporal_conv_bfloat16_backward(shape, positions, bounds_pass_grad, cpu_vector_bytes):
+    """The backward kernel reads bfloat16 dy and x as they are: dx is the float32 kernel's dx on
+    the widened inputs rounded to bfloat16 (13 channels: a block of 6 rows, one of 1), and the
+    offsets', weight's and bias's gradients are the float32 kernel's, bit for bit."""
+    B, C, O, T, V, stride = shape
+    x, offsets, weight, _ = det_cases.make_inputs(B, C, O, T, V, dtype=BF16)
+    offsets, weight = offsets.to(positions), weight.float()
+    dy = torch.randn(B, O, (T - 1) // stride + 1, V, generator=torch.Generator().manual_seed(1)).to(BF16)
+    backward = torch.ops.bharnet.deformable_temporal_conv_cpp_backward
+    got = backward(dy, x, offsets, weight, stride, bounds_pass_grad)
+    expected = backward(dy.float(), x.float(), offsets, weight, stride, bounds_pass_grad)
+    assert_rounded_float32_result(got[0], expected[0])
+    for g, e in zip(got[1:], expected[1:]):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+
+
+def test_deformable_temporal_conv_bfloat16_training_reads_bfloat16():
+    """A recorded call with float32 parameters (autocast's case) runs the bfloat16 kernels
+    (nothing cast on the way): y and dx bfloat16, the parameters' gradients float32, within a
+    bfloat16 unit roundoff of the float64 reference's."""
+    x, offsets, weight, b = det_cases.make_inputs(2, 6, 8, 13, 25, dtype=torch.float32)
+    inputs = [x.to(BF16).requires_grad_(), offsets.requires_grad_(), weight.requires_grad_(), b.requires_grad_()]
+    dy = torch.randn(2, 8, 7, 25).to(BF16)
+    with torch.profiler.profile() as prof:
+        y = deformable_temporal_conv(*inputs, 2, backend="cpp")
+        grads = torch.autograd.grad(y, inputs, dy)
+    assert "aten::_to_copy" not in {e.name for e in prof.events()}
+    assert y.dtype == BF16 and [g.dtype for g in grads] == [BF16, torch.float32, torch.float32, torch.float32]
     exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
     exact_y = deformable_temporal_conv(*exact_inputs, 2, backend="reference")
-    exact_grads = torch.autograd.grad(exact_y, exact_inputs, torch.ones_like(exact_y))
+    exact_grads = torch.autograd.grad(exact_y, exact_inputs, dy.double())
+    assert rel_err_to(y, exact_y.detach()) <= BF16_UNIT_ROUNDOFF
     for got, exact in zip(grads, exact_grads):
         assert rel_err_to(got, exact) <= BF16_UNIT_ROUNDOFF
 
@@ -212,11 +238,14 @@ def test_deformable_temporal_conv_bfloat16_features_with_float32_parameters():
         torch.ops.bharnet.deformable_temporal_conv_cpp(x, offsets, weight.detach().to(BF16), None, 2)
 
 
-def test_deformable_temporal_conv_backward_kernel_refuses_bfloat16():
+def test_deformable_temporal_conv_kernels_refuse_float16_and_bfloat16_parameters():
     x, offsets, weight, b = det_cases.make_inputs(1, 2, 3, 5, 4, dtype=BF16)
-    with pytest.raises(RuntimeError, match="the forward also bfloat16"):
-        torch.ops.bharnet.deformable_temporal_conv_cpp_backward(torch.ones(1, 3, 5, 4, dtype=BF16), x, offsets,
-                                                                weight, 1, True)
+    dy = torch.ones(1, 3, 5, 4, dtype=BF16)
+    backward = torch.ops.bharnet.deformable_temporal_conv_cpp_backward
+    with pytest.raises(RuntimeError, match="take float32, float64 or bfloat16 x"):
+        backward(dy.half(), x.half(), offsets, weight.half(), 1, True)
+    with pytest.raises(RuntimeError, match="weight must be Float for x of dtype BFloat16"):
+        backward(dy, x, offsets, weight, 1, True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -300,6 +329,11 @@ for width in (32, 64):
         for xx in (x_cl, x):
             y = ops.deformable_temporal_conv_cpp(xx, offsets, weight, bias, stride)
             assert torch.equal(y, ops.deformable_temporal_conv_cpp(xx.clone(), offsets, weight, bias, stride))
+        dy = at_page_end((2, O, (T - 1) // stride + 1, V))
+        for got, expected in zip(ops.deformable_temporal_conv_cpp_backward(dy, x, offsets, weight, stride, True),
+                                 ops.deformable_temporal_conv_cpp_backward(dy.clone(), x.clone(), offsets, weight,
+                                                                           stride, True)):
+            assert torch.equal(got, expected)
         pooled = ops.temporal_max_pool(x, 3, 2, 1)[0]
         assert torch.equal(pooled, ops.temporal_max_pool(x.clone(), 3, 2, 1)[0])
 print("ok")
@@ -311,7 +345,7 @@ def test_bfloat16_forwards_read_nothing_past_the_end_of_their_input():
     segfault): the channels-last ctr_graph_conv forward reads bfloat16 rows as whole vectors
     (groups of 16, 48 and 96 channels: 1 to 3 vectors per tile), the channels-first one widens
     each row block by whole vectors, then value by value, its backward reads v's rows as whole
-    vectors but the last ones' (copied), the other paths value by value."""
+    vectors but the last ones' (copied), the other paths (the DeTGC backward too) value by value."""
     if not hasattr(mmap, "PROT_READ"):
         pytest.skip("needs mmap with page protection (POSIX)")
     done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=300)
