@@ -10,8 +10,9 @@
 //   dx[n, c, t, v]   = sum over t' with t' s - p + arg = t of dy[n, c, t', v]   (in t' order)
 // Structure: one task per (n, c) plane; at stride 1 the rows whose window lies inside [0, T) are
 // one flattened (t, v) loop, the edge rows (and every row at other strides) V-long loops, all
-// vectorised by the compiler in the per-ISA clones; arg is int8 (k <= 127). The forward also
-// takes bfloat16 (compared widened to float32, the maxima copied as stored: exact).
+// vectorised by the compiler in the per-ISA clones; arg is int8 (k <= 127). Both directions
+// also take bfloat16: the forward compares values widened to float32 and copies the maxima as
+// stored (exact), the backward sums each plane's dx in float32 and rounds it once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -106,30 +107,30 @@ BHARNET_CLONES void pool_plane(const PoolSizes& s, const T* x, T* y, int8_t* arg
 }
 
 // Returns false (leaving dx partly written) if an offset in arg is not a frame of its window.
-template <typename T>
-BHARNET_CLONES bool unpool_plane(const PoolSizes& s, const T* __restrict dy, const int8_t* __restrict arg,
+// dy stored as S (bf16 for T = float: widened as read).
+template <typename T, typename S>
+BHARNET_CLONES bool unpool_plane(const PoolSizes& s, const S* __restrict dy, const int8_t* __restrict arg,
                                  T* __restrict dx) {
   const int64_t T_in = s.T, V = s.V, T_out = s.T_out, stride = s.stride, padding = s.padding;
   for (int64_t i = 0; i < T_in * V; ++i) dx[i] = T(0);
   for (int64_t t = 0; t < T_out; ++t) {
-    const T* __restrict dyt = dy + t * V;
+    const S* __restrict dyt = dy + t * V;
     const int8_t* __restrict at = arg + t * V;
     const int64_t start = t * stride - padding;  // frame of window offset 0
     for (int64_t v = 0; v < V; ++v) {
       const int64_t frame = start + at[v];
       if (at[v] < 0 || at[v] >= s.kernel || frame < 0 || frame >= T_in) return false;
-      dx[frame * V + v] += dyt[v];
+      dx[frame * V + v] += simd::value_as<T>(dyt[v]);
     }
   }
   return true;
 }
 
-PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding,
-                     bool forward) {
+PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
   TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got ", x.device());
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (forward && dtype == at::kBFloat16), op,
-              ": the CPU kernels take float32 or float64 (the forward also bfloat16), got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
+              ": the CPU kernels take float32, float64 or bfloat16, got ", dtype);
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (N, C, T, V), got ", x.sizes());
   TORCH_CHECK(kernel >= 1 && kernel <= 127, op, ": kernel must be in [1, 127], got ", kernel);
   TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
@@ -159,7 +160,7 @@ void pool_planes(const PoolSizes& s, const at::Tensor& x, at::Tensor& y, at::Ten
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride,
                                                int64_t padding) {
-  const PoolSizes s = pool_check("bharnet::temporal_max_pool", x_in, kernel, stride, padding, true);
+  const PoolSizes s = pool_check("bharnet::temporal_max_pool", x_in, kernel, stride, padding);
   const auto x = x_in.contiguous();
   auto y = at::empty({x.size(0), x.size(1), s.T_out, s.V}, x.options());
   auto arg = at::empty({x.size(0), x.size(1), s.T_out, s.V}, x.options().dtype(at::kChar));
@@ -173,6 +174,34 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, int64_t k
   return {y, arg};
 }
 
+// dx of every plane (S: dy's and dx's storage; bfloat16 dx is summed in a float32 scratch per
+// plane and rounded once); false if arg holds an offset outside its window.
+template <typename T, typename S>
+bool unpool_planes(const PoolSizes& s, const at::Tensor& dy, const at::Tensor& arg, at::Tensor& dx) {
+  const S* dyp = static_cast<const S*>(dy.data_ptr());
+  const int8_t* ap = arg.data_ptr<int8_t>();
+  S* dxp = static_cast<S*>(dx.data_ptr());
+  std::atomic<bool> valid{true};
+  at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sums(std::is_same_v<S, T> ? 0 : s.T * s.V);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      S* dx_plane = dxp + plane * s.T * s.V;
+      T* out;
+      if constexpr (std::is_same_v<S, T>) {
+        out = dx_plane;
+      } else {
+        out = sums.data();
+      }
+      if (!unpool_plane<T, S>(s, dyp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V, out)) {
+        valid = false;
+        continue;
+      }
+      if constexpr (!std::is_same_v<S, T>) simd::narrow_to_bf16(out, s.T * s.V, dx_plane);
+    }
+  });
+  return valid.load();
+}
+
 at::Tensor backward_cpu(const at::Tensor& dy_in, const at::Tensor& arg_in, int64_t T, int64_t kernel,
                         int64_t stride, int64_t padding) {
   const char* op = "bharnet::temporal_max_pool_backward";
@@ -180,24 +209,19 @@ at::Tensor backward_cpu(const at::Tensor& dy_in, const at::Tensor& arg_in, int64
               ": dy (N, C, T_out, V) and an int8 arg of the same shape expected, got ", dy_in.sizes(), " and ",
               arg_in.sizes(), " ", arg_in.scalar_type());
   auto dx = at::empty({dy_in.size(0), dy_in.size(1), T, dy_in.size(3)}, dy_in.options());
-  const PoolSizes s = pool_check(op, dx, kernel, stride, padding, false);
+  const PoolSizes s = pool_check(op, dx, kernel, stride, padding);
   TORCH_CHECK(s.T_out == dy_in.size(2), op, ": dy has ", dy_in.size(2), " frames, the pool of ", T,
               " frames gives ", s.T_out);
   if (dx.numel() == 0) return dx;
   const auto dy = dy_in.contiguous(), arg = arg_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bharnet::temporal_max_pool_backward", [&] {
-    const scalar_t* dyp = dy.data_ptr<scalar_t>();
-    const int8_t* ap = arg.data_ptr<int8_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
-    std::atomic<bool> valid{true};
-    at::parallel_for(0, s.planes, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane)
-        if (!unpool_plane<scalar_t>(s, dyp + plane * s.T_out * s.V, ap + plane * s.T_out * s.V,
-                                    dxp + plane * s.T * s.V))
-          valid = false;
-    });
-    TORCH_CHECK(valid.load(), op, ": arg holds window offsets outside [0, kernel) or on padding frames");
-  });
+  bool valid;
+  if (dy.scalar_type() == at::kBFloat16) {
+    valid = unpool_planes<float, simd::bf16>(s, dy, arg, dx);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bharnet::temporal_max_pool_backward",
+                               [&] { valid = unpool_planes<scalar_t, scalar_t>(s, dy, arg, dx); });
+  }
+  TORCH_CHECK(valid, op, ": arg holds window offsets outside [0, kernel) or on padding frames");
   return dx;
 }
 

@@ -17,10 +17,10 @@ through a generic 2-D loop. The C++ kernel (``csrc/temporal_max_pool.cpp``) make
 (n, c) plane with the joints as the vector dimension and keeps the window offset of each
 maximum as int8 for the backward.
 
-Backends: ``reference`` (``F.max_pool2d``) and ``cpp``: the C++ kernel on CPU (float32/float64;
-bfloat16 as it is where no gradient is recorded; otherwise float16/bfloat16 computed in float32:
-the outputs are exact, the gradients are summed in float32 and rounded once, so they can differ
-from max-pool's half-precision sums in the last bit); on other devices ``cpp`` is PyTorch's own
+Backends: ``reference`` (``F.max_pool2d``) and ``cpp``: the C++ kernel on CPU (float32/float64
+and bfloat16 as they are, float16 computed in float32: the outputs are exact, the gradients are
+summed in float32 and rounded once, so they can differ from max-pool's half-precision sums in
+the last bit); on other devices ``cpp`` is PyTorch's own
 max-pool (its CUDA kernel has no such cost), so a model switched to ``cpp`` as a whole still
 runs on a GPU (so do windows over 127 frames, whose offsets int8 cannot hold). A backend the op does not have
 (``triton``) counts as ``auto``, so a model on ``triton`` runs its max-pools too. Input (N, C,
@@ -80,7 +80,7 @@ def _temporal_max_pool_cpp(x, kernel, stride, padding):
     if x.device.type != "cpu" or kernel > MAX_CPP_KERNEL:  # PyTorch's own kernel (module docstring)
         return temporal_max_pool_reference(x, kernel, stride, padding)
     _register_cpp_ops()
-    compute = cpu_kernel_dtype(x.dtype, x)
+    compute = cpu_kernel_dtype(x.dtype, backward_reads_bfloat16=True)
     if is_channels_last(x):  # memory (N, T, V, C): one plane of T rows of V * C values per n
         N, C, T, V = x.shape
         planes = as_dtype(x, compute).permute(0, 2, 3, 1).reshape(N, 1, T, V * C)  # a view

@@ -2,10 +2,9 @@
 deformable_temporal_conv_cpp and temporal_max_pool read bfloat16 features as they are (widened
 exactly, computed in float32, the output rounded to nearest even; the max-pool's maxima are
 copied as stored), so a bfloat16 model runs without float32 copies of its activations
-(``cpu_kernel_dtype``). The backward kernels of ctr_graph_conv_cpp and
-deformable_temporal_conv_cpp read bfloat16 too, so bfloat16 training (CPU autocast) runs them
-without casts; temporal_max_pool's takes float32/float64, and a recorded bfloat16 call runs the
-float32 kernels on a cast copy.
+(``cpu_kernel_dtype``); their backward kernels read bfloat16 too (dy and the saved features,
+rounding the input gradients once), so bfloat16 training (CPU autocast) runs them without
+casts.
 
 The kernels compute exactly what the float32 kernels compute on the widened inputs: same products
 in the same order, and the same rounding as ``Tensor.to(torch.bfloat16)``. So each native output
@@ -267,16 +266,34 @@ def test_temporal_max_pool_bfloat16_forward_is_max_pool_bit_for_bit(stride, layo
     assert torch.equal(pooled.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
-def test_temporal_max_pool_bfloat16_with_gradients_runs_the_float32_kernel():
-    x = torch.randn(2, 5, 11, 7).to(BF16).requires_grad_()
-    y = temporal_max_pool(x, 3, 2, 1, backend="cpp")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_temporal_max_pool_bfloat16_backward(stride, layout):
+    """The backward reads bfloat16 dy (a recorded call runs the bfloat16 kernels, no casts):
+    dx is the float32 kernel's sums rounded once (overlapping windows send up to 3 terms to a
+    frame), and the same as max-pool's where its half-precision sums agree."""
+    x = torch.randn(2, 5, 11, 7).to(BF16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    x.requires_grad_()
+    with torch.no_grad():
+        _, arg = torch.ops.bharnet.temporal_max_pool(x.contiguous(), 3, stride, 1)
+    dy = torch.randn(arg.shape).to(BF16)
+    dx = torch.ops.bharnet.temporal_max_pool_backward(dy, arg, 11, 3, stride, 1)
+    assert_rounded_float32_result(dx, torch.ops.bharnet.temporal_max_pool_backward(dy.float(), arg, 11, 3, stride, 1))
+    with torch.profiler.profile() as prof:
+        y = temporal_max_pool(x, 3, stride, 1, backend="cpp")
+        grad = torch.autograd.grad(y, x, dy.contiguous(memory_format=CL) if layout == "channels_last" else dy)[0]
+    assert "aten::_to_copy" not in {e.name for e in prof.events()}
+    assert y.dtype == grad.dtype == BF16 and torch.equal(grad, dx.contiguous(memory_format=CL) if layout ==
+                                                        "channels_last" else dx)
     ref_x = x.detach().clone().requires_grad_()
-    ref = F.max_pool2d(ref_x, (3, 1), (2, 1), (1, 0))
-    assert y.dtype == BF16 and torch.equal(y, ref)
-    dy = torch.randn(ref.shape).to(BF16)
-    assert torch.equal(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, ref_x, dy)[0])
-    with pytest.raises(RuntimeError, match="the forward also bfloat16"):
-        torch.ops.bharnet.temporal_max_pool_backward(dy, torch.zeros(dy.shape, dtype=torch.int8), 11, 3, 2, 1)
+    ref = F.max_pool2d(ref_x, (3, 1), (stride, 1), (1, 0))
+    assert torch.equal(y, ref)
+    exact = torch.autograd.grad(F.max_pool2d(ref_x.double(), (3, 1), (stride, 1), (1, 0)), ref_x, dy.double())[0]
+    assert rel_err_to(grad, exact.double()) <= BF16_UNIT_ROUNDOFF
+    with pytest.raises(RuntimeError, match="take float32, float64 or bfloat16"):
+        torch.ops.bharnet.temporal_max_pool_backward(dy.half(), arg, 11, 3, stride, 1)
 
 
 GUARD_PAGE_SCRIPT = r"""
@@ -334,8 +351,11 @@ for width in (32, 64):
                                  ops.deformable_temporal_conv_cpp_backward(dy.clone(), x.clone(), offsets, weight,
                                                                            stride, True)):
             assert torch.equal(got, expected)
-        pooled = ops.temporal_max_pool(x, 3, 2, 1)[0]
+        pooled, arg = ops.temporal_max_pool(x, 3, 2, 1)
         assert torch.equal(pooled, ops.temporal_max_pool(x.clone(), 3, 2, 1)[0])
+        dy = at_page_end(tuple(pooled.shape))
+        assert torch.equal(ops.temporal_max_pool_backward(dy, arg, T, 3, 2, 1),
+                           ops.temporal_max_pool_backward(dy.clone(), arg, T, 3, 2, 1))
 print("ok")
 """
 
