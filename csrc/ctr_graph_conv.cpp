@@ -33,9 +33,10 @@
 // (for inference on bfloat16 models), widened to float32 exactly (channels-last: each group's
 // slice of a frame first; channels-first: each task's row block first), computes in float32
 // with float32 topologies, and rounds y to bfloat16 as it stores it. So does the backward
-// (bfloat16 training under CPU autocast): bfloat16 dy and v are widened as the GEMMs read them,
-// dv is rounded as it is stored, the other gradients are float32: each value the float32
-// kernels' on the widened inputs (dv then rounded), with no float32 copies of the features.
+// (bfloat16 training under CPU autocast): each task widens its group's bfloat16 dy and v into
+// float32 scratch (groups over kWidenedGroupLimit values: as the GEMMs read them), dv is rounded
+// as it is stored, the other gradients are float32: each value the float32 kernels' on the
+// widened inputs (dv then rounded), with no float32 copies of whole features.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -217,6 +218,13 @@ BHARNET_INLINE void widen(const simd::bf16* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = simd::value_as<float>(src[i]);
 }
 
+struct Widen {
+  template <int Bytes>
+  static BHARNET_INLINE void run(const simd::bf16* src, int64_t n, float* dst) {
+    widen<Bytes>(src, n, dst);
+  }
+};
+
 // y rows [m0, m1) of group g in batch b: y_g[m, :] = sum_h v_hg[m, :] . Aref_h^T (v and y stored
 // as S: T, or bf16 for T = float). bfloat16 v: the block's rows of each v_hg are first widened
 // into `widened` (H x (m1 - m0) x V values; unused otherwise), because the GEMM broadcasts v's
@@ -342,19 +350,16 @@ inline int64_t rows_readable_in_place(int64_t M, int64_t V, int64_t Vp) {
   return M * V >= Vp ? std::min(M, (M * V - Vp) / V + 1) : 0;
 }
 
-// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g); dy, v and dv stored as
-// S (T, or bf16 for T = float: widened as they are read, dv rounded as it is stored); tail:
-// scratch for the rows past rows_readable_in_place, zero-padded to Vp (at most Vp / V + 1 rows).
-template <typename T, typename S>
+// dv_hg = dy_g . Aref_hg and dAref_hg = dy_g^T . v_hg for one (b, h, g): dy_g and v_hg (M x V,
+// stored as In: T, or bf16 for T = float, widened as they are read) at dyg and vg, dv_hg stored
+// as Out (rounded as it is stored) at dvg; tail: scratch for the rows past
+// rows_readable_in_place, zero-padded to Vp (at most Vp / V + 1 rows).
+template <typename T, typename In, typename Out>
 struct BackwardGroup {
   template <int Bytes>
-  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const S* dy, const S* v, const T* aref, int64_t b, int64_t h,
-                                 int64_t g, S* dv, T* dtopo, T* tail) {
-    const int64_t V = s.V, CG = s.group_channels(), M = s.group_rows();
-    const S* dyg = dy + (b * s.C + g * CG) * s.T * V;
-    const int64_t vg_offset = ((b * s.H + h) * s.C + g * CG) * s.T * V;
-    const S* vg = v + vg_offset;
-    S* dvg = dv + vg_offset;
+  static BHARNET_INLINE void run(CtrSizes s, int64_t Vp, const In* dyg, const In* vg, const T* aref, int64_t b,
+                                 int64_t h, int64_t g, Out* dvg, T* dtopo, T* tail) {
+    const int64_t V = s.V, M = s.group_rows();
     const T* topo = aref + topology_offset(s, Vp, b, h, g);
     simd::tiles<T, Bytes>(M, V, [&](auto& tile, int64_t m, int rows, int64_t n0, int cols)
                                     __attribute__((always_inline)) {
@@ -551,16 +556,41 @@ at::Tensor forward_cpu(const at::Tensor& v_in, const at::Tensor& A_in, const std
   return y;
 }
 
+// bfloat16 dy_g and v_hg up to this many values each are widened once per task into float32
+// scratch (the GEMMs read each value many times; widening it at every read made the backward
+// 1.5x as long as the float32 one); larger groups are widened as they are read.
+constexpr int64_t kWidenedGroupLimit = int64_t(1) << 20;
+
 // dv and dAref (B, H, G, V, V) for the whole batch; aref: the padded topologies; dy, v and dv
 // stored as S.
 template <typename T, typename S>
 void topology_grad(const CtrSizes& s, int64_t Vp, const S* dy, const S* v, const T* aref, S* dv, T* dtopo) {
+  const int64_t MV = s.group_rows() * s.V;
+  const bool widen = !std::is_same_v<S, T> && MV <= kWidenedGroupLimit;
   at::parallel_for(0, s.B * s.H * s.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> tail((Vp / s.V + 1) * Vp);
+    std::vector<T> widened(widen ? 2 * MV : 0);  // dy_g, then v_hg
+    int64_t widened_dy = -1;  // the (b, g) whose dy_g is in `widened`
     for (int64_t task = begin; task < end; ++task) {
       // h fastest: the H tasks that read the same dy_g run one after another (dy_g stays in cache)
       const int64_t h = task % s.H, g = (task / s.H) % s.G, b = task / (s.G * s.H);
-      simd::run_per_isa<BackwardGroup<T, S>>(s, Vp, dy, v, aref, b, h, g, dv, dtopo, tail.data());
+      const S* dyg = dy + (b * s.C + g * s.group_channels()) * s.T * s.V;
+      const int64_t vg_offset = ((b * s.H + h) * s.C + g * s.group_channels()) * s.T * s.V;
+      if constexpr (std::is_same_v<S, T>) {
+        simd::run_per_isa<BackwardGroup<T, T, T>>(s, Vp, dyg, v + vg_offset, aref, b, h, g, dv + vg_offset, dtopo,
+                                                   tail.data());
+      } else if (widen) {
+        if (widened_dy != b * s.G + g) {
+          simd::run_per_isa<Widen>(dyg, MV, widened.data());
+          widened_dy = b * s.G + g;
+        }
+        simd::run_per_isa<Widen>(v + vg_offset, MV, widened.data() + MV);
+        simd::run_per_isa<BackwardGroup<T, T, S>>(s, Vp, widened.data(), widened.data() + MV, aref, b, h, g,
+                                                   dv + vg_offset, dtopo, tail.data());
+      } else {
+        simd::run_per_isa<BackwardGroup<T, S, S>>(s, Vp, dyg, v + vg_offset, aref, b, h, g, dv + vg_offset, dtopo,
+                                                   tail.data());
+      }
     }
   });
 }

@@ -109,9 +109,9 @@ def test_ctr_graph_conv_bfloat16_forward_keeps_nan_and_inf(cpu_vector_bytes):
 @pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
 @pytest.mark.parametrize("shape", CTR_SHAPES, ids=str)
 def test_ctr_graph_conv_bfloat16_backward(shape, dynamic, layout, cpu_vector_bytes):
-    """The backward kernels read bfloat16 dy and v as they are: dv is the float32 kernel's dv on
-    the widened inputs rounded to bfloat16, and every parameter's gradient is the float32
-    kernel's, bit for bit."""
+    """The backward kernels read bfloat16 dy and v (each group widened into scratch first): dv is
+    the float32 kernel's dv on the widened inputs rounded to bfloat16, and every parameter's
+    gradient is the float32 kernel's, bit for bit."""
     v64, *params = ctr_cases.make_inputs(*shape, dynamic=dynamic)
     v = v64.to(BF16)
     if layout == "channels_last":
@@ -127,6 +127,21 @@ def test_ctr_graph_conv_bfloat16_backward(shape, dynamic, layout, cpu_vector_byt
     assert_rounded_float32_result(got[0], expected[0].contiguous())
     for g, e in zip(got[1:], expected[1:]):
         assert g.dtype == torch.float32 and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["ctr_gc", "st_gc"])
+def test_ctr_graph_conv_bfloat16_backward_of_a_group_too_large_to_widen_first(dynamic):
+    """A group of over 2^20 values (16 channels x 2622 frames x 25 joints) is read as bfloat16 in
+    place instead of widened into scratch first: the same bits."""
+    v64, *params = ctr_cases.make_inputs(1, 1, 16, 2622, 25, 2, 1, dynamic=dynamic)
+    v, params = v64.to(BF16), [t.float() for t in params]
+    dy = ctr_cases.output_grad([v64]).to(BF16)
+    backward = (torch.ops.bharnet.ctr_graph_conv_cpp_backward if dynamic
+                else torch.ops.bharnet.ctr_graph_conv_cpp_static_backward)
+    got, expected = backward(dy, v, *params), backward(dy.float(), v.float(), *params)
+    assert_rounded_float32_result(got[0], expected[0])
+    for g, e in zip(got[1:], expected[1:]):
+        assert torch.equal(g, e)
 
 
 def test_ctr_graph_conv_bfloat16_training_reads_bfloat16():
