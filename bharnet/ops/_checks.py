@@ -50,13 +50,18 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def channels_innermost(x: torch.Tensor) -> bool:
+    """Whether ``x``'s channels (dim 1) are its innermost dimension in memory and it is not
+    contiguous: channels-last, or a view of a channels-last tensor (oneDNN's own layout)."""
+    return x.dim() >= 2 and not x.is_contiguous() and x.stride(1) == 1
+
+
 def nn_layer_kernel_applies(x: torch.Tensor) -> bool:
     """Whether an ``nn`` layer's call on ``x`` (a float32/float64 CPU tensor) may take a C++
     kernel whose autograd is a C++ ``torch::autograd::Function`` (1x1 convolution, batch norm):
     not for channels innermost in memory (channels-last or a view of it: oneDNN's own layout is
     the fast one), nor under CPU autocast (whose dtype rules the ``F`` functions follow),
     ``torch.func`` transforms or forward-mode AD (which such a Function cannot run)."""
-    channels_innermost = x.dim() >= 2 and not x.is_contiguous() and x.stride(1) == 1
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not channels_innermost
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not channels_innermost(x)
             and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
             and torch.autograd.forward_ad._current_level < 0)

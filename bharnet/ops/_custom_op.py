@@ -194,18 +194,11 @@ def as_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Te
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def cpu_kernel_dtype(dtype: torch.dtype, *inputs: Optional[torch.Tensor],
-                     backward_reads_bfloat16: bool = False) -> torch.dtype:
-    """The dtype in which a C++ CPU kernel takes features of ``dtype``: float32 and float64 as
-    they are; bfloat16 as it is where the kernel's forward reads it natively and no gradient is
-    recorded (``torch.no_grad``, or no input requiring one: inference), or always for a kernel
-    whose backward reads it too (``backward_reads_bfloat16``); else float32, like float16."""
-    if dtype in (torch.float32, torch.float64):
-        return dtype
-    if dtype == torch.bfloat16 and (backward_reads_bfloat16 or not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))):
-        return torch.bfloat16
-    return torch.float32
+def cpu_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which the C++ CPU kernels (graph and temporal convolutions, max-pool) take
+    features of ``dtype``: float32, float64 and bfloat16 as they are (bfloat16 widened to
+    float32 as read, forward and backward), anything else (float16) as float32."""
+    return dtype if dtype in (torch.float32, torch.float64, torch.bfloat16) else torch.float32
 
 
 def launch_config(fn: Callable) -> Callable:

@@ -342,7 +342,7 @@ def ctr_graph_conv_cpp(v, A, q=None, k=None, weight=None, bias=None, alpha=None)
     ops = torch.ops.bharnet
     compute = v.dtype
     if v.device.type == "cpu":
-        compute = cpu_kernel_dtype(compute, backward_reads_bfloat16=True)
+        compute = cpu_kernel_dtype(compute)
     params = torch.float64 if compute == torch.float64 else torch.float32
     cast = [as_dtype(t, params) for t in (A, q, k, weight, bias, alpha)]
     return as_dtype(ops.ctr_graph_conv_cpp(as_dtype(v, compute), *cast), v.dtype)

@@ -206,7 +206,7 @@ def deformable_temporal_conv_cpp(x, offsets, weight, bias=None, stride=1):
     ops = torch.ops.bharnet
     compute = params = x.dtype
     if x.device.type == "cpu":
-        compute = cpu_kernel_dtype(x.dtype, backward_reads_bfloat16=True)
+        compute = cpu_kernel_dtype(x.dtype)
         params = torch.float32 if compute == torch.bfloat16 else compute
     positions = torch.float64 if torch.float64 in (compute, offsets.dtype) else torch.float32
     y = ops.deformable_temporal_conv_cpp(as_dtype(x, compute), as_dtype(offsets, positions),

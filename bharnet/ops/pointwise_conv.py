@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
-from ._checks import nn_layer_kernel_applies
+from ._checks import channels_innermost, nn_layer_kernel_applies
 
 OP_NAME = "pointwise_conv"
 
@@ -81,8 +81,7 @@ def _half_precision(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             dtype = torch.get_autocast_dtype("cpu")
     elif weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
         return None  # F.conv2d's error
-    channels_innermost = not x.is_contiguous() and x.stride(1) == 1
-    if (x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not channels_innermost
+    if (x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not channels_innermost(x)
             and x.numel() > 0 and weight.numel() > 0):
         return dtype
     return None

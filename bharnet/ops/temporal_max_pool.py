@@ -80,7 +80,7 @@ def _temporal_max_pool_cpp(x, kernel, stride, padding):
     if x.device.type != "cpu" or kernel > MAX_CPP_KERNEL:  # PyTorch's own kernel (module docstring)
         return temporal_max_pool_reference(x, kernel, stride, padding)
     _register_cpp_ops()
-    compute = cpu_kernel_dtype(x.dtype, backward_reads_bfloat16=True)
+    compute = cpu_kernel_dtype(x.dtype)
     if is_channels_last(x):  # memory (N, T, V, C): one plane of T rows of V * C values per n
         N, C, T, V = x.shape
         planes = as_dtype(x, compute).permute(0, 2, 3, 1).reshape(N, 1, T, V * C)  # a view
