@@ -44,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 #include "ctr_graph_conv.h"
 
@@ -465,9 +466,7 @@ struct RefinementGrad {
 
 void check_cpu(const at::Tensor& v) {
   TORCH_CHECK(v.device().is_cpu(), "bharnet::ctr_graph_conv_cpp (CPU kernel): expected CPU tensors, got ", v.device());
-  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble || v.scalar_type() == at::kBFloat16,
-              "bharnet::ctr_graph_conv_cpp: the CPU kernels take float32, float64 or bfloat16 v, got ",
-              v.scalar_type());
+  check_cpu_dtype("bharnet::ctr_graph_conv_cpp", v.scalar_type(), " v");
 }
 
 template <typename T>

@@ -36,6 +36,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 #include "deformable_temporal_conv.h"
 
@@ -264,10 +265,7 @@ constexpr const char* kBackwardName = "bharnet::deformable_temporal_conv_cpp_bac
 // The kernels' x: float32 or float64, or bfloat16 (with float32 weight and bias).
 bool check_cpu(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): expected CPU tensors, got ", x.device());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
-              ": the CPU kernels take float32, float64 or bfloat16 x, got ", dtype);
-  return dtype == at::kBFloat16;
+  return check_cpu_dtype(op, x.scalar_type(), " x");
 }
 
 // Calls fn(T(), P()) for x's dtype T and the position dtype P (offsets' dtype).

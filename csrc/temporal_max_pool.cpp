@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_dtypes.h"
 #include "cpu_simd.h"
 
 namespace bharnet {
@@ -128,9 +129,7 @@ BHARNET_CLONES bool unpool_plane(const PoolSizes& s, const S* __restrict dy, con
 
 PoolSizes pool_check(const char* op, const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
   TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got ", x.device());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
-              ": the CPU kernels take float32, float64 or bfloat16, got ", dtype);
+  check_cpu_dtype(op, x.scalar_type(), "");
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (N, C, T, V), got ", x.sizes());
   TORCH_CHECK(kernel >= 1 && kernel <= 127, op, ": kernel must be in [1, 127], got ", kernel);
   TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
