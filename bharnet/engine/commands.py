@@ -99,6 +99,7 @@ def format_results(results: dict) -> str:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..data.synthetic import make_synthetic
+    from . import distributed
 
     progress = not args.no_progress
     demo = args.data is None and not (args.config and "data" in read_config_file(args.config))
@@ -115,6 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
     for name in models:
         run_config = replace(config, model=name, out=os.path.join(out, name) if len(models) > 1 else out)
         results[name] = _train_one(run_config, progress)  # errors: bharnet.cli.main
+    distributed.shutdown()  # after the last model; not on an error, where other ranks may still wait
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     summary = {"models": {name: {"top1": r["top1"], "top5": r["top5"],

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_joined = False  # whether init() joined the process group (and shutdown() is to leave it)
+
 
 @dataclass(frozen=True)
 class Context:
@@ -32,9 +34,11 @@ def init(device_type: str) -> Context:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Context()
+    global _joined
     context = Context(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        _joined = True
     if device_type == "cuda":
         torch.cuda.set_device(context.local_rank)
     return context
@@ -54,6 +58,11 @@ def sum_over_ranks(context: Context, values, device: torch.device) -> list:
     return totals.tolist()
 
 
-def shutdown(context: Context) -> None:
-    if context.distributed and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group that :func:`init` joined, once training is done. A process that
+    exits without it may abort: gloo's worker threads are still running when the interpreter
+    shuts down ("terminate called without an active exception")."""
+    global _joined
+    if _joined and dist.is_initialized():
         dist.destroy_process_group()
+    _joined = False

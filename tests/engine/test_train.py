@@ -316,6 +316,27 @@ def test_distributed_training_with_two_gloo_processes(tiny_dataset, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "metrics.json").exists()
 
 
+def test_train_leaves_the_process_group_it_joined(tiny_dataset, tmp_path, monkeypatch):
+    """Under torchrun, ``bharnet train`` leaves the gloo group once training is done: a process that
+    exits while in it can abort ("terminate called without an active exception"). One process
+    stands in for rank 0 of two; its group is a real one-process gloo group."""
+    import torch.distributed as dist
+
+    join = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend: join(backend, store=dist.HashStore(), rank=0, world_size=1))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    try:
+        assert main(["train", "--data", tiny_dataset, "--model", "body", "--preset", "small", "--window", "8",
+                     "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_each_distributed_rank_draws_its_own_dropout_masks(tiny_dataset, tmp_path, monkeypatch):
     """Under torchrun each rank seeds dropout from ``(seed, epoch, rank)``: two ranks draw
     different masks (they drew the same ones when every rank seeded alike), and a rank
