@@ -9,6 +9,16 @@ if not torch.cuda.is_available():
 
 import pytest
 
+# pytest-xdist's workers share the cores: each takes its share of the threads, and so do the
+# processes its tests start (OMP_NUM_THREADS). With two OpenMP threads in each of two workers on
+# two cores, a test whose parallel regions waited on a descheduled thread ran up to 30x slower
+# (1.5 s alone, 43 s in the full run).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
 
 # Started first: with the test files shared among worker processes (pytest-xdist, addopts:
 # --no-loadscope-reorder keeps this order; by default xdist hands out the files with the most

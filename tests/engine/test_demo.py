@@ -8,12 +8,9 @@ import time
 
 def test_demo_bharnet_e_beats_body_on_hand_centric_classes(tmp_path):
     out, data = tmp_path / "run", tmp_path / "synthetic"
+    # under pytest-xdist on two cores, on one thread (OMP_NUM_THREADS, tests/conftest.py): with
+    # two, the demo took 702-781 s in CI runs of 2026-11-28 (137 s alone, 212 s alone on one)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        # one core of the two: the other pytest worker runs the rest of the suite on the other.
-        # With two threads each, the processes' OpenMP workers contend, and the demo took
-        # 702-781 s in CI runs of 2026-11-28 (137 s alone, 212 s alone on one thread).
-        env["OMP_NUM_THREADS"] = "1"
     started = time.time()
     result = subprocess.run([sys.executable, "-m", "bharnet.cli", "train", "--out", str(out),
                              "--synthetic-dir", str(data), "--no-progress"],
