@@ -28,7 +28,8 @@
 namespace bharnet {
 namespace {
 
-// Channels [c0, c1): mean, biased variance, invstd, and y.
+// Channels [c0, c1): mean, invstd, y, and the unbiased variance (M var_c / (M - 1), for the
+// running statistic).
 template <typename T>
 BHARNET_CLONES void normalise_channels(const T* x, const T* weight, const T* bias, int64_t N, int64_t C, int64_t P,
                                        double eps, int64_t c0, int64_t c1, T* y, T* mean, T* invstd, T* var) {
@@ -46,7 +47,7 @@ BHARNET_CLONES void normalise_channels(const T* x, const T* weight, const T* bia
     const double scale = inv * (weight ? static_cast<double>(weight[c]) : 1.0);
     const double shift = (bias ? static_cast<double>(bias[c]) : 0.0) - rounding * scale;
     mean[c] = mu_t;
-    var[c] = static_cast<T>(std::max(shifted, 0.0));
+    var[c] = static_cast<T>(std::max(shifted, 0.0) * (M / (M - 1.0)));  // unbiased (M > 1)
     invstd[c] = static_cast<T>(inv);
     const auto m = simd::broadcast<T, 32>(mu_t), s = simd::broadcast<T, 32>(static_cast<T>(scale)),
                t = simd::broadcast<T, 32>(static_cast<T>(shift));

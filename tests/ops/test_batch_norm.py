@@ -80,6 +80,14 @@ def test_other_calls_are_batch_norm_itself():
         _cpp(torch.randn(1, 5, 1, 1), None, None, weight, bias, True, 0.1, 1e-5)
 
 
+def test_running_statistics_that_require_grad_are_refused_like_batch_norm():
+    x, weight, bias = [t.float() for t in _inputs(2, 5, 3, 7)]
+    for backend in ("cpp", "reference"):
+        running = [torch.zeros(5, requires_grad=True), torch.ones(5)]
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
+            batch_norm(x, *running, weight, bias, True, 0.1, 1e-5, backend=backend)
+
+
 def test_gradient_penalty_double_backward_matches_batch_norm():
     x, weight, bias = _inputs(2, 4, 3, 5)
     results = {}
