@@ -66,8 +66,8 @@ def fused_backends() -> List[str]:
 
 
 # ops whose cpp backend has CPU kernels only (PyTorch's own op elsewhere), and those of them whose
-# kernels also step aside under CPU autocast (bharnet.ops.batch_norm._kernel_applies; the 1x1
-# convolution's batched GEMM does not)
+# kernels also step aside under CPU autocast (bharnet.ops._checks.nn_layer_kernel_applies; the
+# 1x1 convolution's batched GEMM does not)
 CPU_ONLY_CPP = ("batch_norm", "pointwise_conv", "temporal_max_pool")
 CPP_NOT_UNDER_AUTOCAST = ("batch_norm",)
 

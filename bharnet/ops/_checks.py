@@ -58,8 +58,7 @@ def channels_innermost(x: torch.Tensor) -> bool:
 
 def nn_layer_kernel_applies(x: torch.Tensor) -> bool:
     """Whether an ``nn`` layer's call on ``x`` (a float32/float64 CPU tensor) may take a C++
-    kernel whose autograd is a C++ ``torch::autograd::Function`` (the 1x1 convolution; batch norm
-    has its own, cheaper check, bharnet.ops.batch_norm._kernel_applies):
+    kernel whose autograd is a C++ ``torch::autograd::Function`` (1x1 convolution, batch norm):
     not for channels innermost in memory (channels-last or a view of it: oneDNN's own layout is
     the fast one), nor under CPU autocast (whose dtype rules the ``F`` functions follow),
     ``torch.func`` transforms or forward-mode AD (which such a Function cannot run)."""

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto, triton_availability
-from ._checks import TRITON_DTYPES, accumulation_dtype, channels_innermost
+from ._checks import TRITON_DTYPES, accumulation_dtype, nn_layer_kernel_applies
 from ._custom_op import (as_dtype, cdiv, launch_config, launcher, new_output, next_pow2, saved_tensors,
                          triton_custom_op, with_autograd)
 
@@ -90,7 +90,10 @@ def _register_cpp_ops_now() -> None:
 _register_cpp_ops = registered_after_loading(_register_cpp_ops_now)
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+def _statistics_require_grad(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
+    """Whether a running statistic requires grad: F.batch_norm refuses those, so the kernels
+    leave such calls to it."""
+    return any(t is not None and t.requires_grad for t in (running_mean, running_var))
 
 
 def _kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -100,16 +103,14 @@ def _kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
     mismatched dtypes, a statistic or affine parameter of other than C elements) or accepts them
     (a (C, 1) weight, say). Called for every batch norm of a training step: plain comparisons,
     cheapest first."""
-    if (not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.dim() < 2 or not eps > 0
-            or (running_mean is None) != (running_var is None)
-            or (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad))):
+    if (x.dim() < 2 or not eps > 0 or (running_mean is None) != (running_var is None)
+            or _statistics_require_grad(running_mean, running_var) or not nn_layer_kernel_applies(x)):
         return False
     channels = x.shape[1]
     for t in (weight, bias, running_mean, running_var):
         if t is not None and (t.dtype != x.dtype or t.shape != (channels,) or not t.is_cpu):
             return False
-    return (x.numel() > channels and not channels_innermost(x) and not torch.is_autocast_enabled("cpu")
-            and not torch._C._are_functorch_transforms_active() and torch.autograd.forward_ad._current_level < 0)
+    return x.numel() > channels
 
 
 def _update_running_statistics(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
@@ -253,7 +254,7 @@ def _triton_kernel_applies(x: Tensor, running_mean: Optional[Tensor], running_va
                               and t.device == x.device)
                 for t in vectors)
             and (running_mean is None) == (running_var is None) and eps > 0
-            and not (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad))
+            and not _statistics_require_grad(running_mean, running_var)
             and not torch._C._are_functorch_transforms_active()
             and torch.autograd.forward_ad._current_level < 0)
 
