@@ -1,7 +1,7 @@
 """The BatchNorm of the graph, temporal and residual layers."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -43,3 +43,41 @@ class BatchNorm2d(nn.BatchNorm2d):
         tracked = not self.training or self.track_running_stats
         return batch_norm(x, self.running_mean if tracked else None, self.running_var if tracked else None,
                           self.weight, self.bias, batch_stats, factor, self.eps, backend=self.impl)
+
+
+def can_stack(layers: Sequence[nn.Module]) -> bool:
+    """Whether :func:`stacked_batch_norm` computes ``layers``: bharnet BatchNorm2d layers (not
+    subclasses) with the same backend, eps, momentum (not None: the cumulative average would
+    need each layer's batch count on the host), affine, mode and running statistics' rule."""
+    first = layers[0]
+    return first.momentum is not None and all(
+        type(bn) is BatchNorm2d and bn.impl == first.impl and bn.eps == first.eps and bn.momentum == first.momentum
+        and bn.affine == first.affine and bn.training == first.training
+        and bn.track_running_stats == first.track_running_stats
+        and (bn.running_mean is None) == (first.running_mean is None)
+        and (bn.num_batches_tracked is None) == (first.num_batches_tracked is None)
+        for bn in layers)
+
+
+def stacked_batch_norm(layers: Sequence[BatchNorm2d], x: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([bn(part) for bn, part in zip(layers, x.split(widths, 1))], 1)`` for
+    ``layers`` that :func:`can_stack`, as one call of :func:`bharnet.ops.batch_norm` with their
+    affine parameters and running statistics stacked: batch norm is per channel, so the values
+    and gradients are the same; each layer's running statistics and batch count are updated as
+    its own forward would."""
+    first = layers[0]
+    if first.training and first.track_running_stats and first.num_batches_tracked is not None:
+        torch._foreach_add_([bn.num_batches_tracked for bn in layers], 1)
+    batch_stats = first.training or first.running_mean is None
+    tracked = first.running_mean is not None and (not first.training or first.track_running_stats)
+    running_mean = torch.cat([bn.running_mean for bn in layers]) if tracked else None
+    running_var = torch.cat([bn.running_var for bn in layers]) if tracked else None
+    weight = torch.cat([bn.weight for bn in layers]) if first.affine else None
+    bias = torch.cat([bn.bias for bn in layers]) if first.affine else None
+    y = batch_norm(x, running_mean, running_var, weight, bias, batch_stats, first.momentum, first.eps,
+                   backend=first.impl)
+    if tracked and batch_stats:  # updated in the stacked copies: back to each layer's buffers
+        widths = [bn.num_features for bn in layers]
+        torch._foreach_copy_([bn.running_mean for bn in layers] + [bn.running_var for bn in layers],
+                             list(running_mean.split(widths)) + list(running_var.split(widths)))
+    return y

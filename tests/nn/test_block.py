@@ -39,20 +39,23 @@ def test_block_activations_in_place_save_two_feature_maps_less(impl):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("impl, maps", [("reference", 1), ("cpp", 2)])
+@pytest.mark.parametrize("impl, maps", [("reference", 1), ("cpp", 3)])
 def test_mstcn_branch_activations_in_place_save_their_inputs(impl, maps):
     """The MSTCN branches' LeakyReLU runs in place on its BN's fresh output, so autograd keeps
     the activation's output instead of its input: the same output and gradients as out of
-    place, and one branch map (a quarter of the output's channels) less wherever the next layer
-    saves that output anyway: the max-pool's in PyTorch (the reference DeTGC saves its samples,
-    not its input), the two DeTGCs' with the C++ kernels (whose max-pool saves indices)."""
+    place, and branch maps (a quarter of the output's channels each) less wherever the next
+    layer saves that output anyway: one, the max-pool's, in PyTorch (the reference DeTGC saves
+    its samples, not its input); three with the C++ kernels, where the three branches' input
+    ConvBNs run stacked, so that one act covers their maps and the DeTGCs' parts of its output
+    keep all of it."""
     from bharnet.nn import MultiScaleTemporalConv
     torch.manual_seed(0)
     tcn = MultiScaleTemporalConv(16, 16, impl=impl).double()
     out_of_place = copy.deepcopy(tcn)
+    act = nn.LeakyReLU(tcn.branches[0][1].negative_slope)  # shared, as in place: the same path (stacked on cpp)
     for branch in out_of_place.branches[:3]:
         assert branch[1].inplace
-        branch[1] = nn.LeakyReLU(branch[1].negative_slope)
+        branch[1] = act
     x = torch.randn(2, 16, 9, 25, dtype=torch.float64)
     saved, grads = _saved_and_grads(tcn, x)
     saved_out_of_place, expected = _saved_and_grads(out_of_place, x)

@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bharnet.nn import ConvBN, DeformableTemporalConv, MultiScaleTemporalConv, recompute
+from bharnet.bench.memory import saved_tensor_bytes
+from bharnet.nn import ConvBN, DeformableTemporalConv, MultiScaleTemporalConv, PointwiseConv2d, recompute
 from bharnet.ops import deformable_temporal_conv, deformable_temporal_conv_reference
 
 
@@ -169,3 +172,120 @@ def test_conv_bn_slices_to_a_sequential():
     tail = layer[1:]
     assert type(tail) is torch.nn.Sequential and list(tail) == [layer[1]]
     assert list(layer[:]) == list(layer)
+
+
+def _one_by_one(mstcn):
+    """A copy of ``mstcn`` whose branches run one by one (the same layers on the same backend)."""
+    plain = copy.deepcopy(mstcn)
+    plain._stacked_heads = lambda: None
+    return plain
+
+
+def _conv_calls(mstcn, monkeypatch):
+    """A list that records the widths of the 1x1 convolutions ``mstcn``'s branches compute."""
+    calls = []
+    original = PointwiseConv2d._conv_forward
+
+    def counted(self, x, weight, bias):
+        calls.append(weight.shape[0])
+        return original(self, x, weight, bias)
+    monkeypatch.setattr(PointwiseConv2d, "_conv_forward", counted)
+    return calls
+
+
+def _step(mstcn, x):
+    """Output, dx, every parameter's gradient and every buffer after one forward and backward."""
+    mstcn.zero_grad()
+    leaf = x.detach().clone().requires_grad_()
+    out = mstcn(leaf)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+    return [out.detach(), leaf.grad] + [p.grad for p in mstcn.parameters()] + [b.clone() for b in mstcn.buffers()]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_stacked_branch_inputs_compute_the_branches_one_by_one(stride, training, monkeypatch):
+    """On cpp the three activated branches' input ConvBNs run as one convolution and one BN
+    (odd sizes, float64): the same output, input and parameter gradients, running statistics
+    and batch counts as the branches one by one, over two steps (the second reads the running
+    statistics the first wrote back), in training and evaluation mode."""
+    torch.manual_seed(0)
+    mstcn = MultiScaleTemporalConv(12, 20, stride=stride, impl="cpp").double().train(training)
+    for bn in (m for m in mstcn.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    plain = _one_by_one(mstcn)
+    calls = _conv_calls(mstcn, monkeypatch)
+    for seed in (1, 2):
+        x = torch.randn(3, 12, 11, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        stacked_step = _step(mstcn, x)
+        plain_step = _step(plain, x)
+        for got, want in zip(stacked_step, plain_step, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert calls == ([15, 5] + [5] * 4) * 2  # stacked (3 x 5) and the last branch's, then one by one
+
+
+def test_stacked_branch_inputs_save_what_the_branches_save():
+    """Stacking changes no saved tensor's size: the BN keeps the stacked convolution's output
+    (the branches' BN inputs together), the act's in-place output is what the branches kept."""
+    torch.manual_seed(0)
+    mstcn = MultiScaleTemporalConv(16, 32, impl="cpp")
+    x = torch.randn(2, 16, 9, 25, requires_grad=True)
+    assert saved_tensor_bytes(lambda: mstcn(x)) == saved_tensor_bytes(lambda: _one_by_one(mstcn)(x))
+
+
+def _shared_act_replaced(mstcn):
+    act = torch.nn.LeakyReLU(0.2, inplace=True)
+    for branch in mstcn.branches[:-1]:
+        branch[1] = act
+
+
+@pytest.mark.parametrize("change", ["reference", "own_acts", "hook", "global_hook", "momentum_none", "recompute",
+                                    "relu", "another_act"])
+def test_changed_branches_run_one_by_one(change, monkeypatch):
+    """Where the branches differ from what MultiScaleTemporalConv builds, or a hook would miss
+    the calls, they run one by one: four convolutions, hooks called, the same values as the
+    stacked ones where both apply. A changed act shared by the branches (another slope) still
+    stacks."""
+    torch.manual_seed(0)
+    mstcn = MultiScaleTemporalConv(8, 16, impl="cpp").double()
+    seen = []
+    handle = None
+    if change == "reference":
+        for m in mstcn.modules():
+            if hasattr(m, "impl"):
+                m.impl = "reference"
+    elif change == "own_acts":
+        for branch in mstcn.branches[:-1]:
+            branch[1] = torch.nn.LeakyReLU(0.1, inplace=True)
+    elif change == "hook":
+        mstcn.branches[1][0][0].register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    elif change == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(1))
+    elif change == "momentum_none":
+        for m in mstcn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+    elif change == "recompute":
+        mstcn.branches[0][0].recompute_bn_input = True
+    elif change == "relu":
+        relu = torch.nn.ReLU(inplace=True)
+        for branch in mstcn.branches[:-1]:
+            branch[1] = relu
+    else:
+        _shared_act_replaced(mstcn)
+    plain = _one_by_one(mstcn)
+    calls = _conv_calls(mstcn, monkeypatch)
+    x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
+    try:
+        got = _step(mstcn, x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert calls == ([12, 4] if change == "another_act" else [4] * 4)
+    if change in ("hook", "global_hook"):
+        assert seen
+    for a, b in zip(got, _step(plain, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
