@@ -105,7 +105,7 @@ class MultiScaleTemporalConv(nn.Module):
     [1x1+BN, act, MaxPool(3x1, stride), BN], [1x1 (stride)+BN].
 
     The input ConvBNs of the branches with the act (all but the last) all read ``x``: unless the
-    backend is ``reference``, they run as one 1x1 convolution with the stacked weights
+    convolutions' backend is ``reference``, they run as one 1x1 convolution with the stacked weights
     ``[W_1; W_2; ...]`` and biases and one BN over the stacked channels (:func:`bharnet.nn.norm.stacked_batch_norm`,
     which keeps each BN's running statistics), the act runs once on the stacked channels (in
     place, as built), and the rest of each branch takes its channels. Batch norm and the act are
@@ -116,7 +116,9 @@ class MultiScaleTemporalConv(nn.Module):
     project's 2-core Xeon, six alternating rounds) took 5-8% less time by the fastest round, 3-4%
     by the medians (float32 and bfloat16). Branches changed from what
     ``__init__`` builds (an act per branch or not a LeakyReLU, a ConvBN subclass or one that
-    recomputes its BN input, a momentum of None, hooks) run one by one, as on ``reference``.
+    recomputes its BN input, a BN shared by two branches, a momentum of None, other layers after
+    the act, hooks) run one by one, as on ``reference``, and so do calls under ``torch.func``
+    transforms and on unbatched input.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
@@ -137,7 +139,7 @@ class MultiScaleTemporalConv(nn.Module):
         self.branches.append(ConvBN(in_channels, c, stride, impl=impl))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = self._stacked_heads()
+        heads = self._stacked_heads() if x.dim() == 4 and not torch._C._are_functorch_transforms_active() else None
         if heads is None:
             return torch.cat([branch(x) for branch in self.branches], dim=1)
         *activated, last = self.branches
@@ -163,9 +165,12 @@ class MultiScaleTemporalConv(nn.Module):
         act = activated[0][1]  # one LeakyReLU, shared by the branches (per channel)
         heads = [layers[0] for layers in activated]
         if (type(act) is not nn.LeakyReLU or any(layers[1] is not act for layers in activated)
-                or any(type(h) is not ConvBN or len(h._modules) != 2 or h.recompute_bn_input for h in heads)):
+                or any(type(h) is not ConvBN or len(h._modules) != 2 or h.recompute_bn_input for h in heads)
+                or any(type(m) not in _STACKABLE_RESTS for layers in activated for m in layers[2:])):
             return None
         convs, bns = zip(*(h._modules.values() for h in heads))
+        if len({id(bn) for bn in bns}) != len(bns):  # a BN shared by two branches updates twice one by one
+            return None
         first = convs[0]
         if (type(first) is not PointwiseConv2d or (first.impl if first.impl is not None else get_backend()) == "reference"
                 or any(type(c) is not PointwiseConv2d or c.stride != (1, 1) or c.impl != first.impl
@@ -174,6 +179,11 @@ class MultiScaleTemporalConv(nn.Module):
                 or not can_stack(bns) or _hooked([*branches, act, *heads, *convs, *bns])):
             return None
         return heads
+
+
+# What may follow a branch's act where the branches stack: bharnet's own layers, none of which
+# changes its input in place (the parts are views of one tensor, which autograd protects).
+_STACKABLE_RESTS = (DeformableTemporalConv, TemporalMaxPool, BatchNorm2d)
 
 
 def _hooked(modules) -> bool:

@@ -46,8 +46,8 @@ def test_mstcn_branch_activations_in_place_save_their_inputs(impl, maps):
     place, and branch maps (a quarter of the output's channels each) less wherever the next
     layer saves that output anyway: one, the max-pool's, in PyTorch (the reference DeTGC saves
     its samples, not its input); three with the C++ kernels, where the three branches' input
-    ConvBNs run stacked, so that one act covers their maps and the DeTGCs' parts of its output
-    keep all of it."""
+    ConvBNs run stacked and one act covers their maps: in place, autograd keeps that output
+    (which the DeTGCs' parts of it keep anyway); out of place, its input as well."""
     from bharnet.nn import MultiScaleTemporalConv
     torch.manual_seed(0)
     tcn = MultiScaleTemporalConv(16, 16, impl=impl).double()

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from bharnet.bench.memory import saved_tensor_bytes
-from bharnet.nn import ConvBN, DeformableTemporalConv, MultiScaleTemporalConv, PointwiseConv2d, recompute
-from bharnet.ops import deformable_temporal_conv, deformable_temporal_conv_reference
+from bharnet.nn import BatchNorm2d, ConvBN, DeformableTemporalConv, MultiScaleTemporalConv, PointwiseConv2d, recompute
+from bharnet.ops import deformable_temporal_conv, deformable_temporal_conv_reference, use_backend
 
 
 def test_integer_offsets_equal_a_replicate_padded_convolution():
@@ -236,56 +236,102 @@ def test_stacked_branch_inputs_save_what_the_branches_save():
     assert saved_tensor_bytes(lambda: mstcn(x)) == saved_tensor_bytes(lambda: _one_by_one(mstcn)(x))
 
 
-def _shared_act_replaced(mstcn):
-    act = torch.nn.LeakyReLU(0.2, inplace=True)
+def _set_impl(mstcn, impl):
+    for m in mstcn.modules():
+        if hasattr(m, "impl"):
+            m.impl = impl
+
+
+def _share_across_branches(mstcn, make):
+    shared = make()
     for branch in mstcn.branches[:-1]:
-        branch[1] = act
+        branch[1] = shared
 
 
-@pytest.mark.parametrize("change", ["reference", "own_acts", "hook", "global_hook", "momentum_none", "recompute",
-                                    "relu", "another_act"])
+_CHANGES = {
+    "reference": lambda m: _set_impl(m, "reference"),
+    "global_reference": lambda m: _set_impl(m, None),  # run under use_backend("reference")
+    "own_acts": lambda m: [branch.__setitem__(1, torch.nn.LeakyReLU(0.1, inplace=True)) for branch in m.branches[:-1]],
+    "relu": lambda m: _share_across_branches(m, lambda: torch.nn.ReLU(inplace=True)),
+    "momentum_none": lambda m: [setattr(bn, "momentum", None) for bn in m.modules()
+                                if isinstance(bn, torch.nn.BatchNorm2d)],
+    "recompute": lambda m: setattr(m.branches[0][0], "recompute_bn_input", True),
+    "shared_conv_bn": lambda m: m.branches[1].__setitem__(0, m.branches[0][0]),
+    # an in-place layer after an out-of-place act: autograd refuses in-place changes of the split's views
+    "in_place_after_act": lambda m: (_share_across_branches(m, lambda: torch.nn.LeakyReLU(0.1)),
+                                     [branch.insert(2, torch.nn.Hardtanh(-1e3, 1e3, inplace=True))
+                                      for branch in m.branches[:-1]]),
+    "another_act": lambda m: _share_across_branches(m, lambda: torch.nn.LeakyReLU(0.2, inplace=True)),
+}
+
+
+@pytest.mark.parametrize("change", [*_CHANGES, "hook", "global_hook"])
 def test_changed_branches_run_one_by_one(change, monkeypatch):
     """Where the branches differ from what MultiScaleTemporalConv builds, or a hook would miss
-    the calls, they run one by one: four convolutions, hooks called, the same values as the
-    stacked ones where both apply. A changed act shared by the branches (another slope) still
-    stacks."""
+    the calls, they run one by one: four convolutions, hooks called, the same values, running
+    statistics and batch counts as one by one (a BN shared by two branches updates twice). A
+    changed act shared by the branches (another slope) still stacks."""
     torch.manual_seed(0)
     mstcn = MultiScaleTemporalConv(8, 16, impl="cpp").double()
     seen = []
-    handle = None
-    if change == "reference":
-        for m in mstcn.modules():
-            if hasattr(m, "impl"):
-                m.impl = "reference"
-    elif change == "own_acts":
-        for branch in mstcn.branches[:-1]:
-            branch[1] = torch.nn.LeakyReLU(0.1, inplace=True)
-    elif change == "hook":
-        mstcn.branches[1][0][0].register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    handles = []
+    if change == "hook":
+        handles.append(mstcn.branches[1][0][0].register_forward_hook(lambda m, args, out: seen.append(out.shape[1])))
     elif change == "global_hook":
-        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(1))
-    elif change == "momentum_none":
-        for m in mstcn.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-    elif change == "recompute":
-        mstcn.branches[0][0].recompute_bn_input = True
-    elif change == "relu":
-        relu = torch.nn.ReLU(inplace=True)
-        for branch in mstcn.branches[:-1]:
-            branch[1] = relu
+        handles.append(torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(1)))
     else:
-        _shared_act_replaced(mstcn)
+        _CHANGES[change](mstcn)
     plain = _one_by_one(mstcn)
     calls = _conv_calls(mstcn, monkeypatch)
     x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
-    try:
-        got = _step(mstcn, x)
-    finally:
-        if handle is not None:
-            handle.remove()
-    assert calls == ([12, 4] if change == "another_act" else [4] * 4)
+    with use_backend("reference" if change == "global_reference" else "auto"):
+        try:
+            got = _step(mstcn, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stacked_calls = list(calls)
+        want = _step(plain, x)
+    assert stacked_calls == ([12, 4] if change == "another_act" else [4] * 4)
     if change in ("hook", "global_hook"):
         assert seen
-    for a, b in zip(got, _step(plain, x), strict=True):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("affine, track_running_stats", [(False, True), (True, False), (False, False)])
+def test_stacked_batch_norms_without_affine_or_running_statistics(affine, track_running_stats, monkeypatch):
+    """The stacked BN takes its layers' settings: no affine parameters, or batch statistics
+    only (no buffers), as one by one."""
+    torch.manual_seed(0)
+    mstcn = MultiScaleTemporalConv(8, 16, impl="cpp").double()
+    for branch in mstcn.branches[:-1]:
+        branch[0][1] = BatchNorm2d(4, affine=affine, track_running_stats=track_running_stats, impl="cpp").double()
+    plain = _one_by_one(mstcn)
+    calls = _conv_calls(mstcn, monkeypatch)
+    x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
+    for a, b in zip(_step(mstcn, x), _step(plain, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert calls[:2] == [12, 4]
+
+
+def test_unbatched_input_fails_as_one_by_one():
+    """A (C, T, V) input reaches the BN check as one by one, before any running statistic
+    changes."""
+    mstcn = MultiScaleTemporalConv(8, 16, impl="cpp", dilations=())
+    before = [b.clone() for b in mstcn.buffers()]
+    with pytest.raises(ValueError, match="expected 4D input"):
+        mstcn(torch.randn(8, 4, 5))
+    assert all(torch.equal(a, b) for a, b in zip(before, mstcn.buffers()))
+
+
+def test_training_under_torch_func_fails_as_one_by_one():
+    """Under torch.func transforms the branches run one by one: a training-mode call fails at
+    the first batch count it would change, as one by one, and changes none."""
+    mstcn = MultiScaleTemporalConv(8, 16, impl="cpp")
+    params = dict(mstcn.named_parameters())
+    before = [b.clone() for b in mstcn.buffers()]
+    x = torch.randn(2, 8, 9, 5)
+    with pytest.raises(RuntimeError):
+        torch.func.grad(lambda p: torch.func.functional_call(mstcn, p, (x,)).sum())(params)
+    assert all(torch.equal(a, b) for a, b in zip(before, mstcn.buffers()))
