@@ -24,6 +24,10 @@
 #                                                 # convolution outputs recomputed vs kept
 #                                                 # (bench/recompute_v.py, at most
 #                                                 # GPU_CHECK_AB_SECONDS, default 120 s)
+#   GPU_CHECK_STACKED=1 ...                       # also time a BHaRNet-E training step with the
+#                                                 # MSTCN's branch inputs stacked vs one by one
+#                                                 # (bench/stacked_branches.py, at most
+#                                                 # GPU_CHECK_AB_SECONDS, default 120 s)
 #   GPU_CHECK_LAYER_BACKENDS="--op ctr_graph_conv --backends triton,cpp" ...
 #                                                 # also time a BHaRNet-E training step with that
 #                                                 # op's layers on each backend, the rest on auto
@@ -58,6 +62,9 @@
 #   recompute  only with GPU_CHECK_RECOMPUTE=1: bench/recompute_v.py (a BHaRNet-E bf16 training
 #            step, convolution outputs recomputed vs kept, alternating rounds: time, peak and saved memory; at
 #            most GPU_CHECK_AB_SECONDS, default 120 s)
+#   stacked  only with GPU_CHECK_STACKED=1: bench/stacked_branches.py (a BHaRNet-E bf16 training
+#            step, the MSTCN's branch inputs stacked vs one by one, alternating rounds; at most
+#            GPU_CHECK_AB_SECONDS, default 120 s)
 #   layer_backends  only with GPU_CHECK_LAYER_BACKENDS="<bench/layer_backends.py arguments>": a
 #            BHaRNet-E bf16 training step with one op's layers on each backend, alternating
 #            rounds (which backend auto should pick for that op in a model); at most
@@ -259,13 +266,14 @@ if [[ -n ${GPU_CHECK_GDB:-} ]]; then  # first after the build: the reason for su
   read -r -a GDB_ARGS <<< "$GPU_CHECK_GDB"
   stage gdb "$(capped 150)" bash -c 'cuda_gdb "$@"' _ "${GDB_ARGS[@]}"
 fi
-AB_SECONDS=${GPU_CHECK_AB_SECONDS:-120}  # each A/B training-step stage (recompute, layer_backends)
+AB_SECONDS=${GPU_CHECK_AB_SECONDS:-120}  # each A/B training-step stage (recompute, stacked, layer_backends)
 RESERVED=20  # seconds kept for the stages after the tests (each + the 15 s its timeout may add)
 if [[ ${GPU_CHECK_BENCH:-all} != none ]]; then RESERVED=$((RESERVED + ${GPU_CHECK_BENCH_SECONDS:-170} + 15)); fi
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then RESERVED=$((RESERVED + 135)); fi
 if [[ -n ${GPU_CHECK_TUNE:-} ]]; then RESERVED=$((RESERVED + GPU_CHECK_TUNE + 60)); fi
 if [[ ${GPU_CHECK_PROFILE_MODEL:-0} == 1 ]]; then RESERVED=$((RESERVED + 165)); fi
 if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then RESERVED=$((RESERVED + AB_SECONDS + 15)); fi
+if [[ ${GPU_CHECK_STACKED:-0} == 1 ]]; then RESERVED=$((RESERVED + AB_SECONDS + 15)); fi
 if [[ ${GPU_CHECK_SANITIZE:-0} == 1 ]]; then RESERVED=$((RESERVED + 165)); fi
 if [[ -n ${GPU_CHECK_LAYER_BACKENDS:-} ]]; then RESERVED=$((RESERVED + AB_SECONDS + 15)); fi
 TEST_CAP=${GPU_CHECK_TEST_SECONDS:-150}
@@ -292,6 +300,9 @@ AB_STEP_ARGS=(--device "$DEVICE")
 if [[ $DEVICE == cpu ]]; then AB_STEP_ARGS+=(--preset small --frames 16 --clips 2 --dtype fp32 --rounds 1); fi
 if [[ ${GPU_CHECK_RECOMPUTE:-0} == 1 ]]; then
   stage recompute "$(capped "$AB_SECONDS")" "$PY" "$ROOT/bench/recompute_v.py" "${AB_STEP_ARGS[@]}"
+fi
+if [[ ${GPU_CHECK_STACKED:-0} == 1 ]]; then
+  stage stacked "$(capped "$AB_SECONDS")" "$PY" "$ROOT/bench/stacked_branches.py" "${AB_STEP_ARGS[@]}"
 fi
 if [[ -n ${GPU_CHECK_LAYER_BACKENDS:-} ]]; then
   read -r -a LAYER_ARGS <<< "$GPU_CHECK_LAYER_BACKENDS"

@@ -1,5 +1,5 @@
 """Variants of one training step measured side by side in alternating rounds (the A/B scripts
-``bench/recompute_v.py`` and ``bench/layer_backends.py``).
+``bench/recompute_v.py``, ``bench/stacked_branches.py`` and ``bench/layer_backends.py``).
 
 Each variant is a zero-argument callable that switches the step to it (a policy, the backend of
 some layers). Per variant: one warm-up step, the peak memory of one step above what was in use

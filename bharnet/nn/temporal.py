@@ -113,8 +113,9 @@ class MultiScaleTemporalConv(nn.Module):
     of several thin ones and one input gradient in place of several to sum. The last branch stays
     apart: the act's output, which autograd keeps, would share its storage and keep it alive.
     The same tensors are saved as one by one. A BHaRNet-E training step (one clip, this
-    project's 2-core Xeon, six alternating rounds) took 5-8% less time by the fastest round, 3-4%
-    by the medians (float32 and bfloat16). Branches changed from what
+    project's 2-core Xeon, ``bench/stacked_branches.py``, 2026-11-29) took 1-3% less time in
+    float32 (peak memory 6% lower) and 5-6% less in bfloat16 autocast (peak 7% higher: PyTorch's
+    bfloat16 BatchNorm backward takes float32 copies of its whole input). Branches changed from what
     ``__init__`` builds (an act per branch or not a LeakyReLU, a ConvBN subclass or one that
     recomputes its BN input, a BN shared by two branches, a momentum of None, other layers after
     the act, hooks) run one by one, as on ``reference``, and so do calls under ``torch.func``

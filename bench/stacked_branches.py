@@ -1,0 +1,66 @@
+"""The MSTCN's branch inputs stacked (one 1x1 convolution and one BatchNorm for the branches
+with an activation, :class:`bharnet.nn.MultiScaleTemporalConv`) against run one by one: a whole
+model's training step, side by side, time and memory.
+
+    python bench/stacked_branches.py --device cuda                      # BHaRNet-E, bf16, 32 x 2 clips
+    python bench/stacked_branches.py --device cpu --dtype fp32 --clips 1
+
+Both variants run on the same model, optimizer and backend (default ``auto``; on ``reference``
+nothing stacks), in alternating rounds (:mod:`bharnet.bench.alternating`). Per variant it prints
+the median step time over the rounds' medians (ms; CUDA events on GPU), the peak memory of a
+step above what was in use before it, and the bytes autograd saves in the forward (MiB), which
+should be the same.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bharnet.bench import alternating
+from bharnet.bench.env import device_description, timestamp
+from bharnet.bench.model_cases import ModelCase, make_step
+from bharnet.bench.timing import TimerSettings
+from bharnet.nn import MultiScaleTemporalConv
+from bharnet.ops import use_backend
+
+STACKED_HEADS = MultiScaleTemporalConv._stacked_heads
+
+
+def _one_by_one(self):
+    return None
+
+
+def _switch_to(stacked: bool):
+    def switch():
+        MultiScaleTemporalConv._stacked_heads = STACKED_HEADS if stacked else _one_by_one
+    return switch
+
+
+def compare(case: ModelCase, device: torch.device, dtype: str, backend: str, rounds: int,
+            settings: TimerSettings):
+    """{variant: (median ms, peak MiB or None, saved MiB)} (:func:`bharnet.bench.alternating.compare`)."""
+    try:
+        with use_backend(backend):
+            step = make_step(case, device, dtype, compile_mode=None)
+            variants = {"stacked": _switch_to(True), "one by one": _switch_to(False)}
+            return alternating.compare(step, variants, device, rounds, settings)
+    finally:
+        MultiScaleTemporalConv._stacked_heads = STACKED_HEADS
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    alternating.add_step_arguments(parser)
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    case, settings = alternating.step_case(args)
+    results = compare(case, device, args.dtype, args.backend, args.rounds, settings)
+    print(f"{device_description(device)}, {timestamp()}: {args.model} training step, {case.x}, "
+          f"{args.dtype}, backend {args.backend}, {args.rounds} alternating rounds")
+    print(alternating.report(results, "one by one"))
+
+
+if __name__ == "__main__":
+    main()
