@@ -96,7 +96,7 @@ struct ForwardBlock {
       last = std::max(last, samples[i].p1);
     }
     for (int64_t c = 0; c < s.C; ++c) {
-      const S* xc = x + (b * s.C + c) * s.T * V;
+      const S* xc = x + b * s.x_batch + c * s.T * V;
       if (c + 1 < s.C) simd::prefetch(xc + (s.T + first) * V, (last - first + 1) * V);  // channel c + 1's rows
       for (int64_t e = 0; e < s.E; ++e) {
         T* row = xs + (c * s.E + e) * NBp;
@@ -169,7 +169,7 @@ struct WeightGradBlock {
         const Sample<T>& smp = samples[t * s.E + e];
         const T w = smp.w, w0 = T(1) - smp.w;
         for (int64_t c = 0; c < s.C; ++c) {
-          const S* xc = x + (b * s.C + c) * s.T * V;
+          const S* xc = x + b * s.x_batch + c * s.T * V;
           const S* x0 = xc + smp.p0 * V;
           const S* x1 = xc + smp.p1 * V;
           T* out = xst + (t - t0) * V * Kp + c * s.E + e;
@@ -213,7 +213,7 @@ struct InputGradBlock {
     } else {
       dxb = dx_acc;
     }
-    const S* xb = x + (b * s.C + c0) * TV;
+    const S* xb = x + b * s.x_batch + c0 * TV;
     for (int64_t i = 0; i < rows * TV; ++i) dxb[i] = T(0);
     T g[kTileRows * 3 * NR];
     T dot[NR];  // per-lane partial sums of g . dxs (vectorisable)
@@ -285,6 +285,17 @@ bool is_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// x as the NCHW kernels read it: in place where each sample's C x T x V values are contiguous
+// (a contiguous x, or a slice of a contiguous tensor's channels, as the MSTCN's stacked branches
+// pass), else a contiguous copy. s.x_batch is set to its distance between samples.
+at::Tensor rows_of(const at::Tensor& x, DetSizes& s) {
+  const bool in_place = x.stride(3) == 1 && x.stride(2) == s.V && x.stride(1) == s.T * s.V &&
+                        x.stride(0) >= s.C * s.T * s.V;
+  const auto rows = in_place || x.is_contiguous() ? x : x.contiguous();
+  s.x_batch = rows.stride(0);
+  return rows;
+}
+
 // y = the convolution of x (stored as S) with weight and bias in T, into the allocated y.
 // Tasks (b, block of output times); a channels-last x takes ForwardBlockChannelsLast with the
 // weight packed transposed (bias as row 0) once per call, a contiguous one ForwardBlock.
@@ -328,10 +339,10 @@ void forward_into(const DetSizes& s, bool channels_last, const at::Tensor& x, co
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weight_in,
                        const std::optional<at::Tensor>& bias_in, int64_t stride) {
   const bool bf16 = check_cpu(kForwardName, x_in);
-  const DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride,
-                               bf16 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
+  DetSizes s = det_check(kForwardName, x_in, offsets_in, weight_in, bias_in, stride,
+                         bf16 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
   const bool channels_last = is_channels_last(x_in);
-  const auto x = channels_last ? x_in : x_in.contiguous();
+  const auto x = channels_last ? x_in : rows_of(x_in, s);
   const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
   const auto bias = bias_in ? bias_in->contiguous() : at::Tensor();
   auto y = at::empty({s.B, s.O, s.T_out, s.V}, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
@@ -421,12 +432,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at
                                                                         const at::Tensor& weight_in, int64_t stride,
                                                                         bool bounds_pass_grad) {
   const bool bf16 = check_cpu(kBackwardName, x_in);
-  const DetSizes s = det_check(kBackwardName, x_in, offsets_in, weight_in, {}, stride,
-                               bf16 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
+  DetSizes s = det_check(kBackwardName, x_in, offsets_in, weight_in, {}, stride,
+                         bf16 ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
   det_check_grad(kBackwardName, dy_in, x_in, s);
-  const auto dy = dy_in.contiguous(), x = x_in.contiguous();
+  const auto dy = dy_in.contiguous(), x = rows_of(x_in, s);
   const auto offsets = offsets_in.contiguous(), weight = weight_in.contiguous();
-  auto dx = at::empty_like(x);
+  auto dx = at::empty(x.sizes(), x.options());
   auto doffsets = at::zeros_like(offsets), dweight = at::zeros_like(weight);
   auto dbias = at::zeros({s.O}, weight.options());
   if (dy.numel() == 0 || x.numel() == 0) {  // without input channels y = bias: only dbias

@@ -9,8 +9,10 @@
 namespace bharnet {
 
 // x (B, C, T, V); offsets (E,); weight (O, C, E); bias (O,); T_out = (T - 1) / stride + 1.
+// x_batch: the distance between x's samples (C T V, or more for a slice of x's channels; set by
+// the CPU kernels, which read such slices in place).
 struct DetSizes {
-  int64_t B, C, T, V, O, E, stride, T_out;
+  int64_t B, C, T, V, O, E, stride, T_out, x_batch;
 };
 
 // Positions are computed in float64 when x or offsets is float64, else in float32.
@@ -27,7 +29,8 @@ inline DetSizes det_check(const char* op, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, C_in, T, V), got ", x.sizes());
   TORCH_CHECK(offsets.dim() == 1, op, ": offsets must have shape (E,), got ", offsets.sizes());
   TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
-  DetSizes s{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), offsets.size(0), stride, 0};
+  DetSizes s{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), offsets.size(0), stride, 0,
+             x.size(1) * x.size(2) * x.size(3)};
   s.T_out = s.T == 0 ? 0 : (s.T - 1) / stride + 1;
   TORCH_CHECK(weight.dim() == 3 && weight.size(1) == s.C && weight.size(2) == s.E, op,
               ": weight must have shape (C_out, ", s.C, ", ", s.E, "), got ", weight.sizes());

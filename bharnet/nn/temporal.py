@@ -113,9 +113,10 @@ class MultiScaleTemporalConv(nn.Module):
     of several thin ones and one input gradient in place of several to sum. The last branch stays
     apart: the act's output, which autograd keeps, would share its storage and keep it alive.
     The same tensors are saved as one by one. A BHaRNet-E training step (one clip, this
-    project's 2-core Xeon, ``bench/stacked_branches.py``, 2026-11-29) took 1-3% less time in
-    float32 (peak memory 6% lower) and 5-6% less in bfloat16 autocast (peak 7% higher: PyTorch's
-    bfloat16 BatchNorm backward takes float32 copies of its whole input). Branches changed from what
+    project's 2-core Xeon, ``bench/stacked_branches.py``, 2026-11-29) took 6% less time in
+    float32 (peak memory 6% lower) and 7% less in bfloat16 autocast (peak 2% higher: PyTorch's
+    bfloat16 BatchNorm backward takes float32 copies of its whole input). The C++ DeTGC reads its
+    part (a slice of the stacked channels) in place. Branches changed from what
     ``__init__`` builds (an act per branch or not a LeakyReLU, a ConvBN subclass or one that
     recomputes its BN input, a BN shared by two branches, a momentum of None, other layers after
     the act, hooks) run one by one, as on ``reference``, and so do calls under ``torch.func``

@@ -32,7 +32,9 @@ is three kernel launches and no host sync, see the kernels' docstring) and ``cpp
 ``csrc/deformable_temporal_conv_kernels.cu`` on CUDA; custom ops ``bharnet::deformable_temporal_conv_cpp``
 and ``..._cpp_backward``, see the cpp section below). On CPU the ``cpp`` forward also takes
 channels-last ``x`` natively and then returns a channels-last ``y`` (the layout of a model fused
-for CPU inference, see ``bharnet.fast``); the backward takes a contiguous copy.
+for CPU inference, see ``bharnet.fast``); the backward takes a contiguous copy of it. Both read
+in place an ``x`` whose samples' (C, T, V) values are contiguous, such as a slice of a contiguous
+tensor's channels (the MSTCN's stacked branches); other layouts are copied.
 
 Shapes: ``x`` (B, C_in, T, V); ``offsets`` (E,); ``weight`` (C_out, C_in, E); ``bias``
 (C_out,) or None. Output (B, C_out, T_out, V).

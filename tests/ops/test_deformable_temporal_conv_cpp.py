@@ -60,6 +60,30 @@ def test_noncontiguous_inputs():
                                    reference_inputs=(x, tau, weight, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_a_slice_of_channels_is_read_in_place(dtype, cpu_vector_bytes):
+    """x a slice of a contiguous tensor's channels (the MSTCN's stacked branches pass these):
+    the kernels read it in place (the channels around it, NaN, would spread) and give the
+    output and every gradient of a contiguous copy, bit for bit."""
+    x, tau, weight, bias = make_inputs(3, 5, 6, 11, 7, torch.float64)
+    if dtype == torch.bfloat16:  # bfloat16 x, float32 parameters (the CPU kernels' autocast case)
+        x, tau, weight, bias = x.to(dtype), tau.float(), weight.float(), bias.float()
+    else:
+        x, tau, weight, bias = (t.to(dtype) for t in (x, tau, weight, bias))
+    wide = torch.full((3, 9, 11, 7), float("nan"), dtype=x.dtype)
+    wide[:, 2:7] = x
+    sliced = wide[:, 2:7].requires_grad_()
+    assert not sliced.is_contiguous()
+    results = []
+    for x_in in (sliced, x.clone().requires_grad_()):
+        params = [t.clone().requires_grad_() for t in (tau, weight, bias)]
+        y = deformable_temporal_conv(x_in, *params, stride=2, backend="cpp")
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype))
+        results.append([y, x_in.grad] + [p.grad for p in params])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_dtypes_of_mixed_inputs():
     """float32 x with float64 offsets (positions in float64) and float16 x on CPU (computed in
     float32): every gradient comes back in its input's dtype."""
