@@ -25,7 +25,7 @@
 #                                                 # (bench/recompute_v.py, at most
 #                                                 # GPU_CHECK_AB_SECONDS, default 120 s)
 #   GPU_CHECK_STACKED=1 ...                       # also time a BHaRNet-E training step with the
-#                                                 # MSTCN's branch inputs stacked vs one by one
+#                                                 # MSTCN's branches stacked vs one by one
 #                                                 # (bench/stacked_branches.py, at most
 #                                                 # GPU_CHECK_AB_SECONDS, default 120 s)
 #   GPU_CHECK_LAYER_BACKENDS="--op ctr_graph_conv --backends triton,cpp" ...
@@ -63,7 +63,7 @@
 #            step, convolution outputs recomputed vs kept, alternating rounds: time, peak and saved memory; at
 #            most GPU_CHECK_AB_SECONDS, default 120 s)
 #   stacked  only with GPU_CHECK_STACKED=1: bench/stacked_branches.py (a BHaRNet-E bf16 training
-#            step, the MSTCN's branch inputs stacked vs one by one, alternating rounds; at most
+#            step, the MSTCN's branches stacked vs one by one, alternating rounds; at most
 #            GPU_CHECK_AB_SECONDS, default 120 s)
 #   layer_backends  only with GPU_CHECK_LAYER_BACKENDS="<bench/layer_backends.py arguments>": a
 #            BHaRNet-E bf16 training step with one op's layers on each backend, alternating

@@ -1,6 +1,7 @@
-"""The MSTCN's branch inputs stacked (one 1x1 convolution and one BatchNorm for the branches
-with an activation, :class:`bharnet.nn.MultiScaleTemporalConv`) against run one by one: a whole
-model's training step, side by side, time and memory.
+"""The MSTCN's branches stacked (one 1x1 convolution and one BatchNorm for the inputs of the
+branches with an activation, one BatchNorm for the branches' last ones,
+:class:`bharnet.nn.MultiScaleTemporalConv`) against run one by one: a whole model's training
+step, side by side, time and memory.
 
     python bench/stacked_branches.py --device cuda                      # BHaRNet-E, bf16, 32 x 2 clips
     python bench/stacked_branches.py --device cpu --dtype fp32 --clips 1

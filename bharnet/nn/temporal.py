@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,9 +41,11 @@ class DeformableTemporalConv(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = deformable_temporal_conv(x, self.offsets, self.weight, self.bias, self.stride,
-                                     backend=self.impl)
-        return self.bn(y)
+        return self.bn(self.convolve(x))
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The output before the BN."""
+        return deformable_temporal_conv(x, self.offsets, self.weight, self.bias, self.stride, backend=self.impl)
 
 
 class TemporalMaxPool(nn.Module):
@@ -105,21 +107,24 @@ class MultiScaleTemporalConv(nn.Module):
     [1x1+BN, act, MaxPool(3x1, stride), BN], [1x1 (stride)+BN].
 
     The input ConvBNs of the branches with the act (all but the last) all read ``x``: unless the
-    convolutions' backend is ``reference``, they run as one 1x1 convolution with the stacked weights
-    ``[W_1; W_2; ...]`` and biases and one BN over the stacked channels (:func:`bharnet.nn.norm.stacked_batch_norm`,
-    which keeps each BN's running statistics), the act runs once on the stacked channels (in
-    place, as built), and the rest of each branch takes its channels. Batch norm and the act are
-    per channel, so the values and gradients are the same (to rounding), with one GEMM in place
-    of several thin ones and one input gradient in place of several to sum. The last branch stays
-    apart: the act's output, which autograd keeps, would share its storage and keep it alive.
-    The same tensors are saved as one by one. A BHaRNet-E training step (one clip, this
-    project's 2-core Xeon, ``bench/stacked_branches.py``, 2026-11-29) took 6% less time in
-    float32 (peak memory 6% lower) and 7% less in bfloat16 autocast (peak 2% higher: PyTorch's
-    bfloat16 BatchNorm backward takes float32 copies of its whole input). The C++ DeTGC reads its
-    part (a slice of the stacked channels) in place. Branches changed from what
-    ``__init__`` builds (an act per branch or not a LeakyReLU, a ConvBN subclass or one that
-    recomputes its BN input, a BN shared by two branches, a momentum of None, other layers after
-    the act, hooks) run one by one, as on ``reference``, and so do calls under ``torch.func``
+    convolutions' backend is ``reference``, they run as one 1x1 convolution with the stacked
+    weights ``[W_1; W_2; ...]`` and biases and one BN over the stacked channels
+    (:func:`bharnet.nn.norm.stacked_batch_norm`, which keeps each BN's running statistics), the
+    act runs once on the stacked channels (in place, as built), and the rest of each branch takes
+    its channels (the C++ DeTGC reads such a slice in place). The branches' last BNs (the DeTGCs',
+    the max-pool's, the last ConvBN's) then run as one too, over the branches' concatenated
+    outputs, which gives the block's output. Batch norm and the act are per channel, so the
+    values and gradients are the same (to rounding), with one GEMM in place of several thin ones,
+    one input gradient in place of several to sum, and two BN calls in place of seven. The last
+    branch's input ConvBN stays apart: the act's output, which autograd keeps, would share its
+    storage and keep it alive. The same tensors are saved as one by one. A BHaRNet-E training
+    step (one clip, this project's 2-core Xeon, ``bench/stacked_branches.py``, 8 alternating
+    rounds, 2026-11-29) took 6% less time in float32 and 12% less in bfloat16 autocast, with the
+    same peak memory in float32 and 6% more in bfloat16 (PyTorch's bfloat16 BatchNorm backward
+    takes float32 copies of its whole input). Branches changed from what ``__init__`` builds (an
+    act per branch or not a LeakyReLU, a ConvBN subclass or one that recomputes its BN input, a
+    BN shared by two branches, a momentum of None, other layers after the act, hooks) run one by
+    one, as on ``reference``, or keep their own last BNs, and so do calls under ``torch.func``
     transforms and on unbatched input.
     """
 
@@ -149,6 +154,11 @@ class MultiScaleTemporalConv(nn.Module):
         bias = None if convs[0].bias is None else torch.cat([conv.bias for conv in convs])
         stacked = stacked_batch_norm(bns, convs[0]._conv_forward(x, torch.cat([conv.weight for conv in convs]), bias))
         parts = activated[0][1](stacked).split([conv.out_channels for conv in convs], dim=1)
+        tails = self._stacked_tails()
+        if tails is not None:  # each branch up to its last BN, then the BNs as one
+            before_norm, norms = tails
+            return stacked_batch_norm(norms, torch.cat([before(part) for before, part in zip(before_norm, parts)]
+                                                       + [before_norm[-1](x)], dim=1))
         outputs = []
         for branch, part in zip(activated, parts):
             for layer in list(branch)[2:]:
@@ -181,6 +191,45 @@ class MultiScaleTemporalConv(nn.Module):
                 or not can_stack(bns) or _hooked([*branches, act, *heads, *convs, *bns])):
             return None
         return heads
+
+
+    def _stacked_tails(self) -> Optional[Tuple[list, list]]:
+        """Where the input ConvBNs stack: (each branch's layers before its last BN, as one
+        callable per branch, the last branch's taking ``x``; those BNs), for branches ending in
+        a DeTGC (its BN) or a BN, and a last branch that is a ConvBN; or None (every branch then
+        runs its own BN)."""
+        *branches, last = self.branches._modules.values()
+        before_norm, norms, bypassed = [], [], [last]
+        for branch in branches:
+            rest = list(branch._modules.values())[2:]
+            if rest and type(rest[-1]) is DeformableTemporalConv and type(rest[-1].bn) is BatchNorm2d:
+                *layers, detgc = rest
+                bypassed.append(detgc)
+                before_norm.append(_chain(*layers, detgc.convolve))
+                norms.append(detgc.bn)
+            elif rest and type(rest[-1]) is BatchNorm2d:
+                before_norm.append(_chain(*rest[:-1]))
+                norms.append(rest[-1])
+            else:
+                return None
+        if (type(last) is not ConvBN or len(last._modules) != 2 or last.recompute_bn_input
+                or len({id(bn) for bn in norms}) != len(norms)):
+            return None
+        conv, bn = last._modules.values()
+        before_norm.append(conv)
+        norms.append(bn)
+        if not can_stack(norms) or _hooked(bypassed + norms):
+            return None
+        return before_norm, norms
+
+
+def _chain(*layers):
+    """``layers`` applied in order, as one callable."""
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+    return run
 
 
 # What may follow a branch's act where the branches stack: bharnet's own layers, none of which

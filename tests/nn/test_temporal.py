@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from bharnet.bench.memory import saved_tensor_bytes
 from bharnet.nn import BatchNorm2d, ConvBN, DeformableTemporalConv, MultiScaleTemporalConv, PointwiseConv2d, recompute
+from bharnet.nn import temporal
 from bharnet.ops import deformable_temporal_conv, deformable_temporal_conv_reference, use_backend
 
 
@@ -335,3 +336,40 @@ def test_training_under_torch_func_fails_as_one_by_one():
     with pytest.raises(RuntimeError):
         torch.func.grad(lambda p: torch.func.functional_call(mstcn, p, (x,)).sum())(params)
     assert all(torch.equal(a, b) for a, b in zip(before, mstcn.buffers()))
+
+
+@pytest.mark.parametrize("change", [None, "recompute_last", "hook_on_detgc", "hook_on_last_bn", "own_last_momentum",
+                                    "pool_bn_shared"])
+def test_branch_batch_norms_stack_where_they_can(change, monkeypatch):
+    """With the input ConvBNs stacked, the branches' last BNs (the DeTGCs', the max-pool's and
+    the last ConvBN's) run as one more stacked BN over the branches' concatenated outputs; where
+    one of them cannot (the last ConvBN recomputes its BN input, a hook on a layer whose call it
+    skips, another momentum, a BN used twice), each branch runs its own, with the same values,
+    running statistics and hooks."""
+    torch.manual_seed(0)
+    mstcn = MultiScaleTemporalConv(8, 16, impl="cpp").double()
+    seen = []
+    if change == "recompute_last":
+        mstcn.branches[-1].recompute_bn_input = True
+    elif change == "hook_on_detgc":
+        mstcn.branches[0][2].register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    elif change == "hook_on_last_bn":
+        mstcn.branches[-1][1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    elif change == "own_last_momentum":
+        mstcn.branches[-1][1].momentum = 0.3
+    elif change == "pool_bn_shared":
+        mstcn.branches[2][3] = mstcn.branches[1][2].bn
+    plain = _one_by_one(mstcn)
+    stacked_calls = []
+    original = temporal.stacked_batch_norm
+
+    def counted(layers, x):
+        stacked_calls.append(len(layers))
+        return original(layers, x)
+    monkeypatch.setattr(temporal, "stacked_batch_norm", counted)
+    x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
+    got = _step(mstcn, x)
+    assert stacked_calls == ([3, 4] if change is None else [3])
+    assert seen == ([] if change not in ("hook_on_detgc", "hook_on_last_bn") else [4])
+    for a, b in zip(got, _step(plain, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
