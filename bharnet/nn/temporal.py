@@ -111,7 +111,7 @@ class MultiScaleTemporalConv(nn.Module):
     weights ``[W_1; W_2; ...]`` and biases and one BN over the stacked channels
     (:func:`bharnet.nn.norm.stacked_batch_norm`, which keeps each BN's running statistics), the
     act runs once on the stacked channels (in place, as built), and the rest of each branch takes
-    its channels (the C++ DeTGC reads such a slice in place). The branches' last BNs (the DeTGCs',
+    its channels (the C++ DeTGC reads such a slice in place on the CPU). The branches' last BNs (the DeTGCs',
     the max-pool's, the last ConvBN's) then run as one too, over the branches' concatenated
     outputs, which gives the block's output. Batch norm and the act are per channel, so the
     values and gradients are the same (to rounding), with one GEMM in place of several thin ones,
@@ -123,9 +123,9 @@ class MultiScaleTemporalConv(nn.Module):
     same peak memory in float32 and 6% more in bfloat16 (PyTorch's bfloat16 BatchNorm backward
     takes float32 copies of its whole input). Branches changed from what ``__init__`` builds (an
     act per branch or not a LeakyReLU, a ConvBN subclass or one that recomputes its BN input, a
-    BN shared by two branches, a momentum of None, other layers after the act, hooks) run one by
-    one, as on ``reference``, or keep their own last BNs, and so do calls under ``torch.func``
-    transforms and on unbatched input.
+    layer used twice, a momentum of None, other layers after the act, hooks or a ``forward`` set on
+    a layer whose call the stacking skips) run one by one, as on ``reference``, or keep their own
+    last BNs, and so do calls under ``torch.func`` transforms and on unbatched input.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
@@ -157,8 +157,10 @@ class MultiScaleTemporalConv(nn.Module):
         tails = self._stacked_tails()
         if tails is not None:  # each branch up to its last BN, then the BNs as one
             before_norm, norms = tails
-            return stacked_batch_norm(norms, torch.cat([before(part) for before, part in zip(before_norm, parts)]
-                                                       + [before_norm[-1](x)], dim=1))
+            outputs = [before(part) for before, part in zip(before_norm, parts)] + [before_norm[-1](x)]
+            if [t.shape[1] for t in outputs] != [bn.num_features for bn in norms]:  # each BN raises its error
+                return torch.cat([bn(t) for bn, t in zip(norms, outputs)], dim=1)
+            return stacked_batch_norm(norms, torch.cat(outputs, dim=1))
         outputs = []
         for branch, part in zip(activated, parts):
             for layer in list(branch)[2:]:
@@ -169,7 +171,7 @@ class MultiScaleTemporalConv(nn.Module):
     def _stacked_heads(self) -> Optional[list]:
         """The input ConvBNs of the branches that have the act, which ``forward`` stacks, or
         None where the branches run one by one (class docstring). Called at every forward:
-        plain attribute checks (20 us on this project's Xeon)."""
+        plain attribute checks (30 us on this project's Xeon, 20 more for the tails')."""
         *branches, _ = self.branches._modules.values()
         activated = [list(b._modules.values()) for b in branches]
         if not activated or any(len(layers) < 2 for layers in activated):
@@ -181,14 +183,14 @@ class MultiScaleTemporalConv(nn.Module):
                 or any(type(m) not in _STACKABLE_RESTS for layers in activated for m in layers[2:])):
             return None
         convs, bns = zip(*(h._modules.values() for h in heads))
-        if len({id(bn) for bn in bns}) != len(bns):  # a BN shared by two branches updates twice one by one
-            return None
         first = convs[0]
         if (type(first) is not PointwiseConv2d or (first.impl if first.impl is not None else get_backend()) == "reference"
                 or any(type(c) is not PointwiseConv2d or c.stride != (1, 1) or c.impl != first.impl
-                       or (c.bias is None) != (first.bias is None) for c in convs)
+                       or (c.bias is None) != (first.bias is None) or "_conv_forward" in vars(c) for c in convs)
+                or any(bn.num_features != c.out_channels for c, bn in zip(convs, bns))
                 or any(type(b) is not nn.Sequential for b in branches)
-                or not can_stack(bns) or _hooked([*branches, act, *heads, *convs, *bns])):
+                or not can_stack(bns) or _intercepted([*branches, act, *heads, *convs, *bns])
+                or not _each_once(self.branches, act)):
             return None
         return heads
 
@@ -212,13 +214,12 @@ class MultiScaleTemporalConv(nn.Module):
                 norms.append(rest[-1])
             else:
                 return None
-        if (type(last) is not ConvBN or len(last._modules) != 2 or last.recompute_bn_input
-                or len({id(bn) for bn in norms}) != len(norms)):
+        if type(last) is not ConvBN or len(last._modules) != 2 or last.recompute_bn_input:
             return None
         conv, bn = last._modules.values()
         before_norm.append(conv)
         norms.append(bn)
-        if not can_stack(norms) or _hooked(bypassed + norms):
+        if not can_stack(norms) or _intercepted(bypassed + norms):
             return None
         return before_norm, norms
 
@@ -237,10 +238,26 @@ def _chain(*layers):
 _STACKABLE_RESTS = (DeformableTemporalConv, TemporalMaxPool, BatchNorm2d)
 
 
-def _hooked(modules) -> bool:
-    """Whether a module hook (any of ``modules``' own, or a global one) would miss the calls
-    that running the modules together skips."""
+def _intercepted(modules) -> bool:
+    """Whether a module hook (any of ``modules``' own, or a global one) or a ``forward`` set on
+    one of ``modules`` would miss the calls that running the modules together skips."""
     return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
                 or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                       for m in modules))
+                       or "forward" in vars(m) for m in modules))
+
+
+def _each_once(branches: nn.Module, shared: nn.Module) -> bool:
+    """Whether every module of ``branches`` but ``shared`` occurs once: stacked, a layer used
+    twice (a BN in two branches, say) would update its running statistics in another order."""
+    seen, stack = set(), [branches]
+    while stack:
+        module = stack.pop()
+        if module is None:  # a submodule slot set to None
+            continue
+        if module is not shared:
+            if id(module) in seen:
+                return False
+            seen.add(id(module))
+        stack.extend(module._modules.values())
+    return True

@@ -1,4 +1,5 @@
 import copy
+import types
 
 import pytest
 import torch
@@ -258,6 +259,9 @@ _CHANGES = {
                                 if isinstance(bn, torch.nn.BatchNorm2d)],
     "recompute": lambda m: setattr(m.branches[0][0], "recompute_bn_input", True),
     "shared_conv_bn": lambda m: m.branches[1].__setitem__(0, m.branches[0][0]),
+    # one by one, branch 0's DeTGC BN updates before branch 1's input BN; stacked, after
+    "input_bn_shared_with_a_last_bn": lambda m: setattr(m.branches[0][2], "bn", m.branches[1][0][1]),
+    "forward_set_on_a_conv": lambda m: setattr(m.branches[2][0][0], "forward", m.branches[2][0][0].forward),
     # an in-place layer after an out-of-place act: autograd refuses in-place changes of the split's views
     "in_place_after_act": lambda m: (_share_across_branches(m, lambda: torch.nn.LeakyReLU(0.1)),
                                      [branch.insert(2, torch.nn.Hardtanh(-1e3, 1e3, inplace=True))
@@ -338,14 +342,14 @@ def test_training_under_torch_func_fails_as_one_by_one():
     assert all(torch.equal(a, b) for a, b in zip(before, mstcn.buffers()))
 
 
-@pytest.mark.parametrize("change", [None, "recompute_last", "hook_on_detgc", "hook_on_last_bn", "own_last_momentum",
-                                    "pool_bn_shared"])
+@pytest.mark.parametrize("change", [None, "recompute_last", "hook_on_detgc", "hook_on_last_bn", "hook_on_last_conv_bn",
+                                    "forward_set_on_a_detgc", "own_last_momentum"])
 def test_branch_batch_norms_stack_where_they_can(change, monkeypatch):
     """With the input ConvBNs stacked, the branches' last BNs (the DeTGCs', the max-pool's and
     the last ConvBN's) run as one more stacked BN over the branches' concatenated outputs; where
-    one of them cannot (the last ConvBN recomputes its BN input, a hook on a layer whose call it
-    skips, another momentum, a BN used twice), each branch runs its own, with the same values,
-    running statistics and hooks."""
+    one of them cannot (the last ConvBN recomputes its BN input, a hook or a forward of its own
+    on a layer whose call it skips, another momentum), each branch runs its own, with the same
+    values, running statistics and hooks."""
     torch.manual_seed(0)
     mstcn = MultiScaleTemporalConv(8, 16, impl="cpp").double()
     seen = []
@@ -355,10 +359,13 @@ def test_branch_batch_norms_stack_where_they_can(change, monkeypatch):
         mstcn.branches[0][2].register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
     elif change == "hook_on_last_bn":
         mstcn.branches[-1][1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    elif change == "hook_on_last_conv_bn":
+        mstcn.branches[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1] // 2))
+    elif change == "forward_set_on_a_detgc":
+        detgc = mstcn.branches[1][2]  # bound, so that the one-by-one copy's calls its own copy
+        detgc.forward = types.MethodType(lambda self, x: seen.append(4) or type(self).forward(self, x), detgc)
     elif change == "own_last_momentum":
         mstcn.branches[-1][1].momentum = 0.3
-    elif change == "pool_bn_shared":
-        mstcn.branches[2][3] = mstcn.branches[1][2].bn
     plain = _one_by_one(mstcn)
     stacked_calls = []
     original = temporal.stacked_batch_norm
@@ -370,6 +377,24 @@ def test_branch_batch_norms_stack_where_they_can(change, monkeypatch):
     x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
     got = _step(mstcn, x)
     assert stacked_calls == ([3, 4] if change is None else [3])
-    assert seen == ([] if change not in ("hook_on_detgc", "hook_on_last_bn") else [4])
+    assert seen == ([] if change in (None, "recompute_last", "own_last_momentum") else [4])
     for a, b in zip(got, _step(plain, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["input", "last"])
+def test_a_batch_norm_of_the_wrong_width_fails_as_one_by_one(where):
+    """A BN whose width is not its branch's raises the BN's own error, as one by one, instead of
+    normalising its neighbours' channels in the stacked call."""
+    mstcn = MultiScaleTemporalConv(8, 16, impl="cpp")
+    if where == "input":
+        mstcn.branches[0][0][1] = BatchNorm2d(5, impl="cpp")
+    else:
+        mstcn.branches[0][2].bn = BatchNorm2d(5, impl="cpp")
+        mstcn.branches[2][3] = BatchNorm2d(3, impl="cpp")  # the total width is right
+    x = torch.randn(2, 8, 9, 5)
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 5") as stacked:
+        mstcn(x)
+    with pytest.raises(RuntimeError) as one_by_one:
+        _one_by_one(mstcn)(x)
+    assert str(stacked.value) == str(one_by_one.value)
