@@ -119,9 +119,9 @@ class MultiScaleTemporalConv(nn.Module):
     branch's input ConvBN stays apart: the act's output, which autograd keeps, would share its
     storage and keep it alive. The same tensors are saved as one by one. A BHaRNet-E training
     step (one clip, this project's 2-core Xeon, ``bench/stacked_branches.py``, 8 alternating
-    rounds, 2026-11-29) took 6% less time in float32 and 12% less in bfloat16 autocast, with the
-    same peak memory in float32 and 6% more in bfloat16 (PyTorch's bfloat16 BatchNorm backward
-    takes float32 copies of its whole input). Branches changed from what ``__init__`` builds (an
+    rounds, two runs, 2026-11-29) took 5-6% less time in float32 and 10-12% less in bfloat16
+    autocast, with peak memory within 2% in float32 and 3-6% higher in bfloat16 (PyTorch's
+    bfloat16 BatchNorm backward takes float32 copies of its whole input). Branches changed from what ``__init__`` builds (an
     act per branch or not a LeakyReLU, a ConvBN subclass or one that recomputes its BN input, a
     layer used twice, a momentum of None, other layers after the act, hooks or a ``forward`` set on
     a layer whose call the stacking skips) run one by one, as on ``reference``, or keep their own
