@@ -50,8 +50,8 @@ def can_stack(layers: Sequence[nn.Module]) -> bool:
     subclasses) with the same backend, eps, momentum (not None: the cumulative average would
     need each layer's batch count on the host), affine, mode and running statistics' rule."""
     first = layers[0]
-    return first.momentum is not None and all(
-        type(bn) is BatchNorm2d and bn.impl == first.impl and bn.eps == first.eps and bn.momentum == first.momentum
+    return all(type(bn) is BatchNorm2d for bn in layers) and first.momentum is not None and all(
+        bn.impl == first.impl and bn.eps == first.eps and bn.momentum == first.momentum
         and bn.affine == first.affine and bn.training == first.training
         and bn.track_running_stats == first.track_running_stats
         and (bn.running_mean is None) == (first.running_mean is None)

@@ -111,21 +111,22 @@ class MultiScaleTemporalConv(nn.Module):
     weights ``[W_1; W_2; ...]`` and biases and one BN over the stacked channels
     (:func:`bharnet.nn.norm.stacked_batch_norm`, which keeps each BN's running statistics), the
     act runs once on the stacked channels (in place, as built), and the rest of each branch takes
-    its channels (the C++ DeTGC reads such a slice in place on the CPU). The branches' last BNs (the DeTGCs',
-    the max-pool's, the last ConvBN's) then run as one too, over the branches' concatenated
-    outputs, which gives the block's output. Batch norm and the act are per channel, so the
-    values and gradients are the same (to rounding), with one GEMM in place of several thin ones,
-    one input gradient in place of several to sum, and two BN calls in place of seven. The last
-    branch's input ConvBN stays apart: the act's output, which autograd keeps, would share its
-    storage and keep it alive. The same tensors are saved as one by one. A BHaRNet-E training
-    step (one clip, this project's 2-core Xeon, ``bench/stacked_branches.py``, 8 alternating
-    rounds, two runs, 2026-11-29) took 5-6% less time in float32 and 10-12% less in bfloat16
-    autocast, with peak memory within 2% in float32 and 3-6% higher in bfloat16 (PyTorch's
-    bfloat16 BatchNorm backward takes float32 copies of its whole input). Branches changed from what ``__init__`` builds (an
-    act per branch or not a LeakyReLU, a ConvBN subclass or one that recomputes its BN input, a
-    layer used twice, a momentum of None, other layers after the act, hooks or a ``forward`` set on
-    a layer whose call the stacking skips) run one by one, as on ``reference``, or keep their own
-    last BNs, and so do calls under ``torch.func`` transforms and on unbatched input.
+    its channels (the C++ DeTGC reads such a slice in place on the CPU). The branches' last BNs
+    (the DeTGCs', the max-pool's, the last ConvBN's) then run as one too, over the branches'
+    concatenated outputs, which gives the block's output. Batch norm and the act are per channel,
+    so the values and gradients are the same (to rounding), with one GEMM in place of several
+    thin ones, one input gradient in place of several to sum, and two BN calls in place of
+    seven. The last branch's input ConvBN stays apart: the act's output, which autograd keeps,
+    would share its storage and keep it alive. The same tensors are saved as one by one. A
+    BHaRNet-E training step (one clip, this project's 2-core Xeon, ``bench/stacked_branches.py``,
+    8 alternating rounds, two runs, 2026-11-29) took 5-6% less time in float32 and 10-12% less in
+    bfloat16 autocast, with peak memory within 2% in float32 and 3-6% higher in bfloat16
+    (PyTorch's bfloat16 BatchNorm backward takes float32 copies of its whole input). Branches
+    changed from what ``__init__`` builds (an act per branch or not a LeakyReLU, a ConvBN
+    subclass or one that recomputes its BN input, a layer used twice, a momentum of None, other
+    layers after the act, hooks or a ``forward`` set on a layer whose call the stacking skips)
+    run one by one, as on ``reference``, or keep their own last BNs, and so do calls under
+    ``torch.func`` transforms and on unbatched input.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
@@ -161,11 +162,7 @@ class MultiScaleTemporalConv(nn.Module):
             if [t.shape[1] for t in outputs] != [bn.num_features for bn in norms]:  # each BN raises its error
                 return torch.cat([bn(t) for bn, t in zip(norms, outputs)], dim=1)
             return stacked_batch_norm(norms, torch.cat(outputs, dim=1))
-        outputs = []
-        for branch, part in zip(activated, parts):
-            for layer in list(branch)[2:]:
-                part = layer(part)
-            outputs.append(part)
+        outputs = [_chain(*list(branch)[2:])(part) for branch, part in zip(activated, parts)]
         return torch.cat(outputs + [last(x)], dim=1)
 
     def _stacked_heads(self) -> Optional[list]:
@@ -184,16 +181,17 @@ class MultiScaleTemporalConv(nn.Module):
             return None
         convs, bns = zip(*(h._modules.values() for h in heads))
         first = convs[0]
-        if (type(first) is not PointwiseConv2d or (first.impl if first.impl is not None else get_backend()) == "reference"
+        if type(first) is not PointwiseConv2d:
+            return None
+        if ((first.impl if first.impl is not None else get_backend()) == "reference"
                 or any(type(c) is not PointwiseConv2d or c.stride != (1, 1) or c.impl != first.impl
                        or (c.bias is None) != (first.bias is None) or "_conv_forward" in vars(c) for c in convs)
+                or any(type(b) is not nn.Sequential for b in branches) or not can_stack(bns)
                 or any(bn.num_features != c.out_channels for c, bn in zip(convs, bns))
-                or any(type(b) is not nn.Sequential for b in branches)
-                or not can_stack(bns) or _intercepted([*branches, act, *heads, *convs, *bns])
+                or _intercepted([*branches, act, *heads, *convs, *bns])
                 or not _each_once(self.branches, act)):
             return None
         return heads
-
 
     def _stacked_tails(self) -> Optional[Tuple[list, list]]:
         """Where the input ConvBNs stack: (each branch's layers before its last BN, as one

@@ -266,6 +266,7 @@ _CHANGES = {
     "in_place_after_act": lambda m: (_share_across_branches(m, lambda: torch.nn.LeakyReLU(0.1)),
                                      [branch.insert(2, torch.nn.Hardtanh(-1e3, 1e3, inplace=True))
                                       for branch in m.branches[:-1]]),
+    "input_bn_replaced": lambda m: m.branches[0][0].__setitem__(1, torch.nn.Identity()),
     "another_act": lambda m: _share_across_branches(m, lambda: torch.nn.LeakyReLU(0.2, inplace=True)),
 }
 
@@ -343,13 +344,13 @@ def test_training_under_torch_func_fails_as_one_by_one():
 
 
 @pytest.mark.parametrize("change", [None, "recompute_last", "hook_on_detgc", "hook_on_last_bn", "hook_on_last_conv_bn",
-                                    "forward_set_on_a_detgc", "own_last_momentum"])
+                                    "forward_set_on_a_detgc", "own_last_momentum", "last_bn_replaced"])
 def test_branch_batch_norms_stack_where_they_can(change, monkeypatch):
     """With the input ConvBNs stacked, the branches' last BNs (the DeTGCs', the max-pool's and
     the last ConvBN's) run as one more stacked BN over the branches' concatenated outputs; where
     one of them cannot (the last ConvBN recomputes its BN input, a hook or a forward of its own
-    on a layer whose call it skips, another momentum), each branch runs its own, with the same
-    values, running statistics and hooks."""
+    on a layer whose call it skips, another momentum, another module in place of a BN), each
+    branch runs its own, with the same values, running statistics and hooks."""
     torch.manual_seed(0)
     mstcn = MultiScaleTemporalConv(8, 16, impl="cpp").double()
     seen = []
@@ -366,6 +367,8 @@ def test_branch_batch_norms_stack_where_they_can(change, monkeypatch):
         detgc.forward = types.MethodType(lambda self, x: seen.append(4) or type(self).forward(self, x), detgc)
     elif change == "own_last_momentum":
         mstcn.branches[-1][1].momentum = 0.3
+    elif change == "last_bn_replaced":
+        mstcn.branches[-1][1] = torch.nn.Identity()
     plain = _one_by_one(mstcn)
     stacked_calls = []
     original = temporal.stacked_batch_norm
@@ -377,7 +380,7 @@ def test_branch_batch_norms_stack_where_they_can(change, monkeypatch):
     x = torch.randn(2, 8, 9, 5, dtype=torch.float64)
     got = _step(mstcn, x)
     assert stacked_calls == ([3, 4] if change is None else [3])
-    assert seen == ([] if change in (None, "recompute_last", "own_last_momentum") else [4])
+    assert seen == ([] if change in (None, "recompute_last", "own_last_momentum", "last_bn_replaced") else [4])
     for a, b in zip(got, _step(plain, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
