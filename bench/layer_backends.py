@@ -17,10 +17,8 @@ import argparse
 import torch
 
 from bharnet.bench import alternating
-from bharnet.bench.env import device_description, timestamp
-from bharnet.bench.model_cases import ModelCase, make_step
+from bharnet.bench.model_cases import ModelCase
 from bharnet.bench.timing import TimerSettings
-from bharnet.ops import use_backend
 from bharnet.ops._backend import BACKENDS, has_backend
 
 
@@ -35,9 +33,9 @@ def compare(case: ModelCase, device: torch.device, dtype: str, op: str, backends
     for backend in backends:
         if backend not in BACKENDS or not has_backend(op, backend):
             raise ValueError(f"{op} has no backend {backend!r}")
-    with use_backend("auto"):
-        step = make_step(case, device, dtype, compile_mode=None)
-        layers = layers_of(step.model, op)
+
+    def variants_of(model):
+        layers = layers_of(model, op)
         if not layers:
             raise ValueError(f"{case.model} has no layers of {op}")
 
@@ -46,7 +44,9 @@ def compare(case: ModelCase, device: torch.device, dtype: str, op: str, backends
                 for layer in layers:
                     layer.impl = backend
             return switch
-        return alternating.compare(step, {b: switch_to(b) for b in backends}, device, rounds, settings)
+        return {b: switch_to(b) for b in backends}
+
+    return alternating.compare_on_model(case, device, dtype, "auto", variants_of, rounds, settings)
 
 
 def main():
@@ -59,9 +59,7 @@ def main():
     case, settings = alternating.step_case(args)
     backends = args.backends.split(",")
     results = compare(case, device, args.dtype, args.op, backends, args.rounds, settings)
-    print(f"{device_description(device)}, {timestamp()}: {args.model} training step, {case.x}, {args.dtype}, "
-          f"{args.op} layers on each backend (the rest auto), {args.rounds} alternating rounds")
-    print(alternating.report(results, backends[0]))
+    alternating.print_report(args, case, f"{args.op} layers on each backend (the rest auto)", results, backends[0])
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ import argparse
 import torch
 
 from bharnet.bench import alternating
-from bharnet.bench.env import device_description, timestamp
-from bharnet.bench.model_cases import ModelCase, make_step
+from bharnet.bench.model_cases import ModelCase
 from bharnet.bench.timing import TimerSettings
 from bharnet.nn import ConvBN, recompute
-from bharnet.ops import use_backend
 
 DEFAULT_POLICY = recompute.recomputes
 RECOMPUTING = lambda backend, device_type: backend != "reference"  # noqa: E731
@@ -49,10 +47,9 @@ def compare(case: ModelCase, device: torch.device, dtype: str, backend: str, rou
             settings: TimerSettings):
     """{variant: (median ms, peak MiB or None, saved MiB)} (:func:`bharnet.bench.alternating.compare`)."""
     try:
-        with use_backend(backend):
-            step = make_step(case, device, dtype, compile_mode=None)
-            variants = {name: _switch_to(step.model, *variant) for name, variant in VARIANTS.items()}
-            return alternating.compare(step, variants, device, rounds, settings)
+        return alternating.compare_on_model(
+            case, device, dtype, backend,
+            lambda model: {name: _switch_to(model, *variant) for name, variant in VARIANTS.items()}, rounds, settings)
     finally:
         recompute.recomputes = DEFAULT_POLICY
 
@@ -65,9 +62,7 @@ def main():
     device = torch.device(args.device)
     case, settings = alternating.step_case(args)
     results = compare(case, device, args.dtype, args.backend, args.rounds, settings)
-    print(f"{device_description(device)}, {timestamp()}: {args.model} training step, {case.x}, "
-          f"{args.dtype}, backend {args.backend}, {args.rounds} alternating rounds")
-    print(alternating.report(results, "kept"))
+    alternating.print_report(args, case, f"backend {args.backend}", results, "kept")
 
 
 if __name__ == "__main__":

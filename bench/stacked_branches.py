@@ -19,11 +19,9 @@ import argparse
 import torch
 
 from bharnet.bench import alternating
-from bharnet.bench.env import device_description, timestamp
-from bharnet.bench.model_cases import ModelCase, make_step
+from bharnet.bench.model_cases import ModelCase
 from bharnet.bench.timing import TimerSettings
 from bharnet.nn import MultiScaleTemporalConv
-from bharnet.ops import use_backend
 
 STACKED_HEADS = MultiScaleTemporalConv._stacked_heads
 
@@ -42,10 +40,9 @@ def compare(case: ModelCase, device: torch.device, dtype: str, backend: str, rou
             settings: TimerSettings):
     """{variant: (median ms, peak MiB or None, saved MiB)} (:func:`bharnet.bench.alternating.compare`)."""
     try:
-        with use_backend(backend):
-            step = make_step(case, device, dtype, compile_mode=None)
-            variants = {"stacked": _switch_to(True), "one by one": _switch_to(False)}
-            return alternating.compare(step, variants, device, rounds, settings)
+        return alternating.compare_on_model(
+            case, device, dtype, backend, lambda model: {"stacked": _switch_to(True), "one by one": _switch_to(False)},
+            rounds, settings)
     finally:
         MultiScaleTemporalConv._stacked_heads = STACKED_HEADS
 
@@ -58,9 +55,7 @@ def main():
     device = torch.device(args.device)
     case, settings = alternating.step_case(args)
     results = compare(case, device, args.dtype, args.backend, args.rounds, settings)
-    print(f"{device_description(device)}, {timestamp()}: {args.model} training step, {case.x}, "
-          f"{args.dtype}, backend {args.backend}, {args.rounds} alternating rounds")
-    print(alternating.report(results, "one by one"))
+    alternating.print_report(args, case, f"backend {args.backend}", results, "one by one")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..ops import use_backend
+from .env import device_description, timestamp
 from .memory import MIB, peak_memory
-from .model_cases import ModelCase
+from .model_cases import ModelCase, make_step
 from .timing import TimerSettings, measure
 
 Result = Tuple[float, Optional[float], float]  # median ms, peak MiB (None: not measurable), saved MiB
@@ -38,6 +40,24 @@ def compare(step: Callable[[], None], variants: Dict[str, Callable[[], None]], d
             switch()
             medians[name].append(measure(step, device, settings).p50)
     return {name: (statistics.median(medians[name]), *memory[name]) for name in variants}
+
+
+def compare_on_model(case: ModelCase, device: torch.device, dtype: str, backend: str,
+                     variants_of: Callable[[torch.nn.Module], Dict[str, Callable[[], None]]], rounds: int,
+                     settings: TimerSettings) -> Dict[str, Result]:
+    """:func:`compare` on the training step of ``case`` (its ops on ``backend``), under the
+    variants that ``variants_of`` gives for the step's model."""
+    with use_backend(backend):
+        step = make_step(case, device, dtype, compile_mode=None)
+        return compare(step, variants_of(step.model), device, rounds, settings)
+
+
+def print_report(args: argparse.Namespace, case: ModelCase, varied: str, results: Dict[str, Result],
+                 base: str) -> None:
+    """An A/B script's output: the device, time, step and what ``varied``, then :func:`report`."""
+    print(f"{device_description(torch.device(args.device))}, {timestamp()}: {args.model} training step, {case.x}, "
+          f"{args.dtype}, {varied}, {args.rounds} alternating rounds")
+    print(report(results, base))
 
 
 def report(results: Dict[str, Result], base: str) -> str:
