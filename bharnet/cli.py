@@ -71,13 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run a command; a mistake in its arguments or inputs (a ValueError or a missing file)
-    is one line on stderr, ``bharnet <command>: error: ...``, and exit status 2; with
-    ``BHARNET_TRACEBACK=1`` in the environment the error is raised with its traceback."""
+    """Run a command; a mistake in its arguments or inputs (a ValueError or a missing file), or
+    a training run that diverged (FloatingPointError), is one line on stderr, ``bharnet
+    <command>: error: ...``, and exit status 2; with ``BHARNET_TRACEBACK=1`` in the environment
+    the error is raised with its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         if os.environ.get("BHARNET_TRACEBACK") == "1":
             raise
         print(f"bharnet {args.command}: error: {error}", file=sys.stderr)

@@ -269,20 +269,11 @@ def prepare_ntu(src_dir: str, out_dir: str, hands_dir: Optional[str] = None,
     the manifest (a run that changes only these rewrites the manifest and converts nothing). The hand options are those of :func:`bharnet.data.hands.align_hands`;
     ``hand_space`` says whether JSON hands are in camera metres or colour-image pixels.
     """
+    # the arguments are checked before the lock creates out_dir: a mistake leaves nothing behind
     ntu.check_benchmark(benchmark)
-    with exclusive(out_dir):  # one writer; a second run into the same folder waits, then finds it done
-        return _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, missing_skeleton,
-                            min_body_frames, handedness, hand_space, hand_max_distance, hand_min_score,
-                            hand_centric_classes, progress)
-
-
-def _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, missing_skeleton, min_body_frames,
-                 handedness, hand_space, hand_max_distance, hand_min_score, hand_centric_classes,
-                 progress) -> PrepareSummary:
-    """The body of :func:`prepare_ntu`, under its lock."""
+    files = _skeleton_files(src_dir)
     if hands_dir is not None and not os.path.isdir(hands_dir):
         raise FileNotFoundError(f"hands_dir {hands_dir!r} is not a directory")
-    workers = (os.cpu_count() or 1) if workers is None else int(workers)
     num_classes = ntu.benchmark_num_classes(benchmark)
     hand_centric = sorted({int(c) for c in hand_centric_classes})
     if any(not 0 <= c < num_classes for c in hand_centric):
@@ -291,10 +282,20 @@ def _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, mi
     options = PrepareOptions(max_frames, min_body_frames, hands_dir is not None, handedness,
                              hand_space, hand_max_distance, hand_min_score)
     listed_missing = ntu.missing_skeleton_names(missing_skeleton)
+    with exclusive(out_dir):  # one writer; a second run into the same folder waits, then finds it done
+        return _prepare_ntu(src_dir, files, out_dir, hands_dir, benchmark, workers, options, listed_missing,
+                            hand_centric, progress)
+
+
+def _prepare_ntu(src_dir, files, out_dir, hands_dir, benchmark, workers, options, listed_missing, hand_centric,
+                 progress) -> PrepareSummary:
+    """The body of :func:`prepare_ntu`, under its lock."""
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    num_classes = ntu.benchmark_num_classes(benchmark)
     skipped: Dict[str, List[str]] = {reason: [] for reason in SKIP_REASONS}
     cache_dir = os.path.join(out_dir, f".cache-{options.fingerprint()[:16]}")
     tasks, splits, outside = [], {}, 0
-    for name, path in _skeleton_files(src_dir).items():
+    for name, path in files.items():
         try:
             sample = ntu.SampleName.parse(name)
         except ValueError:
@@ -352,13 +353,13 @@ def _prepare_ntu(src_dir, out_dir, hands_dir, benchmark, workers, max_frames, mi
     invalidate(out_dir)
     labels = {}
     for split in SPLITS:
-        labels[split] = _write_split(os.path.join(out_dir, split), results[split], max_frames)
+        labels[split] = _write_split(os.path.join(out_dir, split), results[split], options.max_frames)
     write_manifest(out_dir, {
         "num_classes": num_classes,
         "class_names": list(ntu.NTU_CLASS_NAMES[:num_classes]),
         "hand_centric_classes": hand_centric,
-        "max_frames": max_frames, "num_persons": NUM_PERSONS,
-        "hand_space": hand_space, "has_hands": hands_dir is not None,
+        "max_frames": options.max_frames, "num_persons": NUM_PERSONS,
+        "hand_space": options.hand_space, "has_hands": hands_dir is not None,
         "splits": {split: split_summary(labels[split], num_classes) for split in SPLITS},
         "source": source, "skipped": skipped, "outside_benchmark": outside,
         "notes": notes, "errors": errors,

@@ -147,12 +147,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def check_weights_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give the run's weights file in it (model.safetensors)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from ..data.dataset import SkeletonDataset
     from .evaluate import evaluate_run, read_description
 
-    if not os.path.isfile(args.weights):
-        raise FileNotFoundError(f"{args.weights} does not exist")
+    check_weights_file(args.weights)
     meta = read_description(args.weights)
     dataset = SkeletonDataset(args.data, args.split, modality=meta["modality"], window=meta["window"],
                               preprocessing=meta["preprocessing"], train=False)
@@ -183,8 +189,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..graphs import BODY, HANDS
     from .evaluate import load_model, read_description
 
-    if not os.path.isfile(args.weights):
-        raise FileNotFoundError(f"{args.weights} does not exist")
+    check_weights_file(args.weights)
     if not args.out.endswith(".pt2"):
         raise ValueError(f"the output file must end in .pt2, got {args.out!r}")
     read_description(args.weights)  # a clear error for a file that is not a run's weights

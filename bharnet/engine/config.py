@@ -8,6 +8,9 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional, Tuple
 
+from ..models.config import ModelConfig
+from ..ops._checks import is_int
+
 AMP_MODES = ("none", "bf16", "fp16")
 # torch.compile's modes; reduce-overhead replays each step as CUDA graphs (GPU), which removes
 # the per-kernel host cost that bounds a training step on a slow host
@@ -49,6 +52,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def check(self) -> "TrainConfig":
+        for name in ("window", "epochs", "batch_size", "warmup_epochs", "workers", "seed", "keep_checkpoints"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name in ("lr", "momentum", "weight_decay", "min_lr", "label_smoothing"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        try:  # the model options as create_model takes them (unknown ones, wrong types, bad values)
+            ModelConfig.build(self.preset, **self.model_options)
+        except TypeError as error:
+            raise ValueError(f"model options: {error}") from error
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.compile_mode not in COMPILE_MODES:

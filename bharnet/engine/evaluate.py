@@ -16,7 +16,7 @@ from ..fast import fuse_for_inference, swap_layers
 from ..models import create_model
 from . import checkpoint
 from .config import TrainConfig
-from .trainer import autocast, check_inputs_exist, resolve_device
+from .trainer import autocast, check_backends_run, check_inputs_exist, resolve_device
 
 
 SAMPLE_NAMES = "names.txt"  # in an evaluation folder: the sample of each row of scores.npy
@@ -86,6 +86,10 @@ def metrics(scores: np.ndarray, labels: np.ndarray, hand_centric: Sequence[int] 
     counts with rows = true class."""
     if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
         raise ValueError(f"scores must be (N, K) with N = len(labels), got {scores.shape} and {labels.shape}")
+    finite = np.isfinite(scores).all(1)
+    if not finite.all():  # argmax would count NaN rows as class 0
+        raise FloatingPointError(f"the scores of {int((~finite).sum())} of {len(finite)} samples are NaN or "
+                                 "infinite (a diverged model?): no accuracy computed")
     num_classes = scores.shape[1]
     prediction = scores.argmax(1)
     k = min(5, num_classes)
@@ -151,6 +155,7 @@ def evaluate_run(weights: str, dataset, out_dir: str, batch_size: int = 64, devi
                          f"class {index} is {named[index]!r} there and {dataset.class_names[index]!r} here")
     check_inputs_exist(model, meta["model"], dataset)
     model = fuse_for_inference(model, backend if backend is not None else model.config.impl)
+    check_backends_run(model, device)
     scores = predict(model, dataset, batch_size, device, amp, progress)
     labels = np.asarray(dataset.labels, dtype=np.int64)
     result = metrics(scores, labels, dataset.hand_centric_classes)

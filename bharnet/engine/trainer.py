@@ -4,7 +4,9 @@ resume to the same result, JSONL logs and a progress bar."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import time
 import warnings
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from ..fast import swap_layers
 from ..models import ModelConfig, create_model, variant_options
+from ..ops._backend import has_backend, unavailable_reason
 from . import checkpoint, distributed
 from .config import RunFolderMismatch, TrainConfig
 from .schedule import warmup_cosine
@@ -29,7 +32,11 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                         f"got {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available")
     return device
@@ -127,6 +134,9 @@ def _check_resumable(config: TrainConfig) -> None:
         warnings.simplefilter("ignore")  # the saved options' warnings: the current ones' were given
         saved = _without_mask_option(json.loads(json.dumps(TrainConfig.from_dict(json.load(handle)).to_dict())))
     current = _without_mask_option(json.loads(json.dumps(config.to_dict())))  # as saved (tuples become lists)
+    for values in (saved, current):  # the same folder however it is spelled (ds, ds/, /abs/ds)
+        if values["data"] is not None:
+            values["data"] = os.path.realpath(values["data"])
     changed = {name: (saved[name], value) for name, value in current.items()
                if name not in RESUMABLE_CHANGES and saved[name] != value}
     if changed:
@@ -171,9 +181,43 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
     """SGD with Nesterov momentum and weight decay; torch's fused implementation on CPU and CUDA
     (one kernel over all parameters instead of several ops per tensor: 13.6 -> 3.6 ms per step
     for BHaRNet-E's 1,310 parameter tensors on this project's 2-core EPYC, ~3% of a CPU training
-    step; the same updates up to rounding)."""
+    step; the same updates up to rounding), except with fp16's gradient scaling: when the scaler
+    skips the very first step (inf gradients, common at its initial scale), torch 2.14.1's fused
+    SGD leaves the momentum buffers it creates uninitialised, and the next step adds whatever
+    memory held (the weights went to NaN within two steps)."""
+    fused = device.type in ("cpu", "cuda") and config.amp != "fp16"
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay, fused=True if device.type in ("cpu", "cuda") else None)
+                           weight_decay=config.weight_decay, fused=True if fused else None)
+
+
+def check_backends_run(model: torch.nn.Module, device: torch.device) -> None:
+    """Raise ``ValueError`` if a fused layer of ``model`` names a backend (its ``impl``) that
+    cannot run on ``device`` (e.g. ``triton`` on a CPU): before anything is written or trained,
+    rather than at the first step."""
+    for module in model.modules():
+        op, impl = getattr(module, "fused_op", None), getattr(module, "impl", None)
+        if op is not None and impl not in (None, "auto", "reference") and has_backend(op, impl):
+            reason = unavailable_reason(op, impl, device.type)
+            if reason is not None:
+                raise ValueError(f"backend {impl!r} cannot run {op} on {device.type}: {reason}")
+
+
+def check_not_diverged(model: torch.nn.Module, epoch: int, loss: float, amp: str) -> None:
+    """Raise if training made a parameter or buffer (BatchNorm statistics) NaN or infinite, or,
+    without fp16's gradient scaling (whose skipped steps may have an infinite loss), the epoch's
+    loss: before that epoch's checkpoint is written, so that no checkpoint or final weights hold
+    a diverged model."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        what = f"{len(bad)} parameter or buffer tensor(s) hold NaN or inf (first: {bad[0]})"
+    elif not math.isfinite(loss) and amp != "fp16":
+        what = f"its loss is {loss}"
+    else:
+        return
+    raise FloatingPointError(f"training diverged in epoch {epoch}: {what}; no checkpoint was written for this "
+                             "epoch. Train into another --out folder with a lower --lr (or more --warmup-epochs), "
+                             "or with --amp bf16 instead of fp16")
 
 
 DROPOUT_STREAM, LOADER_STREAM = 1, 2  # SeedSequence spawn keys, apart from the dataset's (seed, epoch, index)
@@ -220,6 +264,7 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
         config = _resumed_config(config, latest)
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes).to(device)
+    check_backends_run(model, device)
     check_inputs_exist(model, config.model, train_set)
     optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -290,10 +335,10 @@ def train(config: TrainConfig, train_set, progress: bool = True) -> torch.nn.Mod
                   "train_top1": 100.0 * correct / max(seen, 1), "lr": lr,
                   "seconds": round(time.time() - started, 2)}
         log.write(record)
+        check_not_diverged(raw_model, epoch + 1, record["loss"], config.amp)
         if context.is_main:
-            if progress:
-                print(f"{config.model} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
-                      f"train top-1 {record['train_top1']:.1f}%, {record['seconds']:.1f} s")
+            print(f"{config.model} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, "
+                  f"train top-1 {record['train_top1']:.1f}%, {record['seconds']:.1f} s")
             checkpoint.save_checkpoint(ckpt_dir, epoch + 1, step, raw_model, optimizer, scaler,
                                        config.to_dict(), keep=config.keep_checkpoints,
                                        mask_missing_hands=raw_model.config.mask_missing_hands)

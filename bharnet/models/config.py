@@ -63,12 +63,13 @@ class ModelConfig:
         for name in ("in_channels", "num_person", "groups", "heads", "stem_depth"):
             if not is_int(getattr(self, name)):
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name in ("in_channels", "num_person", "groups", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(self.mask_missing_hands, bool):
             raise TypeError(f"mask_missing_hands must be a bool, got {self.mask_missing_hands!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.num_person < 1:
-            raise ValueError(f"num_person must be >= 1, got {self.num_person}")
         if self.impl is not None and self.impl not in BACKENDS:
             raise ValueError(f"impl must be one of {BACKENDS} or None, got {self.impl!r}")
         if self.attention_mode not in ("frame", "sequence"):

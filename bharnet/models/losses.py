@@ -6,6 +6,9 @@ import torch
 
 def smoothed_nll(log_probs: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """``(1 − ε)·(−log p_y) + ε·mean_k(−log p_k)``, averaged over the batch (ε = ``smoothing``)."""
+    if target.shape != log_probs.shape[:1]:  # gather would take the first len(target) rows
+        raise ValueError(f"target must hold one class index per sample, shape ({log_probs.shape[0]},), "
+                         f"got shape {tuple(target.shape)}")
     nll = -log_probs.gather(1, target[:, None]).squeeze(1)
     if smoothing:  # else 0 * (-inf) would make a -inf log-probability of another class NaN
         nll = (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1)

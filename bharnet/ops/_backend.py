@@ -5,8 +5,8 @@ kernels; on CPU only under ``TRITON_INTERPRET=1``), ``cpp`` (the C++/CUDA extens
 ``auto`` (the fastest backend that can run on the tensor's device, falling back to
 ``reference``; a backend registered with ``in_auto=False`` runs only when named; under
 ``torch.func`` transforms and forward-mode AD, for which the kernels' autograd Functions have
-no rules, ``auto`` is ``reference``; a backend named there raises under forward-mode AD, whose
-derivatives it would leave zero, unless it runs PyTorch's ops then). The choice
+no rules, ``auto`` is ``reference``; a backend named there raises, saying so, unless it runs
+PyTorch's ops then). The choice
 is made per call (``backend=``), per layer (``impl=``) or globally (:func:`use_backend`,
 environment variable ``BHARNET_BACKEND``), in that order of precedence.
 """
@@ -90,8 +90,8 @@ def register_backend(op: str, backend: str, availability: Callable[[str], Option
     """Declare that ``op`` has ``backend``; ``availability(device_type)`` returns None if it can
     run on that device type, else a one-line reason. With ``in_auto=False``, ``auto`` passes
     over it: it runs only when named (a backend not yet shown to be faster where it runs).
-    ``forward_ad``: it computes forward-mode derivatives (by running PyTorch's ops under
-    forward-mode AD); else, named there, it raises."""
+    ``forward_ad``: it computes forward-mode derivatives and runs under ``torch.func``
+    transforms (by running PyTorch's ops there); else, named there, it raises."""
     _availability.setdefault(op, {})[_check_name(backend)] = availability
     if not in_auto:
         _explicit_only.add((op, backend))
@@ -140,10 +140,13 @@ def resolve(op: str, backend: Optional[str], device_type: str, cannot_take: Tupl
                 return candidate
         return "reference"
     reason = unavailable_reason(op, name, device_type)
-    if reason is None and name != "reference" and torch.autograd.forward_ad._current_level >= 0 \
-            and (op, name) not in _forward_ad:
-        reason = ("its kernels have no forward-mode derivatives (torch.func.jvp, jacfwd, hessian, "
-                  "torch.autograd.forward_ad); use backend='reference', or 'auto', which picks it there")
+    if reason is None and name != "reference" and (op, name) not in _forward_ad:
+        if torch._C._are_functorch_transforms_active():
+            reason = ("its kernels' autograd has no rules for torch.func transforms (grad, vjp, jacrev, vmap, "
+                      "jvp, ...); use backend='reference', or 'auto', which picks it there")
+        elif torch.autograd.forward_ad._current_level >= 0:
+            reason = ("its kernels have no forward-mode derivatives (torch.func.jvp, jacfwd, hessian, "
+                      "torch.autograd.forward_ad); use backend='reference', or 'auto', which picks it there")
     if reason is not None:
         raise RuntimeError(f"bharnet: backend {name!r} cannot run {op} on {device_type}: {reason}")
     return name

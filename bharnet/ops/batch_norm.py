@@ -279,5 +279,10 @@ def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"batch_norm: x must be a floating-point tensor, got {type(x).__name__}"
                         f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"batch_norm: {name} must be a number, as F.batch_norm takes it, got {value!r}"
+                            + (" (nn.BatchNorm2d's momentum=None, the cumulative average, is the factor "
+                               "1 / batches seen)" if name == "momentum" and value is None else ""))
     impl = _IMPLS[resolve_missing_as_auto(OP_NAME, backend, x.device.type)]
     return impl(x, running_mean, running_var, weight, bias, training, momentum, eps)

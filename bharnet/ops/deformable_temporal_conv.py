@@ -42,13 +42,14 @@ Shapes: ``x`` (B, C_in, T, V); ``offsets`` (E,); ``weight`` (C_out, C_in, E); ``
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Optional
 
 import torch
 
 from .._ext import cpp_backend_availability, registered_after_loading
 from ._backend import register_backend, resolve, triton_availability
-from ._checks import expect_triton_dtype, is_channels_last
+from ._checks import expect_triton_dtype, is_channels_last, is_int
 from ._custom_op import (as_dtype, cpu_kernel_dtype, opaque_custom_op, refuse_double_backward, saved_tensors,
                          with_autograd)
 
@@ -248,7 +249,7 @@ def validate(x, offsets, weight, bias, stride):
     for name, t in (("offsets", offsets), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"deformable_temporal_conv: {name} is on {t.device}, expected {x.device} like x")
-    if not isinstance(stride, int) or stride < 1:
+    if not is_int(stride) or stride < 1:
         raise ValueError(f"deformable_temporal_conv: stride must be a positive int, got {stride!r}")
 
 
@@ -258,4 +259,4 @@ def deformable_temporal_conv(x: torch.Tensor, offsets: torch.Tensor, weight: tor
     """DeTGC sampling + interpolation + E-tap channel mix (see the module docstring)."""
     validate(x, offsets, weight, bias, stride)
     impl = _IMPLS[resolve(OP_NAME, backend, x.device.type)]
-    return impl(x, offsets, weight, bias, stride)
+    return impl(x, offsets, weight, bias, operator.index(stride))  # a numpy int as a Python int (the ops' schema)

@@ -34,6 +34,7 @@ ATen products, so double backward works as through ``F.conv2d``. The ops are
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from .._ext import cpp_on_cpu_availability, registered_after_loading
 from ._backend import register_backend, resolve_missing_as_auto
-from ._checks import channels_innermost, nn_layer_kernel_applies
+from ._checks import channels_innermost, is_int, nn_layer_kernel_applies
 
 OP_NAME = "pointwise_conv"
 
@@ -105,8 +106,10 @@ def _pointwise_conv_cpp(x, weight, bias, stride):
     half = _half_precision(x, weight, bias)
     if half is not None:  # module docstring
         return _pointwise_conv_bmm(x, weight, bias, stride, half)
-    if not _kernel_applies(x, weight, bias):  # F.conv2d (module docstring)
-        return pointwise_conv_reference(x, weight, bias, stride)
+    if not _kernel_applies(x, weight, bias):  # F.conv2d (module docstring), on the kept frames: the backward of
+        # a strided 1x1 F.conv2d of a channels-last x corrupted the heap at some shapes (torch 2.14.1, oneDNN;
+        # e.g. (3, 4, 16, 13) -> 6 channels, stride 2: "corrupted size vs. prev_size")
+        return F.conv2d(x[:, :, ::stride] if stride > 1 else x, weight, bias)
     _register_cpp_ops()
     return torch.ops.bharnet.pointwise_conv_cpp(x[:, :, ::stride] if stride > 1 else x, weight.flatten(1), bias)
 
@@ -129,6 +132,6 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                          f"{tuple(getattr(weight, 'shape', ()))}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"pointwise_conv: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if not isinstance(stride, int) or stride < 1:
+    if not is_int(stride) or stride < 1:
         raise ValueError(f"pointwise_conv: stride must be a positive int, got {stride!r}")
-    return _IMPLS[resolve_missing_as_auto(OP_NAME, backend, x.device.type)](x, weight, bias, stride)
+    return _IMPLS[resolve_missing_as_auto(OP_NAME, backend, x.device.type)](x, weight, bias, operator.index(stride))

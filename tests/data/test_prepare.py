@@ -245,6 +245,11 @@ def test_argument_errors(ntu_source, tmp_path):
         prepare_ntu(hand_dir, tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="hands_dir"):
         prepare_ntu(src, tmp_path / "o", hands_dir=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="src_dir .* is not a directory"):
+        prepare_ntu(tmp_path / "nowhere", tmp_path / "o")
+    with pytest.raises(ValueError, match="max_frames must be >= 1"):
+        prepare_ntu(src, tmp_path / "o", max_frames=0)
+    assert not (tmp_path / "o").exists()  # the arguments are checked before the output folder is made
 
 
 def test_command_line_hooks(ntu_source, tmp_path, capsys):

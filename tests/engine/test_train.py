@@ -54,6 +54,39 @@ def test_fused_sgd_makes_the_updates_of_plain_sgd():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_fp16_training_survives_a_skipped_first_step():
+    """Under fp16 the gradient scaler skips steps with inf gradients, often the very first (its
+    initial scale is 2^16); torch's fused SGD then left its new momentum buffers uninitialised and
+    the next step added garbage. The trainer's optimizer under fp16 is the unfused one."""
+    cfg = TrainConfig.from_dict({**FAST, "data": "unused", "out": "unused", "model": "body", "amp": "fp16"})
+    model = torch.nn.Linear(64, 64)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    assert not optimizer.defaults["fused"]
+    scaler = torch.amp.GradScaler("cpu")
+    for overflow in (True, False, False):
+        optimizer.zero_grad()
+        loss = model(torch.ones(2, 64)).sum() * (float("inf") if overflow else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in model.parameters())
+
+
+def test_a_diverged_run_stops_before_its_checkpoint_and_eval_refuses_nan_scores(tiny_dataset, tmp_path, capsys):
+    from bharnet.engine.evaluate import metrics
+
+    run = tmp_path / "diverged"
+    argv = ["train", "--data", tiny_dataset, "--model", "body", "--preset", "small", "--window", "8",
+            "--epochs", "3", "--lr", "1e30", "--warmup-epochs", "0", "--out", str(run), "--no-progress"]
+    assert main(argv) == 2  # the first epoch's steps make the weights huge, the second's loss is NaN
+    err = capsys.readouterr().err
+    assert err.startswith("bharnet train: error: training diverged in epoch 2") and "Traceback" not in err, err
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["epoch-0001.safetensors"]
+    assert not (run / "model.safetensors").exists()
+    with pytest.raises(FloatingPointError, match="scores of 1 of 3 samples are NaN"):
+        metrics(np.array([[0.1, 0.9], [np.nan, 0.0], [0.3, 0.2]]), np.array([1, 0, 0]))
+
+
 def test_warmup_cosine_schedule():
     lrs = [warmup_cosine(s, 10, 2, 1.0, 0.1) for s in range(10)]
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
@@ -237,13 +270,21 @@ def test_cli_says_what_is_wrong_with_plausible_mistakes(tiny_dataset, tmp_path, 
     with pytest.raises(ValueError, match="trained on other classes .* class 2 is 'clench fist' there and 'squat' here"):
         evaluate_run(str(out / "model.safetensors"), SkeletonDataset(renamed, "test", window=8), str(tmp_path / "e"))
     # mistakes in arguments or inputs are one line and exit status 2, not a traceback
+    train_args = ["--data", tiny_dataset, "--preset", "small", "--window", "8", "--out", str(tmp_path / "bad")]
+    monkeypatch.delenv("TRITON_INTERPRET")  # (set by conftest.py) so that the Triton backend cannot run on a CPU
     for argv, message in ((["train", "--data", str(tmp_path / "nope")], "manifest.json"),
                           (["train", "--data", tiny_dataset, "--epochs", "0"], "epochs must be >= 1"),
+                          (["train", *train_args, "--model-option", "foo=1"], "unknown model option(s) ['foo']"),
+                          (["train", *train_args, "--model-option", "heads=0"], "heads must be >= 1"),
+                          (["train", *train_args, "--device", "gpu"], "got 'gpu'"),
+                          (["train", *train_args, "--backend", "triton"], "backend 'triton' cannot run"),
+                          (["eval", str(out), "--data", tiny_dataset], "is a folder; give the run's weights file"),
                           (["ensemble", str(out)], "has no scores.npy or labels.npy: pass evaluation folders"),
                           (["ensemble", str(out / "eval"), "--weights", "-1"], "weights must be >= 0")):
-        assert main(argv + (["--no-progress"] if argv[0] == "train" else [])) == 2, argv
+        assert main(argv + (["--no-progress"] if argv[0] in ("train", "eval") else [])) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"bharnet {argv[0]}: error:") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
     assert main(["ensemble", str(out / "eval"), "--weights", "0.5", "0.5"]) == 2
     assert "2 --weights for 1 folders" in capsys.readouterr().err
     monkeypatch.setenv("BHARNET_TRACEBACK", "1")  # the error itself, with its traceback
@@ -293,6 +334,12 @@ def test_config_errors(tmp_path):
         TrainConfig.from_dict({"compile": True, "compile_mode": "fast"})
     with pytest.raises(ValueError, match="key=value"):
         parse_model_options(["heads"])
+    with pytest.raises(ValueError, match="epochs must be an int, got '1'"):  # e.g. a quoted value in a config file
+        TrainConfig.from_dict({"epochs": "1"})
+    with pytest.raises(ValueError, match="lr must be a number"):
+        TrainConfig.from_dict({"lr": "0.1"})
+    with pytest.raises(ValueError, match=r"model options: unknown model option\(s\) \['foo'\]"):
+        TrainConfig.from_dict({"model_options": {"foo": 1}})
     assert parse_model_options(["heads=4", "attention_mode=sequence", "channels=[8,16]"]) == {
         "heads": 4, "attention_mode": "sequence", "channels": [8, 16]}
     path = tmp_path / "c.toml"
@@ -508,6 +555,10 @@ def test_a_run_folder_resumes_only_with_its_own_options(tiny_dataset, tmp_path, 
     train(config(tiny_dataset, run, epochs=2, model_options=options), dataset, progress=True)
     assert "(epoch 2 of 2)" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2]
+    # the same dataset spelled another way (a trailing slash, an absolute path) is the same run
+    for spelling in (tiny_dataset.rstrip("/") + "/", os.path.abspath(tiny_dataset)):
+        train(config(spelling, run, epochs=3, model_options=options), dataset, progress=False)
+    assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1, 2, 3]
 
 
 def test_resuming_does_not_repeat_the_saved_options_warnings(tmp_path):

@@ -119,6 +119,17 @@ def test_bharnet_p_prediction_and_loss():
     torch.testing.assert_close(model.loss(out, target), expected)
 
 
+@pytest.mark.parametrize("name", ["body", "bharnet-e", "bharnet-p"])
+def test_a_target_of_another_length_than_the_batch_is_refused(name):
+    """One class index per clip: a shorter target made the loss of its first rows (gather takes
+    rows 0..len(target) - 1) without an error."""
+    model = bharnet.create_model(name, 6, **SMALL)
+    out = model(*inputs())  # 2 clips
+    for target in (torch.tensor([1]), torch.tensor([1, 2, 3]), torch.tensor([[1, 2]])):
+        with pytest.raises(ValueError, match=r"one class index per sample, shape \(2,\)"):
+            model.loss(out, target)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_noisy_or_loss_stays_finite_when_both_experts_rule_a_class_out_by_far(smoothing):
     """Class 1 at a logit gap where its softmax underflows to 0 in both experts: the fused

@@ -80,8 +80,8 @@ def test_a_named_backend_without_forward_mode_derivatives_raises_under_them():
     expected = torch.func.jvp(bone("reference"), (x,), (tangent,))[1]
     assert expected.norm() > 0
     torch.testing.assert_close(torch.func.jvp(bone("auto"), (x,), (tangent,))[1], expected)
-    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run bone on cpu: its kernels have no "
-                                           "forward-mode derivatives .* use backend='reference'"):
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run bone on cpu: its kernels' autograd has no "
+                                           "rules for torch.func transforms .* use backend='reference'"):
         torch.func.jvp(bone("cpp"), (x,), (tangent,))
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivatives"):
         bone("cpp")(fwAD.make_dual(x, tangent))
@@ -89,6 +89,25 @@ def test_a_named_backend_without_forward_mode_derivatives_raises_under_them():
     x4, weight = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(6, 3, 1, 1, dtype=torch.float64)
     conv = torch.func.jvp(lambda z: ops.pointwise_conv(z, weight, backend="cpp"), (x4,), (torch.ones_like(x4),))[1]
     torch.testing.assert_close(conv, torch.nn.functional.conv2d(torch.ones_like(x4), weight))
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_a_named_kernel_backend_says_it_cannot_run_under_torch_func(transform):
+    """torch.func.grad/vjp/vmap of an op on a named kernel backend: bharnet's error naming the
+    way out (PyTorch's own said that an autograd.Function must override setup_context, or that
+    a C++ autograd Function cannot run under functorch); ``auto`` runs the reference there."""
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    offsets, weight = torch.randn(3, dtype=torch.float64), torch.randn(6, 4, 3, dtype=torch.float64)
+    calls = {"deformable_temporal_conv": lambda z, b: ops.deformable_temporal_conv(z, offsets, weight, backend=b),
+             "temporal_max_pool": lambda z, b: ops.temporal_max_pool(z, backend=b)}
+    for op, call in calls.items():
+        def run(backend):
+            fn = lambda z: call(z, backend).sum()  # noqa: E731
+            return torch.func.grad(fn)(x) if transform == "grad" else torch.func.vmap(fn)(torch.stack([x, -x]))
+        with pytest.raises(RuntimeError, match=f"backend 'cpp' cannot run {op} on cpu: its kernels' autograd has "
+                                               "no rules for torch.func transforms"):
+            run("cpp")
+        torch.testing.assert_close(run("auto"), run("reference"))
 
 
 def test_auto_on_cpu_never_picks_triton():

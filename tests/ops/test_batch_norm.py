@@ -159,6 +159,9 @@ def test_invalid_arguments_raise_like_batch_norm():
         _cpp(x, torch.zeros(2, 5, dtype=x.dtype), torch.ones(2, 5, dtype=x.dtype), weight, bias, True, 0.1, 1e-5)
     torch.testing.assert_close(_cpp(x, None, None, weight[:, None], bias, True, 0.1, 1e-5),
                                F.batch_norm(x, None, None, weight[:, None], bias, True, 0.1, 1e-5))
+    # momentum=None is nn.BatchNorm2d's option, not F.batch_norm's (it failed deep in _foreach_lerp_)
+    with pytest.raises(TypeError, match="momentum must be a number, as F.batch_norm takes it, got None"):
+        _cpp(x, torch.zeros(5, dtype=x.dtype), torch.ones(5, dtype=x.dtype), weight, bias, True, None, 1e-5)
 
 
 def test_forward_mode_ad_runs_batch_norm():

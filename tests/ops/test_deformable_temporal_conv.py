@@ -12,6 +12,7 @@ stored in that dtype can do better).
 """
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -230,6 +231,10 @@ def test_bad_stride_raises():
     x, tau, weight, _ = make_inputs(2, 3, 5, 7, 5)
     with pytest.raises(ValueError, match="stride must be a positive int"):
         deformable_temporal_conv(x, tau, weight, None, 0, backend="triton")
+    with pytest.raises(ValueError, match="stride must be a positive int, got True"):
+        deformable_temporal_conv(x, tau, weight, None, True, backend="reference")
+    torch.testing.assert_close(deformable_temporal_conv(x, tau, weight, None, np.int64(2), backend="cpp"),
+                               deformable_temporal_conv(x, tau, weight, None, 2, backend="reference"))
 
 
 # --- GPU (run by bench/gpu_check.sh) -----------------------------------------------------------

@@ -7,6 +7,7 @@ order; measured ~1e-15). float32 1e-5: sums of up to C_in (forward, dx) or N x T
 float32 products, a few unit roundoffs (6e-8) grown by the square root of their count;
 measured <= 3e-7.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,20 @@ def test_autocast_computes_in_its_dtype():
                            F.conv2d(x.double(), weight.double(), bias.double()))
 
 
+def test_strided_channels_last_backward_runs_on_the_kept_frames():
+    """A channels-last x goes to F.conv2d; with a temporal stride its backward corrupted the heap
+    at some shapes (torch 2.14.1: "corrupted size vs. prev_size", or a segfault, in one run of
+    three at this shape), so the op convolves the kept frames without a stride."""
+    for seed in range(5):
+        x, weight, bias = [t.float() for t in _inputs(3, 4, 6, 16, 13, seed=seed)]
+        x = x.contiguous(memory_format=torch.channels_last)
+        for _ in range(4):
+            got = run(lambda *a: _cpp(*a, stride=2), [x, weight, bias])
+        expected = run(lambda *a: _ref(*a, stride=2), [t.double() for t in (x, weight, bias)])
+        for name, g, e in zip(NAMES, got, expected):
+            assert rel_err(g, e) <= TOLERANCE[torch.float32], name
+
+
 def test_mixed_dtypes_outside_autocast_raise_conv2d_error():
     x, weight, bias = _inputs(2, 6, 10, 8, 5)
     with pytest.raises(RuntimeError, match="same dtype|should be the same"):
@@ -217,6 +232,10 @@ def test_input_errors():
         pointwise_conv(x, weight, bias[:3])
     with pytest.raises(ValueError, match="stride"):
         pointwise_conv(x, weight, bias, 0)
+    with pytest.raises(ValueError, match="stride must be a positive int, got True"):
+        pointwise_conv(x, weight, bias, True)
+    numpy_stride = pointwise_conv(x, weight, bias, np.int64(2), backend="cpp")  # a numpy int is an int
+    assert torch.equal(numpy_stride, pointwise_conv(x, weight, bias, 2, backend="cpp"))
     with pytest.raises(TypeError, match="weight must be floating point, got torch.int64"):
         pointwise_conv(x, weight.long(), bias)
     with pytest.raises(RuntimeError, match="weight must be a"):
