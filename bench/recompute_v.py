@@ -18,8 +18,6 @@ what that policy costs and saves.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from bharnet.bench import alternating
@@ -55,14 +53,7 @@ def compare(case: ModelCase, device: torch.device, dtype: str, backend: str, rou
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    alternating.add_step_arguments(parser)
-    parser.add_argument("--backend", default="auto")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    case, settings = alternating.step_case(args)
-    results = compare(case, device, args.dtype, args.backend, args.rounds, settings)
-    alternating.print_report(args, case, f"backend {args.backend}", results, "kept")
+    alternating.main_on_one_backend(__doc__.split("\n\n")[0], compare, "kept")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,19 @@ def report(results: Dict[str, Result], base: str) -> str:
     return "\n".join(lines)
 
 
+def main_on_one_backend(description: str, compare: Callable[..., Dict[str, Result]], base: str) -> None:
+    """The ``main`` of an A/B script whose variants all run on one backend (``--backend``,
+    default ``auto``): the step's options, ``compare(case, device, dtype, backend, rounds,
+    settings)``, and :func:`print_report` against the variant ``base``."""
+    parser = argparse.ArgumentParser(description=description)
+    add_step_arguments(parser)
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args()
+    case, settings = step_case(args)
+    results = compare(case, torch.device(args.device), args.dtype, args.backend, args.rounds, settings)
+    print_report(args, case, f"backend {args.backend}", results, base)
+
+
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     """The training step's options, shared by the A/B scripts (BHaRNet-E, bf16, 32 x 2 clips)."""
     parser.add_argument("--device", default="cuda")
